@@ -1,0 +1,37 @@
+"""Repository-wide pytest set-up: the kernelspec under test, before any plugin looks for it.
+
+The kernelspec is installed into a temporary prefix that is put first on JUPYTER_PATH, so the
+tests (and nbval, and the kernels they start) always run this checkout's code, whatever else is
+installed on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Executed copies of the demo notebooks are outputs, not notebooks to validate.
+collect_ignore_glob = ["notebooks/*.executed.ipynb", ".venv/*"]
+
+_SPEC_PREFIX = Path(tempfile.mkdtemp(prefix="tierkernel-test-spec-"))
+
+
+def pytest_configure(config: object) -> None:
+    from tierkernel.kernel.kernelspec import install
+
+    install(prefix=str(_SPEC_PREFIX), python=sys.executable)
+    install(prefix=str(_SPEC_PREFIX), python=sys.executable, name="tierkernel-process",
+            display_name="Python (tierkernel, process tier)", default_tier="process")
+    path = str(_SPEC_PREFIX / "share" / "jupyter")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        p for p in (path, os.environ.get("JUPYTER_PATH", "")) if p)
+    # Keep kernels' runtime files and IPython's profile out of the user's home directory.
+    os.environ.setdefault("JUPYTER_RUNTIME_DIR", str(_SPEC_PREFIX / "runtime"))
+    os.environ.setdefault("IPYTHONDIR", str(_SPEC_PREFIX / "ipython"))
+
+
+def pytest_unconfigure(config: object) -> None:
+    shutil.rmtree(_SPEC_PREFIX, ignore_errors=True)

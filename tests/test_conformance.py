@@ -1,0 +1,86 @@
+"""The Jupyter protocol conformance suite (jupyter_kernel_test), once per tier.
+
+Import the module, not the classes, or pytest would collect the base classes too.
+"""
+
+from __future__ import annotations
+
+import jupyter_kernel_test as jkt
+
+
+class NativeTierConformance(jkt.KernelTests):
+    """The kernel in its default tier (native) behaves as a complete IPython kernel."""
+
+    kernel_name = "tierkernel"
+    language_name = "python"
+    file_extension = ".py"
+
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys; print('test', file=sys.stderr)"
+    code_generate_error = "raise ValueError('oops')"
+    code_execute_result = [
+        {"code": "6*7", "result": "42"},
+        {"code": "'tier' * 2", "result": "'tiertier'"},
+        {"code": "%%tier native\n1+1", "result": "2"},
+    ]
+    code_display_data = [
+        {"code": "from IPython.display import HTML, display; display(HTML('<b>x</b>'))",
+         "mime": "text/html"},
+        {"code": "from IPython.display import Math, display; display(Math(r'\\alpha'))",
+         "mime": "text/latex"},
+    ]
+    code_page_something = "len?"
+    code_clear_output = "from IPython.display import clear_output; clear_output()"
+    completion_samples = [
+        {"text": "zi", "matches": {"zip"}},
+        {"text": "import operat", "matches": {"operator"}},
+    ]
+    complete_code_samples = ["1", "print('hello, world')", "def f(x):\n  return x*2\n\n\n"]
+    incomplete_code_samples = ["print('''hello", "def f(x):\n  x*2"]
+    invalid_code_samples = ["import = 7q"]
+    code_inspect_sample = "zip"
+    code_history_pattern = "6*7"
+    supported_history_operations = ("tail", "range", "search")
+
+
+class ProcessTierConformance(jkt.KernelTests):
+    """Cells routed with ``%%tier process`` (the guest agent) give the same messages."""
+
+    kernel_name = "tierkernel"
+    language_name = "python"
+    file_extension = ".py"
+
+    code_hello_world = "%%tier process\nprint('hello, world')"
+    code_stderr = "%%tier process\nimport sys; print('test', file=sys.stderr)"
+    code_generate_error = "%%tier process\nraise ValueError('oops')"
+    code_execute_result = [
+        {"code": "%%tier process\n6*7", "result": "42"},
+        {"code": "%%tier process\nx = [1, 2]\nx + [3]", "result": "[1, 2, 3]"},
+    ]
+    code_display_data = [
+        {"code": "%%tier process\nclass H:\n    def _repr_html_(self): return '<b>x</b>'\n"
+                 "display(H())", "mime": "text/html"},
+    ]
+    code_clear_output = "%%tier process\nclear_output()"
+    code_history_pattern = "%%tier process\n6*7"
+    supported_history_operations = ("tail", "range")
+
+
+class ProcessDefaultConformance(jkt.KernelTests):
+    """A kernel whose default tier is ``process`` (set in its kernelspec) needs no magic."""
+
+    kernel_name = "tierkernel-process"
+    language_name = "python"
+    file_extension = ".py"
+
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys; print('test', file=sys.stderr)"
+    code_generate_error = "raise ValueError('oops')"
+    code_execute_result = [{"code": "6*7", "result": "42"}]
+
+
+class Welcome(jkt.IopubWelcomeTests):
+    """JEP 65: a new iopub subscriber gets an iopub_welcome message."""
+
+    kernel_name = "tierkernel"
+    support_iopub_welcome = True

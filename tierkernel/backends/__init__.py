@@ -1,0 +1,1 @@
+"""Tiers: the backend contract (base.py), the registry, and one module per built-in tier."""

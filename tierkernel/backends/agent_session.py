@@ -1,0 +1,271 @@
+"""The host side of the guest agent protocol (``tierkernel/guest/agent.py``).
+
+An :class:`AgentSession` drives one agent over some :class:`AgentTransport` (a child process's
+pipes here; a container's exec socket in the sandbox tier): it sends cells, forwards the
+agent's output to the cell's sink as it arrives, and enforces the cell's time and output limits.
+Stopping is two-step: SIGINT first (the cell gets ``KeyboardInterrupt`` and the session keeps
+its state), then, after a grace period, a hard kill (the state is lost and the user is told).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tierkernel.backends.base import CellRequest, ExecError, ExecResult, MimeBundle, OutputSink
+
+log = logging.getLogger(__name__)
+
+
+class AgentTransport(Protocol):
+    """A byte channel to one running agent, plus the two ways to stop what it runs."""
+
+    def send(self, data: bytes) -> None:
+        """Write request bytes to the agent's stdin. Raises OSError when it is gone."""
+
+    def readline(self) -> bytes:
+        """Block for the agent's next message line; ``b""`` once the agent is gone."""
+        ...
+
+    def interrupt(self) -> None:
+        """Deliver SIGINT to the agent's interpreter (not to its children)."""
+
+    def kill(self) -> None:
+        """Kill the agent and everything it started, at once. Idempotent."""
+
+    def exit_detail(self) -> str:
+        """Why the agent is gone (exit status, last words on stderr), for error messages."""
+        ...
+
+
+class AgentStartError(RuntimeError):
+    """The agent did not come up; the message says why and what to check."""
+
+
+@dataclass
+class _Cell:
+    id: str
+    sink: OutputSink
+    done: threading.Event = field(default_factory=threading.Event)
+    success: bool = False
+    output: MimeBundle | None = None
+    error: ExecError | None = None
+    stop_reason: str | None = None  # "interrupt" | "timeout" | "output"
+    stop_detail: str = ""
+    stopped_at: float | None = None
+    output_bytes: int = 0
+    over_limit: bool = False
+    lost: bool = False
+
+
+class AgentSession:
+    """One running agent: cells go in one at a time, output streams out.
+
+    ``run`` blocks (call it in a worker thread); ``interrupt`` may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        transport: AgentTransport,
+        *,
+        tier: str,
+        grace: float = 3.0,
+        output_limit: int = 16 * 1024 * 1024,
+        limit_hint: str = "",
+    ) -> None:
+        self.transport = transport
+        self.tier = tier
+        self.grace = grace
+        self.output_limit = output_limit
+        self.limit_hint = limit_hint
+        self.alive = True
+        self.info: dict[str, Any] = {}
+        self._ready = threading.Event()
+        self._cell: _Cell | None = None
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name=f"{tier}-agent")
+        self._reader.start()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the agent says it is ready; raise :class:`AgentStartError` if not."""
+        if self._ready.wait(timeout) and self.alive:
+            return
+        self.transport.kill()
+        raise AgentStartError(
+            f"the {self.tier} tier's interpreter did not start within {timeout:g} s: "
+            f"{self.transport.exit_detail()}"
+        )
+
+    def close(self) -> None:
+        """Stop the agent for good. Idempotent, never raises."""
+        self.alive = False
+        try:
+            self.transport.send(b'{"type": "shutdown"}\n')
+        except OSError:
+            pass
+        try:
+            self.transport.kill()
+        except Exception:  # close() runs at shutdown and atexit: it must not raise
+            log.debug("killing the %s agent failed", self.tier, exc_info=True)
+
+    # -- cells ----------------------------------------------------------------------------
+    def run(self, request: CellRequest, sink: OutputSink, timeout: float | None) -> ExecResult:
+        """Run one cell to completion, a stop, or the agent's death."""
+        start = time.perf_counter()
+        cell = _Cell(uuid.uuid4().hex, sink)
+        with self._lock:
+            self._cell = cell
+        msg = {
+            "type": "execute",
+            "id": cell.id,
+            "code": request.body,
+            "filename": request.filename,
+            "first_line": request.first_line,
+        }
+        try:
+            self.transport.send((json.dumps(msg) + "\n").encode())
+        except OSError:
+            self._lose(cell, "its interpreter is gone")
+        deadline = start + timeout if timeout else None
+        while not cell.done.wait(0.05):
+            now = time.perf_counter()
+            if deadline is not None and now >= deadline and cell.stop_reason is None:
+                self._stop(cell, "timeout", f"the cell ran longer than its {timeout:g} s limit")
+            if cell.stopped_at is not None and now - cell.stopped_at > self.grace:
+                self._kill_for(cell)
+        with self._lock:
+            self._cell = None
+        return ExecResult(
+            success=cell.success and cell.error is None,
+            tier=self.tier,
+            duration=time.perf_counter() - start,
+            output=cell.output,
+            error=cell.error,
+        )
+
+    def interrupt(self) -> None:
+        """The user pressed stop: interrupt the running cell (no-op when idle)."""
+        cell = self._cell
+        if cell is not None:
+            self._stop(cell, "interrupt", "interrupted")
+
+    def _stop(self, cell: _Cell, reason: str, detail: str) -> None:
+        with self._lock:
+            if cell.stop_reason is None:
+                cell.stop_reason, cell.stop_detail = reason, detail
+            if cell.stopped_at is None:
+                cell.stopped_at = time.perf_counter()
+        try:
+            self.transport.interrupt()
+        except Exception:
+            log.debug("interrupting the %s agent failed", self.tier, exc_info=True)
+
+    def _kill_for(self, cell: _Cell) -> None:
+        log.warning("%s agent ignored SIGINT for %.1f s; killing it", self.tier, self.grace)
+        self.transport.kill()
+        self._lose(cell, f"it did not stop within {self.grace:g} s of being interrupted, so it "
+                         "was killed")
+
+    def _lose(self, cell: _Cell, why: str) -> None:
+        """The agent is gone: fail the cell with a message that says the state is lost."""
+        self.alive = False
+        with self._lock:
+            if cell.done.is_set():
+                return
+            cell.lost = True
+        names = {"interrupt": "KeyboardInterrupt", "timeout": "TimeoutError",
+                 "output": "OutputLimitError"}
+        ename = names.get(cell.stop_reason or "", "TierSessionLost")
+        head = f"{cell.stop_detail}; " if cell.stop_detail else ""
+        evalue = (f"{head}the {self.tier} tier's interpreter was lost ({why}). Its variables "
+                  f"are gone; the next {self.tier} cell starts a fresh interpreter.")
+        if cell.stop_reason == "timeout" and self.limit_hint:
+            evalue += f" {self.limit_hint}"
+        self._fail(cell, ename, evalue, [])
+        cell.done.set()
+
+    def _fail(self, cell: _Cell, ename: str, evalue: str, tb: list[str]) -> None:
+        cell.success = False
+        cell.error = ExecError(ename, evalue, tb + [f"{ename}: {evalue}"])
+        cell.sink.error(cell.error.ename, cell.error.evalue, cell.error.traceback)
+
+    # -- the reader thread ----------------------------------------------------------------
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                line = self.transport.readline()
+            except Exception:
+                line = b""
+            if not line:
+                break
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.warning("%s agent sent a bad line: %r", self.tier, line[:200])
+                continue
+            self._dispatch(msg)
+        self.alive = False
+        self._ready.set()
+        cell = self._cell
+        if cell is not None and not cell.done.is_set():
+            self._lose(cell, self.transport.exit_detail())
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "ready":
+            self.info = msg
+            self._ready.set()
+            return
+        cell = self._cell
+        if cell is None or msg.get("id") != cell.id or cell.lost:
+            return  # output of a cell that was already given up on
+        if kind == "done":
+            cell.success = bool(msg.get("success"))
+            cell.done.set()
+        elif kind == "error":
+            self._on_error(cell, msg)
+        elif not cell.over_limit:
+            self._forward(cell, kind, msg)
+
+    def _forward(self, cell: _Cell, kind: Any, msg: dict[str, Any]) -> None:
+        size = len(msg.get("text", "")) if kind == "stream" else len(json.dumps(msg.get("data")))
+        cell.output_bytes += size
+        if cell.output_bytes > self.output_limit:
+            cell.over_limit = True
+            limit = f"{self.output_limit / 2**20:g} MiB"
+            self._stop(cell, "output", f"the cell's output passed the {limit} output limit")
+            return
+        if kind == "stream":
+            cell.sink.stream(str(msg.get("name", "stdout")), str(msg.get("text", "")))
+        elif kind == "display":
+            cell.sink.display(msg.get("data") or {}, msg.get("metadata") or {})
+        elif kind == "result":
+            cell.output = msg.get("data") or {}
+            cell.sink.result(cell.output, msg.get("metadata") or {})
+        elif kind == "clear_output":
+            cell.sink.clear_output(bool(msg.get("wait")))
+
+    def _on_error(self, cell: _Cell, msg: dict[str, Any]) -> None:
+        ename = str(msg.get("ename", "Error"))
+        evalue = str(msg.get("evalue", ""))
+        tb = [str(line) for line in msg.get("traceback", [])]
+        if ename == "KeyboardInterrupt" and cell.stop_reason in ("timeout", "output"):
+            # The agent saw our SIGINT; tell the user which limit stopped the cell instead.
+            ename = "TimeoutError" if cell.stop_reason == "timeout" else "OutputLimitError"
+            evalue = cell.stop_detail
+            hint = self.limit_hint if cell.stop_reason == "timeout" else (
+                "further output was dropped; raise the limit with the tier's output_limit "
+                "setting")
+            if hint:
+                evalue += f"; {hint}"
+            self._fail(cell, ename, evalue, tb[:-1])
+            return
+        cell.success = False
+        cell.error = ExecError(ename, evalue, tb)
+        cell.sink.error(ename, evalue, tb)

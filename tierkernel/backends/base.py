@@ -1,0 +1,219 @@
+"""The one contract every tier implements.
+
+A tier is a :class:`Backend` subclass registered in the entry-point group
+``tierkernel.backends``. The kernel (``tierkernel.kernel.router.TierRouter``) owns one instance
+per tier for the life of the kernel process and drives it through the methods below; each
+method's docstring says who calls it and when.
+
+Output is published *as it happens* through an :class:`OutputSink` that the kernel hands to
+:meth:`Backend.execute`. Every output must be handed to the sink before ``execute`` returns: the
+kernel sends the execute_reply and then ``status: idle`` right after, and clients (nbclient,
+jupyter_kernel_test) drop output that arrives after idle.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from traitlets import Float
+from traitlets.config import LoggingConfigurable
+
+MimeBundle = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a tier can run cells on this machine, and if not, why and what to do."""
+
+    available: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls, detail: str = "") -> Availability:
+        """An available tier; ``detail`` may say what it runs on (e.g. a runtime version)."""
+        return cls(True, detail)
+
+    @classmethod
+    def no(cls, reason: str) -> Availability:
+        """An unavailable tier; ``reason`` says what is missing and how to get it."""
+        return cls(False, reason)
+
+
+@dataclass(frozen=True)
+class ExecError:
+    """A failed cell, in the shape of a Jupyter ``error`` message."""
+
+    ename: str
+    evalue: str
+    traceback: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One entry of an execution's log (console helper calls, tier notices)."""
+
+    level: str
+    message: str
+    time: float = field(default_factory=time.time)
+
+
+@dataclass
+class ExecResult:
+    """What a backend returns for one cell (the execution-layer spec's shape).
+
+    ``output`` is the mime bundle of the cell's last expression, or ``None``. ``duration`` is in
+    seconds. ``payload`` and ``user_expressions`` carry the IPython-only parts of an
+    execute_reply; tiers that do not run IPython leave them empty.
+    """
+
+    success: bool
+    tier: str
+    duration: float
+    output: MimeBundle | None = None
+    error: ExecError | None = None
+    logs: list[LogEntry] = field(default_factory=list)
+    payload: list[dict[str, Any]] = field(default_factory=list)
+    user_expressions: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CellRequest:
+    """One cell routed to a tier.
+
+    ``code`` is the whole cell as the user wrote it (``%%tier`` line included); ``body`` is what
+    the tier runs. ``first_line`` is the line number of ``body``'s first line within the cell, so
+    tracebacks can point at the line the user sees. ``options`` holds the parsed magic-line
+    options merged over the tier's configured defaults (e.g. ``{"timeout": 30.0}``).
+    """
+
+    code: str
+    body: str
+    tier: str
+    options: dict[str, Any]
+    execution_count: int
+    first_line: int = 1
+    silent: bool = False
+    store_history: bool = True
+    user_expressions: dict[str, Any] = field(default_factory=dict)
+    allow_stdin: bool = False
+    cell_id: str | None = None
+    cell_meta: dict[str, Any] | None = None
+
+    @property
+    def filename(self) -> str:
+        """The name tracebacks give the cell, in IPython's style."""
+        return f"<cell In[{self.execution_count}]>"
+
+
+class OutputSink(Protocol):
+    """Where a backend publishes a cell's output. Safe to call from any thread.
+
+    The kernel creates one per cell, bound to that cell's execute_request, and passes it to
+    :meth:`Backend.execute`. Calls after ``execute`` has returned are dropped.
+    """
+
+    def stream(self, name: str, text: str) -> None:
+        """Text on ``stdout`` or ``stderr``, as the cell writes it."""
+
+    def display(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        """A rich output (``display_data``), e.g. a figure or ``display(obj)``."""
+
+    def result(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        """The value of the cell's last expression (``execute_result``)."""
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        """The cell failed; ``traceback`` is the list of lines the user should see."""
+
+    def clear_output(self, wait: bool = False) -> None:
+        """Clear the cell's output (``clear_output``)."""
+
+
+class Backend(LoggingConfigurable):
+    """Base class of every tier.
+
+    Subclasses are traitlets ``Configurable``s: their limits are traits tagged
+    ``config=True`` and settable as ``c.<ClassName>.<trait>`` from a jupyter config file. The
+    kernel constructs each backend once, with the kernel as ``parent``, at kernel start; that
+    must be cheap and must not start anything (tiers start lazily, see :meth:`start`).
+    """
+
+    #: The name used in ``%%tier NAME``; the kernel sets it to the entry point's name.
+    name: str = ""
+    #: One line for the ``%tier`` table: what stands between a cell and the host.
+    isolation: ClassVar[str] = ""
+    #: Magic-line options this tier accepts (names from ``tierkernel.magics.options.OPTIONS``).
+    accepted_options: ClassVar[frozenset[str]] = frozenset({"timeout"})
+    #: True only for the kernel's own IPython: such a tier runs through IPython's machinery
+    #: (which publishes output itself) rather than through the sink.
+    in_kernel: ClassVar[bool] = False
+
+    timeout = Float(
+        30.0,
+        allow_none=True,
+        help="Default wall-clock limit of a cell in seconds (None: no limit). "
+        "Overridden per cell with --timeout.",
+    ).tag(config=True)
+
+    def availability(self) -> Availability:
+        """Whether this tier can run cells here, with the reason when not.
+
+        Called by the kernel for the ``%tier`` table and before routing a cell to the tier.
+        Must be quick (no side effects, no long probes); may be called from any thread.
+        """
+        return Availability.yes()
+
+    def defaults(self) -> dict[str, Any]:
+        """The configured default of every accepted option, merged under per-cell options.
+
+        Called by the kernel when it parses a ``%%tier`` line, and for the ``%tier`` table.
+        """
+        return {"timeout": self.timeout}
+
+    async def start(self) -> None:
+        """Bring the tier up (process, sandbox, interpreter). Idempotent.
+
+        Called by the kernel before the first cell routed to this tier, and again before any
+        later cell (a no-op when already up), so a tier that lost its session restarts here.
+        """
+
+    async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
+        """Run one cell and return its result, publishing output through ``sink`` meanwhile.
+
+        Called by the kernel on its event loop, one cell at a time per backend. Blocking work
+        belongs in a thread. Must enforce ``request.options["timeout"]`` and must have handed
+        every output to ``sink`` before returning. Errors in the user's code are results
+        (``success=False``), not exceptions; an exception from here is a tier failure, which
+        the kernel reports to the user as such.
+        """
+        raise NotImplementedError(f"tier {self.name!r} does not implement execute()")
+
+    def interrupt(self) -> None:
+        """Stop the running cell as soon as possible. Called from any thread (the kernel's
+        SIGINT handler); must not block. ``execute`` then returns with a ``KeyboardInterrupt``
+        error, or with an error saying the tier's state was lost if it had to be killed.
+        """
+
+    def shutdown(self) -> None:
+        """Release everything the tier holds (processes, containers, sessions).
+
+        Called by the kernel on shutdown and restart (from the control thread) and from an
+        atexit hook; must be idempotent and must not raise.
+        """
+
+    def describe_limits(self) -> str:
+        """Human-readable current limits for the ``%tier`` table."""
+        parts = []
+        for key, value in self.defaults().items():
+            parts.append(f"{key}={format_limit(key, value)}")
+        return ", ".join(parts)
+
+
+def format_limit(key: str, value: Any) -> str:
+    """Render one limit value for people (``timeout=30s``, ``timeout=none``)."""
+    if value is None:
+        return "none"
+    if key == "timeout":
+        return f"{value:g}s"
+    return str(value)

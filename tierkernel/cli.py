@@ -1,0 +1,88 @@
+"""The ``tierkernel`` command: install the kernelspec, run notebooks, launch the kernel."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tierkernel import __version__
+from tierkernel.kernel.kernelspec import DISPLAY_NAME, KERNEL_NAME, install
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    path = install(
+        user=args.user,
+        prefix=sys.prefix if args.sys_prefix else args.prefix,
+        name=args.name,
+        display_name=args.display_name,
+        default_tier=args.default_tier,
+    )
+    print(f"Installed kernelspec {args.name!r} in {path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tierkernel.runner import run_notebook
+
+    return run_notebook(
+        args.notebook,
+        output=args.output,
+        kernel_name=args.kernel,
+        timeout=args.timeout,
+        allow_errors=args.allow_errors,
+    )
+
+
+def _cmd_kernel(args: argparse.Namespace) -> int:
+    from tierkernel.kernel.app import main as kernel_main
+
+    sys.argv = [sys.argv[0], *args.kernel_args]
+    kernel_main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tierkernel`` command."""
+    parser = argparse.ArgumentParser(
+        prog="tierkernel", description="A Jupyter kernel for Python with per-cell trust tiers."
+    )
+    parser.add_argument("--version", action="version", version=f"tierkernel {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("install", help="install the kernelspec so Jupyter clients can start it")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user")
+    where.add_argument("--sys-prefix", action="store_true",
+                       help="install into this Python environment (sys.prefix)")
+    where.add_argument("--prefix", metavar="P", help="install under prefix P")
+    p.add_argument("--name", default=KERNEL_NAME, help=f"kernelspec name (default {KERNEL_NAME})")
+    p.add_argument("--display-name", default=DISPLAY_NAME, help="name shown in the launcher")
+    p.add_argument("--default-tier", metavar="TIER",
+                   help="tier for cells without %%%%tier (written to the spec's environment)")
+    p.set_defaults(func=_cmd_install)
+
+    p = sub.add_parser("run", help="execute a notebook and print a per-cell summary")
+    p.add_argument("notebook", help="the .ipynb file to run")
+    p.add_argument("-o", "--output", help="where to write the executed notebook "
+                   "(default: NAME.executed.ipynb next to it)")
+    p.add_argument("--kernel", default=KERNEL_NAME, help="kernelspec to run it with")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed per cell")
+    p.add_argument("--allow-errors", action="store_true",
+                   help="keep going after a failing cell not tagged raises-exception")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("kernel", help="launch the kernel (what the kernelspec runs)")
+    p.add_argument("kernel_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_kernel)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tierkernel`` command."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

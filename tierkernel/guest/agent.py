@@ -1,0 +1,475 @@
+"""The interpreter agent that runs cells inside an isolated tier.
+
+Standard library only: it runs in any Python 3.9+ (a child process, a container image).
+
+Protocol: one JSON object per line. The host writes requests on the agent's stdin; the agent
+writes messages on the stdout it was started with (kept on a private descriptor, because the
+cell's own fd 1 and 2 are redirected into pipes so that C extensions and ``!cmd`` subprocesses
+are captured too).
+
+host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
+agent -> host: {"type": "ready", "pid", "python"}
+               {"type": "stream", "id", "name", "text"}
+               {"type": "display" | "result", "id", "data", "metadata"}
+               {"type": "clear_output", "id", "wait"}
+               {"type": "error", "id", "ename", "evalue", "traceback"}
+               {"type": "done", "id", "success"}
+
+Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
+SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import codecs
+import importlib.abc
+import importlib.machinery
+import io
+import json
+import linecache
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from typing import Any
+
+MPL_BACKEND_MODULE = "_tierkernel_inline"
+MARKER_PREFIX = "\x00tierkernel-drain-"
+
+# The inline matplotlib backend: Agg rendering, and show() hands each figure to the cell's
+# output as PNG right away (like IPython's inline backend).
+_MPL_BACKEND_SOURCE = '''
+from matplotlib.backends.backend_agg import FigureCanvasAgg as FigureCanvas  # noqa: F401
+from matplotlib.backend_bases import FigureManagerBase as FigureManager  # noqa: F401
+import builtins as _b
+
+def show(*args, **kwargs):
+    _b.__tierkernel_agent__.flush_figures()
+'''
+
+
+class _InlineBackendFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``module://_tierkernel_inline`` importable without a file on disk."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname == MPL_BACKEND_MODULE:
+            return importlib.machinery.ModuleSpec(fullname, self)
+        return None
+
+    def create_module(self, spec: Any) -> None:
+        return None
+
+    def exec_module(self, module: Any) -> None:
+        exec(compile(_MPL_BACKEND_SOURCE, "<tierkernel inline backend>", "exec"), module.__dict__)
+
+
+class Channel:
+    """The protocol stream to the host: whole JSON lines, one writer at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self._out = os.fdopen(fd, "wb", buffering=0)
+        self._lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg, default=repr) + "\n").encode("utf-8", "replace")
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                written = self._out.write(view)
+                view = view[written or 0 :]
+
+
+class CellStream(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` of a cell: each write goes to the host at once.
+
+    Writes are sent whole lines at a time when they end a line, so a print shows up in the
+    notebook while the cell is still running; partial lines are sent by the flusher thread.
+    """
+
+    def __init__(self, agent: Agent, name: str) -> None:
+        self._agent = agent
+        self.name = name
+        self._buf: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return 1 if self.name == "stdout" else 2
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self._lock:
+            self._buf.append(text)
+            pending = "\n" in text or sum(map(len, self._buf)) > 8192
+        if pending:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            text = "".join(self._buf)
+            self._buf.clear()
+        if text:
+            self._agent.emit_stream(self.name, text)
+
+
+class Agent:
+    """Runs cells in one namespace and reports their output over the channel."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        self.cell_id: str | None = None
+        self.in_cell = False
+        self.stdout = CellStream(self, "stdout")
+        self.stderr = CellStream(self, "stderr")
+        self._fd_readers: dict[str, _FdPump] = {}
+        self._sent_result = False
+
+    # -- output ---------------------------------------------------------------------------
+    def emit_stream(self, name: str, text: str) -> None:
+        self.channel.send({"type": "stream", "id": self.cell_id, "name": name, "text": text})
+
+    def display(self, *objs: Any, **kwargs: Any) -> None:
+        """The ``display()`` builtin of a cell: each object as a rich output."""
+        self._flush_text()
+        for obj in objs:
+            data, metadata = mime_bundle(obj, raw=bool(kwargs.get("raw")))
+            self.channel.send(
+                {"type": "display", "id": self.cell_id, "data": data, "metadata": metadata}
+            )
+
+    def clear_output(self, wait: bool = False) -> None:
+        """The ``clear_output()`` builtin of a cell."""
+        self._flush_text()
+        self.channel.send({"type": "clear_output", "id": self.cell_id, "wait": bool(wait)})
+
+    def flush_figures(self) -> None:
+        """Send every open matplotlib figure as PNG and close it (inline backend's show)."""
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is None:
+            return
+        for num in list(pyplot.get_fignums()):
+            fig = pyplot.figure(num)
+            buf = io.BytesIO()
+            try:
+                fig.savefig(buf, format="png", bbox_inches="tight")
+            except Exception as exc:  # a broken figure must not lose the cell's other output
+                self.stderr.write(f"could not render figure {num}: {exc}\n")
+                continue
+            finally:
+                pyplot.close(fig)
+            width, height = fig.get_size_inches() * fig.dpi
+            self.display(
+                _RawBundle(
+                    {
+                        "image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
+                        "text/plain": f"<Figure size {width:g}x{height:g} with "
+                        f"{len(fig.axes)} Axes>",
+                    }
+                )
+            )
+
+    def _flush_text(self) -> None:
+        self.stdout.flush()
+        self.stderr.flush()
+
+    # -- running cells --------------------------------------------------------------------
+    def execute(self, msg: dict[str, Any]) -> None:
+        self.cell_id = msg.get("id")
+        code = str(msg.get("code", ""))
+        filename = str(msg.get("filename", "<cell>"))
+        first_line = int(msg.get("first_line", 1))
+        success = True
+        try:
+            success = self._run(code, filename, first_line)
+        finally:
+            try:
+                self.flush_figures()
+            except BaseException as exc:  # noqa: BLE001 - report, never die between cells
+                self.stderr.write(f"could not render figures: {exc!r}\n")
+            self._flush_text()
+            self._drain_fds()
+            self.channel.send({"type": "done", "id": self.cell_id, "success": success})
+            self.cell_id = None
+
+    def _run(self, code: str, filename: str, first_line: int) -> bool:
+        source = "\n" * (first_line - 1) + shell_escapes(code)
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        try:
+            tree = ast.parse(source, filename, "exec")
+        except SyntaxError as exc:
+            self._report(type(exc), exc, None, filename)
+            return False
+        last_expr = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last_expr = ast.Expression(tree.body.pop().value)
+        try:
+            self.in_cell = True
+            exec(compile(tree, filename, "exec"), self.namespace)
+            if last_expr is not None:
+                value = eval(compile(last_expr, filename, "eval"), self.namespace)
+                self.in_cell = False
+                if value is not None:
+                    self.namespace["_"] = value
+                    self._flush_text()
+                    data, metadata = mime_bundle(value)
+                    self.channel.send(
+                        {"type": "result", "id": self.cell_id, "data": data, "metadata": metadata}
+                    )
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too
+            self.in_cell = False
+            self._report(type(exc), exc, exc.__traceback__, filename)
+            return False
+        finally:
+            self.in_cell = False
+        return True
+
+    def _report(self, etype: type[BaseException], exc: BaseException, tb: Any, fn: str) -> None:
+        # Drop the agent's own frames: the user sees their cell's lines, as in IPython.
+        while tb is not None and tb.tb_frame.f_code.co_filename != fn:
+            tb = tb.tb_next
+        lines = traceback.format_exception(etype, exc, tb)
+        self._flush_text()
+        self.channel.send(
+            {
+                "type": "error",
+                "id": self.cell_id,
+                "ename": etype.__name__,
+                "evalue": str(exc),
+                "traceback": [line.rstrip("\n") for line in lines],
+            }
+        )
+
+    # -- fd-level capture -----------------------------------------------------------------
+    def capture_fds(self) -> None:
+        """Point fds 1 and 2 at pipes pumped to the host (subprocesses, C extensions)."""
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            pump = _FdPump(self, read_end, name)
+            pump.start()
+            self._fd_readers[name] = pump
+
+    def _drain_fds(self) -> None:
+        for pump in self._fd_readers.values():
+            pump.drain()
+
+    def sigint(self, signum: int, frame: Any) -> None:
+        if self.in_cell:
+            raise KeyboardInterrupt
+
+
+class _FdPump(threading.Thread):
+    """Forwards what is written to fd 1 or 2 as stream messages."""
+
+    def __init__(self, agent: Agent, fd: int, name: str) -> None:
+        super().__init__(daemon=True, name=f"pump-{name}")
+        self.agent = agent
+        self.fd = fd
+        self.stream_name = name
+        self._drained = threading.Event()
+        self._token = ""
+        self._seq = 0
+
+    def run(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        held = ""  # a tail that may be the start of a drain marker split across reads
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except InterruptedError:
+                continue
+            if not chunk:
+                return
+            text = held + decoder.decode(chunk)
+            held = ""
+            token = self._token
+            if token and token in text:
+                before, _, text = text.partition(token)
+                if before:
+                    self.agent.emit_stream(self.stream_name, before)
+                self._drained.set()
+            cut = text.rfind("\x00")
+            if cut != -1 and len(text) - cut < len(MARKER_PREFIX) + 12:
+                text, held = text[:cut], text[cut:]
+            if text:
+                self.agent.emit_stream(self.stream_name, text)
+
+    def drain(self, timeout: float = 1.0) -> None:
+        """Wait until everything written to the fd before now has been forwarded."""
+        self._seq += 1
+        self._token = f"{MARKER_PREFIX}{self._seq}\x00"
+        self._drained.clear()
+        try:
+            os.write(1 if self.stream_name == "stdout" else 2, self._token.encode())
+        except OSError:
+            return
+        self._drained.wait(timeout)
+
+
+class _RawBundle:
+    """An already-built mime bundle passed to ``display``."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return self.data
+
+
+_REPR_METHODS = {
+    "text/html": "_repr_html_",
+    "text/markdown": "_repr_markdown_",
+    "text/latex": "_repr_latex_",
+    "image/svg+xml": "_repr_svg_",
+    "image/png": "_repr_png_",
+    "image/jpeg": "_repr_jpeg_",
+    "application/json": "_repr_json_",
+    "application/javascript": "_repr_javascript_",
+}
+
+
+def mime_bundle(obj: Any, raw: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build a Jupyter mime bundle for ``obj`` the way IPython's formatters do."""
+    if raw and isinstance(obj, dict):
+        return obj, {}
+    data: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    method = getattr(obj, "_repr_mimebundle_", None)
+    if callable(method) and not isinstance(obj, type):
+        try:
+            got = method(include=None, exclude=None)
+        except Exception:
+            got = None
+        if isinstance(got, tuple) and len(got) == 2:
+            got, meta = got
+            metadata.update(meta or {})
+        if isinstance(got, dict):
+            data.update(got)
+    for mime, name in _REPR_METHODS.items():
+        if mime in data:
+            continue
+        method = getattr(obj, name, None)
+        if not callable(method) or isinstance(obj, type):
+            continue
+        try:
+            value = method()
+        except Exception:
+            continue
+        if isinstance(value, tuple) and len(value) == 2:
+            value, meta = value
+            metadata[mime] = meta
+        if value is None:
+            continue
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode("ascii")
+        data[mime] = value
+    if "text/plain" not in data:
+        try:
+            data["text/plain"] = _pretty(obj)
+        except Exception as exc:
+            data["text/plain"] = f"<repr failed: {exc!r}>"
+    return data, metadata
+
+
+def _pretty(obj: Any) -> str:
+    if isinstance(obj, (dict, list, tuple, set)) and len(repr(obj)) > 79:
+        import pprint
+
+        return pprint.pformat(obj, width=79)
+    return repr(obj)
+
+
+_SHELL_LINE = re.compile(r"^(\s*)!(.*)$")
+
+
+def shell_escapes(code: str) -> str:
+    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment."""
+    if "!" not in code:
+        return code
+    out = []
+    for line in code.split("\n"):
+        match = _SHELL_LINE.match(line)
+        if match and not match.group(2).startswith("="):
+            indent, command = match.groups()
+            out.append(f"{indent}__tierkernel_agent__.system({command!r})")
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def system(command: str) -> None:
+    """Run a shell line from a cell; its output streams like the cell's own.
+
+    As in IPython, the line has no value; its exit status is kept in ``_exit_code``.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = subprocess.call(command, shell=True)
+    builtins.__tierkernel_agent__.namespace["_exit_code"] = code  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    """Serve cells on stdin/stdout until the host closes stdin."""
+    # Imports resolve from the working directory, as in IPython, not from the agent's folder.
+    if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+        sys.path[0] = ""
+    channel = Channel(os.dup(1))
+    agent = Agent(channel)
+    stdin = os.fdopen(os.dup(0), "rb")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # a cell reading stdin gets EOF, never the protocol
+    os.close(devnull)
+    agent.capture_fds()
+    sys.stdout = agent.stdout
+    sys.stderr = agent.stderr
+    sys.stdin = io.TextIOWrapper(io.BytesIO(b""))
+    sys.meta_path.append(_InlineBackendFinder())
+    os.environ.setdefault("MPLBACKEND", f"module://{MPL_BACKEND_MODULE}")
+    builtins.display = agent.display  # type: ignore[attr-defined]
+    builtins.clear_output = agent.clear_output  # type: ignore[attr-defined]
+    builtins.__tierkernel_agent__ = agent  # type: ignore[attr-defined]
+    agent.system = system  # type: ignore[attr-defined]
+    signal.signal(signal.SIGINT, agent.sigint)
+    channel.send({"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+    while True:
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            continue
+        if not line:
+            return
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            channel.send({"type": "protocol_error", "detail": f"bad request line {line[:80]!r}"})
+            continue
+        kind = msg.get("type")
+        if kind == "execute":
+            agent.execute(msg)
+        elif kind == "shutdown":
+            return
+        else:
+            channel.send({"type": "protocol_error", "detail": f"unknown request {kind!r}"})
+
+
+if __name__ == "__main__":
+    main()

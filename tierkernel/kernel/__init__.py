@@ -1,0 +1,1 @@
+"""The kernel: TierKernel, its launcher and kernelspec installation."""

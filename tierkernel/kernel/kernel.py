@@ -1,0 +1,309 @@
+"""TierKernel: IPython's kernel, with every cell routed to the tier it asks for."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from ipykernel.ipkernel import IPythonKernel
+from traitlets import Unicode, default
+
+from tierkernel import __version__
+from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult
+from tierkernel.backends.native import NativeBackend
+from tierkernel.kernel.iopub import IopubSink
+from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
+from tierkernel.magics.options import TierUsageError
+from tierkernel.magics.parsing import split_cell
+from tierkernel.magics.tier import TierMagics, strip_native_line
+
+_RED = "\x1b[0;31m"
+_RESET = "\x1b[0m"
+
+
+class _NoSink:
+    """The sink given to in-kernel tiers, whose output IPython publishes itself."""
+
+    def stream(self, name: str, text: str) -> None:
+        """Unused: IPython publishes native output."""
+
+    def display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        """Unused: IPython publishes native output."""
+
+    def result(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        """Unused: IPython publishes native output."""
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        """Unused: IPython publishes native output."""
+
+    def clear_output(self, wait: bool = False) -> None:
+        """Unused: IPython publishes native output."""
+
+
+class TierKernel(IPythonKernel):
+    """An IPython kernel in which each cell chooses its tier with ``%%tier NAME``.
+
+    Cells without the magic run in :attr:`default_tier`. Native cells go through IPython
+    unchanged; other tiers get the cell through the backend contract and publish through an
+    :class:`IopubSink`. Every execute_reply carries ``metadata.tierkernel = {tier,
+    duration_ms, success}``.
+    """
+
+    implementation = "tierkernel"
+    implementation_version = __version__
+
+    default_tier = Unicode(
+        help="Tier for cells without %%tier. Defaults to $TIERKERNEL_DEFAULT_TIER, else 'native'."
+    ).tag(config=True)
+
+    @default("default_tier")
+    def _default_tier_from_env(self) -> str:
+        return os.environ.get("TIERKERNEL_DEFAULT_TIER", "").strip() or "native"
+
+    @default("banner")
+    def _banner(self) -> str:
+        return (f"tierkernel {__version__}: Python with per-cell trust. Cells run in "
+                f"{self.default_tier!r}; '%%tier NAME' on a cell's first line picks another "
+                "tier, '%tier' lists them.\n")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.router = TierRouter(self, self.default_tier)
+        for backend in self.router.backends.values():
+            if isinstance(backend, NativeBackend):
+                backend.host = self
+        shell = self.shell
+        assert shell is not None
+        shell.register_magics(TierMagics(shell, self.router))
+        shell.input_transformers_cleanup.append(strip_native_line)
+        self._tier_meta: dict[str, dict[str, Any]] = {}
+        atexit.register(self.router.shutdown)
+
+    # -- execution ------------------------------------------------------------------------
+    async def do_execute(  # type: ignore[override]
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict[str, Any] | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: dict[str, Any] | None = None,
+        cell_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Route the cell to its tier and return the execute_reply content."""
+        started = time.perf_counter()
+        parent = self.get_parent("shell")
+        msg_id = parent.get("header", {}).get("msg_id", "")
+        tier = self.router.default
+        try:
+            directive = split_cell(code)
+            tier = directive.tier or tier
+            if directive.control:
+                route = Route(self.router.backend("native"), {}, code, 1)
+            else:
+                route = self.router.resolve(directive)
+        except (TierUsageError, TierUnavailableError) as exc:
+            reply = self._refuse(code, silent, store_history, parent, exc)
+            self._record(msg_id, tier, started, False)
+            return reply
+
+        shell = self.shell
+        assert shell is not None
+        request = CellRequest(
+            code=code,
+            body=route.body,
+            tier=route.backend.name,
+            options=route.options,
+            execution_count=shell.execution_count,
+            first_line=route.first_line,
+            silent=silent,
+            store_history=store_history,
+            user_expressions=user_expressions or {},
+            allow_stdin=allow_stdin,
+            cell_id=cell_id,
+            cell_meta=cell_meta,
+        )
+        if route.backend.in_kernel:
+            result = await route.backend.execute(request, _NoSink())
+        else:
+            result = await self._run_isolated(route.backend, request, parent)
+        reply = self._reply(result)
+        self._record(msg_id, route.backend.name, started, result.success)
+        return reply
+
+    async def run_ipython_cell(self, request: CellRequest) -> dict[str, Any]:
+        """Run a cell through IPython exactly as ipykernel would (the native tier's engine)."""
+        return await super().do_execute(  # type: ignore[no-any-return]
+            request.code,
+            request.silent,
+            request.store_history,
+            request.user_expressions,
+            request.allow_stdin,
+            cell_meta=request.cell_meta,
+            cell_id=request.cell_id,
+        )
+
+    async def _run_isolated(
+        self, backend: Backend, request: CellRequest, parent: dict[str, Any]
+    ) -> ExecResult:
+        """Run a cell in a tier outside IPython, owing what IPython's run_cell would do."""
+        shell = self.shell
+        assert shell is not None
+        self._count_cell(request.code, request.store_history)
+        sink = IopubSink(self.session, self.iopub_socket, self._topic, parent,
+                         request.execution_count, request.silent)
+        if self.router.notice:
+            sink.stream("stderr", self.router.notice + "\n")
+            self.router.notice = ""
+        started = time.perf_counter()
+        previous = self._route_sigint(backend)
+        try:
+            await backend.start()
+            result = await backend.execute(request, sink)
+        except Exception as exc:  # a tier failure, not a failure of the user's code
+            self.log.exception("tier %r failed", backend.name)
+            error = ExecError(
+                "TierError",
+                f"the {backend.name!r} tier failed: {exc}. The kernel is fine; other tiers keep "
+                f"working. Run %tier to check the tier's status.",
+                [],
+            )
+            error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
+            sink.error(error.ename, error.evalue, error.traceback)
+            result = ExecResult(False, backend.name, time.perf_counter() - started, error=error)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            sink.close()
+        return result
+
+    def _route_sigint(self, backend: Backend) -> Any:
+        """While an outside tier runs, the stop button (SIGINT) interrupts that tier."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            backend.interrupt()
+
+        return signal.signal(signal.SIGINT, on_sigint)
+
+    def _count_cell(self, code: str, store_history: bool) -> None:
+        """What IPython does for every cell it runs: history entry, then the next count."""
+        shell = self.shell
+        assert shell is not None
+        if store_history:
+            shell.history_manager.store_inputs(shell.execution_count, code)
+            shell.execution_count += 1
+
+    def _reply(self, result: ExecResult) -> dict[str, Any]:
+        shell = self.shell
+        assert shell is not None
+        reply: dict[str, Any] = {
+            "status": "ok" if result.success else "error",
+            "execution_count": shell.execution_count - 1,
+            "user_expressions": result.user_expressions if result.success else {},
+            "payload": result.payload,
+        }
+        if not result.success:
+            error = result.error or ExecError("Error", "the cell failed", [])
+            reply.update(ename=error.ename, evalue=error.evalue, traceback=error.traceback)
+        return reply
+
+    def _refuse(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool,
+        parent: dict[str, Any],
+        exc: Exception,
+    ) -> dict[str, Any]:
+        """A cell whose %%tier line is wrong: one clear error, nothing run."""
+        shell = self.shell
+        assert shell is not None
+        count = shell.execution_count
+        self._count_cell(code, store_history)
+        ename, evalue = type(exc).__name__, str(exc)
+        traceback = [f"{_RED}{ename}{_RESET}: {evalue}"]
+        sink = IopubSink(self.session, self.iopub_socket, self._topic, parent, count, silent)
+        sink.error(ename, evalue, traceback)
+        sink.close()
+        return {
+            "status": "error",
+            "ename": ename,
+            "evalue": evalue,
+            "traceback": traceback,
+            "execution_count": shell.execution_count - 1,
+            "user_expressions": {},
+            "payload": [],
+        }
+
+    # -- reply metadata -------------------------------------------------------------------
+    def _record(self, msg_id: str, tier: str, started: float, success: bool) -> None:
+        self._tier_meta[msg_id] = {
+            "tier": tier,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "success": success,
+        }
+
+    def finish_metadata(
+        self, parent: dict[str, Any], metadata: dict[str, Any], reply_content: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Add ``tierkernel: {tier, duration_ms, success}`` to every execute_reply."""
+        metadata = super().finish_metadata(parent, metadata, reply_content)
+        info = self._tier_meta.pop(parent.get("header", {}).get("msg_id", ""), None)
+        if info is None and parent.get("header", {}).get("msg_type") == "execute_request":
+            # Aborted after an earlier error: it never ran, but say where it would have.
+            code = parent.get("content", {}).get("code", "")
+            try:
+                tier = split_cell(code).tier or self.router.default
+            except TierUsageError:
+                tier = self.router.default
+            info = {"tier": tier, "duration_ms": 0.0, "success": False}
+        if info is not None:
+            metadata["tierkernel"] = info
+        return metadata
+
+    # -- history --------------------------------------------------------------------------
+    def do_history(  # type: ignore[override]
+        self,
+        hist_access_type: str,
+        output: bool,
+        raw: bool,
+        session: int = 0,
+        start: int = 0,
+        stop: int | None = None,
+        n: int | None = None,
+        pattern: str | None = None,
+        unique: bool = False,
+    ) -> dict[str, Any]:
+        """IPython's history, with the current session reported by its real number.
+
+        IPython answers range requests for the running session with session ``0``, so a client
+        that asks for a range by the number a ``tail`` request gave it gets back a different
+        one; stock ipykernel fails jupyter_kernel_test's range check for this reason.
+        """
+        reply: dict[str, Any] = super().do_history(
+            hist_access_type, output, raw, session, start, stop, n, pattern, unique
+        )
+        shell = self.shell
+        if hist_access_type == "range" and shell is not None:
+            current = shell.history_manager.session_number
+            reply["history"] = [
+                (current if entry[0] == 0 else entry[0], *entry[1:]) for entry in reply["history"]
+            ]
+        return reply
+
+    # -- shutdown -------------------------------------------------------------------------
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
+        """Release every tier (processes, containers, sandboxes), then shut IPython down."""
+        self.router.shutdown()
+        result = super().do_shutdown(restart)
+        if hasattr(result, "__await__"):
+            result = await result
+        return result  # type: ignore[no-any-return]

@@ -1,0 +1,56 @@
+"""Installing the ``tierkernel`` kernelspec where Jupyter clients find it."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+
+KERNEL_NAME = "tierkernel"
+DISPLAY_NAME = "Python (tierkernel)"
+
+
+def install(
+    *,
+    user: bool = False,
+    prefix: str | None = None,
+    name: str = KERNEL_NAME,
+    display_name: str = DISPLAY_NAME,
+    default_tier: str | None = None,
+    python: str | None = None,
+) -> str:
+    """Write and install the kernelspec; return the directory it was installed to.
+
+    ``language`` stays ``python`` so papermill and nbval treat the kernel as Python;
+    ``interrupt_mode`` is ``signal`` because the kernel turns SIGINT into tier interrupts.
+    ``default_tier`` is written into the spec's environment (``TIERKERNEL_DEFAULT_TIER``).
+    """
+    overrides: dict[str, object] = {
+        "argv": [python or sys.executable, "-m", "tierkernel", "-f", "{connection_file}"],
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {"debugger": False, "tierkernel": {"version": _version()}},
+    }
+    if default_tier:
+        overrides["env"] = {"TIERKERNEL_DEFAULT_TIER": default_tier}
+    staging = Path(tempfile.mkdtemp(prefix="tierkernel-spec-"))
+    try:
+        path = write_kernel_spec(staging / name, overrides=overrides)
+        return str(
+            KernelSpecManager().install_kernel_spec(
+                path, kernel_name=name, user=user, prefix=prefix
+            )
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _version() -> str:
+    from tierkernel import __version__
+
+    return __version__

@@ -1,0 +1,200 @@
+"""Which tier runs a cell, with which options: the kernel's registry of live backends."""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tierkernel.backends.base import Backend, format_limit
+from tierkernel.backends.registry import BrokenTier, discover
+from tierkernel.magics.options import TierUsageError
+from tierkernel.magics.parsing import CellDirective, parse_options, usage
+
+log = logging.getLogger(__name__)
+
+
+class TierUnavailableError(RuntimeError):
+    """A cell asked for a tier that cannot run here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """A cell's destination: the backend, its merged options, and the code it runs."""
+
+    backend: Backend
+    options: dict[str, Any]
+    body: str
+    first_line: int
+
+
+@dataclass(frozen=True)
+class TierRow:
+    """One line of the ``%tier`` table."""
+
+    name: str
+    default: bool
+    available: bool
+    isolation: str
+    detail: str
+
+
+class TierTable:
+    """The ``%tier`` table; IPython displays it as HTML in notebooks and text in consoles."""
+
+    def __init__(self, rows: list[TierRow]) -> None:
+        self.rows = rows
+
+    def __repr__(self) -> str:
+        header = ("tier", "available", "isolation", "limits / reason")
+        body = [
+            (
+                ("* " if r.default else "  ") + r.name,
+                "yes" if r.available else "no",
+                r.isolation,
+                r.detail,
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in [("  " + header[0], *header[1:]), *body])
+                  for i in range(3)]
+        lines = ["  ".join(cell.ljust(widths[i]) if i < 3 else cell
+                           for i, cell in enumerate(row))
+                 for row in [("  " + header[0], *header[1:]), *body]]
+        lines.append("(* = default tier for cells without %%tier; change it with %tier NAME)")
+        return "\n".join(line.rstrip() for line in lines)
+
+    def _repr_html_(self) -> str:
+        cells = []
+        for r in self.rows:
+            name = f"<b>{html.escape(r.name)}</b>" + (" (default)" if r.default else "")
+            avail = "yes" if r.available else "<span style='color:#b00'>no</span>"
+            cells.append(
+                f"<tr><td>{name}</td><td>{avail}</td><td>{html.escape(r.isolation)}</td>"
+                f"<td>{html.escape(r.detail)}</td></tr>"
+            )
+        return (
+            "<table><thead><tr><th>tier</th><th>available</th><th>isolation</th>"
+            "<th>limits / reason</th></tr></thead><tbody>" + "".join(cells) + "</tbody></table>"
+        )
+
+
+class TierRouter:
+    """Owns one backend per registered tier and decides where each cell runs.
+
+    Backends are created at kernel start (cheap: nothing is started until a tier's first cell).
+    """
+
+    def __init__(self, parent: Any, default_tier: str) -> None:
+        classes, self.broken = discover()
+        self.backends: dict[str, Backend] = {}
+        for name, cls in classes.items():
+            try:
+                backend = cls(parent=parent)
+            except Exception as exc:
+                self.broken.append(BrokenTier(name, f"cannot create: {exc}"))
+                continue
+            backend.name = name
+            self.backends[name] = backend
+        #: Options set for the rest of the session with ``%tier NAME --opt value``.
+        self.session_options: dict[str, dict[str, Any]] = {}
+        self.notice = ""
+        if default_tier not in self.backends:
+            self.notice = (f"tierkernel: the configured default tier {default_tier!r} is not "
+                           f"registered (tiers: {', '.join(sorted(self.backends))}); using "
+                           "'native'.")
+            log.warning(self.notice)
+            default_tier = "native"
+        self.default = default_tier
+
+    @property
+    def names(self) -> list[str]:
+        """Every registered tier, sorted."""
+        return sorted(self.backends)
+
+    def backend(self, name: str) -> Backend:
+        """The backend called ``name``; :class:`TierUsageError` naming the valid tiers if none."""
+        backend = self.backends.get(name)
+        if backend is None:
+            broken = next((b for b in self.broken if b.name == name), None)
+            if broken is not None:
+                raise TierUnavailableError(f"tier {name!r} is installed but broken: "
+                                           f"{broken.reason}")
+            raise TierUsageError(f"unknown tier {name!r}; valid tiers: {', '.join(self.names)} "
+                                 "(run %tier to see them)")
+        return backend
+
+    def options_for(self, backend: Backend, args: list[str]) -> dict[str, Any]:
+        """Configured defaults < session options (``%tier NAME --opt``) < the cell's own."""
+        base = {**backend.defaults(), **self.session_options.get(backend.name, {})}
+        return parse_options(backend.name, args, backend.accepted_options, base)
+
+    def resolve(self, directive: CellDirective) -> Route:
+        """Turn a parsed cell into a route; raise a usage or availability error otherwise."""
+        if directive.has_magic and directive.tier is None:
+            raise TierUsageError(usage(self.names))
+        name = directive.tier or self.default
+        backend = self.backend(name)
+        options = self.options_for(backend, directive.args)
+        self.check_available(backend)
+        return Route(backend, options, directive.body, directive.first_line)
+
+    def check_available(self, backend: Backend) -> None:
+        """Raise :class:`TierUnavailableError` with the tier's reason when it cannot run."""
+        status = backend.availability()
+        if not status.available:
+            raise TierUnavailableError(f"tier {backend.name!r} is not available here: "
+                                       f"{status.reason}")
+
+    def set_default(self, name: str, args: list[str]) -> str:
+        """``%tier NAME [--opt value]``: make ``name`` the default; returns what to tell the user."""
+        backend = self.backend(name)
+        options = self.options_for(backend, args)
+        self.check_available(backend)
+        given = {k: v for k, v in options.items() if k in _given_names(args)}
+        if given:
+            self.session_options.setdefault(name, {}).update(given)
+        self.default = name
+        limits = ", ".join(f"{k}={format_limit(k, v)}" for k, v in options.items())
+        return (f"Default tier is now {name!r}: cells without %%tier run there"
+                + (f" ({limits})." if limits else "."))
+
+    def table(self) -> TierTable:
+        """The rows of ``%tier``: every tier, working or not."""
+        rows = []
+        for name in self.names:
+            backend = self.backends[name]
+            try:
+                status = backend.availability()
+            except Exception as exc:  # a tier's probe must not break the table
+                status_ok, detail = False, f"availability check failed: {exc}"
+            else:
+                status_ok = status.available
+                detail = self._limits(backend) if status.available else status.reason
+                if status.available and status.reason:
+                    detail = f"{status.reason}; {detail}"
+            rows.append(TierRow(name, name == self.default, status_ok, backend.isolation, detail))
+        for broken in self.broken:
+            rows.append(TierRow(broken.name, False, False, "?", broken.reason))
+        return TierTable(rows)
+
+    def _limits(self, backend: Backend) -> str:
+        text = backend.describe_limits()
+        extra = self.session_options.get(backend.name)
+        if extra:
+            text += " (this session: " + ", ".join(
+                f"{k}={format_limit(k, v)}" for k, v in extra.items()) + ")"
+        return text
+
+    def shutdown(self) -> None:
+        """Shut every backend down; never raises (runs at kernel shutdown and atexit)."""
+        for backend in self.backends.values():
+            try:
+                backend.shutdown()
+            except Exception:
+                log.exception("shutting down tier %r failed", backend.name)
+
+
+def _given_names(args: list[str]) -> set[str]:
+    return {word[2:].partition("=")[0] for word in args if word.startswith("--")}
