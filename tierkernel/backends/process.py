@@ -79,7 +79,10 @@ class ProcessTransport:
                     pass
 
     def exit_detail(self) -> str:
-        code = self.proc.poll()
+        try:  # the pipe closes a moment before the child can be reaped
+            code: int | None = self.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             status = "it is still running"
         elif code < 0:

@@ -70,19 +70,35 @@ class _InlineBackendFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 class Channel:
-    """The protocol stream to the host: whole JSON lines, one writer at a time."""
+    """The protocol stream to the host: whole JSON lines, one writer at a time.
+
+    A SIGINT that arrives while the main thread is writing is held back until the line is out
+    (:attr:`deferring`/:attr:`pending`), so an interrupt never leaves half a message behind.
+    """
 
     def __init__(self, fd: int) -> None:
         self._out = os.fdopen(fd, "wb", buffering=0)
         self._lock = threading.Lock()
+        self.deferring = False
+        self.pending = False
 
     def send(self, msg: dict[str, Any]) -> None:
         data = (json.dumps(msg, default=repr) + "\n").encode("utf-8", "replace")
-        with self._lock:
-            view = memoryview(data)
-            while view:
-                written = self._out.write(view)
-                view = view[written or 0 :]
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            self.deferring = True
+        try:
+            with self._lock:
+                view = memoryview(data)
+                while view:
+                    written = self._out.write(view)
+                    view = view[written or 0 :]
+        finally:
+            if main:
+                self.deferring = False
+                if self.pending:
+                    self.pending = False
+                    raise KeyboardInterrupt
 
 
 class CellStream(io.TextIOBase):
@@ -273,8 +289,12 @@ class Agent:
             pump.drain()
 
     def sigint(self, signum: int, frame: Any) -> None:
-        if self.in_cell:
-            raise KeyboardInterrupt
+        if not self.in_cell:
+            return  # between cells: nothing to interrupt, and our bookkeeping must not tear
+        if self.channel.deferring:
+            self.channel.pending = True
+            return
+        raise KeyboardInterrupt
 
 
 class _FdPump(threading.Thread):
@@ -443,7 +463,8 @@ def main() -> None:
     sys.stderr = agent.stderr
     sys.stdin = io.TextIOWrapper(io.BytesIO(b""))
     sys.meta_path.append(_InlineBackendFinder())
-    os.environ.setdefault("MPLBACKEND", f"module://{MPL_BACKEND_MODULE}")
+    # Always ours: an inherited one (ipykernel sets matplotlib_inline) cannot reach the notebook.
+    os.environ["MPLBACKEND"] = f"module://{MPL_BACKEND_MODULE}"
     builtins.display = agent.display  # type: ignore[attr-defined]
     builtins.clear_output = agent.clear_output  # type: ignore[attr-defined]
     builtins.__tierkernel_agent__ = agent  # type: ignore[attr-defined]

@@ -1,0 +1,181 @@
+"""Routing: which tier runs a cell, what a bad %%tier line says, reply metadata, interrupts."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from tests.kernel_session import KernelSession
+
+
+def test_cells_without_magic_run_natively_with_ipython_semantics(kernel: KernelSession):
+    out = kernel.run("value_native = 21\nvalue_native * 2")
+    assert out.status == "ok"
+    assert out.result["text/plain"] == "42"
+    assert out.metadata["tierkernel"]["tier"] == "native"
+    assert out.metadata["tierkernel"]["success"] is True
+    assert out.metadata["tierkernel"]["duration_ms"] >= 0
+    # IPython's own machinery: Out[] history and the `_` variable.
+    follow = kernel.run("_ + 1")
+    assert follow.result["text/plain"] == "43"
+
+
+def test_native_magic_keeps_line_numbers_and_ipython_features(kernel: KernelSession):
+    out = kernel.run("%%tier native\nx_line = 1\nraise RuntimeError('boom')")
+    assert out.status == "error"
+    assert out.error["ename"] == "RuntimeError"
+    # The traceback points at line 3 of the cell, as the user counts it.
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(out.error["traceback"]))
+    assert "line 3" in plain and "----> 3 raise RuntimeError('boom')" in plain
+    timed = kernel.run("%%tier native\n%%time\nsum(range(10))")
+    assert timed.status == "ok"
+    assert "Wall time" in timed.stdout
+
+
+def test_execution_count_advances_across_tiers(kernel: KernelSession):
+    first = kernel.run("1").reply["execution_count"]
+    second = kernel.run("%%tier process\n2").reply["execution_count"]
+    third = kernel.run("3").reply["execution_count"]
+    assert second == first + 1
+    assert third == second + 1
+    process_result = kernel.run("%%tier process\n40 + 2")
+    assert process_result.of_type("execute_result")[0].content["execution_count"] == (
+        process_result.reply["execution_count"])
+
+
+def test_unknown_tier_is_one_clear_error_and_runs_nothing(kernel: KernelSession):
+    kernel.run("marker_unknown = 'untouched'")
+    out = kernel.run("%%tier nosuch\nmarker_unknown = 'ran'")
+    assert out.status == "error"
+    assert [o.msg_type for o in out.outputs] == ["error"]
+    assert out.error["ename"] == "TierUsageError"
+    assert "unknown tier 'nosuch'" in out.error["evalue"]
+    assert "native" in out.error["evalue"] and "process" in out.error["evalue"]
+    assert out.metadata["tierkernel"] == {"tier": "nosuch", "duration_ms":
+                                          out.metadata["tierkernel"]["duration_ms"],
+                                          "success": False}
+    assert kernel.run("marker_unknown").result["text/plain"] == "'untouched'"
+
+
+def test_bad_options_name_the_problem(kernel: KernelSession):
+    cases = {
+        "%%tier process --timeout abc\n1": "--timeout expects a positive number",
+        "%%tier process --timeout -3\n1": "--timeout expects a positive number",
+        "%%tier process --timeout\n1": "--timeout needs a value",
+        "%%tier process --frobnicate 1\n1": "unknown option --frobnicate",
+        "%%tier process --timeout 1 --timeout 2\n1": "given twice",
+        "%%tier process stray\n1": "unexpected 'stray'",
+        "%%tier\n1": "usage: %%tier NAME",
+        "%%tier process --timeout '1\n1": "cannot read the %%tier line",
+    }
+    for code, expected in cases.items():
+        out = kernel.run(code)
+        assert out.status == "error", code
+        assert [o.msg_type for o in out.outputs] == ["error"], code
+        assert out.error["ename"] == "TierUsageError", code
+        assert expected in out.error["evalue"], (code, out.error["evalue"])
+    # The kernel is still healthy.
+    assert kernel.run("%%tier process\n'alive'").result["text/plain"] == "'alive'"
+
+
+def test_options_are_parsed_in_every_spelling(kernel: KernelSession):
+    for line in ("--timeout 5", "--timeout=5", "--timeout 5s", "--timeout 0.1m",
+                 "--timeout 5000ms", "--timeout 5  # a comment"):
+        out = kernel.run(f"%%tier process {line}\n'ok'")
+        assert out.status == "ok", (line, out.outputs)
+
+
+def test_tier_table_lists_every_tier(kernel: KernelSession):
+    out = kernel.run("%tier")
+    assert out.status == "ok"
+    shown = out.of_type("display_data")[0].content["data"]
+    text, html = shown["text/plain"], shown["text/html"]
+    for needle in ("native", "process", "yes", "timeout=30s", "crash isolation", "* native"):
+        assert needle in text, needle
+    assert "<table>" in html and "process" in html
+    assert out.metadata["tierkernel"]["tier"] == "native"
+
+
+def test_default_switching(fresh_kernel: KernelSession):
+    out = fresh_kernel.run("%tier process")
+    assert "Default tier is now 'process'" in out.stdout
+    pid_cell = fresh_kernel.run("import os\nos.getpid()")
+    assert pid_cell.metadata["tierkernel"]["tier"] == "process"
+    native_pid = fresh_kernel.run("%%tier native\nimport os\nos.getpid()")
+    assert native_pid.metadata["tierkernel"]["tier"] == "native"
+    assert pid_cell.result["text/plain"] != native_pid.result["text/plain"]
+    # %tier lines always run natively, so the way back works from any default.
+    table = fresh_kernel.run("%tier")
+    assert "* process" in table.of_type("display_data")[0].content["data"]["text/plain"]
+    back = fresh_kernel.run("%tier native")
+    assert "Default tier is now 'native'" in back.stdout
+    assert fresh_kernel.run("1").metadata["tierkernel"]["tier"] == "native"
+    bad = fresh_kernel.run("%tier nosuch")
+    # IPython shows a magic's UsageError on stderr, with an error reply.
+    assert bad.status == "error" and bad.reply["ename"] == "UsageError"
+    assert "unknown tier 'nosuch'; valid tiers: native, process" in bad.stderr
+
+
+def test_session_options_from_tier_line(fresh_kernel: KernelSession):
+    fresh_kernel.run("%tier process --timeout 0.5")
+    out = fresh_kernel.run("import time\ntime.sleep(3)")
+    assert out.status == "error"
+    assert out.error["ename"] == "TimeoutError"
+    assert "0.5 s limit" in out.error["evalue"]
+    # The cell's own option beats the session's.
+    assert fresh_kernel.run("%%tier process --timeout 10\ntime.sleep(0.8); 'slept'").status == "ok"
+
+
+def test_configured_default_tier_from_env(tmp_path):
+    session = KernelSession(env={"TIERKERNEL_DEFAULT_TIER": "process",
+                                 "PATH": __import__("os").environ["PATH"]})
+    try:
+        assert session.run("1").metadata["tierkernel"]["tier"] == "process"
+    finally:
+        session.close()
+
+
+def test_unknown_configured_default_falls_back_with_notice(tmp_path):
+    session = KernelSession(env={"TIERKERNEL_DEFAULT_TIER": "nosuch",
+                                 "PATH": __import__("os").environ["PATH"]})
+    try:
+        out = session.run("%%tier process\n1")
+        assert "default tier 'nosuch' is not registered" in out.stderr
+        assert session.run("2").metadata["tierkernel"]["tier"] == "native"
+    finally:
+        session.close()
+
+
+def test_interrupt_long_native_cell(kernel: KernelSession):
+    start = time.monotonic()
+    out = kernel.run("import time\nfor _ in range(600): time.sleep(0.1)", interrupt_after=1.0)
+    assert time.monotonic() - start < 10
+    assert out.status == "error"
+    assert out.error["ename"] == "KeyboardInterrupt"
+    assert kernel.run("'still here'").result["text/plain"] == "'still here'"
+
+
+def test_native_timeout(kernel: KernelSession):
+    out = kernel.run("%%tier native --timeout 0.5\nimport time\ntime.sleep(30)")
+    assert out.status == "error"
+    assert out.error["ename"] == "CellTimeoutError"
+    assert "0.5 s limit" in out.error["evalue"]
+    # A quick cell with a timeout is not disturbed later by its watchdog.
+    assert kernel.run("%%tier native --timeout 0.3\n'quick'").status == "ok"
+    time.sleep(0.5)
+    assert kernel.run("'after'").result["text/plain"] == "'after'"
+
+
+def test_silent_cells_publish_nothing(kernel: KernelSession):
+    out = kernel.run("%%tier process\nprint('hidden')\n1", silent=True)
+    assert out.status == "ok"
+    assert out.outputs == []
+
+
+def test_history_records_tier_cells(kernel: KernelSession):
+    kernel.run("%%tier process\nhistory_marker = 1")
+    msg_id = kernel.kc.history(hist_access_type="tail", n=3, raw=True, output=False)
+    reply = kernel.kc.get_shell_msg(timeout=10)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    sources = [entry[2] for entry in reply["content"]["history"]]
+    assert "%%tier process\nhistory_marker = 1" in sources
