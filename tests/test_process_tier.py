@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import signal
 import time
@@ -31,7 +32,7 @@ def test_output_streams_while_the_cell_runs(kernel: KernelSession):
                          "    time.sleep(0.3)")
     lines = [o for o in out.of_type("stream") if o.content["text"].startswith("line")]
     assert [o.content["text"] for o in lines] == [f"line {i}\n" for i in range(4)]
-    gaps = [b.at - a.at for a, b in zip(lines, lines[1:], strict=False)]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(lines)]
     # Each line arrives about when it was printed, not all at the end.
     assert all(0.15 < gap < 0.6 for gap in gaps), gaps
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -128,7 +129,7 @@ def test_session_options_from_tier_line(fresh_kernel: KernelSession):
 
 def test_configured_default_tier_from_env(tmp_path):
     session = KernelSession(env={"TIERKERNEL_DEFAULT_TIER": "process",
-                                 "PATH": __import__("os").environ["PATH"]})
+                                 "PATH": os.environ["PATH"]})
     try:
         assert session.run("1").metadata["tierkernel"]["tier"] == "process"
     finally:
@@ -137,7 +138,7 @@ def test_configured_default_tier_from_env(tmp_path):
 
 def test_unknown_configured_default_falls_back_with_notice(tmp_path):
     session = KernelSession(env={"TIERKERNEL_DEFAULT_TIER": "nosuch",
-                                 "PATH": __import__("os").environ["PATH"]})
+                                 "PATH": os.environ["PATH"]})
     try:
         out = session.run("%%tier process\n1")
         assert "default tier 'nosuch' is not registered" in out.stderr
@@ -179,3 +180,20 @@ def test_history_records_tier_cells(kernel: KernelSession):
     assert reply["parent_header"]["msg_id"] == msg_id
     sources = [entry[2] for entry in reply["content"]["history"]]
     assert "%%tier process\nhistory_marker = 1" in sources
+
+
+def test_default_tier_and_limits_from_a_jupyter_config_file(tmp_path):
+    config_dir = tmp_path / "jupyter-config"
+    config_dir.mkdir()
+    (config_dir / "tierkernel_config.py").write_text(
+        "c.TierKernel.default_tier = 'process'\nc.ProcessBackend.timeout = 0.5\n")
+
+    session = KernelSession(env={**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)})
+    try:
+        out = session.run("import time\ntime.sleep(3)")
+        assert out.metadata["tierkernel"]["tier"] == "process"
+        assert out.error["ename"] == "TimeoutError" and "0.5 s limit" in out.error["evalue"]
+        table = session.run("%tier").of_type("display_data")[0].content["data"]["text/plain"]
+        assert "* process" in table and "timeout=0.5s" in table
+    finally:
+        session.close()

@@ -34,6 +34,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_tiers(args: argparse.Namespace) -> int:
+    from tierkernel.kernel.router import TierRouter
+
+    print(TierRouter(None, "native").table())
+    return 0
+
+
 def _cmd_kernel(args: argparse.Namespace) -> int:
     from tierkernel.kernel.app import main as kernel_main
 
@@ -71,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-errors", action="store_true",
                    help="keep going after a failing cell not tagged raises-exception")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("tiers", help="show every installed tier, available or not, and why")
+    p.set_defaults(func=_cmd_tiers)
 
     p = sub.add_parser("kernel", help="launch the kernel (what the kernelspec runs)")
     p.add_argument("kernel_args", nargs=argparse.REMAINDER)

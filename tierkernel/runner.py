@@ -79,7 +79,8 @@ def summary(nb: Any, replies: dict[int, dict[str, Any]]) -> str:
         if cell.cell_type != "code":
             continue
         info = cell.metadata.get("tierkernel")
-        first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")[:50]
+        first = next((ln for ln in cell.source.splitlines()
+                      if ln.strip() and not ln.lstrip().startswith("%%tier")), "")[:50]
         if index not in replies or not info:
             rows.append(f"{index:>4}  {'-':<10} {'-':>10}  {'not run':<8} {first}")
             continue

@@ -9,6 +9,7 @@ its state), then, after a grace period, a hard kill (the state is lost and the u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -105,10 +106,8 @@ class AgentSession:
     def close(self) -> None:
         """Stop the agent for good. Idempotent, never raises."""
         self.alive = False
-        try:
+        with contextlib.suppress(OSError):
             self.transport.send(b'{"type": "shutdown"}\n')
-        except OSError:
-            pass
         try:
             self.transport.kill()
         except Exception:  # close() runs at shutdown and atexit: it must not raise
@@ -192,7 +191,7 @@ class AgentSession:
 
     def _fail(self, cell: _Cell, ename: str, evalue: str, tb: list[str]) -> None:
         cell.success = False
-        cell.error = ExecError(ename, evalue, tb + [f"{ename}: {evalue}"])
+        cell.error = ExecError(ename, evalue, [*tb, f"{ename}: {evalue}"])
         cell.sink.error(cell.error.ename, cell.error.evalue, cell.error.traceback)
 
     # -- the reader thread ----------------------------------------------------------------

@@ -8,6 +8,7 @@ the same agent as the sandbox tiers, so the tests exercise that agent with no en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,7 +33,8 @@ class ProcessTransport:
     """
 
     def __init__(self, python: str, cwd: str | None = None) -> None:
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        # Kept for the life of the agent: its last words explain a crash (closed by GC).
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         env = dict(os.environ)
         env.pop("JPY_PARENT_PID", None)
         self.proc = subprocess.Popen(
@@ -63,20 +65,14 @@ class ProcessTransport:
 
     def kill(self) -> None:
         # The whole process group, so a cell's `!sleep 100 &` dies with it.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
-                try:
+                with contextlib.suppress(OSError):
                     pipe.close()
-                except OSError:
-                    pass
 
     def exit_detail(self) -> str:
         try:  # the pipe closes a moment before the child can be reaped

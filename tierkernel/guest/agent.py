@@ -218,7 +218,7 @@ class Agent:
         finally:
             try:
                 self.flush_figures()
-            except BaseException as exc:  # noqa: BLE001 - report, never die between cells
+            except BaseException as exc:
                 self.stderr.write(f"could not render figures: {exc!r}\n")
             self._flush_text()
             self._drain_fds()
@@ -235,7 +235,12 @@ class Agent:
             return False
         last_expr = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last_expr = ast.Expression(tree.body.pop().value)
+            node = tree.body.pop()
+            assert isinstance(node, ast.Expr)
+            if not ends_with_semicolon(source):
+                last_expr = ast.Expression(node.value)
+            else:  # as in IPython, a trailing ';' runs the expression but shows no value
+                tree.body.append(node)
         try:
             self.in_cell = True
             exec(compile(tree, filename, "exec"), self.namespace)
@@ -249,7 +254,7 @@ class Agent:
                     self.channel.send(
                         {"type": "result", "id": self.cell_id, "data": data, "metadata": metadata}
                     )
-        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too
+        except BaseException as exc:
             self.in_cell = False
             self._report(type(exc), exc, exc.__traceback__, filename)
             return False
@@ -418,6 +423,21 @@ def _pretty(obj: Any) -> str:
     return repr(obj)
 
 
+def ends_with_semicolon(source: str) -> bool:
+    """Whether the cell's last code token is ``;`` (comments and blank lines ignored)."""
+    import tokenize
+
+    last = ""
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE,
+                                tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT):
+                last = tok.string
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    return last == ";"
+
+
 _SHELL_LINE = re.compile(r"^(\s*)!(.*)$")
 
 
@@ -450,7 +470,8 @@ def system(command: str) -> None:
 def main() -> None:
     """Serve cells on stdin/stdout until the host closes stdin."""
     # Imports resolve from the working directory, as in IPython, not from the agent's folder.
-    if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0] or ".") == here:
         sys.path[0] = ""
     channel = Channel(os.dup(1))
     agent = Agent(channel)

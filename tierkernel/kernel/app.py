@@ -3,10 +3,41 @@
 from __future__ import annotations
 
 from ipykernel.kernelapp import IPKernelApp
+from ipykernel.zmqshell import ZMQInteractiveShell
+from IPython.core.profiledir import ProfileDir
+from jupyter_client.session import Session
+from jupyter_core.paths import jupyter_config_path
+from traitlets import Type, Unicode, default
 
+from tierkernel.backends.registry import discover
 from tierkernel.kernel.kernel import TierKernel
 
 
+class TierKernelApp(IPKernelApp):
+    """ipykernel's application running :class:`TierKernel`.
+
+    Configuration is read from ``ipython_kernel_config.py`` (as for any IPython kernel) and then
+    ``tierkernel_config.py``, in IPython's profile directory and in every Jupyter config
+    directory (``jupyter --paths``), so ``c.TierKernel.default_tier`` or
+    ``c.ProcessBackend.timeout`` can live in ``~/.jupyter/tierkernel_config.py``.
+    """
+
+    name = Unicode("tierkernel")
+    description = "tierkernel: a Jupyter kernel for Python in which each cell picks its tier."
+    kernel_class = Type(TierKernel)
+    classes = [  # type: ignore[assignment]  # noqa: RUF012 - traitlets reads it as is
+        TierKernel, *discover()[0].values(), ZMQInteractiveShell, ProfileDir, Session,
+    ]
+
+    @default("config_files")
+    def _tierkernel_config_files(self) -> list[str]:
+        return ["ipython_kernel_config.py", "tierkernel_config.py"]
+
+    @default("config_file_paths")
+    def _jupyter_config_dirs(self) -> list[str]:
+        return list(jupyter_config_path())
+
+
 def main() -> None:
-    """Start TierKernel under ipykernel's application (what the kernelspec runs)."""
-    IPKernelApp.launch_instance(kernel_class=TierKernel)
+    """Start TierKernel (what the kernelspec runs)."""
+    TierKernelApp.launch_instance()

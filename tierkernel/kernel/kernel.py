@@ -85,7 +85,7 @@ class TierKernel(IPythonKernel):
         atexit.register(self.router.shutdown)
 
     # -- execution ------------------------------------------------------------------------
-    async def do_execute(  # type: ignore[override]
+    async def do_execute(
         self,
         code: str,
         silent: bool,
@@ -300,7 +300,7 @@ class TierKernel(IPythonKernel):
         return reply
 
     # -- shutdown -------------------------------------------------------------------------
-    async def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Release every tier (processes, containers, sandboxes), then shut IPython down."""
         self.router.shutdown()
         result = super().do_shutdown(restart)

@@ -148,7 +148,7 @@ class TierRouter:
                                        f"{status.reason}")
 
     def set_default(self, name: str, args: list[str]) -> str:
-        """``%tier NAME [--opt value]``: make ``name`` the default; returns what to tell the user."""
+        """``%tier NAME [--opt value]``: make ``name`` the default; return the confirmation."""
         backend = self.backend(name)
         options = self.options_for(backend, args)
         self.check_available(backend)

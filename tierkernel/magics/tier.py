@@ -69,7 +69,8 @@ class TierMagics(Magics):
             display(self.router.table())
             return
         if words[0].startswith("-"):
-            raise UsageError(f"usage: %tier [NAME [options]]; tiers: {', '.join(self.router.names)}")
+            names = ", ".join(self.router.names)
+            raise UsageError(f"usage: %tier [NAME [options]]; tiers: {names}")
         try:
             message = self.router.set_default(words[0], words[1:])
         except (TierUsageError, TierUnavailableError) as exc:

@@ -1,0 +1,96 @@
+"""The ``tierkernel`` command and ``python -m tierkernel``, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+
+REPO = Path(__file__).resolve().parent.parent
+TIERKERNEL = [sys.executable, "-m", "tierkernel.cli"]
+
+
+def run(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_install_prefix_writes_a_python_kernelspec(tmp_path):
+    done = run([*TIERKERNEL, "install", "--prefix", str(tmp_path), "--name", "tk-test",
+                "--display-name", "TK test"])
+    assert done.returncode == 0, done.stderr
+    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "tk-test"
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    assert spec["language"] == "python"
+    assert spec["interrupt_mode"] == "signal"
+    assert spec["display_name"] == "TK test"
+    assert spec["argv"][1:3] == ["-m", "tierkernel"] and "{connection_file}" in spec["argv"]
+    assert (spec_dir / "logo-64x64.png").exists()
+    listed = run([sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
+                 env={"JUPYTER_PATH": str(tmp_path / "share" / "jupyter")})
+    assert "tk-test" in json.loads(listed.stdout)["kernelspecs"]
+
+
+def test_install_user_and_default_tier(tmp_path):
+    done = run([*TIERKERNEL, "install", "--user", "--default-tier", "process"],
+               env={"HOME": str(tmp_path), "JUPYTER_DATA_DIR": str(tmp_path / "data")})
+    assert done.returncode == 0, done.stderr
+    spec = json.loads((tmp_path / "data" / "kernels" / "tierkernel" / "kernel.json").read_text())
+    assert spec["env"] == {"TIERKERNEL_DEFAULT_TIER": "process"}
+
+
+def test_install_rejects_two_locations():
+    done = run([*TIERKERNEL, "install", "--user", "--sys-prefix"])
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
+
+
+def test_tiers_command_shows_the_table():
+    done = run([*TIERKERNEL, "tiers"])
+    assert done.returncode == 0
+    assert "native" in done.stdout and "process" in done.stdout and "yes" in done.stdout
+
+
+def test_python_m_tierkernel_is_the_kernel_app():
+    done = run([sys.executable, "-m", "tierkernel", "--help-all"])
+    assert done.returncode == 0
+    assert "TierKernel.default_tier" in done.stdout
+    assert "ProcessBackend.timeout" in done.stdout and "NativeBackend.timeout" in done.stdout
+
+
+def test_run_executes_the_tour_and_summarises_every_cell(tmp_path):
+    out = tmp_path / "tour.out.ipynb"
+    done = run([*TIERKERNEL, "run", str(REPO / "notebooks" / "tour.ipynb"), "-o", str(out)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    nb = nbformat.read(out, as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code_cells if "nosuch" not in c.source)
+    tiers = {c.metadata["tierkernel"]["tier"] for c in code_cells}
+    assert {"native", "process"} <= tiers
+    for tier in ("native", "process"):
+        pngs = [o for c in code_cells if c.metadata["tierkernel"]["tier"] == tier
+                for o in c.outputs if "image/png" in o.get("data", {})]
+        assert pngs, f"no plot from the {tier} tier"
+    # The summary: a line per code cell with its tier and outcome.
+    lines = [ln for ln in done.stdout.splitlines() if ln[:4].strip().isdigit()]
+    assert len(lines) == len(code_cells)
+    assert any("process" in ln and "error*" in ln for ln in lines)
+    assert "executed notebook written to" in done.stdout
+
+
+def test_run_fails_on_an_unexpected_error(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%%tier process\n1/0"),
+                                         nbformat.v4.new_code_cell("print('never')")])
+    nb.metadata["kernelspec"] = {"name": "tierkernel", "display_name": "t", "language": "python"}
+    src = tmp_path / "bad.ipynb"
+    nbformat.write(nb, src)
+    done = run([*TIERKERNEL, "run", str(src)])
+    assert done.returncode == 1
+    assert "ZeroDivisionError" in done.stderr
+    written = nbformat.read(tmp_path / "bad.executed.ipynb", as_version=4)
+    assert written.cells[0].outputs[0]["ename"] == "ZeroDivisionError"
+    missing = run([*TIERKERNEL, "run", str(tmp_path / "none.ipynb")])
+    assert missing.returncode == 2 and "no notebook at" in missing.stderr
