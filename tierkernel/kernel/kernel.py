@@ -65,11 +65,13 @@ class TierKernel(IPythonKernel):
     def _default_tier_from_env(self) -> str:
         return os.environ.get("TIERKERNEL_DEFAULT_TIER", "").strip() or "native"
 
-    @default("banner")
-    def _banner(self) -> str:
-        return (f"tierkernel {__version__}: Python with per-cell trust. Cells run in "
-                f"{self.default_tier!r}; '%%tier NAME' on a cell's first line picks another "
-                "tier, '%tier' lists them.\n")
+    @property
+    def banner(self) -> str:  # type: ignore[override]
+        """IPython's banner, with a line on tiers (what ``jupyter console`` shows first)."""
+        shell = self.shell
+        base = str(shell.banner) if shell is not None else ""
+        return (f"{base}tierkernel {__version__}: cells run in the {self.router.default!r} tier; "
+                "'%%tier NAME' on a cell's first line picks another, '%tier' lists them.\n")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -1,0 +1,118 @@
+"""Round-trip latency of trivial cells: tierkernel against stock ipykernel, in one run.
+
+Starts stock ipykernel (the ``python3`` kernelspec) and tierkernel side by side, sends the same
+trivial cells to each through jupyter_client, alternating kernel by kernel so that machine noise
+hits both alike, and prints medians and the ratio tierkernel / ipykernel. A round trip is
+execute_request sent -> execute_reply received and ``status: idle`` seen on iopub.
+
+    .venv/bin/python benchmarks/latency.py [--rounds 300] [--process]
+
+``--process`` also measures ``%%tier process`` cells against native ones (the agent tier's
+per-cell overhead). Not part of CI: wall-clock numbers are for people, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CELLS = ["pass", "1+1", "print('x')"]
+
+
+def round_trip(kc: BlockingKernelClient, code: str) -> float:
+    """Seconds from sending ``code`` to having both its reply and its idle status."""
+    start = time.perf_counter()
+    msg_id = kc.execute(code)
+    reply_seen = idle_seen = False
+    while not (reply_seen and idle_seen):
+        if not reply_seen:
+            reply = kc.get_shell_msg(timeout=30)
+            reply_seen = reply["parent_header"].get("msg_id") == msg_id
+        while not idle_seen:
+            msg = kc.get_iopub_msg(timeout=30)
+            idle_seen = (msg["parent_header"].get("msg_id") == msg_id
+                         and msg["msg_type"] == "status"
+                         and msg["content"]["execution_state"] == "idle")
+    return time.perf_counter() - start
+
+
+def start(kernel_name: str) -> tuple[KernelManager, BlockingKernelClient]:
+    km, kc = start_new_kernel(kernel_name=kernel_name)
+    for code in CELLS * 5:  # warm up imports, caches, the zmq path
+        round_trip(kc, code)
+    return km, kc
+
+
+def ensure_specs() -> None:
+    """Make sure both kernelspecs exist (tierkernel's into this environment)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    names = KernelSpecManager().find_kernel_specs()
+    if "tierkernel" not in names:
+        from tierkernel.kernel.kernelspec import install
+
+        install(prefix=sys.prefix)
+    if "python3" not in names:
+        raise SystemExit("the stock ipykernel kernelspec 'python3' is missing: "
+                         "python -m ipykernel install --sys-prefix")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=300, help="cells per kind per kernel")
+    parser.add_argument("--process", action="store_true", help="also time %%tier process cells")
+    args = parser.parse_args()
+    ensure_specs()
+
+    kernels = {name: start(name) for name in ("python3", "tierkernel")}
+    times: dict[tuple[str, str], list[float]] = {}
+    try:
+        if args.process:
+            for code in CELLS:
+                round_trip(kernels["tierkernel"][1], "%%tier process\n" + code)
+        for _ in range(args.rounds):
+            for code in CELLS:
+                for name, (_, kc) in kernels.items():
+                    times.setdefault((name, code), []).append(round_trip(kc, code))
+                if args.process:
+                    kc = kernels["tierkernel"][1]
+                    times.setdefault(("process", code), []).append(
+                        round_trip(kc, "%%tier process\n" + code))
+    finally:
+        for km, kc in kernels.values():
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+
+    def median_ms(name: str, code: str) -> float:
+        return statistics.median(times[(name, code)]) * 1000
+
+    print(f"round trip, median of {args.rounds} per cell (ms); alternating kernels")
+    header = f"{'cell':<12}{'ipykernel':>11}{'tierkernel':>12}{'ratio':>8}"
+    if args.process:
+        header += f"{'process':>10}{'proc/native':>13}"
+    print(header)
+    ratios = []
+    for code in CELLS:
+        stock, tier = median_ms("python3", code), median_ms("tierkernel", code)
+        ratios.append(tier / stock)
+        line = f"{code:<12}{stock:>11.3f}{tier:>12.3f}{tier / stock:>8.3f}"
+        if args.process:
+            proc = median_ms("process", code)
+            line += f"{proc:>10.3f}{proc / tier:>13.2f}"
+        print(line)
+    all_stock = statistics.median(t for c in CELLS for t in times[("python3", c)])
+    all_tier = statistics.median(t for c in CELLS for t in times[("tierkernel", c)])
+    print(f"overall native ratio tierkernel/ipykernel: {all_tier / all_stock:.3f} "
+          f"(target <= 1.05); per-cell ratios {', '.join(f'{r:.3f}' for r in ratios)}")
+
+
+if __name__ == "__main__":
+    main()
