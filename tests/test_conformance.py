@@ -77,6 +77,13 @@ class ProcessDefaultConformance(jkt.KernelTests):
     code_stderr = "import sys; print('test', file=sys.stderr)"
     code_generate_error = "raise ValueError('oops')"
     code_execute_result = [{"code": "6*7", "result": "42"}]
+    code_display_data = [
+        {"code": "class H:\n    def _repr_html_(self): return '<i>y</i>'\ndisplay(H())",
+         "mime": "text/html"},
+    ]
+    code_clear_output = "clear_output()"
+    code_history_pattern = "6*7"
+    supported_history_operations = ("tail", "range")
 
 
 class Welcome(jkt.IopubWelcomeTests):

@@ -136,9 +136,9 @@ class ProcessBackend(Backend):
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
         """Run the cell in the agent, in a worker thread so the kernel stays responsive."""
-        await self.start()
         session = self._session
-        assert session is not None
+        if session is None:
+            raise RuntimeError("the process tier was not started (the kernel calls start())")
         return await asyncio.to_thread(session.run, request, sink, request.options.get("timeout"))
 
     def interrupt(self) -> None:

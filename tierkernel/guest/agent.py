@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -138,11 +139,13 @@ class CellStream(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        # Taking and sending under one lock keeps the flusher thread from reordering text or
+        # sending it after the main thread has reported the cell done.
         with self._lock:
             text = "".join(self._buf)
             self._buf.clear()
-        if text:
-            self._agent.emit_stream(self.name, text)
+            if text:
+                self._agent.emit_stream(self.name, text)
 
 
 class Agent:
@@ -277,6 +280,17 @@ class Agent:
                 "traceback": [line.rstrip("\n") for line in lines],
             }
         )
+
+    def start_flusher(self, interval: float = 0.05) -> None:
+        """Send partial lines (progress dots, ``\\r`` bars) within ``interval`` of their write."""
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval)
+                if self.cell_id is not None:
+                    self._flush_text()
+
+        threading.Thread(target=loop, daemon=True, name="flusher").start()
 
     # -- fd-level capture -----------------------------------------------------------------
     def capture_fds(self) -> None:
@@ -480,6 +494,7 @@ def main() -> None:
     os.dup2(devnull, 0)  # a cell reading stdin gets EOF, never the protocol
     os.close(devnull)
     agent.capture_fds()
+    agent.start_flusher()
     sys.stdout = agent.stdout
     sys.stderr = agent.stderr
     sys.stdin = io.TextIOWrapper(io.BytesIO(b""))
