@@ -221,7 +221,7 @@ class Agent:
         finally:
             try:
                 self.flush_figures()
-            except BaseException as exc:
+            except BaseException as exc:  # report it; the agent must never die between cells
                 self.stderr.write(f"could not render figures: {exc!r}\n")
             self._flush_text()
             self._drain_fds()
@@ -257,7 +257,7 @@ class Agent:
                     self.channel.send(
                         {"type": "result", "id": self.cell_id, "data": data, "metadata": metadata}
                     )
-        except BaseException as exc:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt are the cell's errors too
             self.in_cell = False
             self._report(type(exc), exc, exc.__traceback__, filename)
             return False

@@ -34,7 +34,6 @@ class IopubSink:
         self._silent = silent
         self._closed = False
         self._lock = threading.Lock()
-        self.published_error = False
 
     def _send(self, msg_type: str, content: dict[str, Any]) -> None:
         with self._lock:
@@ -62,7 +61,6 @@ class IopubSink:
 
     def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
         """An ``error`` message."""
-        self.published_error = True
         self._send("error", {"ename": ename, "evalue": evalue, "traceback": traceback})
 
     def clear_output(self, wait: bool = False) -> None:
