@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tierkernel.magics.options import TierUsageError, parse_seconds
+from tierkernel.backends.base import format_limit
+from tierkernel.magics.options import (
+    TierUsageError,
+    format_size,
+    parse_cpus,
+    parse_seconds,
+    parse_size,
+)
 from tierkernel.magics.parsing import parse_options, split_cell
 
 ACCEPTED = frozenset({"timeout"})
@@ -51,13 +58,39 @@ def test_bad_durations(text):
         parse_seconds(text)
 
 
+@pytest.mark.parametrize(("text", "size"), [
+    ("512m", 512 << 20), ("1g", 1 << 30), ("1.5GiB", 3 << 29), ("256MB", 256 << 20),
+    ("1048576000", 1048576000), (" 2 g ", 2 << 30), ("65536k", 64 << 20),
+])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "g", "1x", "-1g", "1e9", "10m", "big"])
+def test_bad_sizes(text):
+    with pytest.raises(TierUsageError, match="--memory"):
+        parse_size(text)
+
+
+def test_cpus_and_rendering():
+    assert parse_cpus("0.5") == 0.5
+    for bad in ("0", "-2", "x", "inf"):
+        with pytest.raises(TierUsageError, match="--cpus expects"):
+            parse_cpus(bad)
+    assert format_size(1 << 30) == "1g"
+    assert format_size(512 << 20) == "512m"
+    assert format_limit("memory", 3 << 29) == "1536m"
+    assert format_limit("cpus", 2.0) == "2"
+
+
 def test_options_merge_over_defaults():
     assert parse_options("p", [], ACCEPTED, {"timeout": 30.0}) == {"timeout": 30.0}
     assert parse_options("p", ["--timeout=2"], ACCEPTED, {"timeout": 30.0}) == {"timeout": 2.0}
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--memory", "1g"], "unknown option --memory; tier 'p' takes: [--timeout SECONDS]"),
+    (["--memory", "1g"], "tier 'p' does not take --memory; it takes: [--timeout SECONDS]"),
+    (["--mem", "1g"], "unknown option --mem; tier 'p' takes: [--timeout SECONDS]"),
     (["--timeout"], "--timeout needs a value (SECONDS)"),
     (["--timeout", "--timeout"], "--timeout needs a value"),
     (["--timeout", "1", "--timeout", "2"], "--timeout is given twice"),

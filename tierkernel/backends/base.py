@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from traitlets import Float
+from traitlets import Bool, Float
 from traitlets.config import LoggingConfigurable
+
+from tierkernel.magics.options import format_size
 
 MimeBundle = dict[str, Any]
 
@@ -156,6 +158,12 @@ class Backend(LoggingConfigurable):
         "Overridden per cell with --timeout.",
     ).tag(config=True)
 
+    warm_start = Bool(
+        False,
+        help="Start this tier in the background when the kernel starts (if it is available), "
+        "so the first cell routed to it does not wait for its start.",
+    ).tag(config=True)
+
     def availability(self) -> Availability:
         """Whether this tier can run cells here, with the reason when not.
 
@@ -176,6 +184,8 @@ class Backend(LoggingConfigurable):
 
         Called by the kernel before the first cell routed to this tier, and again before any
         later cell (a no-op when already up), so a tier that lost its session restarts here.
+        With :attr:`warm_start` the kernel also calls it in the background right after the
+        kernel starts, so two calls may overlap: guard the work with an ``asyncio.Lock``.
         """
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
@@ -216,4 +226,8 @@ def format_limit(key: str, value: Any) -> str:
         return "none"
     if key == "timeout":
         return f"{value:g}s"
+    if key == "memory" and isinstance(value, int):
+        return format_size(value)
+    if isinstance(value, float):
+        return f"{value:g}"
     return str(value)

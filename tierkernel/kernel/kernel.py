@@ -86,6 +86,11 @@ class TierKernel(IPythonKernel):
         self._tier_meta: dict[str, dict[str, Any]] = {}
         atexit.register(self.router.shutdown)
 
+    def start(self) -> None:
+        """Start ipykernel's dispatchers, then warm the tiers configured to start early."""
+        super().start()
+        self.io_loop.add_callback(self.router.warm)
+
     # -- execution ------------------------------------------------------------------------
     async def do_execute(
         self,

@@ -187,6 +187,21 @@ class TierRouter:
                 f"{k}={format_limit(k, v)}" for k, v in extra.items()) + ")"
         return text
 
+    async def warm(self) -> None:
+        """Start, in the background, every available tier whose ``warm_start`` is set.
+
+        Called once on the kernel's event loop after it starts. A failure here is only logged:
+        the first cell routed to that tier starts it again and reports the error to the user.
+        """
+        for backend in self.backends.values():
+            if not backend.warm_start or backend.in_kernel:
+                continue
+            try:
+                if backend.availability().available:
+                    await backend.start()
+            except Exception:
+                log.warning("warm start of tier %r failed", backend.name, exc_info=True)
+
     def shutdown(self) -> None:
         """Shut every backend down; never raises (runs at kernel shutdown and atexit)."""
         for backend in self.backends.values():

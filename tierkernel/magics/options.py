@@ -7,6 +7,7 @@ added here, with its parser and help, so that every tier reports bad values the 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,55 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Parse a memory size in bytes: ``512m``, ``1g``, ``1.5GiB``, ``256MB``, ``1048576``.
+
+    Units are binary (``1m`` is 1 MiB), as Docker's ``--memory`` reads them.
+    """
+    match = _SIZE.match(text.lower())
+    factor = _SIZE_UNITS.get(match.group(2)) if match else None
+    if match is None or factor is None:
+        raise TierUsageError(
+            f"--memory expects a size such as 512m, 1g or 1.5GiB, got {text!r}"
+        )
+    value = int(float(match.group(1)) * factor)
+    if value < 16 << 20:
+        raise TierUsageError(f"--memory must be at least 16m, got {text!r}")
+    return value
+
+
+def parse_cpus(text: str) -> float:
+    """Parse a CPU share: ``1``, ``0.5``, ``2`` (as Docker's ``--cpus``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0 or value > 1024:
+        raise TierUsageError(
+            f"--cpus expects a positive number of CPUs (e.g. 0.5, 2), got {text!r}"
+        )
+    return value
+
+
+def format_size(value: int) -> str:
+    """Render a byte count the way ``--memory`` accepts it: ``1g``, ``512m``, ``1536k``."""
+    for unit, factor in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
+        if value >= factor and value % factor == 0:
+            return f"{value // factor}{unit}"
+    if value >= 1 << 20:
+        return f"{value / (1 << 20):.1f}m"
+    return str(value)
+
+
 OPTIONS: dict[str, OptionSpec] = {
     spec.name: spec
     for spec in [
@@ -65,6 +115,18 @@ OPTIONS: dict[str, OptionSpec] = {
             "SECONDS",
             "stop the cell after this long (e.g. 30, 1.5, 2m)",
             parse_seconds,
+        ),
+        OptionSpec(
+            "memory",
+            "SIZE",
+            "memory limit of the tier's session (e.g. 512m, 1g)",
+            parse_size,
+        ),
+        OptionSpec(
+            "cpus",
+            "N",
+            "CPU share of the tier's session (e.g. 0.5, 2)",
+            parse_cpus,
         ),
     ]
 }
