@@ -93,8 +93,12 @@ class KernelSession:
                 continue
             if kind != "execute_input":
                 outputs.append(Output(kind, msg["content"], time.monotonic() - start))
-        reply = self.kc.get_shell_msg(timeout=timeout)
-        assert reply["parent_header"]["msg_id"] == msg_id
+        # A slow kernel start leaves extra kernel_info replies from wait_for_ready's retries
+        # on the shell channel: skip replies to anything but this request.
+        while True:
+            reply = self.kc.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
         return Outcome(reply["content"], reply["metadata"], outputs)
 
     def close(self) -> None:

@@ -185,7 +185,7 @@ class AgentSession:
         evalue = (f"{head}the {self.tier} tier's interpreter was lost ({why}). Its variables "
                   f"are gone; the next {self.tier} cell starts a fresh interpreter.")
         if cell.stop_reason == "timeout" and self.limit_hint:
-            evalue += f" {self.limit_hint}"
+            evalue += f" To allow more time, {self.limit_hint}."
         self._fail(cell, ename, evalue, [])
         cell.done.set()
 

