@@ -25,6 +25,8 @@ def pytest_configure(config: object) -> None:
     install(prefix=str(_SPEC_PREFIX), python=sys.executable)
     install(prefix=str(_SPEC_PREFIX), python=sys.executable, name="tierkernel-process",
             display_name="Python (tierkernel, process tier)", default_tier="process")
+    install(prefix=str(_SPEC_PREFIX), python=sys.executable, name="tierkernel-wasm",
+            display_name="Python (tierkernel, wasm tier)", default_tier="wasm")
     path = str(_SPEC_PREFIX / "share" / "jupyter")
     os.environ["JUPYTER_PATH"] = os.pathsep.join(
         p for p in (path, os.environ.get("JUPYTER_PATH", "")) if p)

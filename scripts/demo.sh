@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo
+echo "==> preparing the wasm tier (compiles its runtime once per machine)"
+.venv/bin/tierkernel warm || echo "(the wasm tier is not usable here; its cells will say why)"
 echo "==> tiers on this machine"
 .venv/bin/tierkernel tiers
 echo "==> running notebooks/tour.ipynb"

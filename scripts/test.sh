@@ -11,5 +11,7 @@ echo "==> ruff"
 ruff check tierkernel tests benchmarks conftest.py
 echo "==> mypy (strict on tierkernel/)"
 mypy
+echo "==> wasm runtime (compiled once per machine into its cache; later runs reuse it)"
+tierkernel warm
 echo "==> pytest"
 exec python -m pytest tests notebooks --nbval-lax --nbval-kernel-name tierkernel "$@"

@@ -86,6 +86,49 @@ class ProcessDefaultConformance(jkt.KernelTests):
     supported_history_operations = ("tail", "range")
 
 
+class WasmTierConformance(jkt.KernelTests):
+    """Cells routed with ``%%tier wasm`` (CPython on WebAssembly) give the same messages."""
+
+    kernel_name = "tierkernel"
+    language_name = "python"
+    file_extension = ".py"
+
+    code_hello_world = "%%tier wasm\nprint('hello, world')"
+    code_stderr = "%%tier wasm\nimport sys; print('test', file=sys.stderr)"
+    code_generate_error = "%%tier wasm\nraise ValueError('oops')"
+    code_execute_result = [
+        {"code": "%%tier wasm\n6*7", "result": "42"},
+        {"code": "%%tier wasm\nx = [1, 2]\nx + [3]", "result": "[1, 2, 3]"},
+    ]
+    code_display_data = [
+        {"code": "%%tier wasm\nclass H:\n    def _repr_html_(self): return '<b>x</b>'\n"
+                 "display(H())", "mime": "text/html"},
+    ]
+    code_clear_output = "%%tier wasm\nclear_output()"
+    code_history_pattern = "%%tier wasm\n6*7"
+    supported_history_operations = ("tail", "range")
+
+
+class WasmDefaultConformance(jkt.KernelTests):
+    """A kernel whose default tier is ``wasm`` (set in its kernelspec) needs no magic."""
+
+    kernel_name = "tierkernel-wasm"
+    language_name = "python"
+    file_extension = ".py"
+
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys; print('test', file=sys.stderr)"
+    code_generate_error = "raise ValueError('oops')"
+    code_execute_result = [{"code": "6*7", "result": "42"}]
+    code_display_data = [
+        {"code": "class H:\n    def _repr_html_(self): return '<i>y</i>'\ndisplay(H())",
+         "mime": "text/html"},
+    ]
+    code_clear_output = "clear_output()"
+    code_history_pattern = "6*7"
+    supported_history_operations = ("tail", "range")
+
+
 class Welcome(jkt.IopubWelcomeTests):
     """JEP 65: a new iopub subscriber gets an iopub_welcome message."""
 

