@@ -186,6 +186,15 @@ def test_exit_ends_the_session_with_a_clear_message(kernel: KernelSession):
     assert out.error["ename"] == "TierSessionLost"
     assert "os._exit()" in out.error["evalue"]
     assert kernel.run(W + "'back'").result["text/plain"] == "'back'"
+    kernel.run(W + "before_exit = 1")
+    quit_ = kernel.run(W + "exit()")
+    assert [o.msg_type for o in quit_.outputs] == ["error"]  # one clear error, no SystemExit
+    assert "exit() or quit()" in quit_.error["evalue"] and "variables are gone" in \
+        quit_.error["evalue"]
+    assert kernel.run(W + "'before_exit' in globals()").result["text/plain"] == "False"
+    status = kernel.run(W + "import sys\nsys.exit(3)")  # as in IPython: an error, state kept
+    assert status.error["ename"] == "SystemExit" and status.error["evalue"] == "3"
+    assert kernel.run(W + "'still here'").result["text/plain"] == "'still here'"
 
 
 def test_tier_table_shows_wasm_and_its_limits(kernel: KernelSession):

