@@ -278,8 +278,13 @@ class FsxFileSystem(AbstractFileSystem):  # type: ignore[misc]
         super().rm(path, recursive=recursive, maxdepth=maxdepth)
 
     def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
-        """Copy one file."""
-        self.engine.copy_file(self._norm(path1), self._norm(path2))
+        """Copy one file; for a directory, make it at ``path2`` (fsspec's recursive copy calls
+        this for every directory it meets, as LocalFileSystem.cp_file expects)."""
+        source, target = self._norm(path1), self._norm(path2)
+        if self.engine.stat(source).is_dir():
+            self.engine.mkdir(target, parents=True, exist_ok=True)
+        else:
+            self.engine.copy_file(source, target)
 
     def touch(self, path: str, truncate: bool = True, **kwargs: Any) -> None:
         """Create an empty file, or (``truncate=False``) update the times of an existing one."""
