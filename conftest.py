@@ -33,6 +33,8 @@ def pytest_configure(config: object) -> None:
     # Keep kernels' runtime files and IPython's profile out of the user's home directory.
     os.environ.setdefault("JUPYTER_RUNTIME_DIR", str(_SPEC_PREFIX / "runtime"))
     os.environ.setdefault("IPYTHONDIR", str(_SPEC_PREFIX / "ipython"))
+    # Test kernels get a scratch fsx workspace, not the user's persistent default one.
+    os.environ.setdefault("TIERKERNEL_FSX_URL", "memory://")
 
 
 def pytest_unconfigure(config: object) -> None:

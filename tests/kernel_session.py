@@ -93,12 +93,14 @@ class KernelSession:
                 continue
             if kind != "execute_input":
                 outputs.append(Output(kind, msg["content"], time.monotonic() - start))
-        # A slow kernel start leaves extra kernel_info replies from wait_for_ready's retries
-        # on the shell channel: skip replies to anything but this request.
-        while True:
+        reply = self.kc.get_shell_msg(timeout=timeout)
+        # jupyter_client's wait_for_ready re-sends kernel_info_request every second until one is
+        # answered, so a kernel slower than 1 s to start (a loaded machine) leaves extra
+        # kernel_info_replies queued ahead of the first execute_reply: skip those.
+        while reply["msg_type"] == "kernel_info_reply" and (
+                reply["parent_header"].get("msg_id") != msg_id):
             reply = self.kc.get_shell_msg(timeout=timeout)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
+        assert reply["parent_header"]["msg_id"] == msg_id
         return Outcome(reply["content"], reply["metadata"], outputs)
 
     def close(self) -> None:

@@ -16,8 +16,10 @@ from traitlets import Unicode, default
 from tierkernel import __version__
 from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult
 from tierkernel.backends.native import NativeBackend
+from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel.iopub import IopubSink
 from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
+from tierkernel.magics.fsx import FsxMagics
 from tierkernel.magics.options import TierUsageError
 from tierkernel.magics.parsing import split_cell
 from tierkernel.magics.tier import TierMagics, strip_native_line
@@ -85,6 +87,13 @@ class TierKernel(IPythonKernel):
         shell.input_transformers_cleanup.append(strip_native_line)
         self._tier_meta: dict[str, dict[str, Any]] = {}
         atexit.register(self.router.shutdown)
+        # The shared workspace: `fs` and %fsx in native cells, fsx:// URLs in this process.
+        # Opened on first use, so a kernel that never touches it creates no file.
+        self.fsx = Fsx(parent=self).facade()
+        set_current(self.fsx)
+        shell.push({"fs": self.fsx}, interactive=False)
+        shell.register_magics(FsxMagics(shell, self.fsx))
+        atexit.register(self.fsx.close)
 
     def start(self) -> None:
         """Start ipykernel's dispatchers, then warm the tiers configured to start early."""

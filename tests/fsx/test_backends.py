@@ -1,0 +1,23 @@
+"""The fsx contract suite, run against each backend."""
+
+from __future__ import annotations
+
+from tests.fsx.contract import FsxContract
+from tierkernel.fsx import Fsx, FsxFacade
+
+
+class TestMemoryBackend(FsxContract):
+    def make(self, tmp_path) -> FsxFacade:
+        return Fsx(url="memory://").facade()
+
+
+class TestSqliteBackend(FsxContract):
+    def make(self, tmp_path) -> FsxFacade:
+        return Fsx(url=f"sqlite://{tmp_path}/ws.db").facade()
+
+
+class TestLocalBackend(FsxContract):
+    def make(self, tmp_path) -> FsxFacade:
+        root = tmp_path / "root"
+        root.mkdir()
+        return Fsx(url=root.as_uri()).facade()

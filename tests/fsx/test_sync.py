@@ -1,0 +1,178 @@
+"""Container sync at cell boundaries, with tarfile round trips standing in for docker's
+put_archive (extract into a directory) and get_archive (tar of that directory as workspace/)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+
+from tierkernel.fsx import Fsx
+from tierkernel.fsx.sync import UnsafeArchiveError, apply, pack
+
+
+def put_archive(packed, container_root):
+    """What docker put_archive does: extract into /workspace (removing deleted paths first,
+    as the sandbox tier will before extracting)."""
+    ws = container_root / "workspace"
+    ws.mkdir(parents=True, exist_ok=True)
+    for rel in packed.deleted:
+        target = ws / rel
+        if target.is_dir() and not target.is_symlink():
+            import shutil
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    with tarfile.open(fileobj=packed.archive) as tar:
+        tar.extractall(ws, filter="tar")
+    return ws
+
+
+def get_archive(ws):
+    """What docker get_archive('/workspace') returns: members named workspace/..."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(ws, arcname="workspace")
+    return [buf.getvalue()[i:i + 4096] for i in range(0, len(buf.getvalue()), 4096)]
+
+
+@pytest.fixture(params=["memory", "sqlite", "local"])
+def fs(request, tmp_path):
+    if request.param == "memory":
+        url = "memory://"
+    elif request.param == "sqlite":
+        url = f"sqlite://{tmp_path}/ws.db"
+    else:
+        (tmp_path / "root").mkdir()
+        url = (tmp_path / "root").as_uri()
+    facade = Fsx(url=url).facade()
+    yield facade
+    facade.close()
+
+
+def test_round_trip_brings_container_changes_into_fsx(fs, tmp_path):
+    fs.mkdir("/data/old", recursive=True)
+    fs.write_file("/data/keep.csv", "a,b\n1,2\n")
+    fs.write_file("/data/edit.txt", "before")
+    fs.write_file("/data/old/gone.txt", "delete me")
+    fs.write_file("/bye.txt", "delete me too")
+    fs.symlink("/data/keep.csv", "/latest.csv")  # absolute: rewritten for the container
+    packed = pack(fs)
+    ws = put_archive(packed, tmp_path / "ctr")
+    assert (ws / "latest.csv").read_text() == "a,b\n1,2\n"  # the link works in the container
+    # the cell runs in the container:
+    (ws / "data" / "edit.txt").write_text("after")
+    (ws / "data" / "new").mkdir()
+    (ws / "data" / "new" / "made.bin").write_bytes(b"\0\1\2")
+    os.remove(ws / "bye.txt")
+    import shutil
+    shutil.rmtree(ws / "data" / "old")
+    os.rename(ws / "data" / "keep.csv", ws / "data" / "renamed.csv")
+    os.symlink("data/renamed.csv", ws / "rel-link")
+    os.chmod(ws / "data" / "edit.txt", 0o600)
+    before_ctime = fs.lstat("/latest.csv").st_ctime_ns
+
+    done = apply(fs, get_archive(ws), packed.manifest)
+    assert fs.read_file("/data/edit.txt") == "after"
+    assert oct(fs.stat("/data/edit.txt").st_mode & 0o777) == oct(0o600)
+    assert fs.read_file("/data/new/made.bin", encoding=None) == b"\0\1\2"
+    assert fs.read_file("/data/renamed.csv") == "a,b\n1,2\n"
+    assert fs.read_file("/rel-link") == "a,b\n1,2\n"
+    assert not fs.exists("/bye.txt") and not fs.exists("/data/old")
+    assert not fs.exists("/data/keep.csv")
+    assert fs.readlink("/latest.csv") == "/data/keep.csv"  # unchanged link kept verbatim
+    assert fs.lstat("/latest.csv").st_ctime_ns == before_ctime
+    assert sorted(done.deleted) == ["bye.txt", "data/keep.csv", "data/old", "data/old/gone.txt"]
+    assert done.conflicts == []
+    # The next pack since the new manifest is empty: nothing changed in fsx since.
+    again = pack(fs, since=done.manifest)
+    with tarfile.open(fileobj=again.archive) as tar:
+        assert tar.getnames() == []
+    assert again.deleted == []
+
+
+def test_incremental_pack_has_only_changes_and_deletions(fs):
+    fs.write_file("/a.txt", "a")
+    fs.write_file("/b.txt", "b")
+    fs.mkdir("/d")
+    first = pack(fs)
+    fs.write_file("/a.txt", "A")
+    fs.unlink("/b.txt")
+    fs.write_file("/c.txt", "c")
+    second = pack(fs, since=first.manifest)
+    with tarfile.open(fileobj=second.archive) as tar:
+        assert sorted(tar.getnames()) == ["a.txt", "c.txt"]
+        assert tar.extractfile("a.txt").read() == b"A"
+    assert second.deleted == ["b.txt"]
+
+
+def test_concurrent_fsx_change_is_never_overwritten(fs, tmp_path):
+    fs.write_file("/shared.txt", "v1")
+    fs.write_file("/other.txt", "x")
+    packed = pack(fs)
+    ws = put_archive(packed, tmp_path / "ctr")
+    (ws / "shared.txt").write_text("container v2")
+    os.remove(ws / "other.txt")
+    fs.write_file("/shared.txt", "another kernel's v2")  # fsx changed meanwhile
+    fs.write_file("/other.txt", "also changed here")
+    done = apply(fs, get_archive(ws), packed.manifest)
+    assert fs.read_file("/shared.txt") == "another kernel's v2"
+    assert fs.read_file("/shared.txt.sandbox-conflict") == "container v2"
+    assert fs.read_file("/other.txt") == "also changed here"  # deletion not applied
+    assert sorted(done.conflicts) == ["other.txt", "shared.txt"]
+
+
+def _tar(*members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    buf.seek(0)
+    return buf
+
+
+def _file(name, data=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _link(name, target, kind=tarfile.SYMTYPE):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, None
+
+
+@pytest.mark.parametrize("members, reason", [
+    ([_file("/etc/passwd")], "absolute path"),
+    ([_file("workspace/../../etc/x")], "'..'"),
+    ([_file("elsewhere/x")], "not under workspace/"),
+    ([_link("workspace/h", "workspace/a", tarfile.LNKTYPE)], "only files, directories"),
+    ([_link("workspace/dev", "", tarfile.CHRTYPE)], "only files, directories"),
+    ([_link("workspace/out", "/etc"), _file("workspace/out/passwd")], "through a symlink"),
+])
+def test_unsafe_archives_are_refused_whole(fs, members, reason):
+    fs.write_file("/precious.txt", "kept")
+    base = pack(fs).manifest
+    archive = _tar(_file("workspace/first.txt", b"would be written first"), *members)
+    with pytest.raises(UnsafeArchiveError, match=reason):
+        apply(fs, archive, base)
+    assert fs.readdir("/") == ["precious.txt"]  # nothing applied, nothing deleted
+    assert fs.read_file("/precious.txt") == "kept"
+
+
+def test_apply_never_writes_through_an_fsx_symlink(fs, tmp_path):
+    fs.mkdir("/real")
+    fs.write_file("/real/target.txt", "target")
+    fs.symlink("/real/target.txt", "/link.txt")
+    base = pack(fs).manifest
+    # the container replaced the link by a regular file
+    archive = _tar(_file("workspace/link.txt", b"plain file now"),
+                   _file("workspace/real/target.txt", b"target"))
+    apply(fs, archive, base)
+    assert fs.lstat("/link.txt").is_file()
+    assert fs.read_file("/link.txt") == "plain file now"
+    assert fs.read_file("/real/target.txt") == "target"

@@ -1,0 +1,308 @@
+"""The ``file:///dir`` backend: a host directory is the workspace root.
+
+Nothing can escape the root. The engine resolves every symlink itself, reading absolute targets
+from the root and refusing '..' above it; this store then touches the disk only through file
+descriptors opened one component at a time from a descriptor of the root, each with
+``O_NOFOLLOW``, and acts on the last component with ``dir_fd`` and ``follow_symlinks=False``.
+So even a directory swapped for a symlink by another process between the engine's check and the
+store's action makes the call fail (ELOOP/ENOTDIR) instead of reaching outside.
+
+Files are replaced atomically (written to a temporary name beside them, then renamed over), so a
+crash never leaves a torn file; appends extend the file in place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+import stat as stat_mod
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tierkernel.fsx.errors import FsxConfigError, fs_error
+from tierkernel.fsx.nodes import DEFAULT_MODE, Kind, Node
+from tierkernel.fsx.store import COPY_CHUNK, Reader, Store
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_TMP_PREFIX = ".fsx-tmp-"
+
+
+def _node_of(st: os.stat_result, target: str = "") -> Node:
+    if stat_mod.S_ISDIR(st.st_mode):
+        kind: Kind = "dir"
+    elif stat_mod.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    else:
+        # Special files (FIFOs, sockets, devices) are listed as files; open_reader refuses them.
+        kind = "file"
+    birth = getattr(st, "st_birthtime_ns", None) or st.st_ctime_ns
+    return Node(kind, st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_size, st.st_atime_ns,
+                st.st_mtime_ns, st.st_ctime_ns, birth, target)
+
+
+class FdReader(Reader):
+    """A reader over an open descriptor: it keeps reading the file it opened even if the
+    path is replaced meanwhile."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """``os.pread`` until ``length`` bytes or the end."""
+        parts: list[bytes] = []
+        while length > 0:
+            data = os.pread(self._fd, min(length, 1 << 24), offset)
+            if not data:
+                break
+            parts.append(data)
+            offset += len(data)
+            length -= len(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Close the descriptor."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalStore(Store):
+    """A host directory as the workspace, reached only through descriptors under its root."""
+
+    backend = "local"
+
+    def __init__(self, root: str | Path, url: str = "") -> None:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise FsxConfigError(f"the local workspace root {str(path)!r} is not an existing "
+                                 "directory")
+        self.root = path.resolve()
+        self.url = url or self.root.as_uri()
+        # Held for the store's life: later lookups start here, so renaming or replacing the
+        # root's path on the host cannot redirect them.
+        self._root_fd = os.open(self.root, _DIR_FLAGS)
+        self._lock = threading.RLock()
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """Serialises this process's operations; the host filesystem gives no more."""
+        return self._lock
+
+    # -- descriptors ----------------------------------------------------------------------
+    def _open_dir(self, parts: list[str], path: str) -> int:
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self._root_fd)
+        try:
+            for part in parts:
+                next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno == errno.ELOOP:
+                raise fs_error(errno.ELOOP, path, detail="Too many levels of symbolic links: "
+                               "a directory became a symlink during the call; refused") from None
+            raise fs_error(exc.errno or errno.EIO, path) from None
+        return fd
+
+    @contextmanager
+    def _at(self, path: str) -> Iterator[tuple[int, str]]:
+        """(descriptor of the parent directory, last name) for a path other than the root."""
+        parts = path.split("/")[1:]
+        fd = self._open_dir(parts[:-1], path)
+        try:
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _dir(self, path: str) -> Iterator[int]:
+        fd = self._open_dir([p for p in path.split("/") if p], path)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    # -- Store ----------------------------------------------------------------------------
+    def lookup(self, path: str) -> Node | None:
+        """lstat of ``path`` under the root."""
+        if path == "/":
+            return _node_of(os.fstat(self._root_fd))
+        try:
+            with self._at(path) as (fd, name):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=fd) if stat_mod.S_ISLNK(st.st_mode) else ""
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+        return _node_of(st, target)
+
+    def children(self, path: str) -> list[tuple[str, Node]]:
+        """scandir of the directory, never following an entry."""
+        out: list[tuple[str, Node]] = []
+        with self._dir(path) as fd, os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    target = os.readlink(entry.name, dir_fd=fd) if entry.is_symlink() else ""
+                except FileNotFoundError:
+                    continue  # removed while listing
+                out.append((entry.name, _node_of(st, target)))
+        return out
+
+    def create(self, path: str, kind: Kind, perm: int, target: str = "") -> None:
+        """Make the node with an exclusive create, so an existing entry is never reused."""
+        with self._at(path) as (fd, name):
+            if kind == "dir":
+                os.mkdir(name, perm, dir_fd=fd)
+            elif kind == "symlink":
+                os.symlink(target, name, dir_fd=fd)
+            else:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 perm, dir_fd=fd))
+
+    def open_reader(self, path: str) -> Reader:
+        """Open with O_NOFOLLOW|O_NONBLOCK (a FIFO must not hang the kernel) and refuse
+        anything but a regular file."""
+        with self._at(path) as (fd, name):
+            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        if not stat_mod.S_ISREG(os.fstat(file_fd).st_mode):
+            os.close(file_fd)
+            raise fs_error(errno.EACCES, path, detail="Permission denied: not a regular file")
+        return FdReader(file_fd)
+
+    def put(self, path: str, source: BinaryIO, append: bool) -> None:
+        """Append in place, or write a temporary file beside ``path`` and rename it over."""
+        with self._at(path) as (fd, name):
+            if append:
+                out = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                              DEFAULT_MODE["file"], dir_fd=fd)
+                try:
+                    _copy_to_fd(source, out)
+                finally:
+                    os.close(out)
+                return
+            try:
+                old: os.stat_result | None = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                old = None
+            temp = f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+            out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                          DEFAULT_MODE["file"], dir_fd=fd)
+            try:
+                try:
+                    _copy_to_fd(source, out)
+                    if old is not None:
+                        # Keep the replaced file's permissions (and owner, when allowed).
+                        os.fchmod(out, old.st_mode & 0o7777)
+                        with suppress(PermissionError):
+                            os.fchown(out, old.st_uid, old.st_gid)
+                finally:
+                    os.close(out)
+                os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            except BaseException:
+                with suppress(FileNotFoundError):
+                    os.unlink(temp, dir_fd=fd)
+                raise
+
+    def truncate(self, path: str, length: int) -> None:
+        """ftruncate through an O_NOFOLLOW descriptor."""
+        with self._at(path) as (fd, name):
+            out = os.open(name, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=fd)
+        try:
+            os.ftruncate(out, length)
+        finally:
+            os.close(out)
+
+    def copy(self, src: str, dst: str) -> None:
+        """Stream ``src`` into an atomic replace of ``dst``; keep ``src``'s permission bits."""
+        reader = self.open_reader(src)
+        assert isinstance(reader, FdReader)
+        try:
+            with os.fdopen(os.dup(reader._fd), "rb") as stream:
+                perm = os.fstat(stream.fileno()).st_mode & 0o7777
+                self.put(dst, stream, append=False)
+        finally:
+            reader.close()
+        self.set_meta(dst, perm=perm)
+
+    def set_meta(self, path: str, *, perm: int | None = None, uid: int | None = None,
+                 gid: int | None = None, atime_ns: int | None = None,
+                 mtime_ns: int | None = None) -> None:
+        """chmod through a descriptor; chown and utime with follow_symlinks=False."""
+        if path == "/":
+            if perm is not None:
+                os.fchmod(self._root_fd, perm)
+            if uid is not None or gid is not None:
+                os.fchown(self._root_fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            if atime_ns is not None or mtime_ns is not None:
+                st = os.fstat(self._root_fd)
+                os.utime(self._root_fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                                            st.st_mtime_ns if mtime_ns is None else mtime_ns))
+            return
+        with self._at(path) as (fd, name):
+            if perm is not None:
+                # Linux cannot chmod a path without following it; an O_NOFOLLOW descriptor can.
+                target = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+                try:
+                    os.fchmod(target, perm)
+                finally:
+                    os.close(target)
+            if uid is not None or gid is not None:
+                os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
+                         dir_fd=fd, follow_symlinks=False)
+            if atime_ns is not None or mtime_ns is not None:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                os.utime(name, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                                   st.st_mtime_ns if mtime_ns is None else mtime_ns),
+                         dir_fd=fd, follow_symlinks=False)
+
+    def entries_changed(self, directory: str, now_ns: int) -> None:
+        """The host filesystem updates directory times itself."""
+
+    def remove(self, path: str) -> None:
+        """unlink or rmdir, relative to the parent's descriptor."""
+        with self._at(path) as (fd, name):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat_mod.S_ISDIR(st.st_mode):
+                os.rmdir(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+
+    def remove_tree(self, path: str) -> None:
+        """shutil.rmtree relative to the parent's descriptor: its fd-based walk follows no
+        symlink, even one swapped in during the walk."""
+        with self._at(path) as (fd, name):
+            shutil.rmtree(name, dir_fd=fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        """rename(2) between the two parents' descriptors (atomic, replaces ``dst``)."""
+        with self._at(src) as (sfd, sname), self._at(dst) as (dfd, dname):
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+    def walk(self, top: str) -> Iterator[tuple[str, Node]]:
+        """As the base class, skipping this store's temporary files of writes in progress."""
+        for path, node in super().walk(top):
+            if not path.rsplit("/", 1)[1].startswith(_TMP_PREFIX):
+                yield path, node
+
+    def close(self) -> None:
+        """Close the root descriptor."""
+        with self._lock:
+            if self._root_fd >= 0:
+                os.close(self._root_fd)
+                self._root_fd = -1
+
+
+def _copy_to_fd(source: BinaryIO, fd: int) -> None:
+    while chunk := source.read(COPY_CHUNK):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
