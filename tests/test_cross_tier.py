@@ -1,0 +1,77 @@
+"""One workspace for every tier: what a cell writes in one tier, the next cell reads in another.
+
+Run once per fsx backend (memory, sqlite, local), each in a kernel configured for it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kernel_session import KernelSession
+from tierkernel.backends import wasm_runtime
+
+W = "%%tier wasm\n"
+
+pytestmark = pytest.mark.skipif(
+    wasm_runtime.runtime_problem() is not None or not wasm_runtime.is_compiled(),
+    reason="the wasm runtime is not installed or not compiled: run 'tierkernel warm'",
+)
+
+
+@pytest.fixture(scope="module", params=["memory", "sqlite", "local"])
+def kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           ) -> Iterator[tuple[KernelSession, str, Path]]:
+    where = tmp_path_factory.mktemp(f"ws-{request.param}")
+    url = {"memory": "memory://", "sqlite": f"sqlite://{where / 'ws.db'}",
+           "local": f"file://{where}"}[request.param]
+    session = KernelSession(env=dict(os.environ, TIERKERNEL_FSX_URL=url))
+    yield session, request.param, where
+    session.close()
+
+
+def test_native_writes_wasm_reads(kernel):
+    session, _, _ = kernel
+    out = session.run("fs.mkdir('/shared/deep', recursive=True)\n"
+                      "fs.write_file('/shared/deep/hello.txt', 'from native ✓')")
+    assert out.status == "ok", out.outputs
+    read = session.run(W + "import os\nprint(open('shared/deep/hello.txt', encoding='utf-8')"
+                           ".read())\nsorted(os.listdir('/workspace/shared'))")
+    assert read.stdout == "from native ✓\n", read.outputs
+    assert read.result["text/plain"] == "['deep']"
+
+
+def test_wasm_writes_native_reads(kernel):
+    session, backend, where = kernel
+    out = session.run(W + "import os, pandas as pd\nos.makedirs('out/tables', exist_ok=True)\n"
+                          "pd.DataFrame({'n': [1, 2, 3]}).to_csv('out/tables/n.csv', "
+                          "index=False)\nopen('out/note.txt', 'w').write('from wasm')\n"
+                          "os.rename('out/note.txt', 'out/renamed.txt')", timeout=120)
+    assert out.status == "ok", out.outputs
+    native = session.run("import pandas as pd\n"
+                         "(fs.read_file('/out/renamed.txt'), fs.exists('/out/note.txt'), "
+                         "int(pd.read_csv('fsx://out/tables/n.csv').n.sum()))")
+    assert native.result["text/plain"] == "('from wasm', False, 6)", native.outputs
+    if backend == "local":  # the local backend's files are plain files under its root
+        assert (where / "out" / "renamed.txt").read_text() == "from wasm"
+
+
+def test_deletes_and_errors_cross_tiers(kernel):
+    session, _, _ = kernel
+    session.run("fs.write_file('/gone.txt', 'x')")
+    removed = session.run(W + "import os\nos.remove('gone.txt')\nos.path.exists('gone.txt')")
+    assert removed.result["text/plain"] == "False"
+    assert session.run("fs.exists('/gone.txt')").result["text/plain"] == "False"
+    missing = session.run(W + "open('gone.txt').read()")
+    assert missing.error["ename"] == "FileNotFoundError"
+
+
+def test_guest_never_sees_the_host_path(kernel):
+    session, backend, where = kernel
+    out = session.run(W + "import os\nos.getcwd(), os.path.realpath('.')")
+    assert out.result["text/plain"] == "('/workspace', '/workspace')"
+    if backend != "memory":
+        assert str(where) not in out.result["text/plain"]
