@@ -33,6 +33,9 @@ def pytest_configure(config: object) -> None:
     # Keep kernels' runtime files and IPython's profile out of the user's home directory.
     os.environ.setdefault("JUPYTER_RUNTIME_DIR", str(_SPEC_PREFIX / "runtime"))
     os.environ.setdefault("IPYTHONDIR", str(_SPEC_PREFIX / "ipython"))
+    # Likewise the audit log and db()'s SQLite file (tests that look at them set their own).
+    os.environ.setdefault("TIERKERNEL_AUDIT_LOG", str(_SPEC_PREFIX / "executions.sqlite3"))
+    os.environ.setdefault("TIERKERNEL_DB_PATH", str(_SPEC_PREFIX / "db.sqlite3"))
 
 
 def pytest_unconfigure(config: object) -> None:
