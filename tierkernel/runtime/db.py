@@ -271,7 +271,9 @@ class SQLiteDatabase:
             rows = cur.fetchmany(max_rows + 1) if cur.description else []
             count = len(rows) if cur.description else max(cur.rowcount, 0)
             return columns, rows, count
-        except sqlite3.OperationalError as exc:
+        except sqlite3.ProgrammingError as exc:
+            raise ValueError(f"db(): {exc}") from None
+        except sqlite3.Error as exc:
             text = str(exc)
             if text == "interrupted":
                 raise TimeoutError(f"db(): the statement ran longer than {timeout:g} s "
@@ -279,16 +281,12 @@ class SQLiteDatabase:
             if "readonly" in text.replace("-", "").replace(" ", ""):
                 raise PermissionError(f"db(): {text}: db() is read-only in this cell "
                                       "(--db-readonly or c.Runtime.db_readonly)") from None
-            if text == "not authorized":
+            if text in ("not authorized", "authorization denied"):
                 raise PermissionError("db(): that statement is not allowed (ATTACH, "
                                       "VACUUM INTO and PRAGMAs other than schema queries are "
                                       "refused: db() works on the kernel's database only)"
                                       ) from None
             raise RuntimeError(f"db(): {text}") from None
-        except sqlite3.ProgrammingError as exc:
-            raise ValueError(f"db(): {exc}") from None
-        except sqlite3.Error as exc:
-            raise RuntimeError(f"db(): {exc}") from None
         finally:
             conn.close()
 
