@@ -35,6 +35,9 @@ def pytest_configure(config: object) -> None:
     os.environ.setdefault("IPYTHONDIR", str(_SPEC_PREFIX / "ipython"))
     # Test kernels get a scratch fsx workspace, not the user's persistent default one.
     os.environ.setdefault("TIERKERNEL_FSX_URL", "memory://")
+    # Likewise the audit log and db()'s SQLite file (tests that look at them set their own).
+    os.environ.setdefault("TIERKERNEL_AUDIT_LOG", str(_SPEC_PREFIX / "executions.sqlite3"))
+    os.environ.setdefault("TIERKERNEL_DB_PATH", str(_SPEC_PREFIX / "db.sqlite3"))
 
 
 def pytest_unconfigure(config: object) -> None:

@@ -7,6 +7,18 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 export PATH="$PWD/.venv/bin:$PATH"
 
+# db() is tested against a real PostgreSQL server that the tests start (initdb + pg_ctl in a
+# temp dir); those tests fail rather than skip when it is missing.
+export TIERKERNEL_REQUIRE_POSTGRES=1
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "==> installing postgresql (apt) for the db() tests"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "PostgreSQL is missing: install it (apt-get install postgresql) for the db() tests" >&2
+    fi
+fi
+
 echo "==> ruff"
 ruff check tierkernel tests benchmarks conftest.py
 echo "==> mypy (strict on tierkernel/)"

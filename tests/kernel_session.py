@@ -67,10 +67,21 @@ class KernelSession:
         self.km, self.kc = start_new_kernel(kernel_name=kernel_name, **kwargs)
 
     def run(self, code: str, timeout: float = 60, interrupt_after: float | None = None,
-            **kwargs: Any) -> Outcome:
-        """Execute ``code``; collect iopub output until idle; return it with the reply."""
+            cell_id: str | None = None, **kwargs: Any) -> Outcome:
+        """Execute ``code``; collect iopub output until idle; return it with the reply.
+
+        ``cell_id`` is sent as JupyterLab sends it (``metadata.cellId``).
+        """
         start = time.monotonic()
-        msg_id = self.kc.execute(code, **kwargs)
+        if cell_id is None:
+            msg_id = self.kc.execute(code, **kwargs)
+        else:
+            content = {"code": code, "silent": False, "store_history": True,
+                       "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
+            msg = self.kc.session.msg("execute_request", content,
+                                      metadata={"cellId": cell_id})
+            self.kc.shell_channel.send(msg)
+            msg_id = msg["header"]["msg_id"]
         outputs: list[Output] = []
         interrupted = interrupt_after is None
         deadline = start + timeout

@@ -54,7 +54,9 @@ def test_unknown_tier_is_one_clear_error_and_runs_nothing(kernel: KernelSession)
     assert "native" in out.error["evalue"] and "process" in out.error["evalue"]
     assert out.metadata["tierkernel"] == {"tier": "nosuch", "duration_ms":
                                           out.metadata["tierkernel"]["duration_ms"],
-                                          "success": False}
+                                          "success": False,
+                                          "execution_id": out.metadata["tierkernel"][
+                                              "execution_id"]}
     assert kernel.run("marker_unknown").result["text/plain"] == "'untouched'"
 
 

@@ -230,4 +230,6 @@ def format_limit(key: str, value: Any) -> str:
         return format_size(value)
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, (frozenset, set, tuple, list)):  # --allow, --domains
+        return ",".join(sorted(str(v) for v in value)) or "none"
     return str(value)

@@ -76,6 +76,8 @@ class NativeBackend(Backend):
 
     isolation = "none: the kernel's own IPython process (trusted code only)"
     in_kernel = True
+    #: --allow/--domains/--db-readonly set the runtime helpers' policy for the cell.
+    accepted_options = frozenset({"timeout", "allow", "domains", "db-readonly"})
 
     timeout = Float(
         None,

@@ -94,6 +94,8 @@ class ProcessBackend(Backend):
     """Runs cells in a persistent child Python process (the guest agent)."""
 
     isolation = "separate host process: crash isolation only, not a security boundary"
+    #: --allow/--domains/--db-readonly set the runtime helpers' policy for the cell.
+    accepted_options = frozenset({"timeout", "allow", "domains", "db-readonly"})
 
     python = Unicode(
         sys.executable, help="The Python interpreter that runs the agent."

@@ -20,9 +20,11 @@ from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel.iopub import IopubSink
 from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
 from tierkernel.magics.fsx import FsxMagics
+from tierkernel.magics.executions import ExecutionMagics
 from tierkernel.magics.options import TierUsageError
 from tierkernel.magics.parsing import split_cell
 from tierkernel.magics.tier import TierMagics, strip_native_line
+from tierkernel.runtime.host import CellTooLargeError, RuntimeHost
 
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
@@ -53,7 +55,8 @@ class TierKernel(IPythonKernel):
     Cells without the magic run in :attr:`default_tier`. Native cells go through IPython
     unchanged; other tiers get the cell through the backend contract and publish through an
     :class:`IopubSink`. Every execute_reply carries ``metadata.tierkernel = {tier,
-    duration_ms, success}``.
+    duration_ms, success, execution_id}``; the id is the cell's record in the audit log
+    (``%executions ID``).
     """
 
     implementation = "tierkernel"
@@ -86,6 +89,12 @@ class TierKernel(IPythonKernel):
         shell.register_magics(TierMagics(shell, self.router))
         shell.input_transformers_cleanup.append(strip_native_line)
         self._tier_meta: dict[str, dict[str, Any]] = {}
+        # The runtime helpers (ai, api, db, console) and the audit log of every cell.
+        self.runtime = RuntimeHost(self, str(getattr(self.session, "session", "") or self.ident))
+        shell.register_magics(ExecutionMagics(shell, self.runtime))
+        helpers = self.runtime.native_helpers()
+        shell.user_ns.update(helpers)
+        shell.user_ns_hidden.update(helpers)  # kept out of %who and %reset, like In/Out
         atexit.register(self.router.shutdown)
         # The shared workspace: `fs` and %fsx in native cells, fsx:// URLs in this process.
         # Opened on first use, so a kernel that never touches it creates no file.
@@ -120,13 +129,16 @@ class TierKernel(IPythonKernel):
         try:
             directive = split_cell(code)
             tier = directive.tier or tier
+            self.runtime.check_size(code)
             if directive.control:
                 route = Route(self.router.backend("native"), {}, code, 1)
             else:
                 route = self.router.resolve(directive)
-        except (TierUsageError, TierUnavailableError) as exc:
+        except (TierUsageError, TierUnavailableError, CellTooLargeError) as exc:
             reply = self._refuse(code, silent, store_history, parent, exc)
-            self._record(msg_id, tier, started, False)
+            execution_id = self.runtime.refuse(code, tier, cell_id, reply["execution_count"],
+                                               exc, time.perf_counter() - started)
+            self._record(msg_id, tier, started, False, execution_id)
             return reply
 
         shell = self.shell
@@ -145,12 +157,22 @@ class TierKernel(IPythonKernel):
             cell_id=cell_id,
             cell_meta=cell_meta,
         )
-        if route.backend.in_kernel:
-            result = await route.backend.execute(request, _NoSink())
-        else:
-            result = await self._run_isolated(route.backend, request, parent)
+        context = self.runtime.begin(code, route.backend.name, route.backend.in_kernel,
+                                     route.options, cell_id, request.execution_count)
+        try:
+            if route.backend.in_kernel:
+                result = await route.backend.execute(request, _NoSink())
+            else:
+                result = await self._run_isolated(route.backend, request, parent)
+        except BaseException as exc:  # recorded, then handled as before
+            self.runtime.finish(context, ExecResult(
+                False, route.backend.name, 0.0,
+                error=ExecError(type(exc).__name__, str(exc))), time.perf_counter() - started)
+            raise
+        self.runtime.finish(context, result, time.perf_counter() - started)
         reply = self._reply(result)
-        self._record(msg_id, route.backend.name, started, result.success)
+        self._record(msg_id, route.backend.name, started, result.success,
+                     context.execution_id)
         return reply
 
     async def run_ipython_cell(self, request: CellRequest) -> dict[str, Any]:
@@ -260,17 +282,22 @@ class TierKernel(IPythonKernel):
         }
 
     # -- reply metadata -------------------------------------------------------------------
-    def _record(self, msg_id: str, tier: str, started: float, success: bool) -> None:
+    def _record(self, msg_id: str, tier: str, started: float, success: bool,
+                execution_id: str | None = None) -> None:
         self._tier_meta[msg_id] = {
             "tier": tier,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             "success": success,
         }
+        if execution_id is not None:
+            self._tier_meta[msg_id]["execution_id"] = execution_id
 
     def finish_metadata(
         self, parent: dict[str, Any], metadata: dict[str, Any], reply_content: dict[str, Any]
     ) -> dict[str, Any]:
-        """Add ``tierkernel: {tier, duration_ms, success}`` to every execute_reply."""
+        """Add ``tierkernel: {tier, duration_ms, success, execution_id}`` to every
+        execute_reply (no execution_id for a cell aborted after an earlier error: it never
+        ran)."""
         metadata = super().finish_metadata(parent, metadata, reply_content)
         info = self._tier_meta.pop(parent.get("header", {}).get("msg_id", ""), None)
         if info is None and parent.get("header", {}).get("msg_type") == "execute_request":
@@ -319,6 +346,7 @@ class TierKernel(IPythonKernel):
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Release every tier (processes, containers, sandboxes), then shut IPython down."""
         self.router.shutdown()
+        self.runtime.close()
         result = super().do_shutdown(restart)
         if hasattr(result, "__await__"):
             result = await result

@@ -97,6 +97,58 @@ def parse_cpus(text: str) -> float:
     return value
 
 
+#: The runtime helpers a cell can be allowed to call (``--allow``).
+HELPERS = ("ai", "api", "db", "console")
+
+_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def parse_allow(text: str) -> frozenset[str]:
+    """Parse ``--allow api,db``: the helpers this cell may call (``none`` for no helper)."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if names == ["none"]:
+        return frozenset()
+    bad = [name for name in names if name not in HELPERS]
+    if bad or not names:
+        raise TierUsageError(
+            f"--allow expects a comma-separated list of helpers from {', '.join(HELPERS)} "
+            f"(or 'none'), got {text!r}"
+        )
+    return frozenset(names)
+
+
+def parse_domains(text: str) -> tuple[str, ...]:
+    """Parse ``--domains api.github.com,*.example.org``: the hosts ``api()`` may reach.
+
+    Each entry is an exact host name or IP address, ``*.example.org`` (any subdomain of
+    example.org, not example.org itself), or ``*`` (any host).
+    """
+    domains: list[str] = []
+    for part in text.split(","):
+        domain = part.strip().lower().rstrip(".")
+        if not domain:
+            continue
+        if not is_domain_pattern(domain):
+            raise TierUsageError(
+                f"--domains expects host names such as api.github.com, *.example.org or *, "
+                f"separated by commas; {part.strip()!r} is not one"
+            )
+        domains.append(domain)
+    if not domains:
+        raise TierUsageError(f"--domains needs at least one host name, got {text!r}")
+    return tuple(dict.fromkeys(domains))
+
+
+def is_domain_pattern(domain: str) -> bool:
+    """Whether ``domain`` is ``*``, a host name, an IP address or ``*.`` + a host name."""
+    if domain == "*":
+        return True
+    if domain.startswith("[") and domain.endswith("]"):  # an IPv6 literal, as URLs write it
+        return all(c in "0123456789abcdef:." for c in domain[1:-1]) and ":" in domain
+    name = domain[2:] if domain.startswith("*.") else domain
+    return all(_DOMAIN_LABEL.match(label) for label in name.split("."))
+
+
 def format_size(value: int) -> str:
     """Render a byte count the way ``--memory`` accepts it: ``1g``, ``512m``, ``1536k``."""
     for unit, factor in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
@@ -127,6 +179,25 @@ OPTIONS: dict[str, OptionSpec] = {
             "N",
             "CPU share of the tier's session (e.g. 0.5, 2)",
             parse_cpus,
+        ),
+        OptionSpec(
+            "allow",
+            "HELPERS",
+            "runtime helpers this cell may call, from ai,api,db,console (or none)",
+            parse_allow,
+        ),
+        OptionSpec(
+            "domains",
+            "HOSTS",
+            "hosts api() may reach from this cell (e.g. api.github.com,*.example.org)",
+            parse_domains,
+        ),
+        OptionSpec(
+            "db-readonly",
+            "",
+            "db() may only read in this cell",
+            lambda text: True,
+            flag=True,
         ),
     ]
 }

@@ -1,0 +1,369 @@
+"""The runtime helpers through the broker, as any guest sees them: JSON in, JSON out.
+
+Every test goes through ``tierkernel.guest.helpers`` with a ``call`` that makes the same JSON
+round trip a tier's channel makes, against real servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from traitlets.config import Config
+
+from tests.servers import OPENAI_KEY, http_server, openai_server
+from tierkernel.guest.helpers import make_helpers
+from tierkernel.magics.options import TierUsageError, parse_allow, parse_domains
+from tierkernel.runtime.audit import AuditLog
+from tierkernel.runtime.broker import Broker, CallContext
+from tierkernel.runtime.policy import Runtime, host_matches
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    with http_server() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def ai_url() -> Iterator[str]:
+    with openai_server() as url:
+        yield url
+
+
+class Guest:
+    """A broker, and the helpers a cell of ``tier`` with magic-line ``options`` would get."""
+
+    def __init__(self, tmp: Path, tier: str = "wasm", trusted: bool = False,
+                 options: dict[str, Any] | None = None, **config: Any) -> None:
+        c = Config()
+        c.Runtime.db_path = str(tmp / "db.sqlite3")
+        c.Runtime.audit_log = str(tmp / "audit.sqlite3")
+        c.Runtime.api_max_response_bytes = MiB
+        for key, value in config.items():
+            setattr(c.Runtime, key, value)
+        self.runtime = Runtime(config=c)
+        self.audit = AuditLog(self.runtime.audit_log)
+        self.broker = Broker(self.runtime, self.audit)
+        self.context = CallContext("exec-1", self.runtime.policy_for(tier, trusted,
+                                                                     options or {}))
+        self.requests: list[str] = []
+        self.responses: list[str] = []
+        helpers = make_helpers(self.call)
+        self.ai, self.api, self.db, self.console = (helpers["ai"], helpers["api"],
+                                                    helpers["db"], helpers["console"])
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        text = json.dumps(request)
+        self.requests.append(text)
+        answer = self.broker.handle_json(text, self.context)
+        self.responses.append(answer)
+        return json.loads(answer)  # type: ignore[no-any-return]
+
+    def calls(self) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.runtime.audit_log) as conn:
+            return conn.execute("SELECT execution_id, helper, target, allowed, ok, error, size "
+                                "FROM helper_calls ORDER BY rowid").fetchall()
+
+    def close(self) -> None:
+        self.broker.close()
+        self.audit.close()
+
+
+@pytest.fixture()
+def make(tmp_path: Path) -> Iterator[Any]:
+    made: list[Guest] = []
+
+    def factory(**kwargs: Any) -> Guest:
+        guest = Guest(tmp_path, **kwargs)
+        made.append(guest)
+        return guest
+
+    yield factory
+    for guest in made:
+        guest.close()
+
+
+# -- policy --------------------------------------------------------------------------------
+def test_magic_line_policy_options_parse_and_reject_bad_values():
+    assert parse_allow("api, db") == {"api", "db"}
+    assert parse_allow("none") == frozenset()
+    with pytest.raises(TierUsageError, match="ai, api, db, console"):
+        parse_allow("api,shell")
+    assert parse_domains("API.github.com,*.example.org") == ("api.github.com", "*.example.org")
+    for bad in ("exa mple.org", "http://x.org", "*.*.org", ""):
+        with pytest.raises(TierUsageError, match="--domains"):
+            parse_domains(bad)
+
+
+def test_domain_patterns():
+    assert host_matches("api.github.com", "api.github.com")
+    assert not host_matches("evil-api.github.com", "api.github.com")
+    assert host_matches("a.b.example.org", "*.example.org")
+    assert not host_matches("example.org", "*.example.org")
+    assert not host_matches("badexample.org", "*.example.org")
+    assert host_matches("anything.test", "*")
+
+
+def test_tier_defaults_and_cell_narrowing():
+    rt = Runtime()
+    native = rt.policy_for("native", True, {})
+    assert native.helpers == {"ai", "api", "db", "console"} and native.domains == ("*",)
+    wasm = rt.policy_for("wasm", False, {})
+    assert wasm.helpers == {"console", "db"} and wasm.domains == () and not wasm.db_readonly
+    narrowed = rt.policy_for("native", True, {"allow": frozenset({"db"}), "db-readonly": True})
+    assert narrowed.helpers == {"db"} and narrowed.db_readonly
+    rt.domain_ceiling = ["*.example.org"]
+    capped = rt.policy_for("wasm", False, {"domains": ("a.example.org", "evil.com", "*")})
+    assert capped.domains == ("a.example.org",)
+
+
+# -- api -----------------------------------------------------------------------------------
+def test_api_json_and_text_responses(make, port):
+    g = make(options={"allow": frozenset({"api"}), "domains": ("127.0.0.1",)})
+    r = g.api(f"http://127.0.0.1:{port}/json?q=1")
+    assert (r.status, r.ok, r.body) == (200, True, {"name": "tierkernel", "stars": 3})
+    assert r.headers["x-test"] == "yes" and r["body"]["stars"] == 3
+    t = g.api(f"http://127.0.0.1:{port}/text")
+    assert t.body == "plain words\n" and t.headers["content-type"].startswith("text/plain")
+    missing = g.api(f"http://127.0.0.1:{port}/status/404")
+    assert (missing.status, missing.ok, missing.body) == (404, False, {"error": "as asked"})
+    with pytest.raises(RuntimeError, match="answered 404"):
+        missing.raise_for_status()
+    posted = g.api(f"http://127.0.0.1:{port}/echo", method="POST", json={"a": [1, 2]})
+    assert json.loads(posted.body["body"]) == {"a": [1, 2]}
+    form = g.api(f"http://127.0.0.1:{port}/echo", method="post", data={"k": "v w"})
+    assert form.body["body"] == "k=v+w"
+    assert form.body["type"] == "application/x-www-form-urlencoded"
+
+
+def test_api_is_refused_unless_allowed_with_the_way_to_allow_it(make, port):
+    default = make()  # a wasm cell with no options: console and db only
+    with pytest.raises(PermissionError) as denied:
+        default.api(f"http://127.0.0.1:{port}/json")
+    assert "%%tier wasm --allow api" in str(denied.value)
+    no_domain = make(options={"allow": frozenset({"api"})})
+    with pytest.raises(PermissionError) as refused:
+        no_domain.api(f"http://127.0.0.1:{port}/json")
+    assert "'127.0.0.1'" in str(refused.value) and "--domains 127.0.0.1" in str(refused.value)
+    calls = no_domain.calls()
+    assert calls[-1][:5] == ("exec-1", "api", f"GET http://127.0.0.1:{port}/json", 0, 0)
+
+
+def test_redirects_are_followed_only_to_allowed_hosts(make, port):
+    g = make(options={"allow": frozenset({"api"}), "domains": ("127.0.0.1",)})
+    inside = g.api(f"http://127.0.0.1:{port}/redirect-in")
+    assert inside.body["name"] == "tierkernel" and inside.url.endswith("/json")
+    with pytest.raises(PermissionError, match="redirected to http://localhost:") as out:
+        g.api(f"http://127.0.0.1:{port}/redirect-out")
+    assert "'localhost'" in str(out.value)
+    both = make(options={"allow": frozenset({"api"}), "domains": ("127.0.0.1", "localhost")})
+    assert both.api(f"http://127.0.0.1:{port}/redirect-out").url == (
+        f"http://localhost:{port}/json")
+
+
+def test_api_time_and_size_caps(make, port):
+    g = make(options={"allow": frozenset({"api"}), "domains": ("127.0.0.1",)})
+    with pytest.raises(TimeoutError, match="longer than 1 s"):
+        g.api(f"http://127.0.0.1:{port}/slow", timeout=1)
+    for path in ("/huge", "/huge-chunked"):
+        with pytest.raises(ValueError, match="api_max_response_bytes"):
+            g.api(f"http://127.0.0.1:{port}{path}")
+    assert g.api(f"http://127.0.0.1:{port}/json").ok  # the client is still usable
+
+
+def test_api_bad_input_is_a_clear_error(make):
+    g = make(tier="native", trusted=True)
+    with pytest.raises(ValueError, match="only fetches http"):
+        g.api("ftp://127.0.0.1/x")
+    with pytest.raises(ValueError, match="method must be one of"):
+        g.api("http://127.0.0.1/", method="BREW")
+    with pytest.raises(TypeError, match="JSON values"):
+        g.api("http://127.0.0.1/", json={"when": object()})
+    with pytest.raises(ConnectionError):
+        g.api("http://127.0.0.1:1/")  # nothing listens on port 1
+
+
+# -- db on SQLite --------------------------------------------------------------------------
+def test_db_sql_with_params_and_the_structured_form(make, tmp_path):
+    db = make().db
+    db("CREATE TABLE things (id INTEGER PRIMARY KEY, ns TEXT, type TEXT, n REAL)")
+    inserted = db({"insert": {"into": "things", "values": [
+        {"ns": "wiki", "type": "Article", "n": 1}, {"ns": "wiki", "type": "Article", "n": 5},
+        {"ns": "wiki", "type": "Person", "n": 2}, {"ns": "blog", "type": "Article", "n": None},
+    ]}})
+    assert inserted.row_count == 4 and inserted.rows == []
+    found = db({"select": {"from": "things", "where": {"ns": "wiki", "type": "Article"},
+                           "columns": ["id", "n"], "order_by": "-n", "limit": 10}})
+    assert found.columns == ["id", "n"] and found.rows == [{"id": 2, "n": 5.0},
+                                                           {"id": 1, "n": 1.0}]
+    assert found.row_count == 2
+    assert db({"select": {"from": "things", "where": {"n": None}}}).rows[0]["ns"] == "blog"
+    assert [r["id"] for r in db({"select": {"from": "things", "where": {
+        "type": ["Person", "Nope"]}}}).rows] == [3]
+    page = db({"select": {"from": "things", "where": {"n": {">=": 1}}, "order_by": ["n"],
+                          "limit": 1, "offset": 1}})
+    assert [r["id"] for r in page.rows] == [3]
+    assert db({"update": {"table": "things", "set": {"n": 9}, "where": {"id": 1}}}).row_count == 1
+    assert db("SELECT n FROM things WHERE id = ?", [1]).rows == [{"n": 9.0}]
+    assert db("SELECT id FROM things WHERE ns = :ns AND n > :n", {"ns": "wiki", "n": 4}
+              ).row_count == 2
+    assert db({"delete": {"from": "things", "where": {"ns": "blog"}}}).row_count == 1
+    assert db({"select": {"from": "things"}}).row_count == 3
+    assert (tmp_path / "db.sqlite3").exists()
+
+
+def test_db_values_are_always_bound_and_identifiers_checked(make):
+    db = make().db
+    db("CREATE TABLE t (a TEXT, b TEXT)")
+    evil = "x'); DROP TABLE t; --"
+    db({"insert": {"into": "t", "values": {"a": evil, "b": "1 OR 1=1"}}})
+    assert db({"select": {"from": "t", "where": {"a": evil}}}).rows == [{"a": evil,
+                                                                        "b": "1 OR 1=1"}]
+    assert db({"select": {"from": "t", "where": {"b": "1' OR '1'='1"}}}).rows == []
+    assert db("SELECT a FROM t WHERE b = ?", ["1 OR 1=1"]).row_count == 1
+    for query in (
+        {"select": {"from": "t; DROP TABLE t"}},
+        {"select": {"from": "t", "columns": ["a FROM t; --"]}},
+        {"select": {"from": "t", "where": {"a = a OR 1": 1}}},
+        {"select": {"from": "t", "order_by": "-a; DROP TABLE t"}},
+        {"select": {"from": "t", "where": {"a": {"; DROP": 1}}}},
+        {"insert": {"into": "t", "values": {"a) VALUES (1); DROP TABLE t; --": 1}}},
+        {"update": {"table": "t", "set": {"a = 'x', b": 1}, "where": {}}},
+        {"select": {"from": "t", "limit": "1; DROP TABLE t"}},
+    ):
+        with pytest.raises(ValueError, match="db\\(\\)"):
+            db(query)
+    with pytest.raises(ValueError, match="one statement"):
+        db("SELECT 1; DROP TABLE t")
+    assert db("SELECT count(*) AS n FROM t").rows == [{"n": 1}]  # still there
+
+
+def test_db_structured_form_errors_say_what_it_takes(make):
+    db = make().db
+    with pytest.raises(ValueError, match=r"'where'.*every row"):
+        db({"delete": {"from": "t"}})
+    with pytest.raises(ValueError, match="unknown \\['form'\\]"):
+        db({"select": {"form": "t", "from": "t"}})
+    with pytest.raises(ValueError, match="one of"):
+        db({"drop": {"table": "t"}})
+
+
+def test_db_readonly_and_no_other_files(make, tmp_path):
+    writer = make().db
+    writer("CREATE TABLE t (a INTEGER)")
+    writer("INSERT INTO t VALUES (1)")
+    reader = make(options={"db-readonly": True})
+    assert reader.db("SELECT a FROM t").rows == [{"a": 1}]
+    for sql in ("INSERT INTO t VALUES (2)", "DROP TABLE t", "PRAGMA query_only = OFF"):
+        with pytest.raises(PermissionError):
+            reader.db(sql)
+    outside = tmp_path / "outside.db"
+    for sql in (f"ATTACH DATABASE '{outside}' AS o", f"VACUUM INTO '{outside}'"):
+        with pytest.raises(PermissionError, match="not allowed"):
+            writer(sql)
+    assert not outside.exists()
+    assert writer("SELECT count(*) AS n FROM t").rows == [{"n": 1}]
+    refused = [c for c in reader.calls() if c[3] == 0]  # recorded as refused by the policy
+    assert [c[2] for c in refused][:2] == ["INSERT INTO t VALUES (2)", "DROP TABLE t"]
+
+
+def test_db_caps_rows(make):
+    g = make(db_max_rows=5)
+    g.db("CREATE TABLE t (a)")
+    g.db({"insert": {"into": "t", "values": [{"a": i} for i in range(6)]}})
+    assert g.db({"select": {"from": "t", "limit": 5}}).row_count == 5
+    with pytest.raises(ValueError, match="more than 5 rows"):
+        g.db("SELECT * FROM t")
+
+
+# -- ai ------------------------------------------------------------------------------------
+def test_ai_chat_and_embeddings(make, ai_url):
+    g = make(options={"allow": frozenset({"ai"})}, ai_base_url=ai_url, ai_api_key=OPENAI_KEY)
+    chat = g.ai("tiny", {"messages": [{"role": "user", "content": "hello"}],
+                         "temperature": 0.2})
+    assert chat.response == "echo from tiny: hello (t=0.2)"
+    assert chat.raw["choices"][0]["finish_reason"] == "stop"
+    assert g.ai("tiny", "plain").response == "echo from tiny: plain"
+    one = g.ai("emb", {"text": "four"})
+    assert one.embedding == [4.0, 0.5, 0] and one.model == "emb"
+    many = g.ai("emb", {"text": ["a", "bb"]})
+    assert many.embeddings == [[1.0, 0.5, 0], [2.0, 0.5, 1]]
+    with pytest.raises(RuntimeError, match="404: model 'missing-model' not found"):
+        g.ai("missing-model", "x")
+    with pytest.raises(ValueError, match="messages"):
+        g.ai("tiny", {"prompt": "x"})
+
+
+def test_ai_unconfigured_denied_and_key_never_returned(make, ai_url):
+    with pytest.raises(RuntimeError, match=r"c\.Runtime\.ai_base_url") as unconfigured:
+        make(tier="native", trusted=True, ai_base_url="").ai("m", "hi")
+    assert "TIERKERNEL_AI_BASE_URL" in str(unconfigured.value)
+    with pytest.raises(PermissionError, match="--allow ai"):
+        make(ai_base_url=ai_url, ai_api_key=OPENAI_KEY).ai("m", "hi")
+    # A server that echoes the key it was sent in its error: the cell sees it scrubbed.
+    wrong = make(tier="native", trusted=True, ai_base_url=ai_url,
+                 ai_api_key="sk-wrong-key-do-not-leak")
+    with pytest.raises(RuntimeError, match="401") as leaked:
+        wrong.ai("m", "hi")
+    assert "sk-wrong-key-do-not-leak" not in str(leaked.value)
+    assert "[secret]" in str(leaked.value)
+    assert all("sk-wrong-key" not in text for text in wrong.responses)
+
+
+# -- console, the protocol, the guest module -----------------------------------------------
+def test_console_records_levels_in_the_context(make, capsys):
+    g = make()
+    g.console.log("one", 2)
+    g.console.warn("careful")
+    g.console.error("bad", sep="-")
+    out = capsys.readouterr()
+    assert out.out == "[LOG] one 2\n" and out.err == "[WARN] careful\n[ERROR] bad\n"
+    assert [(e.level, e.message) for e in g.context.logs] == [
+        ("log", "one 2"), ("warn", "careful"), ("error", "bad")]
+    denied = make(options={"allow": frozenset({"db"})})
+    with pytest.raises(PermissionError, match="console"):
+        denied.console.info("x")
+
+
+def test_the_json_protocol_shapes(make):
+    g = make()
+    ok = json.loads(g.broker.handle_json(json.dumps(
+        {"helper": "db", "args": {"query": "SELECT 1 AS x"}}), g.context))
+    assert ok == {"ok": True, "value": {"rows": [{"x": 1}], "row_count": 1, "columns": ["x"]}}
+    denied = g.broker.handle({"helper": "api", "args": {"url": "http://x.org"}}, g.context)
+    assert denied["ok"] is False and denied["error"]["type"] == "PermissionError"
+    assert g.broker.handle({"helper": "rm", "args": {}}, g.context)["error"] == {
+        "type": "ValueError", "message": "unknown helper 'rm'; helpers are ai, api, db, console"}
+    assert json.loads(g.broker.handle_json("{not json", g.context))["error"]["type"] == (
+        "ValueError")
+    assert g.broker.handle({"helper": "db", "args": {"sql": "x"}}, g.context)["error"][
+        "message"] == "db() missing required argument(s): query"
+
+
+def test_guest_helpers_need_only_the_standard_library(tmp_path):
+    """helpers.py runs where nothing but the standard library exists (-S: no site-packages)."""
+    path = Path(__file__).resolve().parent.parent / "tierkernel" / "guest" / "helpers.py"
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('h', {str(path)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "h = m.make_helpers(lambda r: {'ok': False, 'error': {'type': 'TimeoutError', "
+        "'message': 'slow host'}})\n"
+        "try:\n    h['db']('select 1')\nexcept TimeoutError as e:\n    print('raised', e)\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in "
+        "('tierkernel', 'httpx', 'IPython', 'traitlets')))\n"
+    )
+    done = subprocess.run([sys.executable, "-S", "-I", "-c", script], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "raised slow host\n[]\n"

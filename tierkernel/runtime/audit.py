@@ -1,0 +1,196 @@
+"""The execution audit log: every cell any tier ran (or refused), and every helper call it made.
+
+One SQLite file (``c.Runtime.audit_log``) shared by all kernels of a user, in WAL mode so that
+several kernels can write to it at once. A cell's row is written when it starts (status
+``running``) and completed when it ends, so a kernel that dies mid-cell still leaves a trace.
+Writing the log never breaks a cell: a failure is logged and the kernel carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS executions (
+    id              TEXT PRIMARY KEY,
+    kernel_session  TEXT NOT NULL,
+    cell_id         TEXT,
+    execution_count INTEGER,
+    tier            TEXT NOT NULL,
+    code            TEXT NOT NULL,
+    started         REAL NOT NULL,      -- Unix time
+    duration_ms     REAL,
+    status          TEXT NOT NULL,      -- running | ok | error | refused
+    success         INTEGER,            -- 1 / 0; NULL while running
+    error           TEXT,               -- 'Ename: message'
+    logs            TEXT NOT NULL DEFAULT '[]'  -- JSON list of {level, message, time}
+);
+CREATE INDEX IF NOT EXISTS executions_started ON executions (started);
+CREATE TABLE IF NOT EXISTS helper_calls (
+    execution_id TEXT,                  -- NULL: called between cells (a native thread)
+    helper       TEXT NOT NULL,         -- ai | api | db | console
+    target       TEXT NOT NULL,         -- URL, table or SQL, model, log level
+    allowed      INTEGER NOT NULL,      -- 0: refused by the policy
+    ok           INTEGER NOT NULL,
+    error        TEXT,
+    started      REAL NOT NULL,
+    duration_ms  REAL NOT NULL,
+    size         INTEGER NOT NULL       -- bytes of JSON returned to the cell
+);
+CREATE INDEX IF NOT EXISTS helper_calls_execution ON helper_calls (execution_id);
+"""
+
+
+@dataclass(frozen=True)
+class HelperCall:
+    """One helper call as the audit log holds it."""
+
+    helper: str
+    target: str
+    allowed: bool
+    ok: bool
+    error: str | None
+    started: float
+    duration_ms: float
+    size: int
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One execution as the audit log holds it."""
+
+    id: str
+    kernel_session: str
+    cell_id: str | None
+    execution_count: int | None
+    tier: str
+    code: str
+    started: float
+    duration_ms: float | None
+    status: str
+    success: bool | None
+    error: str | None
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[HelperCall] = field(default_factory=list)
+
+
+class AuditLog:
+    """Writes and reads the audit log; safe to use from any thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path).expanduser()
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        try:
+            with self._lock:
+                self._db().execute(sql, params)
+        except (sqlite3.Error, OSError) as exc:
+            if not self._warned:  # once: a broken log must not flood the kernel's log
+                log.warning("cannot write the audit log %s: %s", self.path, exc)
+                self._warned = True
+
+    # -- writing ----------------------------------------------------------------------------
+    def start(self, execution_id: str, session: str, cell_id: str | None,
+              execution_count: int | None, tier: str, code: str, started: float) -> None:
+        """Record a cell that is starting."""
+        self._write(
+            "INSERT INTO executions (id, kernel_session, cell_id, execution_count, tier, code,"
+            " started, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
+            (execution_id, session, cell_id, execution_count, tier, code, started))
+
+    def finish(self, execution_id: str, status: str, duration_ms: float,
+               error: str | None, logs: list[dict[str, Any]], tier: str | None = None) -> None:
+        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``."""
+        self._write(
+            "UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
+            "logs = ?, tier = COALESCE(?, tier) WHERE id = ?",
+            (status, int(status == "ok"), duration_ms, error, json.dumps(logs), tier,
+             execution_id))
+
+    def helper_call(self, execution_id: str | None, call: HelperCall) -> None:
+        """Record one helper call."""
+        self._write(
+            "INSERT INTO helper_calls (execution_id, helper, target, allowed, ok, error, "
+            "started, duration_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (execution_id, call.helper, call.target, int(call.allowed), int(call.ok),
+             call.error, call.started, call.duration_ms, call.size))
+
+    # -- reading ----------------------------------------------------------------------------
+    def executions(self, session: str | None = None, tier: str | None = None,
+                   failed: bool = False, limit: int = 20) -> list[Execution]:
+        """The newest executions first, filtered by kernel session, tier and failure."""
+        where, params = [], []
+        if session is not None:
+            where.append("kernel_session = ?")
+            params.append(session)
+        if tier is not None:
+            where.append("tier = ?")
+            params.append(tier)
+        if failed:
+            where.append("status IN ('error', 'refused')")
+        sql = ("SELECT * FROM executions" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY started DESC, rowid DESC LIMIT ?")
+        with self._lock:
+            rows = self._db().execute(sql, (*params, limit)).fetchall()
+        return [_execution(row) for row in rows]
+
+    def execution(self, id_prefix: str) -> Execution:
+        """One execution by id or unique id prefix, with its helper calls.
+
+        Raises ``KeyError`` when no execution (or more than one) has that prefix.
+        """
+        with self._lock:
+            db = self._db()
+            rows = db.execute("SELECT * FROM executions WHERE id LIKE ? || '%' ESCAPE '\\' "
+                              "LIMIT 2", (id_prefix.replace("%", "\\%")
+                                          .replace("_", "\\_"),)).fetchall()
+            if len(rows) != 1:
+                raise KeyError(id_prefix if not rows else f"{id_prefix} (ambiguous)")
+            calls = db.execute(
+                "SELECT helper, target, allowed, ok, error, started, duration_ms, size FROM "
+                "helper_calls WHERE execution_id = ? ORDER BY started, rowid",
+                (rows[0][0],)).fetchall()
+        return _execution(rows[0], [HelperCall(c[0], c[1], bool(c[2]), bool(c[3]), c[4], c[5],
+                                               c[6], c[7]) for c in calls])
+
+    def close(self) -> None:
+        """Close the file (the kernel shuts down)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _execution(row: tuple[Any, ...], calls: list[HelperCall] | None = None) -> Execution:
+    (eid, session, cell_id, count, tier, code, started, duration, status, success, error,
+     logs) = row
+    return Execution(eid, session, cell_id, count, tier, code, started, duration, status,
+                     None if success is None else bool(success), error, json.loads(logs),
+                     calls or [])
+
+
+def now() -> float:
+    """Unix time, as the log stores it."""
+    return time.time()

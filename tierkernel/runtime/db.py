@@ -1,0 +1,413 @@
+"""``db(query, params)``: the kernel's database, SQLite by default, PostgreSQL when configured.
+
+A query is either SQL with bound parameters (the database's own placeholder style: ``?`` and
+``:name`` for SQLite, ``%s`` and ``%(name)s`` for PostgreSQL) or the structured form of the
+code-exec spec, compiled here into SQL in which every value is a bound parameter and every
+identifier has been checked against :data:`IDENTIFIER`::
+
+    {"select": {"from": "things", "columns": ["id", "name"],
+                "where": {"ns": "wiki", "n": {">": 3}, "tag": ["a", "b"]},
+                "order_by": ["-n", "id"], "limit": 10, "offset": 0}}
+    {"insert": {"into": "things", "values": {"ns": "wiki"}}}       # or a list of rows
+    {"update": {"table": "things", "set": {"n": 4}, "where": {"id": 1}}}
+    {"delete": {"from": "things", "where": {"id": 1}}}
+
+One call is one statement in its own transaction, committed when it succeeds. Rows come back
+as JSON values (dates as ISO 8601 text, decimals and UUIDs as text, bytes as base64), so every
+tier sees exactly the same result.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import decimal
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+#: A table or column name the structured form accepts: a plain SQL identifier, optionally
+#: qualified by a schema (``public.things``).
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+
+_OPERATORS = {"=": "=", "==": "=", "!=": "<>", "<>": "<>", "<": "<", "<=": "<=", ">": ">",
+              ">=": ">=", "like": "LIKE", "in": "IN", "not_in": "NOT IN"}
+_KEYS = {
+    "select": ({"from"}, {"columns", "where", "order_by", "limit", "offset"}),
+    "insert": ({"into", "values"}, set()),
+    "update": ({"table", "set", "where"}, set()),
+    "delete": ({"from", "where"}, set()),
+}
+
+
+@dataclass(frozen=True)
+class DbOutcome:
+    """A finished db() call: the JSON-able value for the cell, and what the audit records."""
+
+    value: dict[str, Any]
+    target: str
+
+
+class Database(Protocol):
+    """A database db() can run statements on."""
+
+    placeholder: str
+
+    def run(self, sql: str, params: Any, readonly: bool, max_rows: int,
+            timeout: float) -> tuple[list[str], list[tuple[Any, ...]], int]:
+        """Run one statement; return column names, rows and the affected-row count."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+# -- the structured form ---------------------------------------------------------------------
+def ident(name: Any, what: str) -> str:
+    """``name`` if it is a safe identifier, else ``ValueError`` naming ``what`` it was."""
+    if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
+        raise ValueError(f"db(): {what} {name!r} is not a valid name (letters, digits and _, "
+                         "not starting with a digit, optionally schema.name); use SQL with "
+                         "bound parameters for anything else")
+    return name
+
+
+def _where(where: Any, ph: str, params: list[Any]) -> str:
+    if not isinstance(where, Mapping):
+        raise ValueError(f"db(): 'where' must be a dict of column to value, got {where!r}")
+    clauses = []
+    for column, cond in where.items():
+        col = ident(column, "where column")
+        if isinstance(cond, Mapping):
+            if len(cond) != 1:
+                raise ValueError(f"db(): where[{column!r}] must hold one operator, e.g. "
+                                 "{'>': 3}")
+            [(op_name, value)] = cond.items()
+            op = _OPERATORS.get(str(op_name).lower())
+            if op is None:
+                raise ValueError(f"db(): unknown operator {op_name!r} in where[{column!r}]; "
+                                 f"operators: {', '.join(_OPERATORS)}")
+        else:
+            op, value = ("IN" if isinstance(cond, list) else "="), cond
+        if op in ("IN", "NOT IN"):
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"db(): where[{column!r}] with {op} needs a non-empty list")
+            params.extend(value)
+            clauses.append(f"{col} {op} ({', '.join([ph] * len(value))})")
+        elif value is None and op in ("=", "<>"):
+            clauses.append(f"{col} IS {'NOT ' if op == '<>' else ''}NULL")
+        else:
+            params.append(value)
+            clauses.append(f"{col} {op} {ph}")
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"db(): {what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def compile_structured(query: Mapping[str, Any], ph: str) -> tuple[str, list[Any], str]:
+    """Compile the structured form into ``(sql, params, verb)`` with placeholder ``ph``."""
+    if len(query) != 1 or next(iter(query)) not in _KEYS:
+        raise ValueError(f"db(): a structured query is one of {{'select': ...}}, "
+                         f"{{'insert': ...}}, {{'update': ...}}, {{'delete': ...}}; got keys "
+                         f"{sorted(map(str, query))}")
+    [(verb, spec)] = query.items()
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"db(): {verb!r} must map to a dict, got {spec!r}")
+    required, optional = _KEYS[verb]
+    missing = required - set(spec)
+    unknown = set(spec) - required - optional
+    if missing or unknown:
+        parts = ([f"missing {sorted(missing)}"] if missing else []) + (
+            [f"unknown {sorted(map(str, unknown))}"] if unknown else [])
+        hint = " (update and delete need 'where'; {} means every row)" if (
+            "where" in missing) else ""
+        raise ValueError(f"db(): {verb} {'; '.join(parts)}; it takes "
+                         f"{sorted(required | optional)}{hint}")
+    params: list[Any] = []
+    if verb == "select":
+        table = ident(spec["from"], "table")
+        columns = spec.get("columns") or ["*"]
+        if not isinstance(columns, list):
+            raise ValueError("db(): 'columns' must be a list of column names")
+        cols = ", ".join(c if c == "*" else ident(c, "column") for c in columns)
+        sql = f"SELECT {cols} FROM {table}" + _where(spec.get("where", {}), ph, params)
+        order = spec.get("order_by")
+        if order is not None:
+            keys = [order] if isinstance(order, str) else order
+            if not isinstance(keys, list) or not keys:
+                raise ValueError("db(): 'order_by' is a column name or a list of them "
+                                 "('-name' for descending)")
+            sql += " ORDER BY " + ", ".join(
+                f"{ident(k[1:], 'order_by column')} DESC" if isinstance(k, str) and
+                k.startswith("-") else ident(k, "order_by column") for k in keys)
+        if "limit" in spec:
+            params.append(_count(spec["limit"], "limit"))
+            sql += f" LIMIT {ph}"
+        if "offset" in spec:
+            if "limit" not in spec:
+                sql += " LIMIT -1" if ph == "?" else " LIMIT ALL"
+            params.append(_count(spec["offset"], "offset"))
+            sql += f" OFFSET {ph}"
+        return sql, params, verb
+    if verb == "insert":
+        table = ident(spec["into"], "table")
+        rows = spec["values"]
+        rows = [rows] if isinstance(rows, Mapping) else rows
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, Mapping)
+                                                             for r in rows):
+            raise ValueError("db(): insert 'values' must be a dict or a non-empty list of dicts")
+        names = list(rows[0])
+        if not names or any(list(r) != names for r in rows):
+            raise ValueError("db(): every inserted row must have the same, non-empty columns "
+                             "in the same order")
+        cols = ", ".join(ident(n, "column") for n in names)
+        groups = []
+        for row in rows:
+            params.extend(row[n] for n in names)
+            groups.append("(" + ", ".join([ph] * len(names)) + ")")
+        return f"INSERT INTO {table} ({cols}) VALUES {', '.join(groups)}", params, verb
+    if verb == "update":
+        table = ident(spec["table"], "table")
+        changes = spec["set"]
+        if not isinstance(changes, Mapping) or not changes:
+            raise ValueError("db(): update 'set' must be a non-empty dict of column to value")
+        sets = []
+        for column, value in changes.items():
+            sets.append(f"{ident(column, 'column')} = {ph}")
+            params.append(value)
+        sql = f"UPDATE {table} SET {', '.join(sets)}"
+        return sql + _where(spec["where"], ph, params), params, verb
+    table = ident(spec["from"], "table")
+    return f"DELETE FROM {table}" + _where(spec["where"], ph, params), params, verb
+
+
+# -- values ----------------------------------------------------------------------------------
+def jsonable(value: Any) -> Any:
+    """A database value as JSON: the same in every tier."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
+# -- SQLite ----------------------------------------------------------------------------------
+# PRAGMAs a cell may use: schema introspection and harmless settings. Others (journal_mode,
+# temp_store_directory, ...) could touch files or settings beyond the cell's data.
+_SAFE_PRAGMAS = frozenset({
+    "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+    "foreign_key_list", "foreign_keys", "foreign_key_check", "user_version", "collation_list",
+    "integrity_check", "quick_check",
+})
+
+
+def _authorizer(action: int, arg1: str | None, arg2: str | None, dbname: str | None,
+                source: str | None) -> int:
+    # ATTACH (also what VACUUM INTO does first) would let a cell open or create any file the
+    # kernel user can write: db() is the kernel's one database, nothing else.
+    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() not in _SAFE_PRAGMAS:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
+class SQLiteDatabase:
+    """The embedded database: one SQLite file, a fresh connection per call.
+
+    A connection per call costs well under a millisecond and makes calls from any thread safe;
+    read-only calls open the file with ``mode=ro``, which no statement can lift (unlike
+    ``PRAGMA query_only``, which a statement could turn off).
+    """
+
+    placeholder = "?"
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path).expanduser()
+
+    def _connect(self, readonly: bool, timeout: float) -> sqlite3.Connection:
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            sqlite3.connect(self.path).close()  # an empty database, so mode=ro can open it
+        uri = self.path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.set_authorizer(_authorizer)
+        return conn
+
+    def run(self, sql: str, params: Any, readonly: bool, max_rows: int,
+            timeout: float) -> tuple[list[str], list[tuple[Any, ...]], int]:
+        """Run one statement (SQLite refuses several in one call)."""
+        conn = self._connect(readonly, timeout)
+        deadline = time.monotonic() + timeout
+        # Called every N virtual-machine steps: a non-zero answer aborts the statement.
+        conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+        try:
+            cur = conn.execute(sql, params if params is not None else ())
+            columns = [d[0] for d in cur.description or ()]
+            rows = cur.fetchmany(max_rows + 1) if cur.description else []
+            count = len(rows) if cur.description else max(cur.rowcount, 0)
+            return columns, rows, count
+        except sqlite3.ProgrammingError as exc:
+            raise ValueError(f"db(): {exc}") from None
+        except sqlite3.Error as exc:
+            text = str(exc)
+            if text == "interrupted":
+                raise TimeoutError(f"db(): the statement ran longer than {timeout:g} s "
+                                   "(c.Runtime.db_timeout)") from None
+            if "readonly" in text.replace("-", "").replace(" ", ""):
+                raise PermissionError(f"db(): {text}: db() is read-only in this cell "
+                                      "(--db-readonly or c.Runtime.db_readonly)") from None
+            if text in ("not authorized", "authorization denied"):
+                raise PermissionError("db(): that statement is not allowed (ATTACH, "
+                                      "VACUUM INTO and PRAGMAs other than schema queries are "
+                                      "refused: db() works on the kernel's database only)"
+                                      ) from None
+            raise RuntimeError(f"db(): {text}") from None
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Nothing is held between calls."""
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+class PostgresDatabase:
+    """A PostgreSQL server through psycopg 3: one connection, kept, reopened when lost.
+
+    Every statement is sent as a prepared statement (``prepare=True``): the extended protocol
+    takes one statement at a time, so ``SELECT 1; COMMIT; DELETE ...`` cannot smuggle a second
+    statement past ``SET TRANSACTION READ ONLY``.
+    """
+
+    placeholder = "%s"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def _connection(self) -> Any:
+        import psycopg
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            try:
+                self._conn = psycopg.connect(self.url, connect_timeout=10)
+            except psycopg.Error as exc:
+                raise ConnectionError(f"db(): cannot connect to PostgreSQL (c.Runtime.db_url "
+                                      f"/ $TIERKERNEL_DB_URL): {exc}") from None
+        return self._conn
+
+    def run(self, sql: str, params: Any, readonly: bool, max_rows: int,
+            timeout: float) -> tuple[list[str], list[tuple[Any, ...]], int]:
+        """Run one statement in a transaction of its own."""
+        import psycopg
+        from psycopg import errors
+
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.cursor() as cur:
+                    if readonly:
+                        cur.execute("SET TRANSACTION READ ONLY")
+                    # An integer, so formatting it in is safe (SET takes no parameters).
+                    cur.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
+                    cur.execute(sql, params, prepare=True)
+                    columns = [d.name for d in cur.description or ()]
+                    rows = cur.fetchmany(max_rows + 1) if cur.description else []
+                    count = len(rows) if cur.description else max(cur.rowcount, 0)
+                conn.commit()
+                return columns, rows, count
+            except psycopg.Error as exc:
+                if not conn.closed:
+                    conn.rollback()
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                if isinstance(exc, errors.ReadOnlySqlTransaction):
+                    raise PermissionError(f"db(): {message}: db() is read-only in this cell "
+                                          "(--db-readonly or c.Runtime.db_readonly)") from None
+                if isinstance(exc, errors.QueryCanceled):
+                    raise TimeoutError(f"db(): the statement ran longer than {timeout:g} s "
+                                       "(c.Runtime.db_timeout)") from None
+                if isinstance(exc, psycopg.OperationalError):
+                    raise ConnectionError(f"db(): {message}") from None
+                if isinstance(exc, psycopg.ProgrammingError) and not isinstance(
+                        exc, psycopg.errors.DatabaseError):
+                    raise ValueError(f"db(): {message}") from None
+                raise RuntimeError(f"db(): {message}") from None
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def execute(database: Database, query: Any, params: Any, readonly: bool, max_rows: int,
+            timeout: float) -> DbOutcome:
+    """Run a db() call: SQL with ``params``, or the structured form (which takes none)."""
+    if isinstance(query, Mapping):
+        if params is not None:
+            raise ValueError("db(): the structured form carries its values itself; "
+                             "params= is only for SQL")
+        sql, bound, verb = compile_structured(query, database.placeholder)
+        target = f"{verb} " + _target_table(query)
+        args: Any = bound
+    elif isinstance(query, str):
+        if not query.strip():
+            raise ValueError("db(): the query is empty")
+        if params is not None and not isinstance(params, (list, tuple, Mapping)):
+            raise TypeError("db(): params must be a list (for ? / %s placeholders) or a dict "
+                            "(for :name / %(name)s)")
+        sql, args = query, (list(params) if isinstance(params, (list, tuple)) else params)
+        target = " ".join(sql.split())[:200]
+    else:
+        raise TypeError(f"db() takes SQL text or a structured query dict, got "
+                        f"{type(query).__name__}")
+    columns, rows, count = database.run(sql, args, readonly, max_rows, timeout)
+    if len(rows) > max_rows:
+        raise ValueError(f"db(): the query returned more than {max_rows} rows; add a LIMIT "
+                         "(or 'limit' in the structured form), or raise c.Runtime.db_max_rows")
+    records = [{col: jsonable(v) for col, v in zip(columns, row, strict=False)} for row in rows]
+    value = {"rows": records, "row_count": count, "columns": columns}
+    return DbOutcome(value, target)
+
+
+def _target_table(query: Mapping[str, Any]) -> str:
+    [(verb, spec)] = query.items()
+    key = {"select": "from", "insert": "into", "update": "table", "delete": "from"}[verb]
+    return str(spec[key])
+
+
+def open_database(url: str, path: str) -> Database:
+    """PostgreSQL when ``url`` is set, else the SQLite file at ``path``."""
+    if url:
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("c.Runtime.db_url must be a postgresql:// URL "
+                             f"(got one starting {url.split(':')[0]!r}:)")
+        return PostgresDatabase(url)
+    return SQLiteDatabase(path)
+
