@@ -19,8 +19,8 @@ from tierkernel.backends.native import NativeBackend
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel.iopub import IopubSink
 from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
-from tierkernel.magics.fsx import FsxMagics
 from tierkernel.magics.executions import ExecutionMagics
+from tierkernel.magics.fsx import FsxMagics
 from tierkernel.magics.options import TierUsageError
 from tierkernel.magics.parsing import split_cell
 from tierkernel.magics.tier import TierMagics, strip_native_line
