@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo
+# The sandbox tier, when this machine can have it; the demo runs with whichever tiers are there.
+if bash scripts/engine.sh; then
+    .venv/bin/tierkernel image build || echo "==> no sandbox image; the sandbox tier stays off"
+else
+    echo "==> no Docker engine; the sandbox tier stays off"
+fi
 echo "==> tiers on this machine"
 .venv/bin/tierkernel tiers
 echo "==> running notebooks/tour.ipynb"

@@ -56,13 +56,15 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} (apt)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    apt_log=$(mktemp)
+    apt-get update -qq >"$apt_log" 2>&1 || true
     # runsc is optional: without it the sandbox tier runs on runc only.
-    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
-        apt-get install -y -qq --no-install-recommends docker.io >/dev/null \
-            || die "apt-get install docker.io failed"
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$apt_log" 2>&1; then
+        apt-get install -y -qq --no-install-recommends docker.io >>"$apt_log" 2>&1 \
+            || die "apt-get install docker.io failed: $(tail -n 5 "$apt_log")"
         say "runsc (gVisor) could not be installed; the sandbox tier will use runc only"
     fi
+    rm -f "$apt_log"
 fi
 
 # gVisor as a registered runtime. --network=none: runsc refuses to start containers otherwise on
