@@ -146,6 +146,7 @@ def build_image(
         _import(client, rootfs, ref)
     finally:
         progress("removing the build folder")
+        _unmount_below(rootfs)
         shutil.rmtree(workdir, ignore_errors=True)
     _remove_stale(client, ref, progress)
     progress(f"done: {ref}")
@@ -154,10 +155,22 @@ def build_image(
 
 def _scratch_dir() -> str:
     # A disk-backed folder: the root filesystem is 300+ MB and /tmp may be a small tmpfs.
-    for candidate in (os.environ.get("TIERKERNEL_BUILD_DIR"), "/var/tmp", None):
-        if candidate is None or os.path.isdir(candidate):
-            return candidate or tempfile.gettempdir()
+    for candidate in (os.environ.get("TIERKERNEL_BUILD_DIR"), "/var/tmp"):
+        if candidate and os.path.isdir(candidate):
+            return candidate
     return tempfile.gettempdir()
+
+
+def _unmount_below(root: Path) -> None:
+    """Unmount what an interrupted recipe left mounted in the root (its /proc), so removing
+    the build folder never reaches into a live filesystem."""
+    try:
+        with open("/proc/mounts") as mounts:
+            points = [line.split()[1] for line in mounts]
+    except OSError:
+        return
+    for point in sorted((p for p in points if p.startswith(str(root) + "/")), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def _ensure_debootstrap(progress: Progress) -> None:
@@ -182,6 +195,9 @@ _COUNTED = re.compile(
     r"|(Get):\d+ |(Unpacking|Setting up|Preparing to unpack|Selecting previously) )")
 
 
+_QUIET = {"Validating", "Selecting previously", "Preparing to unpack"}
+
+
 def _run_recipe(recipe: Path, rootfs: Path, mirror: str, progress: Progress) -> None:
     """Run build-rootfs.sh, condensing debootstrap's per-package lines into counts."""
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
@@ -200,6 +216,8 @@ def _run_recipe(recipe: Path, rootfs: Path, mirror: str, progress: Progress) -> 
                 verb = next(g for g in match.groups() if g)
                 verb = {"Get": "Downloading", "Setting up": "Configuring"}.get(verb, verb)
                 counts[verb] = counts.get(verb, 0) + 1
+                if verb in _QUIET:
+                    continue
                 if counts[verb] == 1 or counts[verb] % 50 == 0:
                     progress(f"    {verb.lower()} packages ({counts[verb]} so far)")
                 continue
