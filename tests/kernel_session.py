@@ -94,7 +94,12 @@ class KernelSession:
             if kind != "execute_input":
                 outputs.append(Output(kind, msg["content"], time.monotonic() - start))
         reply = self.kc.get_shell_msg(timeout=timeout)
-        assert reply["parent_header"]["msg_id"] == msg_id
+        while reply["parent_header"].get("msg_id") != msg_id:
+            # A kernel slow to start (a busy machine) answers more than one of the
+            # kernel_info_requests that jupyter_client's wait_for_ready sends once a second;
+            # the extra replies are still queued here.
+            assert reply["msg_type"] == "kernel_info_reply", reply
+            reply = self.kc.get_shell_msg(timeout=timeout)
         return Outcome(reply["content"], reply["metadata"], outputs)
 
     def close(self) -> None:

@@ -231,12 +231,18 @@ class SandboxBackend(Backend):
                 "runtime": self.runtime}
 
     async def start(self) -> None:
-        """Create the container (removing dead kernels' orphans first) and start the agent."""
+        """Create the container (removing dead kernels' orphans first) and start the agent.
+
+        A container that is still there keeps its spec (a cell's --runtime/--memory may have
+        set it): only its agent is restarted. ``execute`` applies each cell's own spec.
+        """
         if self._is_up():
             return
         async with self._async_lock():
             if not self._is_up():
-                await asyncio.to_thread(self._ensure, self._default_spec())
+                current = self._container
+                spec = current.spec if current is not None else self._default_spec()
+                await asyncio.to_thread(self._ensure, spec)
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
         """Run the cell in the container's agent; a changed runtime/memory/cpus is applied
@@ -484,11 +490,12 @@ class SandboxBackend(Backend):
         """Name the limit behind a failure; replace a container a fork bomb filled up."""
         error = held
         if container.spec.runtime == "runc":
+            full = int(container.pids_limit * 0.9)
             current = _pids_current(container.id)
-            if current is not None and current >= container.pids_limit - 4:
-                time.sleep(0.5)  # a dying bomb frees its slots; a live one keeps them full
+            if current is not None and current >= full:
+                time.sleep(1.0)  # a dying bomb frees its slots; a live one keeps them full
                 current = _pids_current(container.id)
-            if current is not None and current >= container.pids_limit - 4:
+            if current is not None and current >= full:
                 with self._tlock:
                     container.suspect = True
                     if self._container is container:
@@ -506,8 +513,7 @@ class SandboxBackend(Backend):
             limit = (f"{self.runsc_nproc} processes (ulimit nproc)"
                      if container.spec.runtime == "runsc"
                      else f"{container.pids_limit} processes (pids limit)")
-            evalue = (f"{error.evalue} -- the sandbox allows at most {limit}; the processes the "
-                      "cell started have ended")
+            evalue = f"{error.evalue} -- the sandbox allows at most {limit}"
             return ExecError(error.ename, evalue, [*error.traceback[:-1],
                                                    f"{error.ename}: {evalue}"])
         return error

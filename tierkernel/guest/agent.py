@@ -170,6 +170,14 @@ class Agent:
         self.stderr = CellStream(self, "stderr")
         self._fd_readers: dict[str, _FdPump] = {}
         self._sent_result = False
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread survives a fork; a lock another thread (the flusher) held at
+        # that moment would stay held forever in the child, and the child would hang on its
+        # first print instead of ending (a fork bomb would then never let go of the pids).
+        for stream in (self.stdout, self.stderr):
+            stream._lock = threading.Lock()
 
     # -- output ---------------------------------------------------------------------------
     def emit_stream(self, name: str, text: str) -> None:

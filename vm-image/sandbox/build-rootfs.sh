@@ -31,8 +31,10 @@ rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/* "$rootfs"/var/cac
     "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
     "$rootfs"/usr/share/locale/* \
     "$rootfs"/var/log/*.log "$rootfs"/var/log/apt/*
-# Mount points: /workspace is where cells run (a tmpfs at run time).
+# Mount points: /workspace is where cells run (a tmpfs at run time). The engine gives a tmpfs
+# the mode of the directory it covers, so it is made writable for the (non-root) cell user here.
 mkdir -p "$rootfs/workspace"
+chmod 1777 "$rootfs/workspace"
 
 echo "--> building matplotlib's font cache"
 # Prebuilt so the first plot in a fresh container does not spend seconds scanning fonts; the
