@@ -93,13 +93,12 @@ class KernelSession:
                 continue
             if kind != "execute_input":
                 outputs.append(Output(kind, msg["content"], time.monotonic() - start))
-        reply = self.kc.get_shell_msg(timeout=timeout)
-        while reply["parent_header"].get("msg_id") != msg_id:
-            # A kernel slow to start (a busy machine) answers more than one of the
-            # kernel_info_requests that jupyter_client's wait_for_ready sends once a second;
-            # the extra replies are still queued here.
-            assert reply["msg_type"] == "kernel_info_reply", reply
+        # A slow kernel start leaves extra kernel_info replies from wait_for_ready's retries
+        # on the shell channel: skip replies to anything but this request.
+        while True:
             reply = self.kc.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
         return Outcome(reply["content"], reply["metadata"], outputs)
 
     def close(self) -> None:
