@@ -253,8 +253,12 @@ class SandboxBackend(Backend):
             memory=int(request.options.get("memory") or self.memory),
             cpus=float(request.options.get("cpus") or self.cpus),
         )
-        async with self._async_lock():
-            notice = await asyncio.to_thread(self._ensure, spec)
+        notice = ""
+        container = self._container
+        if not (self._is_up() and container is not None and container.spec == spec):
+            # Only when something must change: the common case costs no thread hop.
+            async with self._async_lock():
+                notice = await asyncio.to_thread(self._ensure, spec)
         if notice:
             sink.stream("stderr", notice + "\n")
         session, container = self._session, self._container
@@ -266,7 +270,9 @@ class SandboxBackend(Backend):
         result = await asyncio.to_thread(session.run, request, held,
                                          request.options.get("timeout"))
         container.cells += 1
-        error = await asyncio.to_thread(self._after_cell, container, held.held, result)
+        error = None
+        if held.held is not None or self._pids_high(container):
+            error = await asyncio.to_thread(self._after_cell, container, held.held)
         if error is not None:
             sink.error(error.ename, error.evalue, error.traceback)
             result = dataclasses.replace(result, success=False, error=error)
@@ -485,31 +491,50 @@ class SandboxBackend(Backend):
                 log.warning("could not remove sandbox container %s: %s", container.id[:12], exc)
 
     # -- after a cell ---------------------------------------------------------------------
-    def _after_cell(self, container: _Container, held: ExecError | None,
-                    result: ExecResult) -> ExecError | None:
+    @staticmethod
+    def _pids_high(container: _Container) -> bool:
+        """Whether the container's processes fill 90% of its pids limit (runc: the host's
+        cgroup file says so in microseconds; under runsc it counts gVisor's own threads)."""
+        if container.spec.runtime != "runc":
+            return False
+        current = _pids_current(container.id)
+        return current is not None and current >= int(container.pids_limit * 0.9)
+
+    @staticmethod
+    def _pids_settle(container: _Container, within: float) -> bool:
+        """Wait up to ``within`` s for the container's process count to fall back to a quarter
+        of its limit; True when it did (or cannot be read)."""
+        deadline = time.monotonic() + within
+        while True:
+            current = _pids_current(container.id)
+            if current is None or current < container.pids_limit // 4:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def _after_cell(self, container: _Container, held: ExecError | None) -> ExecError | None:
         """Name the limit behind a failure; replace a container a fork bomb filled up."""
         error = held
-        if container.spec.runtime == "runc":
-            full = int(container.pids_limit * 0.9)
-            current = _pids_current(container.id)
-            if current is not None and current >= full:
-                time.sleep(1.0)  # a dying bomb frees its slots; a live one keeps them full
-                current = _pids_current(container.id)
-            if current is not None and current >= full:
-                with self._tlock:
-                    container.suspect = True
-                    if self._container is container:
-                        self._drop_container()
-                error = ExecError(
-                    "ProcessLimitError",
-                    f"the cell's processes filled the sandbox's limit of {container.pids_limit} "
-                    "processes (pids limit) and kept it full, so the container was removed; "
-                    "its variables and files are gone and the next sandbox cell starts a new one",
-                    [],
-                )
-                error.traceback.append(f"{error.ename}: {error.evalue}")
-                return error
-        if error is not None and _is_process_limit(error):
+        limited = error is not None and _is_process_limit(error)
+        # A dying bomb frees its slots within a moment; a live one keeps churning near the
+        # limit, and then the container is no use to the next cell.
+        suspicious = self._pids_high(container) or (limited and container.spec.runtime == "runc")
+        if suspicious and not self._pids_settle(container, within=2.0):
+            with self._tlock:
+                container.suspect = True
+                if self._container is container:
+                    self._drop_container()
+            error = ExecError(
+                "ProcessLimitError",
+                f"the cell's processes filled the sandbox's limit of {container.pids_limit} "
+                "processes (pids limit) and kept it full, so the container was removed; "
+                "its variables and files are gone and the next sandbox cell starts a new one",
+                [],
+            )
+            error.traceback.append(f"{error.ename}: {error.evalue}")
+            return error
+        if error is not None and limited:
             limit = (f"{self.runsc_nproc} processes (ulimit nproc)"
                      if container.spec.runtime == "runsc"
                      else f"{container.pids_limit} processes (pids limit)")
