@@ -22,3 +22,23 @@ def fresh_kernel() -> Iterator[KernelSession]:
     session = KernelSession()
     yield session
     session.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_sandbox_containers_left() -> Iterator[None]:
+    """After the whole run, no sandbox container may be left on the engine.
+
+    Kernels shut down by the tests remove their containers themselves. Those of kernels the
+    tests killed with SIGKILL are removed by the next kernel that starts; the last such kernel
+    may have no successor, so the same reaping is done here first (as a new kernel would).
+    """
+    yield
+    from tests import sandbox_support
+
+    if not sandbox_support.status()[0]:
+        return
+    from tierkernel.backends.sandbox import reap_orphans
+
+    reap_orphans(sandbox_support.client())
+    left = sandbox_support.all_sandbox_containers()
+    assert left == [], f"sandbox containers left after the test run: {left}"

@@ -66,6 +66,37 @@ class ProcessTierConformance(jkt.KernelTests):
     supported_history_operations = ("tail", "range")
 
 
+class SandboxTierConformance(jkt.KernelTests):
+    """Cells routed with ``%%tier sandbox`` (the agent in a Docker container) give the same
+    messages. Needs the engine: it fails in CI without one and is skipped elsewhere."""
+
+    kernel_name = "tierkernel"
+    language_name = "python"
+    file_extension = ".py"
+
+    code_hello_world = "%%tier sandbox\nprint('hello, world')"
+    code_stderr = "%%tier sandbox\nimport sys; print('test', file=sys.stderr)"
+    code_generate_error = "%%tier sandbox\nraise ValueError('oops')"
+    code_execute_result = [
+        {"code": "%%tier sandbox\n6*7", "result": "42"},
+        {"code": "%%tier sandbox\nx = [1, 2]\nx + [3]", "result": "[1, 2, 3]"},
+    ]
+    code_display_data = [
+        {"code": "%%tier sandbox\nclass H:\n    def _repr_html_(self): return '<b>x</b>'\n"
+                 "display(H())", "mime": "text/html"},
+    ]
+    code_clear_output = "%%tier sandbox\nclear_output()"
+    code_history_pattern = "%%tier sandbox\n6*7"
+    supported_history_operations = ("tail", "range")
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        from tests.sandbox_support import need_sandbox
+
+        need_sandbox()
+        super().setUpClass()
+
+
 class ProcessDefaultConformance(jkt.KernelTests):
     """A kernel whose default tier is ``process`` (set in its kernelspec) needs no magic."""
 

@@ -51,6 +51,17 @@ def _cmd_warm(args: argparse.Namespace) -> int:
         wasm_runtime.warm(progress)
     except Exception as exc:  # shown as one line: what failed and why
         print(f"tierkernel warm: the wasm runtime is not usable here: {exc}", file=sys.stderr)
+def _cmd_image(args: argparse.Namespace) -> int:
+    from tierkernel.backends.docker_engine import EngineError
+    from tierkernel.backends.sandbox_image import ImageBuildError, build_image, image_ref
+
+    if args.image_command == "tag":
+        print(image_ref())
+        return 0
+    try:
+        build_image(lambda line: print(line, flush=True), force=args.force, mirror=args.mirror)
+    except (ImageBuildError, EngineError) as exc:
+        print(f"tierkernel image build: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -105,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
         "A no-op (about a second) when it is already compiled.",
     )
     p.set_defaults(func=_cmd_warm)
+    p = sub.add_parser("image", help="the sandbox tier's container image")
+    image_sub = p.add_subparsers(dest="image_command", required=True)
+    b = image_sub.add_parser(
+        "build", help="build the sandbox image from Debian packages (debootstrap, no registry) "
+        "and import it into the Docker engine; a no-op when the recipe is unchanged")
+    b.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
+    b.add_argument("--mirror", metavar="URL",
+                   help="Debian mirror (default: the one apt uses, from /etc/apt/sources.list*)")
+    image_sub.add_parser("tag", help="print the image reference this recipe builds")
+    p.set_defaults(func=_cmd_image)
 
     p = sub.add_parser("kernel", help="launch the kernel (what the kernelspec runs)")
     p.add_argument("kernel_args", nargs=argparse.REMAINDER)

@@ -82,8 +82,18 @@ class Channel:
         self._lock = threading.Lock()
         self.deferring = False
         self.pending = False
+        #: The agent's own pid: a process forked by a cell (os.fork, a fork bomb) inherits the
+        #: channel but must never write to it, or its messages would corrupt the protocol.
+        self.owner = os.getpid()
+
+    @property
+    def forked(self) -> bool:
+        """Whether this process is a fork of the agent made by a cell, not the agent."""
+        return os.getpid() != self.owner
 
     def send(self, msg: dict[str, Any]) -> None:
+        if self.forked:
+            return
         data = (json.dumps(msg, default=repr) + "\n").encode("utf-8", "replace")
         main = threading.current_thread() is threading.main_thread()
         if main:
@@ -160,9 +170,21 @@ class Agent:
         self.stderr = CellStream(self, "stderr")
         self._fd_readers: dict[str, _FdPump] = {}
         self._sent_result = False
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread survives a fork; a lock another thread (the flusher) held at
+        # that moment would stay held forever in the child, and the child would hang on its
+        # first print instead of ending (a fork bomb would then never let go of the pids).
+        for stream in (self.stdout, self.stderr):
+            stream._lock = threading.Lock()
 
     # -- output ---------------------------------------------------------------------------
     def emit_stream(self, name: str, text: str) -> None:
+        if self.channel.forked:
+            # A forked child's prints go through fd 1/2, which the agent's pumps forward.
+            os.write(1 if name == "stdout" else 2, text.encode("utf-8", "replace"))
+            return
         self.channel.send({"type": "stream", "id": self.cell_id, "name": name, "text": text})
 
     def display(self, *objs: Any, **kwargs: Any) -> None:
@@ -219,6 +241,11 @@ class Agent:
         try:
             success = self._run(code, filename, first_line)
         finally:
+            if self.channel.forked:
+                # A fork that ran to the end of the cell must not become a second agent
+                # competing for requests: it ends with the cell.
+                self._flush_text()
+                os._exit(0 if success else 1)
             try:
                 self.flush_figures()
             except BaseException as exc:  # report it; the agent must never die between cells
@@ -484,8 +511,9 @@ def system(command: str) -> None:
 def main() -> None:
     """Serve cells on stdin/stdout until the host closes stdin."""
     # Imports resolve from the working directory, as in IPython, not from the agent's folder.
-    here = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0] or ".") == here:
+    # No __file__ when the source is handed to ``python3 -c`` (the sandbox tier does that).
+    here = os.path.dirname(os.path.abspath(globals().get("__file__") or "."))
+    if sys.path and os.path.abspath(sys.path[0] or ".") == here and sys.path[0]:
         sys.path[0] = ""
     channel = Channel(os.dup(1))
     agent = Agent(channel)

@@ -149,6 +149,23 @@ def is_domain_pattern(domain: str) -> bool:
     return all(_DOMAIN_LABEL.match(label) for label in name.split("."))
 
 
+_RUNTIME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_RUNTIME_ALIASES = {"gvisor": "runsc"}
+
+
+def parse_runtime(text: str) -> str:
+    """Parse a container runtime name: ``runc``, ``runsc`` (``gvisor`` is taken as ``runsc``).
+
+    Only the spelling is checked here; the tier checks that its engine has the runtime.
+    """
+    name = text.strip().lower()
+    if not _RUNTIME.match(name):
+        raise TierUsageError(
+            f"--runtime expects a container runtime name such as runc or runsc, got {text!r}"
+        )
+    return _RUNTIME_ALIASES.get(name, name)
+
+
 def format_size(value: int) -> str:
     """Render a byte count the way ``--memory`` accepts it: ``1g``, ``512m``, ``1536k``."""
     for unit, factor in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
@@ -198,6 +215,12 @@ OPTIONS: dict[str, OptionSpec] = {
             "db() may only read in this cell",
             lambda text: True,
             flag=True,
+        ),
+        OptionSpec(
+            "runtime",
+            "NAME",
+            "container runtime of the tier's session: runc, or runsc for gVisor",
+            parse_runtime,
         ),
     ]
 }

@@ -1,0 +1,191 @@
+"""Sandbox tier latency against its peers, all measured in one run, per runtime.
+
+For each runtime (runc, and runsc where the engine has it):
+
+- first sandbox cell of a new kernel (warm start), sent as soon as the kernel answers, and again
+  after a 2 s pause (a person typing); against ``docker run --rm IMAGE python3 -c CELL``
+  (a fresh, equally hardened container per cell);
+- warm trivial cell (``%%tier sandbox`` + ``1+1``) round trip through the kernel, against a
+  native cell in the same kernel and ``docker exec CONTAINER python3 -c CELL`` (per-cell exec);
+- first streamed line of ``print(); sleep(0.5); print()`` against the same via ``docker exec``.
+
+``docker exec``/``docker run`` are timed through the Docker SDK (what a per-cell implementation
+in the kernel would do) and through the docker CLI (what a person would type). Targets from
+issue 4: warm cell <= 0.1 x docker exec; first cell <= 0.3 x docker run.
+
+    .venv/bin/python benchmarks/sandbox_latency.py [--rounds 100] [--runtime runc]
+
+Not part of CI: wall-clock numbers are for people, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import start_new_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.latency import ensure_specs, round_trip
+from tierkernel.backends.docker_engine import connect
+from tierkernel.backends.sandbox_image import image_ref
+
+STREAM_CELL = "import time\nprint('first', flush=True)\ntime.sleep(0.5)\nprint('second')"
+HARDENING: dict[str, Any] = {
+    "network_mode": "none", "read_only": True, "tmpfs": {"/tmp": "size=64m"},
+    "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"], "user": "65534:65534",
+    "mem_limit": 512 * 2**20, "init": True,
+}
+
+
+def first_stream(kc: BlockingKernelClient, code: str) -> float:
+    """Seconds from sending ``code`` to its first stream message (then waits for idle)."""
+    start = time.perf_counter()
+    msg_id = kc.execute(code)
+    first = None
+    while True:
+        msg = kc.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream" and first is None:
+            first = time.perf_counter() - start
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    kc.get_shell_msg(timeout=60)
+    assert first is not None
+    return first
+
+
+def new_kernel_first_cell(runtime: str, pause: float) -> float:
+    """A new kernel whose default sandbox runtime is ``runtime``: its first sandbox cell."""
+    km, kc = start_new_kernel(kernel_name="tierkernel",
+                              extra_arguments=[f"--SandboxBackend.runtime={runtime}"])
+    try:
+        time.sleep(pause)
+        return round_trip(kc, "%%tier sandbox\n1+1")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+def bench_runtime(runtime: str, rounds: int, client: Any, image: str) -> dict[str, float]:
+    cli = shutil.which("docker")
+    res: dict[str, float] = {}
+    # First cells of new kernels (3 each), then docker run per cell.
+    res["first_cell_now"] = median_ms([new_kernel_first_cell(runtime, 0.0) for _ in range(3)])
+    res["first_cell_2s"] = median_ms([new_kernel_first_cell(runtime, 2.0) for _ in range(3)])
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        client.containers.run(image, ["python3", "-c", "print(1+1)"], remove=True,
+                              runtime=runtime, **HARDENING)
+        runs.append(time.perf_counter() - t)
+    res["docker_run_sdk"] = median_ms(runs)
+    if cli:
+        runs = []
+        for _ in range(5):
+            t = time.perf_counter()
+            subprocess.run([cli, "run", "--rm", "--network", "none", "--read-only",
+                            "--cap-drop", "ALL", "--user", "65534:65534", "--init",
+                            "--runtime", runtime, image, "python3", "-c", "print(1+1)"],
+                           check=True, capture_output=True)
+            runs.append(time.perf_counter() - t)
+        res["docker_run_cli"] = median_ms(runs)
+
+    # Warm cells through one kernel, alternating with the docker exec peers.
+    km, kc = start_new_kernel(kernel_name="tierkernel",
+                              extra_arguments=[f"--SandboxBackend.runtime={runtime}"])
+    peer = client.containers.run(image, ["sleep", "infinity"], detach=True, runtime=runtime,
+                                 labels={"org.tierkernel.benchmark": "1"}, **HARDENING)
+    try:
+        for _ in range(10):
+            round_trip(kc, "%%tier sandbox\n1+1")
+            round_trip(kc, "1+1")
+        sandbox, native, ex_sdk, ex_cli, st_sandbox, st_exec = [], [], [], [], [], []
+        for i in range(rounds):
+            sandbox.append(round_trip(kc, "%%tier sandbox\n1+1"))
+            native.append(round_trip(kc, "1+1"))
+            t = time.perf_counter()
+            peer.exec_run(["python3", "-c", "print(1+1)"])
+            ex_sdk.append(time.perf_counter() - t)
+            if cli and i % 5 == 0:
+                t = time.perf_counter()
+                subprocess.run([cli, "exec", peer.id, "python3", "-c", "print(1+1)"],
+                               check=True, capture_output=True)
+                ex_cli.append(time.perf_counter() - t)
+            if i % 10 == 0:
+                st_sandbox.append(first_stream(kc, "%%tier sandbox\n" + STREAM_CELL))
+                t = time.perf_counter()
+                _, stream = peer.exec_run(["python3", "-c", STREAM_CELL], stream=True)
+                next(iter(stream))
+                st_exec.append(time.perf_counter() - t)
+                for _chunk in stream:
+                    pass
+        res.update(warm_sandbox=median_ms(sandbox), warm_native=median_ms(native),
+                   exec_sdk=median_ms(ex_sdk), stream_sandbox=median_ms(st_sandbox),
+                   stream_exec=median_ms(st_exec))
+        if ex_cli:
+            res["exec_cli"] = median_ms(ex_cli)
+    finally:
+        peer.remove(force=True)
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    return res
+
+
+def report(runtime: str, r: dict[str, float]) -> None:
+    print(f"\n== runtime {runtime} (medians, ms)")
+    print(f"first sandbox cell of a new kernel, sent at once     {r['first_cell_now']:9.1f}")
+    print(f"first sandbox cell of a new kernel, after 2 s        {r['first_cell_2s']:9.1f}")
+    print(f"docker run --rm IMAGE python3 -c (SDK)               {r['docker_run_sdk']:9.1f}")
+    if "docker_run_cli" in r:
+        print(f"docker run --rm IMAGE python3 -c (CLI)               {r['docker_run_cli']:9.1f}")
+    print(f"warm sandbox cell 1+1 through the kernel             {r['warm_sandbox']:9.2f}")
+    print(f"native cell 1+1 through the kernel                   {r['warm_native']:9.2f}")
+    print(f"docker exec CONTAINER python3 -c (SDK)               {r['exec_sdk']:9.1f}")
+    if "exec_cli" in r:
+        print(f"docker exec CONTAINER python3 -c (CLI)               {r['exec_cli']:9.1f}")
+    print(f"first streamed line: sandbox cell                    {r['stream_sandbox']:9.2f}")
+    print(f"first streamed line: docker exec (SDK)               {r['stream_exec']:9.1f}")
+    print("ratios:")
+    print(f"  warm cell / docker exec (SDK)       {r['warm_sandbox'] / r['exec_sdk']:.3f}"
+          "  (target <= 0.1)")
+    if "exec_cli" in r:
+        print(f"  warm cell / docker exec (CLI)       {r['warm_sandbox'] / r['exec_cli']:.3f}")
+    print(f"  warm cell / native cell             {r['warm_sandbox'] / r['warm_native']:.2f}")
+    print(f"  first cell (at once) / docker run   {r['first_cell_now'] / r['docker_run_sdk']:.3f}"
+          "  (target <= 0.3)")
+    print(f"  first cell (after 2 s) / docker run {r['first_cell_2s'] / r['docker_run_sdk']:.3f}")
+    print(f"  first line / docker exec first line {r['stream_sandbox'] / r['stream_exec']:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=100, help="warm cells per kind")
+    parser.add_argument("--runtime", action="append",
+                        help="runtime(s) to measure (default: runc and, if registered, runsc)")
+    args = parser.parse_args()
+    ensure_specs()
+    client = connect(timeout=120)
+    image = image_ref()
+    runtimes = args.runtime or [r for r in ("runc", "runsc")
+                                if r in (client.info().get("Runtimes") or {})]
+    results = {rt: bench_runtime(rt, args.rounds, client, image) for rt in runtimes}
+    for runtime, res in results.items():
+        report(runtime, res)
+
+
+if __name__ == "__main__":
+    main()

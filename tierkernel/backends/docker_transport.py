@@ -1,0 +1,235 @@
+"""An :class:`~tierkernel.backends.agent_session.AgentTransport` over a Docker exec socket.
+
+The agent runs as one long-lived ``docker exec`` in the sandbox container: its stdin is the
+request channel and its stdout the message channel, both carried by the exec's hijacked HTTP
+connection. Without a TTY the engine multiplexes stdout and stderr on that connection in frames
+of an 8-byte header (``>BxxxL``: stream 1 = stdout, 2 = stderr; payload length) and a payload.
+
+There is no "exec kill" in the Docker API, so stops are done from inside the container (a short
+``kill`` exec as the same uid), with the host as the fallback when the container no longer
+accepts execs (a fork bomb has used up its pids): runc's exec processes are host processes, and
+gVisor's are reached through ``runsc kill``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">BxxxL")
+
+#: Kill the agent and everything else the cells left running in the container, except PID 1
+#: (docker-init) and the container's keeper (``sleep infinity``, whose exit would stop the
+#: container). Runs as the cells' uid, so it needs no capability. $1 is the agent's pid.
+_KILL_TREE = r"""
+kill -KILL "$1" 2>/dev/null
+for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    case "$p" in 1|$$) continue ;; esac
+    [ "$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)" = "sleep infinity " ] && continue
+    kill -KILL "$p" 2>/dev/null
+done
+exit 0
+"""
+
+
+class DockerExecTransport:
+    """The agent as a ``docker exec`` process in a running container.
+
+    ``api`` is a ``docker.APIClient``; ``cmd`` starts the agent. ``runtime`` picks the hard-kill
+    path (``runc`` host pid, or ``runsc kill``). ``on_gone`` is called with the reason once the
+    exec's stream ends, so the backend can tell a dead container from a dead agent.
+    """
+
+    def __init__(
+        self,
+        api: Any,
+        container_id: str,
+        cmd: list[str],
+        *,
+        user: str,
+        environment: dict[str, str],
+        workdir: str,
+        runtime: str,
+        detail: Callable[[int | None], str] | None = None,
+    ) -> None:
+        self.api = api
+        self.container_id = container_id
+        self.user = user
+        self.runtime = runtime
+        self._detail = detail
+        self.exec_id: str = api.exec_create(
+            container_id, cmd, stdin=True, stdout=True, stderr=True, tty=False,
+            user=user, environment=environment, workdir=workdir,
+        )["Id"]
+        raw = api.exec_start(self.exec_id, socket=True)
+        # docker-py hands back socket.SocketIO over the unix socket; the real socket is inside.
+        self._sock: socket.socket = getattr(raw, "_sock", raw)
+        # The client's request timeout must not end a session that is merely idle.
+        self._sock.settimeout(None)
+        self._send_lock = threading.Lock()
+        self._buf = bytearray()   # undecoded frame bytes
+        self._out = bytearray()   # stdout payload not yet returned as a line
+        self._stderr: deque[bytes] = deque(maxlen=16)
+        self._closed = False
+        #: The agent's pid inside the container, from its "ready" message.
+        self.pid: int | None = None
+        self._host_pid: int | None = None
+
+    # -- the byte channel -----------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Write request bytes to the agent's stdin."""
+        if self._closed:
+            raise OSError("the sandbox agent's connection is closed")
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def readline(self) -> bytes:
+        """The agent's next stdout line (frames demultiplexed); ``b""`` at the end."""
+        while True:
+            end = self._out.find(b"\n")
+            if end != -1:
+                line = bytes(self._out[: end + 1])
+                del self._out[: end + 1]
+                if self.pid is None and b'"ready"' in line:
+                    self._note_ready(line)
+                return line
+            if not self._fill():
+                return b""
+
+    def _fill(self) -> bool:
+        """Read at least one more frame's worth of bytes; False at the end of the stream."""
+        while True:
+            if len(self._buf) >= _HEADER.size:
+                stream, length = _HEADER.unpack_from(self._buf)
+                if len(self._buf) >= _HEADER.size + length:
+                    payload = bytes(self._buf[_HEADER.size: _HEADER.size + length])
+                    del self._buf[: _HEADER.size + length]
+                    if stream == 1:
+                        self._out += payload
+                        return True
+                    self._stderr.append(payload)
+                    continue
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._closed = True
+                return False
+            self._buf += chunk
+
+    def _note_ready(self, line: bytes) -> None:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            msg = json.loads(line)
+            if msg.get("type") == "ready":
+                self.pid = int(msg["pid"])
+
+    # -- stopping -------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """SIGINT to the agent, from a short exec as its own uid (no capability needed).
+
+        Runs in a thread: this is called from the kernel's signal handler and must not block.
+        """
+        pid = self.pid
+        if pid is None or self._closed:
+            return
+        threading.Thread(target=self._exec_quietly, args=(["kill", "-INT", str(pid)], 10.0),
+                         daemon=True, name="sandbox-interrupt").start()
+
+    def kill(self) -> None:
+        """Kill the agent and what its cells started; then close the connection. Idempotent."""
+        if not self._closed and self.pid is not None:
+            done = self._exec_quietly(["sh", "-c", _KILL_TREE, "kill-tree", str(self.pid)], 5.0)
+            if not done:
+                self._kill_from_host()
+        self.close()
+
+    def _exec_quietly(self, cmd: list[str], timeout: float) -> bool:
+        """Run ``cmd`` in the container as the agent's uid; True if it ran within ``timeout``.
+
+        The engine call runs in a helper thread: under gVisor a wedged sandbox can leave an exec
+        hanging for tens of seconds, and a stop must not wait for that.
+        """
+        outcome: list[bool] = []
+
+        def call() -> None:
+            try:
+                exec_id = self.api.exec_create(self.container_id, cmd, user=self.user)["Id"]
+                self.api.exec_start(exec_id)
+                outcome.append(True)
+            except Exception:
+                log.debug("exec %s in %s failed", cmd[0], self.container_id[:12], exc_info=True)
+
+        worker = threading.Thread(target=call, daemon=True, name="sandbox-exec")
+        worker.start()
+        worker.join(timeout)
+        return bool(outcome)
+
+    def _kill_from_host(self) -> None:
+        """The container does not take execs: kill the agent from the host side."""
+        try:
+            if self.runtime == "runc":
+                pid = self.api.exec_inspect(self.exec_id).get("Pid")
+                if pid:
+                    os.kill(int(pid), signal.SIGKILL)
+            elif self.runtime == "runsc" and self.pid is not None:
+                runsc = shutil.which("runsc") or "/usr/bin/runsc"
+                for root in ("/var/run/docker/runtime-runsc/moby",
+                             "/var/run/docker/runtime-runc/moby"):
+                    if os.path.isdir(os.path.join(root, self.container_id)):
+                        subprocess.run([runsc, "--root", root, "kill", f"--pid={self.pid}",
+                                        self.container_id, "KILL"], timeout=10,
+                                       capture_output=True, check=False)
+                        break
+        except Exception:
+            log.debug("host-side kill of the sandbox agent failed", exc_info=True)
+
+    def close(self) -> None:
+        """Drop the connection (the agent, if still alive, sees EOF on stdin and exits)."""
+        if self._closed and self._sock.fileno() == -1:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    # -- diagnosis ------------------------------------------------------------------------
+    def exit_code(self) -> int | None:
+        """The agent's exit status, or None while it runs (or if the engine cannot say)."""
+        try:
+            info = self.api.exec_inspect(self.exec_id)
+        except Exception:
+            return None
+        if info.get("Running"):
+            return None
+        code = info.get("ExitCode")
+        return int(code) if code is not None else None
+
+    def stderr_tail(self) -> str:
+        """The last words the agent's process wrote on its original stderr."""
+        return b"".join(self._stderr)[-400:].decode("utf-8", "replace").strip()
+
+    def exit_detail(self) -> str:
+        """Why the agent is gone, in words (the backend adds what it knows: OOM, a dead
+        container)."""
+        code = self.exit_code()
+        if self._detail is not None:
+            return self._detail(code)
+        text = "it exited" if code is None else f"it exited with status {code}"
+        tail = self.stderr_tail()
+        return f"{text}; stderr: {tail}" if tail else text

@@ -1,0 +1,688 @@
+"""The ``sandbox`` tier: cells run in a hardened Docker container, by a persistent agent.
+
+One container per kernel session, started in the background when the kernel starts (warm
+start), hardened by default: no network, read-only root with tmpfs ``/tmp`` and ``/workspace``,
+every capability dropped, no-new-privileges, uid 65534, pids/memory/CPU limits, and docker-init
+as PID 1. ``--runtime runsc`` (or ``c.SandboxBackend.runtime``) runs it under gVisor.
+
+Cells are run by the same stdlib-only guest agent as the ``process`` tier, started once per
+container with ``docker exec`` and driven through its exec socket by
+:class:`~tierkernel.backends.agent_session.AgentSession`: no ``docker exec`` per cell.
+
+Containers carry labels (kernel id, owner pid and host); they are removed on shutdown, restart
+and exit, and a starting kernel removes those whose owner is dead (a SIGKILLed kernel's).
+Facts this module relies on were measured on the target machines: shared/notes/container-tier.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from traitlets import Bool, Float, Int, Unicode
+
+from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.base import (
+    Availability,
+    Backend,
+    CellRequest,
+    ExecError,
+    ExecResult,
+    MimeBundle,
+    OutputSink,
+)
+from tierkernel.backends.docker_engine import (
+    LABEL_KERNEL,
+    LABEL_OWNER_HOST,
+    LABEL_OWNER_PID,
+    EngineError,
+    connect,
+    engine_url,
+    explain,
+    unreachable_message,
+)
+from tierkernel.backends.docker_transport import DockerExecTransport
+from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
+from tierkernel.magics.options import format_size
+
+log = logging.getLogger(__name__)
+
+AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
+#: When the owning kernel process started (clock ticks since boot): a pid alone may be reused.
+LABEL_OWNER_START = "org.tierkernel.owner-start"
+LABEL_RUNTIME = "org.tierkernel.runtime"
+
+# The agent's source is handed to `python3 -c` at every agent start instead of living in the
+# image: the agent in the container is then always the kernel's own, and editing it never means
+# rebuilding the image. The prebuilt matplotlib font cache is copied into the writable /tmp
+# first (MPLCONFIGDIR must be writable, and the root is read-only).
+_AGENT_SHELL = ("mkdir -p /tmp/matplotlib && cp -Rn /opt/tierkernel/mplconfig/. /tmp/matplotlib/"
+                ' 2>/dev/null; exec python3 -c "$0"')
+_ENVIRONMENT = {
+    "HOME": "/tmp",
+    "MPLCONFIGDIR": "/tmp/matplotlib",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "LANG": "C.UTF-8",
+}
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What a container is created with that a cell may ask to change."""
+
+    runtime: str
+    memory: int
+    cpus: float
+
+    def describe(self) -> str:
+        """``runtime runc, memory 512m, cpus 1`` for messages."""
+        return f"runtime {self.runtime}, memory {format_size(self.memory)}, cpus {self.cpus:g}"
+
+
+@dataclass
+class _Container:
+    """One sandbox container and what the tier has learnt about it from the engine's events."""
+
+    id: str
+    spec: ContainerSpec
+    pids_limit: int
+    cells: int = 0
+    ooms: int = 0
+    died: bool = False
+    suspect: bool = False  # stop using it: recreate before the next cell
+    events: Any = None
+    oom_seen: threading.Event = field(default_factory=threading.Event)
+
+
+class _CellSink:
+    """The cell's sink, holding back the error until the tier knows what caused it.
+
+    A cell that hits the pids limit fails with a bare ``BlockingIOError``; the tier rewrites
+    that into an error naming the limit, so it keeps the error until the cell is over and then
+    publishes exactly one.
+    """
+
+    def __init__(self, sink: OutputSink) -> None:
+        self.sink = sink
+        self.held: ExecError | None = None
+
+    def stream(self, name: str, text: str) -> None:
+        self.sink.stream(name, text)
+
+    def display(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        self.sink.display(data, metadata)
+
+    def result(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        self.sink.result(data, metadata)
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        self.held = ExecError(ename, evalue, list(traceback))
+
+    def clear_output(self, wait: bool = False) -> None:
+        self.sink.clear_output(wait)
+
+
+class SandboxBackend(Backend):
+    """Runs cells in a per-kernel Docker container (runc or gVisor) through the guest agent."""
+
+    isolation = ("Docker container: no network, read-only root, no capabilities, uid 65534, "
+                 "pids/memory/CPU limits; --runtime runsc = gVisor")
+    accepted_options: ClassVar[frozenset[str]] = frozenset(
+        {"timeout", "memory", "cpus", "runtime"})
+
+    warm_start = Bool(
+        True,
+        help="Start the sandbox container and its agent in the background when the kernel "
+        "starts, so the first sandbox cell does not wait for container creation.",
+    ).tag(config=True)
+    image = Unicode(
+        "", help="Image to run; empty: the image `tierkernel image build` makes "
+        "(tierkernel-sandbox:<recipe hash>)."
+    ).tag(config=True)
+    runtime = Unicode(
+        "runc", help="Container runtime: runc, or runsc for gVisor (registered with the engine). "
+        "Overridden per cell with --runtime."
+    ).tag(config=True)
+    memory = Int(
+        512 * 2**20, help="Memory limit of the container in bytes (swap included); per cell: "
+        "--memory 1g."
+    ).tag(config=True)
+    cpus = Float(1.0, help="CPU share of the container; per cell: --cpus 0.5.").tag(config=True)
+    pids_limit = Int(
+        256, help="Most processes (and threads) the container may have under runc."
+    ).tag(config=True)
+    runsc_pids_limit = Int(
+        4096, help="The pids limit under runsc, where the host cgroup counts gVisor's own threads "
+        "(a small limit crashes the sandbox); processes are then capped by runsc_nproc."
+    ).tag(config=True)
+    runsc_nproc = Int(
+        64, help="Per-user process limit (ulimit nproc) inside a gVisor sandbox."
+    ).tag(config=True)
+    tmpfs_size = Unicode(
+        "256m", help="Size of each writable tmpfs (/tmp and /workspace); counted in --memory."
+    ).tag(config=True)
+    user = Unicode("65534:65534", help="uid:gid the cells run as (not root).").tag(config=True)
+    interrupt_grace = Float(
+        3.0, help="Seconds a cell may take to honour an interrupt before its agent is killed."
+    ).tag(config=True)
+    output_limit = Int(
+        16 * 1024 * 1024, help="Bytes of output one cell may produce before it is stopped."
+    ).tag(config=True)
+    start_timeout = Float(
+        60.0, help="Seconds to wait for the agent to start in the container."
+    ).tag(config=True)
+    engine_timeout = Float(
+        60.0, help="Seconds to wait for one Docker engine request."
+    ).tag(config=True)
+    reap_orphans = Bool(
+        True, help="At the tier's first start, remove sandbox containers whose kernel is dead."
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._kernel_id = str(getattr(self.parent, "ident", "") or uuid.uuid4())
+        self._client: Any = None
+        self._probe: Any = None
+        self._container: _Container | None = None
+        self._session: AgentSession | None = None
+        self._transport: DockerExecTransport | None = None
+        self._alock: asyncio.Lock | None = None
+        self._tlock = threading.RLock()  # the containers: start, recreate, shutdown
+        self._reaped = False
+        self._closed = False
+        self._runtimes: list[str] | None = None
+        self._oom_baseline = 0
+
+    # -- the contract ---------------------------------------------------------------------
+    def availability(self) -> Availability:
+        """Engine reachable, image built, default runtime registered (quick: cached probes)."""
+        if self._is_up():
+            return Availability.yes(self._where())
+        try:
+            probe = self._probe_client()
+            probe.ping()
+        except Exception as exc:
+            self._probe = None
+            return Availability.no(unreachable_message(exc))
+        ref = self._image_ref()
+        try:
+            if not image_exists(probe, ref):
+                return Availability.no(describe_missing(ref))
+            runtimes = self._engine_runtimes(probe)
+        except EngineError as exc:
+            return Availability.no(str(exc))
+        if self.runtime not in runtimes:
+            return Availability.no(self._no_runtime(self.runtime, runtimes))
+        return Availability.yes(self._where())
+
+    def defaults(self) -> dict[str, Any]:
+        """Timeout, memory, cpus and runtime, as configured."""
+        return {"timeout": self.timeout, "memory": self.memory, "cpus": self.cpus,
+                "runtime": self.runtime}
+
+    async def start(self) -> None:
+        """Create the container (removing dead kernels' orphans first) and start the agent.
+
+        A container that is still there keeps its spec (a cell's --runtime/--memory may have
+        set it): only its agent is restarted. ``execute`` applies each cell's own spec.
+        """
+        if self._is_up():
+            return
+        async with self._async_lock():
+            if not self._is_up():
+                current = self._container
+                spec = current.spec if current is not None else self._default_spec()
+                await asyncio.to_thread(self._ensure, spec)
+
+    async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
+        """Run the cell in the container's agent; a changed runtime/memory/cpus is applied
+        first (in place when the engine allows, else by a new container, which the user is
+        told about)."""
+        spec = ContainerSpec(
+            runtime=str(request.options.get("runtime") or self.runtime),
+            memory=int(request.options.get("memory") or self.memory),
+            cpus=float(request.options.get("cpus") or self.cpus),
+        )
+        notice = ""
+        container = self._container
+        if not (self._is_up() and container is not None and container.spec == spec):
+            # Only when something must change: the common case costs no thread hop.
+            async with self._async_lock():
+                notice = await asyncio.to_thread(self._ensure, spec)
+        if notice:
+            sink.stream("stderr", notice + "\n")
+        session, container = self._session, self._container
+        if session is None or container is None:
+            raise EngineError("the sandbox container is not running (it was shut down)")
+        held = _CellSink(sink)
+        self._oom_baseline = container.ooms
+        container.oom_seen.clear()
+        result = await asyncio.to_thread(session.run, request, held,
+                                         request.options.get("timeout"))
+        container.cells += 1
+        error = None
+        if held.held is not None or self._pids_high(container):
+            error = await asyncio.to_thread(self._after_cell, container, held.held)
+        if error is not None:
+            sink.error(error.ename, error.evalue, error.traceback)
+            result = dataclasses.replace(result, success=False, error=error)
+        return result
+
+    def interrupt(self) -> None:
+        """SIGINT to the agent (a ``kill`` exec); killed if ignored for ``interrupt_grace``."""
+        session = self._session
+        if session is not None:
+            session.interrupt()
+
+    def shutdown(self) -> None:
+        """Remove the container (and stop the agent with it). Idempotent; never raises."""
+        self._closed = True
+        with self._tlock:
+            self._drop_container()
+        for client in (self._client, self._probe):
+            with contextlib.suppress(Exception):
+                if client is not None:
+                    client.close()
+        self._client = self._probe = None
+
+    def describe_limits(self) -> str:
+        """Timeout, memory, CPUs, runtime, pids and output limits for ``%tier``."""
+        pids = self.pids_limit if self.runtime != "runsc" else self.runsc_nproc
+        return (f"{super().describe_limits()}, pids={pids}, "
+                f"output={self.output_limit / 2**20:g}MiB")
+
+    # -- containers -----------------------------------------------------------------------
+    def _ensure(self, spec: ContainerSpec) -> str:
+        """Make the container match ``spec`` and have a live agent; return a notice for the
+        user when earlier state was lost on the way ("" otherwise). Blocking."""
+        with self._tlock:
+            if self._closed:
+                raise EngineError("the sandbox tier was shut down with its kernel")
+            client = self._engine()
+            if self.reap_orphans and not self._reaped:
+                self._reaped = True
+                reap_orphans(client)
+            notice = ""
+            current = self._container
+            if current is not None and (current.died or current.suspect):
+                self._drop_container()
+                current = None
+            if current is not None and current.spec != spec:
+                notice = self._respec(current, spec)
+                current = self._container
+            if current is None:
+                self._create(client, spec)
+            if self._session is None or not self._session.alive:
+                try:
+                    self._start_agent(client)
+                except EngineError:
+                    # An exec that cannot start (pids exhausted, a wedged sandbox): one retry
+                    # in a new container, then the error goes to the user.
+                    log.warning("starting the agent failed; recreating the container",
+                                exc_info=True)
+                    self._drop_container()
+                    self._create(client, spec)
+                    self._start_agent(client)
+            return notice
+
+    def _respec(self, current: _Container, spec: ContainerSpec) -> str:
+        """Apply a new memory/cpus in place if possible, else replace the container."""
+        if current.cells == 0:
+            self._drop_container()  # nothing to lose yet: no notice
+            return ""
+        if current.spec.runtime == spec.runtime:
+            try:
+                self._engine().api.update_container(
+                    current.id, mem_limit=spec.memory, memswap_limit=spec.memory,
+                    cpu_period=100_000, cpu_quota=int(spec.cpus * 100_000))
+            except Exception:
+                log.info("in-place update of %s failed; recreating", current.id[:12],
+                         exc_info=True)
+            else:
+                current.spec = spec
+                return ""
+        was = current.spec
+        self._drop_container()
+        return (f"sandbox: started a new container ({spec.describe()}; was {was.describe()}): "
+                "variables and files from earlier sandbox cells are gone.")
+
+    def _create(self, client: Any, spec: ContainerSpec) -> None:
+        runsc = spec.runtime == "runsc"
+        pids = self.runsc_pids_limit if runsc else self.pids_limit
+        runtimes = self._engine_runtimes(client)
+        if spec.runtime not in runtimes:
+            raise EngineError(self._no_runtime(spec.runtime, runtimes))
+        from docker.types import Ulimit
+
+        tmpfs_opts = f"rw,nosuid,nodev,size={self.tmpfs_size},mode=1777"
+        labels = {
+            LABEL_KERNEL: self._kernel_id,
+            LABEL_OWNER_PID: str(os.getpid()),
+            LABEL_OWNER_START: _process_start(os.getpid()) or "",
+            LABEL_OWNER_HOST: socket.gethostname(),
+            LABEL_RUNTIME: spec.runtime,
+        }
+        kwargs: dict[str, Any] = {
+            "image": self._image_ref(),
+            "command": ["sleep", "infinity"],
+            "name": f"tierkernel-sandbox-{uuid.uuid4().hex[:12]}",
+            "hostname": "sandbox",
+            "labels": labels,
+            "network_mode": "none",
+            "read_only": True,
+            "tmpfs": {"/tmp": tmpfs_opts, "/workspace": tmpfs_opts},
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "user": self.user,
+            "working_dir": "/workspace",
+            "environment": _ENVIRONMENT,
+            "pids_limit": pids,
+            "mem_limit": spec.memory,
+            "memswap_limit": spec.memory,
+            # period/quota rather than nano_cpus: only these can be changed by `docker update`.
+            "cpu_period": 100_000,
+            "cpu_quota": int(spec.cpus * 100_000),
+            "init": True,
+            "runtime": spec.runtime,
+        }
+        if runsc:
+            # Under gVisor the host pids cgroup counts the sandbox's own threads; the process
+            # cap that a fork bomb meets is this in-sandbox ulimit instead.
+            kwargs["ulimits"] = [Ulimit(name="nproc", soft=self.runsc_nproc,
+                                        hard=self.runsc_nproc)]
+        try:
+            container = client.containers.create(**kwargs)
+        except Exception as exc:
+            if "No such image" in str(exc) or type(exc).__name__ == "ImageNotFound":
+                raise EngineError(describe_missing(self._image_ref())) from exc
+            raise explain(exc, "creating the sandbox container") from exc
+        handle = _Container(container.id, spec, pids)
+        self._container = handle
+        try:
+            container.start()
+        except Exception as exc:
+            self._drop_container()
+            raise explain(exc, f"starting the sandbox container ({spec.describe()})") from exc
+        self._watch(client, handle)
+        log.info("sandbox container %s started (%s)", container.id[:12], spec.describe())
+
+    def _watch(self, client: Any, handle: _Container) -> None:
+        """Follow the engine's oom/die events of the container in a thread."""
+        try:
+            stream = client.api.events(
+                filters={"container": handle.id, "event": ["oom", "die"]}, decode=True)
+        except Exception:
+            log.debug("cannot follow the container's events", exc_info=True)
+            return
+        handle.events = stream
+
+        def follow() -> None:
+            with contextlib.suppress(Exception):
+                for event in stream:
+                    status = event.get("status") or event.get("Action")
+                    if status == "oom":
+                        handle.ooms += 1
+                        handle.oom_seen.set()
+                    elif status == "die":
+                        handle.died = True
+                        transport = self._transport
+                        # A dead container may leave its exec stream hanging (runsc): end it.
+                        if transport is not None and transport.container_id == handle.id:
+                            transport.close()
+                        return
+
+        threading.Thread(target=follow, daemon=True, name="sandbox-events").start()
+
+    def _start_agent(self, client: Any) -> None:
+        container = self._container
+        assert container is not None
+        try:
+            transport = DockerExecTransport(
+                client.api, container.id, ["sh", "-c", _AGENT_SHELL, AGENT_PATH.read_text()],
+                user=self.user, environment=_ENVIRONMENT, workdir="/workspace",
+                runtime=container.spec.runtime,
+                detail=lambda code: self._exit_detail(container, code),
+            )
+        except Exception as exc:
+            raise explain(exc, "starting the interpreter in the sandbox container") from exc
+        self._transport = transport
+        session = AgentSession(
+            transport,
+            tier=self.name,
+            grace=self.interrupt_grace,
+            output_limit=self.output_limit,
+            limit_hint=f"raise it with '%%tier {self.name} --timeout SECONDS' or "
+            "c.SandboxBackend.timeout",
+        )
+        try:
+            session.wait_ready(self.start_timeout)
+        except Exception as exc:
+            raise EngineError(str(exc)) from exc
+        self._session = session
+
+    def _drop_container(self) -> None:
+        """Forget and remove the current container (and its agent). Never raises."""
+        container, self._container = self._container, None
+        session, self._session = self._session, None
+        transport, self._transport = self._transport, None
+        if session is not None:
+            session.alive = False
+        if transport is not None:
+            transport.close()
+        if container is None:
+            return
+        if container.events is not None:
+            with contextlib.suppress(Exception):
+                container.events.close()
+        try:
+            self._engine().api.remove_container(container.id, force=True)
+        except Exception as exc:
+            if "No such container" not in str(exc):
+                log.warning("could not remove sandbox container %s: %s", container.id[:12], exc)
+
+    # -- after a cell ---------------------------------------------------------------------
+    @staticmethod
+    def _pids_high(container: _Container) -> bool:
+        """Whether the container's processes fill 90% of its pids limit (runc: the host's
+        cgroup file says so in microseconds; under runsc it counts gVisor's own threads)."""
+        if container.spec.runtime != "runc":
+            return False
+        current = _pids_current(container.id)
+        return current is not None and current >= int(container.pids_limit * 0.9)
+
+    @staticmethod
+    def _pids_settle(container: _Container, within: float) -> bool:
+        """Wait up to ``within`` s for the container's process count to fall back to a quarter
+        of its limit; True when it did (or cannot be read)."""
+        deadline = time.monotonic() + within
+        while True:
+            current = _pids_current(container.id)
+            if current is None or current < container.pids_limit // 4:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def _after_cell(self, container: _Container, held: ExecError | None) -> ExecError | None:
+        """Name the limit behind a failure; replace a container a fork bomb filled up."""
+        error = held
+        limited = error is not None and _is_process_limit(error)
+        # A dying bomb frees its slots within a moment; a live one keeps churning near the
+        # limit, and then the container is no use to the next cell.
+        suspicious = self._pids_high(container) or (limited and container.spec.runtime == "runc")
+        if suspicious and not self._pids_settle(container, within=2.0):
+            with self._tlock:
+                container.suspect = True
+                if self._container is container:
+                    self._drop_container()
+            error = ExecError(
+                "ProcessLimitError",
+                f"the cell's processes filled the sandbox's limit of {container.pids_limit} "
+                "processes (pids limit) and kept it full, so the container was removed; "
+                "its variables and files are gone and the next sandbox cell starts a new one",
+                [],
+            )
+            error.traceback.append(f"{error.ename}: {error.evalue}")
+            return error
+        if error is not None and limited:
+            limit = (f"{self.runsc_nproc} processes (ulimit nproc)"
+                     if container.spec.runtime == "runsc"
+                     else f"{container.pids_limit} processes (pids limit)")
+            evalue = f"{error.evalue} -- the sandbox allows at most {limit}"
+            return ExecError(error.ename, evalue, [*error.traceback[:-1],
+                                                   f"{error.ename}: {evalue}"])
+        return error
+
+    def _exit_detail(self, container: _Container, code: int | None) -> str:
+        """Why the agent is gone, for the "state lost" message."""
+        if code in (None, 137) and not container.oom_seen.is_set():
+            container.oom_seen.wait(1.5)  # the engine reports the OOM a moment after the kill
+        mem = format_size(container.spec.memory)
+        if container.ooms > self._oom_baseline or container.oom_seen.is_set():
+            if container.died or container.spec.runtime == "runsc":
+                container.suspect = True
+            return (f"out of memory: the cell went past the sandbox's {mem} memory limit; "
+                    f"raise it with '%%tier {self.name} --memory 2g' or c.SandboxBackend.memory")
+        if container.died:
+            container.suspect = True
+            return "the sandbox container stopped"
+        if code is None:
+            return "its connection to the container closed"
+        if code > 128:
+            import signal
+
+            with contextlib.suppress(ValueError):
+                return f"it was killed by signal {signal.Signals(code - 128).name}"
+        transport = self._transport
+        tail = transport.stderr_tail() if transport is not None else ""
+        return f"it exited with status {code}" + (f"; stderr: {tail}" if tail else "")
+
+    # -- helpers --------------------------------------------------------------------------
+    def _is_up(self) -> bool:
+        container, session = self._container, self._session
+        return (container is not None and not container.died and not container.suspect
+                and session is not None and session.alive)
+
+    def _async_lock(self) -> asyncio.Lock:
+        if self._alock is None:
+            self._alock = asyncio.Lock()
+        return self._alock
+
+    def _default_spec(self) -> ContainerSpec:
+        return ContainerSpec(self.runtime, self.memory, self.cpus)
+
+    def _image_ref(self) -> str:
+        return self.image or image_ref()
+
+    def _engine(self) -> Any:
+        if self._client is None:
+            self._client = connect(self.engine_timeout)
+        return self._client
+
+    def _probe_client(self) -> Any:
+        if self._probe is None:
+            self._probe = connect(timeout=5)
+        return self._probe
+
+    def _engine_runtimes(self, client: Any) -> list[str]:
+        if self._runtimes is None:
+            try:
+                info = client.info()
+            except Exception as exc:
+                raise explain(exc, "asking the engine for its runtimes") from exc
+            self._runtimes = sorted((info.get("Runtimes") or {"runc": {}}).keys())
+        return self._runtimes
+
+    def _no_runtime(self, runtime: str, runtimes: list[str]) -> str:
+        hint = (" (install runsc and register it: scripts/engine.sh does both)"
+                if runtime == "runsc" else "")
+        return (f"runtime {runtime!r} is not registered with the docker engine at "
+                f"{engine_url()} (it has: {', '.join(runtimes)}){hint}")
+
+    def _where(self) -> str:
+        container = self._container
+        spec = container.spec if container is not None else self._default_spec()
+        return f"image {self._image_ref()}, runtime {spec.runtime}"
+
+
+# -- orphans ------------------------------------------------------------------------------
+def reap_orphans(client: Any) -> list[str]:
+    """Remove sandbox containers of this host whose owning kernel process is gone.
+
+    Returns the ids removed. A kernel killed with SIGKILL cannot clean up; the next kernel to
+    start does it here.
+    """
+    removed: list[str] = []
+    host = socket.gethostname()
+    try:
+        found = client.containers.list(all=True, filters={"label": LABEL_KERNEL})
+    except Exception:
+        log.debug("listing sandbox containers failed", exc_info=True)
+        return removed
+    for container in found:
+        labels = container.labels or {}
+        if labels.get(LABEL_OWNER_HOST) != host:
+            continue  # another host's kernel: its pid means nothing here
+        try:
+            pid = int(labels.get(LABEL_OWNER_PID, ""))
+        except ValueError:
+            pid = -1
+        if pid > 0 and _owner_alive(pid, labels.get(LABEL_OWNER_START, "")):
+            continue
+        try:
+            container.remove(force=True)
+            removed.append(container.id)
+            log.info("removed orphaned sandbox container %s (owner pid %s is gone)",
+                     container.id[:12], pid)
+        except Exception:
+            log.debug("removing orphan %s failed", container.id[:12], exc_info=True)
+    return removed
+
+
+def _owner_alive(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _process_start(pid)
+    return not started or now is None or now == started
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pids_current(container_id: str) -> int | None:
+    """How many tasks the container's pids cgroup holds, read from the host's cgroup files
+    (microseconds, unlike an engine stats call); None when they are not visible here."""
+    for path in (f"/sys/fs/cgroup/pids/docker/{container_id}/pids.current",
+                 f"/sys/fs/cgroup/docker/{container_id}/pids.current",
+                 f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/pids.current"):
+        try:
+            with open(path) as handle:
+                return int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _is_process_limit(error: ExecError) -> bool:
+    text = f"{error.ename}: {error.evalue}"
+    return error.ename == "BlockingIOError" or "Resource temporarily unavailable" in text
