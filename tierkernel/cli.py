@@ -51,6 +51,10 @@ def _cmd_warm(args: argparse.Namespace) -> int:
         wasm_runtime.warm(progress)
     except Exception as exc:  # shown as one line: what failed and why
         print(f"tierkernel warm: the wasm runtime is not usable here: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_image(args: argparse.Namespace) -> int:
     from tierkernel.backends.docker_engine import EngineError
     from tierkernel.backends.sandbox_image import ImageBuildError, build_image, image_ref
@@ -116,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "A no-op (about a second) when it is already compiled.",
     )
     p.set_defaults(func=_cmd_warm)
+
     p = sub.add_parser("image", help="the sandbox tier's container image")
     image_sub = p.add_subparsers(dest="image_command", required=True)
     b = image_sub.add_parser(
