@@ -15,12 +15,17 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from tierkernel.backends.base import CellRequest, ExecError, ExecResult, MimeBundle, OutputSink
 
 log = logging.getLogger(__name__)
+
+#: The guest side of the runtime helpers, sent to agents as source by install_helpers().
+HELPERS_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "helpers.py"
 
 
 class AgentTransport(Protocol):
@@ -44,6 +49,15 @@ class AgentTransport(Protocol):
         ...
 
 
+#: A cell's route to the runtime helpers: takes ``{"helper", "args"}``, returns the broker's
+#: ``{"ok": ..., "value" | "error": ...}`` answer (see ``tierkernel/runtime/broker.py``).
+HelperGateway = Callable[[dict[str, Any]], dict[str, Any]]
+
+_NO_HELPERS: dict[str, Any] = {"ok": False, "error": {
+    "type": "RuntimeError",
+    "message": "ai/api/db/console are not available here (no kernel runtime for this cell)"}}
+
+
 class AgentStartError(RuntimeError):
     """The agent did not come up; the message says why and what to check."""
 
@@ -62,6 +76,8 @@ class _Cell:
     output_bytes: int = 0
     over_limit: bool = False
     lost: bool = False
+    #: Answers the guest's ai/api/db/console requests for this cell (None: not available).
+    helpers: HelperGateway | None = None
 
 
 class AgentSession:
@@ -114,10 +130,19 @@ class AgentSession:
             log.debug("killing the %s agent failed", self.tier, exc_info=True)
 
     # -- cells ----------------------------------------------------------------------------
-    def run(self, request: CellRequest, sink: OutputSink, timeout: float | None) -> ExecResult:
-        """Run one cell to completion, a stop, or the agent's death."""
+    def install_helpers(self) -> None:
+        """Give the agent the runtime helpers (``ai``, ``api``, ``db``, ``console``): the
+        stdlib-only module is sent as source, so nothing needs to exist in the guest."""
+        source = HELPERS_SOURCE.read_text(encoding="utf-8")
+        self.transport.send((json.dumps({"type": "install_helpers", "source": source})
+                             + "\n").encode())
+
+    def run(self, request: CellRequest, sink: OutputSink, timeout: float | None,
+            helpers: HelperGateway | None = None) -> ExecResult:
+        """Run one cell to completion, a stop, or the agent's death; the guest's helper
+        requests during the cell are answered by ``helpers``."""
         start = time.perf_counter()
-        cell = _Cell(uuid.uuid4().hex, sink)
+        cell = _Cell(uuid.uuid4().hex, sink, helpers=helpers)
         with self._lock:
             self._cell = cell
         msg = {
@@ -227,10 +252,33 @@ class AgentSession:
         if kind == "done":
             cell.success = bool(msg.get("success"))
             cell.done.set()
+        elif kind == "helper":
+            # Answered on a thread of its own: a helper may take seconds (HTTP, SQL), and the
+            # reader must keep forwarding output meanwhile.
+            threading.Thread(target=self._answer_helper, args=(cell, msg), daemon=True,
+                             name=f"{self.tier}-helper").start()
         elif kind == "error":
             self._on_error(cell, msg)
         elif not cell.over_limit:
             self._forward(cell, kind, msg)
+
+    def _answer_helper(self, cell: _Cell, msg: dict[str, Any]) -> None:
+        request = msg.get("request")
+        if cell.helpers is None or cell.done.is_set():
+            response: dict[str, Any] = _NO_HELPERS
+        elif not isinstance(request, dict):
+            response = {"ok": False, "error": {"type": "ValueError",
+                                               "message": "a helper request must be an object"}}
+        else:
+            try:
+                response = cell.helpers(request)
+            except Exception as exc:  # the broker answers errors itself; this is a bug guard
+                log.exception("%s helper call failed", self.tier)
+                response = {"ok": False, "error": {"type": "RuntimeError",
+                                                   "message": f"the helper failed: {exc}"}}
+        reply = {"type": "helper_result", "seq": msg.get("seq"), "response": response}
+        with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
+            self.transport.send((json.dumps(reply) + "\n").encode())
 
     def _forward(self, cell: _Cell, kind: Any, msg: dict[str, Any]) -> None:
         size = len(msg.get("text", "")) if kind == "stream" else len(json.dumps(msg.get("data")))

@@ -14,6 +14,7 @@ jupyter_kernel_test) drop output that arrives after idle.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -211,6 +212,25 @@ class Backend(LoggingConfigurable):
         Called by the kernel on shutdown and restart (from the control thread) and from an
         atexit hook; must be idempotent and must not raise.
         """
+
+    def helper_gateway(self) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """The running cell's route to the runtime helpers (``ai``, ``api``, ``db``,
+        ``console``): a function taking a guest's ``{"helper", "args"}`` request and returning
+        the broker's answer, checked against this cell's policy and audited under its id.
+
+        Called by a tier at the start of :meth:`execute` (the kernel has begun the cell's
+        record by then); None when the backend runs without a kernel runtime.
+        """
+        runtime = getattr(self.parent, "runtime", None)
+        context = getattr(runtime, "current", None)
+        if runtime is None or context is None:
+            return None
+        broker = runtime.broker
+
+        def gateway(request: dict[str, Any]) -> dict[str, Any]:
+            return dict(broker.handle(request, context))
+
+        return gateway
 
     def describe_limits(self) -> str:
         """Human-readable current limits for the ``%tier`` table."""

