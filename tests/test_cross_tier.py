@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests import sandbox_support
 from tests.kernel_session import KernelSession
 from tierkernel.backends import wasm_runtime
 
 W = "%%tier wasm\n"
+S = "%%tier sandbox\n"
 
 pytestmark = pytest.mark.skipif(
     wasm_runtime.runtime_problem() is not None or not wasm_runtime.is_compiled(),
@@ -75,3 +77,43 @@ def test_guest_never_sees_the_host_path(kernel):
     assert out.result["text/plain"] == "('/workspace', '/workspace')"
     if backend != "memory":
         assert str(where) not in out.result["text/plain"]
+
+
+@pytest.fixture()
+def sandboxed(kernel):
+    """The same kernel, for tests that need the sandbox tier too (fail in CI without it)."""
+    sandbox_support.need_sandbox()
+    return kernel
+
+
+def test_native_and_wasm_write_sandbox_reads(sandboxed):
+    session, _, _ = sandboxed
+    session.run("fs.mkdir('/box', recursive=True)\nfs.write_file('/box/a.txt', 'native')")
+    session.run(W + "open('box/b.txt', 'w').write('wasm')")
+    out = session.run(S + "import os\nsorted(os.listdir('box')), open('box/a.txt').read(), "
+                          "open('/workspace/box/b.txt').read(), os.getcwd()")
+    assert out.result["text/plain"] == "(['a.txt', 'b.txt'], 'native', 'wasm', '/workspace')", \
+        out.outputs
+
+
+def test_sandbox_writes_are_in_fsx_before_the_reply(sandboxed):
+    session, backend, where = sandboxed
+    session.run("fs.write_file('/old.txt', 'to be removed')\nfs.write_file('/keep.txt', 'k')")
+    out = session.run(S + "import os, pandas as pd\nos.makedirs('made/deep', exist_ok=True)\n"
+                          "pd.DataFrame({'x': [1, 2]}).to_csv('made/deep/x.csv', index=False)\n"
+                          "os.remove('old.txt')\nos.rename('keep.txt', 'kept.txt')\n"
+                          "open('made/big.bin', 'wb').write(os.urandom(3 << 20))", timeout=120)
+    assert out.status == "ok", out.outputs
+    native = session.run("(fs.exists('/old.txt'), fs.exists('/keep.txt'), "
+                         "fs.read_file('/kept.txt'), fs.stat('/made/big.bin').st_size, "
+                         "fs.read_file('/made/deep/x.csv'))")
+    assert native.result["text/plain"] == "(False, False, 'k', 3145728, 'x\\n1\\n2\\n')", \
+        native.outputs
+    wasm = session.run(W + "import pandas as pd\nint(pd.read_csv('made/deep/x.csv').x.sum())")
+    assert wasm.result["text/plain"] == "3"
+    if backend == "local":
+        assert (where / "made" / "deep" / "x.csv").read_text() == "x\n1\n2\n"
+    # A change made in fsx after that reaches the container at its next cell.
+    session.run("fs.write_file('/kept.txt', 'changed by native')")
+    again = session.run(S + "open('kept.txt').read()")
+    assert again.result["text/plain"] == "'changed by native'"

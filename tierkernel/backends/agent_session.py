@@ -102,6 +102,9 @@ class AgentSession:
         self.limit_hint = limit_hint
         self.alive = True
         self.info: dict[str, Any] = {}
+        #: Whether the agent's watched folder changed during the last cell (see agent.py's
+        #: WATCH_ENV); the sandbox tier copies its workspace back only then.
+        self.workspace_changed = False
         self._ready = threading.Event()
         self._cell: _Cell | None = None
         self._lock = threading.Lock()
@@ -251,6 +254,7 @@ class AgentSession:
             return  # output of a cell that was already given up on
         if kind == "done":
             cell.success = bool(msg.get("success"))
+            self.workspace_changed = bool(msg.get("workspace_changed"))
             cell.done.set()
         elif kind == "helper":
             # Answered on a thread of its own: a helper may take seconds (HTTP, SQL), and the

@@ -53,6 +53,8 @@ from tierkernel.backends.docker_engine import (
 )
 from tierkernel.backends.docker_transport import DockerExecTransport
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
+from tierkernel.backends.sandbox_workspace import WorkspaceSync
+from tierkernel.guest.agent import WATCH_ENV
 from tierkernel.magics.options import format_size
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ _ENVIRONMENT = {
     "MPLCONFIGDIR": "/tmp/matplotlib",
     "PYTHONDONTWRITEBYTECODE": "1",
     "LANG": "C.UTF-8",
+    # The agent reports at each cell's end whether /workspace changed (it is copied back then).
+    WATCH_ENV: "/workspace",
 }
 
 
@@ -196,6 +200,7 @@ class SandboxBackend(Backend):
         self._container: _Container | None = None
         self._session: AgentSession | None = None
         self._transport: DockerExecTransport | None = None
+        self._workspace = WorkspaceSync(self.user)
         self._alock: asyncio.Lock | None = None
         self._tlock = threading.RLock()  # the containers: start, recreate, shutdown
         self._reaped = False
@@ -267,8 +272,28 @@ class SandboxBackend(Backend):
         held = _CellSink(sink)
         self._oom_baseline = container.ooms
         container.oom_seen.clear()
-        result = await asyncio.to_thread(session.run, request, held,
-                                         request.options.get("timeout"), self.helper_gateway())
+        gateway = self.helper_gateway()
+
+        def run_cell() -> ExecResult:
+            # fsx -> /workspace, the cell, /workspace -> fsx: one thread hop for all three.
+            api = self._engine().api
+            self._workspace.before_cell(api, container.id)
+            result = session.run(request, held, request.options.get("timeout"), gateway)
+            try:
+                conflicts = self._workspace.after_cell(api, container.id,
+                                                       session.workspace_changed)
+            except Exception as exc:  # never lose the cell's result over the copy back
+                log.warning("copying /workspace back into fsx failed", exc_info=True)
+                sink.stream("stderr", f"tierkernel: the cell's changes in /workspace could not "
+                                      f"be copied into the workspace: {exc}\n")
+            else:
+                if conflicts:
+                    sink.stream("stderr", "tierkernel: changed in the workspace meanwhile, so "
+                                "the container's version was saved beside it as "
+                                "NAME.sandbox-conflict: " + ", ".join(conflicts) + "\n")
+            return result
+
+        result = await asyncio.to_thread(run_cell)
         container.cells += 1
         error = None
         if held.held is not None or self._pids_high(container):

@@ -126,15 +126,17 @@ class WasmTransport:
             return gateway(request)
 
         self._session = Session(tools=[emit, helper], **session_args)
-        if self.streaming:
-            wasm_runtime.listen(self._session, self._on_output)
         boot = (f"import wasm_agent as _tk_boot; _tk_boot.boot({json.dumps(boot_config)!r}); "
                 "del _tk_boot")
-        done = self._session.run(boot)
+        done = self._session.run(boot)  # before listen(): a failing boot's stderr stays in done
         if done.exit_code != 0 or self._session.ended:
             detail = done.stderr.decode("utf-8", "replace").strip()[-2000:]
             self.close_session()
             raise RuntimeError(f"the wasm agent did not start: {detail or done.trapped}")
+        if done.stderr:  # e.g. a configured preload that failed: not fatal, but worth a log line
+            log.warning("wasm session start: %s", done.stderr.decode("utf-8", "replace")[-2000:])
+        if self.streaming:
+            wasm_runtime.listen(self._session, self._on_output)
         self._worker = threading.Thread(target=self._serve, daemon=True, name="wasm-turns")
         self._worker.start()
         threading.Thread(target=self._flush_partial_loop, daemon=True,

@@ -117,9 +117,11 @@ def container_target(target: str, rel: str) -> str:
     return "/".join([".."] * depth + [target.lstrip("/")]) if depth else target.lstrip("/") or "."
 
 
-def pack(workspace: FsxFacade, since: Manifest | None = None) -> Packed:
+def pack(workspace: FsxFacade, since: Manifest | None = None,
+         owner: tuple[int, int] = (0, 0)) -> Packed:
     """A tar of the workspace (members relative, for ``put_archive("/workspace", ...)``),
-    only what differs from ``since`` if given."""
+    only what differs from ``since`` if given. Members belong to ``owner`` (uid, gid): docker
+    extracts them with those ids, and the container's user must own what it may change."""
     current = manifest(workspace, since)
     base = since or {}
     archive = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - returned
@@ -132,6 +134,7 @@ def pack(workspace: FsxFacade, since: Manifest | None = None) -> Packed:
                 continue
             info = tarfile.TarInfo(rel)
             info.mode = entry.mode
+            info.uid, info.gid = owner
             info.mtime = entry.mtime_ns / 1e9
             if entry.kind == "dir":
                 info.type = tarfile.DIRTYPE

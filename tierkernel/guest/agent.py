@@ -175,6 +175,7 @@ class Agent:
         self.requests: Any = None
         self._host_lock = threading.Lock()
         self._host_seq = 0
+        self._last_tree: int | None = None
         if hasattr(os, "register_at_fork"):  # absent where processes cannot fork (WASI)
             os.register_at_fork(after_in_child=self._after_fork_in_child)
 
@@ -285,6 +286,8 @@ class Agent:
         filename = str(msg.get("filename", "<cell>"))
         first_line = int(msg.get("first_line", 1))
         success = True
+        watched = os.environ.get(WATCH_ENV)
+        before = tree_signature(watched) if watched else None
         try:
             success = self._run(code, filename, first_line)
         finally:
@@ -299,7 +302,14 @@ class Agent:
                 self.stderr.write(f"could not render figures: {exc!r}\n")
             self._flush_text()
             self._drain_fds()
-            self.channel.send({"type": "done", "id": self.cell_id, "success": success})
+            done: dict[str, Any] = {"type": "done", "id": self.cell_id, "success": success}
+            if watched:
+                # Whether the host must copy the workspace back: it changed during the cell, or
+                # since the last cell ended (a background process the cell left running).
+                after = tree_signature(watched)
+                done["workspace_changed"] = after != before or before != self._last_tree
+                self._last_tree = after
+            self.channel.send(done)
             self.cell_id = None
 
     def _run(self, code: str, filename: str, first_line: int) -> bool:
@@ -509,6 +519,26 @@ def _pretty(obj: Any) -> str:
 
         return pprint.pformat(obj, width=79)
     return repr(obj)
+
+
+#: Set by a tier that mirrors a folder to the host (the sandbox's /workspace): the agent then
+#: says at the end of each cell whether anything under it changed.
+WATCH_ENV = "TIERKERNEL_WATCH_DIR"
+
+
+def tree_signature(root: str) -> int:
+    """A hash of every path under ``root`` with its type, size, mode and mtime (no content
+    read, symlinks not followed): cheap enough to take around every cell."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            entries.append((path, st.st_mode, st.st_size, st.st_mtime_ns))
+    return hash(tuple(sorted(entries)))
 
 
 def ends_with_semicolon(source: str) -> bool:

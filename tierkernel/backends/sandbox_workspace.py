@@ -1,0 +1,143 @@
+"""The sandbox container's ``/workspace`` kept in step with the kernel's fsx workspace.
+
+Consistency model: sync at cell boundaries, the same for every fsx backend (memory, sqlite,
+local). Before a cell, what changed in fsx since the last sync goes into the container
+(``tar -x`` in the container; deletions with ``rm``); after the cell, if the agent reports that
+anything under ``/workspace`` changed, the container's tree comes back (``tar -c``) and
+:func:`tierkernel.fsx.sync.apply` brings fsx up to date before the cell's reply, keeping fsx's
+version (and saving the container's beside it as ``NAME.sandbox-conflict``) where both changed.
+
+Why not a bind mount for the ``local`` backend: the container's user (uid 65534) would need
+write access to a host folder, its symlinks would be resolved by the host's tools, and
+``memory``/``sqlite`` would still need this path; one mechanism keeps the guarantees the same
+for all three, and the guest never learns where fsx keeps its files on the host.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import tempfile
+from typing import IO, Any
+
+from tierkernel.fsx import FsxConfigError, FsxFacade, sync
+from tierkernel.fsx import current as current_workspace
+
+log = logging.getLogger(__name__)
+
+GUEST_PATH = "/workspace"
+
+
+class WorkspaceSync:
+    """Per-container sync state: the manifest of what the container was last given."""
+
+    def __init__(self, user: str) -> None:
+        uid, _, gid = user.partition(":")
+        self.owner = (int(uid or 0), int(gid or uid or 0))
+        self.user = user
+        self._container: str | None = None
+        self._manifest: sync.Manifest | None = None
+
+    @staticmethod
+    def workspace() -> FsxFacade | None:
+        """The kernel's fsx workspace, or None outside a kernel (then /workspace is scratch)."""
+        try:
+            return current_workspace()
+        except FsxConfigError:
+            return None
+
+    def before_cell(self, api: Any, container_id: str) -> None:
+        """Copy what changed in fsx since the last sync into the container. Blocking."""
+        workspace = self.workspace()
+        if workspace is None:
+            return
+        base = self._manifest if self._container == container_id else None
+        packed = sync.pack(workspace, since=base, owner=self.owner)
+        try:
+            if packed.deleted and base is not None:
+                paths = [f"{GUEST_PATH}/{rel}" for rel in packed.deleted]
+                exec_id = api.exec_create(container_id, ["rm", "-rf", "--", *paths],
+                                          user=self.user)["Id"]
+                api.exec_start(exec_id)
+            data = packed.archive.read()
+            if _has_members(data):
+                self._untar(api, container_id, data)
+        finally:
+            packed.archive.close()
+        self._container, self._manifest = container_id, packed.manifest
+
+    def _untar(self, api: Any, container_id: str, data: bytes) -> None:
+        """Extract ``data`` into /workspace as the cell's user. docker's ``put_archive`` is
+        refused on a read-only root even for a tmpfs mount, so ``tar`` runs in the container
+        and reads the archive from its stdin."""
+        exec_id = api.exec_create(container_id, ["tar", "-x", "-m", "-C", GUEST_PATH, "-f", "-"],
+                                  stdin=True, stdout=True, stderr=True, user=self.user)["Id"]
+        raw = api.exec_start(exec_id, socket=True)
+        sock: socket.socket = getattr(raw, "_sock", raw)
+        try:
+            sock.settimeout(120)
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            output = bytearray()
+            while chunk := sock.recv(65536):
+                output += chunk
+        finally:
+            sock.close()
+        code = api.exec_inspect(exec_id).get("ExitCode")
+        if code:
+            raise OSError(f"copying the workspace into the container failed (tar exit {code}): "
+                          f"{_frames_text(bytes(output))[-500:]}")
+
+    def after_cell(self, api: Any, container_id: str, changed: bool) -> list[str]:
+        """Bring the container's changes into fsx when there are any; return the paths kept
+        as ``NAME.sandbox-conflict`` (both sides changed them). Blocking."""
+        workspace = self.workspace()
+        if workspace is None or not changed or self._container != container_id:
+            return []
+        with self._tar_out(api, container_id) as archive:
+            applied = sync.apply(workspace, archive, self._manifest or {}, top=None)
+        self._manifest = applied.manifest
+        return applied.conflicts
+
+    def _tar_out(self, api: Any, container_id: str) -> IO[bytes]:
+        """The container's /workspace as a tar (spooled). ``tar`` runs in the container:
+        docker's ``get_archive`` reads the container's own layers and sees an empty folder
+        where a tmpfs is mounted."""
+        exec_id = api.exec_create(container_id, ["tar", "-c", "-C", GUEST_PATH, "."],
+                                  stdout=True, stderr=True, user=self.user)["Id"]
+        spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - returned
+        errors = bytearray()
+        for out, err in api.exec_start(exec_id, stream=True, demux=True):
+            if out:
+                spool.write(out)
+            if err and len(errors) < 4096:
+                errors += err
+        code = api.exec_inspect(exec_id).get("ExitCode")
+        if code:
+            spool.close()
+            raise OSError(f"reading the container's /workspace failed (tar exit {code}): "
+                          f"{errors.decode('utf-8', 'replace')[-500:]}")
+        spool.seek(0)
+        return spool
+
+    def forget(self) -> None:
+        """The container is gone: the next one gets the whole workspace."""
+        self._container = self._manifest = None
+
+
+def _frames_text(data: bytes) -> str:
+    """The payload of docker's multiplexed stream frames (8-byte headers), as text."""
+    out = bytearray()
+    while len(data) >= 8:
+        size = int.from_bytes(data[4:8], "big")
+        out += data[8:8 + size]
+        data = data[8 + size:]
+    return out.decode("utf-8", "replace")
+
+
+def _has_members(data: bytes) -> bool:
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return tar.next() is not None
