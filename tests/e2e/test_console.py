@@ -149,7 +149,7 @@ def test_tier_table(console: Terminal) -> None:
 
 def test_ctrl_c_interrupts_a_running_cell(console: Terminal) -> None:
     """Ctrl-C during a running wasm cell interrupts it; the prompt comes back and works."""
-    console.type_cell("%%tier wasm",
+    console.type_cell("%%tier wasm --timeout 600",  # only Ctrl-C can end it
                       "import time",
                       "print('looping until Ctrl-C', flush=True)",
                       "while True: time.sleep(0.05)")

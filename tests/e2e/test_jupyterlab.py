@@ -35,8 +35,9 @@ OPEN_TIMEOUT = 120
 # Run All over the whole tour, wasm and process sessions included, with other work running.
 RUN_ALL_TIMEOUT = 240
 
-#: A wasm cell that runs until stopped; it prints first so the test knows it is running.
-LONG_WASM_CELL = """%%tier wasm
+#: A wasm cell that runs until stopped; it prints first so the test knows it is running. Its
+#: timeout is far above the test's, so only the stop button can end it.
+LONG_WASM_CELL = """%%tier wasm --timeout 600
 import time
 print('wasm cell running; press stop', flush=True)
 while True:
@@ -283,6 +284,8 @@ def check_old_kernel_released(kernel_pid: int, tier_pids: dict[str, int]) -> Non
 
 def test_restart_from_kernel_menu(page: Page, lab: LabServer, artifacts: Path) -> None:
     """Kernel > Restart Kernel…: the old kernel and its tiers go away, a new kernel answers."""
+    from tests.e2e.lab import once_more
+
     nb = _open(page, lab, "restart.ipynb", artifacts, "jupyterlab-restart")
     nb.select(0)
     nb.toolbar("run")
@@ -293,7 +296,7 @@ def test_restart_from_kernel_menu(page: Page, lab: LabServer, artifacts: Path) -
     old_kernel = _pid_in("kernel pid", state.cells[0])
     old_agent = _pid_in("process agent pid", state.cells[1])
 
-    nb.menu("Kernel", "Restart Kernel…")
+    once_more("Kernel > Restart Kernel…", lambda: nb.menu("Kernel", "Restart Kernel…"))
     dialog = nb.page.locator(".jp-Dialog")
     dialog.wait_for(timeout=15_000)
     assert "Restart" in dialog.inner_text()
