@@ -37,6 +37,7 @@ def run_notebook(
     dest = Path(output) if output else default_output(src)
     nb = nbformat.read(src, as_version=4)
     replies: dict[int, dict[str, Any]] = {}
+    skipped = skip_unavailable_tiers(nb)
 
     def on_executed(cell: Any, cell_index: int, execute_reply: dict[str, Any]) -> None:
         info = execute_reply.get("metadata", {}).get("tierkernel")
@@ -59,7 +60,7 @@ def run_notebook(
         failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
     finally:
         nbformat.write(nb, dest)
-    print(summary(nb, replies))
+    print(summary(nb, replies, skipped))
     print(f"executed notebook written to {dest}")
     if failure:
         print(f"stopped at an unexpected error: {failure}", file=sys.stderr)
@@ -72,7 +73,37 @@ def run_notebook(
     return 1 if unexpected else 0
 
 
-def summary(nb: Any, replies: dict[int, dict[str, Any]]) -> str:
+def skip_unavailable_tiers(nb: Any) -> dict[int, str]:
+    """Tag the cells of tiers this machine cannot run ``skip-execution`` (nbclient then leaves
+    them out), so a notebook runs "through every available tier"; return why, per cell index."""
+    from tierkernel.kernel.router import TierRouter
+    from tierkernel.magics.parsing import split_cell
+
+    router = TierRouter(None, "native")
+    reasons: dict[str, str] = {}
+    for name in router.names:
+        status = router.backends[name].availability()
+        if not status.available:
+            reasons[name] = status.reason
+    router.shutdown()
+    skipped: dict[int, str] = {}
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        try:
+            tier = split_cell(cell.source).tier
+        except ValueError:
+            continue
+        if tier in reasons:
+            tags = cell.metadata.setdefault("tags", [])
+            if "skip-execution" not in tags:
+                tags.append("skip-execution")
+            skipped[index] = f"tier {tier} unavailable: {reasons[tier]}"
+    return skipped
+
+
+def summary(nb: Any, replies: dict[int, dict[str, Any]],
+            skipped: dict[int, str] | None = None) -> str:
     """A table with one row per code cell: index, tier, duration, ok/error, first line."""
     rows = [f"{'cell':>4}  {'tier':<10} {'duration':>10}  {'result':<8} first line"]
     for index, cell in enumerate(nb.cells):
@@ -81,6 +112,10 @@ def summary(nb: Any, replies: dict[int, dict[str, Any]]) -> str:
         info = cell.metadata.get("tierkernel")
         first = next((ln for ln in cell.source.splitlines()
                       if ln.strip() and not ln.lstrip().startswith("%%tier")), "")[:50]
+        if skipped and index in skipped:
+            rows.append(f"{index:>4}  {'-':<10} {'-':>10}  {'skipped':<8} {first} "
+                        f"({skipped[index][:80]})")
+            continue
         if index not in replies or not info:
             rows.append(f"{index:>4}  {'-':<10} {'-':>10}  {'not run':<8} {first}")
             continue

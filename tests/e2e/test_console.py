@@ -17,6 +17,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from tests import sandbox_support
+
 pytestmark = pytest.mark.timeout(300)
 
 # ANSI/VT100 control sequences (CSI ..., OSC ... BEL, single ESC x) and carriage returns.
@@ -115,7 +117,8 @@ def console(e2e_env: dict[str, str], artifacts: Path) -> Iterator[Terminal]:
 
 
 def test_tier_cells_at_the_prompt(console: Terminal) -> None:
-    """A ``%%tier wasm`` and a ``%%tier process`` cell typed at the prompt run and print."""
+    """``%%tier wasm``, ``%%tier process`` and ``%%tier sandbox`` cells typed at the prompt
+    run and print."""
     console.type_cell("%%tier wasm",
                       "import sys; print('wasm says', sys.platform, 6 * 7)")
     console.wait_for(r"wasm says wasi 42")
@@ -136,13 +139,22 @@ def test_tier_cells_at_the_prompt(console: Terminal) -> None:
     assert child != parent, "the process tier ran in the kernel's own process"
     console.wait_for(r"In \[5\]: ")
 
+    sandbox_support.need_sandbox()
+    console.type_cell("%%tier sandbox",
+                      "import os; print('sandbox uid', os.getuid(), 6 * 7)")
+    console.wait_for(r"sandbox uid 65534 42")
+    console.wait_for(r"In \[6\]: ")
+
 
 def test_tier_table(console: Terminal) -> None:
     """``%tier`` prints the table of tiers, each available here."""
     console.type_cell("%tier")
     console.wait_for(r"In \[2\]: ")
     table = console.shown[: console.mark]
-    for tier in ("native", "process", "wasm"):
+    tiers = ["native", "process", "wasm"]
+    if sandbox_support.status()[0] or sandbox_support.required():
+        tiers.append("sandbox")
+    for tier in tiers:
         assert re.search(rf"{tier}\s.*\byes\b", table), f"%tier shows no {tier!r} row:\n{table}"
     assert re.search(r"tier\s+available\s+isolation", table), table
 

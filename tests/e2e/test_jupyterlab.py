@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 import pytest
@@ -43,6 +44,10 @@ print('wasm cell running; press stop', flush=True)
 while True:
     time.sleep(0.05)"""
 
+#: The same for the sandbox tier; its session keeps its variables through the stop.
+LONG_SANDBOX_CELL = ("%%tier sandbox --timeout 600\nkept_in_sandbox = 'yes'\n"
+                     + LONG_WASM_CELL.split("\n", 1)[1].replace("wasm cell", "sandbox cell"))
+
 
 def _notebook(path: Path, sources: list[str]) -> None:
     """Write a notebook of code cells that opens with the tierkernel kernel."""
@@ -64,10 +69,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory, chromium: Path) -> Iterator[La
     _notebook(root / "interrupt.ipynb", [
         LONG_WASM_CELL,
         "%%tier wasm\nprint('the next wasm cell ran')",
+        LONG_SANDBOX_CELL,
+        "%%tier sandbox\nprint('the next sandbox cell ran; state kept:', kept_in_sandbox)",
     ])
     _notebook(root / "restart.ipynb", [
         "import os\nbefore_restart = True\nprint('kernel pid', os.getpid())",
         "%%tier process\nimport os\nprint('process agent pid', os.getpid())",
+        "%%tier sandbox\nimport socket\nprint('sandbox container', socket.gethostname())",
         "print('defined before the restart:', 'before_restart' in globals())",
     ])
     server = LabServer(root, state, dict(os.environ))
@@ -230,33 +238,50 @@ def test_run_all_tour(page: Page, lab: LabServer, artifacts: Path) -> None:
             [o["output_type"] for o in model.outputs], f"saved cell {disk.index} differs"
 
 
-def test_stop_button_interrupts_wasm_cell(page: Page, lab: LabServer, artifacts: Path) -> None:
-    """The toolbar's stop button ends a running wasm cell with KeyboardInterrupt; the next
-    wasm cell then runs (in a fresh wasm session)."""
-    nb = _open(page, lab, "interrupt.ipynb", artifacts, "jupyterlab-interrupt")
-    nb.select(0)
+def _stop_then_next(nb: Any, long_index: int, tier: str) -> None:
+    """Run the long cell at ``long_index``, press stop, check it ends with KeyboardInterrupt
+    on the page and in the model, then run the cell after it and check it ran."""
+    nb.select(long_index)
     nb.toolbar("run")  # run this cell and select the next one
-    nb.wait_for("the long wasm cell printing that it runs",
-                lambda s: "press stop" in s.cells[0].text(), OPEN_TIMEOUT)
-    assert nb.prompt(0) == "[*]:", "the long cell should still be running"
+    nb.wait_for(f"the long {tier} cell printing that it runs",
+                lambda s: "press stop" in s.cells[long_index].text(), OPEN_TIMEOUT)
+    assert nb.prompt(long_index) == "[*]:", "the long cell should still be running"
 
     nb.toolbar("interrupt")
     state = nb.wait_for(
-        "the stopped cell ending",
-        lambda s: s.cells[0].count is not None and bool(s.cells[0].of_type("error")), 60)
-    error = state.cells[0].of_type("error")[0]
+        f"the stopped {tier} cell ending",
+        lambda s: s.cells[long_index].count is not None
+        and bool(s.cells[long_index].of_type("error")), 60)
+    error = state.cells[long_index].of_type("error")[0]
     assert error["ename"] == "KeyboardInterrupt", error
-    assert "KeyboardInterrupt" in nb.cell_locator(0).locator(".jp-OutputArea").inner_text()
+    assert "KeyboardInterrupt" in nb.cell_locator(long_index).locator(
+        ".jp-OutputArea").inner_text()
 
-    nb.select(1)
+    after = long_index + 1
+    nb.select(after)
     nb.toolbar("run")
-    state = nb.wait_for("the next wasm cell running",
-                        lambda s: s.cells[1].count is not None and s.kernel_status == "idle",
+    state = nb.wait_for(f"the next {tier} cell running",
+                        lambda s: s.cells[after].count is not None and s.kernel_status == "idle",
                         OPEN_TIMEOUT)
-    assert not state.cells[1].of_type("error"), state.cells[1].outputs
-    assert "the next wasm cell ran" in state.cells[1].text()
-    assert "the next wasm cell ran" in nb.cell_locator(1).inner_text()
-    nb.screenshot("after-stop")
+    assert not state.cells[after].of_type("error"), state.cells[after].outputs
+    assert f"the next {tier} cell ran" in state.cells[after].text()
+    assert f"the next {tier} cell ran" in nb.cell_locator(after).inner_text()
+
+
+def test_stop_button_interrupts_wasm_and_sandbox_cells(page: Page, lab: LabServer,
+                                                       artifacts: Path) -> None:
+    """The toolbar's stop button ends a running wasm cell with KeyboardInterrupt and the next
+    wasm cell runs (in a fresh wasm session); the same for a sandbox cell, whose container
+    session keeps its variables."""
+    from tests import sandbox_support
+
+    nb = _open(page, lab, "interrupt.ipynb", artifacts, "jupyterlab-interrupt")
+    _stop_then_next(nb, 0, "wasm")
+    nb.screenshot("after-stop-wasm")
+    sandbox_support.need_sandbox()
+    _stop_then_next(nb, 2, "sandbox")
+    assert "state kept: yes" in nb.cell_locator(3).inner_text()
+    nb.screenshot("after-stop-sandbox")
 
 
 def _pid_in(label: str, cell: Cell) -> int:
@@ -269,17 +294,30 @@ def _pid_in(label: str, cell: Cell) -> int:
 def check_old_kernel_released(kernel_pid: int, tier_pids: dict[str, int]) -> None:
     """After a restart, nothing of the old kernel may be left running.
 
-    Checked here: the old kernel process and the old ``process`` tier agent are gone.
-    Sandbox tier (its engineer adds it here): no container labelled
-    ``org.tierkernel.owner-pid=<kernel_pid>`` may be left, running or stopped, e.g.
-    ``docker.from_env().containers.list(all=True, filters={"label":
-    f"org.tierkernel.owner-pid={kernel_pid}"}) == []`` (polled for a few seconds).
+    Checked: the old kernel process and the old ``process`` tier agent are gone, and no
+    sandbox container of the old kernel (labelled with its pid) is left, running or stopped.
     """
+    import docker
+
     from tests.e2e.lab import wait_gone
+    from tierkernel.backends.docker_engine import LABEL_OWNER_PID
 
     left = wait_gone([kernel_pid, *tier_pids.values()], timeout=30)
     assert not left, (f"processes of the old kernel still run after the restart: {left} "
                       f"(kernel {kernel_pid}, tiers {tier_pids})")
+    client = docker.from_env()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            containers = client.containers.list(
+                all=True, filters={"label": f"{LABEL_OWNER_PID}={kernel_pid}"})
+            if not containers or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        client.close()
+    assert not containers, (f"containers of the old kernel {kernel_pid} left after the "
+                            f"restart: {[c.short_id for c in containers]}")
 
 
 def test_restart_from_kernel_menu(page: Page, lab: LabServer, artifacts: Path) -> None:
@@ -290,11 +328,13 @@ def test_restart_from_kernel_menu(page: Page, lab: LabServer, artifacts: Path) -
     nb.select(0)
     nb.toolbar("run")
     nb.toolbar("run")
-    state = nb.wait_for("the kernel and the process tier reporting their pids",
-                        lambda s: s.cells[1].count is not None and s.kernel_status == "idle",
+    nb.toolbar("run")
+    state = nb.wait_for("the kernel, the process tier and the sandbox reporting themselves",
+                        lambda s: s.cells[2].count is not None and s.kernel_status == "idle",
                         OPEN_TIMEOUT)
     old_kernel = _pid_in("kernel pid", state.cells[0])
     old_agent = _pid_in("process agent pid", state.cells[1])
+    assert "sandbox container" in state.cells[2].text(), state.cells[2].outputs
 
     once_more("Kernel > Restart Kernel…", lambda: nb.menu("Kernel", "Restart Kernel…"))
     dialog = nb.page.locator(".jp-Dialog")
@@ -307,13 +347,13 @@ def test_restart_from_kernel_menu(page: Page, lab: LabServer, artifacts: Path) -
                 OPEN_TIMEOUT)
     check_old_kernel_released(old_kernel, {"process": old_agent})
 
-    nb.select(2)
+    nb.select(3)
     nb.toolbar("run")
     state = nb.wait_for("a cell running after the restart",
-                        lambda s: s.cells[2].count is not None and s.kernel_status == "idle",
+                        lambda s: s.cells[3].count is not None and s.kernel_status == "idle",
                         OPEN_TIMEOUT)
-    assert "defined before the restart: False" in state.cells[2].text(), state.cells[2].outputs
-    assert state.cells[2].count == 1, "a restarted kernel counts from 1 again"
+    assert "defined before the restart: False" in state.cells[3].text(), state.cells[3].outputs
+    assert state.cells[3].count == 1, "a restarted kernel counts from 1 again"
     nb.select(0)
     nb.toolbar("run")
     state = nb.wait_for("the new kernel reporting its pid",
