@@ -247,7 +247,19 @@ class SandboxBackend(Backend):
             if not self._is_up():
                 current = self._container
                 spec = current.spec if current is not None else self._default_spec()
-                await asyncio.to_thread(self._ensure, spec)
+                await asyncio.to_thread(self._ensure_and_sync, spec)
+
+    def _ensure_and_sync(self, spec: ContainerSpec) -> None:
+        """Start the container and copy the workspace in now (a warm start does this in the
+        background), so the first cell does not wait for that copy."""
+        self._ensure(spec)
+        container = self._container
+        if container is not None:
+            try:
+                self._workspace.before_cell(self._engine().api, container.id)
+            except Exception:  # the first cell tries again and reports the error
+                log.warning("copying the workspace into the new container failed",
+                            exc_info=True)
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
         """Run the cell in the container's agent; a changed runtime/memory/cpus is applied

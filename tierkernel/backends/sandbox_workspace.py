@@ -19,6 +19,7 @@ import io
 import logging
 import socket
 import tempfile
+import threading
 from typing import IO, Any
 
 from tierkernel.fsx import FsxConfigError, FsxFacade, sync
@@ -38,6 +39,8 @@ class WorkspaceSync:
         self.user = user
         self._container: str | None = None
         self._manifest: sync.Manifest | None = None
+        # A warm start's first copy may still run when the first cell arrives.
+        self._lock = threading.Lock()
 
     @staticmethod
     def workspace() -> FsxFacade | None:
@@ -49,6 +52,10 @@ class WorkspaceSync:
 
     def before_cell(self, api: Any, container_id: str) -> None:
         """Copy what changed in fsx since the last sync into the container. Blocking."""
+        with self._lock:
+            self._before_cell(api, container_id)
+
+    def _before_cell(self, api: Any, container_id: str) -> None:
         workspace = self.workspace()
         if workspace is None:
             return
@@ -92,6 +99,10 @@ class WorkspaceSync:
     def after_cell(self, api: Any, container_id: str, changed: bool) -> list[str]:
         """Bring the container's changes into fsx when there are any; return the paths kept
         as ``NAME.sandbox-conflict`` (both sides changed them). Blocking."""
+        with self._lock:
+            return self._after_cell(api, container_id, changed)
+
+    def _after_cell(self, api: Any, container_id: str, changed: bool) -> list[str]:
         workspace = self.workspace()
         if workspace is None or not changed or self._container != container_id:
             return []

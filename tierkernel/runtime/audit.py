@@ -98,6 +98,11 @@ class AuditLog:
             conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
+            # Two commits per cell sit on every cell's reply path. With WAL, NORMAL does not
+            # fsync each commit (0.04 ms a cell instead of ~0.5 ms here) and still loses
+            # nothing when the kernel crashes or is killed; only an OS crash or a power cut
+            # can drop the newest records.
+            conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
             self._conn = conn
         return self._conn
