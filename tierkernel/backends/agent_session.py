@@ -158,7 +158,7 @@ class AgentSession:
         try:
             self.transport.send((json.dumps(msg) + "\n").encode())
         except OSError:
-            self._lose(cell, "its interpreter is gone")
+            self._lose(cell, f"its interpreter is gone: {self.transport.exit_detail()}")
         deadline = start + timeout if timeout else None
         while not cell.done.wait(0.05):
             now = time.perf_counter()
@@ -245,6 +245,9 @@ class AgentSession:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
+        if kind == "protocol_error":
+            log.warning("%s agent: %s", self.tier, msg.get("detail"))
+            return
         if kind == "ready":
             self.info = msg
             self._ready.set()

@@ -629,7 +629,11 @@ def main() -> None:
         if kind == "execute":
             agent.execute(msg)
         elif kind == "install_helpers":
-            agent.install_helpers(str(msg.get("source", "")))
+            try:
+                agent.install_helpers(str(msg.get("source", "")))
+            except Exception as exc:  # cells still run; only the helpers are missing
+                channel.send({"type": "protocol_error",
+                              "detail": f"could not install ai/api/db/console: {exc!r}"})
         elif kind == "shutdown":
             return
         else:
