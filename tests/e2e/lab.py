@@ -323,7 +323,9 @@ class NotebookPage:
             if time.monotonic() > deadline:
                 self.screenshot("timeout-" + re.sub(r"\W+", "-", what)[:40])
                 summary = "none" if last is None else [
-                    (c.index, c.count, [o["output_type"] for o in c.outputs])
+                    (c.index, c.count, [o["output_type"] if o["output_type"] != "error"
+                                        else f"error {o.get('ename')}: {o.get('evalue')}"
+                                        for o in c.outputs])
                     for c in last.code_cells]
                 raise AssertionError(
                     f"{self.name}: {what} did not happen within {timeout}s; kernel "
