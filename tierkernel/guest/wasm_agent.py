@@ -54,38 +54,21 @@ class ToolChannel:
         self._emit(msg=json.loads(json.dumps(msg, default=repr)))
 
 
-class FdStream(io.TextIOBase):
-    """``sys.stdout``/``sys.stderr`` of a cell: every write goes to the guest's fd at once.
+class FdStream(_agent.CellStream):
+    """``sys.stdout``/``sys.stderr`` of a cell: every write goes to the guest's fd 1 or 2 at
+    once (the process agent's stream buffers lines for its protocol instead).
 
     The host sees each write as it happens and joins a ``print()``'s pieces back into lines
     (see ``wasm_transport``); buffering here would hold partial lines (progress dots) until
     the next write, since the guest has no threads to flush them on a timer.
     """
 
-    def __init__(self, fd: int, name: str) -> None:
-        self._fd = fd
-        self.name = name
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        return self._fd
-
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        data = text.encode("utf-8", "surrogateescape")
-        view = memoryview(data)
+        view = memoryview(text.encode("utf-8", "surrogateescape"))
         while view:
-            view = view[os.write(self._fd, view) :]
+            view = view[os.write(self.fileno(), view) :]
         return len(text)
 
     def flush(self) -> None:
@@ -97,8 +80,8 @@ class WasmAgent(_agent.Agent):
 
     def __init__(self, channel: ToolChannel, memory_hint: str) -> None:
         super().__init__(channel)  # type: ignore[arg-type]  # same send() as agent.Channel
-        self.stdout = FdStream(1, "stdout")  # type: ignore[assignment]
-        self.stderr = FdStream(2, "stderr")  # type: ignore[assignment]
+        self.stdout = FdStream(self, "stdout")
+        self.stderr = FdStream(self, "stderr")
         # The cell's globals are __main__'s, so pickle and dataclasses find user classes.
         self.namespace = sys.modules["__main__"].__dict__
         self.memory_hint = memory_hint
