@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.kernel_session import KernelSession
+from tests.servers import http_server, openai_server
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +43,17 @@ def no_sandbox_containers_left() -> Iterator[None]:
     reap_orphans(sandbox_support.client())
     left = sandbox_support.all_sandbox_containers()
     assert left == [], f"sandbox containers left after the test run: {left}"
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    """The port of a test HTTP server on 127.0.0.1 (see tests/servers.py for its endpoints)."""
+    with http_server() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def ai_url() -> Iterator[str]:
+    """The base URL of a local OpenAI-compatible server process (chat and embeddings)."""
+    with openai_server() as url:
+        yield url

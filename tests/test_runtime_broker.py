@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
-from tests.servers import OPENAI_KEY, http_server, openai_server
+from tests.servers import OPENAI_KEY
 from tierkernel.guest.helpers import make_helpers
 from tierkernel.magics.options import TierUsageError, parse_allow, parse_domains
 from tierkernel.runtime.audit import AuditLog
@@ -26,18 +26,6 @@ from tierkernel.runtime.broker import Broker, CallContext
 from tierkernel.runtime.policy import Runtime, host_matches
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def port() -> Iterator[int]:
-    with http_server() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def ai_url() -> Iterator[str]:
-    with openai_server() as url:
-        yield url
 
 
 class Guest:

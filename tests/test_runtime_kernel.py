@@ -11,19 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel_session import KernelSession
-from tests.servers import OPENAI_KEY, http_server, openai_server
-
-
-@pytest.fixture(scope="module")
-def port() -> Iterator[int]:
-    with http_server() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def ai_url() -> Iterator[str]:
-    with openai_server() as url:
-        yield url
+from tests.servers import OPENAI_KEY
 
 
 @pytest.fixture(scope="module")

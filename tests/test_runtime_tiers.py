@@ -14,28 +14,22 @@ import pytest
 
 from tests import sandbox_support
 from tests.kernel_session import KernelSession
-from tests.servers import OPENAI_KEY, http_server, openai_server
+from tests.servers import OPENAI_KEY
 from tierkernel.backends import wasm_runtime
 
 DB_PASSWORD = "pg-secret-not-for-guests"
 
 
 @pytest.fixture(scope="module")
-def port() -> Iterator[int]:
-    with http_server() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path]]:
+def env(tmp_path_factory: pytest.TempPathFactory, ai_url: str,
+        ) -> Iterator[tuple[dict[str, str], Path]]:
     home = tmp_path_factory.mktemp("runtime-tiers")
-    with openai_server() as ai_url:
-        yield {
-            **os.environ,
-            "TIERKERNEL_AUDIT_LOG": str(home / "audit.sqlite3"),
-            "TIERKERNEL_DB_PATH": str(home / "db.sqlite3"),
-            "TIERKERNEL_AI_BASE_URL": ai_url, "TIERKERNEL_AI_API_KEY": OPENAI_KEY,
-        }, home
+    yield {
+        **os.environ,
+        "TIERKERNEL_AUDIT_LOG": str(home / "audit.sqlite3"),
+        "TIERKERNEL_DB_PATH": str(home / "db.sqlite3"),
+        "TIERKERNEL_AI_BASE_URL": ai_url, "TIERKERNEL_AI_API_KEY": OPENAI_KEY,
+    }, home
 
 
 def _tiers() -> list[str]:

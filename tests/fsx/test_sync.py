@@ -9,7 +9,6 @@ import tarfile
 
 import pytest
 
-from tierkernel.fsx import Fsx
 from tierkernel.fsx.sync import UnsafeArchiveError, apply, pack
 
 
@@ -38,18 +37,9 @@ def get_archive(ws):
     return [buf.getvalue()[i:i + 4096] for i in range(0, len(buf.getvalue()), 4096)]
 
 
-@pytest.fixture(params=["memory", "sqlite", "local"])
-def fs(request, tmp_path):
-    if request.param == "memory":
-        url = "memory://"
-    elif request.param == "sqlite":
-        url = f"sqlite://{tmp_path}/ws.db"
-    else:
-        (tmp_path / "root").mkdir()
-        url = (tmp_path / "root").as_uri()
-    facade = Fsx(url=url).facade()
-    yield facade
-    facade.close()
+@pytest.fixture()
+def fs(each_backend):
+    return each_backend
 
 
 def test_round_trip_brings_container_changes_into_fsx(fs, tmp_path):

@@ -28,18 +28,9 @@ def _session(workspace):
                                idle_s=None, lifetime_s=None)
 
 
-@pytest.fixture(params=["memory", "sqlite", "local"])
-def workspace(request, tmp_path):
-    if request.param == "memory":
-        url = "memory://"
-    elif request.param == "sqlite":
-        url = f"sqlite://{tmp_path}/ws.db"
-    else:
-        (tmp_path / "root").mkdir()
-        url = (tmp_path / "root").as_uri()
-    facade = Fsx(url=url).facade()
-    yield facade
-    facade.close()
+@pytest.fixture()
+def workspace(each_backend):
+    return each_backend
 
 
 def _ok(done):
