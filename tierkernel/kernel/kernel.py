@@ -18,6 +18,12 @@ from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult
 from tierkernel.backends.native import NativeBackend
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel.iopub import IopubSink
+from tierkernel.kernel.quick_reply import (
+    cell_ran_outside,
+    install_flush_skip,
+    mark_cell,
+    request_scope,
+)
 from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
 from tierkernel.magics.executions import ExecutionMagics
 from tierkernel.magics.fsx import FsxMagics
@@ -61,6 +67,8 @@ class TierKernel(IPythonKernel):
 
     implementation = "tierkernel"
     implementation_version = __version__
+    #: ipykernel's ``_execute_sleep`` for native cells (its default); see ``_execute_sleep``.
+    _native_execute_sleep = 0.0005
 
     default_tier = Unicode(
         help="Tier for cells without %%tier. Defaults to $TIERKERNEL_DEFAULT_TIER, else 'native'."
@@ -107,9 +115,25 @@ class TierKernel(IPythonKernel):
     def start(self) -> None:
         """Start ipykernel's dispatchers, then warm the tiers configured to start early."""
         super().start()
+        install_flush_skip()
         self.io_loop.add_callback(self.router.warm)
 
     # -- execution ------------------------------------------------------------------------
+    async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """ipykernel's handler, with the pre-reply flush and sleep skipped for cells that ran
+        outside IPython (see :mod:`tierkernel.kernel.quick_reply`)."""
+        with request_scope():
+            await super().execute_request(stream, ident, parent)
+
+    @property
+    def _execute_sleep(self) -> float:
+        """ipykernel's pause before each reply; none for cells that ran outside IPython."""
+        return 0.0 if cell_ran_outside() else self._native_execute_sleep
+
+    @_execute_sleep.setter
+    def _execute_sleep(self, value: float) -> None:
+        self._native_execute_sleep = value
+
     async def do_execute(
         self,
         code: str,
@@ -135,12 +159,14 @@ class TierKernel(IPythonKernel):
             else:
                 route = self.router.resolve(directive)
         except (TierUsageError, TierUnavailableError, CellTooLargeError) as exc:
+            mark_cell(True)  # the refusal is published through a sink, not sys.stdout
             reply = self._refuse(code, silent, store_history, parent, exc)
             execution_id = self.runtime.refuse(code, tier, cell_id, reply["execution_count"],
                                                exc, time.perf_counter() - started)
             self._record(msg_id, tier, started, False, execution_id)
             return reply
 
+        mark_cell(not route.backend.in_kernel)
         shell = self.shell
         assert shell is not None
         request = CellRequest(
