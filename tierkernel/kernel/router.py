@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 from dataclasses import dataclass
@@ -190,17 +191,21 @@ class TierRouter:
     async def warm(self) -> None:
         """Start, in the background, every available tier whose ``warm_start`` is set.
 
-        Called once on the kernel's event loop after it starts. A failure here is only logged:
-        the first cell routed to that tier starts it again and reports the error to the user.
+        Called once on the kernel's event loop after it starts. The tiers start side by side
+        (a wasm session opening must not hold back the sandbox's container), and their
+        availability checks, which may ask the Docker engine, run off the event loop. A failure
+        here is only logged: the first cell routed to that tier starts it again and reports the
+        error to the user.
         """
-        for backend in self.backends.values():
-            if not backend.warm_start or backend.in_kernel:
-                continue
+        async def warm_one(backend: Backend) -> None:
             try:
-                if backend.availability().available:
+                if (await asyncio.to_thread(backend.availability)).available:
                     await backend.start()
             except Exception:
                 log.warning("warm start of tier %r failed", backend.name, exc_info=True)
+
+        await asyncio.gather(*(warm_one(backend) for backend in self.backends.values()
+                               if backend.warm_start and not backend.in_kernel))
 
     def shutdown(self) -> None:
         """Shut every backend down; never raises (runs at kernel shutdown and atexit)."""
