@@ -32,7 +32,42 @@ sys.exit(0 if s.recv(64).split(b"\r\n")[0].endswith(b"200 OK") else 1)
 EOF
 }
 
+# gVisor as a registered runtime. --network=none: runsc refuses to start containers otherwise on
+# these machines (see shared/notes/container-tier.md); sandbox containers have no network anyway.
+# --host-uds=open: the sandbox agent may connect to the kernel's unix socket, which is mounted
+# read-only into its container (the only host socket it can see); without it the tier falls
+# back to the slower exec stream. No --platform=kvm: the host's paravirtual KVM makes the
+# sandbox spin forever. Returns 0 when the file was changed.
+register_runsc() {
+    [ -x /usr/bin/runsc ] || return 1
+    mkdir -p "$(dirname "$DAEMON_JSON")"
+    python3 - "$DAEMON_JSON" <<'EOF'
+import json, os, sys
+path = sys.argv[1]
+try:
+    with open(path) as f:
+        config = json.load(f)
+except FileNotFoundError:
+    config = {}
+want = {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--host-uds=open"]}
+if config.get("runtimes", {}).get("runsc") == want:
+    sys.exit(1)
+config.setdefault("runtimes", {})["runsc"] = want
+tmp = path + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(config, f, indent=2)
+    f.write("\n")
+os.replace(tmp, path)
+print(f"==> engine: registered runsc (gVisor) in {path}")
+EOF
+}
+
 if ping; then
+    # A running engine whose runsc registration is out of date: rewrite it and let dockerd
+    # reload its runtimes (SIGHUP; running containers keep theirs).
+    if [ "$(id -u)" = 0 ] && register_runsc && pgrep -x dockerd >/dev/null; then
+        pkill -HUP -x dockerd && sleep 1 && say "dockerd reloaded its runtimes"
+    fi
     exit 0
 fi
 
@@ -66,31 +101,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     rm -f "$apt_log"
 fi
-
-# gVisor as a registered runtime. --network=none: runsc refuses to start containers otherwise on
-# these machines (see shared/notes/container-tier.md); sandbox containers have no network anyway.
-# No --platform=kvm: the host's paravirtual KVM makes the sandbox spin forever.
-if [ -x /usr/bin/runsc ]; then
-    mkdir -p "$(dirname "$DAEMON_JSON")"
-    python3 - "$DAEMON_JSON" <<'EOF'
-import json, os, sys
-path = sys.argv[1]
-try:
-    with open(path) as f:
-        config = json.load(f)
-except FileNotFoundError:
-    config = {}
-want = {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none"]}
-if config.get("runtimes", {}).get("runsc") != want:
-    config.setdefault("runtimes", {})["runsc"] = want
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    print(f"==> engine: registered runsc (gVisor) in {path}")
-EOF
-fi
+register_runsc || true
 
 # dockerd may already be starting (a previous run, the package's postinst): then just wait.
 if ! pgrep -x dockerd >/dev/null; then

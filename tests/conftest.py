@@ -29,7 +29,8 @@ def fresh_kernel() -> Iterator[KernelSession]:
 def no_sandbox_containers_left() -> Iterator[None]:
     """After the whole run, no sandbox container may be left on the engine.
 
-    Kernels shut down by the tests remove their containers themselves. Those of kernels the
+    Kernels shut down by the tests remove their containers themselves; the spare containers
+    they leave ready for later kernels are removed here. Those of kernels the
     tests killed with SIGKILL are removed by the next kernel that starts; the last such kernel
     may have no successor, so the same reaping is done here first (as a new kernel would).
     """
@@ -38,9 +39,11 @@ def no_sandbox_containers_left() -> Iterator[None]:
 
     if not sandbox_support.status()[0]:
         return
-    from tierkernel.backends.sandbox import reap_orphans
+    from tierkernel.backends.sandbox import reap_orphans, remove_spares
 
     reap_orphans(sandbox_support.client())
+    # Spares are made to outlive their kernel (for the next one); the run removes its own.
+    remove_spares(sandbox_support.client())
     left = sandbox_support.all_sandbox_containers()
     assert left == [], f"sandbox containers left after the test run: {left}"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tierkernel.backends.docker_engine import LABEL_KERNEL, LABEL_OWNER_PID
+from tierkernel.backends.docker_engine import LABEL_KERNEL
 
 
 def required() -> bool:
@@ -63,10 +63,11 @@ def runtimes() -> list[str]:
 
 
 def containers_of(kernel_pid: int) -> list[str]:
-    """Ids of the sandbox containers owned by the kernel process ``kernel_pid``."""
-    found = client().containers.list(all=True,
-                                     filters={"label": f"{LABEL_OWNER_PID}={kernel_pid}"})
-    return sorted(c.id for c in found)
+    """Ids of the sandbox containers owned by the kernel process ``kernel_pid`` (the one it
+    created or the spare it claimed; not the spares it made for later kernels)."""
+    from tierkernel.backends.sandbox import kernel_containers
+
+    return kernel_containers(client(), kernel_pid)
 
 
 def all_sandbox_containers() -> list[str]:

@@ -70,6 +70,32 @@ def _cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_spares(args: argparse.Namespace) -> int:
+    from tierkernel.backends import sandbox_spares
+    from tierkernel.backends.docker_engine import EngineError, connect
+    from tierkernel.backends.sandbox import remove_spares
+
+    try:
+        client = connect(timeout=30)
+        if args.remove:
+            removed = remove_spares(client, claimed=False)
+            print(f"removed {len(removed)} spare sandbox container(s)")
+            return 0
+        found = sandbox_spares.list_spares(client)
+    except EngineError as exc:
+        print(f"tierkernel spares: {exc}", file=sys.stderr)
+        return 1
+    if not found:
+        print("no spare sandbox containers")
+    for container in found:
+        labels = container.labels or {}
+        owner = sandbox_spares.claimer(sandbox_spares.folder_of(container))
+        state = f"claimed by kernel pid {owner[0]}" if owner else "waiting for a kernel"
+        print(f"{container.name}  runtime {labels.get('org.tierkernel.runtime', '?')}  "
+              f"{state}")
+    return 0
+
+
 def _cmd_kernel(args: argparse.Namespace) -> int:
     from tierkernel.kernel.app import main as kernel_main
 
@@ -131,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Debian mirror (default: the one apt uses, from /etc/apt/sources.list*)")
     image_sub.add_parser("tag", help="print the image reference this recipe builds")
     p.set_defaults(func=_cmd_image)
+
+    p = sub.add_parser(
+        "spares", help="list the spare sandbox containers kept ready for new kernels",
+        description="Each kernel keeps c.SandboxBackend.spares containers (default 1) ready, "
+        "with their interpreter running, for the next kernel's first sandbox cell; an "
+        "unclaimed one removes itself after c.SandboxBackend.spare_ttl seconds.")
+    p.add_argument("--remove", action="store_true",
+                   help="remove this user's unclaimed spares now")
+    p.set_defaults(func=_cmd_spares)
 
     p = sub.add_parser("kernel", help="launch the kernel (what the kernelspec runs)")
     p.add_argument("kernel_args", nargs=argparse.REMAINDER)

@@ -295,12 +295,13 @@ def check_old_kernel_released(kernel_pid: int, tier_pids: dict[str, int]) -> Non
     """After a restart, nothing of the old kernel may be left running.
 
     Checked: the old kernel process and the old ``process`` tier agent are gone, and no
-    sandbox container of the old kernel (labelled with its pid) is left, running or stopped.
+    sandbox container of the old kernel (its own or the spare it claimed) is left, running or
+    stopped. Spares it made for later kernels are not its own and may stay.
     """
     import docker
 
     from tests.e2e.lab import wait_gone
-    from tierkernel.backends.docker_engine import LABEL_OWNER_PID
+    from tierkernel.backends.sandbox import kernel_containers
 
     left = wait_gone([kernel_pid, *tier_pids.values()], timeout=30)
     assert not left, (f"processes of the old kernel still run after the restart: {left} "
@@ -309,15 +310,14 @@ def check_old_kernel_released(kernel_pid: int, tier_pids: dict[str, int]) -> Non
     try:
         deadline = time.monotonic() + 15
         while True:
-            containers = client.containers.list(
-                all=True, filters={"label": f"{LABEL_OWNER_PID}={kernel_pid}"})
+            containers = kernel_containers(client, kernel_pid)
             if not containers or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:
         client.close()
     assert not containers, (f"containers of the old kernel {kernel_pid} left after the "
-                            f"restart: {[c.short_id for c in containers]}")
+                            f"restart: {[c[:12] for c in containers]}")
 
 
 def test_restart_from_kernel_menu(page: Page, lab: LabServer, artifacts: Path) -> None:

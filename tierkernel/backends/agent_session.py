@@ -140,6 +140,12 @@ class AgentSession:
         self.transport.send((json.dumps({"type": "install_helpers", "source": source})
                              + "\n").encode())
 
+    def reset_watch(self) -> None:
+        """Tell the agent that its watched folder's current state came from the host (a
+        workspace copy), so the next cell does not report it as changed."""
+        with contextlib.suppress(OSError):
+            self.transport.send(b'{"type": "watch_reset"}\n')
+
     def run(self, request: CellRequest, sink: OutputSink, timeout: float | None,
             helpers: HelperGateway | None = None) -> ExecResult:
         """Run one cell to completion, a stop, or the agent's death; the guest's helper

@@ -32,14 +32,17 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">BxxxL")
 
 #: Kill the agent and everything else the cells left running in the container, except PID 1
-#: (docker-init) and the container's keeper (``sleep infinity``, whose exit would stop the
-#: container). Runs as the cells' uid, so it needs no capability. $1 is the agent's pid.
+#: (docker-init) and the container's keeper (``sleep infinity``, or a spare's keeper script
+#: named ``tierkernel-keeper``, whose exit would stop the container). Runs as the cells' uid, so
+#: it needs no capability. $1 is the agent's pid.
 _KILL_TREE = r"""
 kill -KILL "$1" 2>/dev/null
 for d in /proc/[0-9]*; do
     p=${d#/proc/}
     case "$p" in 1|$$) continue ;; esac
-    [ "$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)" = "sleep infinity " ] && continue
+    case "$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)" in
+        "sleep infinity "|*" tierkernel-keeper "*) continue ;;
+    esac
     kill -KILL "$p" 2>/dev/null
 done
 exit 0
@@ -66,18 +69,24 @@ class DockerExecTransport:
         runtime: str,
         detail: Callable[[int | None], str] | None = None,
     ) -> None:
+        exec_id: str = api.exec_create(
+            container_id, cmd, stdin=True, stdout=True, stderr=True, tty=False,
+            user=user, environment=environment, workdir=workdir,
+        )["Id"]
+        raw = api.exec_start(exec_id, socket=True)
+        # docker-py hands back socket.SocketIO over the unix socket; the real socket is inside.
+        self._setup(api, container_id, exec_id, getattr(raw, "_sock", raw), user=user,
+                    runtime=runtime, detail=detail)
+
+    def _setup(self, api: Any, container_id: str, exec_id: str, sock: socket.socket, *,
+               user: str, runtime: str, detail: Callable[[int | None], str] | None) -> None:
         self.api = api
         self.container_id = container_id
         self.user = user
         self.runtime = runtime
         self._detail = detail
-        self.exec_id: str = api.exec_create(
-            container_id, cmd, stdin=True, stdout=True, stderr=True, tty=False,
-            user=user, environment=environment, workdir=workdir,
-        )["Id"]
-        raw = api.exec_start(self.exec_id, socket=True)
-        # docker-py hands back socket.SocketIO over the unix socket; the real socket is inside.
-        self._sock: socket.socket = getattr(raw, "_sock", raw)
+        self.exec_id = exec_id
+        self._sock = sock
         # The client's request timeout must not end a session that is merely idle.
         self._sock.settimeout(None)
         self._send_lock = threading.Lock()
@@ -233,3 +242,40 @@ class DockerExecTransport:
         text = "it exited" if code is None else f"it exited with status {code}"
         tail = self.stderr_tail()
         return f"{text}; stderr: {tail}" if tail else text
+
+
+class SocketTransport(DockerExecTransport):
+    """The agent as a detached ``docker exec`` that talks over a unix socket of the host's.
+
+    The socket lives in a per-container host folder mounted read-only into the container
+    (``tierkernel.backends.sandbox_channel``), so requests and output go straight between the
+    kernel and the agent instead of through the engine's exec stream (a round trip ≈10 µs
+    instead of ≈90 µs under runc). The exec is still the agent's process for the engine: stops
+    and exit codes work as for :class:`DockerExecTransport`. ``sock`` is the accepted
+    connection; the stream carries the agent's messages unframed.
+    """
+
+    def __init__(
+        self,
+        api: Any,
+        container_id: str,
+        exec_id: str,
+        sock: socket.socket,
+        *,
+        user: str,
+        runtime: str,
+        detail: Callable[[int | None], str] | None = None,
+    ) -> None:
+        self._setup(api, container_id, exec_id, sock, user=user, runtime=runtime,
+                    detail=detail)
+
+    def _fill(self) -> bool:
+        try:
+            chunk = self._sock.recv(1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._closed = True
+            return False
+        self._out += chunk
+        return True

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 from traitlets import Bool, Float, Int, Unicode
 
+from tierkernel.backends import sandbox_spares as spares
 from tierkernel.backends.agent_session import AgentSession
 from tierkernel.backends.base import (
     Availability,
@@ -51,10 +52,26 @@ from tierkernel.backends.docker_engine import (
     explain,
     unreachable_message,
 )
-from tierkernel.backends.docker_transport import DockerExecTransport
+from tierkernel.backends.docker_transport import DockerExecTransport, SocketTransport
+from tierkernel.backends.sandbox_channel import (
+    GUEST_DIR,
+    SOCKET_NAME,
+    WAKE_NAME,
+    ChannelError,
+    Listener,
+    channel_usable,
+    make_wake,
+    mount,
+    new_folder,
+    read_exec_id,
+    remove_folder,
+    wake,
+    wake_usable,
+    write_exec_id,
+)
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
 from tierkernel.backends.sandbox_workspace import WorkspaceSync
-from tierkernel.guest.agent import WATCH_ENV
+from tierkernel.guest.agent import POLL_ENV, SOCKET_ENV, WAIT_ENV, WAKE_ENV, WATCH_ENV
 from tierkernel.magics.options import format_size
 
 log = logging.getLogger(__name__)
@@ -70,6 +87,13 @@ LABEL_RUNTIME = "org.tierkernel.runtime"
 # first (MPLCONFIGDIR must be writable, and the root is read-only).
 _AGENT_SHELL = ("mkdir -p /tmp/matplotlib && cp -Rn /opt/tierkernel/mplconfig/. /tmp/matplotlib/"
                 ' 2>/dev/null; exec python3 -c "$0"')
+#: Seconds between a live kernel's sweeps for expired spares and dead kernels' containers.
+_SWEEP_INTERVAL = 60.0
+# A spare container's main process (under runc): it outlives the agent's wait (spare_ttl) by
+# a little, then ends the container unless a kernel has claimed it (the claim file is in the
+# read-only mount).
+_SPARE_KEEPER = (f'sleep "$1"; while [ -e {GUEST_DIR}/{spares.CLAIM_NAME} ]; do sleep 30; '
+                 'done')
 _ENVIRONMENT = {
     "HOME": "/tmp",
     "MPLCONFIGDIR": "/tmp/matplotlib",
@@ -100,6 +124,8 @@ class _Container:
     id: str
     spec: ContainerSpec
     pids_limit: int
+    #: The host folder of its direct channel (sandbox_channel); None: the exec stream.
+    folder: Path | None = None
     cells: int = 0
     ooms: int = 0
     died: bool = False
@@ -191,6 +217,19 @@ class SandboxBackend(Backend):
     reap_orphans = Bool(
         True, help="At the tier's first start, remove sandbox containers whose kernel is dead."
     ).tag(config=True)
+    spares = Int(
+        1, help="Spare containers, with their interpreter already running, that this kernel "
+        "keeps ready for the next kernel of this user with the same settings, whose first "
+        "sandbox cell then does not wait for a container. 0: none."
+    ).tag(config=True)
+    spare_ttl = Float(
+        600.0, help="Seconds an unclaimed spare container waits for a kernel before it removes "
+        "itself."
+    ).tag(config=True)
+    spare_delay = Float(
+        3.0, help="Seconds after this kernel's own container is up before it makes spares, so "
+        "that making them does not slow its first cells."
+    ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -203,15 +242,18 @@ class SandboxBackend(Backend):
         self._workspace = WorkspaceSync(self.user)
         self._alock: asyncio.Lock | None = None
         self._tlock = threading.RLock()  # the containers: start, recreate, shutdown
-        self._reaped = False
         self._closed = False
         self._runtimes: list[str] | None = None
+        self._runtime_infos: dict[str, Any] | None = None
         self._oom_baseline = 0
+        self._after_start_done = False
+        self._starting = False
 
     # -- the contract ---------------------------------------------------------------------
     def availability(self) -> Availability:
         """Engine reachable, image built, default runtime registered (quick: cached probes)."""
-        if self._is_up():
+        if self._is_up() or self._starting:
+            # Starting: the start reports its own failure to the cell that waits for it.
             return Availability.yes(self._where())
         try:
             probe = self._probe_client()
@@ -243,11 +285,18 @@ class SandboxBackend(Backend):
         """
         if self._is_up():
             return
-        async with self._async_lock():
-            if not self._is_up():
-                current = self._container
-                spec = current.spec if current is not None else self._default_spec()
-                await asyncio.to_thread(self._ensure_and_sync, spec)
+        try:
+            async with self._async_lock():
+                if not self._is_up():
+                    current = self._container
+                    spec = current.spec if current is not None else self._default_spec()
+                    self._starting = True
+                    try:
+                        await asyncio.to_thread(self._ensure_and_sync, spec)
+                    finally:
+                        self._starting = False
+        finally:
+            self._after_first_start()
 
     def _ensure_and_sync(self, spec: ContainerSpec) -> None:
         """Start the container and copy the workspace in now (a warm start does this in the
@@ -256,7 +305,10 @@ class SandboxBackend(Backend):
         container = self._container
         if container is not None:
             try:
-                self._workspace.before_cell(self._engine().api, container.id)
+                if self._workspace.before_cell(self._engine().api, container.id):
+                    session = self._session
+                    if session is not None:
+                        session.reset_watch()
             except Exception:  # the first cell tries again and reports the error
                 log.warning("copying the workspace into the new container failed",
                             exc_info=True)
@@ -289,7 +341,8 @@ class SandboxBackend(Backend):
         def run_cell() -> ExecResult:
             # fsx -> /workspace, the cell, /workspace -> fsx: one thread hop for all three.
             api = self._engine().api
-            self._workspace.before_cell(api, container.id)
+            if self._workspace.before_cell(api, container.id):
+                session.reset_watch()
             result = session.run(request, held, request.options.get("timeout"), gateway)
             try:
                 conflicts = self._workspace.after_cell(api, container.id,
@@ -346,9 +399,6 @@ class SandboxBackend(Backend):
             if self._closed:
                 raise EngineError("the sandbox tier was shut down with its kernel")
             client = self._engine()
-            if self.reap_orphans and not self._reaped:
-                self._reaped = True
-                reap_orphans(client)
             notice = ""
             current = self._container
             if current is not None and (current.died or current.suspect):
@@ -357,7 +407,7 @@ class SandboxBackend(Backend):
             if current is not None and current.spec != spec:
                 notice = self._respec(current, spec)
                 current = self._container
-            if current is None:
+            if current is None and not self._claim_spare(client, spec):
                 self._create(client, spec)
             if self._session is None or not self._session.alive:
                 try:
@@ -393,28 +443,20 @@ class SandboxBackend(Backend):
         return (f"sandbox: started a new container ({spec.describe()}; was {was.describe()}): "
                 "variables and files from earlier sandbox cells are gone.")
 
-    def _create(self, client: Any, spec: ContainerSpec) -> None:
+    def _create_kwargs(self, client: Any, spec: ContainerSpec) -> dict[str, Any]:
+        """What a container with ``spec`` is created with, but its name, labels and mounts
+        (the same for this kernel's own container and for the spares it makes)."""
         runsc = spec.runtime == "runsc"
-        pids = self.runsc_pids_limit if runsc else self.pids_limit
         runtimes = self._engine_runtimes(client)
         if spec.runtime not in runtimes:
             raise EngineError(self._no_runtime(spec.runtime, runtimes))
         from docker.types import Ulimit
 
         tmpfs_opts = f"rw,nosuid,nodev,size={self.tmpfs_size},mode=1777"
-        labels = {
-            LABEL_KERNEL: self._kernel_id,
-            LABEL_OWNER_PID: str(os.getpid()),
-            LABEL_OWNER_START: _process_start(os.getpid()) or "",
-            LABEL_OWNER_HOST: socket.gethostname(),
-            LABEL_RUNTIME: spec.runtime,
-        }
         kwargs: dict[str, Any] = {
             "image": self._image_ref(),
             "command": ["sleep", "infinity"],
-            "name": f"tierkernel-sandbox-{uuid.uuid4().hex[:12]}",
             "hostname": "sandbox",
-            "labels": labels,
             "network_mode": "none",
             "read_only": True,
             "tmpfs": {"/tmp": tmpfs_opts, "/workspace": tmpfs_opts},
@@ -423,7 +465,7 @@ class SandboxBackend(Backend):
             "user": self.user,
             "working_dir": "/workspace",
             "environment": _ENVIRONMENT,
-            "pids_limit": pids,
+            "pids_limit": self.runsc_pids_limit if runsc else self.pids_limit,
             "mem_limit": spec.memory,
             "memswap_limit": spec.memory,
             # period/quota rather than nano_cpus: only these can be changed by `docker update`.
@@ -437,13 +479,62 @@ class SandboxBackend(Backend):
             # cap that a fork bomb meets is this in-sandbox ulimit instead.
             kwargs["ulimits"] = [Ulimit(name="nproc", soft=self.runsc_nproc,
                                         hard=self.runsc_nproc)]
+        return kwargs
+
+    def _labels(self, spec: ContainerSpec, folder: Path | None) -> dict[str, str]:
+        labels = {
+            LABEL_KERNEL: self._kernel_id,
+            LABEL_OWNER_PID: str(os.getpid()),
+            LABEL_OWNER_START: _process_start(os.getpid()) or "",
+            LABEL_OWNER_HOST: socket.gethostname(),
+            spares.LABEL_OWNER_UID: str(os.getuid()),
+            LABEL_RUNTIME: spec.runtime,
+        }
+        if folder is not None:
+            labels[spares.LABEL_FOLDER] = str(folder)
+        return labels
+
+    def _channel_ok(self, client: Any, runtime: str) -> bool:
+        """Whether containers of ``runtime`` can have the direct channel here (not with a
+        remote engine, nor under runsc registered without --host-uds)."""
+        return channel_usable(engine_url(), runtime, self._runtime_info(client, runtime))
+
+    def _runtime_info(self, client: Any, runtime: str) -> dict[str, Any]:
+        """The engine's entry for ``runtime`` (path, runtimeArgs), asked once per kernel."""
+        if self._runtime_infos is None:
+            try:
+                self._runtime_infos = dict(client.info().get("Runtimes") or {})
+            except Exception as exc:
+                raise explain(exc, "asking the engine for its runtimes") from exc
+        return dict(self._runtime_infos.get(runtime) or {})
+
+    def _channel_folder(self, client: Any, runtime: str, name: str) -> Path | None:
+        """A new host folder for the container's direct channel, or None when it cannot have
+        one (then the agent talks over the exec stream)."""
+        if not self._channel_ok(client, runtime):
+            return None
+        try:
+            return new_folder(name)
+        except OSError:
+            log.warning("no host folder for the agent's socket; using the exec stream",
+                        exc_info=True)
+            return None
+
+    def _create(self, client: Any, spec: ContainerSpec) -> None:
+        kwargs = self._create_kwargs(client, spec)
+        name = f"tierkernel-sandbox-{uuid.uuid4().hex[:12]}"
+        folder = self._channel_folder(client, spec.runtime, name)
+        kwargs.update(name=name, labels=self._labels(spec, folder))
+        if folder is not None:
+            kwargs["volumes"] = mount(folder)
         try:
             container = client.containers.create(**kwargs)
         except Exception as exc:
+            remove_folder(folder)
             if "No such image" in str(exc) or type(exc).__name__ == "ImageNotFound":
                 raise EngineError(describe_missing(self._image_ref())) from exc
             raise explain(exc, "creating the sandbox container") from exc
-        handle = _Container(container.id, spec, pids)
+        handle = _Container(container.id, spec, int(kwargs["pids_limit"]), folder=folder)
         self._container = handle
         try:
             container.start()
@@ -452,6 +543,110 @@ class SandboxBackend(Backend):
             raise explain(exc, f"starting the sandbox container ({spec.describe()})") from exc
         self._watch(client, handle)
         log.info("sandbox container %s started (%s)", container.id[:12], spec.describe())
+
+    # -- spares ---------------------------------------------------------------------------
+    def _spare_key(self, client: Any, spec: ContainerSpec) -> str:
+        return spares.spec_key(self._create_kwargs(client, spec), AGENT_PATH.read_text())
+
+    def _claim_spare(self, client: Any, spec: ContainerSpec) -> bool:
+        """Take over a spare container made for this spec (agent already running); False
+        when there is none to take. Blocking; the caller holds the lock."""
+        if self.spares <= 0 or spec != self._default_spec():
+            return False
+        key = self._spare_key(client, spec)
+        me, started = os.getpid(), _process_start(os.getpid()) or ""
+        for found in spares.candidates(client, key):
+            folder = spares.folder_of(found)
+            if not folder.is_dir() or not spares.try_claim(folder, me, started):
+                continue
+            handle = _Container(found.id, spec, int(found.attrs.get("HostConfig", {})
+                                                    .get("PidsLimit") or self.pids_limit),
+                                folder=folder)
+            self._container = handle
+            self._watch(client, handle)
+            try:
+                self._start_agent(client, exec_id=read_exec_id(folder), timeout=3.0)
+            except Exception:
+                log.info("spare container %s did not answer; trying another", found.id[:12],
+                         exc_info=True)
+                self._drop_container()
+                continue
+            log.info("claimed spare sandbox container %s", found.id[:12])
+            return True
+        return False
+
+    def _after_first_start(self) -> None:
+        """Once per kernel, after its first start: in a thread, remove dead kernels'
+        containers (not before: the first cell need not wait for that), then, after
+        ``spare_delay``, make the spares."""
+        if self._after_start_done or self._closed:
+            return
+        self._after_start_done = True
+        spec = self._default_spec()
+
+        def work() -> None:
+            if self.reap_orphans:
+                with contextlib.suppress(Exception):
+                    reap_orphans(self._engine())
+            if self.spares > 0:
+                time.sleep(self.spare_delay)
+                if not self._closed:
+                    self._make_spares(spec)
+            # While the kernel lives, remove expired spares (those that cannot remove
+            # themselves, under gVisor) and dead kernels' containers now and then.
+            while self.reap_orphans and not self._closed:
+                time.sleep(_SWEEP_INTERVAL)
+                with contextlib.suppress(Exception):
+                    if not self._closed:
+                        reap_orphans(self._engine())
+
+        threading.Thread(target=work, daemon=True, name="sandbox-after-start").start()
+
+    def _make_spares(self, spec: ContainerSpec) -> None:
+        """Top the spares for ``spec`` up to ``spares`` waiting ones. Never raises."""
+        try:
+            client = self._engine()
+            if not self._channel_ok(client, spec.runtime):
+                return  # a spare is claimed through its socket: none without a channel
+            key = self._spare_key(client, spec)
+            for _ in range(self.spares - spares.unclaimed(client, key)):
+                if self._closed:
+                    return
+                self._make_spare(client, spec, key)
+        except Exception:
+            log.info("making a spare sandbox container failed", exc_info=True)
+
+    def _make_spare(self, client: Any, spec: ContainerSpec, key: str) -> None:
+        kwargs = self._create_kwargs(client, spec)
+        name = f"tierkernel-spare-{uuid.uuid4().hex[:12]}"
+        folder = new_folder(name)
+        if wake_usable(spec.runtime):
+            make_wake(folder)
+        labels = self._labels(spec, folder)
+        labels[spares.LABEL_SPARE] = key
+        labels[spares.LABEL_EXPIRES] = f"{time.time() + self.spare_ttl:.0f}"
+        kwargs.update(name=name, labels=labels, volumes=mount(folder), auto_remove=True)
+        if spec.runtime == "runc":
+            # The keeper ends an unclaimed spare (auto-remove then removes it) once its agent
+            # has given up waiting; a claimed one lives on while its folder holds the claim.
+            # Not under gVisor: a container that ends by itself while an exec of it exists
+            # (the agent's, even exited) wedges there; expired gVisor spares are removed by
+            # the reaper of any live or starting kernel instead.
+            kwargs["command"] = ["sh", "-c", _SPARE_KEEPER, "tierkernel-keeper",
+                                 f"{self.spare_ttl + 10:.0f}"]
+        container = None
+        try:
+            container = client.containers.create(**kwargs)
+            container.start()
+            exec_id = self._exec_agent(client, container.id, spec.runtime, wait=self.spare_ttl)
+            write_exec_id(folder, exec_id)
+        except Exception:
+            if container is not None:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)
+            remove_folder(folder)
+            raise
+        log.info("spare sandbox container %s ready for the next kernel", container.id[:12])
 
     def _watch(self, client: Any, handle: _Container) -> None:
         """Follow the engine's oom/die events of the container in a thread."""
@@ -480,16 +675,72 @@ class SandboxBackend(Backend):
 
         threading.Thread(target=follow, daemon=True, name="sandbox-events").start()
 
-    def _start_agent(self, client: Any) -> None:
+    def _exec_agent(self, client: Any, container_id: str, runtime: str, wait: float) -> str:
+        """Start the agent detached, to connect to its host socket; return the exec id."""
+        environment = {**_ENVIRONMENT, SOCKET_ENV: f"{GUEST_DIR}/{SOCKET_NAME}",
+                       WAIT_ENV: f"{wait:g}"}
+        if wake_usable(runtime):
+            environment[WAKE_ENV] = f"{GUEST_DIR}/{WAKE_NAME}"
+        else:
+            environment[POLL_ENV] = "0.025"  # gVisor's file lookups cost: look less often
+        exec_id: str = client.api.exec_create(
+            container_id, ["sh", "-c", _AGENT_SHELL, AGENT_PATH.read_text()], user=self.user,
+            environment=environment, workdir="/workspace")["Id"]
+        client.api.exec_start(exec_id, detach=True)
+        return exec_id
+
+    def _connect(self, client: Any, container: _Container, exec_id: str | None,
+                 timeout: float) -> SocketTransport:
+        """The agent's direct channel: listen on the container's socket, start the agent
+        (unless ``exec_id`` names one already waiting, a spare's), accept its connection."""
+        assert container.folder is not None
+        listener = Listener(container.folder)
+        try:
+            if not exec_id:
+                exec_id = self._exec_agent(client, container.id, container.spec.runtime,
+                                           wait=self.start_timeout)
+                write_exec_id(container.folder, exec_id)
+            else:
+                wake(container.folder)  # a spare's agent sleeping on its FIFO
+        except Exception:
+            listener.close()
+            raise
+        agent = exec_id
+
+        def gone() -> str | None:
+            try:
+                info = client.api.exec_inspect(agent)
+            except Exception as exc:
+                return f"the engine lost the agent's process ({exc})"
+            if info.get("Running") or info.get("ExitCode") is None:
+                return None
+            return self._exit_detail(container, int(info["ExitCode"]))
+
+        conn = listener.accept(timeout, gone)
+        return SocketTransport(client.api, container.id, agent, conn, user=self.user,
+                               runtime=container.spec.runtime,
+                               detail=lambda code: self._exit_detail(container, code))
+
+    def _start_agent(self, client: Any, exec_id: str | None = None,
+                     timeout: float | None = None) -> None:
         container = self._container
         assert container is not None
+        wait = self.start_timeout if timeout is None else timeout
+        transport: DockerExecTransport
         try:
-            transport = DockerExecTransport(
-                client.api, container.id, ["sh", "-c", _AGENT_SHELL, AGENT_PATH.read_text()],
-                user=self.user, environment=_ENVIRONMENT, workdir="/workspace",
-                runtime=container.spec.runtime,
-                detail=lambda code: self._exit_detail(container, code),
-            )
+            if container.folder is not None:
+                transport = self._connect(client, container, exec_id, wait)
+            else:
+                transport = DockerExecTransport(
+                    client.api, container.id,
+                    ["sh", "-c", _AGENT_SHELL, AGENT_PATH.read_text()],
+                    user=self.user, environment=_ENVIRONMENT, workdir="/workspace",
+                    runtime=container.spec.runtime,
+                    detail=lambda code: self._exit_detail(container, code),
+                )
+        except ChannelError as exc:
+            raise EngineError(f"the interpreter in the sandbox container did not start: "
+                              f"{exc}") from exc
         except Exception as exc:
             raise explain(exc, "starting the interpreter in the sandbox container") from exc
         self._transport = transport
@@ -502,7 +753,7 @@ class SandboxBackend(Backend):
             "c.SandboxBackend.timeout",
         )
         try:
-            session.wait_ready(self.start_timeout)
+            session.wait_ready(wait)
         except Exception as exc:
             raise EngineError(str(exc)) from exc
         session.install_helpers()
@@ -525,8 +776,9 @@ class SandboxBackend(Backend):
         try:
             self._engine().api.remove_container(container.id, force=True)
         except Exception as exc:
-            if "No such container" not in str(exc):
+            if "No such container" not in str(exc) and "is already in progress" not in str(exc):
                 log.warning("could not remove sandbox container %s: %s", container.id[:12], exc)
+        remove_folder(container.folder)
 
     # -- after a cell ---------------------------------------------------------------------
     @staticmethod
@@ -655,7 +907,8 @@ class SandboxBackend(Backend):
 
 # -- orphans ------------------------------------------------------------------------------
 def reap_orphans(client: Any) -> list[str]:
-    """Remove sandbox containers of this host whose owning kernel process is gone.
+    """Remove sandbox containers of this host whose owning kernel process is gone, and spares
+    that no kernel will claim (see :mod:`tierkernel.backends.sandbox_spares`).
 
     Returns the ids removed. A kernel killed with SIGKILL cannot clean up; the next kernel to
     start does it here.
@@ -671,20 +924,66 @@ def reap_orphans(client: Any) -> list[str]:
         labels = container.labels or {}
         if labels.get(LABEL_OWNER_HOST) != host:
             continue  # another host's kernel: its pid means nothing here
-        try:
-            pid = int(labels.get(LABEL_OWNER_PID, ""))
-        except ValueError:
+        if spares.LABEL_SPARE in labels:
+            if labels.get(spares.LABEL_OWNER_UID) != str(os.getuid()):
+                continue  # another user's spare: its folder is not ours to read
+            if not spares.stale(container, _owner_alive):
+                continue
             pid = -1
-        if pid > 0 and _owner_alive(pid, labels.get(LABEL_OWNER_START, "")):
-            continue
-        try:
-            container.remove(force=True)
+        else:
+            try:
+                pid = int(labels.get(LABEL_OWNER_PID, ""))
+            except ValueError:
+                pid = -1
+            if pid > 0 and _owner_alive(pid, labels.get(LABEL_OWNER_START, "")):
+                continue
+        if _remove(container):
             removed.append(container.id)
             log.info("removed orphaned sandbox container %s (owner pid %s is gone)",
                      container.id[:12], pid)
-        except Exception:
-            log.debug("removing orphan %s failed", container.id[:12], exc_info=True)
     return removed
+
+
+def kernel_containers(client: Any, pid: int) -> list[str]:
+    """Ids of the sandbox containers the kernel process ``pid`` owns: those it created for
+    itself and the spare it claimed (not the spares it made for others)."""
+    owned = []
+    for container in client.containers.list(all=True, filters={"label": LABEL_KERNEL}):
+        labels = container.labels or {}
+        if spares.LABEL_SPARE in labels:
+            owner = spares.claimer(spares.folder_of(container))
+            if owner is not None and owner[0] == pid:
+                owned.append(container.id)
+        elif labels.get(LABEL_OWNER_PID) == str(pid):
+            owned.append(container.id)
+    return sorted(owned)
+
+
+def remove_spares(client: Any, *, claimed: bool = False) -> list[str]:
+    """Remove this user's unclaimed spares (and claimed ones too if ``claimed``); their ids."""
+    removed = []
+    for container in spares.list_spares(client):
+        labels = container.labels or {}
+        if labels.get(spares.LABEL_OWNER_UID) != str(os.getuid()):
+            continue
+        if not claimed and spares.claimer(spares.folder_of(container)) is not None:
+            continue
+        if _remove(container):
+            removed.append(container.id)
+    return removed
+
+
+def _remove(container: Any) -> bool:
+    folder = (container.labels or {}).get(spares.LABEL_FOLDER)
+    try:
+        container.remove(force=True)
+    except Exception as exc:
+        if "No such container" not in str(exc) and "already in progress" not in str(exc):
+            log.debug("removing %s failed", container.id[:12], exc_info=True)
+            return False
+    if folder:
+        remove_folder(Path(folder))
+    return True
 
 
 def _owner_alive(pid: int, started: str) -> bool:

@@ -50,15 +50,18 @@ class WorkspaceSync:
         except FsxConfigError:
             return None
 
-    def before_cell(self, api: Any, container_id: str) -> None:
-        """Copy what changed in fsx since the last sync into the container. Blocking."""
+    def before_cell(self, api: Any, container_id: str) -> bool:
+        """Copy what changed in fsx since the last sync into the container; True when
+        anything was copied or deleted (the agent is then told to take /workspace as it is as
+        its new baseline, so the copy is not reported back as the cell's change). Blocking."""
         with self._lock:
-            self._before_cell(api, container_id)
+            return self._before_cell(api, container_id)
 
-    def _before_cell(self, api: Any, container_id: str) -> None:
+    def _before_cell(self, api: Any, container_id: str) -> bool:
         workspace = self.workspace()
         if workspace is None:
-            return
+            return False
+        changed = False
         base = self._manifest if self._container == container_id else None
         packed = sync.pack(workspace, since=base, owner=self.owner)
         try:
@@ -67,12 +70,15 @@ class WorkspaceSync:
                 exec_id = api.exec_create(container_id, ["rm", "-rf", "--", *paths],
                                           user=self.user)["Id"]
                 api.exec_start(exec_id)
+                changed = True
             data = packed.archive.read()
             if _has_members(data):
                 self._untar(api, container_id, data)
+                changed = True
         finally:
             packed.archive.close()
         self._container, self._manifest = container_id, packed.manifest
+        return changed
 
     def _untar(self, api: Any, container_id: str, data: bytes) -> None:
         """Extract ``data`` into /workspace as the cell's user. docker's ``put_archive`` is

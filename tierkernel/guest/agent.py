@@ -5,9 +5,12 @@ Standard library only: it runs in any Python 3.9+ (a child process, a container 
 Protocol: one JSON object per line. The host writes requests on the agent's stdin; the agent
 writes messages on the stdout it was started with (kept on a private descriptor, because the
 cell's own fd 1 and 2 are redirected into pipes so that C extensions and ``!cmd`` subprocesses
-are captured too).
+are captured too). In the sandbox tier both directions use one unix socket of the host's
+instead (see SOCKET_ENV).
 
 host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
+               {"type": "install_helpers", "source"} | {"type": "watch_reset"}
+               {"type": "shutdown"}
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
                {"type": "display" | "result", "id", "data", "metadata"}
@@ -278,6 +281,12 @@ class Agent:
                 if msg.get("type") == "helper_result" and msg.get("seq") == seq:
                     response = msg.get("response")
                     return response if isinstance(response, dict) else {}
+
+    def reset_watch(self) -> None:
+        """Take the watched folder as it is now as unchanged: the host has just copied files
+        into it itself (or the agent just started), so they need not be copied back."""
+        watched = os.environ.get(WATCH_ENV)
+        self._last_tree = tree_signature(watched) if watched else None
 
     # -- running cells --------------------------------------------------------------------
     def execute(self, msg: dict[str, Any]) -> None:
@@ -585,16 +594,83 @@ def system(command: str) -> None:
     builtins.__tierkernel_agent__.namespace["_exit_code"] = code  # type: ignore[attr-defined]
 
 
+#: Set by the sandbox tier: the host's unix socket (a read-only mount), the agent's channel
+#: instead of stdin/stdout, which reach the host only through the Docker engine.
+SOCKET_ENV = "TIERKERNEL_AGENT_SOCKET"
+#: Seconds to wait for that socket to appear (a spare container's agent waits for a kernel to
+#: claim it); past them the agent exits.
+WAIT_ENV = "TIERKERNEL_AGENT_WAIT"
+#: A FIFO of the host's that the host writes to once the socket is there: a waiting agent
+#: sleeps on it instead of polling (no CPU while a spare waits, ≈1 ms to wake).
+WAKE_ENV = "TIERKERNEL_AGENT_WAKE"
+#: Seconds between looks for the socket when there is no FIFO to sleep on.
+POLL_ENV = "TIERKERNEL_AGENT_POLL"
+
+
+def connect_host() -> int | None:
+    """The fd of a connection to the host's socket (see SOCKET_ENV), or None for stdio.
+
+    The socket is created by the host. Until it exists the agent sleeps on the wake FIFO, or
+    looks for it every few milliseconds; when WAIT_ENV runs out it exits (a spare that no
+    kernel claimed: its container's keeper then ends the container, which removes itself).
+    """
+    import socket
+
+    path = os.environ.get(SOCKET_ENV)
+    if not path:
+        return None
+    deadline = time.monotonic() + float(os.environ.get(WAIT_ENV) or 60)
+    poll = float(os.environ.get(POLL_ENV) or 0.005)
+    woken = threading.Event()
+    wake = os.environ.get(WAKE_ENV)
+    if wake:
+        # A thread, because opening a FIFO blocks until the host opens it for writing (under
+        # gVisor even with O_NONBLOCK), and the wait must still end at the deadline.
+        threading.Thread(target=_sleep_on_fifo, args=(wake, woken), daemon=True,
+                         name="wake").start()
+    while True:
+        if os.path.exists(path):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+            except OSError:  # a stale socket of an earlier agent: the host is re-creating it
+                sock.close()
+            else:
+                return sock.detach()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            # Not claimed in time: exit, and the spare's keeper ends the container a little
+            # later. Stopping the container from here would leave this exec hanging in gVisor.
+            os._exit(0)
+        if wake and not woken.is_set():
+            woken.wait(left)
+        else:
+            time.sleep(poll)
+
+
+def _sleep_on_fifo(path: str, woken: threading.Event) -> None:
+    """Block until the host writes to the FIFO at ``path`` (or it cannot be read), then say so."""
+    try:
+        with open(path, "rb", buffering=0) as fifo:
+            fifo.read(1)
+    except OSError:
+        pass  # no FIFO to sleep on: the caller polls
+    woken.set()
+
+
 def main() -> None:
-    """Serve cells on stdin/stdout until the host closes stdin."""
+    """Serve cells on the host's socket, or stdin/stdout, until the host closes it."""
     # Imports resolve from the working directory, as in IPython, not from the agent's folder.
     # No __file__ when the source is handed to ``python3 -c`` (the sandbox tier does that).
     here = os.path.dirname(os.path.abspath(globals().get("__file__") or "."))
     if sys.path and os.path.abspath(sys.path[0] or ".") == here and sys.path[0]:
         sys.path[0] = ""
-    channel = Channel(os.dup(1))
+    conn = connect_host()
+    channel = Channel(os.dup(conn if conn is not None else 1))
     agent = Agent(channel)
-    stdin = os.fdopen(os.dup(0), "rb")
+    stdin = os.fdopen(os.dup(conn if conn is not None else 0), "rb")
+    if conn is not None:
+        os.close(conn)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # a cell reading stdin gets EOF, never the protocol
     os.close(devnull)
@@ -612,6 +688,7 @@ def main() -> None:
     agent.system = system  # type: ignore[attr-defined]
     signal.signal(signal.SIGINT, agent.sigint)
     agent.requests = stdin
+    agent.reset_watch()
     channel.send({"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
     while True:
         try:
@@ -634,6 +711,8 @@ def main() -> None:
             except Exception as exc:  # cells still run; only the helpers are missing
                 channel.send({"type": "protocol_error",
                               "detail": f"could not install ai/api/db/console: {exc!r}"})
+        elif kind == "watch_reset":
+            agent.reset_watch()
         elif kind == "shutdown":
             return
         else:

@@ -1,0 +1,155 @@
+"""Spare sandbox containers and the agent's direct channel, as a user sees them.
+
+A kernel leaves a spare container (agent running) for the next kernel; that kernel's first
+sandbox cell runs in it; its shutdown removes it; an unclaimed spare removes itself; two
+kernels never get the same spare. Run per runtime: runc, and runsc where the engine has it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import sandbox_support as sb
+from tests.kernel_session import KernelSession
+from tierkernel.backends import sandbox_spares
+
+S = "%%tier sandbox\n"
+
+
+@pytest.fixture(params=["runc", "runsc"])
+def runtime(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The runtime under test; every spare is removed before and after, so each test starts
+    from none (other tests' kernels leave theirs)."""
+    sb.need_sandbox()
+    if request.param not in sb.runtimes():
+        pytest.skip(f"the engine has no {request.param} runtime (it has {sb.runtimes()})")
+    from tierkernel.backends.sandbox import remove_spares
+
+    remove_spares(sb.client())
+    yield str(request.param)
+    remove_spares(sb.client())
+
+
+def start(runtime: str, *options: str) -> KernelSession:
+    """A kernel whose default sandbox runtime is ``runtime``, making its spare at once."""
+    return KernelSession(extra_arguments=[f"--SandboxBackend.runtime={runtime}",
+                                          "--SandboxBackend.spare_delay=0", *options])
+
+
+def waiting_spares(runtime: str) -> list[str]:
+    """Ids of the unclaimed spares of ``runtime`` on the engine."""
+    return sorted(
+        c.id for c in sandbox_spares.list_spares(sb.client())
+        if c.status == "running" and (c.labels or {}).get("org.tierkernel.runtime") == runtime
+        and sandbox_spares.claimer(sandbox_spares.folder_of(c)) is None)
+
+
+def kernel_pid(session: KernelSession) -> int:
+    return int(session.run("import os\nos.getpid()").result["text/plain"])
+
+
+def test_next_kernel_runs_its_first_cell_in_the_spare(runtime: str):
+    first = start(runtime)
+    try:
+        assert first.run(S + "1").status == "ok"
+        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60), "no spare made"
+        spare = waiting_spares(runtime)[0]
+    finally:
+        first.close()
+    # The spare outlives the kernel that made it: it is there for the next one.
+    assert waiting_spares(runtime) == [spare]
+    second = start(runtime)
+    try:
+        pid = kernel_pid(second)
+        out = second.run(S + "x = 41\nimport os; os.environ.get('TIERKERNEL_AGENT_SOCKET')")
+        assert out.status == "ok", out.outputs
+        assert out.result["text/plain"] == "'/run/tierkernel/agent.sock'"  # direct channel
+        assert sb.containers_of(pid) == [spare]  # the first cell ran in the claimed spare
+        assert second.run(S + "x + 1").result["text/plain"] == "42"
+        # It makes a new spare for the kernel after it; the claimed one is not waiting.
+        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60)
+        assert waiting_spares(runtime) != [spare]
+    finally:
+        second.close()
+    # Shutting down removes the kernel's container, the claimed spare.
+    assert sb.wait_for(lambda: spare not in sb.all_sandbox_containers(), 30)
+    assert sb.containers_of(pid) == []
+
+
+def test_an_expired_spare_is_removed_and_never_claimed(runtime: str):
+    maker = start(runtime, "--SandboxBackend.spare_ttl=4")
+    try:
+        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60), "no spare made"
+        spare = waiting_spares(runtime)[0]
+        if runtime == "runc":
+            # Its agent stops waiting, its keeper ends the container, auto-remove does the rest.
+            assert sb.wait_for(lambda: spare not in sb.all_sandbox_containers(), 40), \
+                "the expired spare is still there"
+            return
+        time.sleep(5)
+    finally:
+        maker.close()
+    # Under gVisor a container must not end by itself (see sandbox.py): the next kernel to
+    # start removes the expired spare, and does not take it.
+    successor = start(runtime, "--SandboxBackend.spares=0")
+    try:
+        pid = kernel_pid(successor)
+        assert sb.wait_for(lambda: spare not in sb.all_sandbox_containers(), 40), \
+            "the expired spare is still there"
+        assert successor.run(S + "1").status == "ok"
+        assert spare not in sb.containers_of(pid)
+    finally:
+        successor.close()
+
+
+def test_no_spares_when_turned_off(runtime: str):
+    session = start(runtime, "--SandboxBackend.spares=0")
+    try:
+        assert session.run(S + "1").status == "ok"
+        assert not sb.wait_for(lambda: bool(waiting_spares(runtime)), 5, step=0.5)
+    finally:
+        session.close()
+
+
+def test_the_channel_folder_is_read_only_and_unlistable_in_the_guest(runtime: str):
+    session = start(runtime, "--SandboxBackend.spares=0")
+    try:
+        out = session.run(S + "import os\n"
+                          "try:\n    open('/run/tierkernel/x', 'w')\n"
+                          "except OSError as e:\n    print('write', e.errno)\n"
+                          "try:\n    os.listdir('/run/tierkernel')\n"
+                          "except OSError as e:\n    print('list', e.errno)\n")
+        assert out.status == "ok", out.outputs
+        assert "write 30" in out.stdout or "write 13" in out.stdout  # EROFS, or EACCES
+        assert "list 13" in out.stdout  # EACCES: the guest may pass through, not look
+    finally:
+        session.close()
+
+
+def test_two_claims_of_one_spare_one_wins(tmp_path: Path):
+    assert sandbox_spares.try_claim(tmp_path, 111, "5")
+    assert not sandbox_spares.try_claim(tmp_path, 222, "6")
+    assert sandbox_spares.claimer(tmp_path) == (111, "5")
+
+
+def test_spares_command_lists_and_removes(runtime: str):
+    session = start(runtime)
+    try:
+        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60), "no spare made"
+    finally:
+        session.close()
+    cli = os.path.join(os.path.dirname(sys.executable), "tierkernel")
+    listed = subprocess.run([cli, "spares"], capture_output=True, text=True, timeout=60,
+                            check=True).stdout
+    assert "waiting for a kernel" in listed and f"runtime {runtime}" in listed
+    removed = subprocess.run([cli, "spares", "--remove"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    assert "removed 1 spare" in removed
+    assert waiting_spares(runtime) == []
