@@ -159,6 +159,44 @@ def test_fork_bomb_is_contained(sk: KernelSession):
     assert sk.run("%%tier native\n'kernel fine'").result["text/plain"] == "'kernel fine'"
 
 
+BOMB = """import os, time
+while True:
+    try:
+        if os.fork() == 0:
+            time.sleep(1)
+            os._exit(0)
+    except OSError:
+        time.sleep(0.01)
+"""
+
+
+def test_fork_bomb_left_in_the_background_is_found_and_the_container_replaced(
+        sk: KernelSession):
+    sk.run(S + "before_bomb = 1")
+    # The cell ends at once; the process behind it keeps the process limit full, retrying
+    # each refused fork (a shell bomb may also die out by itself once its forks fail).
+    out = sk.run(S + "import subprocess, sys, time\n"
+                     f"subprocess.Popen([sys.executable, '-c', {BOMB!r}], "
+                     "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                     "time.sleep(2)", timeout=120)
+    assert out.status == "error", out.outputs
+    assert out.error["ename"] == "ProcessLimitError", out.error
+    limit = "256 processes (pids limit)" if runtime_of(sk) == "runc" else "ulimit nproc"
+    assert limit in out.error["evalue"] and "container was removed" in out.error["evalue"]
+    # A new container: the bomb is gone with the old one, and so are the variables.
+    assert sk.run(S + "!echo fine").stdout == "fine\n"
+    assert sk.run(S + "'before_bomb' in globals()").result["text/plain"] == "False"
+
+
+def test_a_pool_of_background_workers_is_not_taken_for_a_bomb(sk: KernelSession):
+    # 36 long-lived processes: over half of gVisor's ulimit nproc (64), but steady.
+    out = sk.run(S + "import subprocess\nworkers = [subprocess.Popen(['sleep', '60']) "
+                     "for _ in range(36)]\nlen(workers)", timeout=60)
+    assert out.status == "ok", out.outputs
+    assert sk.run(S + "len(workers)").result["text/plain"] == "36"  # same container, state kept
+    assert sk.run(S + "for w in workers: w.kill(); w.wait()").status == "ok"
+
+
 def test_output_flood_stops_at_the_limit(sk: KernelSession):
     sk.run(S + "flood_state = 3")
     # 1 GiB of output, in 64 KiB writes.

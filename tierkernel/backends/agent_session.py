@@ -105,6 +105,12 @@ class AgentSession:
         #: Whether the agent's watched folder changed during the last cell (see agent.py's
         #: WATCH_ENV); the sandbox tier copies its workspace back only then.
         self.workspace_changed = False
+        #: Processes in the agent's container at the end of the last cell (or when last
+        #: asked), and the highest pid among them, when the agent counts them (agent.py's
+        #: COUNT_PROCS_ENV); None otherwise.
+        self.procs: int | None = None
+        self.last_pid: int | None = None
+        self._procs_answer = threading.Event()
         self._ready = threading.Event()
         self._cell: _Cell | None = None
         self._lock = threading.Lock()
@@ -145,6 +151,18 @@ class AgentSession:
         workspace copy), so the next cell does not report it as changed."""
         with contextlib.suppress(OSError):
             self.transport.send(b'{"type": "watch_reset"}\n')
+
+    def count_processes(self, timeout: float = 1.0) -> tuple[int, int] | None:
+        """Ask the agent (between cells) how many processes its container holds now and the
+        highest pid among them; None when it does not answer in time."""
+        self._procs_answer.clear()
+        try:
+            self.transport.send(b'{"type": "procs"}\n')
+        except OSError:
+            return None
+        if not self._procs_answer.wait(timeout) or self.procs is None:
+            return None
+        return self.procs, self.last_pid if self.last_pid is not None else -1
 
     def run(self, request: CellRequest, sink: OutputSink, timeout: float | None,
             helpers: HelperGateway | None = None) -> ExecResult:
@@ -258,12 +276,20 @@ class AgentSession:
             self.info = msg
             self._ready.set()
             return
+        if kind == "procs":
+            self.procs = int(msg.get("count", -1))
+            self.last_pid = int(msg.get("last_pid", -1))
+            self._procs_answer.set()
+            return
         cell = self._cell
         if cell is None or msg.get("id") != cell.id or cell.lost:
             return  # output of a cell that was already given up on
         if kind == "done":
             cell.success = bool(msg.get("success"))
             self.workspace_changed = bool(msg.get("workspace_changed"))
+            if "procs" in msg:
+                self.procs = int(msg["procs"])
+                self.last_pid = int(msg.get("last_pid", -1))
             cell.done.set()
         elif kind == "helper":
             # Answered on a thread of its own: a helper may take seconds (HTTP, SQL), and the

@@ -71,7 +71,14 @@ from tierkernel.backends.sandbox_channel import (
 )
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
 from tierkernel.backends.sandbox_workspace import WorkspaceSync
-from tierkernel.guest.agent import POLL_ENV, SOCKET_ENV, WAIT_ENV, WAKE_ENV, WATCH_ENV
+from tierkernel.guest.agent import (
+    COUNT_PROCS_ENV,
+    POLL_ENV,
+    SOCKET_ENV,
+    WAIT_ENV,
+    WAKE_ENV,
+    WATCH_ENV,
+)
 from tierkernel.magics.options import format_size
 
 log = logging.getLogger(__name__)
@@ -99,8 +106,10 @@ _ENVIRONMENT = {
     "MPLCONFIGDIR": "/tmp/matplotlib",
     "PYTHONDONTWRITEBYTECODE": "1",
     "LANG": "C.UTF-8",
-    # The agent reports at each cell's end whether /workspace changed (it is copied back then).
+    # The agent reports at each cell's end whether /workspace changed (it is copied back then)
+    # and how many processes the container holds (a fork bomb left running, under gVisor).
     WATCH_ENV: "/workspace",
+    COUNT_PROCS_ENV: "1",
 }
 
 
@@ -781,35 +790,63 @@ class SandboxBackend(Backend):
         remove_folder(container.folder)
 
     # -- after a cell ---------------------------------------------------------------------
-    @staticmethod
-    def _pids_high(container: _Container) -> bool:
-        """Whether the container's processes fill 90% of its pids limit (runc: the host's
-        cgroup file says so in microseconds; under runsc it counts gVisor's own threads)."""
-        if container.spec.runtime != "runc":
-            return False
-        current = _pids_current(container.id)
-        return current is not None and current >= int(container.pids_limit * 0.9)
+    def _pids_high(self, container: _Container) -> bool:
+        """Whether the container's processes at the cell's end look like a fork bomb's.
 
-    @staticmethod
-    def _pids_settle(container: _Container, within: float) -> bool:
-        """Wait up to ``within`` s for the container's process count to fall back to a quarter
-        of its limit; True when it did (or cannot be read)."""
-        deadline = time.monotonic() + within
-        while True:
+        runc: 90% of the pids limit, from the host's pids cgroup (microseconds to read).
+        runsc: the host cgroup counts gVisor's own threads, so the agent's count is used; a bomb
+        in gVisor holds 60-70% of ``ulimit nproc``, so half of it is enough to look closer.
+        """
+        if container.spec.runtime == "runc":
             current = _pids_current(container.id)
-            if current is None or current < container.pids_limit // 4:
+            return current is not None and current >= int(container.pids_limit * 0.9)
+        session = self._session
+        procs = session.procs if session is not None else None
+        return procs is not None and procs >= self.runsc_nproc // 2
+
+    def _pids_settle(self, container: _Container, within: float) -> bool:
+        """Wait up to ``within`` s for the container's processes to fall back to a quarter of
+        their limit; True when they did (or cannot be counted), or when the count stays below
+        90% of the limit without new processes coming all the time (a pool of workers: under
+        runsc, half the limit is only 32 processes)."""
+        deadline = time.monotonic() + within
+        runc = container.spec.runtime == "runc"
+        limit = container.pids_limit if runc else self.runsc_nproc
+        first: tuple[int, int] | None = None
+        while True:
+            sample = self._count(container, runc)
+            if sample is None or sample[0] < limit // 4:
                 return True
+            first = first or sample
             if time.monotonic() >= deadline:
-                return False
+                full = sample[0] >= int(limit * 0.9)
+                churning = not runc and sample[1] - first[1] >= limit
+                return not (full or churning)
             time.sleep(0.1)
 
+    def _count(self, container: _Container, runc: bool) -> tuple[int, int] | None:
+        """(processes, highest pid) in the container now, or None when it cannot be told."""
+        if runc:
+            current = _pids_current(container.id)
+            return None if current is None else (current, 0)
+        session = self._session
+        if session is None or self._container is not container:
+            return None
+        return session.count_processes()
+
+    def _limit_text(self, container: _Container) -> str:
+        return (f"{self.runsc_nproc} processes (ulimit nproc)"
+                if container.spec.runtime == "runsc"
+                else f"{container.pids_limit} processes (pids limit)")
+
     def _after_cell(self, container: _Container, held: ExecError | None) -> ExecError | None:
-        """Name the limit behind a failure; replace a container a fork bomb filled up."""
+        """Name the limit behind a failure; replace a container a fork bomb filled up (in
+        the cell, or left running in the background)."""
         error = held
         limited = error is not None and _is_process_limit(error)
         # A dying bomb frees its slots within a moment; a live one keeps churning near the
         # limit, and then the container is no use to the next cell.
-        suspicious = self._pids_high(container) or (limited and container.spec.runtime == "runc")
+        suspicious = self._pids_high(container) or limited
         if suspicious and not self._pids_settle(container, within=2.0):
             with self._tlock:
                 container.suspect = True
@@ -817,18 +854,16 @@ class SandboxBackend(Backend):
                     self._drop_container()
             error = ExecError(
                 "ProcessLimitError",
-                f"the cell's processes filled the sandbox's limit of {container.pids_limit} "
-                "processes (pids limit) and kept it full, so the container was removed; "
-                "its variables and files are gone and the next sandbox cell starts a new one",
+                f"the cell's processes filled the sandbox's limit of "
+                f"{self._limit_text(container)} and kept it full, so the container was "
+                "removed; its variables and files are gone and the next sandbox cell starts a "
+                "new one",
                 [],
             )
             error.traceback.append(f"{error.ename}: {error.evalue}")
             return error
         if error is not None and limited:
-            limit = (f"{self.runsc_nproc} processes (ulimit nproc)"
-                     if container.spec.runtime == "runsc"
-                     else f"{container.pids_limit} processes (pids limit)")
-            evalue = f"{error.evalue} -- the sandbox allows at most {limit}"
+            evalue = f"{error.evalue} -- the sandbox allows at most {self._limit_text(container)}"
             return ExecError(error.ename, evalue, [*error.traceback[:-1],
                                                    f"{error.ename}: {evalue}"])
         return error

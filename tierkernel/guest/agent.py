@@ -10,13 +10,14 @@ instead (see SOCKET_ENV).
 
 host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
                {"type": "install_helpers", "source"} | {"type": "watch_reset"}
-               {"type": "shutdown"}
+               {"type": "procs"} | {"type": "shutdown"}
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
                {"type": "display" | "result", "id", "data", "metadata"}
                {"type": "clear_output", "id", "wait"}
                {"type": "error", "id", "ename", "evalue", "traceback"}
-               {"type": "done", "id", "success"}
+               {"type": "done", "id", "success"[, "workspace_changed", "procs", "last_pid"]}
+               {"type": "procs", "count", "last_pid"}
 
 Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
 SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
@@ -312,6 +313,8 @@ class Agent:
             self._flush_text()
             self._drain_fds()
             done: dict[str, Any] = {"type": "done", "id": self.cell_id, "success": success}
+            if os.environ.get(COUNT_PROCS_ENV):
+                done["procs"], done["last_pid"] = count_processes()
             if watched:
                 # Whether the host must copy the workspace back: it changed during the cell, or
                 # since the last cell ended (a background process the cell left running).
@@ -535,6 +538,23 @@ def _pretty(obj: Any) -> str:
 WATCH_ENV = "TIERKERNEL_WATCH_DIR"
 
 
+#: Set by a tier whose agent runs in a container of its own (the sandbox): the agent then says
+#: how many processes the container holds at the end of each cell and when asked ("procs"),
+#: so the host can tell a fork bomb left running in the background under gVisor, where the
+#: host's cgroup counts the sandbox's own threads instead.
+COUNT_PROCS_ENV = "TIERKERNEL_COUNT_PROCS"
+
+
+def count_processes() -> tuple[int, int]:
+    """How many processes this agent can see (in a container: the container's), and the
+    highest pid among them (how fast it grows tells a fork bomb from a pool of workers)."""
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return -1, -1
+    return len(pids), max(pids, default=-1)
+
+
 def tree_signature(root: str) -> int:
     """A hash of every path under ``root`` with its type, size, mode and mtime (no content
     read, symlinks not followed): cheap enough to take around every cell."""
@@ -713,6 +733,9 @@ def main() -> None:
                               "detail": f"could not install ai/api/db/console: {exc!r}"})
         elif kind == "watch_reset":
             agent.reset_watch()
+        elif kind == "procs":
+            count, last = count_processes()
+            channel.send({"type": "procs", "count": count, "last_pid": last})
         elif kind == "shutdown":
             return
         else:
