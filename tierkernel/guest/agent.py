@@ -189,6 +189,8 @@ class Agent:
         # first print instead of ending (a fork bomb would then never let go of the pids).
         for stream in (self.stdout, self.stderr):
             stream._lock = threading.Lock()
+        for pump in self._fd_readers.values():
+            pump._lock = threading.Lock()
 
     # -- output ---------------------------------------------------------------------------
     def emit_stream(self, name: str, text: str) -> None:
@@ -423,33 +425,51 @@ class _FdPump(threading.Thread):
         self._drained = threading.Event()
         self._token = ""
         self._seq = 0
+        #: Held while a chunk is read and forwarded: with it, the pipe's fill level tells
+        #: whether anything written so far is still on its way (see drain()).
+        self._lock = threading.Lock()
 
     def run(self) -> None:
+        import select
+
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         held = ""  # a tail that may be the start of a drain marker split across reads
         while True:
             try:
-                chunk = os.read(self.fd, 65536)
+                select.select([self.fd], [], [])
             except InterruptedError:
                 continue
-            if not chunk:
-                return
-            text = held + decoder.decode(chunk)
-            held = ""
-            token = self._token
-            if token and token in text:
-                before, _, text = text.partition(token)
-                if before:
-                    self.agent.emit_stream(self.stream_name, before)
-                self._drained.set()
-            cut = text.rfind("\x00")
-            if cut != -1 and len(text) - cut < len(MARKER_PREFIX) + 12:
-                text, held = text[:cut], text[cut:]
-            if text:
-                self.agent.emit_stream(self.stream_name, text)
+            with self._lock:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except InterruptedError:
+                    continue
+                if not chunk:
+                    return
+                text = held + decoder.decode(chunk)
+                held = ""
+                token = self._token
+                if token and token in text:
+                    before, _, text = text.partition(token)
+                    if before:
+                        self.agent.emit_stream(self.stream_name, before)
+                    self._drained.set()
+                cut = text.rfind("\x00")
+                if cut != -1 and len(text) - cut < len(MARKER_PREFIX) + 12:
+                    text, held = text[:cut], text[cut:]
+                if text:
+                    self.agent.emit_stream(self.stream_name, text)
 
     def drain(self, timeout: float = 1.0) -> None:
-        """Wait until everything written to the fd before now has been forwarded."""
+        """Wait until everything written to the fd before now has been forwarded.
+
+        Usually nothing was (a cell that only prints goes through sys.stdout, not fd 1): an
+        empty pipe while the pump is between chunks says so at once. Otherwise a marker is
+        written and waited for, so that what is ahead of it has been forwarded.
+        """
+        with self._lock:
+            if _unread(self.fd) == 0:
+                return
         self._seq += 1
         self._token = f"{MARKER_PREFIX}{self._seq}\x00"
         self._drained.clear()
@@ -458,6 +478,19 @@ class _FdPump(threading.Thread):
         except OSError:
             return
         self._drained.wait(timeout)
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the pipe ``fd`` (-1 when it cannot be told: then drain as before)."""
+    try:
+        import fcntl
+        import termios
+
+        buf = bytearray(4)
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+        return int.from_bytes(buf, sys.byteorder)
+    except (ImportError, OSError):
+        return -1
 
 
 class _RawBundle:
