@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,12 @@ def new_kernel_first_cell(runtime: str, pause: float, spare: bool, client: Any) 
     """A new kernel whose default sandbox runtime is ``runtime``: its first sandbox cell.
 
     ``spare``: an earlier kernel left a spare container for it, and this kernel leaves one for
-    the next measurement before it shuts down. Otherwise there is no spare to claim and this
-    kernel makes none.
+    the next measurement before it shuts down (after its usual spare_delay, so making it does
+    not overlap the measured cell). Otherwise there is no spare to claim and this kernel makes
+    none.
     """
     args = [f"--SandboxBackend.runtime={runtime}"]
-    if spare:
-        args.append("--SandboxBackend.spare_delay=0")
-    else:
+    if not spare:
         remove_spares(client)
         args.append("--SandboxBackend.spares=0")
     km, kc = start_new_kernel(kernel_name="tierkernel", extra_arguments=args)
@@ -109,7 +109,8 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
 
-def bench_runtime(runtime: str, rounds: int, client: Any, image: str) -> dict[str, float]:
+def bench_runtime(runtime: str, rounds: int, client: Any, image: str,
+                  settle: float) -> dict[str, float]:
     cli = shutil.which("docker")
     res: dict[str, float] = {}
     # First cells of new kernels (3 each), then docker run per cell.
@@ -148,13 +149,31 @@ def bench_runtime(runtime: str, rounds: int, client: Any, image: str) -> dict[st
         for _ in range(10):
             round_trip(kc, "%%tier sandbox\n1+1")
             round_trip(kc, "1+1")
-        sandbox, native, ex_sdk, ex_cli, st_sandbox, st_exec = [], [], [], [], [], []
-        for i in range(rounds):
-            sandbox.append(round_trip(kc, "%%tier sandbox\n1+1"))
-            native.append(round_trip(kc, "1+1"))
+        sandbox: list[float] = []
+        native: list[float] = []
+        ex_sdk: list[float] = []
+        ex_cli: list[float] = []
+        st_sandbox: list[float] = []
+        st_exec: list[float] = []
+
+        def exec_once() -> float:
             t = time.perf_counter()
             peer.exec_run(["python3", "-c", "print(1+1)"])
-            ex_sdk.append(time.perf_counter() - t)
+            return time.perf_counter() - t
+
+        # Each round runs the three in a rotated order, so that each follows the others equally
+        # often: a docker exec leaves dockerd and containerd busy tidying up for a few ms after
+        # it returns, and whatever comes right after it pays for that on a 2-core machine.
+        kinds: list[tuple[list[float], Callable[[], float]]] = [
+            (sandbox, lambda: round_trip(kc, "%%tier sandbox\n1+1")),
+            (native, lambda: round_trip(kc, "1+1")),
+            (ex_sdk, exec_once),
+        ]
+        for i in range(rounds):
+            for series, measure in kinds[i % 3:] + kinds[:i % 3]:
+                if settle:
+                    time.sleep(settle)
+                series.append(measure())
             if cli and i % 5 == 0:
                 t = time.perf_counter()
                 subprocess.run([cli, "exec", peer.id, "python3", "-c", "print(1+1)"],
@@ -212,6 +231,9 @@ def report(runtime: str, r: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=100, help="warm cells per kind")
+    parser.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                        help="pause before each warm measurement (a person between cells; "
+                        "lets the engine finish tidying up after the previous docker exec)")
     parser.add_argument("--runtime", action="append",
                         help="runtime(s) to measure (default: runc and, if registered, runsc)")
     args = parser.parse_args()
@@ -220,7 +242,8 @@ def main() -> None:
     image = image_ref()
     runtimes = args.runtime or [r for r in ("runc", "runsc")
                                 if r in (client.info().get("Runtimes") or {})]
-    results = {rt: bench_runtime(rt, args.rounds, client, image) for rt in runtimes}
+    results = {rt: bench_runtime(rt, args.rounds, client, image, args.settle)
+               for rt in runtimes}
     for runtime, res in results.items():
         report(runtime, res)
 
