@@ -144,6 +144,40 @@ def test_two_processes_write_the_same_database(tmp_path):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+OPEN = textwrap.dedent("""
+    import os, sys, time
+    from tierkernel.fsx import Fsx
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[3]):  # all open at the same moment
+        time.sleep(0.0005)
+    fs = Fsx(url=sys.argv[1]).facade()
+    fs.write_file("/" + sys.argv[2], "here")
+    fs.close()
+""")
+
+
+def test_processes_opening_a_new_workspace_at_once_all_succeed(tmp_path):
+    # Kernels starting together on a fresh default workspace: switching the new file to WAL
+    # used to fail in one of them ("database is locked") about one time in seven.
+    for round_ in range(12):
+        url = f"sqlite://{tmp_path}/ws{round_}.db"
+        go = tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN, url, f"p{n}", str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=_env()) for n in range(3)]
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        go.touch()
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        fs = Fsx(url=url).facade()
+        try:
+            assert sorted(fs.readdir("/")) == ["p0", "p1", "p2"]
+        finally:
+            fs.close()
+
+
 def test_workspace_survives_reopening(tmp_path):
     url = f"sqlite://{tmp_path}/ws.db"
     first = Fsx(url=url).facade()

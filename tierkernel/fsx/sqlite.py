@@ -120,7 +120,7 @@ class SqliteStore(Store):
         # check_same_thread=False: the lock above serialises threads (kernel + wasm provider).
         self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout,
                                      isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._wal(busy_timeout)
         self._conn.execute(f"PRAGMA synchronous={mode}")
         self._conn.execute("PRAGMA foreign_keys=OFF")
         with self.transaction():
@@ -140,6 +140,20 @@ class SqliteStore(Store):
                     f"INSERT INTO nodes (path, parent, name, {_NODE_COLUMNS}) "
                     "VALUES ('/', '', '', 'dir', ?, ?, ?, 0, ?, ?, ?, ?, '')",
                     (DEFAULT_MODE["dir"], uid, gid, now, now, now, now))
+
+    def _wal(self, within: float) -> None:
+        """Switch the file to WAL. Two processes opening a new workspace at once can make this
+        fail with "database is locked" at once: switching takes an exclusive lock, and SQLite
+        does not wait for it here as it does for other statements. So retry for a while."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     # -- transactions ---------------------------------------------------------------------
     @contextmanager
