@@ -132,14 +132,20 @@ class DockerExecTransport:
                         return True
                     self._stderr.append(payload)
                     continue
-            try:
-                chunk = self._sock.recv(1 << 16)
-            except OSError:
-                chunk = b""
+            chunk = self._recv()
             if not chunk:
-                self._closed = True
                 return False
             self._buf += chunk
+
+    def _recv(self) -> bytes:
+        """The next bytes from the connection; ``b""`` (and closed) at its end."""
+        try:
+            chunk = self._sock.recv(1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._closed = True
+        return chunk
 
     def _note_ready(self, line: bytes) -> None:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -270,12 +276,6 @@ class SocketTransport(DockerExecTransport):
                     detail=detail)
 
     def _fill(self) -> bool:
-        try:
-            chunk = self._sock.recv(1 << 16)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._closed = True
-            return False
+        chunk = self._recv()
         self._out += chunk
-        return True
+        return bool(chunk)

@@ -224,7 +224,8 @@ class SandboxBackend(Backend):
         60.0, help="Seconds to wait for one Docker engine request."
     ).tag(config=True)
     reap_orphans = Bool(
-        True, help="At the tier's first start, remove sandbox containers whose kernel is dead."
+        True, help="After the tier's first start and then every minute, remove sandbox "
+        "containers whose kernel is dead and spares past their time."
     ).tag(config=True)
     spares = Int(
         1, help="Spare containers, with their interpreter already running, that this kernel "
@@ -232,8 +233,8 @@ class SandboxBackend(Backend):
         "sandbox cell then does not wait for a container. 0: none."
     ).tag(config=True)
     spare_ttl = Float(
-        600.0, help="Seconds an unclaimed spare container waits for a kernel before it removes "
-        "itself."
+        600.0, help="Seconds an unclaimed spare container waits for a kernel; then it removes "
+        "itself (runc) or is removed by the next kernel's sweep (runsc)."
     ).tag(config=True)
     spare_delay = Float(
         3.0, help="Seconds after this kernel's own container is up before it makes spares, so "
