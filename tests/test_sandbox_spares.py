@@ -153,3 +153,23 @@ def test_spares_command_lists_and_removes(runtime: str):
                              timeout=60, check=True).stdout
     assert "removed 1 spare" in removed
     assert waiting_spares(runtime) == []
+
+
+def test_a_folder_label_outside_this_users_folders_is_not_trusted(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from tierkernel.backends.sandbox_channel import base_dir, new_folder, remove_folder
+
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    outside = SimpleNamespace(labels={sandbox_spares.LABEL_FOLDER: str(victim)})
+    assert not sandbox_spares.folder_of(outside).exists()  # never claimed in, never removed
+    mine = new_folder("tierkernel-test-folder")
+    try:
+        inside = SimpleNamespace(labels={sandbox_spares.LABEL_FOLDER: str(mine)})
+        assert sandbox_spares.folder_of(inside) == mine
+        assert mine.parent == base_dir() and oct(mine.stat().st_mode & 0o777) == "0o711"
+        assert oct(base_dir().stat().st_mode & 0o777) == "0o700"
+    finally:
+        remove_folder(mine)
+    assert victim.is_dir()

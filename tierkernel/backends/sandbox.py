@@ -1010,15 +1010,15 @@ def remove_spares(client: Any, *, claimed: bool = False) -> list[str]:
 
 
 def _remove(container: Any) -> bool:
-    folder = (container.labels or {}).get(spares.LABEL_FOLDER)
+    folder = spares.folder_of(container)
     try:
         container.remove(force=True)
     except Exception as exc:
         if "No such container" not in str(exc) and "already in progress" not in str(exc):
             log.debug("removing %s failed", container.id[:12], exc_info=True)
             return False
-    if folder:
-        remove_folder(Path(folder))
+    if folder.is_dir():
+        remove_folder(folder)
     return True
 
 

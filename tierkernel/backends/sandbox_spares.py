@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tierkernel.backends.docker_engine import LABEL_OWNER_HOST
+from tierkernel.backends.sandbox_channel import base_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,23 @@ def unclaimed(client: Any, key: str) -> int:
                if not (folder_of(c) / CLAIM_NAME).exists())
 
 
+_NO_FOLDER = Path("/nonexistent/tierkernel-sandbox-folder")
+
+
 def folder_of(container: Any) -> Path:
-    """The host folder a container's labels name."""
-    return Path((container.labels or {}).get(LABEL_FOLDER, "/nonexistent"))
+    """The host folder a container's labels name, if it is one of this user's container
+    folders (a direct child of ``base_dir()``, not a link); a path that does not exist
+    otherwise. A label is only trusted that far: the folder is claimed in and removed."""
+    label = (container.labels or {}).get(LABEL_FOLDER, "")
+    if not label:
+        return _NO_FOLDER
+    folder = Path(label)
+    try:
+        if folder.parent != base_dir() or folder.is_symlink():
+            return _NO_FOLDER
+    except OSError:
+        return _NO_FOLDER
+    return folder
 
 
 def stale(container: Any, alive: Any) -> bool:
