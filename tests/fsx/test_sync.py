@@ -166,3 +166,41 @@ def test_apply_never_writes_through_an_fsx_symlink(fs, tmp_path):
     assert fs.lstat("/link.txt").is_file()
     assert fs.read_file("/link.txt") == "plain file now"
     assert fs.read_file("/real/target.txt") == "target"
+
+
+def test_change_token_moves_with_every_write_and_not_with_reads(each_backend):
+    engine = each_backend.engine
+    token = engine.change_token()
+    if each_backend.url.startswith("file:"):
+        # A host folder may change under anyone's feet: it never claims to be unchanged.
+        assert token is None
+        return
+    each_backend.write_file("/a.txt", "one")
+    after_write = engine.change_token()
+    assert after_write != token
+    each_backend.read_file("/a.txt")
+    each_backend.readdir("/")
+    pack(each_backend).archive.close()
+    assert engine.change_token() == after_write  # reading, and packing, change nothing
+    each_backend.rename("/a.txt", "/b.txt")
+    assert engine.change_token() != after_write
+    with pytest.raises(FileNotFoundError):
+        each_backend.unlink("/missing")
+    moved = engine.change_token()
+    each_backend.mkdir("/d")
+    assert engine.change_token() != moved
+
+
+def test_change_token_sees_another_process_write_a_shared_sqlite_workspace(tmp_path):
+    from tierkernel.fsx import Fsx
+
+    url = f"sqlite://{tmp_path}/ws.db"
+    mine, other = Fsx(url=url).facade(), Fsx(url=url).facade()  # two kernels, one file
+    try:
+        mine.write_file("/x", "1")
+        token = mine.engine.change_token()
+        other.write_file("/y", "2")
+        assert mine.engine.change_token() != token
+    finally:
+        mine.close()
+        other.close()

@@ -11,6 +11,7 @@ import errno
 import io
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import BinaryIO
 
@@ -56,11 +57,32 @@ class PosixEngine:
 
     Who calls it: :class:`~tierkernel.fsx.facade.FsxFacade` (user code in every tier) and
     :class:`~tierkernel.fsx.filesystem.FsxFileSystem` (fsspec, pandas). Thread-safe as far as
-    the store is: each write operation is one ``store.transaction()``.
+    the store is: each write operation is one ``store.transaction()`` (see ``_writing``).
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._writes = 0
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write operation: a store transaction, counted for :meth:`change_token`."""
+        with self.store.transaction():
+            try:
+                yield
+            finally:  # counted once done: a token read meanwhile is older, so never stale
+                self._writes += 1
+
+    def change_token(self) -> object | None:
+        """A value that changes whenever the workspace may have changed: this process's write
+        operations, plus the store's own sign of other processes' writes. None when the store
+        cannot tell (a host folder anyone may change): then every caller must look itself.
+
+        Who calls it: the sandbox tier, before each cell, to skip copying an unchanged
+        workspace into its container (and the walk that finds out).
+        """
+        external = self.store.external_version()
+        return None if external is None else (self._writes, external)
 
     # -- resolution -----------------------------------------------------------------------
     def walk_path(self, path: str, follow_last: bool = True) -> tuple[str, Node | None]:
@@ -204,7 +226,7 @@ class PosixEngine:
         """
         source: BinaryIO = io.BytesIO(data) if isinstance(data, bytes | bytearray
                                                           | memoryview) else data
-        with self.store.transaction():
+        with self._writing():
             physical, node = self.walk_path(path, True)
             if node is not None:
                 if exclusive:
@@ -220,7 +242,7 @@ class PosixEngine:
     def truncate(self, path: str, length: int = 0) -> None:
         """Cut file ``path`` to ``length`` bytes, or extend it with zero bytes."""
         _check_int(length, "length", 0, None, path)
-        with self.store.transaction():
+        with self._writing():
             physical, node = self._existing(path, True)
             if node.kind == "dir":
                 raise fs_error(errno.EISDIR, path)
@@ -235,7 +257,7 @@ class PosixEngine:
         """
         _check_int(mode, "mode", 0, 0o7777, path)
         perm = mode & DEFAULT_MODE["dir"] if mode != 0o777 else DEFAULT_MODE["dir"]
-        with self.store.transaction():
+        with self._writing():
             now = time.time_ns()
             if not parents:
                 physical, node = self.walk_path(path, False)
@@ -269,7 +291,7 @@ class PosixEngine:
     def rmdir(self, path: str, recursive: bool = False) -> None:
         """Remove directory ``path``: ENOTEMPTY unless empty or ``recursive`` (which removes
         everything below, following no symlink). A symlink is ENOTDIR: use unlink."""
-        with self.store.transaction():
+        with self._writing():
             physical, node = self._existing(path, False)
             if node.kind != "dir":
                 raise fs_error(errno.ENOTDIR, path)
@@ -286,7 +308,7 @@ class PosixEngine:
 
     def unlink(self, path: str) -> None:
         """Remove file or symlink ``path`` (never its target); EISDIR for a directory."""
-        with self.store.transaction():
+        with self._writing():
             physical, node = self._existing(path, False)
             if node.kind == "dir":
                 raise fs_error(errno.EISDIR, path)
@@ -296,7 +318,7 @@ class PosixEngine:
     def rename(self, src: str, dst: str) -> None:
         """Move ``src`` to ``dst`` atomically, replacing a file at ``dst`` or an empty
         directory when ``src`` is a directory, as POSIX rename(2)."""
-        with self.store.transaction():
+        with self._writing():
             source, snode = self.walk_path(src, False)
             if snode is None:
                 raise fs_error(errno.ENOENT, src, dst)
@@ -323,7 +345,7 @@ class PosixEngine:
 
     def copy_file(self, src: str, dst: str, exclusive: bool = False) -> None:
         """Copy the content (and permission bits) of file ``src`` to ``dst``."""
-        with self.store.transaction():
+        with self._writing():
             source, snode = self._existing(src, True)
             if snode.kind == "dir":
                 raise fs_error(errno.EISDIR, src, dst)
@@ -350,7 +372,7 @@ class PosixEngine:
                 PATH_MAX):
             raise fs_error(errno.EINVAL, path, detail="Invalid argument: a symlink target "
                            "must be a non-empty path without NUL")
-        with self.store.transaction():
+        with self._writing():
             physical, node = self.walk_path(path, False)
             if node is not None or physical == "/":
                 raise fs_error(errno.EEXIST, path)
@@ -360,7 +382,7 @@ class PosixEngine:
     def chmod(self, path: str, mode: int) -> None:
         """Set the permission bits (0..0o7777) of ``path``, following symlinks."""
         _check_int(mode, "mode", 0, 0o7777, path)
-        with self.store.transaction():
+        with self._writing():
             physical, _ = self._existing(path, True)
             self.store.set_meta(physical, perm=mode)
 
@@ -368,7 +390,7 @@ class PosixEngine:
         """Set the owner of ``path`` (-1 keeps one), following symlinks."""
         _check_int(uid, "uid", -1, 2**32 - 2, path)
         _check_int(gid, "gid", -1, 2**32 - 2, path)
-        with self.store.transaction():
+        with self._writing():
             physical, _ = self._existing(path, True)
             self.store.set_meta(physical, uid=None if uid == -1 else uid,
                                 gid=None if gid == -1 else gid)
@@ -376,7 +398,7 @@ class PosixEngine:
     def utimes(self, path: str, atime: TimeValue, mtime: TimeValue) -> None:
         """Set access and modification times (seconds or datetimes), following symlinks."""
         atime_ns, mtime_ns = _to_ns(atime, "atime"), _to_ns(mtime, "mtime")
-        with self.store.transaction():
+        with self._writing():
             physical, _ = self._existing(path, True)
             self.store.set_meta(physical, atime_ns=atime_ns, mtime_ns=mtime_ns)
 

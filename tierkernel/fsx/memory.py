@@ -33,6 +33,10 @@ class MemoryStore(Store):
         """The store's lock: every engine operation runs whole, without interleaving."""
         return self._lock
 
+    def external_version(self) -> object | None:
+        """Always 0: no other process can reach this workspace."""
+        return 0
+
     def lookup(self, path: str) -> Node | None:
         """The node at ``path``."""
         with self._lock:

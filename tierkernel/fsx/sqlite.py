@@ -186,6 +186,12 @@ class SqliteStore(Store):
         """One read transaction: a consistent view while it lasts."""
         return self._begin(False)
 
+    def external_version(self) -> object | None:
+        """SQLite's ``data_version``: it changes when another connection (another kernel)
+        commits to the file."""
+        with self._lock:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
     def query(self, sql: str, params: Any = ()) -> list[Any]:
         """Run one statement under the lock and return its rows."""
         with self._lock:

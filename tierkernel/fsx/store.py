@@ -71,6 +71,12 @@ class Store(ABC):
         """A group of reads that see one consistent state; by default a transaction."""
         return self.transaction()
 
+    def external_version(self) -> object | None:
+        """A value that changes when another process changes the workspace, or None when the
+        store cannot tell (the default). Writes through this store object are counted by the
+        engine; this is for the rest."""
+        return None
+
     @abstractmethod
     def lookup(self, path: str) -> Node | None:
         """The node at ``path`` (a symlink itself, not its target), or None."""
