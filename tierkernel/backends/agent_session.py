@@ -9,6 +9,7 @@ its state), then, after a grace period, a hard kill (the state is lost and the u
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -78,6 +79,14 @@ class _Cell:
     lost: bool = False
     #: Answers the guest's ai/api/db/console requests for this cell (None: not available).
     helpers: HelperGateway | None = None
+    #: Called (from whichever thread ends the cell) right after ``done`` is set.
+    on_done: Callable[[], None] | None = None
+
+    def finish(self) -> None:
+        """Mark the cell over and tell whoever waits for it."""
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 class AgentSession:
@@ -167,9 +176,40 @@ class AgentSession:
     def run(self, request: CellRequest, sink: OutputSink, timeout: float | None,
             helpers: HelperGateway | None = None) -> ExecResult:
         """Run one cell to completion, a stop, or the agent's death; the guest's helper
-        requests during the cell are answered by ``helpers``."""
+        requests during the cell are answered by ``helpers``. Blocks: call it in a thread."""
+        cell, start = self._begin(request, sink, helpers, None)
+        deadline = start + timeout if timeout else None
+        while not cell.done.wait(0.05):
+            if self._police(cell, deadline, timeout):
+                self._kill_for(cell)
+        return self._end(cell, start)
+
+    async def run_async(self, request: CellRequest, sink: OutputSink, timeout: float | None,
+                        helpers: HelperGateway | None = None) -> ExecResult:
+        """:meth:`run` on the caller's event loop: the request is sent from it and the reader
+        thread wakes it when the cell is done, with no worker thread in between (two thread
+        hand-offs fewer per cell). Only a hard kill, which may wait on the engine, runs in a
+        thread."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(woken.set)
+
+        cell, start = self._begin(request, sink, helpers, wake)
+        deadline = start + timeout if timeout else None
+        while not cell.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), 0.05)
+            if not cell.done.is_set() and self._police(cell, deadline, timeout):
+                await asyncio.to_thread(self._kill_for, cell)
+        return self._end(cell, start)
+
+    def _begin(self, request: CellRequest, sink: OutputSink, helpers: HelperGateway | None,
+               on_done: Callable[[], None] | None) -> tuple[_Cell, float]:
         start = time.perf_counter()
-        cell = _Cell(uuid.uuid4().hex, sink, helpers=helpers)
+        cell = _Cell(uuid.uuid4().hex, sink, helpers=helpers, on_done=on_done)
         with self._lock:
             self._cell = cell
         msg = {
@@ -183,13 +223,17 @@ class AgentSession:
             self.transport.send((json.dumps(msg) + "\n").encode())
         except OSError:
             self._lose(cell, f"its interpreter is gone: {self.transport.exit_detail()}")
-        deadline = start + timeout if timeout else None
-        while not cell.done.wait(0.05):
-            now = time.perf_counter()
-            if deadline is not None and now >= deadline and cell.stop_reason is None:
-                self._stop(cell, "timeout", f"the cell ran longer than its {timeout:g} s limit")
-            if cell.stopped_at is not None and now - cell.stopped_at > self.grace:
-                self._kill_for(cell)
+        return cell, start
+
+    def _police(self, cell: _Cell, deadline: float | None, timeout: float | None) -> bool:
+        """Enforce the cell's time limit; True when its stop was ignored past the grace period
+        and the agent must be killed."""
+        now = time.perf_counter()
+        if deadline is not None and now >= deadline and cell.stop_reason is None:
+            self._stop(cell, "timeout", f"the cell ran longer than its {timeout:g} s limit")
+        return cell.stopped_at is not None and now - cell.stopped_at > self.grace
+
+    def _end(self, cell: _Cell, start: float) -> ExecResult:
         with self._lock:
             self._cell = None
         return ExecResult(
@@ -239,7 +283,7 @@ class AgentSession:
         if cell.stop_reason == "timeout" and self.limit_hint:
             evalue += f" To allow more time, {self.limit_hint}."
         self._fail(cell, ename, evalue, [])
-        cell.done.set()
+        cell.finish()
 
     def _fail(self, cell: _Cell, ename: str, evalue: str, tb: list[str]) -> None:
         cell.success = False
@@ -290,7 +334,7 @@ class AgentSession:
             if "procs" in msg:
                 self.procs = int(msg["procs"])
                 self.last_pid = int(msg.get("last_pid", -1))
-            cell.done.set()
+            cell.finish()
         elif kind == "helper":
             # Answered on a thread of its own: a helper may take seconds (HTTP, SQL), and the
             # reader must keep forwarding output meanwhile.

@@ -138,11 +138,11 @@ class ProcessBackend(Backend):
         return session
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
-        """Run the cell in the agent, in a worker thread so the kernel stays responsive."""
+        """Run the cell in the agent; the kernel's loop waits for it without blocking."""
         session = self._session
         if session is None:
             raise RuntimeError("the process tier was not started (the kernel calls start())")
-        return await asyncio.to_thread(session.run, request, sink, request.options.get("timeout"),
+        return await session.run_async(request, sink, request.options.get("timeout"),
                                        self.helper_gateway())
 
     def interrupt(self) -> None:

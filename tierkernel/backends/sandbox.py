@@ -348,27 +348,16 @@ class SandboxBackend(Backend):
         container.oom_seen.clear()
         gateway = self.helper_gateway()
 
-        def run_cell() -> ExecResult:
-            # fsx -> /workspace, the cell, /workspace -> fsx: one thread hop for all three.
+        # fsx -> /workspace, the cell, /workspace -> fsx. The copies may take the engine's
+        # time and run in a thread; the common cell (nothing to copy either way) needs none.
+        if self._workspace.may_have_changes(container.id):
             api = self._engine().api
-            if self._workspace.before_cell(api, container.id):
+            if await asyncio.to_thread(self._workspace.before_cell, api, container.id):
                 session.reset_watch()
-            result = session.run(request, held, request.options.get("timeout"), gateway)
-            try:
-                conflicts = self._workspace.after_cell(api, container.id,
-                                                       session.workspace_changed)
-            except Exception as exc:  # never lose the cell's result over the copy back
-                log.warning("copying /workspace back into fsx failed", exc_info=True)
-                sink.stream("stderr", f"tierkernel: the cell's changes in /workspace could not "
-                                      f"be copied into the workspace: {exc}\n")
-            else:
-                if conflicts:
-                    sink.stream("stderr", "tierkernel: changed in the workspace meanwhile, so "
-                                "the container's version was saved beside it as "
-                                "NAME.sandbox-conflict: " + ", ".join(conflicts) + "\n")
-            return result
-
-        result = await asyncio.to_thread(run_cell)
+        result = await session.run_async(request, held, request.options.get("timeout"),
+                                         gateway)
+        if session.workspace_changed:
+            await asyncio.to_thread(self._copy_back, container, sink)
         container.cells += 1
         error = None
         if held.held is not None or self._pids_high(container):
@@ -377,6 +366,21 @@ class SandboxBackend(Backend):
             sink.error(error.ename, error.evalue, error.traceback)
             result = dataclasses.replace(result, success=False, error=error)
         return result
+
+    def _copy_back(self, container: _Container, sink: OutputSink) -> None:
+        """Bring the cell's changes in /workspace into fsx (blocking); a failure is reported
+        on the cell's stderr and never loses the cell's result."""
+        try:
+            conflicts = self._workspace.after_cell(self._engine().api, container.id, True)
+        except Exception as exc:
+            log.warning("copying /workspace back into fsx failed", exc_info=True)
+            sink.stream("stderr", f"tierkernel: the cell's changes in /workspace could not be "
+                                  f"copied into the workspace: {exc}\n")
+            return
+        if conflicts:
+            sink.stream("stderr", "tierkernel: changed in the workspace meanwhile, so the "
+                        "container's version was saved beside it as NAME.sandbox-conflict: "
+                        + ", ".join(conflicts) + "\n")
 
     def interrupt(self) -> None:
         """SIGINT to the agent (a ``kill`` exec); killed if ignored for ``interrupt_grace``."""

@@ -39,6 +39,8 @@ class WorkspaceSync:
         self.user = user
         self._container: str | None = None
         self._manifest: sync.Manifest | None = None
+        #: fsx's change token when the container was last given the workspace.
+        self._token: object | None = None
         # A warm start's first copy may still run when the first cell arrives.
         self._lock = threading.Lock()
 
@@ -49,6 +51,17 @@ class WorkspaceSync:
             return current_workspace()
         except FsxConfigError:
             return None
+
+    def may_have_changes(self, container_id: str) -> bool:
+        """Whether :meth:`before_cell` may have anything to copy: quick (no walk of the
+        workspace), so the common cell skips the copy and the thread it runs in. Always True
+        for a workspace that cannot tell (a host folder) or a container not yet given it."""
+        workspace = self.workspace()
+        if workspace is None:
+            return False
+        if self._container != container_id or self._token is None:
+            return True
+        return workspace.engine.change_token() != self._token
 
     def before_cell(self, api: Any, container_id: str) -> bool:
         """Copy what changed in fsx since the last sync into the container; True when
@@ -63,6 +76,8 @@ class WorkspaceSync:
             return False
         changed = False
         base = self._manifest if self._container == container_id else None
+        # Taken before the walk: a write during it makes the next cell look again.
+        token = workspace.engine.change_token()
         packed = sync.pack(workspace, since=base, owner=self.owner)
         try:
             if packed.deleted and base is not None:
@@ -78,6 +93,7 @@ class WorkspaceSync:
         finally:
             packed.archive.close()
         self._container, self._manifest = container_id, packed.manifest
+        self._token = token
         return changed
 
     def _untar(self, api: Any, container_id: str, data: bytes) -> None:
@@ -140,7 +156,7 @@ class WorkspaceSync:
 
     def forget(self) -> None:
         """The container is gone: the next one gets the whole workspace."""
-        self._container = self._manifest = None
+        self._container = self._manifest = self._token = None
 
 
 def _frames_text(data: bytes) -> str:
