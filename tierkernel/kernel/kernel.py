@@ -18,12 +18,7 @@ from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult
 from tierkernel.backends.native import NativeBackend
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel.iopub import IopubSink
-from tierkernel.kernel.quick_reply import (
-    cell_ran_outside,
-    install_flush_skip,
-    mark_cell,
-    request_scope,
-)
+from tierkernel.kernel.quick_reply import cell_ran_outside, install_flush_skip, mark_cell
 from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
 from tierkernel.magics.executions import ExecutionMagics
 from tierkernel.magics.fsx import FsxMagics
@@ -119,12 +114,6 @@ class TierKernel(IPythonKernel):
         self.io_loop.add_callback(self.router.warm)
 
     # -- execution ------------------------------------------------------------------------
-    async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        """ipykernel's handler, with the pre-reply flush and sleep skipped for cells that ran
-        outside IPython (see :mod:`tierkernel.kernel.quick_reply`)."""
-        with request_scope():
-            await super().execute_request(stream, ident, parent)
-
     @property
     def _execute_sleep(self) -> float:
         """ipykernel's pause before each reply; none for cells that ran outside IPython."""
@@ -194,6 +183,7 @@ class TierKernel(IPythonKernel):
             self.runtime.finish(context, ExecResult(
                 False, route.backend.name, 0.0,
                 error=ExecError(type(exc).__name__, str(exc))), time.perf_counter() - started)
+            mark_cell(False)
             raise
         self.runtime.finish(context, result, time.perf_counter() - started)
         reply = self._reply(result)
@@ -324,6 +314,8 @@ class TierKernel(IPythonKernel):
         """Add ``tierkernel: {tier, duration_ms, success, execution_id}`` to every
         execute_reply (no execution_id for a cell aborted after an earlier error: it never
         ran)."""
+        # The pre-reply flush and sleep are behind us: end the mark do_execute set.
+        mark_cell(False)
         metadata = super().finish_metadata(parent, metadata, reply_content)
         info = self._tier_meta.pop(parent.get("header", {}).get("msg_id", ""), None)
         if info is None and parent.get("header", {}).get("msg_type") == "execute_request":

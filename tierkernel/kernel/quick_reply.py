@@ -9,16 +9,17 @@ message of it is queued on the IOPub socket before the reply (and before ``statu
 such cells the flushes and the sleep cost ≈1 ms of a 3 ms round trip and buy nothing, so the
 kernel marks the cell's context and both are skipped; native cells keep ipykernel's behaviour.
 
-The mark is a context variable: it is seen only by the task that handles that one
-execute_request, never by other handlers or threads that flush the same streams.
+The mark is a context variable, set by ``do_execute`` and cleared by ``finish_metadata`` (both
+called by ipykernel's ``execute_request``): it is seen only by the task that handles that one
+execute_request, and only between the two, never by other handlers or threads that flush the
+same streams.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 _OUTSIDE_IPYTHON: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -26,23 +27,15 @@ _OUTSIDE_IPYTHON: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 def mark_cell(outside_ipython: bool) -> None:
-    """Called by ``do_execute`` once it knows where the cell runs."""
+    """Called by ``do_execute`` once it knows where the cell runs, and with False by
+    ``finish_metadata``, which ipykernel calls after the flush and the sleep, before the
+    reply: the mark never outlives its execute_request."""
     _OUTSIDE_IPYTHON.set(outside_ipython)
 
 
 def cell_ran_outside() -> bool:
     """Whether the execute_request being answered ran its cell outside IPython."""
     return _OUTSIDE_IPYTHON.get()
-
-
-@contextlib.contextmanager
-def request_scope() -> Iterator[None]:
-    """Scopes the mark to one execute_request (``with request_scope(): await ...``)."""
-    token = _OUTSIDE_IPYTHON.set(False)
-    try:
-        yield
-    finally:
-        _OUTSIDE_IPYTHON.reset(token)
 
 
 def install_flush_skip() -> None:
