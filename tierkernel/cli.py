@@ -78,7 +78,7 @@ def _cmd_spares(args: argparse.Namespace) -> int:
     try:
         client = connect(timeout=30)
         if args.remove:
-            removed = remove_spares(client, claimed=False)
+            removed = remove_spares(client)
             print(f"removed {len(removed)} spare sandbox container(s)")
             return 0
         found = sandbox_spares.list_spares(client)

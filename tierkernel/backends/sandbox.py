@@ -253,8 +253,7 @@ class SandboxBackend(Backend):
         self._alock: asyncio.Lock | None = None
         self._tlock = threading.RLock()  # the containers: start, recreate, shutdown
         self._closed = False
-        self._runtimes: list[str] | None = None
-        self._runtime_infos: dict[str, Any] | None = None
+        self._runtimes: dict[str, Any] | None = None
         self._oom_baseline = 0
         self._after_start_done = False
         self._starting = False
@@ -511,16 +510,8 @@ class SandboxBackend(Backend):
     def _channel_ok(self, client: Any, runtime: str) -> bool:
         """Whether containers of ``runtime`` can have the direct channel here (not with a
         remote engine, nor under runsc registered without --host-uds)."""
-        return channel_usable(engine_url(), runtime, self._runtime_info(client, runtime))
-
-    def _runtime_info(self, client: Any, runtime: str) -> dict[str, Any]:
-        """The engine's entry for ``runtime`` (path, runtimeArgs), asked once per kernel."""
-        if self._runtime_infos is None:
-            try:
-                self._runtime_infos = dict(client.info().get("Runtimes") or {})
-            except Exception as exc:
-                raise explain(exc, "asking the engine for its runtimes") from exc
-        return dict(self._runtime_infos.get(runtime) or {})
+        return channel_usable(engine_url(), runtime,
+                              dict(self._engine_runtimes(client).get(runtime) or {}))
 
     def _channel_folder(self, client: Any, runtime: str, name: str) -> Path | None:
         """A new host folder for the container's direct channel, or None when it cannot have
@@ -559,23 +550,23 @@ class SandboxBackend(Backend):
         log.info("sandbox container %s started (%s)", container.id[:12], spec.describe())
 
     # -- spares ---------------------------------------------------------------------------
-    def _spare_key(self, client: Any, spec: ContainerSpec) -> str:
-        return spares.spec_key(self._create_kwargs(client, spec), AGENT_PATH.read_text())
+    @staticmethod
+    def _spare_key(create_kwargs: dict[str, Any]) -> str:
+        return spares.spec_key(create_kwargs, AGENT_PATH.read_text())
 
     def _claim_spare(self, client: Any, spec: ContainerSpec) -> bool:
         """Take over a spare container made for this spec (agent already running); False
         when there is none to take. Blocking; the caller holds the lock."""
         if self.spares <= 0 or spec != self._default_spec():
             return False
-        key = self._spare_key(client, spec)
+        kwargs = self._create_kwargs(client, spec)
         me, started = os.getpid(), _process_start(os.getpid()) or ""
-        for found in spares.candidates(client, key):
+        for found in spares.candidates(client, self._spare_key(kwargs)):
             folder = spares.folder_of(found)
             if not folder.is_dir() or not spares.try_claim(folder, me, started):
                 continue
-            handle = _Container(found.id, spec, int(found.attrs.get("HostConfig", {})
-                                                    .get("PidsLimit") or self.pids_limit),
-                                folder=folder)
+            # Same key, so the spare was created with these very arguments.
+            handle = _Container(found.id, spec, int(kwargs["pids_limit"]), folder=folder)
             self._container = handle
             self._watch(client, handle)
             try:
@@ -622,16 +613,19 @@ class SandboxBackend(Backend):
             client = self._engine()
             if not self._channel_ok(client, spec.runtime):
                 return  # a spare is claimed through its socket: none without a channel
-            key = self._spare_key(client, spec)
+            kwargs = self._create_kwargs(client, spec)
+            key = self._spare_key(kwargs)
             for _ in range(self.spares - spares.unclaimed(client, key)):
                 if self._closed:
                     return
-                self._make_spare(client, spec, key)
+                self._make_spare(client, spec, dict(kwargs), key)
         except Exception:
             log.info("making a spare sandbox container failed", exc_info=True)
 
-    def _make_spare(self, client: Any, spec: ContainerSpec, key: str) -> None:
-        kwargs = self._create_kwargs(client, spec)
+    def _make_spare(self, client: Any, spec: ContainerSpec, kwargs: dict[str, Any],
+                    key: str) -> None:
+        """Create one spare from ``kwargs`` (``_create_kwargs``; updated here) with its agent
+        waiting."""
         name = f"tierkernel-spare-{uuid.uuid4().hex[:12]}"
         folder = new_folder(name)
         if wake_usable(spec.runtime):
@@ -787,12 +781,9 @@ class SandboxBackend(Backend):
         if container.events is not None:
             with contextlib.suppress(Exception):
                 container.events.close()
-        try:
-            self._engine().api.remove_container(container.id, force=True)
-        except Exception as exc:
-            if "No such container" not in str(exc) and "is already in progress" not in str(exc):
-                log.warning("could not remove sandbox container %s: %s", container.id[:12], exc)
-        remove_folder(container.folder)
+        failed = _force_remove(self._engine().api, container.id, container.folder)
+        if failed:
+            log.warning("could not remove sandbox container %s: %s", container.id[:12], failed)
 
     # -- after a cell ---------------------------------------------------------------------
     def _pids_high(self, container: _Container) -> bool:
@@ -924,20 +915,21 @@ class SandboxBackend(Backend):
             self._probe = connect(timeout=5)
         return self._probe
 
-    def _engine_runtimes(self, client: Any) -> list[str]:
+    def _engine_runtimes(self, client: Any) -> dict[str, Any]:
+        """The engine's runtimes by name, each with its path and runtimeArgs (asked once)."""
         if self._runtimes is None:
             try:
                 info = client.info()
             except Exception as exc:
                 raise explain(exc, "asking the engine for its runtimes") from exc
-            self._runtimes = sorted((info.get("Runtimes") or {"runc": {}}).keys())
+            self._runtimes = dict(info.get("Runtimes") or {"runc": {}})
         return self._runtimes
 
-    def _no_runtime(self, runtime: str, runtimes: list[str]) -> str:
+    def _no_runtime(self, runtime: str, runtimes: dict[str, Any]) -> str:
         hint = (" (install runsc and register it: scripts/engine.sh does both)"
                 if runtime == "runsc" else "")
         return (f"runtime {runtime!r} is not registered with the docker engine at "
-                f"{engine_url()} (it has: {', '.join(runtimes)}){hint}")
+                f"{engine_url()} (it has: {', '.join(sorted(runtimes))}){hint}")
 
     def _where(self) -> str:
         container = self._container
@@ -977,7 +969,7 @@ def reap_orphans(client: Any) -> list[str]:
                 pid = -1
             if pid > 0 and _owner_alive(pid, labels.get(LABEL_OWNER_START, "")):
                 continue
-        if _remove(container):
+        if _remove(client, container):
             removed.append(container.id)
             log.info("removed orphaned sandbox container %s (owner pid %s is gone)",
                      container.id[:12], pid)
@@ -999,31 +991,39 @@ def kernel_containers(client: Any, pid: int) -> list[str]:
     return sorted(owned)
 
 
-def remove_spares(client: Any, *, claimed: bool = False) -> list[str]:
-    """Remove this user's unclaimed spares (and claimed ones too if ``claimed``); their ids."""
+def remove_spares(client: Any) -> list[str]:
+    """Remove this user's unclaimed spares (a claimed one is its kernel's); their ids."""
     removed = []
     for container in spares.list_spares(client):
         labels = container.labels or {}
         if labels.get(spares.LABEL_OWNER_UID) != str(os.getuid()):
             continue
-        if not claimed and spares.claimer(spares.folder_of(container)) is not None:
+        if spares.claimer(spares.folder_of(container)) is not None:
             continue
-        if _remove(container):
+        if _remove(client, container):
             removed.append(container.id)
     return removed
 
 
-def _remove(container: Any) -> bool:
+def _remove(client: Any, container: Any) -> bool:
+    """Remove a container the engine listed, and its folder if it is one of ours."""
     folder = spares.folder_of(container)
+    failed = _force_remove(client.api, container.id, folder if folder.is_dir() else None)
+    if failed:
+        log.debug("removing %s failed: %s", container.id[:12], failed)
+    return not failed
+
+
+def _force_remove(api: Any, container_id: str, folder: Path | None) -> str:
+    """Remove a container (gone already counts) and then its host folder; "" when done, else
+    the engine's reason. The folder stays while its container does: the reaper needs it."""
     try:
-        container.remove(force=True)
+        api.remove_container(container_id, force=True)
     except Exception as exc:
         if "No such container" not in str(exc) and "already in progress" not in str(exc):
-            log.debug("removing %s failed", container.id[:12], exc_info=True)
-            return False
-    if folder.is_dir():
-        remove_folder(folder)
-    return True
+            return str(exc)
+    remove_folder(folder)
+    return ""
 
 
 def _owner_alive(pid: int, started: str) -> bool:

@@ -677,8 +677,8 @@ def connect_host() -> int | None:
     woken = threading.Event()
     wake = os.environ.get(WAKE_ENV)
     if wake:
-        # A thread, because opening a FIFO blocks until the host opens it for writing (under
-        # gVisor even with O_NONBLOCK), and the wait must still end at the deadline.
+        # A thread: the open blocks until the host opens the FIFO for writing, and the wait
+        # must still end at the deadline.
         threading.Thread(target=_sleep_on_fifo, args=(wake, woken), daemon=True,
                          name="wake").start()
     while True:
