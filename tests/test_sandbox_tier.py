@@ -188,6 +188,44 @@ def test_fork_bomb_left_in_the_background_is_found_and_the_container_replaced(
     assert sk.run(S + "'before_bomb' in globals()").result["text/plain"] == "False"
 
 
+# Fills the process limit, lets every process end at once, and fills it again: the count
+# dips to nothing for a moment in every round, like a bomb whose processes die in a burst.
+PULSE = """import os, time
+while True:
+    kids = []
+    try:
+        while True:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(0.5)
+                os._exit(0)
+            kids.append(pid)
+    except OSError:
+        pass
+    for pid in kids:
+        os.waitpid(pid, 0)
+    time.sleep(0.1)
+"""
+
+
+def test_a_bomb_that_dips_for_a_moment_is_not_taken_for_one_that_died(sk: KernelSession):
+    sk.run(S + "before_pulse = 1")
+    # The cell forks until the pulse has the limit full; its processes come back at once.
+    out = sk.run(S + "import os, subprocess, sys\n"
+                     f"subprocess.Popen([sys.executable, '-c', {PULSE!r}], "
+                     "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                     "while True:\n"
+                     "    pid = os.fork()\n"
+                     "    if pid == 0:\n"
+                     "        os._exit(0)\n"
+                     "    os.waitpid(pid, 0)", timeout=120)
+    assert out.status == "error", out.outputs
+    assert out.error["ename"] == "ProcessLimitError", out.error
+    assert "container was removed" in out.error["evalue"]
+    assert sk.run(S + "'before_pulse' in globals()").result["text/plain"] == "False"
+    assert sk.run(S + "!echo fine").stdout == "fine\n"
+
+
 def test_a_pool_of_background_workers_is_not_taken_for_a_bomb(sk: KernelSession):
     # 36 long-lived processes: over half of gVisor's ulimit nproc (64), but steady.
     out = sk.run(S + "import subprocess\nworkers = [subprocess.Popen(['sleep', '60']) "

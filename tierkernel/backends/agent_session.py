@@ -115,7 +115,7 @@ class AgentSession:
         #: WATCH_ENV); the sandbox tier copies its workspace back only then.
         self.workspace_changed = False
         #: Processes in the agent's container at the end of the last cell (or when last
-        #: asked), and the highest pid among them, when the agent counts them (agent.py's
+        #: asked), and the highest pid the agent has seen, when the agent counts them (agent.py's
         #: COUNT_PROCS_ENV); None otherwise.
         self.procs: int | None = None
         self.last_pid: int | None = None

@@ -96,6 +96,8 @@ _AGENT_SHELL = ("mkdir -p /tmp/matplotlib && cp -Rn /opt/tierkernel/mplconfig/. 
                 ' 2>/dev/null; exec python3 -c "$0"')
 #: Seconds between a live kernel's sweeps for expired spares and dead kernels' containers.
 _SWEEP_INTERVAL = 60.0
+#: Seconds a process count must stay low after a fork bomb before the container is kept.
+_SETTLED_FOR = 0.3
 # A spare container's main process (under runc): it outlives the agent's wait (spare_ttl) by
 # a little, then ends the container unless a kernel has claimed it (the claim file is in the
 # read-only mount).
@@ -802,29 +804,50 @@ class SandboxBackend(Backend):
 
     def _pids_settle(self, container: _Container, within: float) -> bool:
         """Wait up to ``within`` s for the container's processes to fall back to a quarter of
-        their limit; True when they did (or cannot be counted), or when the count stays below
-        90% of the limit without new processes coming all the time (a pool of workers: under
-        runsc, half the limit is only 32 processes)."""
-        deadline = time.monotonic() + within
+        their limit and stay there; True when they did (or cannot be counted), or when at the
+        end the count is below 90% of the limit and nothing is still forking at a furious
+        rate (a pool of workers: under runsc, half the limit is only 32 processes).
+
+        One low sample is not enough: a bomb whose processes die in a burst dips below a
+        quarter for a moment, and its survivors fill the limit again within milliseconds
+        (seen on a loaded CI machine). A count that stays low, with no new process, for
+        ``_SETTLED_FOR`` s has no forking loop left in it, unless the wait so far shows a
+        bomb's churn (one that pauses between rounds). Churn is how a bomb sampled at, say,
+        80% is told too: under runc the pids cgroup counts the forks it refused, under runsc
+        the agent reports the highest pid seen so far.
+        """
+        start = time.monotonic()
         runc = container.spec.runtime == "runc"
         limit = container.pids_limit if runc else self.runsc_nproc
-        first: tuple[int, int] | None = None
+        samples: list[tuple[float, int, int]] = []
+        low_since: float | None = None
+        low_mark = 0
         while True:
             sample = self._count(container, runc)
-            if sample is None or sample[0] < limit // 4:
+            now = time.monotonic()
+            if sample is None:
                 return True
-            first = first or sample
-            if time.monotonic() >= deadline:
-                full = sample[0] >= int(limit * 0.9)
-                churning = not runc and sample[1] - first[1] >= limit
-                return not (full or churning)
-            time.sleep(0.1)
+            samples.append((now, *sample))
+            if sample[0] >= limit // 4:
+                low_since = None
+            elif low_since is None or sample[1] != low_mark:
+                # Low, but processes are still being made (or refused): a refill may be
+                # under way, so the quiet stretch starts again.
+                low_since, low_mark = now, sample[1]
+            elif now - low_since >= _SETTLED_FOR and not _churning(samples, runc, limit):
+                return True
+            if now - start >= within:
+                return not (sample[0] >= int(limit * 0.9) or _churning(samples, runc, limit))
+            time.sleep(0.05)
 
     def _count(self, container: _Container, runc: bool) -> tuple[int, int] | None:
-        """(processes, highest pid) in the container now, or None when it cannot be told."""
+        """(processes, churn marker) in the container now, or None when it cannot be told.
+
+        The marker grows while processes keep being made: under runc the forks the pids
+        cgroup refused so far, under runsc the highest pid seen so far.
+        """
         if runc:
-            current = _pids_current(container.id)
-            return None if current is None else (current, 0)
+            return _pids_cgroup(container.id)
         session = self._session
         if session is None or self._container is not container:
             return None
@@ -1046,18 +1069,54 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _pids_cgroup_dir(container_id: str) -> str | None:
+    """The container's pids cgroup folder on this host (cgroup v1 or v2), or None when it is
+    not visible here (a remote engine, another cgroup layout)."""
+    for path in (f"/sys/fs/cgroup/pids/docker/{container_id}",
+                 f"/sys/fs/cgroup/docker/{container_id}",
+                 f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope"):
+        if os.path.exists(f"{path}/pids.current"):
+            return path
+    return None
+
+
 def _pids_current(container_id: str) -> int | None:
     """How many tasks the container's pids cgroup holds, read from the host's cgroup files
     (microseconds, unlike an engine stats call); None when they are not visible here."""
-    for path in (f"/sys/fs/cgroup/pids/docker/{container_id}/pids.current",
-                 f"/sys/fs/cgroup/docker/{container_id}/pids.current",
-                 f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/pids.current"):
-        try:
-            with open(path) as handle:
-                return int(handle.read().strip())
-        except (OSError, ValueError):
-            continue
-    return None
+    counts = _pids_cgroup(container_id)
+    return None if counts is None else counts[0]
+
+
+def _pids_cgroup(container_id: str) -> tuple[int, int] | None:
+    """(tasks in the container's pids cgroup, forks it has refused at the limit so far), or
+    None when the cgroup is not visible here."""
+    path = _pids_cgroup_dir(container_id)
+    if path is None:
+        return None
+    try:
+        with open(f"{path}/pids.current") as handle:
+            current = int(handle.read().strip())
+        refused = 0
+        with contextlib.suppress(OSError, ValueError), open(f"{path}/pids.events") as handle:
+            for line in handle:
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    refused = int(value)
+        return current, refused
+    except (OSError, ValueError):
+        return None
+
+
+def _churning(samples: list[tuple[float, int, int]], runc: bool, limit: int) -> bool:
+    """Whether the (time, processes, marker) samples show processes still being made at a
+    bomb's rate. runc: forks refused at the limit in the last second (a pool of workers
+    below the limit never has one refused). runsc: pids advancing by the limit or more over
+    the whole wait (a steady pool reuses few)."""
+    if runc:
+        last_t, _, last_refused = samples[-1]
+        earlier = [s for s in samples if s[0] <= last_t - 1.0] or samples[:1]
+        return last_refused > earlier[-1][2]
+    return samples[-1][2] - samples[0][2] >= limit
 
 
 def _is_process_limit(error: ExecError) -> bool:

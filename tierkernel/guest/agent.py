@@ -578,14 +578,21 @@ WATCH_ENV = "TIERKERNEL_WATCH_DIR"
 COUNT_PROCS_ENV = "TIERKERNEL_COUNT_PROCS"
 
 
+#: The highest pid any count has seen: pids are handed out in increasing order, so how fast
+#: this grows is how fast processes are made, even when they all end between two counts.
+_highest_pid = -1
+
+
 def count_processes() -> tuple[int, int]:
     """How many processes this agent can see (in a container: the container's), and the
-    highest pid among them (how fast it grows tells a fork bomb from a pool of workers)."""
+    highest pid seen so far (how fast it grows tells a fork bomb from a pool of workers)."""
+    global _highest_pid
     try:
         pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return -1, -1
-    return len(pids), max(pids, default=-1)
+    _highest_pid = max(_highest_pid, *pids) if pids else _highest_pid
+    return len(pids), _highest_pid
 
 
 def tree_signature(root: str) -> int:
