@@ -43,6 +43,14 @@ def start(runtime: str, *options: str) -> KernelSession:
                                           "--SandboxBackend.spare_delay=0", *options])
 
 
+def spare_made_by(session: KernelSession, runtime: str) -> str:
+    """The spare ``session`` makes for later kernels, once it is waiting. The kernel's own
+    container comes first (it may be its head start's spare, waiting for a moment)."""
+    assert session.run(S + "1").status == "ok"
+    assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60), "no spare made"
+    return waiting_spares(runtime)[0]
+
+
 def waiting_spares(runtime: str) -> list[str]:
     """Ids of the unclaimed spares of ``runtime`` on the engine."""
     return sorted(
@@ -58,9 +66,7 @@ def kernel_pid(session: KernelSession) -> int:
 def test_next_kernel_runs_its_first_cell_in_the_spare(runtime: str):
     first = start(runtime)
     try:
-        assert first.run(S + "1").status == "ok"
-        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60), "no spare made"
-        spare = waiting_spares(runtime)[0]
+        spare = spare_made_by(first, runtime)
     finally:
         first.close()
     # The spare outlives the kernel that made it: it is there for the next one.
@@ -86,8 +92,7 @@ def test_next_kernel_runs_its_first_cell_in_the_spare(runtime: str):
 def test_an_expired_spare_is_removed_and_never_claimed(runtime: str):
     maker = start(runtime, "--SandboxBackend.spare_ttl=4")
     try:
-        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60), "no spare made"
-        spare = waiting_spares(runtime)[0]
+        spare = spare_made_by(maker, runtime)
         if runtime == "runc":
             # Its agent stops waiting, its keeper ends the container, auto-remove does the rest.
             assert sb.wait_for(lambda: spare not in sb.all_sandbox_containers(), 40), \
@@ -118,6 +123,61 @@ def test_no_spares_when_turned_off(runtime: str):
         session.close()
 
 
+def spares_of(runtime: str) -> list[str]:
+    """Ids of every spare of ``runtime`` on the engine, claimed or not."""
+    return sorted(c.id for c in sandbox_spares.list_spares(sb.client())
+                  if (c.labels or {}).get("org.tierkernel.runtime") == runtime)
+
+
+def made_as_spare(container_id: str) -> bool:
+    return sandbox_spares.LABEL_SPARE in (sb.client().containers.get(container_id).labels or {})
+
+
+def test_with_no_spare_the_kernel_makes_one_while_it_starts_and_runs_there(runtime: str):
+    # spares=0: the kernel makes none for later kernels, so a spare it runs in is the one its
+    # head start made while the kernel was still starting.
+    session = start(runtime, "--SandboxBackend.spares=0")
+    try:
+        pid = kernel_pid(session)
+        assert session.run(S + "y = 6 * 7").status == "ok"
+        [mine] = sb.containers_of(pid)
+        assert made_as_spare(mine)
+        assert session.run(S + "y").result["text/plain"] == "42"
+        assert waiting_spares(runtime) == []  # claimed: nothing is left waiting
+    finally:
+        session.close()
+    assert sb.wait_for(lambda: mine not in sb.all_sandbox_containers(), 30)
+
+
+def test_no_head_start_when_turned_off(runtime: str):
+    session = start(runtime, "--SandboxBackend.spares=0", "--SandboxBackend.head_start=False")
+    try:
+        pid = kernel_pid(session)
+        assert session.run(S + "1").status == "ok"
+        [mine] = sb.containers_of(pid)
+        assert not made_as_spare(mine)  # the warm start's own container
+        assert spares_of(runtime) == []
+    finally:
+        session.close()
+
+
+def test_a_waiting_spare_is_claimed_and_no_second_one_made(runtime: str):
+    maker = start(runtime)
+    try:
+        spare = spare_made_by(maker, runtime)
+    finally:
+        maker.close()
+    session = start(runtime, "--SandboxBackend.spares=0")
+    try:
+        pid = kernel_pid(session)
+        assert session.run(S + "1").status == "ok"
+        assert sb.containers_of(pid) == [spare]
+        # Its head start saw the waiting spare and made no other.
+        assert not sb.wait_for(lambda: spares_of(runtime) != [spare], 3, step=0.5)
+    finally:
+        session.close()
+
+
 def test_the_channel_folder_is_read_only_and_unlistable_in_the_guest(runtime: str):
     session = start(runtime, "--SandboxBackend.spares=0")
     try:
@@ -142,7 +202,7 @@ def test_two_claims_of_one_spare_one_wins(tmp_path: Path):
 def test_spares_command_lists_and_removes(runtime: str):
     session = start(runtime)
     try:
-        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60), "no spare made"
+        spare_made_by(session, runtime)
     finally:
         session.close()
     cli = os.path.join(os.path.dirname(sys.executable), "tierkernel")

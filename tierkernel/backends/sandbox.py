@@ -25,12 +25,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from traitlets import Bool, Float, Int, Unicode
 
+from tierkernel.backends import sandbox_head_start as head_start
 from tierkernel.backends import sandbox_spares as spares
 from tierkernel.backends.agent_session import AgentSession
 from tierkernel.backends.base import (
@@ -237,6 +239,12 @@ class SandboxBackend(Backend):
     spare_ttl = Float(
         600.0, help="Seconds an unclaimed spare container waits for a kernel; then it removes "
         "itself (runc) or is removed by the next kernel's sweep (runsc)."
+    ).tag(config=True)
+    head_start = Bool(
+        True, help="With warm_start: as soon as the kernel's configuration is read, before the "
+        "kernel has finished starting, make a spare container in a helper process for the "
+        "warm start to claim (unless an unclaimed one is waiting already), so a first cell "
+        "sent the moment the kernel answers does not wait for a container either."
     ).tag(config=True)
     spare_delay = Float(
         3.0, help="Seconds after this kernel's own container is up before it makes spares, so "
@@ -558,10 +566,18 @@ class SandboxBackend(Backend):
 
     def _claim_spare(self, client: Any, spec: ContainerSpec) -> bool:
         """Take over a spare container made for this spec (agent already running); False
-        when there is none to take. Blocking; the caller holds the lock."""
-        if self.spares <= 0 or spec != self._default_spec():
+        when there is none to take. Blocking; the caller holds the lock.
+
+        A head start this kernel began (sandbox_head_start.py) is waited for first, when it
+        works for the same create arguments: its spare is nearly ready and a new container
+        would take longer.
+        """
+        head = head_start.pending()
+        if (self.spares <= 0 and head is None) or spec != self._default_spec():
             return False
         kwargs = self._create_kwargs(client, spec)
+        if head is not None:
+            head.wait(self._spare_key(kwargs), timeout=min(self.start_timeout, 30.0))
         me, started = os.getpid(), _process_start(os.getpid()) or ""
         for found in spares.candidates(client, self._spare_key(kwargs)):
             folder = spares.folder_of(found)
@@ -581,6 +597,30 @@ class SandboxBackend(Backend):
             log.info("claimed spare sandbox container %s", found.id[:12])
             return True
         return False
+
+    def make_head_start(self, report: Callable[[str], None]) -> None:
+        """In the head start's helper process: make one spare for the default spec, unless
+        an unclaimed one is waiting already; ``report`` each step (sandbox_head_start.py)."""
+        if not (self.warm_start and self.head_start):
+            report("off warm_start or head_start is off")
+            return
+        available = self.availability()
+        if not available.available:
+            report(f"off {available.reason}")
+            return
+        client = self._engine()
+        spec = self._default_spec()
+        if not self._channel_ok(client, spec.runtime):
+            report("off no direct channel to a container here")
+            return
+        kwargs = self._create_kwargs(client, spec)
+        key = self._spare_key(kwargs)
+        report(f"key {key}")
+        if spares.unclaimed(client, key) > 0:
+            report("have")
+            return
+        self._make_spare(client, spec, dict(kwargs), key)
+        report("ready")
 
     def _after_first_start(self) -> None:
         """Once per kernel, after its first start: in a thread, remove dead kernels'

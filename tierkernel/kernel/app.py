@@ -29,6 +29,15 @@ class TierKernelApp(IPKernelApp):
         TierKernel, *discover()[0].values(), ZMQInteractiveShell, ProfileDir, Session,
     ]
 
+    def init_pdb(self) -> None:
+        """The first step of ``IPKernelApp.initialize`` once the configuration is final:
+        begin the sandbox tier's head start here, before the sockets, the shell and the
+        event loop exist (the fork it takes must happen while this is the only thread)."""
+        from tierkernel.backends import sandbox_head_start
+
+        sandbox_head_start.begin(self.config)
+        super().init_pdb()  # type: ignore[no-untyped-call]
+
     @default("config_files")
     def _tierkernel_config_files(self) -> list[str]:
         return ["ipython_kernel_config.py", "tierkernel_config.py"]
