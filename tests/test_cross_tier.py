@@ -117,3 +117,24 @@ def test_sandbox_writes_are_in_fsx_before_the_reply(sandboxed):
     session.run("fs.write_file('/kept.txt', 'changed by native')")
     again = session.run(S + "open('kept.txt').read()")
     assert again.result["text/plain"] == "'changed by native'"
+
+
+def test_copies_larger_than_the_agent_channel_takes_arrive_whole(sandboxed):
+    # Over 8 MiB (sandbox_workspace.AGENT_COPY_LIMIT) a copy goes through tar in a docker exec
+    # instead of the agent's channel: both ways, the bytes must arrive the same.
+    session, _, _ = sandboxed
+    made = session.run("import hashlib, os\nbig = os.urandom(9 << 20)\n"
+                       "fs.write_file('/huge_in.bin', big)\nhashlib.sha256(big).hexdigest()")
+    inside = session.run(S + "import hashlib, os\n"
+                             "out = os.urandom(9 << 20)\nopen('huge_out.bin', 'wb').write(out)\n"
+                             "hashlib.sha256(open('huge_in.bin', 'rb').read()).hexdigest(), "
+                             "hashlib.sha256(out).hexdigest()", timeout=120)
+    assert inside.status == "ok", inside.outputs
+    got_in, made_out = eval(inside.result["text/plain"])
+    assert got_in == eval(made.result["text/plain"])
+    back = session.run("hashlib.sha256(fs.read_file('/huge_out.bin', encoding=None)).hexdigest()")
+    assert eval(back.result["text/plain"]) == made_out
+    # And a small change after that, through the channel again, replaces and deletes.
+    session.run("fs.unlink('/huge_in.bin')\nfs.write_file('/huge_out.bin', 'small now')")
+    after = session.run(S + "os.path.exists('huge_in.bin'), open('huge_out.bin').read()")
+    assert after.result["text/plain"] == "(False, 'small now')", after.outputs

@@ -120,6 +120,9 @@ class AgentSession:
         self.procs: int | None = None
         self.last_pid: int | None = None
         self._procs_answer = threading.Event()
+        #: Requests waiting for their answer, by sequence number (see :meth:`ask`).
+        self._asked: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self._ask_seq = 0
         self._ready = threading.Event()
         self._cell: _Cell | None = None
         self._lock = threading.Lock()
@@ -172,6 +175,24 @@ class AgentSession:
         if not self._procs_answer.wait(timeout) or self.procs is None:
             return None
         return self.procs, self.last_pid if self.last_pid is not None else -1
+
+    def ask(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send a request between cells and wait for the agent's answer to it (matched by a
+        sequence number). Raises OSError when the agent is gone or takes too long."""
+        with self._lock:
+            self._ask_seq += 1
+            seq = self._ask_seq
+            answered, answer = threading.Event(), list[dict[str, Any]]()
+            self._asked[seq] = (answered, answer)
+        try:
+            self.transport.send((json.dumps({**msg, "seq": seq}) + "\n").encode())
+            if not answered.wait(timeout) or not answer:
+                raise OSError(f"the {self.tier} agent did not answer a {msg.get('type')!r} "
+                              f"request within {timeout:g} s")
+            return answer[0]
+        finally:
+            with self._lock:
+                self._asked.pop(seq, None)
 
     def run(self, request: CellRequest, sink: OutputSink, timeout: float | None,
             helpers: HelperGateway | None = None) -> ExecResult:
@@ -307,6 +328,9 @@ class AgentSession:
             self._dispatch(msg)
         self.alive = False
         self._ready.set()
+        with self._lock:
+            for answered, _ in self._asked.values():
+                answered.set()  # with no answer: the asker raises at once
         cell = self._cell
         if cell is not None and not cell.done.is_set():
             self._lose(cell, self.transport.exit_detail())
@@ -319,6 +343,13 @@ class AgentSession:
         if kind == "ready":
             self.info = msg
             self._ready.set()
+            return
+        if kind in ("unpacked", "packed"):
+            with self._lock:
+                waiting = self._asked.get(msg.get("seq"))  # type: ignore[arg-type]
+            if waiting is not None:
+                waiting[1].append(msg)
+                waiting[0].set()
             return
         if kind == "procs":
             self.procs = int(msg.get("count", -1))

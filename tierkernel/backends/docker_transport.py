@@ -108,14 +108,16 @@ class DockerExecTransport:
 
     def readline(self) -> bytes:
         """The agent's next stdout line (frames demultiplexed); ``b""`` at the end."""
+        scanned = 0  # a long line (a workspace archive) is searched once, not per chunk
         while True:
-            end = self._out.find(b"\n")
+            end = self._out.find(b"\n", scanned)
             if end != -1:
                 line = bytes(self._out[: end + 1])
                 del self._out[: end + 1]
                 if self.pid is None and b'"ready"' in line:
                     self._note_ready(line)
                 return line
+            scanned = len(self._out)
             if not self._fill():
                 return b""
 
