@@ -4,8 +4,9 @@ For each runtime (runc, and runsc where the engine has it):
 
 - first sandbox cell of a new kernel, sent as soon as the kernel answers: when an earlier kernel
   left a spare container (the usual case after the first kernel on a machine; see
-  tierkernel/backends/sandbox_spares.py), and with no spare (the kernel's warm start creates its
-  container), at once and after a 2 s pause (a person typing); against
+  tierkernel/backends/sandbox_spares.py), and with no spare (the kernel's head start makes one
+  while the kernel starts, see sandbox_head_start.py; and with the head start off, the warm
+  start creates the container), at once and after a 2 s pause (a person typing); against
   ``docker run --rm IMAGE python3 -c CELL`` (a fresh, equally hardened container per cell);
 - warm trivial cell (``%%tier sandbox`` + ``1+1``) round trip through the kernel, against a
   native cell in the same kernel and ``docker exec CONTAINER python3 -c CELL`` (per-cell exec);
@@ -69,18 +70,22 @@ def first_stream(kc: BlockingKernelClient, code: str) -> float:
     return first
 
 
-def new_kernel_first_cell(runtime: str, pause: float, spare: bool, client: Any) -> float:
+def new_kernel_first_cell(runtime: str, pause: float, spare: bool, client: Any,
+                          head_start: bool = True) -> float:
     """A new kernel whose default sandbox runtime is ``runtime``: its first sandbox cell.
 
     ``spare``: an earlier kernel left a spare container for it, and this kernel leaves one for
     the next measurement before it shuts down (after its usual spare_delay, so making it does
     not overlap the measured cell). Otherwise there is no spare to claim and this kernel makes
-    none.
+    none for later kernels; its head start (sandbox_head_start.py) makes one for itself while
+    it starts, unless ``head_start`` is off (then only the warm start creates its container).
     """
     args = [f"--SandboxBackend.runtime={runtime}"]
     if not spare:
         remove_spares(client)
         args.append("--SandboxBackend.spares=0")
+    if not head_start:
+        args.append("--SandboxBackend.head_start=False")
     km, kc = start_new_kernel(kernel_name="tierkernel", extra_arguments=args)
     try:
         time.sleep(pause)
@@ -116,6 +121,9 @@ def bench_runtime(runtime: str, rounds: int, client: Any, image: str,
     # First cells of new kernels (3 each), then docker run per cell.
     res["first_cell_now"] = median_ms(
         [new_kernel_first_cell(runtime, 0.0, False, client) for _ in range(3)])
+    res["first_cell_no_head"] = median_ms(
+        [new_kernel_first_cell(runtime, 0.0, False, client, head_start=False)
+         for _ in range(3)])
     res["first_cell_2s"] = median_ms(
         [new_kernel_first_cell(runtime, 2.0, False, client) for _ in range(3)])
     new_kernel_first_cell(runtime, 0.0, True, client)  # leaves the first spare
@@ -203,6 +211,7 @@ def report(runtime: str, r: dict[str, float]) -> None:
     print(f"\n== runtime {runtime} (medians, ms)")
     print(f"first sandbox cell of a new kernel, spare left       {r['first_cell_spare']:9.1f}")
     print(f"first sandbox cell, no spare, sent at once           {r['first_cell_now']:9.1f}")
+    print(f"first sandbox cell, no spare, no head start, at once {r['first_cell_no_head']:9.1f}")
     print(f"first sandbox cell, no spare, after 2 s              {r['first_cell_2s']:9.1f}")
     print(f"docker run --rm IMAGE python3 -c (SDK)               {r['docker_run_sdk']:9.1f}")
     if "docker_run_cli" in r:
@@ -224,6 +233,7 @@ def report(runtime: str, r: dict[str, float]) -> None:
     print(f"  first cell (spare) / docker run     {r['first_cell_spare'] / run:.3f}"
           "  (target <= 0.3)")
     print(f"  first cell (no spare) / docker run  {r['first_cell_now'] / run:.3f}")
+    print(f"  same, head start off / docker run   {r['first_cell_no_head'] / run:.3f}")
     print(f"  first cell (no spare, 2 s) / run    {r['first_cell_2s'] / run:.3f}")
     print(f"  first line / docker exec first line {r['stream_sandbox'] / r['stream_exec']:.3f}")
 

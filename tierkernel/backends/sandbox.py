@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -1117,6 +1118,7 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)  # asked after every cell: its path never changes
 def _pids_cgroup_dir(container_id: str) -> str | None:
     """The container's pids cgroup folder on this host (cgroup v1 or v2), or None when it is
     not visible here (a remote engine, another cgroup layout)."""
@@ -1131,28 +1133,30 @@ def _pids_cgroup_dir(container_id: str) -> str | None:
 def _pids_current(container_id: str) -> int | None:
     """How many tasks the container's pids cgroup holds, read from the host's cgroup files
     (microseconds, unlike an engine stats call); None when they are not visible here."""
-    counts = _pids_cgroup(container_id)
-    return None if counts is None else counts[0]
-
-
-def _pids_cgroup(container_id: str) -> tuple[int, int] | None:
-    """(tasks in the container's pids cgroup, forks it has refused at the limit so far), or
-    None when the cgroup is not visible here."""
     path = _pids_cgroup_dir(container_id)
     if path is None:
         return None
     try:
         with open(f"{path}/pids.current") as handle:
-            current = int(handle.read().strip())
-        refused = 0
-        with contextlib.suppress(OSError, ValueError), open(f"{path}/pids.events") as handle:
-            for line in handle:
-                key, _, value = line.partition(" ")
-                if key == "max":
-                    refused = int(value)
-        return current, refused
+            return int(handle.read().strip())
     except (OSError, ValueError):
         return None
+
+
+def _pids_cgroup(container_id: str) -> tuple[int, int] | None:
+    """(tasks in the container's pids cgroup, forks it has refused at the limit so far), or
+    None when the cgroup is not visible here."""
+    current = _pids_current(container_id)
+    path = _pids_cgroup_dir(container_id)
+    if current is None or path is None:
+        return None
+    refused = 0
+    with contextlib.suppress(OSError, ValueError), open(f"{path}/pids.events") as handle:
+        for line in handle:
+            key, _, value = line.partition(" ")
+            if key == "max":
+                refused = int(value)
+    return current, refused
 
 
 def _churning(samples: list[tuple[float, int, int]], runc: bool, limit: int) -> bool:
