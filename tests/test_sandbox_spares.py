@@ -233,3 +233,54 @@ def test_a_folder_label_outside_this_users_folders_is_not_trusted(tmp_path: Path
     finally:
         remove_folder(mine)
     assert victim.is_dir()
+
+
+def spares_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cli = os.path.join(os.path.dirname(sys.executable), "tierkernel")
+    return subprocess.run([cli, "spares", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_spares_made_by_the_command_are_claimed_by_the_next_kernel(runtime: str):
+    made = spares_cli("--make", "--runtime", runtime)
+    assert made.returncode == 0, made.stderr
+    assert "made spare tierkernel-spare-" in made.stdout and f"runtime {runtime}" in made.stdout
+    [spare] = waiting_spares(runtime)
+    again = spares_cli("--make", "--runtime", runtime)
+    assert "already waiting; none made" in again.stdout and waiting_spares(runtime) == [spare]
+    session = start(runtime, "--SandboxBackend.spares=0")
+    try:
+        pid = kernel_pid(session)
+        assert session.run(S + "1").status == "ok"
+        assert sb.containers_of(pid) == [spare]
+    finally:
+        session.close()
+
+
+def test_spares_command_says_what_is_wrong_with_its_options():
+    bad = spares_cli("--make", "--set", "memory")
+    assert bad.returncode == 2 and "--set takes CLASS.NAME=VALUE" in bad.stderr
+    bad = spares_cli("--make", "--set", "SandboxBackend.memory=lots")
+    assert bad.returncode == 2 and "'memory' trait" in bad.stderr and "Traceback" not in bad.stderr
+    sb.need_sandbox()
+    bad = spares_cli("--make", "--runtime", "nosuch")
+    assert bad.returncode == 1 and "runtime 'nosuch' is not registered" in bad.stderr
+
+
+def test_keep_replaces_each_spare_before_it_expires_until_stopped(runtime: str):
+    cli = os.path.join(os.path.dirname(sys.executable), "tierkernel")
+    keeper = subprocess.Popen([cli, "spares", "--keep", "--runtime", runtime, "--ttl", "10",
+                               "--interval", "1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        assert sb.wait_for(lambda: len(waiting_spares(runtime)) >= 1, 60), "no spare made"
+        first = waiting_spares(runtime)[0]
+        # Replaced with 5 s left (half its time), then removed once expired.
+        assert sb.wait_for(lambda: bool(set(waiting_spares(runtime)) - {first}), 30)
+        assert sb.wait_for(lambda: first not in sb.all_sandbox_containers(), 30)
+        assert waiting_spares(runtime), "the pool ran dry"
+    finally:
+        keeper.terminate()
+        output, _ = keeper.communicate(timeout=30)
+    assert keeper.returncode == 0, output
+    assert "stopped; the spares made stay" in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -75,6 +76,8 @@ def _cmd_spares(args: argparse.Namespace) -> int:
     from tierkernel.backends.docker_engine import EngineError, connect
     from tierkernel.backends.sandbox import remove_spares
 
+    if args.make or args.keep:
+        return _make_or_keep_spares(args)
     try:
         client = connect(timeout=30)
         if args.remove:
@@ -93,6 +96,44 @@ def _cmd_spares(args: argparse.Namespace) -> int:
         state = f"claimed by kernel pid {owner[0]}" if owner else "waiting for a kernel"
         print(f"{container.name}  runtime {labels.get('org.tierkernel.runtime', '?')}  "
               f"{state}")
+    return 0
+
+
+def _make_or_keep_spares(args: argparse.Namespace) -> int:
+    from tierkernel.backends import sandbox_pool
+    from tierkernel.backends.docker_engine import EngineError
+
+    def say(text: str) -> None:
+        print(f"tierkernel spares: {text}", flush=True)
+
+    options = [f"--{option.removeprefix('--')}" for option in args.config_options]
+    bad = [o for o in options if not re.fullmatch(r"--\w+(\.\w+)+=.*", o, re.DOTALL)]
+    if bad:
+        print(f"tierkernel spares: --set takes CLASS.NAME=VALUE (as in "
+              f"--set SandboxBackend.memory=1073741824), not {bad[0][2:]!r}", file=sys.stderr)
+        return 2
+    if args.ttl is not None:
+        options.append(f"--SandboxBackend.spare_ttl={args.ttl}")
+    try:
+        config = sandbox_pool.kernel_config(options)
+        backends = [sandbox_pool.backend_for(config, runtime)
+                    for runtime in (args.runtime or [None])]
+    except Exception as exc:  # a bad option or config file: say which, not a traceback
+        print(f"tierkernel spares: cannot use the kernel's configuration: {exc}",
+              file=sys.stderr)
+        return 2
+    if args.keep:
+        say(f"keeping {args.count} spare(s) per runtime "
+            f"({', '.join(b.runtime for b in backends)}) ready; Ctrl-C or SIGTERM stops")
+        sandbox_pool.keep(backends, args.count, args.interval, say)
+        return 0
+    try:
+        made = sandbox_pool.make(backends, args.count, 5.0, say)
+    except EngineError as exc:
+        print(f"tierkernel spares: {exc}", file=sys.stderr)
+        return 1
+    if not made:
+        say(f"{args.count} spare(s) per runtime already waiting; none made")
     return 0
 
 
@@ -159,12 +200,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_image)
 
     p = sub.add_parser(
-        "spares", help="list the spare sandbox containers kept ready for new kernels",
+        "spares", help="list, make or keep the spare sandbox containers kept ready for new "
+        "kernels",
         description="Each kernel keeps c.SandboxBackend.spares containers (default 1) ready, "
         "with their interpreter running, for the next kernel's first sandbox cell; an "
-        "unclaimed one removes itself after c.SandboxBackend.spare_ttl seconds.")
-    p.add_argument("--remove", action="store_true",
-                   help="remove this user's unclaimed spares now")
+        "unclaimed one removes itself after c.SandboxBackend.spare_ttl seconds. --make and "
+        "--keep make them with no kernel running, with the configuration a kernel reads "
+        "(its config files, then any --set CLASS.NAME=VALUE given here).")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--remove", action="store_true",
+                        help="remove this user's unclaimed spares now")
+    action.add_argument("--make", action="store_true",
+                        help="make spares now until --count wait, then exit")
+    action.add_argument("--keep", action="store_true",
+                        help="keep --count spares waiting until stopped: replace each before "
+                        "it expires, remove what dead kernels left (for a machine whose "
+                        "kernels should never wait, e.g. a JupyterHub)")
+    p.add_argument("--count", type=int, default=1, metavar="N",
+                   help="spares to keep waiting per runtime (default 1)")
+    p.add_argument("--runtime", action="append", metavar="NAME",
+                   help="runc or runsc; repeat for both (default: the configured runtime)")
+    p.add_argument("--ttl", type=float, metavar="SECONDS",
+                   help="how long each spare waits (default: c.SandboxBackend.spare_ttl)")
+    p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS",
+                   help="with --keep: seconds between rounds (default 10)")
+    p.add_argument("--set", action="append", default=[], dest="config_options",
+                   metavar="CLASS.NAME=VALUE",
+                   help="a kernel option, as the kernel's --CLASS.NAME=VALUE "
+                   "(e.g. --set SandboxBackend.memory=1073741824); repeatable")
     p.set_defaults(func=_cmd_spares)
 
     p = sub.add_parser("kernel", help="launch the kernel (what the kernelspec runs)")

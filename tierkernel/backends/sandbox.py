@@ -631,6 +631,30 @@ class SandboxBackend(Backend):
         self._make_spare(client, spec, dict(kwargs), key)
         report("ready")
 
+    def keep_spares(self, count: int, fresh_for: float) -> list[str]:
+        """Make spares for the default spec until ``count`` wait with more than
+        ``fresh_for`` s left (``tierkernel spares --make/--keep``); return their names.
+        Raises EngineError when the engine, the image or the runtime is not there."""
+        available = self.availability()
+        if not available.available:
+            raise EngineError(available.reason)
+        client = self._engine()
+        spec = self._default_spec()
+        if not self._channel_ok(client, spec.runtime):
+            raise EngineError(f"spares need the direct channel to the agent, which "
+                              f"{spec.runtime} containers of the engine at {engine_url()} "
+                              "cannot have (a remote engine, or runsc without --host-uds)")
+        kwargs = self._create_kwargs(client, spec)
+        key = self._spare_key(kwargs)
+        made = []
+        for _ in range(count - spares.unclaimed(client, key, fresh_for)):
+            made.append(self._make_spare(client, spec, dict(kwargs), key))
+        return made
+
+    def engine(self) -> Any:
+        """The Docker SDK client this backend uses (connected on first use)."""
+        return self._engine()
+
     def _after_first_start(self) -> None:
         """Once per kernel, after its first start: in a thread, remove dead kernels'
         containers (not before: the first cell need not wait for that), then, after
@@ -674,9 +698,9 @@ class SandboxBackend(Backend):
             log.info("making a spare sandbox container failed", exc_info=True)
 
     def _make_spare(self, client: Any, spec: ContainerSpec, kwargs: dict[str, Any],
-                    key: str) -> None:
+                    key: str) -> str:
         """Create one spare from ``kwargs`` (``_create_kwargs``; updated here) with its agent
-        waiting."""
+        waiting; return its name."""
         name = f"tierkernel-spare-{uuid.uuid4().hex[:12]}"
         folder = new_folder(name)
         if wake_usable(spec.runtime):
@@ -706,6 +730,7 @@ class SandboxBackend(Backend):
             remove_folder(folder)
             raise
         log.info("spare sandbox container %s ready for the next kernel", container.id[:12])
+        return name
 
     def _watch(self, client: Any, handle: _Container) -> None:
         """Follow the engine's oom/die events of the container in a thread."""

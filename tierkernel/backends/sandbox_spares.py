@@ -79,8 +79,9 @@ def claimer(folder: Path) -> tuple[int, str] | None:
         return None
 
 
-def candidates(client: Any, key: str) -> list[Any]:
-    """Running spares of this user on this host made with spec ``key``, oldest first."""
+def candidates(client: Any, key: str, fresh_for: float = 5.0) -> list[Any]:
+    """Running spares of this user on this host made with spec ``key``, oldest first, with
+    more than ``fresh_for`` s left before they expire."""
     try:
         found = client.containers.list(filters={
             "status": "running",
@@ -90,13 +91,14 @@ def candidates(client: Any, key: str) -> list[Any]:
         log.debug("listing spare sandbox containers failed", exc_info=True)
         return []
     now = time.time()
-    usable = [c for c in found if _expires(c) > now + 5]  # not about to end by itself
+    usable = [c for c in found if _expires(c) > now + fresh_for]  # not about to end
     return sorted(usable, key=lambda c: c.attrs.get("Created", ""))
 
 
-def unclaimed(client: Any, key: str) -> int:
-    """How many spares with spec ``key`` are waiting for a kernel."""
-    return sum(1 for c in candidates(client, key)
+def unclaimed(client: Any, key: str, fresh_for: float = 5.0) -> int:
+    """How many spares with spec ``key`` are waiting for a kernel (with more than
+    ``fresh_for`` s left)."""
+    return sum(1 for c in candidates(client, key, fresh_for)
                if not (folder_of(c) / CLAIM_NAME).exists())
 
 

@@ -1,0 +1,97 @@
+"""Spare sandbox containers kept ready with no kernel running: ``tierkernel spares --make`` and
+``tierkernel spares --keep``.
+
+Kernels make spares for the kernels after them (sandbox_spares.py), and a kernel that finds none
+makes one while it starts (sandbox_head_start.py). Neither helps the first kernel after boot,
+or after ``spare_ttl`` with no kernel running: under gVisor its first cell, sent the moment the
+kernel answers, still waits about 0.25 s for a container. A machine that runs kernels for
+people who expect an instant first cell (a JupyterHub, a course platform, CI) can keep a pool:
+``--keep`` tops the spares up, replaces each one before it expires, and removes what dead
+kernels left, until it is stopped. The spares are made with the configuration a kernel of the
+same user reads (its config files, and ``--SandboxBackend.*`` options given here), so kernels
+claim them exactly as they claim each other's.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from traitlets.config import Config
+
+
+def kernel_config(argv: list[str]) -> Config:
+    """The configuration a kernel of this user reads: ``ipython_kernel_config.py`` and
+    ``tierkernel_config.py`` in its config directories, then ``argv``
+    (``--SandboxBackend.runtime=runsc`` and the like), the steps ipykernel's application
+    takes before it sets the kernel up."""
+    from tierkernel.kernel.app import TierKernelApp
+
+    app_class: Any = TierKernelApp  # IPython's application methods carry no annotations
+    app = app_class()
+    app.parse_command_line(argv)
+    from_command_line = copy.deepcopy(app.config)
+    app.init_profile_dir()
+    app.init_config_files()
+    app.load_config_file()
+    app.update_config(from_command_line)  # the command line wins, as in the kernel
+    config: Config = app.config
+    return config
+
+
+def backend_for(config: Config, runtime: str | None = None) -> Any:
+    """A SandboxBackend with ``config`` (and ``runtime`` as its default, when given) that
+    makes spares only: it starts no container of its own."""
+    from tierkernel.backends.sandbox import SandboxBackend
+
+    if runtime:
+        config = copy.deepcopy(config)
+        config.SandboxBackend.runtime = runtime
+    return SandboxBackend(config=config)
+
+
+def make(backends: list[Any], count: int, fresh_for: float,
+         say: Callable[[str], None]) -> int:
+    """Top each backend's spares up to ``count`` waiting ones with at least ``fresh_for`` s
+    left; return how many were made. Raises EngineError when the engine cannot be used."""
+    made = 0
+    for backend in backends:
+        for name in backend.keep_spares(count, fresh_for):
+            made += 1
+            say(f"made spare {name} (runtime {backend.runtime}); it waits "
+                f"{backend.spare_ttl:g} s for a kernel")
+    return made
+
+
+def keep(backends: list[Any], count: int, interval: float,
+         say: Callable[[str], None], stop: threading.Event | None = None) -> None:
+    """Keep ``count`` spares per backend ready until ``stop`` is set or SIGTERM/SIGINT
+    arrives: every ``interval`` s, remove stale containers (dead kernels', expired spares)
+    and top the spares up, replacing those that expire before the next round."""
+    from tierkernel.backends.docker_engine import EngineError
+    from tierkernel.backends.sandbox import reap_orphans
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    # A spare is replaced while it still has two rounds (and the time to make one) left, so
+    # a kernel never finds only one about to expire.
+    fresh_for = min(2 * interval + 30.0, min(b.spare_ttl for b in backends) / 2)
+    warned = False
+    while not stop.is_set():
+        try:
+            for removed in reap_orphans(backends[0].engine()):
+                say(f"removed stale sandbox container {removed[:12]}")
+            make(backends, count, fresh_for, say)
+            warned = False
+        except EngineError as exc:
+            if not warned:  # said once per outage, not every round
+                say(f"cannot keep spares now: {exc}; trying again every {interval:g} s")
+                warned = True
+        stop.wait(interval)
+    say("stopped; the spares made stay until a kernel claims them or they expire")
+
