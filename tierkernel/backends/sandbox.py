@@ -104,7 +104,7 @@ def _agent_command() -> list[str]:
 #: Seconds between a live kernel's sweeps for expired spares and dead kernels' containers.
 _SWEEP_INTERVAL = 60.0
 #: Seconds a process count must stay low after a fork bomb before the container is kept.
-_SETTLED_FOR = 0.3
+_SETTLED_FOR = 1.0
 # A spare container's main process (under runc): it outlives the agent's wait (spare_ttl) by
 # a little, then ends the container unless a kernel has claimed it (the claim file is in the
 # read-only mount).
@@ -886,9 +886,10 @@ class SandboxBackend(Backend):
         quarter for a moment, and its survivors fill the limit again within milliseconds
         (seen on a loaded CI machine). A count that stays low, with no new process, for
         ``_SETTLED_FOR`` s has no forking loop left in it, unless the wait so far shows a
-        bomb's churn (one that pauses between rounds). Churn is how a bomb sampled at, say,
-        80% is told too: under runc the pids cgroup counts the forks it refused, under runsc
-        the agent reports the highest pid seen so far.
+        bomb's churn. At the end, a count that was full again in the second half of the wait
+        is a bomb that pauses between rounds, and churn tells one sampled at, say, 80%:
+        under runc the pids cgroup counts the forks it refused (in the last second), under
+        runsc the agent reports the highest pid it has seen (over the whole wait).
         """
         start = time.monotonic()
         runc = container.spec.runtime == "runc"
@@ -911,7 +912,10 @@ class SandboxBackend(Backend):
             elif now - low_since >= _SETTLED_FOR and not _churning(samples, runc, limit):
                 return True
             if now - start >= within:
-                return not (sample[0] >= int(limit * 0.9) or _churning(samples, runc, limit))
+                # Full again at any time in the second half of the wait: something keeps
+                # filling the limit (a bomb that pauses between rounds is full in each).
+                peak = max(n for t, n, _ in samples if t >= now - within / 2)
+                return not (peak >= int(limit * 0.9) or _churning(samples, runc, limit))
             time.sleep(0.05)
 
     def _count(self, container: _Container, runc: bool) -> tuple[int, int] | None:
@@ -940,7 +944,7 @@ class SandboxBackend(Backend):
         # A dying bomb frees its slots within a moment; a live one keeps churning near the
         # limit, and then the container is no use to the next cell.
         suspicious = self._pids_high(container) or limited
-        if suspicious and not self._pids_settle(container, within=2.0):
+        if suspicious and not self._pids_settle(container, within=3.0):
             with self._tlock:
                 container.suspect = True
                 if self._container is container:
