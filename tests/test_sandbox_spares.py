@@ -258,6 +258,8 @@ def test_spares_made_by_the_command_are_claimed_by_the_next_kernel(runtime: str)
 
 
 def test_spares_command_says_what_is_wrong_with_its_options():
+    bad = spares_cli("--keep", "--ttl", "5")
+    assert bad.returncode == 2 and "--ttl more than 15 s" in bad.stderr
     bad = spares_cli("--make", "--set", "memory")
     assert bad.returncode == 2 and "--set takes CLASS.NAME=VALUE" in bad.stderr
     bad = spares_cli("--make", "--set", "SandboxBackend.memory=lots")
@@ -269,15 +271,15 @@ def test_spares_command_says_what_is_wrong_with_its_options():
 
 def test_keep_replaces_each_spare_before_it_expires_until_stopped(runtime: str):
     cli = os.path.join(os.path.dirname(sys.executable), "tierkernel")
-    keeper = subprocess.Popen([cli, "spares", "--keep", "--runtime", runtime, "--ttl", "10",
+    keeper = subprocess.Popen([cli, "spares", "--keep", "--runtime", runtime, "--ttl", "20",
                                "--interval", "1"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
         assert sb.wait_for(lambda: len(waiting_spares(runtime)) >= 1, 60), "no spare made"
         first = waiting_spares(runtime)[0]
-        # Replaced with 5 s left (half its time), then removed once expired.
-        assert sb.wait_for(lambda: bool(set(waiting_spares(runtime)) - {first}), 30)
-        assert sb.wait_for(lambda: first not in sb.all_sandbox_containers(), 30)
+        # Replaced with 10 s left (half its time), then removed once expired.
+        assert sb.wait_for(lambda: bool(set(waiting_spares(runtime)) - {first}), 40)
+        assert sb.wait_for(lambda: first not in sb.all_sandbox_containers(), 40)
         assert waiting_spares(runtime), "the pool ran dry"
     finally:
         keeper.terminate()

@@ -101,11 +101,15 @@ def _cmd_spares(args: argparse.Namespace) -> int:
 
 def _make_or_keep_spares(args: argparse.Namespace) -> int:
     from tierkernel.backends import sandbox_pool
-    from tierkernel.backends.docker_engine import EngineError
 
     def say(text: str) -> None:
         print(f"tierkernel spares: {text}", flush=True)
 
+    if args.count < 1 or args.interval <= 0 or (args.ttl is not None and args.ttl <= 15):
+        print("tierkernel spares: --count must be at least 1, --interval more than 0, and "
+              "--ttl more than 15 s (a kernel does not claim a spare about to expire)",
+              file=sys.stderr)
+        return 2
     options = [f"--{option.removeprefix('--')}" for option in args.config_options]
     bad = [o for o in options if not re.fullmatch(r"--\w+(\.\w+)+=.*", o, re.DOTALL)]
     if bad:
@@ -127,14 +131,12 @@ def _make_or_keep_spares(args: argparse.Namespace) -> int:
             f"({', '.join(b.runtime for b in backends)}) ready; Ctrl-C or SIGTERM stops")
         sandbox_pool.keep(backends, args.count, args.interval, say)
         return 0
-    try:
-        made = sandbox_pool.make(backends, args.count, 5.0, say)
-    except EngineError as exc:
-        print(f"tierkernel spares: {exc}", file=sys.stderr)
-        return 1
-    if not made:
+    made, failures = sandbox_pool.make(backends, args.count, 5.0, say)
+    for failure in failures:
+        print(f"tierkernel spares: {failure}", file=sys.stderr)
+    if not made and not failures:
         say(f"{args.count} spare(s) per runtime already waiting; none made")
-    return 0
+    return 1 if failures else 0
 
 
 def _cmd_kernel(args: argparse.Namespace) -> int:

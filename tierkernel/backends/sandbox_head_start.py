@@ -59,6 +59,9 @@ class HeadStart:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._read(left):
                     break
+            if self.outcome is None:  # given up: later starts must not wait for it again
+                self._close()
+                self.outcome = "failed it took longer than the kernel would wait"
             return self.outcome if self.key == key else None
 
     def _read(self, within: float) -> bool:
@@ -100,13 +103,32 @@ def pending() -> HeadStart | None:
     return _pending
 
 
+#: A spare must wait longer than this for a head start: a kernel does not claim one that
+#: is about to expire (sandbox_spares.candidates), so a shorter one would be made for nothing.
+MIN_TTL = 15.0
+
+
 def begin(config: Any) -> None:
     """Fork the helper that makes a spare with ``config`` (the kernel's final traitlets
-    config); return at once. Does nothing where the process cannot fork safely (another
-    thread already runs: a fork would copy its locks mid-use) or has begun one already."""
-    global _pending
+    config); return at once. Does nothing when the config turns it off (``head_start``,
+    ``warm_start``, a ``spare_ttl`` under MIN_TTL), where the process cannot fork safely
+    (another thread already runs: a fork would copy its locks mid-use), or when it has
+    begun one already. Never raises: the kernel starts without a head start instead."""
     if _pending is not None or not hasattr(os, "fork") or threading.active_count() > 1:
         return
+    try:
+        from tierkernel.backends.sandbox import SandboxBackend
+
+        backend = SandboxBackend(config=config)  # the config's values, typed and checked
+        if not (backend.head_start and backend.warm_start and backend.spare_ttl > MIN_TTL):
+            return
+        _fork(backend)
+    except Exception as exc:  # a bad config value: the kernel reports it where it is used
+        log.warning("no sandbox head start: %s", exc)
+
+
+def _fork(backend: Any) -> None:
+    global _pending
     read_fd, write_fd = os.pipe()
     try:
         pid = os.fork()
@@ -121,7 +143,7 @@ def begin(config: Any) -> None:
         try:
             os.setsid()
             if os.fork() == 0:
-                _helper(config, write_fd)
+                _helper(backend, write_fd)
         except BaseException:
             code = 1
         os._exit(code)
@@ -131,7 +153,7 @@ def begin(config: Any) -> None:
     _pending = HeadStart(read_fd)
 
 
-def _helper(config: Any, fd: int) -> None:
+def _helper(backend: Any, fd: int) -> None:
     """The grandchild: make the spare, report over ``fd``, end without running the
     kernel's exit handlers (it is a copy of the kernel's process)."""
     code = 0
@@ -145,9 +167,7 @@ def _helper(config: Any, fd: int) -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):
             os.dup2(devnull, target)
-        from tierkernel.backends.sandbox import SandboxBackend
-
-        SandboxBackend(config=config).make_head_start(report)
+        backend.make_head_start(report)
     except BaseException as exc:
         code = 1
         with contextlib.suppress(Exception):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,44 +55,62 @@ def backend_for(config: Config, runtime: str | None = None) -> Any:
 
 
 def make(backends: list[Any], count: int, fresh_for: float,
-         say: Callable[[str], None]) -> int:
+         say: Callable[[str], None]) -> tuple[int, list[str]]:
     """Top each backend's spares up to ``count`` waiting ones with at least ``fresh_for`` s
-    left; return how many were made. Raises EngineError when the engine cannot be used."""
-    made = 0
+    left; return how many were made and, per runtime that failed, why (one runtime's
+    trouble does not keep the others from their spares)."""
+    made, failures = 0, []
     for backend in backends:
-        for name in backend.keep_spares(count, fresh_for):
-            made += 1
-            say(f"made spare {name} (runtime {backend.runtime}); it waits "
-                f"{backend.spare_ttl:g} s for a kernel")
-    return made
+        try:
+            for name in backend.keep_spares(count, fresh_for):
+                made += 1
+                say(f"made spare {name} (runtime {backend.runtime}); it waits "
+                    f"{backend.spare_ttl:g} s for a kernel")
+        except Exception as exc:  # EngineError says it in words; anything else, by name
+            failures.append(f"runtime {backend.runtime}: {_in_words(exc)}")
+    return made, failures
+
+
+def _in_words(exc: BaseException) -> str:
+    from tierkernel.backends.docker_engine import EngineError
+
+    return str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
 
 
 def keep(backends: list[Any], count: int, interval: float,
-         say: Callable[[str], None], stop: threading.Event | None = None) -> None:
-    """Keep ``count`` spares per backend ready until ``stop`` is set or SIGTERM/SIGINT
+         say: Callable[[str], None], stop: Callable[[], bool] | None = None) -> None:
+    """Keep ``count`` spares per backend ready until ``stop()`` says so or SIGTERM/SIGINT
     arrives: every ``interval`` s, remove stale containers (dead kernels', expired spares)
-    and top the spares up, replacing those that expire before the next round."""
-    from tierkernel.backends.docker_engine import EngineError
+    and top the spares up, replacing those that expire before the next round. Errors are
+    said once per outage and the next round tries again: a service must not die of one."""
     from tierkernel.backends.sandbox import reap_orphans
 
-    stop = stop or threading.Event()
+    # A plain flag, set by the handler: setting an Event there could wait on the lock the
+    # interrupted wait holds.
+    signalled: list[int] = []
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+            signal.signal(signum, lambda number, _frame: signalled.append(number))
+
+    def stopping() -> bool:
+        return bool(signalled) or (stop is not None and stop())
+
     # A spare is replaced while it still has two rounds (and the time to make one) left, so
     # a kernel never finds only one about to expire.
     fresh_for = min(2 * interval + 30.0, min(b.spare_ttl for b in backends) / 2)
-    warned = False
-    while not stop.is_set():
+    said: list[str] = []
+    while not stopping():
         try:
             for removed in reap_orphans(backends[0].engine()):
                 say(f"removed stale sandbox container {removed[:12]}")
-            make(backends, count, fresh_for, say)
-            warned = False
-        except EngineError as exc:
-            if not warned:  # said once per outage, not every round
-                say(f"cannot keep spares now: {exc}; trying again every {interval:g} s")
-                warned = True
-        stop.wait(interval)
+            _, failures = make(backends, count, fresh_for, say)
+        except Exception as exc:
+            failures = [_in_words(exc)]
+        for failure in failures:
+            if failure not in said:  # once per outage, not every round
+                say(f"cannot keep spares now: {failure}; trying again every {interval:g} s")
+        said = failures
+        deadline = time.monotonic() + interval
+        while not stopping() and time.monotonic() < deadline:
+            time.sleep(min(0.2, interval))
     say("stopped; the spares made stay until a kernel claims them or they expire")
-
