@@ -120,7 +120,7 @@ def test_sandbox_writes_are_in_fsx_before_the_reply(sandboxed):
 
 
 def test_copies_larger_than_the_agent_channel_takes_arrive_whole(sandboxed):
-    # Over 8 MiB (sandbox_workspace.AGENT_COPY_LIMIT) a copy goes through tar in a docker exec
+    # Over 2 MiB (sandbox_workspace.AGENT_COPY_LIMIT) a copy goes through tar in a docker exec
     # instead of the agent's channel: both ways, the bytes must arrive the same.
     session, _, _ = sandboxed
     made = session.run("import hashlib, os\nbig = os.urandom(9 << 20)\n"
@@ -138,3 +138,21 @@ def test_copies_larger_than_the_agent_channel_takes_arrive_whole(sandboxed):
     session.run("fs.unlink('/huge_in.bin')\nfs.write_file('/huge_out.bin', 'small now')")
     after = session.run(S + "os.path.exists('huge_in.bin'), open('huge_out.bin').read()")
     assert after.result["text/plain"] == "(False, 'small now')", after.outputs
+
+
+def test_a_read_only_folder_reaches_the_sandbox_with_its_files(sandboxed):
+    session, backend, where = sandboxed
+    if backend != "local":
+        pytest.skip("only a host folder keeps a folder's mode")
+    folder = where / "readonly"
+    folder.mkdir()
+    (folder / "inside.txt").write_text("kept")
+    folder.chmod(0o555)
+    try:
+        out = session.run(S + "import os, stat\n"
+                              "open('readonly/inside.txt').read(), "
+                              "oct(stat.S_IMODE(os.stat('readonly').st_mode))")
+        assert out.status == "ok", out.outputs
+        assert out.result["text/plain"] == "('kept', '0o555')"
+    finally:
+        folder.chmod(0o755)

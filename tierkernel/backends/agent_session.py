@@ -166,7 +166,7 @@ class AgentSession:
 
     def count_processes(self, timeout: float = 1.0) -> tuple[int, int] | None:
         """Ask the agent (between cells) how many processes its container holds now and the
-        highest pid among them; None when it does not answer in time."""
+        highest pid it has seen; None when it does not answer in time."""
         self._procs_answer.clear()
         try:
             self.transport.send(b'{"type": "procs"}\n')
@@ -185,14 +185,39 @@ class AgentSession:
             answered, answer = threading.Event(), list[dict[str, Any]]()
             self._asked[seq] = (answered, answer)
         try:
-            self.transport.send((json.dumps({**msg, "seq": seq}) + "\n").encode())
+            self._send_within((json.dumps({**msg, "seq": seq}) + "\n").encode(), timeout)
             if not answered.wait(timeout) or not answer:
+                why = (f"it is gone ({self.transport.exit_detail()})" if not self.alive
+                       else f"no answer within {timeout:g} s")
                 raise OSError(f"the {self.tier} agent did not answer a {msg.get('type')!r} "
-                              f"request within {timeout:g} s")
+                              f"request: {why}")
             return answer[0]
         finally:
             with self._lock:
                 self._asked.pop(seq, None)
+
+    def _send_within(self, data: bytes, timeout: float) -> None:
+        """Send ``data``, or give the connection up after ``timeout`` s: an agent that
+        stopped reading (stopped by its own cell, a wedged sandbox) must not hang the kernel
+        on a large request. The send runs in a thread because the socket has no timeout of
+        its own (the reader thread shares it)."""
+        failure: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                self.transport.send(data)
+            except BaseException as exc:  # handed to the caller below
+                failure.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True, name=f"{self.tier}-send")
+        sender.start()
+        sender.join(timeout)
+        if sender.is_alive():
+            self.transport.kill()  # ends it and the send; the next cell starts a new agent
+            raise OSError(f"the {self.tier} agent stopped taking requests "
+                          f"({len(data)} bytes not sent within {timeout:g} s)")
+        if failure:
+            raise OSError(f"the {self.tier} agent's connection failed: {failure[0]}")
 
     def run(self, request: CellRequest, sink: OutputSink, timeout: float | None,
             helpers: HelperGateway | None = None) -> ExecResult:
@@ -325,7 +350,11 @@ class AgentSession:
             except ValueError:
                 log.warning("%s agent sent a bad line: %r", self.tier, line[:200])
                 continue
-            self._dispatch(msg)
+            try:
+                self._dispatch(msg)
+            except Exception:  # a malformed message (the guest may forge any): not fatal
+                log.warning("%s agent sent a message that could not be handled: %r",
+                            self.tier, line[:200], exc_info=True)
         self.alive = False
         self._ready.set()
         with self._lock:
@@ -345,8 +374,9 @@ class AgentSession:
             self._ready.set()
             return
         if kind in ("unpacked", "packed"):
+            seq = msg.get("seq")
             with self._lock:
-                waiting = self._asked.get(msg.get("seq"))  # type: ignore[arg-type]
+                waiting = self._asked.get(seq) if isinstance(seq, int) else None
             if waiting is not None:
                 waiting[1].append(msg)
                 waiting[0].set()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import socket
@@ -581,7 +580,7 @@ class SandboxBackend(Backend):
         works for the same create arguments: its spare is nearly ready and a new container
         would take longer.
         """
-        head = head_start.pending()
+        head = head_start.pending() if self.head_start else None
         if (self.spares <= 0 and head is None) or spec != self._default_spec():
             return False
         kwargs = self._create_kwargs(client, spec)
@@ -648,7 +647,10 @@ class SandboxBackend(Backend):
         key = self._spare_key(kwargs)
         made = []
         for _ in range(count - spares.unclaimed(client, key, fresh_for)):
-            made.append(self._make_spare(client, spec, dict(kwargs), key))
+            try:
+                made.append(self._make_spare(client, spec, dict(kwargs), key))
+            except Exception as exc:  # the engine's or the folder's error, in words
+                raise explain(exc, f"making a spare {spec.runtime} container") from exc
         return made
 
     def engine(self) -> Any:
@@ -1147,14 +1149,23 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=64)  # asked after every cell: its path never changes
+#: Containers' pids cgroup folders, once found (asked after every cell; they never move).
+_cgroup_dirs: dict[str, str] = {}
+
+
 def _pids_cgroup_dir(container_id: str) -> str | None:
     """The container's pids cgroup folder on this host (cgroup v1 or v2), or None when it is
-    not visible here (a remote engine, another cgroup layout)."""
+    not visible here (a remote engine, another cgroup layout, not made yet)."""
+    found = _cgroup_dirs.get(container_id)
+    if found is not None:
+        return found
+    if len(_cgroup_dirs) > 256:  # containers come and go: forget the old ones
+        _cgroup_dirs.clear()
     for path in (f"/sys/fs/cgroup/pids/docker/{container_id}",
                  f"/sys/fs/cgroup/docker/{container_id}",
                  f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope"):
         if os.path.exists(f"{path}/pids.current"):
+            _cgroup_dirs[container_id] = path
             return path
     return None
 

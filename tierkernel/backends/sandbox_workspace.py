@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 GUEST_PATH = "/workspace"
 #: Largest workspace copy (tar bytes) that goes through the agent's channel (see _by_agent).
-AGENT_COPY_LIMIT = 8 << 20
+AGENT_COPY_LIMIT = 2 << 20
 
 
 class WorkspaceSync:
@@ -89,12 +89,15 @@ class WorkspaceSync:
             deleted = list(packed.deleted) if base is not None else []
             data = packed.archive.read()
             members = _has_members(data)
-            if _by_agent(agent, len(data)):
+            if _by_agent(agent, len(data)) and (deleted or members):
                 assert agent is not None
-                if deleted or members:
+                try:
                     _agent_unpack(agent, data if members else b"", deleted)
                     changed = True
-                deleted, members = [], False
+                    deleted, members = [], False
+                except OSError:  # the exec path below does it all again, from scratch
+                    log.warning("copying the workspace through the agent failed; "
+                                "using tar in the container", exc_info=True)
             if deleted:
                 paths = [f"{GUEST_PATH}/{rel}" for rel in deleted]
                 exec_id = api.exec_create(container_id, ["rm", "-rf", "--", *paths],
@@ -145,7 +148,13 @@ class WorkspaceSync:
         workspace = self.workspace()
         if workspace is None or not changed or self._container != container_id:
             return []
-        archive = _agent_pack(agent) if _by_agent(agent, 0) else None
+        archive = None
+        if _by_agent(agent, 0):
+            try:
+                archive = _agent_pack(agent)
+            except OSError:  # e.g. a tree too deep for tarfile: tar in an exec reads it
+                log.warning("reading /workspace through the agent failed; using tar in the "
+                            "container", exc_info=True)
         if archive is None:
             archive = self._tar_out(api, container_id)
         with archive:
@@ -182,7 +191,8 @@ class WorkspaceSync:
 def _by_agent(agent: AgentSession | None, size: int) -> bool:
     """Whether a copy of ``size`` bytes goes through the agent's channel: a request there
     takes a millisecond where a ``docker exec`` of tar takes 20-80 ms, but it travels as one
-    base64 JSON line held in memory on both sides, so only up to AGENT_COPY_LIMIT."""
+    base64 JSON line held in memory on both sides (in the container, within its memory
+    limit), so only up to AGENT_COPY_LIMIT."""
     return agent is not None and agent.alive and size <= AGENT_COPY_LIMIT
 
 

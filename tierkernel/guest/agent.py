@@ -86,20 +86,28 @@ class _InlineBackendFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 MPL_SEED_ENV = "TIERKERNEL_MPL_SEED"
 
 
+_seed_lock = threading.Lock()
+
+
+def seed_matplotlib_config() -> None:
+    """Fill MPLCONFIGDIR from MPL_SEED_ENV, once, unless it exists already."""
+    with _seed_lock:
+        seed, config = os.environ.get(MPL_SEED_ENV), os.environ.get("MPLCONFIGDIR")
+        if seed and config and not os.path.exists(config):
+            import shutil
+
+            with contextlib.suppress(OSError):
+                shutil.copytree(seed, config)
+
+
 class _MatplotlibConfigSeeder(importlib.abc.MetaPathFinder):
-    """First on ``sys.meta_path``: just before ``matplotlib`` is first imported, fills
-    MPLCONFIGDIR from MPL_SEED_ENV (unless it exists already), then steps aside."""
+    """First on ``sys.meta_path``: makes sure MPLCONFIGDIR is seeded before ``matplotlib``
+    is first imported in the agent (the agent also seeds it in a thread once it is ready, for
+    the subprocesses of ``!python script.py``), and finds nothing itself."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname == "matplotlib":
-            with contextlib.suppress(ValueError):
-                sys.meta_path.remove(self)
-            seed, config = os.environ.get(MPL_SEED_ENV), os.environ.get("MPLCONFIGDIR")
-            if seed and config and not os.path.exists(config):
-                import shutil
-
-                with contextlib.suppress(OSError):
-                    shutil.copytree(seed, config)
+            seed_matplotlib_config()  # once done, only an exists() each later import
         return None  # the usual finders import it
 
 
@@ -219,6 +227,8 @@ class Agent:
             stream._lock = threading.Lock()
         for pump in self._fd_readers.values():
             pump._lock = threading.Lock()
+        global _seed_lock
+        _seed_lock = threading.Lock()
 
     # -- output ---------------------------------------------------------------------------
     def emit_stream(self, name: str, text: str) -> None:
@@ -641,9 +651,14 @@ def unpack_workspace(root: str, data: bytes, delete: list[str]) -> None:
                 os.unlink(path)
     if not data:
         return
+    # Like tar -x: a folder's mode is set once everything inside it is extracted, so a
+    # read-only folder of the host's still gets its files (the cells' user owns them all).
+    folders: list[tarfile.TarInfo] = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             tar.utime = lambda tarinfo, targetpath: None  # type: ignore[method-assign]
+            trusted = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") \
+                else {}  # the host made it; newer Pythons would otherwise rewrite modes
             for member in tar:
                 target = os.path.join(root, member.name)
                 real_dir = os.path.isdir(target) and not os.path.islink(target)
@@ -653,7 +668,13 @@ def unpack_workspace(root: str, data: bytes, delete: list[str]) -> None:
                     shutil.rmtree(target)
                 elif os.path.lexists(target):
                     os.unlink(target)
-                tar.extract(member, root)
+                if member.isdir():
+                    folders.append(member)
+                    os.makedirs(target, exist_ok=True)
+                    continue
+                tar.extract(member, root, **trusted)  # type: ignore[arg-type]
+            for member in sorted(folders, key=lambda m: m.name, reverse=True):
+                os.chmod(os.path.join(root, member.name), member.mode & 0o7777)
     except tarfile.TarError as exc:
         raise OSError(f"bad archive: {exc}") from exc
 
@@ -859,6 +880,8 @@ def main() -> None:
     agent.requests = stdin
     agent.reset_watch()
     channel.send({"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+    if os.environ.get(MPL_SEED_ENV):  # after "ready": not on the way to the first cell
+        threading.Thread(target=seed_matplotlib_config, daemon=True, name="mpl-seed").start()
     while True:
         try:
             line = stdin.readline()
