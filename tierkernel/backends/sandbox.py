@@ -886,9 +886,10 @@ class SandboxBackend(Backend):
 
         One low sample is not enough: a bomb whose processes die in a burst dips below a
         quarter for a moment, and its survivors fill the limit again within milliseconds
-        (seen on a loaded CI machine). A count that stays low, with no new process, for
-        ``_SETTLED_FOR`` s has no forking loop left in it, unless the wait so far shows a
-        bomb's churn. At the end, a count that was full again in the second half of the wait
+        (seen on a loaded CI machine). A count that stays low for ``_SETTLED_FOR`` s with
+        its churn marker still (no new pid under runsc; under runc, where only refused forks
+        are counted, just low) has no forking loop left in it, unless the wait so far shows
+        a bomb's churn. A bomb quiet for longer than that is caught after a later cell. At the end, a count that was full again in the second half of the wait
         is a bomb that pauses between rounds, and churn tells one sampled at, say, 80%:
         under runc the pids cgroup counts the forks it refused (in the last second), under
         runsc the agent reports the highest pid it has seen (over the whole wait).
