@@ -889,8 +889,9 @@ class SandboxBackend(Backend):
         (seen on a loaded CI machine). A count that stays low for ``_SETTLED_FOR`` s with
         its churn marker still (no new pid under runsc; under runc, where only refused forks
         are counted, just low) has no forking loop left in it, unless the wait so far shows
-        a bomb's churn. A bomb quiet for longer than that is caught after a later cell. At the end, a count that was full again in the second half of the wait
-        is a bomb that pauses between rounds, and churn tells one sampled at, say, 80%:
+        a bomb's churn (a bomb quiet for longer than that is caught after a later cell).
+        At the end, a count that was full again in the second half of the wait is a bomb
+        that pauses between rounds, and churn tells one sampled at, say, 80%:
         under runc the pids cgroup counts the forks it refused (in the last second), under
         runsc the agent reports the highest pid it has seen (over the whole wait).
         """
