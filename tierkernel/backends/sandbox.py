@@ -584,10 +584,11 @@ class SandboxBackend(Backend):
         if (self.spares <= 0 and head is None) or spec != self._default_spec():
             return False
         kwargs = self._create_kwargs(client, spec)
+        key = self._spare_key(kwargs)
         if head is not None:
-            head.wait(self._spare_key(kwargs), timeout=min(self.start_timeout, 30.0))
+            head.wait(key, timeout=min(self.start_timeout, 30.0))
         me, started = os.getpid(), _process_start(os.getpid()) or ""
-        for found in spares.candidates(client, self._spare_key(kwargs)):
+        for found in spares.candidates(client, key):
             folder = spares.folder_of(found)
             if not folder.is_dir() or not spares.try_claim(folder, me, started):
                 continue
@@ -612,17 +613,11 @@ class SandboxBackend(Backend):
         if not (self.warm_start and self.head_start):
             report("off warm_start or head_start is off")
             return
-        available = self.availability()
-        if not available.available:
-            report(f"off {available.reason}")
+        try:
+            client, spec, kwargs, key = self._default_spare_args()
+        except EngineError as exc:
+            report(f"off {exc}")
             return
-        client = self._engine()
-        spec = self._default_spec()
-        if not self._channel_ok(client, spec.runtime):
-            report("off no direct channel to a container here")
-            return
-        kwargs = self._create_kwargs(client, spec)
-        key = self._spare_key(kwargs)
         report(f"key {key}")
         if spares.unclaimed(client, key) > 0:
             report("have")
@@ -630,28 +625,37 @@ class SandboxBackend(Backend):
         self._make_spare(client, spec, dict(kwargs), key)
         report("ready")
 
-    def keep_spares(self, count: int, fresh_for: float) -> list[str]:
+    def keep_spares(self, count: int, fresh_for: float = 5.0) -> list[str]:
         """Make spares for the default spec until ``count`` wait with more than
-        ``fresh_for`` s left (``tierkernel spares --make/--keep``); return their names.
-        Raises EngineError when the engine, the image or the runtime is not there."""
+        ``fresh_for`` s left (a kernel's own spares; ``tierkernel spares --make/--keep``);
+        return their names. Stops early when the tier shuts down. Raises EngineError when
+        the engine, the image, the runtime or the direct channel is not there."""
+        client, spec, kwargs, key = self._default_spare_args()
+        made = []
+        for _ in range(count - spares.unclaimed(client, key, fresh_for)):
+            if self._closed:
+                break
+            try:
+                made.append(self._make_spare(client, spec, dict(kwargs), key))
+            except Exception as exc:  # the engine's or the folder's error, in words
+                raise explain(exc, f"making a spare {spec.runtime} container") from exc
+        return made
+
+    def _default_spare_args(self) -> tuple[Any, ContainerSpec, dict[str, Any], str]:
+        """The engine client, the default spec, its create arguments and its spare key: what
+        making a spare takes. Raises EngineError when this backend cannot make one here."""
         available = self.availability()
         if not available.available:
             raise EngineError(available.reason)
         client = self._engine()
         spec = self._default_spec()
         if not self._channel_ok(client, spec.runtime):
+            # A spare is claimed through its socket: none without the direct channel.
             raise EngineError(f"spares need the direct channel to the agent, which "
                               f"{spec.runtime} containers of the engine at {engine_url()} "
                               "cannot have (a remote engine, or runsc without --host-uds)")
         kwargs = self._create_kwargs(client, spec)
-        key = self._spare_key(kwargs)
-        made = []
-        for _ in range(count - spares.unclaimed(client, key, fresh_for)):
-            try:
-                made.append(self._make_spare(client, spec, dict(kwargs), key))
-            except Exception as exc:  # the engine's or the folder's error, in words
-                raise explain(exc, f"making a spare {spec.runtime} container") from exc
-        return made
+        return client, spec, kwargs, self._spare_key(kwargs)
 
     def engine(self) -> Any:
         """The Docker SDK client this backend uses (connected on first use)."""
@@ -664,7 +668,6 @@ class SandboxBackend(Backend):
         if self._after_start_done or self._closed:
             return
         self._after_start_done = True
-        spec = self._default_spec()
 
         def work() -> None:
             if self.reap_orphans:
@@ -672,8 +675,10 @@ class SandboxBackend(Backend):
                     reap_orphans(self._engine())
             if self.spares > 0:
                 time.sleep(self.spare_delay)
-                if not self._closed:
-                    self._make_spares(spec)
+                try:
+                    self.keep_spares(self.spares)
+                except Exception:
+                    log.info("making a spare sandbox container failed", exc_info=True)
             # While the kernel lives, remove expired spares (those that cannot remove
             # themselves, under gVisor) and dead kernels' containers now and then.
             while self.reap_orphans and not self._closed:
@@ -683,21 +688,6 @@ class SandboxBackend(Backend):
                         reap_orphans(self._engine())
 
         threading.Thread(target=work, daemon=True, name="sandbox-after-start").start()
-
-    def _make_spares(self, spec: ContainerSpec) -> None:
-        """Top the spares for ``spec`` up to ``spares`` waiting ones. Never raises."""
-        try:
-            client = self._engine()
-            if not self._channel_ok(client, spec.runtime):
-                return  # a spare is claimed through its socket: none without a channel
-            kwargs = self._create_kwargs(client, spec)
-            key = self._spare_key(kwargs)
-            for _ in range(self.spares - spares.unclaimed(client, key)):
-                if self._closed:
-                    return
-                self._make_spare(client, spec, dict(kwargs), key)
-        except Exception:
-            log.info("making a spare sandbox container failed", exc_info=True)
 
     def _make_spare(self, client: Any, spec: ContainerSpec, kwargs: dict[str, Any],
                     key: str) -> str:
