@@ -21,6 +21,7 @@ from tests.kernel_session import KernelSession
 from tierkernel.backends import sandbox_spares
 
 S = "%%tier sandbox\n"
+CLI = os.path.join(os.path.dirname(sys.executable), "tierkernel")
 
 
 @pytest.fixture(params=["runc", "runsc"])
@@ -51,6 +52,22 @@ def spare_made_by(session: KernelSession, runtime: str) -> str:
     return waiting_spares(runtime)[0]
 
 
+def spare_left_by_a_kernel(runtime: str) -> str:
+    """Start a kernel, wait for the spare it makes for later kernels, shut it down; the
+    spare's id (it outlives its maker)."""
+    maker = start(runtime)
+    try:
+        return spare_made_by(maker, runtime)
+    finally:
+        maker.close()
+
+
+def spares_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``tierkernel spares ARGS``, run to its end."""
+    return subprocess.run([CLI, "spares", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
 def waiting_spares(runtime: str) -> list[str]:
     """Ids of the unclaimed spares of ``runtime`` on the engine."""
     return sorted(
@@ -64,11 +81,7 @@ def kernel_pid(session: KernelSession) -> int:
 
 
 def test_next_kernel_runs_its_first_cell_in_the_spare(runtime: str):
-    first = start(runtime)
-    try:
-        spare = spare_made_by(first, runtime)
-    finally:
-        first.close()
+    spare = spare_left_by_a_kernel(runtime)
     # The spare outlives the kernel that made it: it is there for the next one.
     assert waiting_spares(runtime) == [spare]
     second = start(runtime)
@@ -162,11 +175,7 @@ def test_no_head_start_when_turned_off(runtime: str):
 
 
 def test_a_waiting_spare_is_claimed_and_no_second_one_made(runtime: str):
-    maker = start(runtime)
-    try:
-        spare = spare_made_by(maker, runtime)
-    finally:
-        maker.close()
+    spare = spare_left_by_a_kernel(runtime)
     session = start(runtime, "--SandboxBackend.spares=0")
     try:
         pid = kernel_pid(session)
@@ -200,18 +209,13 @@ def test_two_claims_of_one_spare_one_wins(tmp_path: Path):
 
 
 def test_spares_command_lists_and_removes(runtime: str):
-    session = start(runtime)
-    try:
-        spare_made_by(session, runtime)
-    finally:
-        session.close()
-    cli = os.path.join(os.path.dirname(sys.executable), "tierkernel")
-    listed = subprocess.run([cli, "spares"], capture_output=True, text=True, timeout=60,
-                            check=True).stdout
-    assert "waiting for a kernel" in listed and f"runtime {runtime}" in listed
-    removed = subprocess.run([cli, "spares", "--remove"], capture_output=True, text=True,
-                             timeout=60, check=True).stdout
-    assert "removed 1 spare" in removed
+    spare_left_by_a_kernel(runtime)
+    listed = spares_cli()
+    assert listed.returncode == 0, listed.stderr
+    assert "waiting for a kernel" in listed.stdout and f"runtime {runtime}" in listed.stdout
+    removed = spares_cli("--remove")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed 1 spare" in removed.stdout
     assert waiting_spares(runtime) == []
 
 
@@ -233,12 +237,6 @@ def test_a_folder_label_outside_this_users_folders_is_not_trusted(tmp_path: Path
     finally:
         remove_folder(mine)
     assert victim.is_dir()
-
-
-def spares_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    cli = os.path.join(os.path.dirname(sys.executable), "tierkernel")
-    return subprocess.run([cli, "spares", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 def test_spares_made_by_the_command_are_claimed_by_the_next_kernel(runtime: str):
@@ -270,8 +268,7 @@ def test_spares_command_says_what_is_wrong_with_its_options():
 
 
 def test_keep_replaces_each_spare_before_it_expires_until_stopped(runtime: str):
-    cli = os.path.join(os.path.dirname(sys.executable), "tierkernel")
-    keeper = subprocess.Popen([cli, "spares", "--keep", "--runtime", runtime, "--ttl", "20",
+    keeper = subprocess.Popen([CLI, "spares", "--keep", "--runtime", runtime, "--ttl", "20",
                                "--interval", "1"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
