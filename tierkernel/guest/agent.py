@@ -34,7 +34,6 @@ import base64
 import builtins
 import codecs
 import contextlib
-import importlib.abc
 import importlib.machinery
 import io
 import json
@@ -42,13 +41,18 @@ import linecache
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
 import traceback
 import types
-from typing import Any
+
+# Imports cost at every agent start, and under gVisor each module is 1-5 ms of file lookups:
+# typing and importlib.abc (which pulls in importlib.resources, tempfile, pathlib...: 35 ms
+# there) are not imported; the finders below need only the protocol's methods.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MPL_BACKEND_MODULE = "_tierkernel_inline"
 MARKER_PREFIX = "\x00tierkernel-drain-"
@@ -65,12 +69,12 @@ def show(*args, **kwargs):
 '''
 
 
-class _InlineBackendFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class _InlineBackendFinder:
     """Makes ``module://_tierkernel_inline`` importable without a file on disk."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname == MPL_BACKEND_MODULE:
-            return importlib.machinery.ModuleSpec(fullname, self)
+            return importlib.machinery.ModuleSpec(fullname, self)  # type: ignore[arg-type]
         return None
 
     def create_module(self, spec: Any) -> None:
@@ -100,7 +104,7 @@ def seed_matplotlib_config() -> None:
                 shutil.copytree(seed, config)
 
 
-class _MatplotlibConfigSeeder(importlib.abc.MetaPathFinder):
+class _MatplotlibConfigSeeder:
     """First on ``sys.meta_path``: makes sure MPLCONFIGDIR is seeded before ``matplotlib``
     is first imported in the agent (the agent also seeds it in a thread once it is ready, for
     the subprocesses of ``!python script.py``), and finds nothing itself."""
@@ -756,6 +760,8 @@ def system(command: str) -> None:
 
     As in IPython, the line has no value; its exit status is kept in ``_exit_code``.
     """
+    import subprocess  # here: most agents never run a shell line, and imports cost at start
+
     sys.stdout.flush()
     sys.stderr.flush()
     code = subprocess.call(command, shell=True)
