@@ -146,10 +146,28 @@ def made_as_spare(container_id: str) -> bool:
     return sandbox_spares.LABEL_SPARE in (sb.client().containers.get(container_id).labels or {})
 
 
+def helpers_of(session: KernelSession) -> list[int]:
+    """Pids of the processes other than the kernel that run its command line (its head start
+    helpers: forked from it, they keep its command line)."""
+    connection = session.km.connection_file
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"tierkernel" in cmdline and connection.encode() in cmdline:
+            found.append(int(entry.name))
+    return [pid for pid in found if pid != session.km.provisioner.pid]
+
+
 def test_with_no_spare_the_kernel_makes_one_while_it_starts_and_runs_there(runtime: str):
     # spares=0: the kernel makes none for later kernels, so a spare it runs in is the one its
-    # head start made while the kernel was still starting.
-    session = start(runtime, "--SandboxBackend.spares=0")
+    # head start made while the kernel was still starting. A memory other than the default:
+    # the helper, forked before the kernel reads its configuration, must make the spare with
+    # the configuration the kernel then hands it, or the kernel would not claim it.
+    session = start(runtime, "--SandboxBackend.spares=0",
+                    f"--SandboxBackend.memory={384 * 2**20}")
     try:
         pid = kernel_pid(session)
         assert session.run(S + "y = 6 * 7").status == "ok"
@@ -157,6 +175,7 @@ def test_with_no_spare_the_kernel_makes_one_while_it_starts_and_runs_there(runti
         assert made_as_spare(mine)
         assert session.run(S + "y").result["text/plain"] == "42"
         assert waiting_spares(runtime) == []  # claimed: nothing is left waiting
+        assert sb.wait_for(lambda: helpers_of(session) == [], 10), "a helper stayed behind"
     finally:
         session.close()
     assert sb.wait_for(lambda: mine not in sb.all_sandbox_containers(), 30)
@@ -165,6 +184,8 @@ def test_with_no_spare_the_kernel_makes_one_while_it_starts_and_runs_there(runti
 def test_no_head_start_when_turned_off(runtime: str):
     session = start(runtime, "--SandboxBackend.spares=0", "--SandboxBackend.head_start=False")
     try:
+        # The helper forked before the configuration was read is told so, and ends.
+        assert sb.wait_for(lambda: helpers_of(session) == [], 10), helpers_of(session)
         pid = kernel_pid(session)
         assert session.run(S + "1").status == "ok"
         [mine] = sb.containers_of(pid)

@@ -15,6 +15,13 @@ any other (:meth:`HeadStart.wait` first waits for it to be ready). It is a spare
 exact create arguments, so nothing is lost or wrong when the kernel ends up wanting another
 spec: it stays for the next kernel, or expires.
 
+The configuration is final only once ipykernel is imported, 0.19 s into the process, and a
+helper forked then spends another 0.08 s importing the sandbox tier and the Docker SDK
+before it can create anything. So ``python -m tierkernel`` forks the helper first of all
+(:func:`fork_early`, 15 ms in): it imports on the other core while the kernel imports
+ipykernel, then waits for :func:`begin` to hand it the configuration (pickled, over a pipe).
+A kernel started some other way (its app in a test, say) forks at :func:`begin` instead.
+
 The helper is forked twice and in a session of its own, so it is never left a zombie and an
 interrupt sent to the kernel's process group does not cut a container creation short. It
 reports over a pipe, one line at a time: ``key KEY`` (the spare key it works for), then one of
@@ -27,9 +34,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -108,27 +117,80 @@ def pending() -> HeadStart | None:
 MIN_TTL = 15.0
 
 
-def begin(config: Any) -> None:
-    """Fork the helper that makes a spare with ``config`` (the kernel's final traitlets
-    config); return at once. Does nothing when the config turns it off (``head_start``,
-    ``warm_start``, a ``spare_ttl`` under MIN_TTL), where the process cannot fork safely
-    (another thread already runs: a fork would copy its locks mid-use), or when it has
-    begun one already. Never raises: the kernel starts without a head start instead."""
-    if _pending is not None or not hasattr(os, "fork") or threading.active_count() > 1:
+def fork_early() -> None:
+    """Fork the helper before the kernel imports anything else (``python -m tierkernel``
+    calls this first): it imports the sandbox tier meanwhile and waits for :func:`begin`.
+    Never raises; without it :func:`begin` forks a helper itself."""
+    global _early
+    if _early is not None or not hasattr(os, "fork") or threading.active_count() > 1:
         return
+    config_read, config_write = os.pipe()
+    try:
+        read_fd = _spawn(lambda report_fd: _early_helper(config_read, report_fd),
+                         keep_out=config_write)
+    finally:
+        os.close(config_read)
+    if read_fd is None:
+        os.close(config_write)
+    else:
+        _early = (config_write, read_fd)
+
+
+_early: tuple[int, int] | None = None  # (the config pipe's write end, the report pipe's read end)
+
+
+def begin(config: Any) -> None:
+    """Start the helper that makes a spare with ``config`` (the kernel's final traitlets
+    config): hand the config to the helper :func:`fork_early` made, or fork one now; return
+    at once. Does nothing when the config turns it off (``head_start``, ``warm_start``, a
+    ``spare_ttl`` under MIN_TTL), where the process cannot fork safely (another thread
+    already runs: a fork would copy its locks mid-use), or when it has begun one already.
+    Never raises: the kernel starts without a head start instead."""
+    global _pending, _early
+    if _pending is not None:
+        return
+    early, _early = _early, None
     try:
         from tierkernel.backends.sandbox import SandboxBackend
 
         backend = SandboxBackend(config=config)  # the config's values, typed and checked
-        if not (backend.head_start and backend.warm_start and backend.spare_ttl > MIN_TTL):
-            return
-        _fork(backend)
+        wanted = backend.head_start and backend.warm_start and backend.spare_ttl > MIN_TTL
     except Exception as exc:  # a bad config value: the kernel reports it where it is used
         log.warning("no sandbox head start: %s", exc)
+        wanted = False
+    if early is not None:
+        config_fd, early_fd = early
+        if not wanted:
+            os.close(config_fd)  # the helper reads no config and ends
+        elif _hand_over(config_fd, config):
+            _pending = HeadStart(early_fd)
+            return
+        os.close(early_fd)
+    if wanted and hasattr(os, "fork") and threading.active_count() == 1:
+        read_fd = _spawn(lambda report_fd: _helper(backend, report_fd))
+        if read_fd is not None:
+            _pending = HeadStart(read_fd)
 
 
-def _fork(backend: Any) -> None:
-    global _pending
+def _hand_over(fd: int, config: Any) -> bool:
+    """Write the pickled ``config`` to the early helper and close the pipe; False when it
+    cannot be pickled or the helper is gone (the pipe is closed either way)."""
+    try:
+        data = memoryview(pickle.dumps(config))
+        while data:
+            data = data[os.write(fd, data):]
+        return True
+    except Exception as exc:  # an unpicklable value in a config file; a dead helper
+        log.info("sandbox head start: cannot hand the config over (%s)", exc)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _spawn(work: Callable[[int], None], keep_out: int = -1) -> int | None:
+    """Run ``work(report_fd)`` in a grandchild in a session of its own; return the read end
+    of its report pipe (None when the process cannot fork). ``keep_out`` is a descriptor the
+    grandchild must not hold (the config pipe's write end: its read would never end)."""
     read_fd, write_fd = os.pipe()
     try:
         pid = os.fork()
@@ -136,21 +198,52 @@ def _fork(backend: Any) -> None:
         os.close(read_fd)
         os.close(write_fd)
         log.info("sandbox head start: cannot fork", exc_info=True)
-        return
+        return None
     if pid == 0:  # the first child: hand the work to a grandchild and end at once
         os.close(read_fd)
         code = 0
         try:
+            if keep_out >= 0:
+                os.close(keep_out)
             os.setsid()
             if os.fork() == 0:
-                _helper(backend, write_fd)
+                work(write_fd)
         except BaseException:
             code = 1
         os._exit(code)
     os.close(write_fd)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)  # the first child ends right after its fork: no zombie
-    _pending = HeadStart(read_fd)
+    return read_fd
+
+
+def _quiet() -> None:
+    """Stay off the kernel's stdio (a kernel manager may wait for it to close) and keep the
+    log quiet (the kernel logs the outcome when it reads it)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(devnull, target)
+
+
+def _early_helper(config_fd: int, fd: int) -> None:
+    """The early grandchild: import while the kernel starts, read the config :func:`begin`
+    hands over, then work as :func:`_helper`; end quietly when none comes."""
+    code = 0
+    try:
+        _quiet()
+        import docker  # noqa: F401 - what making a spare imports: done before the config comes
+
+        from tierkernel.backends.sandbox import SandboxBackend
+
+        chunks = []
+        while chunk := os.read(config_fd, 1 << 16):
+            chunks.append(chunk)
+        os.close(config_fd)
+        if chunks:
+            _helper(SandboxBackend(config=pickle.loads(b"".join(chunks))), fd)
+    except BaseException:
+        code = 1
+    os._exit(code)
 
 
 def _helper(backend: Any, fd: int) -> None:
@@ -162,11 +255,7 @@ def _helper(backend: Any, fd: int) -> None:
         os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
 
     try:
-        # Stay out of the kernel's signals and terminal; keep the log quiet (the kernel
-        # logs the outcome when it reads it).
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for target in (0, 1, 2):
-            os.dup2(devnull, target)
+        _quiet()
         backend.make_head_start(report)
     except BaseException as exc:
         code = 1
