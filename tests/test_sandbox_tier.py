@@ -227,14 +227,26 @@ def test_a_bomb_that_dips_for_a_moment_is_not_taken_for_one_that_died(
     sk = own_kernel
     sk.run(S + "before_pulse = 1")
     # The cell forks until the pulse has the limit full; its processes come back at once.
-    out = sk.run(S + "import os, subprocess, sys\n"
+    # Its children live a moment, so the cell keeps forking while the pulse fills the limit:
+    # with one child at a time, the pulse could take every free slot first, round after
+    # round (a fork costs 20 ms in gVisor), and the cell would run into its time limit
+    # instead. They are all reaped before the cell ends: zombies would keep the count high.
+    out = sk.run(S + "import os, subprocess, sys, time\n"
                      f"subprocess.Popen([sys.executable, '-c', {PULSE!r}], "
                      "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-                     "while True:\n"
-                     "    pid = os.fork()\n"
-                     "    if pid == 0:\n"
-                     "        os._exit(0)\n"
-                     "    os.waitpid(pid, 0)", timeout=120)
+                     "kids = set()\n"
+                     "try:\n"
+                     "    while True:\n"
+                     "        pid = os.fork()\n"
+                     "        if pid == 0:\n"
+                     "            time.sleep(0.2)\n"
+                     "            os._exit(0)\n"
+                     "        kids.add(pid)\n"
+                     "        while done := os.waitpid(-1, os.WNOHANG)[0]:\n"
+                     "            kids.discard(done)\n"
+                     "finally:\n"
+                     "    for pid in kids:\n"
+                     "        os.waitpid(pid, 0)", timeout=120)
     assert out.status == "error", out.outputs
     assert out.error["ename"] == "ProcessLimitError", out.error
     assert "container was removed" in out.error["evalue"]
