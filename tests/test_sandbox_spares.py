@@ -181,6 +181,35 @@ def test_with_no_spare_the_kernel_makes_one_while_it_starts_and_runs_there(runti
     assert sb.wait_for(lambda: mine not in sb.all_sandbox_containers(), 30)
 
 
+def test_an_agent_that_ends_in_a_spare_is_told_and_replaced_in_the_same_container(
+        runtime: str):
+    # The kernel's container is its head start's spare; under gVisor the agent there is
+    # started by the container's own keeper, not by an exec, and must still be told about,
+    # killed and replaced like any other.
+    session = start(runtime, "--SandboxBackend.spares=0")
+    try:
+        pid = kernel_pid(session)
+        assert session.run(S + "x = 1\nopen('/workspace/f.txt', 'w').write('kept')").status == "ok"
+        [mine] = sb.containers_of(pid)
+        assert made_as_spare(mine)
+        out = session.run(S + "import os\nos._exit(3)")
+        assert out.status == "error"
+        assert "exited with status 3" in out.error["evalue"], out.error
+        after = session.run(S + "'x' in globals(), open('/workspace/f.txt').read()")
+        assert after.result["text/plain"] == "(False, 'kept')", after.outputs
+        # A cell that ignores the interrupt: its agent is killed, the container stays.
+        session.run(S + "y = 2")
+        out = session.run(S + "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)"
+                          "\nwhile True:\n    time.sleep(0.05)", interrupt_after=0.5, timeout=60)
+        assert out.error["ename"] == "KeyboardInterrupt"
+        assert "variables are gone" in out.error["evalue"]
+        after = session.run(S + "'y' in globals(), open('/workspace/f.txt').read()")
+        assert after.result["text/plain"] == "(False, 'kept')", after.outputs
+        assert sb.containers_of(pid) == [mine]
+    finally:
+        session.close()
+
+
 def test_no_head_start_when_turned_off(runtime: str):
     session = start(runtime, "--SandboxBackend.spares=0", "--SandboxBackend.head_start=False")
     try:

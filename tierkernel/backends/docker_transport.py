@@ -23,9 +23,12 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+from tierkernel.backends.sandbox_channel import AGENT_EXIT_FILE, MAIN_AGENT
 
 log = logging.getLogger(__name__)
 
@@ -176,25 +179,29 @@ class DockerExecTransport:
         self.close()
 
     def _exec_quietly(self, cmd: list[str], timeout: float) -> bool:
-        """Run ``cmd`` in the container as the agent's uid; True if it ran within ``timeout``.
+        """Run ``cmd`` in the container as the agent's uid; True if it ran within ``timeout``."""
+        return self._exec_output(cmd, timeout) is not None
+
+    def _exec_output(self, cmd: list[str], timeout: float) -> bytes | None:
+        """Run ``cmd`` in the container as the agent's uid; its output, or None if it did not
+        run within ``timeout``.
 
         The engine call runs in a helper thread: under gVisor a wedged sandbox can leave an exec
         hanging for tens of seconds, and a stop must not wait for that.
         """
-        outcome: list[bool] = []
+        outcome: list[bytes] = []
 
         def call() -> None:
             try:
                 exec_id = self.api.exec_create(self.container_id, cmd, user=self.user)["Id"]
-                self.api.exec_start(exec_id)
-                outcome.append(True)
+                outcome.append(self.api.exec_start(exec_id) or b"")
             except Exception:
                 log.debug("exec %s in %s failed", cmd[0], self.container_id[:12], exc_info=True)
 
         worker = threading.Thread(target=call, daemon=True, name="sandbox-exec")
         worker.start()
         worker.join(timeout)
-        return bool(outcome)
+        return outcome[0] if outcome else None
 
     def _kill_from_host(self) -> None:
         """The container does not take execs: kill the agent from the host side."""
@@ -227,7 +234,19 @@ class DockerExecTransport:
 
     # -- diagnosis ------------------------------------------------------------------------
     def exit_code(self) -> int | None:
-        """The agent's exit status, or None while it runs (or if the engine cannot say)."""
+        """The agent's exit status, or None while it runs (or if the engine cannot say).
+
+        Asked once the agent's stream has ended, when the engine (or the keeper of a gVisor
+        spare) may learn the status only a moment later: it is waited for up to 2 s.
+        """
+        deadline = time.monotonic() + 2.0
+        while True:
+            code = self._main_agent_exit() if self.exec_id == MAIN_AGENT else self._exec_exit()
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            time.sleep(0.1)
+
+    def _exec_exit(self) -> int | None:
         try:
             info = self.api.exec_inspect(self.exec_id)
         except Exception:
@@ -236,6 +255,12 @@ class DockerExecTransport:
             return None
         code = info.get("ExitCode")
         return int(code) if code is not None else None
+
+    def _main_agent_exit(self) -> int | None:
+        """The status a gVisor spare's keeper wrote for the agent it started (there is no exec
+        to inspect)."""
+        text = (self._exec_output(["cat", AGENT_EXIT_FILE], 5.0) or b"").strip()
+        return int(text) if text.isdigit() else None
 
     def stderr_tail(self) -> str:
         """The last words the agent's process wrote on its original stderr."""
@@ -259,8 +284,10 @@ class SocketTransport(DockerExecTransport):
     (``tierkernel.backends.sandbox_channel``), so requests and output go straight between the
     kernel and the agent instead of through the engine's exec stream (a round trip ≈10 µs
     instead of ≈90 µs under runc). The exec is still the agent's process for the engine: stops
-    and exit codes work as for :class:`DockerExecTransport`. ``sock`` is the accepted
-    connection; the stream carries the agent's messages unframed.
+    and exit codes work as for :class:`DockerExecTransport`. ``exec_id`` may also be
+    ``MAIN_AGENT``: a gVisor spare's agent, started by the container's keeper, which leaves
+    its exit status in ``AGENT_EXIT_FILE`` (hard kills there need only the agent's pid).
+    ``sock`` is the accepted connection; the stream carries the agent's messages unframed.
     """
 
     def __init__(

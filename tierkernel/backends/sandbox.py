@@ -56,7 +56,9 @@ from tierkernel.backends.docker_engine import (
 )
 from tierkernel.backends.docker_transport import DockerExecTransport, SocketTransport
 from tierkernel.backends.sandbox_channel import (
+    AGENT_EXIT_FILE,
     GUEST_DIR,
+    MAIN_AGENT,
     SOCKET_NAME,
     WAKE_NAME,
     ChannelError,
@@ -109,6 +111,12 @@ _SETTLED_FOR = 1.0
 # read-only mount).
 _SPARE_KEEPER = (f'sleep "$1"; while [ -e {GUEST_DIR}/{spares.CLAIM_NAME} ]; do sleep 30; '
                  'done')
+# A gVisor spare's main process: it starts the agent itself ($1 is the agent's source), since a
+# docker exec costs 70 ms there and a head start's spare is wanted at once; it keeps the
+# agent's exit status where the kernel can read it (there is no exec to inspect), then stays,
+# as `sleep infinity`: a gVisor container must never end by itself (see _make_spare).
+# (In the foreground: a background job of sh would start with SIGINT and SIGQUIT ignored.)
+_AGENT_KEEPER = f'python3 -c "$1"; echo $? > {AGENT_EXIT_FILE}; exec sleep infinity'
 _ENVIRONMENT = {
     "HOME": "/tmp",
     "MPLCONFIGDIR": "/tmp/matplotlib",  # must be writable: the root is read-only
@@ -570,7 +578,10 @@ class SandboxBackend(Backend):
     # -- spares ---------------------------------------------------------------------------
     @staticmethod
     def _spare_key(create_kwargs: dict[str, Any]) -> str:
-        return spares.spec_key(create_kwargs, AGENT_PATH.read_text())
+        # With the agent and the keepers: a kernel of another tierkernel version (another
+        # environment on this machine) must not claim a spare made a way it does not know.
+        return spares.spec_key(create_kwargs,
+                               AGENT_PATH.read_text() + _AGENT_KEEPER + _SPARE_KEEPER)
 
     def _claim_spare(self, client: Any, spec: ContainerSpec) -> bool:
         """Take over a spare container made for this spec (agent already running); False
@@ -701,19 +712,26 @@ class SandboxBackend(Backend):
         labels[spares.LABEL_SPARE] = key
         labels[spares.LABEL_EXPIRES] = f"{time.time() + self.spare_ttl:.0f}"
         kwargs.update(name=name, labels=labels, volumes=mount(folder), auto_remove=True)
-        if spec.runtime == "runc":
+        main_agent = spec.runtime != "runc"
+        if main_agent:
+            # The agent starts with the container, not by a docker exec after it (70 ms
+            # saved). The keeper stays after it: a container that ends by itself while an
+            # exec of it exists (the agent's, even exited) wedges under gVisor; expired
+            # gVisor spares are removed by the reaper of any live or starting kernel instead.
+            kwargs["command"] = ["sh", "-c", _AGENT_KEEPER, "tierkernel-keeper",
+                                 _agent_command()[-1]]
+            kwargs["environment"] = self._agent_environment(spec.runtime, self.spare_ttl)
+        else:
             # The keeper ends an unclaimed spare (auto-remove then removes it) once its agent
             # has given up waiting; a claimed one lives on while its folder holds the claim.
-            # Not under gVisor: a container that ends by itself while an exec of it exists
-            # (the agent's, even exited) wedges there; expired gVisor spares are removed by
-            # the reaper of any live or starting kernel instead.
             kwargs["command"] = ["sh", "-c", _SPARE_KEEPER, "tierkernel-keeper",
                                  f"{self.spare_ttl + 10:.0f}"]
         container = None
         try:
             container = client.containers.create(**kwargs)
             container.start()
-            exec_id = self._exec_agent(client, container.id, spec.runtime, wait=self.spare_ttl)
+            exec_id = (MAIN_AGENT if main_agent else
+                       self._exec_agent(client, container.id, spec.runtime, wait=self.spare_ttl))
             write_exec_id(folder, exec_id)
         except Exception:
             if container is not None:
@@ -751,17 +769,23 @@ class SandboxBackend(Backend):
 
         threading.Thread(target=follow, daemon=True, name="sandbox-events").start()
 
-    def _exec_agent(self, client: Any, container_id: str, runtime: str, wait: float) -> str:
-        """Start the agent detached, to connect to its host socket; return the exec id."""
+    @staticmethod
+    def _agent_environment(runtime: str, wait: float) -> dict[str, str]:
+        """The environment of an agent that connects to its host socket, waiting for it up
+        to ``wait`` s."""
         environment = {**_ENVIRONMENT, SOCKET_ENV: f"{GUEST_DIR}/{SOCKET_NAME}",
                        WAIT_ENV: f"{wait:g}"}
         if wake_usable(runtime):
             environment[WAKE_ENV] = f"{GUEST_DIR}/{WAKE_NAME}"
         else:
             environment[POLL_ENV] = "0.025"  # gVisor's file lookups cost: look less often
+        return environment
+
+    def _exec_agent(self, client: Any, container_id: str, runtime: str, wait: float) -> str:
+        """Start the agent detached, to connect to its host socket; return the exec id."""
         exec_id: str = client.api.exec_create(
             container_id, _agent_command(), user=self.user,
-            environment=environment, workdir="/workspace")["Id"]
+            environment=self._agent_environment(runtime, wait), workdir="/workspace")["Id"]
         client.api.exec_start(exec_id, detach=True)
         return exec_id
 
@@ -784,6 +808,8 @@ class SandboxBackend(Backend):
         agent = exec_id
 
         def gone() -> str | None:
+            if agent == MAIN_AGENT:  # no exec to ask: only a dead container says it is gone
+                return "the sandbox container stopped" if container.died else None
             try:
                 info = client.api.exec_inspect(agent)
             except Exception as exc:
