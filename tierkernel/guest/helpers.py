@@ -19,10 +19,15 @@ from __future__ import annotations
 import builtins
 import json
 import sys
-from collections.abc import Callable
-from typing import Any
 
-Call = Callable[[dict[str, Any]], dict[str, Any]]
+# typing is not imported at run time: the sandbox agent installs this module before the first
+# cell of every container, and under gVisor importing typing costs 16 ms. Annotations only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Call = Callable[[dict[str, Any]], dict[str, Any]]
 
 # The exception types the host may name; anything else is raised as RuntimeError.
 _ERRORS = {
