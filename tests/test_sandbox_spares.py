@@ -7,6 +7,7 @@ kernels never get the same spare. Run per runtime: runc, and runsc where the eng
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -208,6 +209,40 @@ def test_an_agent_that_ends_in_a_spare_is_told_and_replaced_in_the_same_containe
         assert sb.containers_of(pid) == [mine]
     finally:
         session.close()
+
+
+def test_a_head_start_made_with_stale_learned_settings_is_not_claimed(
+        runtime: str, tmp_path: Path):
+    # A kernel remembers its sandbox settings; the next one started the same way makes its
+    # head start with them before its own configuration is read. If they were wrong, that
+    # spare must not become the kernel's container: its limits would not be the user's.
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    options = [f"--SandboxBackend.runtime={runtime}", "--SandboxBackend.spares=0",
+               f"--SandboxBackend.memory={384 * 2**20}"]
+    KernelSession(extra_arguments=options, env=env).close()
+    cache = tmp_path / "tierkernel" / "head-start.json"
+    [entry] = json.loads(cache.read_text())
+    assert entry["values"]["memory"] == 384 * 2**20  # what the kernel ended up with
+    entry["values"]["memory"] = 320 * 2**20  # as if learned before a change it cannot see
+    cache.write_text(json.dumps([entry]))
+    from tierkernel.backends.sandbox import remove_spares
+
+    remove_spares(sb.client())
+    session = KernelSession(extra_arguments=options, env=env)
+    try:
+        pid = kernel_pid(session)
+        assert session.run(S + "1").status == "ok"
+        [mine] = sb.containers_of(pid)
+        memory = sb.client().containers.get(mine).attrs["HostConfig"]["Memory"]
+        assert memory == 384 * 2**20
+        # The guess was made, and is left for a later kernel of those settings.
+        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 30)
+        [guess] = waiting_spares(runtime)
+        assert sb.client().containers.get(guess).attrs["HostConfig"]["Memory"] == 320 * 2**20
+    finally:
+        session.close()
+    # And the kernel corrected what it had learned.
+    assert json.loads(cache.read_text())[0]["values"]["memory"] == 384 * 2**20
 
 
 def test_no_head_start_when_turned_off(runtime: str):

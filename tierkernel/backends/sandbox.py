@@ -672,6 +672,22 @@ class SandboxBackend(Backend):
         """The Docker SDK client this backend uses (connected on first use)."""
         return self._engine()
 
+    def warm_engine(self) -> None:
+        """Connect to the engine and learn its runtimes now, for :meth:`adopt_engine` (a
+        head start's helper does this while it waits for the kernel's configuration). An
+        error is left for the calls that need the engine to report."""
+        with contextlib.suppress(Exception):
+            self._engine_runtimes(self._probe_client())
+            self._engine()
+
+    def adopt_engine(self, warm: SandboxBackend) -> None:
+        """Use the connections and runtimes ``warm`` (made with other settings) has already
+        got; its client only if it was made with this backend's ``engine_timeout``."""
+        self._probe = self._probe or warm._probe
+        self._runtimes = self._runtimes or warm._runtimes
+        if self._client is None and warm.engine_timeout == self.engine_timeout:
+            self._client = warm._client
+
     def _after_first_start(self) -> None:
         """Once per kernel, after its first start: in a thread, remove dead kernels'
         containers (not before: the first cell need not wait for that), then, after

@@ -19,7 +19,9 @@ The configuration is final only once ipykernel is imported, 0.19 s into the proc
 helper forked then spends another 0.08 s importing the sandbox tier and the Docker SDK
 before it can create anything. So ``python -m tierkernel`` forks the helper first of all
 (:func:`fork_early`, 15 ms in): it imports on the other core while the kernel imports
-ipykernel, then waits for :func:`begin` to hand it the configuration (pickled, over a pipe).
+ipykernel and connects to the engine, then waits for :func:`begin` to hand it the
+configuration (pickled, over a pipe). Or it does not wait: when the settings an earlier kernel
+learned still hold (sandbox_learned.py), it makes the spare with them at once.
 A kernel started some other way (its app in a test, say) forks at :func:`begin` instead.
 
 The helper is forked twice and in a session of its own, so it is never left a zombie and an
@@ -36,10 +38,13 @@ import logging
 import os
 import pickle
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from tierkernel.backends.sandbox_learned import learn, recall
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +144,13 @@ def fork_early() -> None:
 _early: tuple[int, int] | None = None  # (the config pipe's write end, the report pipe's read end)
 
 
-def begin(config: Any) -> None:
+def begin(config: Any, sources: Any = None) -> None:
     """Start the helper that makes a spare with ``config`` (the kernel's final traitlets
     config): hand the config to the helper :func:`fork_early` made, or fork one now; return
-    at once. Does nothing when the config turns it off (``head_start``, ``warm_start``, a
+    at once. ``sources`` (a ``sandbox_learned.Sources``) says where the config came from: the
+    sandbox settings are then remembered for the next kernel's early helper.
+
+    Does nothing when the config turns it off (``head_start``, ``warm_start``, a
     ``spare_ttl`` under MIN_TTL), where the process cannot fork safely (another thread
     already runs: a fork would copy its locks mid-use), or when it has begun one already.
     Never raises: the kernel starts without a head start instead."""
@@ -154,10 +162,14 @@ def begin(config: Any) -> None:
         from tierkernel.backends.sandbox import SandboxBackend
 
         backend = SandboxBackend(config=config)  # the config's values, typed and checked
-        wanted = backend.head_start and backend.warm_start and backend.spare_ttl > MIN_TTL
+        wanted = _wanted(backend)
     except Exception as exc:  # a bad config value: the kernel reports it where it is used
         log.warning("no sandbox head start: %s", exc)
         wanted = False
+    else:
+        if sources is not None:
+            learn(sources, {name: getattr(backend, name)
+                            for name in backend.trait_names(config=True)})
     if early is not None:
         config_fd, early_fd = early
         if not wanted:
@@ -170,6 +182,10 @@ def begin(config: Any) -> None:
         read_fd = _spawn(lambda report_fd: _helper(backend, report_fd))
         if read_fd is not None:
             _pending = HeadStart(read_fd)
+
+
+def _wanted(backend: Any) -> bool:
+    return bool(backend.head_start and backend.warm_start and backend.spare_ttl > MIN_TTL)
 
 
 def _hand_over(fd: int, config: Any) -> bool:
@@ -226,24 +242,48 @@ def _quiet() -> None:
 
 
 def _early_helper(config_fd: int, fd: int) -> None:
-    """The early grandchild: import while the kernel starts, read the config :func:`begin`
-    hands over, then work as :func:`_helper`; end quietly when none comes."""
+    """The early grandchild: import while the kernel starts, then work as :func:`_helper`
+    with the settings learned for this situation, or else with the config :func:`begin`
+    hands over; end quietly when none comes."""
     code = 0
     try:
         _quiet()
-        import docker  # noqa: F401 - what making a spare imports: done before the config comes
+        from traitlets.config import Config
 
         from tierkernel.backends.sandbox import SandboxBackend
 
+        # Connected, and the engine's runtimes known, before the config comes. The engine's
+        # address comes from the environment, not the config: the connection stays good.
+        warm = SandboxBackend()
+        warm.warm_engine()
+        values = recall(sys.argv[1:])
+        guess = None
+        if values is not None:
+            with contextlib.suppress(Exception):  # values this version does not take
+                guess = SandboxBackend(config=Config({"SandboxBackend": values}))
+        if guess is not None and _wanted(guess):
+            # The kernel still hands its config over: read and dropped, so its write never
+            # waits for this process.
+            threading.Thread(target=_drain, args=(config_fd,), daemon=True).start()
+            guess.adopt_engine(warm)
+            _helper(guess, fd)  # does not return
         chunks = []
         while chunk := os.read(config_fd, 1 << 16):
             chunks.append(chunk)
         os.close(config_fd)
         if chunks:
-            _helper(SandboxBackend(config=pickle.loads(b"".join(chunks))), fd)
+            backend = SandboxBackend(config=pickle.loads(b"".join(chunks)))
+            backend.adopt_engine(warm)
+            _helper(backend, fd)
     except BaseException:
         code = 1
     os._exit(code)
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        while os.read(fd, 1 << 16):
+            pass
 
 
 def _helper(backend: Any, fd: int) -> None:

@@ -1,0 +1,125 @@
+"""The sandbox settings a kernel ended up with, remembered for the next kernel's head start.
+
+A kernel's configuration is final only once ipykernel is imported and has read its command
+line and config files, 0.2 s into the process. The head start's early helper
+(sandbox_head_start.py) is ready 0.07 s before that. When everything the configuration came
+from is as it was when a kernel last learned it (the same command line but for the connection
+file, the same environment variables that choose the config folders, every config file the
+kernel looked for unchanged, present or not), the helper makes its spare with the learned
+settings at once instead of waiting.
+
+A wrong guess costs only time: the spare is keyed by its create arguments, and a kernel claims
+a spare only for the key its own configuration gives (sandbox_spares.py), so one made with
+stale settings is left for a later kernel or expires. Only the values of the SandboxBackend's
+traits are kept, as JSON in the user's cache folder (no code is ever loaded from there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Environment variables that decide where the kernel looks for its configuration.
+_ENV = ("HOME", "XDG_CONFIG_HOME", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_CONFIG_PATH",
+        "JUPYTER_PREFER_ENV_PATH", "JUPYTER_PLATFORM_DIRS", "JUPYTER_NO_CONFIG",
+        "CONDA_PREFIX", "VIRTUAL_ENV")
+#: Kernels of this many different set-ups (command lines, folders) are remembered.
+_KEPT = 8
+#: The code that turns the settings into a container (and holds their defaults): another
+#: version of it (an upgrade, an edited checkout) voids what an earlier one learned.
+_CODE = str(Path(__file__).with_name("sandbox.py"))
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a kernel's configuration came from: its command line (``sys.argv[1:]``), every
+    config file it looked for (found or not), and whether its working folder was one of the
+    places it looked in."""
+
+    argv: list[str]
+    files: list[str]
+    cwd_matters: bool
+
+
+def path() -> Path:
+    """The cache file: ``$XDG_CACHE_HOME/tierkernel/head-start.json`` (``~/.cache``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tierkernel" / "head-start.json"
+
+
+def learn(sources: Sources, values: dict[str, Any]) -> None:
+    """Remember ``values`` (the SandboxBackend's trait values) for kernels whose configuration
+    comes from the same ``sources``. Never raises: the next head start only waits longer."""
+    try:
+        entry = {"situation": _situation(sources.argv, sources.files, sources.cwd_matters),
+                 "values": values}
+        json.dumps(entry)  # only JSON values: anything else is not remembered
+        entries = [e for e in _entries() if e.get("situation") != entry["situation"]]
+        _write([entry, *entries][:_KEPT])
+    except Exception as exc:
+        log.debug("could not remember the sandbox settings: %s", exc)
+
+
+def recall(argv: list[str]) -> dict[str, Any] | None:
+    """The SandboxBackend trait values learned for a kernel started with ``argv`` in the
+    present situation, or None when nothing learned still holds."""
+    for entry in _entries():
+        with contextlib.suppress(Exception):
+            known = entry["situation"]
+            if _situation(argv, list(known["files"]), known["cwd"] is not None) == known:
+                return dict(entry["values"])
+    return None
+
+
+def _situation(argv: list[str], files: list[str], cwd_matters: bool) -> dict[str, Any]:
+    return {
+        "argv": _without_connection_file(argv),
+        "env": {name: os.environ.get(name) for name in _ENV},
+        "cwd": os.getcwd() if cwd_matters else None,
+        "files": {name: _stat(name) for name in sorted(set(files))},
+        "code": _stat(_CODE),
+    }
+
+
+def _without_connection_file(argv: list[str]) -> list[str]:
+    """``argv`` without the connection file, which differs for every kernel."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-f", "--f", "--IPKernelApp.connection_file"):
+            skip = True
+        elif not arg.startswith(("--f=", "--IPKernelApp.connection_file=")):
+            out.append(arg)
+    return out
+
+
+def _stat(name: str) -> list[int] | None:
+    try:
+        info = os.stat(name)
+    except OSError:
+        return None
+    return [info.st_mtime_ns, info.st_size]
+
+
+def _entries() -> list[dict[str, Any]]:
+    try:
+        entries = json.loads(path().read_text())
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _write(entries: list[dict[str, Any]]) -> None:
+    target = path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(entries))
+    tmp.replace(target)  # whole or not at all: another kernel may read it meanwhile
