@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,23 +212,32 @@ def test_an_agent_that_ends_in_a_spare_is_told_and_replaced_in_the_same_containe
         session.close()
 
 
+def learned_then_changed(runtime: str, cache_home: Path, options: list[str],
+                         **changes: Any) -> dict[str, str]:
+    """Start and stop a kernel with ``options`` (its settings are learned in ``cache_home``),
+    then change what it learned, as if learned before a change it cannot see; remove every
+    spare. The environment for the next kernel, which recalls the changed settings."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    KernelSession(extra_arguments=options, env=env).close()
+    cache = cache_home / "tierkernel" / "head-start.json"
+    [entry] = json.loads(cache.read_text())
+    assert entry["values"]["memory"] == 384 * 2**20  # what the kernel ended up with
+    entry["values"].update(changes)
+    cache.write_text(json.dumps([entry]))
+    from tierkernel.backends.sandbox import remove_spares
+
+    remove_spares(sb.client())
+    return env
+
+
 def test_a_head_start_made_with_stale_learned_settings_is_not_claimed(
         runtime: str, tmp_path: Path):
     # A kernel remembers its sandbox settings; the next one started the same way makes its
     # head start with them before its own configuration is read. If they were wrong, that
     # spare must not become the kernel's container: its limits would not be the user's.
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     options = [f"--SandboxBackend.runtime={runtime}", "--SandboxBackend.spares=0",
                f"--SandboxBackend.memory={384 * 2**20}"]
-    KernelSession(extra_arguments=options, env=env).close()
-    cache = tmp_path / "tierkernel" / "head-start.json"
-    [entry] = json.loads(cache.read_text())
-    assert entry["values"]["memory"] == 384 * 2**20  # what the kernel ended up with
-    entry["values"]["memory"] = 320 * 2**20  # as if learned before a change it cannot see
-    cache.write_text(json.dumps([entry]))
-    from tierkernel.backends.sandbox import remove_spares
-
-    remove_spares(sb.client())
+    env = learned_then_changed(runtime, tmp_path, options, memory=320 * 2**20)
     session = KernelSession(extra_arguments=options, env=env)
     try:
         pid = kernel_pid(session)
@@ -242,7 +252,25 @@ def test_a_head_start_made_with_stale_learned_settings_is_not_claimed(
     finally:
         session.close()
     # And the kernel corrected what it had learned.
+    cache = tmp_path / "tierkernel" / "head-start.json"
     assert json.loads(cache.read_text())[0]["values"]["memory"] == 384 * 2**20
+
+
+def test_a_head_start_learned_as_off_but_wanted_is_still_made(runtime: str, tmp_path: Path):
+    # The early helper trusts "no head start for such a kernel" and ends at once; the
+    # kernel, whose own configuration wants one, then makes it itself.
+    options = [f"--SandboxBackend.runtime={runtime}", "--SandboxBackend.spares=0",
+               f"--SandboxBackend.memory={384 * 2**20}"]
+    env = learned_then_changed(runtime, tmp_path, options, head_start=False)
+    session = KernelSession(extra_arguments=options, env=env)
+    try:
+        pid = kernel_pid(session)
+        assert session.run(S + "1").status == "ok"
+        [mine] = sb.containers_of(pid)
+        assert made_as_spare(mine)  # its head start's
+        assert sb.wait_for(lambda: helpers_of(session) == [], 10), "a helper stayed behind"
+    finally:
+        session.close()
 
 
 def test_no_head_start_when_turned_off(runtime: str):

@@ -248,6 +248,12 @@ def _early_helper(config_fd: int, fd: int) -> None:
     code = 0
     try:
         _quiet()
+        values = recall(sys.argv[1:])
+        if values is not None and not (values.get("head_start") and values.get("warm_start")
+                                       and float(values.get("spare_ttl") or 0) > MIN_TTL):
+            # Learned: no head start for such a kernel. None of the imports below, then, on
+            # the kernel's other core (were it wrong, the kernel forks a helper itself).
+            os._exit(0)
         from traitlets.config import Config
 
         from tierkernel.backends.sandbox import SandboxBackend
@@ -256,7 +262,6 @@ def _early_helper(config_fd: int, fd: int) -> None:
         # address comes from the environment, not the config: the connection stays good.
         warm = SandboxBackend()
         warm.warm_engine()
-        values = recall(sys.argv[1:])
         guess = None
         if values is not None:
             with contextlib.suppress(Exception):  # values this version does not take
