@@ -183,29 +183,36 @@ def test_with_no_spare_the_kernel_makes_one_while_it_starts_and_runs_there(runti
     assert sb.wait_for(lambda: mine not in sb.all_sandbox_containers(), 30)
 
 
+ENDINGS = {
+    "exit": (S + "import os\nos._exit(3)", {}, "exited with status 3"),
+    # Signals its whole process group (`kill 0`, a `trap 'kill 0' EXIT` idiom): that must end
+    # its agent, never the container's keeper (whose end would end the container).
+    "killpg": (S + "import os, signal\nos.killpg(0, signal.SIGTERM)", {},
+               "killed by signal SIGTERM"),
+    # Ignores the interrupt: its agent is killed, every process but the keeper with it.
+    "ignored interrupt": (S + "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)"
+                          "\nwhile True:\n    time.sleep(0.05)", {"interrupt_after": 0.5},
+                          "variables are gone"),
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
 def test_an_agent_that_ends_in_a_spare_is_told_and_replaced_in_the_same_container(
-        runtime: str):
+        runtime: str, ending: str):
     # The kernel's container is its head start's spare; under gVisor the agent there is
     # started by the container's own keeper, not by an exec, and must still be told about,
     # killed and replaced like any other.
+    code, how, said = ENDINGS[ending]
     session = start(runtime, "--SandboxBackend.spares=0")
     try:
         pid = kernel_pid(session)
         assert session.run(S + "x = 1\nopen('/workspace/f.txt', 'w').write('kept')").status == "ok"
         [mine] = sb.containers_of(pid)
         assert made_as_spare(mine)
-        out = session.run(S + "import os\nos._exit(3)")
+        out = session.run(code, timeout=60, **how)
         assert out.status == "error"
-        assert "exited with status 3" in out.error["evalue"], out.error
+        assert said in out.error["evalue"], out.error
         after = session.run(S + "'x' in globals(), open('/workspace/f.txt').read()")
-        assert after.result["text/plain"] == "(False, 'kept')", after.outputs
-        # A cell that ignores the interrupt: its agent is killed, the container stays.
-        session.run(S + "y = 2")
-        out = session.run(S + "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)"
-                          "\nwhile True:\n    time.sleep(0.05)", interrupt_after=0.5, timeout=60)
-        assert out.error["ename"] == "KeyboardInterrupt"
-        assert "variables are gone" in out.error["evalue"]
-        after = session.run(S + "'y' in globals(), open('/workspace/f.txt').read()")
         assert after.result["text/plain"] == "(False, 'kept')", after.outputs
         assert sb.containers_of(pid) == [mine]
     finally:
@@ -384,6 +391,7 @@ def test_keep_replaces_each_spare_before_it_expires_until_stopped(runtime: str):
     keeper = subprocess.Popen([CLI, "spares", "--keep", "--runtime", runtime, "--ttl", "20",
                                "--interval", "1"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
+    failure = None
     try:
         assert sb.wait_for(lambda: len(waiting_spares(runtime)) >= 1, 60), "no spare made"
         first = waiting_spares(runtime)[0]
@@ -391,8 +399,12 @@ def test_keep_replaces_each_spare_before_it_expires_until_stopped(runtime: str):
         assert sb.wait_for(lambda: bool(set(waiting_spares(runtime)) - {first}), 40)
         assert sb.wait_for(lambda: first not in sb.all_sandbox_containers(), 40)
         assert waiting_spares(runtime), "the pool ran dry"
+    except AssertionError as exc:
+        failure = exc
     finally:
         keeper.terminate()
         output, _ = keeper.communicate(timeout=30)
+    if failure is not None:  # with what the keeper said meanwhile
+        raise AssertionError(f"{failure}\n--- tierkernel spares --keep said:\n{output}")
     assert keeper.returncode == 0, output
     assert "stopped; the spares made stay" in output

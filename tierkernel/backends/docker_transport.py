@@ -9,6 +9,10 @@ There is no "exec kill" in the Docker API, so stops are done from inside the con
 ``kill`` exec as the same uid), with the host as the fallback when the container no longer
 accepts execs (a fork bomb has used up its pids): runc's exec processes are host processes, and
 gVisor's are reached through ``runsc kill``.
+
+:class:`SocketTransport` is the same agent talking over a unix socket of the host's instead of
+the exec stream; its agent may also be no exec at all (a gVisor spare's, started by the
+container's keeper: see ``MAIN_AGENT``).
 """
 
 from __future__ import annotations
@@ -237,30 +241,37 @@ class DockerExecTransport:
         """The agent's exit status, or None while it runs (or if the engine cannot say).
 
         Asked once the agent's stream has ended, when the engine (or the keeper of a gVisor
-        spare) may learn the status only a moment later: it is waited for up to 2 s.
+        spare) may learn the status only a moment later: while it may still come, it is
+        waited for, up to 2 s in all.
         """
         deadline = time.monotonic() + 2.0
         while True:
-            code = self._main_agent_exit() if self.exec_id == MAIN_AGENT else self._exec_exit()
-            if code is not None or time.monotonic() >= deadline:
+            read = self._main_agent_exit if self.exec_id == MAIN_AGENT else self._exec_exit
+            code, final = read(max(0.1, deadline - time.monotonic()))
+            if code is not None or final or time.monotonic() >= deadline:
                 return code
             time.sleep(0.1)
 
-    def _exec_exit(self) -> int | None:
+    def _exec_exit(self, _within: float) -> tuple[int | None, bool]:
+        """(the agent exec's status, whether that is final: the engine has no such exec)"""
         try:
             info = self.api.exec_inspect(self.exec_id)
         except Exception:
-            return None
-        if info.get("Running"):
-            return None
+            return None, True
         code = info.get("ExitCode")
-        return int(code) if code is not None else None
+        if info.get("Running") or code is None:
+            return None, False
+        return int(code), True
 
-    def _main_agent_exit(self) -> int | None:
+    def _main_agent_exit(self, within: float) -> tuple[int | None, bool]:
         """The status a gVisor spare's keeper wrote for the agent it started (there is no exec
-        to inspect)."""
-        text = (self._exec_output(["cat", AGENT_EXIT_FILE], 5.0) or b"").strip()
-        return int(text) if text.isdigit() else None
+        to inspect); final when the container takes no exec. The file is the guest's: only
+        its first bytes are read, and a read that hangs (a FIFO there) is given up."""
+        out = self._exec_output(["head", "-c", "16", AGENT_EXIT_FILE], min(within, 2.0))
+        if out is None:
+            return None, True
+        text = out.strip()
+        return (int(text), True) if text.isdigit() else (None, False)
 
     def stderr_tail(self) -> str:
         """The last words the agent's process wrote on its original stderr."""

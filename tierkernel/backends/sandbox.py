@@ -6,7 +6,8 @@ every capability dropped, no-new-privileges, uid 65534, pids/memory/CPU limits, 
 as PID 1. ``--runtime runsc`` (or ``c.SandboxBackend.runtime``) runs it under gVisor.
 
 Cells are run by the same stdlib-only guest agent as the ``process`` tier, started once per
-container with ``docker exec`` and driven through its exec socket by
+container (with ``docker exec``, or by the container's own keeper in a gVisor spare) and driven
+over a unix socket of the host's, or its exec stream, by
 :class:`~tierkernel.backends.agent_session.AgentSession`: no ``docker exec`` per cell.
 
 Containers carry labels (kernel id, owner pid and host); they are removed on shutdown, restart

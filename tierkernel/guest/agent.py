@@ -786,7 +786,8 @@ def connect_host() -> int | None:
 
     The socket is created by the host. Until it exists the agent sleeps on the wake FIFO, or
     looks for it every few milliseconds; when WAIT_ENV runs out it exits (a spare that no
-    kernel claimed: its container's keeper then ends the container, which removes itself).
+    kernel claimed: under runc its container's keeper then ends the container, which removes
+    itself; a gVisor spare stays until a kernel's reaper removes it).
     """
     import socket
 
@@ -813,8 +814,8 @@ def connect_host() -> int | None:
                 return sock.detach()
         left = deadline - time.monotonic()
         if left <= 0:
-            # Not claimed in time: exit, and the spare's keeper ends the container a little
-            # later. Stopping the container from here would leave this exec hanging in gVisor.
+            # Not claimed in time: exit, and (under runc) the spare's keeper ends the container
+            # a little later. Stopping the container from here would wedge gVisor.
             os._exit(0)
         if wake and not woken.is_set():
             woken.wait(left)
@@ -865,9 +866,13 @@ def main() -> None:
     if sys.path and os.path.abspath(sys.path[0] or ".") == here and sys.path[0]:
         sys.path[0] = ""
     if os.environ.get(WATCH_ENV):
-        # A sandbox agent: the kernel's first request after "ready" is usually a workspace
-        # copy, whose tarfile (with shutil) takes 20 ms to import under gVisor. Imported
-        # meanwhile, while the agent connects and is given its helpers.
+        # A sandbox agent. A process group of its own: the cells' `kill 0` (or killpg) must not
+        # reach the container's keeper, which may be this agent's parent (a gVisor spare's).
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        # The kernel's first request after "ready" is usually a workspace copy, whose tarfile
+        # (with shutil) takes 20 ms to import under gVisor: imported meanwhile, while the
+        # agent connects and is given its helpers.
         threading.Thread(target=_import_quietly, args=("tarfile",), daemon=True,
                          name="preimport").start()
     conn = connect_host()
