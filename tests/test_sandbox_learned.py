@@ -84,3 +84,19 @@ def test_another_version_of_the_sandbox_code_voids_them(config_dir: Path, tmp_pa
     assert recall(ARGV) == {"memory": 1 << 29}
     code.write_text("# another version, with other defaults\n")
     assert recall(ARGV) is None
+
+
+def test_a_cache_file_that_is_a_link_is_neither_read_nor_written_through(config_dir: Path,
+                                                                         tmp_path: Path):
+    learn(sources(config_dir), {"memory": 1 << 29})
+    planted = tmp_path / "planted.json"
+    planted.write_text(sandbox_learned.path().read_text())
+    sandbox_learned.path().unlink()
+    sandbox_learned.path().symlink_to(planted)  # another user's file, say
+    assert recall(ARGV) is None
+    learn(sources(config_dir), {"memory": 1 << 30})
+    assert json.loads(planted.read_text())[0]["values"]["memory"] == 1 << 29  # untouched
+    assert not sandbox_learned.path().is_symlink()
+    assert recall(ARGV) == {"memory": 1 << 30}
+    assert sandbox_learned.path().stat().st_mode & 0o077 == 0
+    assert sandbox_learned.path().parent.stat().st_mode & 0o077 == 0

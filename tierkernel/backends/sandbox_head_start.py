@@ -129,7 +129,10 @@ def fork_early() -> None:
     global _early
     if _early is not None or not hasattr(os, "fork") or threading.active_count() > 1:
         return
-    config_read, config_write = os.pipe()
+    try:
+        config_read, config_write = os.pipe()
+    except OSError:  # out of descriptors: begin() forks a helper itself, if it can
+        return
     try:
         read_fd = _spawn(lambda report_fd: _early_helper(config_read, report_fd),
                          keep_out=config_write)
@@ -207,7 +210,11 @@ def _spawn(work: Callable[[int], None], keep_out: int = -1) -> int | None:
     """Run ``work(report_fd)`` in a grandchild in a session of its own; return the read end
     of its report pipe (None when the process cannot fork). ``keep_out`` is a descriptor the
     grandchild must not hold (the config pipe's write end: its read would never end)."""
-    read_fd, write_fd = os.pipe()
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError:
+        log.info("sandbox head start: no pipe", exc_info=True)
+        return None
     try:
         pid = os.fork()
     except OSError:
@@ -248,11 +255,17 @@ def _early_helper(config_fd: int, fd: int) -> None:
     code = 0
     try:
         _quiet()
+        # The config is read from the start, in a thread: the kernel's write of it must never
+        # wait for this process, whatever the engine makes it wait for below.
+        config = _ConfigReader(config_fd)
         values = recall(sys.argv[1:])
-        if values is not None and not (values.get("head_start") and values.get("warm_start")
-                                       and float(values.get("spare_ttl") or 0) > MIN_TTL):
-            # Learned: no head start for such a kernel. None of the imports below, then, on
-            # the kernel's other core (were it wrong, the kernel forks a helper itself).
+        learned_off = values is not None and not (
+            values.get("head_start") and values.get("warm_start")
+            and float(values.get("spare_ttl") or 0) > MIN_TTL)
+        # Learned: no head start for such a kernel. None of the imports below on the kernel's
+        # other core, then, unless the kernel hands a config over after all (it does only
+        # when it wants a head start).
+        if learned_off and not config.wait():
             os._exit(0)
         from traitlets.config import Config
 
@@ -263,21 +276,15 @@ def _early_helper(config_fd: int, fd: int) -> None:
         warm = SandboxBackend()
         warm.warm_engine()
         guess = None
-        if values is not None:
+        if values is not None and not config.done.is_set():
             with contextlib.suppress(Exception):  # values this version does not take
                 guess = SandboxBackend(config=Config({"SandboxBackend": values}))
         if guess is not None and _wanted(guess):
-            # The kernel still hands its config over: read and dropped, so its write never
-            # waits for this process.
-            threading.Thread(target=_drain, args=(config_fd,), daemon=True).start()
             guess.adopt_engine(warm)
             _helper(guess, fd)  # does not return
-        chunks = []
-        while chunk := os.read(config_fd, 1 << 16):
-            chunks.append(chunk)
-        os.close(config_fd)
-        if chunks:
-            backend = SandboxBackend(config=pickle.loads(b"".join(chunks)))
+        data = config.wait()
+        if data:
+            backend = SandboxBackend(config=pickle.loads(data))
             backend.adopt_engine(warm)
             _helper(backend, fd)
     except BaseException:
@@ -285,10 +292,26 @@ def _early_helper(config_fd: int, fd: int) -> None:
     os._exit(code)
 
 
-def _drain(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        while os.read(fd, 1 << 16):
-            pass
+class _ConfigReader:
+    """Reads what :func:`begin` writes to the config pipe, in a thread, to its end."""
+
+    def __init__(self, fd: int) -> None:
+        self._chunks: list[bytes] = []
+        self.done = threading.Event()
+        threading.Thread(target=self._read, args=(fd,), daemon=True, name="config").start()
+
+    def _read(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(fd, 1 << 16):
+                self._chunks.append(chunk)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        self.done.set()
+
+    def wait(self) -> bytes:
+        """The whole config once the pipe is closed (b"": none was handed over)."""
+        self.done.wait()
+        return b"".join(self._chunks)
 
 
 def _helper(backend: Any, fd: int) -> None:

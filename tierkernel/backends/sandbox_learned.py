@@ -11,7 +11,9 @@ settings at once instead of waiting.
 A wrong guess costs only time: the spare is keyed by its create arguments, and a kernel claims
 a spare only for the key its own configuration gives (sandbox_spares.py), so one made with
 stale settings is left for a later kernel or expires. Only the values of the SandboxBackend's
-traits are kept, as JSON in the user's cache folder (no code is ever loaded from there).
+traits are kept, as JSON in the user's cache folder (no code is ever loaded from there), in a
+folder and file of the user's own (0700, 0600, never through a link: with XDG_CACHE_HOME in a
+shared folder, another user could otherwise plant settings or redirect the write).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import contextlib
 import json
 import logging
 import os
+import stat
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +89,7 @@ def _situation(argv: list[str], files: list[str], cwd_matters: bool) -> dict[str
         "env": {name: os.environ.get(name) for name in _ENV},
         "cwd": os.getcwd() if cwd_matters else None,
         "files": {name: _stat(name) for name in sorted(set(files))},
-        "code": _stat(_CODE),
+        "code": [sys.executable, _CODE, _stat(_CODE)],
     }
 
 
@@ -109,9 +114,19 @@ def _stat(name: str) -> list[int] | None:
     return [info.st_mtime_ns, info.st_size]
 
 
+def _own(info: os.stat_result, kind: int) -> bool:
+    return stat.S_IFMT(info.st_mode) == kind and info.st_uid == os.getuid()
+
+
 def _entries() -> list[dict[str, Any]]:
     try:
-        entries = json.loads(path().read_text())
+        if not _own(os.lstat(path().parent), stat.S_IFDIR):
+            return []
+        fd = os.open(path(), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as file:
+            if not _own(os.fstat(file.fileno()), stat.S_IFREG):
+                return []
+            entries = json.loads(file.read(1 << 20))
     except (OSError, ValueError):
         return []
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
@@ -119,7 +134,16 @@ def _entries() -> list[dict[str, Any]]:
 
 def _write(entries: list[dict[str, Any]]) -> None:
     target = path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(entries))
-    tmp.replace(target)  # whole or not at all: another kernel may read it meanwhile
+    with contextlib.suppress(FileExistsError):
+        target.parent.mkdir(mode=0o700, parents=True)
+    if not _own(os.lstat(target.parent), stat.S_IFDIR):
+        raise OSError(f"{target.parent} is not a folder of this user's")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(entries))
+        os.replace(tmp, target)  # whole or not at all: another kernel may read it meanwhile
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
