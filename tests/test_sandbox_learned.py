@@ -100,3 +100,13 @@ def test_a_cache_file_that_is_a_link_is_neither_read_nor_written_through(config_
     assert recall(ARGV) == {"memory": 1 << 30}
     assert sandbox_learned.path().stat().st_mode & 0o077 == 0
     assert sandbox_learned.path().parent.stat().st_mode & 0o077 == 0
+
+
+def test_settings_learned_already_are_not_written_again(config_dir: Path):
+    learn(sources(config_dir), {"memory": 1 << 29})
+    written = sandbox_learned.path().stat().st_mtime_ns, sandbox_learned.path().stat().st_ino
+    learn(sources(config_dir), {"memory": 1 << 29})  # the next kernel, started the same way
+    assert (sandbox_learned.path().stat().st_mtime_ns,
+            sandbox_learned.path().stat().st_ino) == written
+    learn(sources(config_dir), {"memory": 1 << 30})
+    assert recall(ARGV) == {"memory": 1 << 30}

@@ -157,38 +157,47 @@ def begin(config: Any, sources: Any = None) -> None:
     ``spare_ttl`` under MIN_TTL), where the process cannot fork safely (another thread
     already runs: a fork would copy its locks mid-use), or when it has begun one already.
     Never raises: the kernel starts without a head start instead."""
-    global _pending, _early
+    global _early
     if _pending is not None:
         return
     early, _early = _early, None
     try:
         from tierkernel.backends.sandbox import SandboxBackend
 
-        backend = SandboxBackend(config=config)  # the config's values, typed and checked
-        wanted = _wanted(backend)
+        backend: Any = SandboxBackend(config=config)  # the config's values, typed and checked
+        wanted = _wants(backend.head_start, backend.warm_start, backend.spare_ttl)
     except Exception as exc:  # a bad config value: the kernel reports it where it is used
         log.warning("no sandbox head start: %s", exc)
-        wanted = False
-    else:
-        if sources is not None:
-            learn(sources, {name: getattr(backend, name)
-                            for name in backend.trait_names(config=True)})
+        backend, wanted = None, False
+    _start_helper(early, config, backend if wanted else None)
+    if backend is not None and sources is not None:
+        # Only now: the helper is already at work while this reads and writes the cache.
+        learn(sources, {name: getattr(backend, name)
+                        for name in backend.trait_names(config=True)})
+
+
+def _start_helper(early: tuple[int, int] | None, config: Any, backend: Any) -> None:
+    """Hand ``config`` to the early helper, or fork a helper for ``backend`` when there is
+    none (or it is gone); with ``backend`` None (no head start wanted) tell the early helper
+    so."""
+    global _pending
     if early is not None:
         config_fd, early_fd = early
-        if not wanted:
+        if backend is None:
             os.close(config_fd)  # the helper reads no config and ends
         elif _hand_over(config_fd, config):
             _pending = HeadStart(early_fd)
             return
         os.close(early_fd)
-    if wanted and hasattr(os, "fork") and threading.active_count() == 1:
+    if backend is not None and hasattr(os, "fork") and threading.active_count() == 1:
         read_fd = _spawn(lambda report_fd: _helper(backend, report_fd))
         if read_fd is not None:
             _pending = HeadStart(read_fd)
 
 
-def _wanted(backend: Any) -> bool:
-    return bool(backend.head_start and backend.warm_start and backend.spare_ttl > MIN_TTL)
+def _wants(head_start: Any, warm_start: Any, spare_ttl: Any) -> bool:
+    """Whether these settings ask for a head start (from a backend, or learned ones)."""
+    return bool(head_start and warm_start and float(spare_ttl or 0) > MIN_TTL)
 
 
 def _hand_over(fd: int, config: Any) -> bool:
@@ -259,9 +268,8 @@ def _early_helper(config_fd: int, fd: int) -> None:
         # wait for this process, whatever the engine makes it wait for below.
         config = _ConfigReader(config_fd)
         values = recall(sys.argv[1:])
-        learned_off = values is not None and not (
-            values.get("head_start") and values.get("warm_start")
-            and float(values.get("spare_ttl") or 0) > MIN_TTL)
+        learned_off = values is not None and not _wants(
+            values.get("head_start"), values.get("warm_start"), values.get("spare_ttl"))
         # Learned: no head start for such a kernel. None of the imports below on the kernel's
         # other core, then, unless the kernel hands a config over after all (it does only
         # when it wants a head start).
@@ -279,7 +287,7 @@ def _early_helper(config_fd: int, fd: int) -> None:
         if values is not None and not config.done.is_set():
             with contextlib.suppress(Exception):  # values this version does not take
                 guess = SandboxBackend(config=Config({"SandboxBackend": values}))
-        if guess is not None and _wanted(guess):
+        if guess is not None and _wants(guess.head_start, guess.warm_start, guess.spare_ttl):
             guess.adopt_engine(warm)
             _helper(guess, fd)  # does not return
         data = config.wait()

@@ -65,9 +65,11 @@ def learn(sources: Sources, values: dict[str, Any]) -> None:
     try:
         entry = {"situation": _situation(sources.argv, sources.files, sources.cwd_matters),
                  "values": values}
-        json.dumps(entry)  # only JSON values: anything else is not remembered
-        entries = [e for e in _entries() if e.get("situation") != entry["situation"]]
-        _write([entry, *entries][:_KEPT])
+        entry = json.loads(json.dumps(entry))  # only JSON values; as the file will hold it
+        known = _entries()
+        if known and known[0] == entry:
+            return  # learned already (most kernel starts): no write
+        _write([entry, *[e for e in known if e.get("situation") != entry["situation"]]][:_KEPT])
     except Exception as exc:
         log.debug("could not remember the sandbox settings: %s", exc)
 
