@@ -101,14 +101,15 @@ def _cmd_spares(args: argparse.Namespace) -> int:
 
 def _make_or_keep_spares(args: argparse.Namespace) -> int:
     from tierkernel.backends import sandbox_pool
+    from tierkernel.backends.sandbox_head_start import MIN_TTL
 
     def say(text: str) -> None:
         print(f"tierkernel spares: {text}", flush=True)
 
-    if args.count < 1 or args.interval <= 0 or (args.ttl is not None and args.ttl <= 15):
-        print("tierkernel spares: --count must be at least 1, --interval more than 0, and "
-              "--ttl more than 15 s (a kernel does not claim a spare about to expire)",
-              file=sys.stderr)
+    if args.count < 1 or args.interval <= 0 or (args.ttl is not None and args.ttl <= MIN_TTL):
+        print(f"tierkernel spares: --count must be at least 1, --interval more than 0, and "
+              f"--ttl more than {MIN_TTL:g} s (a kernel does not claim a spare about to "
+              "expire)", file=sys.stderr)
         return 2
     options = [f"--{option.removeprefix('--')}" for option in args.config_options]
     bad = [o for o in options if not re.fullmatch(r"--\w+(\.\w+)+=.*", o, re.DOTALL)]

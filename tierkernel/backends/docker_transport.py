@@ -246,13 +246,15 @@ class DockerExecTransport:
         """
         deadline = time.monotonic() + 2.0
         while True:
-            read = self._main_agent_exit if self.exec_id == MAIN_AGENT else self._exec_exit
-            code, final = read(max(0.1, deadline - time.monotonic()))
+            if self.exec_id == MAIN_AGENT:
+                code, final = self._main_agent_exit(max(0.1, deadline - time.monotonic()))
+            else:
+                code, final = self._exec_exit()
             if code is not None or final or time.monotonic() >= deadline:
                 return code
             time.sleep(0.1)
 
-    def _exec_exit(self, _within: float) -> tuple[int | None, bool]:
+    def _exec_exit(self) -> tuple[int | None, bool]:
         """(the agent exec's status, whether that is final: the engine has no such exec)"""
         try:
             info = self.api.exec_inspect(self.exec_id)
@@ -267,7 +269,7 @@ class DockerExecTransport:
         """The status a gVisor spare's keeper wrote for the agent it started (there is no exec
         to inspect); final when the container takes no exec. The file is the guest's: only
         its first bytes are read, and a read that hangs (a FIFO there) is given up."""
-        out = self._exec_output(["head", "-c", "16", AGENT_EXIT_FILE], min(within, 2.0))
+        out = self._exec_output(["head", "-c", "16", AGENT_EXIT_FILE], within)
         if out is None:
             return None, True
         text = out.strip()

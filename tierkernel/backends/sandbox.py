@@ -736,7 +736,7 @@ class SandboxBackend(Backend):
             # exec of it exists (the agent's, even exited) wedges under gVisor; expired
             # gVisor spares are removed by the reaper of any live or starting kernel instead.
             kwargs["command"] = ["sh", "-c", _AGENT_KEEPER, "tierkernel-keeper",
-                                 _agent_command()[-1]]
+                                 AGENT_PATH.read_text()]
             kwargs["environment"] = self._agent_environment(spec.runtime, self.spare_ttl)
         else:
             # The keeper ends an unclaimed spare (auto-remove then removes it) once its agent
