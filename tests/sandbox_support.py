@@ -73,7 +73,7 @@ def containers_of(kernel_pid: int) -> list[str]:
 def all_sandbox_containers() -> list[str]:
     """Ids of every tierkernel sandbox container on the engine."""
     return sorted(c.id for c in client().containers.list(
-        all=True, filters={"label": LABEL_KERNEL}))
+        all=True, ignore_removed=True, filters={"label": LABEL_KERNEL}))
 
 
 def wait_for(predicate: Any, within: float, step: float = 0.2) -> bool:

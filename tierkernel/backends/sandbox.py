@@ -1086,7 +1086,8 @@ def reap_orphans(client: Any) -> list[str]:
     removed: list[str] = []
     host = socket.gethostname()
     try:
-        found = client.containers.list(all=True, filters={"label": LABEL_KERNEL})
+        found = client.containers.list(all=True, ignore_removed=True,
+                                       filters={"label": LABEL_KERNEL})
     except Exception:
         log.debug("listing sandbox containers failed", exc_info=True)
         return removed
@@ -1118,7 +1119,9 @@ def kernel_containers(client: Any, pid: int) -> list[str]:
     """Ids of the sandbox containers the kernel process ``pid`` owns: those it created for
     itself and the spare it claimed (not the spares it made for others)."""
     owned = []
-    for container in client.containers.list(all=True, filters={"label": LABEL_KERNEL}):
+    # ignore_removed: one may be gone before the SDK inspects it (see spares.list_spares).
+    for container in client.containers.list(all=True, ignore_removed=True,
+                                            filters={"label": LABEL_KERNEL}):
         labels = container.labels or {}
         if spares.LABEL_SPARE in labels:
             owner = spares.claimer(spares.folder_of(container))

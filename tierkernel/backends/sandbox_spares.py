@@ -83,7 +83,7 @@ def candidates(client: Any, key: str, fresh_for: float = 5.0) -> list[Any]:
     """Running spares of this user on this host made with spec ``key``, oldest first, with
     more than ``fresh_for`` s left before they expire."""
     try:
-        found = client.containers.list(filters={
+        found = client.containers.list(ignore_removed=True, filters={
             "status": "running",
             "label": [f"{LABEL_SPARE}={key}", f"{LABEL_OWNER_HOST}={socket.gethostname()}",
                       f"{LABEL_OWNER_UID}={os.getuid()}"]})
@@ -136,7 +136,10 @@ def stale(container: Any, alive: Any) -> bool:
 def list_spares(client: Any) -> list[Any]:
     """Every spare container on the engine (any user's, any spec), claimed or not."""
     with contextlib.suppress(Exception):
-        return list(client.containers.list(all=True, filters={"label": LABEL_SPARE}))
+        # ignore_removed: the SDK inspects each listed container, and one may be gone by
+        # then (a spare removing itself, a kernel reaping); without it the whole list fails.
+        return list(client.containers.list(all=True, ignore_removed=True,
+                                           filters={"label": LABEL_SPARE}))
     return []
 
 
