@@ -9,7 +9,9 @@ For each runtime (runc, and runsc where the engine has it):
   start creates the container), at once and after a 2 s pause (a person typing); against
   ``docker run --rm IMAGE python3 -c CELL`` (a fresh, equally hardened container per cell);
 - warm trivial cell (``%%tier sandbox`` + ``1+1``) round trip through the kernel, against a
-  native cell in the same kernel and ``docker exec CONTAINER python3 -c CELL`` (per-cell exec);
+  native cell in the same kernel and ``docker exec CONTAINER python3 -c CELL`` (per-cell exec),
+  interleaved so that each kind follows each kind equally often, and also shown by whether a
+  docker exec ran just before (its aftermath in the engine slows whatever comes next);
 - first streamed line of ``print(); sleep(0.5); print()`` against the same via ``docker exec``.
 
 ``docker exec``/``docker run`` are timed through the Docker SDK (what a per-cell implementation
@@ -110,6 +112,12 @@ def wait_for_spare(client: Any, runtime: str, within: float = 60) -> None:
     raise TimeoutError(f"no spare {runtime} container appeared within {within:g} s")
 
 
+#: The order of the warm measurements, cycled: a de Bruijn sequence, in which each of the three
+#: kinds follows each kind (itself included) exactly once per cycle. (A rotation of the three per
+#: round puts the same kind after a docker exec in two rounds of three.)
+_ORDER = ("sandbox", "sandbox", "native", "sandbox", "exec", "native", "native", "exec", "exec")
+
+
 def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
@@ -157,9 +165,11 @@ def bench_runtime(runtime: str, rounds: int, client: Any, image: str,
         for _ in range(10):
             round_trip(kc, "%%tier sandbox\n1+1")
             round_trip(kc, "1+1")
-        sandbox: list[float] = []
-        native: list[float] = []
-        ex_sdk: list[float] = []
+        times: dict[str, list[float]] = {"sandbox": [], "native": [], "exec": []}
+        # Each warm cell also by what ran just before it: a docker exec leaves dockerd and
+        # containerd busy tidying up for a few ms after it returns, and whatever comes right
+        # after it pays for that on a 2-core machine.
+        after: dict[tuple[str, str], list[float]] = {}
         ex_cli: list[float] = []
         st_sandbox: list[float] = []
         st_exec: list[float] = []
@@ -169,25 +179,28 @@ def bench_runtime(runtime: str, rounds: int, client: Any, image: str,
             peer.exec_run(["python3", "-c", "print(1+1)"])
             return time.perf_counter() - t
 
-        # Each round runs the three in a rotated order, so that each follows the others equally
-        # often: a docker exec leaves dockerd and containerd busy tidying up for a few ms after
-        # it returns, and whatever comes right after it pays for that on a 2-core machine.
-        kinds: list[tuple[list[float], Callable[[], float]]] = [
-            (sandbox, lambda: round_trip(kc, "%%tier sandbox\n1+1")),
-            (native, lambda: round_trip(kc, "1+1")),
-            (ex_sdk, exec_once),
-        ]
-        for i in range(rounds):
-            for series, measure in kinds[i % 3:] + kinds[:i % 3]:
-                if settle:
-                    time.sleep(settle)
-                series.append(measure())
-            if cli and i % 5 == 0:
+        measures: dict[str, Callable[[], float]] = {
+            "sandbox": lambda: round_trip(kc, "%%tier sandbox\n1+1"),
+            "native": lambda: round_trip(kc, "1+1"),
+            "exec": exec_once,
+        }
+        previous = "native"  # the warm-up ended with a native cell
+        for i in range(3 * rounds):
+            kind = _ORDER[i % len(_ORDER)]
+            if settle:
+                time.sleep(settle)
+            took = measures[kind]()
+            times[kind].append(took)
+            after.setdefault((kind, previous), []).append(took)
+            previous = kind
+        # The CLI exec and the streamed line, apart from the balanced order above.
+        for i in range(max(rounds // 5, 1)):
+            if cli:
                 t = time.perf_counter()
                 subprocess.run([cli, "exec", peer.id, "python3", "-c", "print(1+1)"],
                                check=True, capture_output=True)
                 ex_cli.append(time.perf_counter() - t)
-            if i % 10 == 0:
+            if i % 2 == 0:
                 st_sandbox.append(first_stream(kc, "%%tier sandbox\n" + STREAM_CELL))
                 t = time.perf_counter()
                 _, stream = peer.exec_run(["python3", "-c", STREAM_CELL], stream=True)
@@ -195,6 +208,11 @@ def bench_runtime(runtime: str, rounds: int, client: Any, image: str,
                 st_exec.append(time.perf_counter() - t)
                 for _chunk in stream:
                     pass
+        for kind in ("sandbox", "native"):
+            res[f"warm_{kind}_after_exec"] = median_ms(after[(kind, "exec")])
+            res[f"warm_{kind}_after_cell"] = median_ms(
+                after[(kind, "sandbox")] + after[(kind, "native")])
+        sandbox, native, ex_sdk = times["sandbox"], times["native"], times["exec"]
         res.update(warm_sandbox=median_ms(sandbox), warm_native=median_ms(native),
                    exec_sdk=median_ms(ex_sdk), stream_sandbox=median_ms(st_sandbox),
                    stream_exec=median_ms(st_exec))
@@ -218,6 +236,9 @@ def report(runtime: str, r: dict[str, float]) -> None:
         print(f"docker run --rm IMAGE python3 -c (CLI)               {r['docker_run_cli']:9.1f}")
     print(f"warm sandbox cell 1+1 through the kernel             {r['warm_sandbox']:9.2f}")
     print(f"native cell 1+1 through the kernel                   {r['warm_native']:9.2f}")
+    for kind in ("sandbox", "native"):
+        print(f"  {kind} cell right after a docker exec / a cell     "
+              f"{r[f'warm_{kind}_after_exec']:6.2f} / {r[f'warm_{kind}_after_cell']:.2f}")
     print(f"docker exec CONTAINER python3 -c (SDK)               {r['exec_sdk']:9.1f}")
     if "exec_cli" in r:
         print(f"docker exec CONTAINER python3 -c (CLI)               {r['exec_cli']:9.1f}")
