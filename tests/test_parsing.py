@@ -1,10 +1,15 @@
-"""The %%tier line parser: every spelling and every mistake, without a kernel."""
+"""The %%tier line parser and the size settings: every spelling and every mistake, without a
+kernel."""
 
 from __future__ import annotations
 
 import pytest
+from traitlets import TraitError
+from traitlets.config import Config
 
 from tierkernel.backends.base import format_limit
+from tierkernel.backends.sandbox import SandboxBackend
+from tierkernel.backends.wasm import WasmBackend
 from tierkernel.magics.options import (
     TierUsageError,
     format_size,
@@ -70,6 +75,21 @@ def test_sizes(text, size):
 def test_bad_sizes(text):
     with pytest.raises(TierUsageError, match="--memory"):
         parse_size(text)
+
+
+def test_size_settings_take_what_the_magic_line_takes():
+    config = Config()
+    config.SandboxBackend.memory = "1.5g"
+    config.SandboxBackend.output_limit = "1m"
+    backend = SandboxBackend(config=config)
+    assert backend.memory == 3 << 29 and backend.output_limit == 1 << 20
+    assert SandboxBackend(memory=1 << 30).memory == 1 << 30
+    assert SandboxBackend(memory=4e9).memory == 4_000_000_000
+    assert WasmBackend(memory="64m").memory == 64 << 20
+    for bad, says in [("lots", "expects a size such as 512m"), (True, "expects a size"),
+                      (2.5, "expects a size"), ("1m", "must be at least 16m, got 1m")]:
+        with pytest.raises(TraitError, match=f"c.SandboxBackend.memory {says}"):
+            SandboxBackend(memory=bad)
 
 
 def test_cpus_and_rendering():

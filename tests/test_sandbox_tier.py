@@ -423,6 +423,33 @@ def test_orphans_of_a_killed_kernel_are_reaped(engine: None):
         successor.close()
 
 
+def test_memory_setting_takes_a_size_as_the_magic_line_does(engine: None):
+    session = KernelSession(extra_arguments=["--SandboxBackend.memory=384m"])
+    try:
+        out = session.run(S + "open('/sys/fs/cgroup/memory/memory.limit_in_bytes').read()")
+        assert out.result["text/plain"] == repr(f"{384 * 2**20}\n"), out.error
+        table = session.run("%tier").of_type("display_data")[0].content["data"]["text/plain"]
+        row = next(line for line in table.splitlines() if line.strip().startswith("sandbox"))
+        assert "memory=384m" in row, row
+    finally:
+        session.close()
+
+
+def test_a_bad_memory_setting_is_reported_and_other_tiers_work():
+    session = KernelSession(extra_arguments=["--SandboxBackend.memory=lots"])
+    try:
+        table = session.run("%tier").of_type("display_data")[0].content["data"]["text/plain"]
+        row = next(line for line in table.splitlines() if line.strip().startswith("sandbox"))
+        assert "c.SandboxBackend.memory expects a size such as 512m" in row, row
+        assert "'lots'" in row
+        out = session.run(S + "1")
+        assert out.error["ename"] == "TierUnavailableError"
+        assert "c.SandboxBackend.memory expects a size" in out.error["evalue"]
+        assert session.run("'native fine'").result["text/plain"] == "'native fine'"
+    finally:
+        session.close()
+
+
 def test_unavailable_engine_is_reported_precisely():
     dead = "unix:///tmp/tierkernel-no-engine.sock"
     session = KernelSession(env={**os.environ, "DOCKER_HOST": dead})

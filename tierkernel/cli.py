@@ -115,7 +115,7 @@ def _make_or_keep_spares(args: argparse.Namespace) -> int:
     bad = [o for o in options if not re.fullmatch(r"--\w+(\.\w+)+=.*", o, re.DOTALL)]
     if bad:
         print(f"tierkernel spares: --set takes CLASS.NAME=VALUE (as in "
-              f"--set SandboxBackend.memory=1073741824), not {bad[0][2:]!r}", file=sys.stderr)
+              f"--set SandboxBackend.memory=1g), not {bad[0][2:]!r}", file=sys.stderr)
         return 2
     if args.ttl is not None:
         options.append(f"--SandboxBackend.spare_ttl={args.ttl}")
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], dest="config_options",
                    metavar="CLASS.NAME=VALUE",
                    help="a kernel option, as the kernel's --CLASS.NAME=VALUE "
-                   "(e.g. --set SandboxBackend.memory=1073741824); repeatable")
+                   "(e.g. --set SandboxBackend.memory=1g); repeatable")
     p.set_defaults(func=_cmd_spares)
 
     p = sub.add_parser("kernel", help="launch the kernel (what the kernelspec runs)")

@@ -17,10 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from traitlets import Float, Int, Unicode
+from traitlets import Float, Unicode
 
 from tierkernel.backends.agent_session import AgentSession
 from tierkernel.backends.base import Availability, Backend, CellRequest, ExecResult, OutputSink
+from tierkernel.backends.config_traits import ByteSize
 
 AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
 
@@ -103,8 +104,8 @@ class ProcessBackend(Backend):
     interrupt_grace = Float(
         3.0, help="Seconds a cell may take to honour an interrupt before its process is killed."
     ).tag(config=True)
-    output_limit = Int(
-        16 * 1024 * 1024, help="Bytes of output one cell may produce before it is stopped."
+    output_limit = ByteSize(
+        16 * 1024 * 1024, help="Output one cell may produce before it is stopped (16m, or bytes)."
     ).tag(config=True)
     start_timeout = Float(30.0, help="Seconds to wait for the agent to start.").tag(config=True)
 

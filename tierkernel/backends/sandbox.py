@@ -45,6 +45,7 @@ from tierkernel.backends.base import (
     MimeBundle,
     OutputSink,
 )
+from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.docker_engine import (
     LABEL_KERNEL,
     LABEL_OWNER_HOST,
@@ -85,7 +86,7 @@ from tierkernel.guest.agent import (
     WAKE_ENV,
     WATCH_ENV,
 )
-from tierkernel.magics.options import format_size
+from tierkernel.magics.options import MIN_MEMORY, format_size
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,9 @@ class SandboxBackend(Backend):
         "runc", help="Container runtime: runc, or runsc for gVisor (registered with the engine). "
         "Overridden per cell with --runtime."
     ).tag(config=True)
-    memory = Int(
-        512 * 2**20, help="Memory limit of the container in bytes (swap included); per cell: "
-        "--memory 1g."
+    memory = ByteSize(
+        512 * 2**20, minimum=MIN_MEMORY, help="Memory limit of the container (swap included), "
+        "as 512m, 1g or bytes; per cell: --memory 1g."
     ).tag(config=True)
     cpus = Float(1.0, help="CPU share of the container; per cell: --cpus 0.5.").tag(config=True)
     pids_limit = Int(
@@ -232,8 +233,8 @@ class SandboxBackend(Backend):
     interrupt_grace = Float(
         3.0, help="Seconds a cell may take to honour an interrupt before its agent is killed."
     ).tag(config=True)
-    output_limit = Int(
-        16 * 1024 * 1024, help="Bytes of output one cell may produce before it is stopped."
+    output_limit = ByteSize(
+        16 * 1024 * 1024, help="Output one cell may produce before it is stopped (16m, or bytes)."
     ).tag(config=True)
     start_timeout = Float(
         60.0, help="Seconds to wait for the agent to start in the container."

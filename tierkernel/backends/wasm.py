@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Int, List, Unicode, default, validate
+from traitlets import Bool, List, Unicode, default
 
 import tierkernel.guest
 from tierkernel.backends import wasm_runtime
@@ -33,11 +33,12 @@ from tierkernel.backends.base import (
     ExecResult,
     OutputSink,
 )
+from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
 from tierkernel.fsx.wasm_mount import workspace_mount
-from tierkernel.magics.options import TierUsageError, format_size, parse_size
+from tierkernel.magics.options import MIN_MEMORY, format_size
 
 WORKSPACE = "/workspace"
 
@@ -49,15 +50,16 @@ class WasmBackend(Backend):
                  "only /workspace and /tmp writable")
     accepted_options = frozenset({"timeout", "memory", "allow", "domains", "db-readonly"})
 
-    memory = Unicode(
-        "1g",
-        help="Memory of the wasm session (its WebAssembly heap), e.g. 512m, 1g, 4g. "
+    memory = ByteSize(
+        1 << 30,
+        minimum=MIN_MEMORY,
+        help="Memory of the wasm session (its WebAssembly heap), e.g. 512m, 1g, 4g, or bytes. "
         "Overridden with '%%tier wasm --memory SIZE', which restarts the session.",
     ).tag(config=True)
-    output_limit = Int(
+    output_limit = ByteSize(
         16 * 1024 * 1024,
-        help="Bytes of output one cell may produce; past it the cell is stopped (which resets "
-        "the wasm session).",
+        help="Output one cell may produce (16m, or bytes); past it the cell is stopped (which "
+        "resets the wasm session).",
     ).tag(config=True)
     preload = List(
         Unicode(),
@@ -76,15 +78,6 @@ class WasmBackend(Backend):
     @default("warm_start")
     def _warm_when_compiled(self) -> bool:
         return wasm_runtime.is_compiled()
-
-    @validate("memory")
-    def _check_memory(self, proposal: dict[str, Any]) -> str:
-        value = str(proposal["value"])
-        try:
-            parse_size(value)
-        except TierUsageError as exc:
-            raise ValueError(f"c.WasmBackend.memory: {exc}") from None
-        return value
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -117,21 +110,21 @@ class WasmBackend(Backend):
 
     def defaults(self) -> dict[str, Any]:
         """Timeout and memory, as the magic line takes them."""
-        return {"timeout": self.timeout, "memory": parse_size(self.memory)}
+        return {"timeout": self.timeout, "memory": self.memory}
 
     async def start(self) -> None:
         """Open the session when the runtime is compiled (fast); otherwise the first cell
         opens it, telling the user about the compile (see :meth:`execute`)."""
         if self._live() or not wasm_runtime.is_compiled():
             return
-        await self._ensure(None, parse_size(self.memory))
+        await self._ensure(None, self.memory)
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
         """Run the cell in the session (opening or re-opening it first as needed)."""
         started = time.perf_counter()
-        wanted = int(request.options.get("memory") or parse_size(self.memory))
+        wanted = int(request.options.get("memory") or self.memory)
         if (self._live() and wanted != self._agent_memory
-                and wanted != parse_size(self.memory)):
+                and wanted != self.memory):
             old = format_size(self._agent_memory or 0)
             self._drop_agent()
             sink.stream("stderr", f"tierkernel: restarting the wasm session with --memory "
@@ -190,7 +183,7 @@ class WasmBackend(Backend):
             if self._live():
                 assert self._agent is not None
                 return self._agent
-            memory = memory or parse_size(self.memory)
+            memory = memory or self.memory
             opening = self._opening
             if opening is None or opening.done():
                 compiled = wasm_runtime.is_compiled()

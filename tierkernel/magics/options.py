@@ -64,22 +64,31 @@ _SIZE_UNITS = {
     "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
     "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
 }
+#: The least memory a tier accepts (``--memory`` and the tiers' memory settings).
+MIN_MEMORY = 16 << 20
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
 
 
-def parse_size(text: str) -> int:
-    """Parse a memory size in bytes: ``512m``, ``1g``, ``1.5GiB``, ``256MB``, ``1048576``.
+def size_in_bytes(text: str) -> int | None:
+    """``512m``, ``1g``, ``1.5GiB``, ``256MB``, ``1048576`` in bytes; None when it is no size.
 
     Units are binary (``1m`` is 1 MiB), as Docker's ``--memory`` reads them.
     """
     match = _SIZE.match(text.lower())
     factor = _SIZE_UNITS.get(match.group(2)) if match else None
     if match is None or factor is None:
+        return None
+    return int(float(match.group(1)) * factor)
+
+
+def parse_size(text: str) -> int:
+    """Parse a memory size in bytes (see :func:`size_in_bytes`); at least 16m."""
+    value = size_in_bytes(text)
+    if value is None:
         raise TierUsageError(
             f"--memory expects a size such as 512m, 1g or 1.5GiB, got {text!r}"
         )
-    value = int(float(match.group(1)) * factor)
-    if value < 16 << 20:
+    if value < MIN_MEMORY:
         raise TierUsageError(f"--memory must be at least 16m, got {text!r}")
     return value
 
