@@ -21,7 +21,7 @@ import logging
 import socket
 import tempfile
 import threading
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 from tierkernel.backends.agent_session import AgentSession
 from tierkernel.fsx import FsxConfigError, FsxFacade, sync
@@ -90,7 +90,6 @@ class WorkspaceSync:
             data = packed.archive.read()
             members = _has_members(data)
             if _by_agent(agent, len(data)) and (deleted or members):
-                assert agent is not None
                 try:
                     _agent_unpack(agent, data if members else b"", deleted)
                     changed = True
@@ -183,12 +182,8 @@ class WorkspaceSync:
         spool.seek(0)
         return spool
 
-    def forget(self) -> None:
-        """The container is gone: the next one gets the whole workspace."""
-        self._container = self._manifest = self._token = None
 
-
-def _by_agent(agent: AgentSession | None, size: int) -> bool:
+def _by_agent(agent: AgentSession | None, size: int) -> TypeGuard[AgentSession]:
     """Whether a copy of ``size`` bytes goes through the agent's channel: a request there
     takes a millisecond where a ``docker exec`` of tar takes 20-80 ms, but it travels as one
     base64 JSON line held in memory on both sides (in the container, within its memory
@@ -203,10 +198,9 @@ def _agent_unpack(agent: AgentSession, data: bytes, deleted: list[str]) -> None:
         raise OSError(f"copying the workspace into the container failed: {answer['error']}")
 
 
-def _agent_pack(agent: AgentSession | None) -> IO[bytes] | None:
+def _agent_pack(agent: AgentSession) -> IO[bytes] | None:
     """The container's /workspace as a tar read by its agent, or None when it is larger than
     AGENT_COPY_LIMIT (then tar in a docker exec reads it, streaming)."""
-    assert agent is not None
     answer = agent.ask({"type": "pack", "root": GUEST_PATH, "limit": AGENT_COPY_LIMIT},
                        timeout=120)
     if answer.get("error"):
