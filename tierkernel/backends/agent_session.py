@@ -77,6 +77,8 @@ class _Cell:
     output_bytes: int = 0
     over_limit: bool = False
     lost: bool = False
+    #: Why the host killed the agent itself, if it did: told instead of how the agent ended.
+    killed_because: str = ""
     #: Answers the guest's ai/api/db/console requests for this cell (None: not available).
     helpers: HelperGateway | None = None
     #: Called (from whichever thread ends the cell) right after ``done`` is set.
@@ -309,17 +311,22 @@ class AgentSession:
 
     def _kill_for(self, cell: _Cell) -> None:
         log.warning("%s agent ignored SIGINT for %.1f s; killing it", self.tier, self.grace)
+        # Said before the kill: the reader thread, which sees the agent end first, tells it.
+        cell.killed_because = (f"it did not stop within {self.grace:g} s of being "
+                               "interrupted, so it was killed")
         self.transport.kill()
-        self._lose(cell, f"it did not stop within {self.grace:g} s of being interrupted, so it "
-                         "was killed")
+        self._lose(cell, cell.killed_because)
 
     def _lose(self, cell: _Cell, why: str) -> None:
         """The agent is gone: fail the cell with a message that says the state is lost."""
         self.alive = False
         with self._lock:
-            if cell.done.is_set():
+            # Once only: the reader thread (the agent's end) and the policing one (its kill)
+            # may both get here for the same cell.
+            if cell.done.is_set() or cell.lost:
                 return
             cell.lost = True
+            why = cell.killed_because or why
         names = {"interrupt": "KeyboardInterrupt", "timeout": "TimeoutError",
                  "output": "OutputLimitError"}
         ename = names.get(cell.stop_reason or "", "TierSessionLost")
