@@ -6,6 +6,7 @@ Run once per fsx backend (memory, sqlite, local), each in a kernel configured fo
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,6 +118,55 @@ def test_sandbox_writes_are_in_fsx_before_the_reply(sandboxed):
     session.run("fs.write_file('/kept.txt', 'changed by native')")
     again = session.run(S + "open('kept.txt').read()")
     assert again.result["text/plain"] == "'changed by native'"
+
+
+def test_sandbox_writes_in_folders_made_by_earlier_cells_reach_fsx(sandboxed):
+    # The agent hears its /workspace through inotify: a folder made (or moved) by one cell must
+    # be heard by the next, whose only change is a write inside it.
+    session, _, _ = sandboxed
+    assert session.run(S + "import os\nos.makedirs('later/deep')").status == "ok"
+    session.run(S + "open('later/deep/f.txt', 'w').write('in a new folder')")
+    assert session.run("fs.read_file('/later/deep/f.txt')").result["text/plain"] == \
+        "'in a new folder'"
+    session.run(S + "os.rename('later', 'later2')")
+    session.run(S + "open('later2/deep/g.txt', 'w').write('in a moved folder')")
+    out = session.run("fs.exists('/later'), fs.read_file('/later2/deep/g.txt')")
+    assert out.result["text/plain"] == "(False, 'in a moved folder')", out.outputs
+
+
+def test_what_a_background_process_writes_after_its_cell_reaches_fsx(sandboxed):
+    session, _, _ = sandboxed
+    started = session.run(S + "import os, subprocess\nos.makedirs('bg', exist_ok=True)\n"
+                              "subprocess.Popen(['sh', '-c', 'sleep 0.5; echo late > "
+                              "bg/late.txt'])")
+    assert started.status == "ok", started.outputs
+    time.sleep(1.5)
+    session.run(S + "pass")  # the change since the last cell is brought back at this one's end
+    assert session.run("fs.read_file('/bg/late.txt')").result["text/plain"] == "'late\\n'"
+
+
+def test_host_changes_to_a_workspace_folder_reach_the_sandbox(sandboxed):
+    # A file:// workspace may be changed by any host process, not only through fsx: the host
+    # hears the folder through inotify and copies only when it changed.
+    session, backend, where = sandboxed
+    if backend != "local":
+        pytest.skip("only a host folder can be changed behind fsx's back")
+    (where / "same.txt").write_text("aaaa")
+    assert session.run(S + "open('same.txt').read()").result["text/plain"] == "'aaaa'"
+    (where / "same.txt").write_text("bbbb")  # the same size
+    (where / "hostdir" / "sub").mkdir(parents=True)
+    (where / "hostdir" / "sub" / "new.txt").write_text("from the host")
+    out = session.run(S + "open('same.txt').read(), open('hostdir/sub/new.txt').read()")
+    assert out.result["text/plain"] == "('bbbb', 'from the host')", out.outputs
+    (where / "hostdir").rename(where / "hostdir2")
+    (where / "hostdir2" / "sub" / "later.txt").write_text("later")
+    (where / "same.txt").unlink()
+    out = session.run(S + "import os\nos.path.exists('hostdir'), os.path.exists('same.txt'), "
+                          "sorted(os.listdir('hostdir2/sub'))")
+    assert out.result["text/plain"] == "(False, False, ['later.txt', 'new.txt'])", out.outputs
+    (where / "hostdir2" / "sub" / "later.txt").write_text("changed again")
+    out = session.run(S + "open('hostdir2/sub/later.txt').read()")
+    assert out.result["text/plain"] == "'changed again'", out.outputs
 
 
 def test_copies_larger_than_the_agent_channel_takes_arrive_whole(sandboxed):

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: The guest side of the runtime helpers, sent to agents as source by install_helpers().
 HELPERS_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "helpers.py"
+#: The guest's inotify watch of its workspace, sent as source by install_watch().
+TREE_WATCH_SOURCE = HELPERS_SOURCE.with_name("tree_watch.py")
 
 
 class AgentTransport(Protocol):
@@ -158,6 +160,13 @@ class AgentSession:
         stdlib-only module is sent as source, so nothing needs to exist in the guest."""
         source = HELPERS_SOURCE.read_text(encoding="utf-8")
         self.transport.send((json.dumps({"type": "install_helpers", "source": source})
+                             + "\n").encode())
+
+    def install_watch(self) -> None:
+        """Let the agent watch its workspace folder with inotify instead of walking it
+        around each cell (``tierkernel/guest/tree_watch.py``, sent as source)."""
+        source = TREE_WATCH_SOURCE.read_text(encoding="utf-8")
+        self.transport.send((json.dumps({"type": "install_watch", "source": source})
                              + "\n").encode())
 
     def reset_watch(self) -> None:

@@ -877,6 +877,7 @@ class SandboxBackend(Backend):
         except Exception as exc:
             raise EngineError(str(exc)) from exc
         session.install_helpers()
+        session.install_watch()
         self._session = session
 
     def _drop_container(self) -> None:

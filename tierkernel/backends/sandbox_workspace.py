@@ -7,6 +7,10 @@ anything under ``/workspace`` changed, the container's tree comes back (``tar -c
 :func:`tierkernel.fsx.sync.apply` brings fsx up to date before the cell's reply, keeping fsx's
 version (and saving the container's beside it as ``NAME.sandbox-conflict``) where both changed.
 
+Finding out costs no walk in the usual case: the host asks the store's change token (a host
+folder's is an inotify event count), and the agent counts inotify events under /workspace
+(``tierkernel/guest/tree_watch.py``); either side walks its tree only where it cannot watch.
+
 Why not a bind mount for the ``local`` backend: the container's user (uid 65534) would need
 write access to a host folder, its symlinks would be resolved by the host's tools, and
 ``memory``/``sqlite`` would still need this path; one mechanism keeps the guarantees the same

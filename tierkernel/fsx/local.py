@@ -14,6 +14,7 @@ crash never leaves a torn file; appends extend the file in place.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 import shutil
@@ -22,11 +23,16 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tierkernel.fsx.errors import FsxConfigError, fs_error
 from tierkernel.fsx.nodes import DEFAULT_MODE, Kind, Node
 from tierkernel.fsx.store import COPY_CHUNK, Reader, Store
+
+if TYPE_CHECKING:  # imported at first use: it loads ctypes, which most kernels never need
+    from tierkernel.guest.tree_watch import TreeWatch
+
+log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _TMP_PREFIX = ".fsx-tmp-"
@@ -88,10 +94,29 @@ class LocalStore(Store):
         # root's path on the host cannot redirect them.
         self._root_fd = os.open(self.root, _DIR_FLAGS)
         self._lock = threading.RLock()
+        self._watch: TreeWatch | None = None
 
     def transaction(self) -> AbstractContextManager[Any]:
         """Serialises this process's operations; the host filesystem gives no more."""
         return self._lock
+
+    def external_version(self) -> object | None:
+        """A count of the writes anyone made under the root, heard through inotify (see
+        ``tierkernel.guest.tree_watch``); None where that cannot be trusted (then callers walk
+        the tree).
+        The watch is set up at the first call: only the sandbox tier asks."""
+        with self._lock:
+            if self._root_fd < 0:
+                return None
+            if self._watch is None:
+                from tierkernel.guest.tree_watch import TreeWatch
+
+                self._watch = TreeWatch(self._root_fd, str(self.root))
+                if self._watch.why:
+                    log.info("fsx: changes to %s are found by walking it before each sandbox "
+                             "cell: %s", self.root, self._watch.why)
+            watch = self._watch
+        return watch.version()
 
     # -- descriptors ----------------------------------------------------------------------
     def _open_dir(self, parts: list[str], path: str) -> int:
@@ -294,8 +319,11 @@ class LocalStore(Store):
                 yield path, node
 
     def close(self) -> None:
-        """Close the root descriptor."""
+        """Close the root descriptor (and the watch)."""
         with self._lock:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
             if self._root_fd >= 0:
                 os.close(self._root_fd)
                 self._root_fd = -1

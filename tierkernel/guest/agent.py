@@ -10,6 +10,7 @@ instead (see SOCKET_ENV).
 
 host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
                {"type": "install_helpers", "source"} | {"type": "watch_reset"}
+               {"type": "install_watch", "source"} (tree_watch.py, for WATCH_ENV's folder)
                {"type": "procs"} | {"type": "shutdown"}
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
                {"type": "pack", "seq", "root", "limit"}
@@ -219,7 +220,10 @@ class Agent:
         self.requests: Any = None
         self._host_lock = threading.Lock()
         self._host_seq = 0
-        self._last_tree: int | None = None
+        #: The watched folder's state when the last cell ended (see tree_mark).
+        self._last_tree: tuple[str, int] | None = None
+        #: An inotify TreeWatch of the watched folder, once the host sent one (install_watch).
+        self._watch: Any = None
         if hasattr(os, "register_at_fork"):  # absent where processes cannot fork (WASI)
             os.register_at_fork(after_in_child=self._after_fork_in_child)
 
@@ -330,8 +334,43 @@ class Agent:
     def reset_watch(self) -> None:
         """Take the watched folder as it is now as unchanged: the host has just copied files
         into it itself (or the agent just started), so they need not be copied back."""
+        self._last_tree = self.tree_mark()
+
+    def tree_mark(self) -> tuple[str, int] | None:
+        """The watched folder's state, to compare with an earlier one: an inotify event count
+        when a watch is installed and trusted, else a signature from a walk of the tree (two
+        marks of different kinds never compare equal: reported as a change, never missed)."""
         watched = os.environ.get(WATCH_ENV)
-        self._last_tree = tree_signature(watched) if watched else None
+        if not watched:
+            return None
+        if self._watch is not None:
+            count = self._watch.version()
+            if count is not None:
+                return ("events", count)
+            self._watch = None  # it gave up (an overflow it could not recover from): walk
+        return ("walk", tree_signature(watched))
+
+    def install_watch(self, source: str) -> None:
+        """Watch the watched folder with inotify from now on, instead of walking it around
+        every cell: ``source`` is the stdlib-only ``tierkernel/guest/tree_watch.py``. Where it
+        cannot watch (see its ``why``), the walk stays."""
+        watched = os.environ.get(WATCH_ENV)
+        if not watched or self._watch is not None:
+            return
+        module = types.ModuleType("tierkernel_tree_watch")
+        exec(compile(source, "<tierkernel tree watch>", "exec"), module.__dict__)
+        fd = os.open(watched, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        watch = module.TreeWatch(fd, watched)  # keeps using fd: open for the agent's life
+        count = watch.version()
+        if count is None:
+            os.close(fd)
+            return
+        # Events count only from now. If the folder is as it was when the last cell ended,
+        # the count is the new baseline; otherwise the old one stays, so the next cell still
+        # reports what changed meanwhile.
+        if self._last_tree == ("walk", tree_signature(watched)):
+            self._last_tree = ("events", count)
+        self._watch = watch
 
     # -- running cells --------------------------------------------------------------------
     def execute(self, msg: dict[str, Any]) -> None:
@@ -341,7 +380,7 @@ class Agent:
         first_line = int(msg.get("first_line", 1))
         success = True
         watched = os.environ.get(WATCH_ENV)
-        before = tree_signature(watched) if watched else None
+        before = self.tree_mark()
         try:
             success = self._run(code, filename, first_line)
         finally:
@@ -362,7 +401,7 @@ class Agent:
             if watched:
                 # Whether the host must copy the workspace back: it changed during the cell, or
                 # since the last cell ended (a background process the cell left running).
-                after = tree_signature(watched)
+                after = self.tree_mark()
                 done["workspace_changed"] = after != before or before != self._last_tree
                 self._last_tree = after
             self.channel.send(done)
@@ -853,9 +892,10 @@ def workspace_request(msg: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def _import_quietly(name: str) -> None:
-    with contextlib.suppress(Exception):
-        __import__(name)
+def _import_quietly(*names: str) -> None:
+    for name in names:
+        with contextlib.suppress(Exception):
+            __import__(name)
 
 
 def main() -> None:
@@ -870,10 +910,10 @@ def main() -> None:
         # reach the container's keeper, which may be this agent's parent (a gVisor spare's).
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
-        # The kernel's first request after "ready" is usually a workspace copy, whose tarfile
-        # (with shutil) takes 20 ms to import under gVisor: imported meanwhile, while the
-        # agent connects and is given its helpers.
-        threading.Thread(target=_import_quietly, args=("tarfile",), daemon=True,
+        # The kernel's first requests after "ready" are usually its tree watch (ctypes: 5 ms
+        # under gVisor) and a workspace copy, whose tarfile (with shutil) takes 20 ms to
+        # import there: imported meanwhile, while the agent connects and gets its helpers.
+        threading.Thread(target=_import_quietly, args=("ctypes", "tarfile"), daemon=True,
                          name="preimport").start()
     conn = connect_host()
     channel = Channel(os.dup(conn if conn is not None else 1))
@@ -925,6 +965,12 @@ def main() -> None:
             except Exception as exc:  # cells still run; only the helpers are missing
                 channel.send({"type": "protocol_error",
                               "detail": f"could not install ai/api/db/console: {exc!r}"})
+        elif kind == "install_watch":
+            try:
+                agent.install_watch(str(msg.get("source", "")))
+            except Exception as exc:  # the folder is walked around each cell, as before
+                channel.send({"type": "protocol_error",
+                              "detail": f"could not watch the workspace: {exc!r}"})
         elif kind == "watch_reset":
             agent.reset_watch()
         elif kind == "procs":
