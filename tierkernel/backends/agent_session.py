@@ -118,6 +118,8 @@ class AgentSession:
         #: Whether the agent's watched folder changed during the last cell (see agent.py's
         #: WATCH_ENV); the sandbox tier copies its workspace back only then.
         self.workspace_changed = False
+        #: Whether the agent was sent its workspace watch (install_watch).
+        self.watching = False
         #: Processes in the agent's container at the end of the last cell (or when last
         #: asked), and the highest pid the agent has seen, when the agent counts them (agent.py's
         #: COUNT_PROCS_ENV); None otherwise.
@@ -165,9 +167,11 @@ class AgentSession:
     def install_watch(self) -> None:
         """Let the agent watch its workspace folder with inotify instead of walking it
         around each cell (``tierkernel/guest/tree_watch.py``, sent as source)."""
+        self.watching = True
         source = TREE_WATCH_SOURCE.read_text(encoding="utf-8")
-        self.transport.send((json.dumps({"type": "install_watch", "source": source})
-                             + "\n").encode())
+        with contextlib.suppress(OSError):  # the agent is gone: the next cell says so
+            self.transport.send((json.dumps({"type": "install_watch", "source": source})
+                                 + "\n").encode())
 
     def reset_watch(self) -> None:
         """Tell the agent that its watched folder's current state came from the host (a

@@ -381,6 +381,11 @@ class SandboxBackend(Backend):
                 session.reset_watch()
         result = await session.run_async(request, held, request.options.get("timeout"),
                                          gateway)
+        if not session.watching:
+            # After the first cell, not before: setting the watch up takes the agent 10-25 ms
+            # under gVisor, which a kernel's first cell should not wait for. Until then the
+            # agent walks /workspace to find changes.
+            session.install_watch()
         if session.workspace_changed:
             await asyncio.to_thread(self._copy_back, container, sink)
         container.cells += 1
@@ -877,7 +882,6 @@ class SandboxBackend(Backend):
         except Exception as exc:
             raise EngineError(str(exc)) from exc
         session.install_helpers()
-        session.install_watch()
         self._session = session
 
     def _drop_container(self) -> None:

@@ -892,10 +892,9 @@ def workspace_request(msg: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def _import_quietly(*names: str) -> None:
-    for name in names:
-        with contextlib.suppress(Exception):
-            __import__(name)
+def _import_quietly(name: str) -> None:
+    with contextlib.suppress(Exception):
+        __import__(name)
 
 
 def main() -> None:
@@ -910,10 +909,11 @@ def main() -> None:
         # reach the container's keeper, which may be this agent's parent (a gVisor spare's).
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
-        # The kernel's first requests after "ready" are usually its tree watch (ctypes: 5 ms
-        # under gVisor) and a workspace copy, whose tarfile (with shutil) takes 20 ms to
-        # import there: imported meanwhile, while the agent connects and gets its helpers.
-        threading.Thread(target=_import_quietly, args=("ctypes", "tarfile"), daemon=True,
+        # The kernel's first request after "ready" is usually a workspace copy, whose tarfile
+        # (with shutil) takes 20 ms to import under gVisor: imported meanwhile, while the
+        # agent connects and is given its helpers. (The tree watch, with ctypes, comes only
+        # after the first cell.)
+        threading.Thread(target=_import_quietly, args=("tarfile",), daemon=True,
                          name="preimport").start()
     conn = connect_host()
     channel = Channel(os.dup(conn if conn is not None else 1))
