@@ -134,6 +134,19 @@ def test_sandbox_writes_in_folders_made_by_earlier_cells_reach_fsx(sandboxed):
     assert out.result["text/plain"] == "(False, 'in a moved folder')", out.outputs
 
 
+def test_writes_through_a_memory_map_kept_across_cells_reach_fsx(sandboxed):
+    # inotify does not hear writes through a shared map: a map left open by one cell and
+    # written by the next must still be copied back.
+    session, _, _ = sandboxed
+    made = session.run(S + "import numpy as np\nnp.zeros(4096, dtype='u1').tofile('mm.bin')\n"
+                           "m = np.memmap('mm.bin', dtype='u1', mode='r+')")
+    assert made.status == "ok", made.outputs
+    session.run(S + "m[:3] = [7, 8, 9]\nm.flush()")
+    out = session.run("list(fs.read_file('/mm.bin', encoding=None)[:4])")
+    assert out.result["text/plain"] == "[7, 8, 9, 0]", out.outputs
+    session.run(S + "del m")
+
+
 def test_what_a_background_process_writes_after_its_cell_reaches_fsx(sandboxed):
     session, _, _ = sandboxed
     started = session.run(S + "import os, subprocess\nos.makedirs('bg', exist_ok=True)\n"

@@ -7,7 +7,10 @@ trusted it says so (None) instead of answering.
 
 from __future__ import annotations
 
+import mmap
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -153,3 +156,51 @@ def test_a_descriptor_closed_under_it_is_neither_trusted_nor_closed(tree, tmp_pa
         assert os.pread(reused, 100, 0) == b"someone else's"  # still open
     finally:
         os.close(reused)
+
+
+def test_a_file_mapped_for_writing_counts_as_changing_while_it_is_mapped(tree):
+    # Writes through a shared map are not heard by inotify (nor reliably seen in mtime).
+    root, watch = tree
+    path = root / "a" / "b" / "deep.txt"
+    with path.open("r+b") as f:
+        reader = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        shared = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
+    try:
+        first = watch.version()
+        assert watch.version() != first  # mapped for writing: never "unchanged"
+        shared[0:1] = b"D"
+        assert watch.version() != first
+    finally:
+        shared.close()
+    try:
+        settled = watch.version()
+        assert watch.version() == settled  # a read-only map writes nothing
+    finally:
+        reader.close()
+
+
+def test_with_mapped_by_all_another_process_s_map_counts_too(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "data.bin").write_bytes(b"\0" * 4096)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import mmap, sys, time\n"
+         f"f = open({str(root / 'data.bin')!r}, 'r+b')\n"
+         "m = mmap.mmap(f.fileno(), 0)\nprint('mapped', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "mapped\n"
+        mine, everyone = TreeWatch(fd, str(root)), TreeWatch(fd, str(root), mapped_by="all")
+        assert mine.version() == mine.version()  # not this process's map
+        assert everyone.version() != everyone.version()
+        child.kill()
+        child.wait()
+        settled = everyone.version()
+        assert everyone.version() == settled
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+        os.close(fd)

@@ -344,9 +344,9 @@ class Agent:
         if not watched:
             return None
         if self._watch is not None:
-            count = self._watch.version()
-            if count is not None:
-                return ("events", count)
+            version = self._watch.version()
+            if version is not None:
+                return ("events", version)
             self._watch = None  # it gave up (an overflow it could not recover from): walk
         return ("walk", tree_signature(watched))
 
@@ -360,16 +360,18 @@ class Agent:
         module = types.ModuleType("tierkernel_tree_watch")
         exec(compile(source, "<tierkernel tree watch>", "exec"), module.__dict__)
         fd = os.open(watched, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-        watch = module.TreeWatch(fd, watched)  # keeps using fd: open for the agent's life
-        count = watch.version()
-        if count is None:
+        # Keeps using fd (open for the agent's life). Memory maps of every process: a cell's
+        # children may map /workspace files too.
+        watch = module.TreeWatch(fd, watched, mapped_by="all")
+        version = watch.version()
+        if version is None:
             os.close(fd)
             return
         # Events count only from now. If the folder is as it was when the last cell ended,
         # the count is the new baseline; otherwise the old one stays, so the next cell still
         # reports what changed meanwhile.
         if self._last_tree == ("walk", tree_signature(watched)):
-            self._last_tree = ("events", count)
+            self._last_tree = ("events", version)
         self._watch = watch
 
     # -- running cells --------------------------------------------------------------------

@@ -28,6 +28,14 @@ Why this is safe to trust:
 
 Only writes are watched (modify, attributes, create, delete, move): reading files, as the walk
 itself does, moves nothing.
+
+inotify does not hear writes through a shared memory map (``numpy.memmap`` in ``r+`` mode, for
+one), and neither stat nor mtime shows them reliably (a page already dirty takes more writes
+without a fault). So while a file under the tree is mapped writable and shared, every call
+counts as a change: by this process (``mapped_by="self"``, the host kernel, whose native cells
+may map files of a host folder) or by any process whose maps can be read (``"all"``, the agent
+in its container, whose cells and their children may). A map held by some other host program
+is not looked for.
 """
 
 from __future__ import annotations
@@ -75,16 +83,19 @@ MAX_WATCHED_DIRS = 20_000
 
 class TreeWatch:
     """Counts write events under the directory open as ``root_fd`` (which stays the caller's;
-    ``root_path`` is its path, to learn its filesystem).
+    ``root_path`` is its path, to learn its filesystem and to find its files in memory maps).
 
     :meth:`version` is the count, or None when the tree cannot be watched reliably (see the
     module's docstring); ``why`` then says why. Thread-safe. :meth:`close` releases the
     inotify instance.
     """
 
-    def __init__(self, root_fd: int, root_path: str, max_dirs: int = MAX_WATCHED_DIRS) -> None:
+    def __init__(self, root_fd: int, root_path: str, max_dirs: int = MAX_WATCHED_DIRS,
+                 mapped_by: str = "self") -> None:
         self._root = f"/proc/self/fd/{root_fd}"  # the folder the caller holds, not its name
         self._max_dirs = max_dirs
+        self._maps = ["/proc/self/maps"] if mapped_by == "self" else None  # None: all pids
+        self._prefix = os.fsencode(os.path.realpath(root_path).rstrip("/") + "/")
         self._lock = threading.Lock()
         self._count = 0
         self._wds: set[int] = set()
@@ -100,7 +111,8 @@ class TreeWatch:
             self._give_up()
 
     def version(self) -> int | None:
-        """The number of write events seen so far, or None: cannot tell, look yourself."""
+        """The number of write events seen so far (plus one per call while a file of the tree
+        is mapped for writing), or None: cannot tell, look yourself."""
         with self._lock:
             if self._fd < 0:
                 return None
@@ -129,7 +141,26 @@ class TreeWatch:
                 self.why = "the folder could not be watched whole"
                 self._give_up()
                 return None
+            if self._mapped_for_writing():
+                self._count += 1
             return self._count
+
+    def _mapped_for_writing(self) -> bool:
+        """Whether a file under the tree is mapped writable and shared (see the module)."""
+        for maps in self._maps or _all_maps():
+            try:
+                with open(maps, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # gone, or not ours to read
+            if self._prefix not in data:  # the usual case: one search, no parsing
+                continue
+            for line in data.splitlines():
+                fields = line.split(maxsplit=5)
+                if (len(fields) == 6 and fields[1][1:2] == b"w" and fields[1][3:4] == b"s"
+                        and fields[5].startswith(self._prefix)):
+                    return True
+        return False
 
     def close(self) -> None:
         """Stop watching."""
@@ -187,6 +218,10 @@ def _masks(data: bytes) -> list[int]:
     return masks
 
 
+def _all_maps() -> list[str]:
+    return [f"/proc/{pid}/maps" for pid in os.listdir("/proc") if pid.isdigit()]
+
+
 def _cannot_watch(root_path: str) -> str | None:
     """Why inotify cannot be trusted for this folder, or None when it can."""
     if not sys.platform.startswith("linux"):
@@ -196,7 +231,9 @@ def _cannot_watch(root_path: str) -> str | None:
     except OSError:
         return "/proc/self/mountinfo is not readable"
     real = os.path.realpath(root_path)
-    fstype = next((kind for point, kind in sorted(mounts, key=lambda m: len(m[0]), reverse=True)
+    # The deepest mount point above the folder; of two on the same point, the later (on top).
+    deepest = sorted(reversed(mounts), key=lambda m: len(m[0]), reverse=True)
+    fstype = next((kind for point, kind in deepest
                    if real == point or real.startswith(point.rstrip("/") + "/")), None)
     if fstype not in LOCAL_FILESYSTEMS:
         return f"it is on a {fstype or 'unknown'} filesystem, which others may change unheard"
