@@ -114,6 +114,27 @@ def test_concurrent_fsx_change_is_never_overwritten(fs, tmp_path):
     assert sorted(done.conflicts) == ["other.txt", "shared.txt"]
 
 
+def test_a_folder_the_container_replaced_by_a_file(fs, tmp_path):
+    import shutil
+
+    fs.mkdir("/plain")
+    fs.write_file("/plain/child.txt", "c")
+    fs.mkdir("/edited")
+    fs.write_file("/edited/child.txt", "c")
+    packed = pack(fs)
+    ws = put_archive(packed, tmp_path / "ctr")
+    for name in ("plain", "edited"):
+        shutil.rmtree(ws / name)
+        (ws / name).write_text(f"{name} is a file now")
+    fs.write_file("/edited/child.txt", "changed in fsx meanwhile")
+    done = apply(fs, get_archive(ws), packed.manifest)
+    assert fs.read_file("/plain") == "plain is a file now"
+    # fsx changed something in the other folder: its folder stays, the file goes beside it.
+    assert fs.read_file("/edited/child.txt") == "changed in fsx meanwhile"
+    assert fs.read_file("/edited.sandbox-conflict") == "edited is a file now"
+    assert sorted(done.conflicts) == ["edited", "edited/child.txt"]
+
+
 def _tar(*members):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

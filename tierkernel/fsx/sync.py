@@ -239,6 +239,7 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
         members = _check(tar, top)  # everything checked before anything changes
         now = manifest(workspace, base)
         seen: set[str] = set()
+        replaced: set[str] = set()  # folders of fsx a file or link of the tar took the place of
         for rel, info in members:
             if not rel:
                 continue
@@ -263,10 +264,12 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                     old.digest, rel) == info.linkname
                 if unchanged:
                     continue
-                if ours_changed and mine is not None:
+                if mine is not None and (ours_changed or _folder_changed(now, base, rel)):
                     result.conflicts.append(rel)
                     continue
                 _remove(workspace, path)
+                if mine is not None and mine.kind == "dir":
+                    replaced.add(rel)
                 workspace.symlink(info.linkname, path)
                 result.written.append(rel)
                 continue
@@ -286,9 +289,12 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 if mine is not None and mine.kind == "file" and mine.digest == digest:
                     continue  # both sides already agree
                 target = path
-                if ours_changed and mine is not None:
+                if mine is not None and (ours_changed or _folder_changed(now, base, rel)):
+                    # Changed in fsx meanwhile (a folder: anything in it): fsx's stays.
                     target = path + CONFLICT_SUFFIX
                     result.conflicts.append(rel)
+                elif mine is not None and mine.kind == "dir":
+                    replaced.add(rel)  # removed below, with what it holds
                 parent = target.rsplit("/", 1)[0] or "/"
                 if workspace.realpath(parent) != parent:
                     raise UnsafeArchiveError(f"refused to write {rel!r}: its directory in fsx "
@@ -305,8 +311,8 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
         # Deletions: deepest first, only what fsx still holds as packed.
         for rel in sorted(set(base) - seen, key=lambda r: r.count("/"), reverse=True):
             mine = now.get(rel)
-            if mine is None:
-                continue
+            if mine is None or any(_under(rel, top) for top in replaced):
+                continue  # not in fsx, or gone with a folder a file took the place of
             if mine != base[rel]:
                 result.conflicts.append(rel)  # changed in fsx meanwhile: kept
                 continue
@@ -322,6 +328,19 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 result.conflicts.append(rel)  # new entries from elsewhere: kept
     result.manifest = manifest(workspace, now)
     return result
+
+
+def _folder_changed(now: Manifest, base: Manifest, rel: str) -> bool:
+    """Whether ``rel`` is a folder in fsx and anything in it differs from what the container
+    got (the folder's own entry does not show a file's new content)."""
+    if now[rel].kind != "dir":
+        return False
+    prefix = rel + "/"
+    return any(key.startswith(prefix) and entry != base.get(key) for key, entry in now.items())
+
+
+def _under(rel: str, top: str) -> bool:
+    return rel.startswith(top + "/")
 
 
 def _is_link(workspace: FsxFacade, path: str) -> bool:
