@@ -204,3 +204,46 @@ def test_with_mapped_by_all_another_process_s_map_counts_too(tmp_path):
         if child.stdout is not None:
             child.stdout.close()
         os.close(fd)
+
+
+def changes_after(watch: TreeWatch, change: Callable[[], object]) -> tuple[list[str], list[str]]:
+    watch.version()
+    watch.take_changes()
+    change()
+    watch.version()
+    taken = watch.take_changes()
+    assert taken is not None
+    return taken
+
+
+def test_it_says_which_entries_changed_and_which_folders_to_read_whole(tree, tmp_path):
+    root, watch = tree
+    deep = root / "a" / "b" / "deep.txt"
+    assert changes_after(watch, lambda: deep.write_text("x")) == (["a/b/deep.txt"], [])
+    assert changes_after(watch, deep.unlink) == (["a/b/deep.txt"], [])
+    assert changes_after(watch, lambda: (root / "a").chmod(0o700)) == (["a"], [])
+
+    def new_tree() -> None:
+        (root / "n1" / "n2").mkdir(parents=True)
+        (root / "n1" / "n2" / "f.txt").write_text("1")
+        (root / "a" / "side.txt").write_text("2")
+
+    assert changes_after(watch, new_tree) == (["a/side.txt"], ["n1"])
+    assert changes_after(watch, lambda: (root / "n1").rename(root / "a" / "moved")) == (
+        ["n1"], ["a/moved"])
+    outside = tmp_path / "out"
+    assert changes_after(watch, lambda: (root / "a" / "moved").rename(outside)) == (
+        ["a/moved"], [])
+    assert changes_after(watch, lambda: None) == ([], [])
+
+
+def test_it_cannot_say_where_after_lost_events(tree):
+    root, watch = tree
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    watch.version()
+    watch.take_changes()
+    for i in range(limit + 100):
+        os.close(os.open(root / f"f{i}", os.O_CREAT | os.O_WRONLY))
+    watch.version()
+    assert watch.take_changes() is None
+    assert changes_after(watch, lambda: (root / "top.txt").write_text("t")) == (["top.txt"], [])
