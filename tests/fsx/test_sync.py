@@ -207,6 +207,34 @@ def test_copy_back_of_only_what_the_watch_heard_leaves_fsx_equal_to_the_containe
     assert tree_of(fs) == tree_on_disk(ws)
 
 
+def test_what_fsx_changed_during_the_cell_still_reaches_the_container(fs, tmp_path):
+    # Another kernel (or a host program) writes the workspace while a sandbox cell that also
+    # writes it runs: after the copy back, the next copy in must carry fsx's changes.
+    fs.write_file("/a.txt", "a")
+    fs.write_file("/z.txt", "z0")
+    fs.write_file("/both.txt", "b0")
+    fs.write_file("/deleted_there.txt", "d0")
+    packed = pack(fs)
+    ws = put_archive(packed, tmp_path / "ctr")
+    (ws / "a.txt").write_text("container's a")
+    (ws / "both.txt").write_text("container's b")
+    (ws / "deleted_there.txt").unlink()
+    fs.write_file("/z.txt", "z1 from fsx")
+    fs.write_file("/new_in_fsx.txt", "n")
+    fs.write_file("/both.txt", "fsx's b")
+    fs.write_file("/deleted_there.txt", "d1 from fsx")
+    done = apply(fs, get_archive(ws), packed.manifest)
+    assert fs.read_file("/a.txt") == "container's a"
+    nxt = pack(fs, since=done.manifest)
+    with tarfile.open(fileobj=nxt.archive) as tar:
+        sent = {name: tar.extractfile(name).read() for name in tar.getnames()}
+    assert sent == {"z.txt": b"z1 from fsx", "new_in_fsx.txt": b"n", "both.txt": b"fsx's b",
+                    "both.txt.sandbox-conflict": b"container's b",
+                    "deleted_there.txt": b"d1 from fsx"}
+    # And once the container has them, nothing more is sent.
+    assert pack(fs, since=nxt.manifest).archive.read(1024).strip(b"\0") == b""
+
+
 def test_a_folder_the_container_replaced_by_a_file(fs, tmp_path):
     import shutil
 

@@ -69,7 +69,7 @@ class Packed:
 class Applied:
     """The result of :func:`apply`."""
 
-    manifest: Manifest  # the new base: fsx as it is after applying
+    manifest: Manifest  # the new base: what the container holds, as fsx records it
     written: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # saved as NAME.sandbox-conflict
@@ -262,6 +262,7 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
         now = manifest(workspace, base)
         seen: set[str] = set()
         replaced: set[str] = set()  # folders of fsx a file or link of the tar took the place of
+        took: set[str] = set()  # paths where fsx now holds what the container holds
         for rel, info in members:
             if not rel:
                 continue
@@ -273,6 +274,7 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 if mine is not None and mine.kind == "dir":
                     if old is not None and old.mode != (info.mode & 0o7777):
                         workspace.chmod(path, info.mode & 0o7777)
+                        took.add(rel)
                     continue
                 if mine is not None and ours_changed:
                     result.conflicts.append(rel)
@@ -280,6 +282,7 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 _remove(workspace, path)
                 workspace.mkdir(path, recursive=True)
                 result.written.append(rel)
+                took.add(rel)
                 continue
             if info.issym():
                 unchanged = old is not None and old.kind == "symlink" and container_target(
@@ -294,6 +297,7 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                     replaced.add(rel)
                 workspace.symlink(info.linkname, path)
                 result.written.append(rel)
+                took.add(rel)
                 continue
             stream = tar.extractfile(info)
             assert stream is not None
@@ -307,8 +311,10 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 if old is not None and old.kind == "file" and old.digest == digest:
                     if old.mode != mode and not ours_changed:
                         workspace.chmod(path, mode)
+                        took.add(rel)
                     continue  # the container did not change it: never overwrite fsx with it
                 if mine is not None and mine.kind == "file" and mine.digest == digest:
+                    took.add(rel)
                     continue  # both sides already agree
                 target = path
                 if mine is not None and (ours_changed or _folder_changed(now, base, rel)):
@@ -330,6 +336,8 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 workspace.chmod(target, mode)
                 workspace.utimes(target, info.mtime, info.mtime)
                 result.written.append(rel)
+                if target == path:
+                    took.add(rel)
         # Deletions: deepest first, only what fsx still holds as packed (and the tar covers).
         missing = set(base) - seen
         if scope is not None:
@@ -337,7 +345,8 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
         for rel in sorted(missing, key=lambda r: r.count("/"), reverse=True):
             mine = now.get(rel)
             if mine is None or any(_under(rel, top) for top in replaced):
-                continue  # not in fsx, or gone with a folder a file took the place of
+                took.add(rel)  # gone from fsx too (by itself, or with a replaced folder)
+                continue
             if mine != base[rel]:
                 result.conflicts.append(rel)  # changed in fsx meanwhile: kept
                 continue
@@ -347,11 +356,31 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 else:
                     workspace.unlink("/" + rel)
                 result.deleted.append(rel)
+                took.add(rel)
             except OSError as exc:
                 if exc.errno != errno.ENOTEMPTY:
                     raise
                 result.conflicts.append(rel)  # new entries from elsewhere: kept
-    result.manifest = manifest(workspace, now)
+    result.manifest = _as_the_container_has_it(manifest(workspace, now), base, took)
+    return result
+
+
+def _as_the_container_has_it(after: Manifest, base: Manifest, took: set[str]) -> Manifest:
+    """The new base: fsx as it is now where the container holds the same, and what the
+    container still holds (``base``'s entry, or none) where fsx moved on without it (changed
+    by another kernel or program during the cell, kept in a conflict, a conflict copy), so
+    the next :func:`pack` carries those into the container."""
+    result = dict(after)
+    for rel in set(after) | set(base):
+        now, before = after.get(rel), base.get(rel)
+        if rel in took or now == before or (
+                now is not None and before is not None and now.kind == before.kind == "dir"
+                and now.mode == before.mode):  # a folder's mtime moves with what it holds
+            continue
+        if before is None:
+            result.pop(rel, None)
+        else:
+            result[rel] = before
     return result
 
 
