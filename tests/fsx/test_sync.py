@@ -145,68 +145,6 @@ def tree_on_disk(root, here=None):
     return out
 
 
-def test_copy_back_of_only_what_the_watch_heard_leaves_fsx_equal_to_the_container(fs, tmp_path):
-    # The agent's way: its inotify watch says which entries changed and which folders are
-    # new, it packs only those, and the host applies that partial tar with its scope.
-    from tierkernel.fsx.sync import Scope
-    from tierkernel.guest.agent import pack_workspace
-    from tierkernel.guest.tree_watch import TreeWatch
-
-    fs.mkdir("/keep/deep", recursive=True)
-    fs.write_file("/keep/deep/untouched.txt", "same")
-    fs.mkdir("/gone/inner", recursive=True)
-    fs.write_file("/gone/inner/x.txt", "x")
-    fs.write_file("/edit.txt", "before")
-    fs.write_file("/bye.txt", "bye")
-    fs.mkdir("/moveme/sub", recursive=True)
-    fs.write_file("/moveme/sub/m.txt", "m")
-    fs.write_file("/becomes_dir", "file")
-    fs.mkdir("/becomes_file")
-    fs.write_file("/becomes_file/child.txt", "c")
-    packed = pack(fs)
-    ws = put_archive(packed, tmp_path / "ctr")
-    fd = os.open(ws, os.O_RDONLY | os.O_DIRECTORY)
-    watch = TreeWatch(fd, str(ws))
-    try:
-        assert watch.why is None
-        watch.version()
-        watch.take_changes()
-        # the cell:
-        import shutil
-        (ws / "edit.txt").write_text("after")
-        (ws / "bye.txt").unlink()
-        shutil.rmtree(ws / "gone")
-        (ws / "new" / "tree").mkdir(parents=True)
-        (ws / "new" / "tree" / "n.txt").write_text("n")
-        (ws / "moveme").rename(ws / "keep" / "moved")
-        (ws / "keep" / "moved" / "sub" / "later.txt").write_text("later")
-        (ws / "keep" / "deep" / "untouched.txt").chmod(0o600)
-        (ws / "becomes_dir").unlink()
-        (ws / "becomes_dir").mkdir()
-        (ws / "becomes_dir" / "inside.txt").write_text("i")
-        shutil.rmtree(ws / "becomes_file")
-        (ws / "becomes_file").write_text("now a file")
-        (ws / "link").symlink_to("edit.txt")
-        watch.version()
-        taken = watch.take_changes()
-    finally:
-        watch.close()
-        os.close(fd)
-    assert taken is not None
-    entries, whole = taken
-    assert "keep/deep/untouched.txt" in entries and "new" in whole and "keep/moved" in whole
-    scope = {"entries": entries, "whole": whole}
-    data = pack_workspace(str(ws), 1 << 30, scope)
-    assert data is not None
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        names = tar.getnames()
-    assert "./keep/deep" not in names  # only what changed travels
-    done = apply(fs, io.BytesIO(data), packed.manifest, top=None,
-                 scope=Scope(frozenset(entries), frozenset(whole)))
-    assert done.conflicts == []
-    assert tree_of(fs) == tree_on_disk(ws)
-
-
 def test_what_fsx_changed_during_the_cell_still_reaches_the_container(fs, tmp_path):
     # Another kernel (or a host program) writes the workspace while a sandbox cell that also
     # writes it runs: after the copy back, the next copy in must carry fsx's changes.
@@ -254,23 +192,6 @@ def test_a_folder_the_container_replaced_by_a_file(fs, tmp_path):
     assert fs.read_file("/edited/child.txt") == "changed in fsx meanwhile"
     assert fs.read_file("/edited.sandbox-conflict") == "edited is a file now"
     assert sorted(done.conflicts) == ["edited", "edited/child.txt"]
-
-
-def test_a_partial_tar_deletes_only_what_its_scope_covers(fs):
-    from tierkernel.fsx.sync import Scope
-
-    fs.mkdir("/d/sub", recursive=True)
-    fs.write_file("/d/sub/s.txt", "s")
-    fs.write_file("/a.txt", "a")
-    fs.write_file("/b.txt", "b")
-    base = pack(fs).manifest
-    # The tar holds a.txt only; its scope says a.txt and d changed: d is missing, so it and
-    # everything in it are gone; b.txt is outside the scope and stays.
-    tar = _tar(_file("a.txt", b"A"))
-    done = apply(fs, tar, base, top=None, scope=Scope(frozenset({"a.txt", "d"}), frozenset()))
-    assert fs.read_file("/a.txt") == "A" and fs.read_file("/b.txt") == "b"
-    assert not fs.exists("/d")
-    assert sorted(done.deleted) == ["d", "d/sub", "d/sub/s.txt"]
 
 
 def _tar(*members):

@@ -118,9 +118,6 @@ class AgentSession:
         #: Whether the agent's watched folder changed during the last cell (see agent.py's
         #: WATCH_ENV); the sandbox tier copies its workspace back only then.
         self.workspace_changed = False
-        #: Where it changed, when the agent could say (its "workspace_scope": {"entries":
-        #: paths changed, "whole": folders to read whole}); None: anywhere.
-        self.workspace_scope: dict[str, list[str]] | None = None
         #: Whether the agent was sent its workspace watch (install_watch).
         self.watching = False
         #: Processes in the agent's container at the end of the last cell (or when last
@@ -415,7 +412,6 @@ class AgentSession:
         if kind == "done":
             cell.success = bool(msg.get("success"))
             self.workspace_changed = bool(msg.get("workspace_changed"))
-            self.workspace_scope = _scope(msg.get("workspace_scope"))
             if "procs" in msg:
                 self.procs = int(msg["procs"])
                 self.last_pid = int(msg.get("last_pid", -1))
@@ -484,17 +480,3 @@ class AgentSession:
         cell.success = False
         cell.error = ExecError(ename, evalue, tb)
         cell.sink.error(ename, evalue, tb)
-
-
-def _scope(value: Any) -> dict[str, list[str]] | None:
-    """A ``workspace_scope`` from the agent, if it is well formed (the guest may send
-    anything; a malformed one means "anywhere", which only costs a whole copy)."""
-    if not isinstance(value, dict):
-        return None
-    scope: dict[str, list[str]] = {}
-    for key in ("entries", "whole"):
-        paths = value.get(key, [])
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            return None
-        scope[key] = paths
-    return scope

@@ -142,7 +142,7 @@ class WorkspaceSync:
                    agent: AgentSession | None = None) -> list[str]:
         """Bring the container's changes into fsx when there are any; return the paths kept
         as ``NAME.sandbox-conflict`` (both sides changed them). Read through ``agent`` when
-        given and small: only the folders its agent says changed, when it can say. Blocking."""
+        given and the tree is small. Blocking."""
         with self._lock:
             return self._after_cell(api, container_id, changed, agent)
 
@@ -152,21 +152,16 @@ class WorkspaceSync:
         if workspace is None or not changed or self._container != container_id:
             return []
         archive = None
-        scope = None
         if _by_agent(agent, 0):
-            where = agent.workspace_scope
             try:
-                archive = _agent_pack(agent, where)
+                archive = _agent_pack(agent)
             except OSError:  # e.g. a tree too deep for tarfile: tar in an exec reads it
                 log.warning("reading /workspace through the agent failed; using tar in the "
                             "container", exc_info=True)
-            if archive is not None and where is not None:
-                scope = sync.Scope(frozenset(where["entries"]), frozenset(where["whole"]))
         if archive is None:
-            archive = self._tar_out(api, container_id)  # the whole tree
+            archive = self._tar_out(api, container_id)
         with archive:
-            applied = sync.apply(workspace, archive, self._manifest or {}, top=None,
-                                 scope=scope)
+            applied = sync.apply(workspace, archive, self._manifest or {}, top=None)
         self._manifest = applied.manifest
         return applied.conflicts
 
@@ -207,14 +202,11 @@ def _agent_unpack(agent: AgentSession, data: bytes, deleted: list[str]) -> None:
         raise OSError(f"copying the workspace into the container failed: {answer['error']}")
 
 
-def _agent_pack(agent: AgentSession, scope: dict[str, list[str]] | None) -> IO[bytes] | None:
-    """The container's /workspace as a tar read by its agent (only ``scope``'s part of it,
-    see ``sync.Scope``, when given), or None when it is larger than AGENT_COPY_LIMIT (then
-    tar in a docker exec reads all of it, streaming)."""
-    request: dict[str, Any] = {"type": "pack", "root": GUEST_PATH, "limit": AGENT_COPY_LIMIT}
-    if scope is not None:
-        request["scope"] = scope
-    answer = agent.ask(request, timeout=120)
+def _agent_pack(agent: AgentSession) -> IO[bytes] | None:
+    """The container's /workspace as a tar read by its agent, or None when it is larger than
+    AGENT_COPY_LIMIT (then tar in a docker exec reads it, streaming)."""
+    answer = agent.ask({"type": "pack", "root": GUEST_PATH, "limit": AGENT_COPY_LIMIT},
+                       timeout=120)
     if answer.get("error"):
         raise OSError(f"reading the container's /workspace failed: {answer['error']}")
     if answer.get("too_big"):

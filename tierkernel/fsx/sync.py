@@ -226,34 +226,12 @@ def _remove(workspace: FsxFacade, path: str) -> None:
         workspace.unlink(path)
 
 
-@dataclass(frozen=True)
-class Scope:
-    """What a partial tar of the container's tree holds: each path of ``entries`` that still
-    exists (a folder as its entry only), and everything under each folder of ``whole``.
-    Paths are relative to the tree's root."""
-
-    entries: frozenset[str]
-    whole: frozenset[str]
-
-    def covered(self, missing: set[str]) -> set[str]:
-        """Of the entries missing from the tar, those it would hold if they still existed
-        (and, below a missing folder it covers, everything that was in that folder)."""
-        gone: set[str] = set()
-        for rel in sorted(missing, key=lambda r: r.count("/")):
-            if (rel in self.entries or rel.rpartition("/")[0] in gone
-                    or any(rel == w or rel.startswith(w + "/") for w in self.whole)):
-                gone.add(rel)
-        return gone
-
-
 def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manifest,
-          top: str | None = "workspace", scope: Scope | None = None) -> Applied:
+          top: str | None = "workspace") -> Applied:
     """Bring fsx up to date with a container's tar (``get_archive("/workspace")`` names its
     members ``workspace/...``: ``top`` is that first component; None for relative members).
 
-    ``base`` is the manifest of what the container was given (from :func:`pack`). ``scope``
-    says the tar holds only part of the tree (see :class:`Scope`): what it does not cover is
-    left as it is, never taken for deleted. None: the tar is the whole tree.
+    ``base`` is the manifest of what the container was given (from :func:`pack`).
     """
     spool = _spool(archive)
     result = Applied(manifest={})
@@ -338,11 +316,8 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 result.written.append(rel)
                 if target == path:
                     took.add(rel)
-        # Deletions: deepest first, only what fsx still holds as packed (and the tar covers).
-        missing = set(base) - seen
-        if scope is not None:
-            missing = scope.covered(missing)
-        for rel in sorted(missing, key=lambda r: r.count("/"), reverse=True):
+        # Deletions: deepest first, only what fsx still holds as packed.
+        for rel in sorted(set(base) - seen, key=lambda r: r.count("/"), reverse=True):
             mine = now.get(rel)
             if mine is None or any(_under(rel, top) for top in replaced):
                 took.add(rel)  # gone from fsx too (by itself, or with a replaced folder)

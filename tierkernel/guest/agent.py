@@ -13,14 +13,13 @@ host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
                {"type": "install_watch", "source"} (tree_watch.py, for WATCH_ENV's folder)
                {"type": "procs"} | {"type": "shutdown"}
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
-               {"type": "pack", "seq", "root", "limit"[, "scope"]}
+               {"type": "pack", "seq", "root", "limit"}
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
                {"type": "display" | "result", "id", "data", "metadata"}
                {"type": "clear_output", "id", "wait"}
                {"type": "error", "id", "ename", "evalue", "traceback"}
-               {"type": "done", "id", "success"[, "workspace_changed", "workspace_scope",
-                "procs", "last_pid"]}
+               {"type": "done", "id", "success"[, "workspace_changed", "procs", "last_pid"]}
                {"type": "procs", "count", "last_pid"}
                {"type": "unpacked", "seq"[, "error"]}
                {"type": "packed", "seq", "data" | "too_big"[, "error"]}
@@ -336,19 +335,6 @@ class Agent:
         """Take the watched folder as it is now as unchanged: the host has just copied files
         into it itself (or the agent just started), so they need not be copied back."""
         self._last_tree = self.tree_mark()
-        if self._watch is not None:
-            self._watch.take_changes()  # what the host's copy changed is not news to it
-
-    def changed_scope(self, before: tuple[str, int] | None,
-                      after: tuple[str, int] | None) -> dict[str, list[str]] | None:
-        """Where the watched folder changed since the last cell ended, when the watch saw all
-        of it (the marks then are all event counts): ``{"entries": paths changed, "whole":
-        folders to read whole}``; None: anywhere. Clears what it says."""
-        scope = self._watch.take_changes() if self._watch is not None else None
-        marks = (self._last_tree, before, after)
-        if scope is None or not all(m is not None and m[0] == "events" for m in marks):
-            return None
-        return {"entries": scope[0], "whole": scope[1]}
 
     def tree_mark(self) -> tuple[str, int] | None:
         """The watched folder's state, to compare with an earlier one: an inotify event count
@@ -387,7 +373,6 @@ class Agent:
         if self._last_tree == ("walk", tree_signature(watched)):
             self._last_tree = ("events", version)
         self._watch = watch
-        watch.take_changes()  # from the new baseline on
 
     # -- running cells --------------------------------------------------------------------
     def execute(self, msg: dict[str, Any]) -> None:
@@ -419,12 +404,7 @@ class Agent:
                 # Whether the host must copy the workspace back: it changed during the cell, or
                 # since the last cell ended (a background process the cell left running).
                 after = self.tree_mark()
-                changed = after != before or before != self._last_tree
-                done["workspace_changed"] = changed
-                # Where, when the watch can say: the host then reads only those folders.
-                scope = self.changed_scope(before, after)
-                if changed and scope is not None:
-                    done["workspace_scope"] = scope
+                done["workspace_changed"] = after != before or before != self._last_tree
                 self._last_tree = after
             self.channel.send(done)
             self.cell_id = None
@@ -744,13 +724,10 @@ def unpack_workspace(root: str, data: bytes, delete: list[str]) -> None:
         raise OSError(f"bad archive: {exc}") from exc
 
 
-def pack_workspace(root: str, limit: int,
-                   scope: dict[str, list[str]] | None = None) -> bytes | None:
+def pack_workspace(root: str, limit: int) -> bytes | None:
     """A tar of ``root`` as ``tar -c -C root .`` makes it (members ``.``, ``./name``, links
     not followed), or None when it would be larger than ``limit`` bytes (the host then reads
-    it another way). With ``scope`` (see :meth:`Agent.changed_scope`), only each path of
-    ``scope["entries"]`` that still exists (a folder as its entry only) and everything in the
-    folders of ``scope["whole"]``; the host takes what is missing as removed."""
+    it another way)."""
     import tarfile
 
     class TooBig(Exception):
@@ -765,45 +742,10 @@ def pack_workspace(root: str, limit: int,
     buffer = Limited()
     try:
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            if scope is None:
-                tar.add(root, arcname=".")
-            else:
-                _add_scope(tar, root, scope)
+            tar.add(root, arcname=".")
     except TooBig:
         return None
     return buffer.getvalue()
-
-
-def _add_scope(tar: Any, root: str, scope: dict[str, list[str]]) -> None:
-    """Add what ``scope`` names to ``tar`` (see :func:`pack_workspace`), each member once,
-    parents before their children."""
-    added: set[str] = set()
-
-    def add(rel: str, recursive: bool) -> None:
-        path = os.path.join(root, rel)
-        arcname = f"./{rel}"
-        if arcname not in added:
-            try:
-                tar.add(path, arcname=arcname, recursive=False)
-            except (FileNotFoundError, NotADirectoryError):
-                return  # removed or moved away since (or its folder is a file now): absent
-            added.add(arcname)
-        if not recursive or os.path.islink(path) or not os.path.isdir(path):
-            return
-        try:
-            names = sorted(os.listdir(path))
-        except OSError:
-            return
-        for name in names:
-            add(f"{rel}/{name}", True)
-
-    wanted = [(rel, False) for rel in scope.get("entries", [])]
-    wanted += [(rel, True) for rel in scope.get("whole", [])]
-    for rel, recursive in sorted(wanted, key=lambda item: (item[0].count("/"), item[0])):
-        rel = rel.strip("/")
-        if not rel or ".." in rel.split("/"):
-            continue  # never the root itself, never outside it
-        add(rel, recursive)
 
 
 def tree_signature(root: str) -> int:
@@ -942,9 +884,7 @@ def workspace_request(msg: dict[str, Any]) -> dict[str, Any]:
             unpack_workspace(root, base64.b64decode(str(msg.get("data", ""))),
                              [str(rel) for rel in msg.get("delete") or []])
         else:
-            scope = msg.get("scope")
-            packed = pack_workspace(root, int(msg.get("limit", 8 << 20)),
-                                    scope if isinstance(scope, dict) else None)
+            packed = pack_workspace(root, int(msg.get("limit", 8 << 20)))
             if packed is None:
                 reply["too_big"] = True
             else:

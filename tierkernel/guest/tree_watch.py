@@ -36,11 +36,6 @@ counts as a change: by this process (``mapped_by="self"``, the host kernel, whos
 may map files of a host folder) or by any process whose maps can be read (``"all"``, the agent
 in its container, whose cells and their children may). A map held by some other host program
 is not looked for.
-
-It also says where the changes were (:meth:`TreeWatch.take_changes`): the entries (files,
-links, folders) that were written, made, removed or moved, and the folders that appeared (made
-or moved in), which must be read whole: what was written in them before they were watched was
-heard by nobody. The agent copies only those back to fsx instead of the whole tree.
 """
 
 from __future__ import annotations
@@ -73,9 +68,6 @@ _MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_
 _TREE_CHANGED = _IN_CREATE | _IN_MOVED_FROM | _IN_MOVED_TO
 _EVENT = struct.Struct("iIII")
 
-#: The most paths :meth:`TreeWatch.take_changes` names before it says "anywhere" instead.
-MAX_CHANGED = 4096
-
 #: Filesystems where every write comes through this machine's kernel, so inotify hears it.
 #: Anything else (nfs, cifs/smb3, fuse.*, 9p, virtiofs, ceph, ...) may be changed from
 #: elsewhere unheard, and is walked every time instead.
@@ -94,8 +86,8 @@ class TreeWatch:
     ``root_path`` is its path, to learn its filesystem and to find its files in memory maps).
 
     :meth:`version` is the count, or None when the tree cannot be watched reliably (see the
-    module's docstring); ``why`` then says why. :meth:`take_changes` says where the events
-    since its last call were. Thread-safe. :meth:`close` releases the inotify instance.
+    module's docstring); ``why`` then says why. Thread-safe. :meth:`close` releases the
+    inotify instance.
     """
 
     def __init__(self, root_fd: int, root_path: str, max_dirs: int = MAX_WATCHED_DIRS,
@@ -107,11 +99,6 @@ class TreeWatch:
         self._lock = threading.Lock()
         self._count = 0
         self._wds: set[int] = set()
-        #: Each watched folder's path relative to the root ("" for the root), by watch.
-        self._paths: dict[int, str] = {}
-        #: Where the events since the last take_changes() were (None: anywhere).
-        self._entries: set[str] | None = set()
-        self._whole: set[str] = set()
         self._fd = -1
         self.why = _cannot_watch(root_path)
         if self.why is None:
@@ -144,71 +131,22 @@ class TreeWatch:
                     self._fd = -1  # not ours any more: not closed here
                     self._give_up()
                     return None
-                for wd, mask, name in _events(data):
+                for mask in _masks(data):
                     self._count += 1
                     if mask & _IN_Q_OVERFLOW:
                         rescan = True  # events were lost: every directory may be unwatched
-                        self._entries = None
                     elif mask & _IN_ISDIR and mask & _TREE_CHANGED:
                         rescan = True
-                    self._note(wd, mask, name)
             if rescan and not self._rescan():
                 self.why = "the folder could not be watched whole"
                 self._give_up()
                 return None
-            mapped = self._mapped_for_writing()
-            if mapped:
+            if self._mapped_for_writing():
                 self._count += 1
-                for rel in mapped:
-                    self._note_entry(rel)
             return self._count
 
-    def take_changes(self) -> tuple[list[str], list[str]] | None:
-        """Where the events since the last call were, as (entries written, made, removed or
-        moved; folders to read whole: made or moved in since); None when that cannot be said
-        (lost events, too many paths, a folder seen at two paths). Paths are relative to the
-        root. Call :meth:`version` first: it collects them."""
-        with self._lock:
-            entries, whole = self._entries, self._whole
-            self._entries, self._whole = set(), set()
-            if entries is None or self._fd < 0:
-                return None
-            tops: list[str] = []  # the folders read whole that are not inside another
-            for rel in sorted(whole, key=lambda r: r.count("/")):
-                if not any(_under(rel, top) for top in tops):
-                    tops.append(rel)
-            return (sorted(e for e in entries if not any(_under(e, top) for top in tops)),
-                    sorted(tops))
-
-    def _note(self, wd: int, mask: int, name: str) -> None:
-        if self._entries is None:
-            return
-        where = self._paths.get(wd)
-        if where is None:
-            self._entries = None  # a watch we cannot place (moved out, or ambiguous)
-            return
-        if not name:
-            # About the folder itself: its parent's watch names it too (a change of its
-            # mode, its removal or move). Only the root has no parent to say so.
-            if where == "" and mask & (_IN_DELETE_SELF | _IN_MOVE_SELF):
-                self._entries = None
-            return
-        rel = f"{where}/{name}" if where else name
-        self._note_entry(rel)
-        if mask & _IN_ISDIR and mask & (_IN_CREATE | _IN_MOVED_TO):
-            self._whole.add(rel)
-            if len(self._whole) > MAX_CHANGED:
-                self._entries = None
-
-    def _note_entry(self, rel: str) -> None:
-        if self._entries is not None:
-            self._entries.add(rel)
-            if len(self._entries) > MAX_CHANGED:
-                self._entries = None
-
-    def _mapped_for_writing(self) -> list[str]:
-        """The files under the tree mapped writable and shared (see the module), relative."""
-        found: list[str] = []
+    def _mapped_for_writing(self) -> bool:
+        """Whether a file under the tree is mapped writable and shared (see the module)."""
         for maps in self._maps or _all_maps():
             try:
                 with open(maps, "rb") as f:
@@ -221,8 +159,8 @@ class TreeWatch:
                 fields = line.split(maxsplit=5)
                 if (len(fields) == 6 and fields[1][1:2] == b"w" and fields[1][3:4] == b"s"
                         and fields[5].startswith(self._prefix)):
-                    found.append(os.fsdecode(fields[5][len(self._prefix):]))
-        return found
+                    return True
+        return False
 
     def close(self) -> None:
         """Stop watching."""
@@ -234,7 +172,6 @@ class TreeWatch:
         """Watch every directory of the tree (again); forget those gone from it. False when
         the tree cannot be watched whole."""
         wds: set[int] = set()
-        paths: dict[int, str] = {}
         stack = [self._root]
         while stack:
             path = stack.pop()
@@ -246,9 +183,6 @@ class TreeWatch:
                     continue  # removed (or replaced by a file) while we looked: an event says so
                 return False
             wds.add(wd)
-            rel = path[len(self._root) + 1:]
-            if paths.setdefault(wd, rel) != rel:
-                self._entries = None  # one folder at two paths (a bind mount): not placeable
             if len(wds) > self._max_dirs:
                 return False
             try:
@@ -261,7 +195,7 @@ class TreeWatch:
                 return False  # a folder we cannot list: its changes could not be heard
         for wd in self._wds - wds:  # moved out of the tree: its events are not ours any more
             _rm_watch(self._fd, wd)
-        self._wds, self._paths = wds, paths
+        self._wds = wds
         self._count += 1
         return True
 
@@ -272,22 +206,16 @@ class TreeWatch:
         self._wds = set()
 
 
-def _events(data: bytes) -> list[tuple[int, int, str]]:
-    """(watch, mask, name) of each event in one read of an inotify descriptor."""
-    events = []
+def _masks(data: bytes) -> list[int]:
+    """The event masks in one read of an inotify descriptor."""
+    masks = []
     offset = 0
     while offset + _EVENT.size <= len(data):
-        wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-        raw = data[offset + _EVENT.size: offset + _EVENT.size + length]
+        _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
         offset += _EVENT.size + length
         if not mask & _IN_IGNORED:  # a watch went away with its directory: no change itself
-            events.append((wd, mask, os.fsdecode(raw.rstrip(b"\0"))))
-    return events
-
-
-def _under(rel: str, top: str) -> bool:
-    """Whether ``rel`` is ``top`` or inside it ("" is the root, above everything)."""
-    return top == "" or rel == top or rel.startswith(top + "/")
+            masks.append(mask)
+    return masks
 
 
 def _all_maps() -> list[str]:
