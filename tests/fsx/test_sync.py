@@ -194,6 +194,57 @@ def test_a_folder_the_container_replaced_by_a_file(fs, tmp_path):
     assert sorted(done.conflicts) == ["edited", "edited/child.txt"]
 
 
+@pytest.mark.parametrize("container_puts", ["a link", "a file"])
+def test_a_folder_replaced_in_the_container_and_changed_in_fsx(fs, tmp_path, container_puts):
+    # fsx keeps its folder, the container's entry is saved beside it, and the next copy in
+    # gives the container fsx's folder back (never writing through the container's link).
+    import shutil
+
+    fs.mkdir("/d")
+    fs.write_file("/d/y.txt", "y0")
+    fs.write_file("/d/z.txt", "z0")
+    fs.mkdir("/other")
+    fs.write_file("/other/y.txt", "not to be touched")
+    packed = pack(fs)
+    ws = put_archive(packed, tmp_path / "ctr")
+    shutil.rmtree(ws / "d")
+    if container_puts == "a link":
+        (ws / "d").symlink_to("other")
+    else:
+        (ws / "d").write_text("the container's file")
+    fs.write_file("/d/y.txt", "y1 from fsx")
+    done = apply(fs, get_archive(ws), packed.manifest)
+    assert "d" in done.conflicts
+    assert fs.read_file("/d/y.txt") == "y1 from fsx"
+    if container_puts == "a link":
+        assert fs.readlink("/d.sandbox-conflict") == "other"
+    else:
+        assert fs.read_file("/d.sandbox-conflict") == "the container's file"
+    nxt = pack(fs, since=done.manifest)
+    assert "d" in nxt.deleted
+    put_archive(nxt, tmp_path / "ctr")
+    assert (ws / "other" / "y.txt").read_text() == "not to be touched"
+    assert tree_on_disk(ws) == tree_of(fs)
+
+
+def test_a_file_replaced_by_a_folder_in_the_container_and_changed_in_fsx(fs, tmp_path):
+    fs.write_file("/d", "file v0")
+    packed = pack(fs)
+    ws = put_archive(packed, tmp_path / "ctr")
+    (ws / "d").unlink()
+    (ws / "d" / "inner").mkdir(parents=True)
+    (ws / "d" / "inner" / "x.txt").write_text("the container's x")
+    fs.write_file("/d", "file v1 from fsx")
+    done = apply(fs, get_archive(ws), packed.manifest)
+    assert done.conflicts == ["d"]
+    assert fs.read_file("/d") == "file v1 from fsx"
+    assert fs.read_file("/d.sandbox-conflict/inner/x.txt") == "the container's x"
+    nxt = pack(fs, since=done.manifest)
+    assert "d" in nxt.deleted
+    put_archive(nxt, tmp_path / "ctr")
+    assert tree_on_disk(ws) == tree_of(fs)
+
+
 def _tar(*members):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

@@ -241,11 +241,19 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
         seen: set[str] = set()
         replaced: set[str] = set()  # folders of fsx a file or link of the tar took the place of
         took: set[str] = set()  # paths where fsx now holds what the container holds
+        # Conflicts where the container holds another kind of entry than the one fsx keeps:
+        # what the container holds there (for the new base), and its folders saved beside.
+        theirs: dict[str, Entry] = {}
+        saved: dict[str, str] = {}  # a container folder in conflict -> where fsx keeps it
         for rel, info in members:
             if not rel:
                 continue
             seen.add(rel)
             path = "/" + rel
+            inside = next((top for top in saved if _under(rel, top)), None)
+            if inside is not None:  # in a container folder saved beside fsx's entry
+                _put(workspace, tar, info, "/" + saved[inside] + rel[len(inside):])
+                continue
             old, mine = base.get(rel), now.get(rel)
             ours_changed = mine != old
             if info.isdir():
@@ -255,6 +263,12 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                         took.add(rel)
                     continue
                 if mine is not None and ours_changed:
+                    # fsx changed its file or link meanwhile: fsx keeps it, and the
+                    # container's folder (with all it holds) is saved beside it.
+                    saved[rel] = rel + CONFLICT_SUFFIX
+                    _remove(workspace, "/" + saved[rel])
+                    _put(workspace, tar, info, "/" + saved[rel])
+                    theirs[rel] = _entry_of_member(info, "")
                     result.conflicts.append(rel)
                     continue
                 _remove(workspace, path)
@@ -268,6 +282,11 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 if unchanged:
                     continue
                 if mine is not None and (ours_changed or _folder_changed(now, base, rel)):
+                    # fsx's stays; the container's link is saved beside it.
+                    _remove(workspace, path + CONFLICT_SUFFIX)
+                    _put(workspace, tar, info, path + CONFLICT_SUFFIX)
+                    if mine.kind != "symlink":
+                        theirs[rel] = _entry_of_member(info, info.linkname)
                     result.conflicts.append(rel)
                     continue
                 _remove(workspace, path)
@@ -299,6 +318,8 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                     # Changed in fsx meanwhile (a folder: anything in it): fsx's stays.
                     target = path + CONFLICT_SUFFIX
                     result.conflicts.append(rel)
+                    if mine.kind != "file":
+                        theirs[rel] = _entry_of_member(info, digest)
                 elif mine is not None and mine.kind == "dir":
                     replaced.add(rel)  # removed below, with what it holds
                 parent = target.rsplit("/", 1)[0] or "/"
@@ -336,15 +357,39 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                 if exc.errno != errno.ENOTEMPTY:
                     raise
                 result.conflicts.append(rel)  # new entries from elsewhere: kept
-    result.manifest = _as_the_container_has_it(manifest(workspace, now), base, took)
+    result.manifest = _as_the_container_has_it(manifest(workspace, now), base, took, theirs)
     return result
 
 
-def _as_the_container_has_it(after: Manifest, base: Manifest, took: set[str]) -> Manifest:
+def _entry_of_member(info: tarfile.TarInfo, digest: str) -> Entry:
+    kind: Kind = "dir" if info.isdir() else "symlink" if info.issym() else "file"
+    return Entry(kind, info.size if kind == "file" else 0, int(info.mtime * 1e9),
+                 info.mode & 0o7777, digest)
+
+
+def _put(workspace: FsxFacade, tar: tarfile.TarFile, info: tarfile.TarInfo, target: str) -> None:
+    """Write one member at ``target`` (new: nothing is there), as the container has it."""
+    if info.isdir():
+        workspace.mkdir(target, recursive=True)
+        workspace.chmod(target, info.mode & 0o7777)
+    elif info.issym():
+        workspace.symlink(info.linkname, target)
+    else:
+        stream = tar.extractfile(info)
+        assert stream is not None
+        workspace.write_file(target, stream)  # type: ignore[arg-type]
+        workspace.chmod(target, info.mode & 0o7777)
+        workspace.utimes(target, info.mtime, info.mtime)
+
+
+def _as_the_container_has_it(after: Manifest, base: Manifest, took: set[str],
+                             theirs: dict[str, Entry]) -> Manifest:
     """The new base: fsx as it is now where the container holds the same, and what the
     container still holds (``base``'s entry, or none) where fsx moved on without it (changed
     by another kernel or program during the cell, kept in a conflict, a conflict copy), so
-    the next :func:`pack` carries those into the container."""
+    the next :func:`pack` carries those into the container. Where the container holds
+    another kind of entry than fsx kept (``theirs``), that is recorded, with nothing below
+    it: the next pack then has the container remove it first."""
     result = dict(after)
     for rel in set(after) | set(base):
         now, before = after.get(rel), base.get(rel)
@@ -356,6 +401,10 @@ def _as_the_container_has_it(after: Manifest, base: Manifest, took: set[str]) ->
             result.pop(rel, None)
         else:
             result[rel] = before
+    for rel, entry in theirs.items():
+        for key in [key for key in result if _under(key, rel)]:
+            del result[key]
+        result[rel] = entry
     return result
 
 
