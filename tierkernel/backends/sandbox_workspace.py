@@ -34,6 +34,15 @@ from tierkernel.fsx import current as current_workspace
 log = logging.getLogger(__name__)
 
 GUEST_PATH = "/workspace"
+#: Remove each path given, unless its folder is reached through a link (or is gone) in the
+#: container now: a deletion is never done through a link the cells made.
+_DELETE = r"""
+for p; do
+    d=$(dirname -- "$p")
+    [ "$(realpath -- "$d" 2>/dev/null)" = "$d" ] && rm -rf -- "$p"
+done
+exit 0
+"""
 #: Largest workspace copy (tar bytes) that goes through the agent's channel (see _by_agent).
 AGENT_COPY_LIMIT = 2 << 20
 
@@ -103,7 +112,7 @@ class WorkspaceSync:
                                 "using tar in the container", exc_info=True)
             if deleted:
                 paths = [f"{GUEST_PATH}/{rel}" for rel in deleted]
-                exec_id = api.exec_create(container_id, ["rm", "-rf", "--", *paths],
+                exec_id = api.exec_create(container_id, ["sh", "-c", _DELETE, "rm", *paths],
                                           user=self.user)["Id"]
                 api.exec_start(exec_id)
                 changed = True

@@ -687,12 +687,16 @@ def unpack_workspace(root: str, data: bytes, delete: list[str]) -> None:
     import shutil
     import tarfile  # here, not at the top: most agents never copy, and imports cost at start
 
+    real_root = os.path.realpath(root)
     for rel in delete:
         path = os.path.join(root, rel)
+        parent = os.path.dirname(os.path.join(real_root, rel))
+        if os.path.realpath(parent) != parent:
+            continue  # its folder is a link (or gone) here now: never delete through it
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 os.unlink(path)
     if not data:
         return
