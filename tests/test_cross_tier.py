@@ -147,6 +147,22 @@ def test_writes_through_a_memory_map_kept_across_cells_reach_fsx(sandboxed):
     session.run(S + "del m")
 
 
+def test_hard_links_made_in_the_sandbox_reach_fsx_as_files(sandboxed):
+    # fsx has no hard links: each name arrives as a file of its own, through the agent's copy
+    # (small) and through tar in a docker exec (over the agent's 2 MiB).
+    session, _, _ = sandboxed
+    out = session.run(S + "import os\nos.makedirs('hl', exist_ok=True)\n"
+                          "open('hl/a.txt', 'w').write('linked')\nos.link('hl/a.txt', 'hl/b.txt')")
+    assert out.status == "ok" and "could not be copied" not in out.stderr, out.outputs
+    assert session.run("fs.read_file('/hl/b.txt')").result["text/plain"] == "'linked'"
+    big = session.run(S + "open('hl/big.bin', 'wb').write(b'x' * (3 << 20))\n"
+                          "os.link('hl/big.bin', 'hl/big2.bin')", timeout=120)
+    assert big.status == "ok" and "could not be copied" not in big.stderr, big.outputs
+    sizes = session.run("fs.stat('/hl/big2.bin').st_size, fs.read_file('/hl/a.txt')")
+    assert sizes.result["text/plain"] == "(3145728, 'linked')", sizes.outputs
+    session.run(S + "import shutil\nshutil.rmtree('hl')")
+
+
 def test_what_a_background_process_writes_after_its_cell_reaches_fsx(sandboxed):
     session, _, _ = sandboxed
     started = session.run(S + "import os, subprocess\nos.makedirs('bg', exist_ok=True)\n"

@@ -178,7 +178,9 @@ class WorkspaceSync:
         """The container's /workspace as a tar (spooled). ``tar`` runs in the container:
         docker's ``get_archive`` reads the container's own layers and sees an empty folder
         where a tmpfs is mounted."""
-        exec_id = api.exec_create(container_id, ["tar", "-c", "-C", GUEST_PATH, "."],
+        # --hard-dereference: each name of a hard-linked file as a file (fsx has no hard links)
+        exec_id = api.exec_create(container_id, ["tar", "-c", "--hard-dereference", "-C",
+                                                 GUEST_PATH, "."],
                                   stdout=True, stderr=True, user=self.user)["Id"]
         spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - returned
         errors = bytearray()

@@ -743,9 +743,16 @@ def pack_workspace(root: str, limit: int) -> bytes | None:
                 raise TooBig
             return super().write(data)
 
+    class Plain(tarfile.TarFile):
+        def gettarinfo(self, *args: Any, **kwargs: Any) -> Any:
+            # Every name of a hard-linked file as a file of its own (GNU tar's
+            # --hard-dereference): fsx has no hard links, and refuses a link member.
+            self.inodes.clear()  # type: ignore[attr-defined]
+            return super().gettarinfo(*args, **kwargs)
+
     buffer = Limited()
     try:
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        with Plain.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
             tar.add(root, arcname=".")
     except TooBig:
         return None

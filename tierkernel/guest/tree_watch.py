@@ -36,6 +36,10 @@ counts as a change: by this process (``mapped_by="self"``, the host kernel, whos
 may map files of a host folder) or by any process whose maps can be read (``"all"``, the agent
 in its container, whose cells and their children may). A map held by some other host program
 is not looked for.
+
+Nor does inotify hear a write to a file of the tree through another name of it, a hard link
+from outside the tree (in the container a whole-tree copy follows any event, so only a host
+folder is concerned): such a write reaches the sandbox with the next change in the folder.
 """
 
 from __future__ import annotations
