@@ -124,7 +124,9 @@ def test_timeout_keeps_state(sk: KernelSession):
 
 def test_cell_ignoring_interrupt_is_killed_and_user_told(sk: KernelSession):
     sk.run(S + "lost_var = 1\nopen('/workspace/kept.txt', 'w').write('file')")
+    sk.run(S + "pass")  # a cell that changes nothing comes before the one that is killed
     code = S + ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                "open('written_before_the_kill.txt', 'w').write('not lost')\n"
                 "while True:\n    time.sleep(0.05)")
     start = time.monotonic()
     out = sk.run(code, interrupt_after=0.5, timeout=60)
@@ -134,6 +136,9 @@ def test_cell_ignoring_interrupt_is_killed_and_user_told(sk: KernelSession):
     after = sk.run(S + "'lost_var' in globals(), open('/workspace/kept.txt').read()")
     # A fresh interpreter in the same container: variables gone, files kept.
     assert after.result["text/plain"] == "(False, 'file')"
+    # And what the killed cell wrote reaches fsx with the next cell, as any cell's writes.
+    copied = sk.run("fs.read_file('/written_before_the_kill.txt')")
+    assert copied.result["text/plain"] == "'not lost'", copied.outputs
 
 
 def test_out_of_memory_names_the_limit(sk: KernelSession):

@@ -271,6 +271,7 @@ class AgentSession:
                on_done: Callable[[], None] | None) -> tuple[_Cell, float]:
         start = time.perf_counter()
         cell = _Cell(uuid.uuid4().hex, sink, helpers=helpers, on_done=on_done)
+        self.workspace_changed = False  # said by this cell's "done", if it sends one
         with self._lock:
             self._cell = cell
         msg = {

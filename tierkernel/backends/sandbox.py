@@ -381,12 +381,16 @@ class SandboxBackend(Backend):
                 session.reset_watch()
         result = await session.run_async(request, held, request.options.get("timeout"),
                                          gateway)
-        if not session.watching:
+        if session.alive and not session.watching:
             # After the first cell, not before: setting the watch up takes the agent 10-25 ms
             # under gVisor, which a kernel's first cell should not wait for. Until then the
             # agent walks /workspace to find changes.
             session.install_watch()
-        if session.workspace_changed:
+        # A cell whose agent died (killed after an ignored interrupt, a crash) sent no "done"
+        # to say what it changed, and the next agent takes /workspace as it finds it: so
+        # what it wrote is copied now, from its container, if that is still there.
+        lost = not session.alive and not container.died and not container.suspect
+        if session.workspace_changed or lost:
             await asyncio.to_thread(self._copy_back, container, sink)
         container.cells += 1
         error = None
