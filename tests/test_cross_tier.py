@@ -174,6 +174,21 @@ def test_what_a_background_process_writes_after_its_cell_reaches_fsx(sandboxed):
     assert session.run("fs.read_file('/bg/late.txt')").result["text/plain"] == "'late\\n'"
 
 
+def test_a_background_write_is_kept_when_fsx_changes_before_the_next_cell(sandboxed):
+    # fsx changes too before the next sandbox cell: its copy in must not swallow what the
+    # background process wrote (the copy in becomes the agent's new baseline).
+    session, _, _ = sandboxed
+    started = session.run(S + "import os, subprocess\nos.makedirs('bg2', exist_ok=True)\n"
+                              "subprocess.Popen(['sh', '-c', 'sleep 0.5; echo late > "
+                              "bg2/late.txt'])")
+    assert started.status == "ok", started.outputs
+    time.sleep(1.5)
+    session.run("fs.write_file('/from_native.txt', 'native')")
+    out = session.run(S + "open('from_native.txt').read()")
+    assert out.result["text/plain"] == "'native'", out.outputs
+    assert session.run("fs.read_file('/bg2/late.txt')").result["text/plain"] == "'late\\n'"
+
+
 def test_host_changes_to_a_workspace_folder_reach_the_sandbox(sandboxed):
     # A file:// workspace may be changed by any host process, not only through fsx: the host
     # hears the folder through inotify and copies only when it changed.

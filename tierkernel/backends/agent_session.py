@@ -179,6 +179,16 @@ class AgentSession:
         with contextlib.suppress(OSError):
             self.transport.send(b'{"type": "watch_reset"}\n')
 
+    def tree_changed(self, timeout: float = 30.0) -> bool:
+        """Whether the agent's watched folder changed since the last cell ended (a process
+        the cell left running wrote there). Asked before the host copies its own changes in,
+        which the agent then takes as its new baseline: what changed before must be copied
+        back first, or it would never be. True when the agent cannot say."""
+        try:
+            return bool(self.ask({"type": "tree_state"}, timeout).get("changed", True))
+        except OSError:
+            return True
+
     def count_processes(self, timeout: float = 1.0) -> tuple[int, int] | None:
         """Ask the agent (between cells) how many processes its container holds now and the
         highest pid it has seen; None when it does not answer in time."""
@@ -394,7 +404,7 @@ class AgentSession:
             self.info = msg
             self._ready.set()
             return
-        if kind in ("unpacked", "packed"):
+        if kind in ("unpacked", "packed", "tree_stated"):
             seq = msg.get("seq")
             with self._lock:
                 waiting = self._asked.get(seq) if isinstance(seq, int) else None

@@ -376,6 +376,10 @@ class SandboxBackend(Backend):
         # time and run in a thread; the common cell (nothing to copy either way) needs none.
         if self._workspace.may_have_changes(container.id):
             api = self._engine().api
+            if container.cells and await asyncio.to_thread(session.tree_changed):
+                # Changed in the container since the last cell (by a process it left
+                # running): copied back first, since the copy in becomes the new baseline.
+                await asyncio.to_thread(self._copy_back, container, sink)
             if await asyncio.to_thread(self._workspace.before_cell, api, container.id,
                                        session):
                 session.reset_watch()

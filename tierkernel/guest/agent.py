@@ -14,6 +14,7 @@ host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
                {"type": "procs"} | {"type": "shutdown"}
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
                {"type": "pack", "seq", "root", "limit"}
+               {"type": "tree_state", "seq"} (did the watched folder change since the last cell?)
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
                {"type": "display" | "result", "id", "data", "metadata"}
@@ -23,6 +24,7 @@ agent -> host: {"type": "ready", "pid", "python"}
                {"type": "procs", "count", "last_pid"}
                {"type": "unpacked", "seq"[, "error"]}
                {"type": "packed", "seq", "data" | "too_big"[, "error"]}
+               {"type": "tree_stated", "seq", "changed"}
 
 Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
 SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
@@ -991,6 +993,9 @@ def main() -> None:
             channel.send({"type": "procs", "count": count, "last_pid": last})
         elif kind in ("unpack", "pack"):
             channel.send(workspace_request(msg))
+        elif kind == "tree_state":
+            channel.send({"type": "tree_stated", "seq": msg.get("seq"),
+                          "changed": agent.tree_mark() != agent._last_tree})
         elif kind == "shutdown":
             return
         else:
