@@ -138,6 +138,7 @@ def test_writes_through_a_memory_map_kept_across_cells_reach_fsx(sandboxed):
     # inotify does not hear writes through a shared map: a map left open by one cell and
     # written by the next must still be copied back.
     session, _, _ = sandboxed
+    session.run(S + "pass")  # the agent has its watch (set up after a kernel's first cell)
     made = session.run(S + "import numpy as np\nnp.zeros(4096, dtype='u1').tofile('mm.bin')\n"
                            "m = np.memmap('mm.bin', dtype='u1', mode='r+')")
     assert made.status == "ok", made.outputs
@@ -145,6 +146,36 @@ def test_writes_through_a_memory_map_kept_across_cells_reach_fsx(sandboxed):
     out = session.run("list(fs.read_file('/mm.bin', encoding=None)[:4])")
     assert out.result["text/plain"] == "[7, 8, 9, 0]", out.outputs
     session.run(S + "del m")
+
+
+def test_a_map_made_by_the_first_cell_is_found_too(tmp_path):
+    # Made before the agent had its watch (and its mmap tracking): found in its own maps.
+    sandbox_support.need_sandbox()
+    session = KernelSession(env=dict(os.environ, TIERKERNEL_FSX_URL="memory://"))
+    try:
+        made = session.run(S + "import numpy as np\nnp.zeros(8, dtype='u1').tofile('f.bin')\n"
+                               "m = np.memmap('f.bin', dtype='u1', mode='r+')")
+        assert made.status == "ok", made.outputs
+        session.run(S + "m[:2] = [4, 2]\nm.flush()")
+        out = session.run("list(fs.read_file('/f.bin', encoding=None)[:3])")
+        assert out.result["text/plain"] == "[4, 2, 0]", out.outputs
+    finally:
+        session.close()
+
+
+def test_writes_through_a_map_another_process_holds_reach_fsx(sandboxed):
+    # A process the cell started maps a file and writes through the map after the cell ended.
+    session, _, _ = sandboxed
+    child = ("import mmap, time\nf = open('mm2.bin', 'r+b')\nm = mmap.mmap(f.fileno(), 0)\n"
+             "time.sleep(0.5)\nm[:2] = b'hi'\nm.flush()\ntime.sleep(60)")
+    started = session.run(S + "import subprocess, sys\nopen('mm2.bin', 'wb').write(b'..')\n"
+                              f"holder = subprocess.Popen([sys.executable, '-c', {child!r}])")
+    assert started.status == "ok", started.outputs
+    time.sleep(1.5)
+    session.run(S + "pass")
+    out = session.run("fs.read_file('/mm2.bin')")
+    session.run(S + "holder.kill(); holder.wait()")
+    assert out.result["text/plain"] == "'hi'", out.outputs
 
 
 def test_hard_links_made_in_the_sandbox_reach_fsx_as_files(sandboxed):

@@ -179,7 +179,7 @@ def test_a_file_mapped_for_writing_counts_as_changing_while_it_is_mapped(tree):
         reader.close()
 
 
-def test_with_mapped_by_all_another_process_s_map_counts_too(tmp_path):
+def test_the_maps_it_reads_are_the_caller_s_choice(tmp_path):
     root = tmp_path / "ws"
     root.mkdir()
     (root / "data.bin").write_bytes(b"\0" * 4096)
@@ -191,9 +191,13 @@ def test_with_mapped_by_all_another_process_s_map_counts_too(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline() == "mapped\n"
-        mine, everyone = TreeWatch(fd, str(root)), TreeWatch(fd, str(root), mapped_by="all")
+        theirs = [f"/proc/{child.pid}/maps"]
+        mine, everyone = TreeWatch(fd, str(root)), TreeWatch(fd, str(root), maps=lambda: theirs)
         assert mine.version() == mine.version()  # not this process's map
         assert everyone.version() != everyone.version()
+        assert everyone.version(maps=False) == everyone.version(maps=False)
+        told = TreeWatch(fd, str(root), maps=list, mapped=lambda: True)  # the caller knows
+        assert told.version() != told.version()
         child.kill()
         child.wait()
         settled = everyone.version()

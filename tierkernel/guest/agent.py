@@ -226,6 +226,13 @@ class Agent:
         self._last_tree: tuple[str, int] | None = None
         #: An inotify TreeWatch of the watched folder, once the host sent one (install_watch).
         self._watch: Any = None
+        #: The processes that were there before any cell (docker-init, the container's
+        #: keeper, this agent): their memory maps are never the cells'.
+        self._infra_pids: set[str] = set()
+        #: The cells' writable shared maps of watched files made through Python's mmap
+        #: (see _track_mmaps), and whether this process's maps must be read instead.
+        self._live_maps: Any = ()
+        self._read_own_maps = False
         if hasattr(os, "register_at_fork"):  # absent where processes cannot fork (WASI)
             os.register_at_fork(after_in_child=self._after_fork_in_child)
 
@@ -336,17 +343,20 @@ class Agent:
     def reset_watch(self) -> None:
         """Take the watched folder as it is now as unchanged: the host has just copied files
         into it itself (or the agent just started), so they need not be copied back."""
-        self._last_tree = self.tree_mark()
+        self._last_tree = self.tree_mark(maps=False)
 
-    def tree_mark(self) -> tuple[str, int] | None:
+    def tree_mark(self, maps: bool = True) -> tuple[str, int] | None:
         """The watched folder's state, to compare with an earlier one: an inotify event count
         when a watch is installed and trusted, else a signature from a walk of the tree (two
-        marks of different kinds never compare equal: reported as a change, never missed)."""
+        marks of different kinds never compare equal: reported as a change, never missed).
+        ``maps``: a file mapped for writing counts as a change (see tree_watch); needed only
+        where a cell ends, since a map made and written within a cell is heard when its file
+        is closed."""
         watched = os.environ.get(WATCH_ENV)
         if not watched:
             return None
         if self._watch is not None:
-            version = self._watch.version()
+            version = self._watch.version(maps)
             if version is not None:
                 return ("events", version)
             self._watch = None  # it gave up (an overflow it could not recover from): walk
@@ -362,9 +372,11 @@ class Agent:
         module = types.ModuleType("tierkernel_tree_watch")
         exec(compile(source, "<tierkernel tree watch>", "exec"), module.__dict__)
         fd = os.open(watched, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-        # Keeps using fd (open for the agent's life). Memory maps of every process: a cell's
-        # children may map /workspace files too.
-        watch = module.TreeWatch(fd, watched, mapped_by="all")
+        # Keeps using fd (open for the agent's life). The memory maps looked at: those the
+        # cells make through Python's mmap, known without reading /proc; and those of every
+        # process a cell started (read from /proc).
+        self._track_mmaps(watched, module)
+        watch = module.TreeWatch(fd, watched, maps=self._maps_to_read, mapped=self._mapped)
         version = watch.version()
         if version is None:
             os.close(fd)
@@ -376,6 +388,54 @@ class Agent:
             self._last_tree = ("events", version)
         self._watch = watch
 
+    def _track_mmaps(self, watched: str, tree_watch: Any) -> None:
+        """Note each writable shared map of a watched file that a cell makes through Python's
+        mmap (numpy.memmap does), by putting a subclass in place of ``mmap.mmap``. Maps made
+        before (by the first cell, or by C code) are found by reading this process's maps,
+        from then on, if there are any now."""
+        import mmap
+        import weakref
+
+        live: weakref.WeakSet[Any] = weakref.WeakSet()
+        prefix = watched.rstrip("/") + "/"
+        base = mmap.mmap
+
+        def shared_writable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+            names = ("flags", "prot", "access")
+            given = {names[i]: args[i] for i in range(min(len(args), len(names)))}
+            given.update((k, v) for k, v in kwargs.items() if k in names)
+            access = given.get("access", mmap.ACCESS_DEFAULT)
+            if access == mmap.ACCESS_WRITE:
+                return True
+            if access != mmap.ACCESS_DEFAULT:
+                return False
+            return bool(given.get("flags", mmap.MAP_SHARED) & mmap.MAP_SHARED
+                        and given.get("prot", mmap.PROT_WRITE) & mmap.PROT_WRITE)
+
+        class TrackedMmap(base):  # type: ignore[valid-type,misc]
+            def __new__(cls, fileno: int, length: int, *args: Any, **kwargs: Any) -> Any:
+                made = super().__new__(cls, fileno, length, *args, **kwargs)
+                if fileno >= 0 and shared_writable(args, kwargs):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/self/fd/{fileno}").startswith(prefix):
+                            live.add(made)
+                return made
+
+        TrackedMmap.__name__ = TrackedMmap.__qualname__ = "mmap"
+        mmap.mmap = TrackedMmap  # type: ignore[misc]
+        self._live_maps = live
+        self._read_own_maps = tree_watch.mapped_for_writing(prefix, ["/proc/self/maps"])
+
+    def _mapped(self) -> bool:
+        return any(not m.closed for m in self._live_maps)
+
+    def _maps_to_read(self) -> list[str]:
+        """The maps of the processes the cells started (and this one's, if it must)."""
+        pids = [pid for pid in os.listdir("/proc") if pid.isdigit()
+                and pid not in self._infra_pids]
+        return [f"/proc/{pid}/maps" for pid in pids] + (
+            ["/proc/self/maps"] if self._read_own_maps else [])
+
     # -- running cells --------------------------------------------------------------------
     def execute(self, msg: dict[str, Any]) -> None:
         self.cell_id = msg.get("id")
@@ -384,7 +444,7 @@ class Agent:
         first_line = int(msg.get("first_line", 1))
         success = True
         watched = os.environ.get(WATCH_ENV)
-        before = self.tree_mark()
+        before = self.tree_mark(maps=False)
         try:
             success = self._run(code, filename, first_line)
         finally:
@@ -955,6 +1015,8 @@ def main() -> None:
     agent.system = system  # type: ignore[attr-defined]
     signal.signal(signal.SIGINT, agent.sigint)
     agent.requests = stdin
+    if os.environ.get(WATCH_ENV):
+        agent._infra_pids = {pid for pid in os.listdir("/proc") if pid.isdigit()}
     agent.reset_watch()
     channel.send({"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
     if os.environ.get(MPL_SEED_ENV):  # after "ready": not on the way to the first cell
