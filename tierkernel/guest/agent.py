@@ -412,7 +412,15 @@ class Agent:
             return bool(given.get("flags", mmap.MAP_SHARED) & mmap.MAP_SHARED
                         and given.get("prot", mmap.PROT_WRITE) & mmap.PROT_WRITE)
 
-        class TrackedMmap(base):  # type: ignore[valid-type,misc]
+        class AnyMmap(type):
+            # isinstance(x, mmap.mmap) stays true of maps made before (or by C code).
+            def __instancecheck__(cls, obj: Any) -> bool:
+                return isinstance(obj, base)
+
+            def __subclasscheck__(cls, sub: Any) -> bool:
+                return issubclass(sub, base)
+
+        class TrackedMmap(base, metaclass=AnyMmap):  # type: ignore[valid-type,misc]
             def __new__(cls, fileno: int, length: int, *args: Any, **kwargs: Any) -> Any:
                 made = super().__new__(cls, fileno, length, *args, **kwargs)
                 if fileno >= 0 and shared_writable(args, kwargs):
@@ -422,6 +430,7 @@ class Agent:
                 return made
 
         TrackedMmap.__name__ = TrackedMmap.__qualname__ = "mmap"
+        TrackedMmap.__module__ = "mmap"
         mmap.mmap = TrackedMmap  # type: ignore[misc]
         self._live_maps = live
         self._read_own_maps = tree_watch.mapped_for_writing(prefix, ["/proc/self/maps"])
