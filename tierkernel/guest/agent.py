@@ -799,10 +799,18 @@ def unpack_workspace(root: str, data: bytes, delete: list[str]) -> None:
         raise OSError(f"bad archive: {exc}") from exc
 
 
+#: Where the agent looks for GNU tar (never the cells' PATH, which a cell may change).
+TAR_DIRS = "/usr/bin:/bin"
+
+
 def pack_workspace(root: str, limit: int) -> bytes | None:
     """A tar of ``root`` as ``tar -c -C root .`` makes it (members ``.``, ``./name``, links
-    not followed), or None when it would be larger than ``limit`` bytes (the host then reads
-    it another way)."""
+    not followed, each name of a hard-linked file a file of its own), or None when it would
+    be larger than ``limit`` bytes (the host then reads it another way). Made by GNU tar when
+    the image has it (14 ms for 2,000 files where tarfile takes 80), else by tarfile."""
+    ran, packed = _gnu_tar(root, limit)
+    if ran:
+        return packed
     import tarfile
 
     class TooBig(Exception):
@@ -828,6 +836,43 @@ def pack_workspace(root: str, limit: int) -> bytes | None:
     except TooBig:
         return None
     return buffer.getvalue()
+
+
+def _gnu_tar(root: str, limit: int) -> tuple[bool, bytes | None]:
+    """:func:`pack_workspace` by GNU tar, as (True, its result); (False, None) when there is
+    no tar to run."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    tar = shutil.which("tar", path=TAR_DIRS)
+    if tar is None:
+        return False, None
+    with tempfile.TemporaryFile() as errors:  # a file: a full stderr pipe would block tar
+        try:
+            proc = subprocess.Popen([tar, "-c", "--hard-dereference", "-C", root, "."],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=errors, env={"PATH": TAR_DIRS, "LC_ALL": "C"})
+        except OSError:
+            return False, None
+        assert proc.stdout is not None
+        chunks, size = [], 0
+        with proc.stdout:
+            while chunk := proc.stdout.read(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    proc.kill()
+                    proc.wait()
+                    return True, None
+                chunks.append(chunk)
+        code = proc.wait()
+        # 1: a file changed while it was read (a background writer): the tar is whole, and
+        # the next change copies the file again.
+        if code not in (0, 1):
+            errors.seek(0)
+            detail = errors.read()[-400:].decode("utf-8", "replace").strip()
+            raise OSError(f"tar exited with status {code}: {detail}")
+    return True, b"".join(chunks)
 
 
 def tree_signature(root: str) -> int:
