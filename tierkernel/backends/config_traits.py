@@ -23,21 +23,18 @@ class ByteSize(Int):  # type: ignore[type-arg]
 
     def validate(self, obj: Any, value: Any) -> int:
         """Accept an int, or a string that is a size; refuse anything else with its name."""
+        size: object = value
         if isinstance(value, str):
-            parsed = size_in_bytes(value)
-            if parsed is None:
-                raise TraitError(f"{self._where(obj)} expects a size such as 512m, 1g or "
-                                 f"1.5GiB (or a number of bytes), got {value!r}")
-            value = parsed
+            size = size_in_bytes(value)
         elif isinstance(value, float) and value.is_integer():
-            value = int(value)  # 4e9, as traitlets' Int takes it
-        if isinstance(value, bool) or not isinstance(value, int):
+            size = int(value)  # 4e9, as traitlets' Int takes it
+        if isinstance(size, bool) or not isinstance(size, int):
             raise TraitError(f"{self._where(obj)} expects a size such as 512m, 1g or 1.5GiB "
                              f"(or a number of bytes), got {value!r}")
-        if value < self.minimum:
+        if size < self.minimum:
             raise TraitError(f"{self._where(obj)} must be at least "
-                             f"{format_size(self.minimum)}, got {format_size(value)}")
-        return value
+                             f"{format_size(self.minimum)}, got {format_size(size)}")
+        return size
 
     def from_string(self, s: str) -> Any:
         """The command line's ``--Class.name=1g``: parsed by :meth:`validate`."""
