@@ -345,6 +345,11 @@ class Agent:
         into it itself (or the agent just started), so they need not be copied back."""
         self._last_tree = self.tree_mark(maps=False)
 
+    def changed_since_last_cell(self) -> bool:
+        """Whether the watched folder changed since the last cell ended (or the host's last
+        copy into it): a process a cell left running wrote there."""
+        return self.tree_mark() != self._last_tree
+
     def tree_mark(self, maps: bool = True) -> tuple[str, int] | None:
         """The watched folder's state, to compare with an earlier one: an inotify event count
         when a watch is installed and trusted, else a signature from a walk of the tree (two
@@ -1111,7 +1116,7 @@ def main() -> None:
             channel.send(workspace_request(msg))
         elif kind == "tree_state":
             channel.send({"type": "tree_stated", "seq": msg.get("seq"),
-                          "changed": agent.tree_mark() != agent._last_tree})
+                          "changed": agent.changed_since_last_cell()})
         elif kind == "shutdown":
             return
         else:
