@@ -331,9 +331,7 @@ def apply(workspace: FsxFacade, archive: BinaryIO | Iterable[bytes], base: Manif
                         workspace.exists(target) and workspace.lstat(target).is_dir()):
                     _remove(workspace, target)
                 data.seek(0)
-                workspace.write_file(target, data)  # type: ignore[arg-type]
-                workspace.chmod(target, mode)
-                workspace.utimes(target, info.mtime, info.mtime)
+                _write_file(workspace, target, data, info)
                 result.written.append(rel)
                 if target == path:
                     took.add(rel)
@@ -377,9 +375,14 @@ def _put(workspace: FsxFacade, tar: tarfile.TarFile, info: tarfile.TarInfo, targ
     else:
         stream = tar.extractfile(info)
         assert stream is not None
-        workspace.write_file(target, stream)  # type: ignore[arg-type]
-        workspace.chmod(target, info.mode & 0o7777)
-        workspace.utimes(target, info.mtime, info.mtime)
+        _write_file(workspace, target, stream, info)
+
+
+def _write_file(workspace: FsxFacade, target: str, data: Any, info: tarfile.TarInfo) -> None:
+    """A file member's content at ``target``, with its mode and mtime."""
+    workspace.write_file(target, data)
+    workspace.chmod(target, info.mode & 0o7777)
+    workspace.utimes(target, info.mtime, info.mtime)
 
 
 def _as_the_container_has_it(after: Manifest, base: Manifest, took: set[str],
