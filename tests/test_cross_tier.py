@@ -194,13 +194,19 @@ def test_hard_links_made_in_the_sandbox_reach_fsx_as_files(sandboxed):
     session.run(S + "import shutil\nshutil.rmtree('hl')")
 
 
-def test_what_a_background_process_writes_after_its_cell_reaches_fsx(sandboxed):
-    session, _, _ = sandboxed
-    started = session.run(S + "import os, subprocess\nos.makedirs('bg', exist_ok=True)\n"
+def leave_a_late_writer(session: KernelSession, folder: str) -> None:
+    """A sandbox cell that leaves a process writing FOLDER/late.txt after the cell ended;
+    returns once it wrote."""
+    started = session.run(S + f"import os, subprocess\nos.makedirs({folder!r}, exist_ok=True)\n"
                               "subprocess.Popen(['sh', '-c', 'sleep 0.5; echo late > "
-                              "bg/late.txt'])")
+                              f"{folder}/late.txt'])")
     assert started.status == "ok", started.outputs
     time.sleep(1.5)
+
+
+def test_what_a_background_process_writes_after_its_cell_reaches_fsx(sandboxed):
+    session, _, _ = sandboxed
+    leave_a_late_writer(session, "bg")
     session.run(S + "pass")  # the change since the last cell is brought back at this one's end
     assert session.run("fs.read_file('/bg/late.txt')").result["text/plain"] == "'late\\n'"
 
@@ -209,11 +215,7 @@ def test_a_background_write_is_kept_when_fsx_changes_before_the_next_cell(sandbo
     # fsx changes too before the next sandbox cell: its copy in must not swallow what the
     # background process wrote (the copy in becomes the agent's new baseline).
     session, _, _ = sandboxed
-    started = session.run(S + "import os, subprocess\nos.makedirs('bg2', exist_ok=True)\n"
-                              "subprocess.Popen(['sh', '-c', 'sleep 0.5; echo late > "
-                              "bg2/late.txt'])")
-    assert started.status == "ok", started.outputs
-    time.sleep(1.5)
+    leave_a_late_writer(session, "bg2")
     session.run("fs.write_file('/from_native.txt', 'native')")
     out = session.run(S + "open('from_native.txt').read()")
     assert out.result["text/plain"] == "'native'", out.outputs
