@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -45,7 +46,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         port = self.server.server_address[1]
         path = self.path.split("?")[0]
-        if path == "/json":
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        HITS.append(self.path)
+        if path == "/set-cookie":
+            self._send(200, b'"set"', headers={"Set-Cookie": f"tk={query.get('v', 'x')}; Path=/"})
+        elif path == "/headers":
+            self._send(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode())
+        elif path == "/redirect-to":
+            self._send(302, b"", "text/plain", {"Location": query["u"]})
+        elif path == "/json":
             self._send(200, json.dumps({"name": "tierkernel", "stars": 3}).encode(),
                        headers={"X-Test": "yes"})
         elif path == "/text":
@@ -83,6 +92,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps({"method": "POST", "body": body,
                                     "type": self.headers.get("Content-Type"),
                                     "auth": self.headers.get("Authorization")}).encode())
+
+
+#: The paths the test HTTP servers of this process were asked for, in order.
+HITS: list[str] = []
 
 
 class _QuietServer(ThreadingHTTPServer):
