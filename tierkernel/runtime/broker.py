@@ -110,11 +110,18 @@ class Broker:
         started, clock = time.time(), time.perf_counter()
         target = _target_hint(helper, args)
         allowed, ok, error_text, size = True, False, None, 0
+        dropped = False
         try:
             if helper not in HELPERS:
                 raise ValueError(f"unknown helper {helper!r}; helpers are {', '.join(HELPERS)}")
             _check_args(helper, args)
             context.policy.check_helper(helper)
+            if helper == "console":
+                # A console entry past the cell's log caps is dropped, and so is its audit
+                # row: a flood writes nothing more to disk (the logs' note counts it).
+                dropped = not self._console(args, context)
+                ok = True
+                return {"ok": True, "value": None}
             value, target = self._run(helper, args, context)
             value = self._scrub(value)
             # ASCII (json.dumps escapes the rest), so characters are bytes.
@@ -138,17 +145,15 @@ class Broker:
             error_text = "interrupted"
             raise
         finally:
-            self.audit.helper_call(context.execution_id, HelperCall(
-                helper, target, allowed, ok, error_text, started,
-                round((time.perf_counter() - clock) * 1000, 3), size))
+            if not dropped:
+                self.audit.helper_call(context.execution_id, HelperCall(
+                    helper, target, allowed, ok, error_text, started,
+                    round((time.perf_counter() - clock) * 1000, 3), size))
 
     # -- the helpers ------------------------------------------------------------------------
     def _run(self, helper: str, args: Mapping[str, Any],
              context: CallContext) -> tuple[Any, str]:
         rt = self.runtime
-        if helper == "console":
-            self._console(args, context)
-            return None, str(args["level"])
         if helper == "api":
             outcome = api_helper.request(
                 self.api_client(context.policy.trusted), context.policy,
@@ -182,7 +187,9 @@ class Broker:
                              f"the {cap}-byte limit (c.Runtime.{setting}); ask for less, or "
                              f"raise c.Runtime.{setting}")
 
-    def _console(self, args: Mapping[str, Any], context: CallContext) -> None:
+    def _console(self, args: Mapping[str, Any], context: CallContext) -> bool:
+        """Record one console entry in the cell's logs; False when it was dropped (past the
+        caps)."""
         level, message = args["level"], args["message"]
         if level not in CONSOLE_LEVELS:
             raise ValueError(f"console level must be one of {', '.join(CONSOLE_LEVELS)}, "
@@ -200,9 +207,10 @@ class Broker:
                 if not context.logs_dropped:  # said once, at the place the gap begins
                     context.logs.append(LogEntry("warn", LOGS_DROPPED))
                 context.logs_dropped += 1
-                return
+                return False
             context.logs.append(LogEntry(level, message))
             context.log_bytes += weight
+            return True
 
     def api_client(self, trusted: bool) -> httpx.Client:
         """The api() client of native (``trusted``) or of isolated cells: each connects only
