@@ -250,6 +250,7 @@ class Broker:
         with self._lock:
             database = self._databases.get(trusted)
             if database is None:
+                _warn_of_old_default(self.runtime)
                 workspace = None if self.runtime.db_url else self.workspace()
                 database = db_helper.open_database(self.runtime.db_url, self.runtime.db_path,
                                                    isolated=not trusted, workspace=workspace)
@@ -299,6 +300,17 @@ def note_dropped(context: CallContext) -> None:
                 context.logs[i] = LogEntry("warn", f"{context.logs_dropped} {LOGS_DROPPED}",
                                            entry.time)
                 break
+
+
+def _warn_of_old_default(runtime: Runtime) -> None:
+    """Say in the kernel's log when db() starts on its default file while the previous default,
+    ``.tierkernel/db.sqlite3`` in the notebook folder, still holds data."""
+    old = Path.cwd() / ".tierkernel" / "db.sqlite3"
+    if (not runtime.db_url and old.exists() and Path(runtime.db_path) != old
+            and not Path(runtime.db_path).exists()):
+        log.warning("db() now keeps its data in %s, outside the notebook folder (a file:// "
+                    "workspace could contain it); the database at %s is not used: move it "
+                    "there to keep using it", runtime.db_path, old)
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:
