@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import HITS
+from tests.servers import HITS, https_server
 from tests.test_runtime_broker import Guest
 from tierkernel.runtime.broker import CallContext
 from tierkernel.runtime.network import is_allowed, refusal
@@ -153,3 +153,14 @@ def test_cookies_stay_with_the_cell_that_got_them(make, port):
     assert "cookie" not in native.api(f"http://127.0.0.1:{port}/headers").body
     # Native and isolated cells never share a client (so no connection or jar either).
     assert native.broker.api_client(True) is not native.broker.api_client(False)
+
+
+def test_https_is_verified_against_the_name_while_connecting_to_the_checked_address(
+        make, tmp_path, monkeypatch):
+    with https_server(tmp_path) as (port, ca):
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the clients' TLS context honours it
+        g = make(options=API_ANYWHERE)
+        assert g.api(f"https://localhost:{port}/json").body["name"] == "tierkernel"
+        # The certificate names localhost only: reached by address, verification fails.
+        with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            g.api(f"https://127.0.0.1:{port}/json")
