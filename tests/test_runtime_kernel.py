@@ -25,7 +25,10 @@ def rk(home: Path, ai_url: str) -> Iterator[KernelSession]:
     config = home / "config"
     config.mkdir()
     (config / "tierkernel_config.py").write_text(
-        "c.Runtime.api_max_response_bytes = 1024 * 1024\n")
+        "c.Runtime.api_max_response_bytes = 1024 * 1024\n"
+        # The test server runs on 127.0.0.1: api() reaches it only when allowed explicitly.
+        "c.Runtime.native_api_allowed_networks = ['127.0.0.1/32']\n"
+        "c.Runtime.api_allowed_networks = ['127.0.0.1/32']\n")
     session = KernelSession(env={
         **os.environ, "JUPYTER_CONFIG_DIR": str(config),
         "TIERKERNEL_AUDIT_LOG": str(home / "audit.sqlite3"),

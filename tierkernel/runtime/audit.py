@@ -19,6 +19,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+#: The most characters one text field of an execution's record (code, error, logs as JSON)
+#: holds. The runtime caps logs far below this (c.Runtime.log_max_bytes); this bound makes sure
+#: no record is ever too large for SQLite to write, which would leave the cell "running".
+MAX_FIELD_CHARS = 16 * 1024 * 1024
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
     id              TEXT PRIMARY KEY,
@@ -123,7 +128,7 @@ class AuditLog:
         self._write(
             "INSERT INTO executions (id, kernel_session, cell_id, execution_count, tier, code,"
             " started, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-            (execution_id, session, cell_id, execution_count, tier, code, started))
+            (execution_id, session, cell_id, execution_count, tier, _cut(code), started))
 
     def finish(self, execution_id: str, status: str, duration_ms: float,
                error: str | None, logs: list[dict[str, Any]], tier: str | None = None) -> None:
@@ -131,7 +136,7 @@ class AuditLog:
         self._write(
             "UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
             "logs = ?, tier = COALESCE(?, tier) WHERE id = ?",
-            (status, int(status == "ok"), duration_ms, error, json.dumps(logs), tier,
+            (status, int(status == "ok"), duration_ms, _cut(error), _logs_json(logs), tier,
              execution_id))
 
     def helper_call(self, execution_id: str | None, call: HelperCall) -> None:
@@ -186,6 +191,32 @@ class AuditLog:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _cut(text: str | None) -> str | None:
+    """``text``, cut to :data:`MAX_FIELD_CHARS` with a note."""
+    if text is None or len(text) <= MAX_FIELD_CHARS:
+        return text
+    return text[:MAX_FIELD_CHARS] + f"... [cut: {len(text)} characters in all]"
+
+
+def _logs_json(logs: list[dict[str, Any]]) -> str:
+    """``logs`` as JSON, the newest entries left out (with a note) past
+    :data:`MAX_FIELD_CHARS`."""
+    text = json.dumps(logs)
+    if len(text) <= MAX_FIELD_CHARS:
+        return text
+    kept, size = [], 1000  # room for the note
+    for entry in logs:
+        entry = {**entry, "message": _cut(str(entry.get("message", "")))}
+        size += len(json.dumps(entry)) + 2
+        if size > MAX_FIELD_CHARS:
+            break
+        kept.append(entry)
+    kept.append({"level": "warn", "time": time.time(),
+                 "message": f"{len(logs) - len(kept)} more log entries were not recorded: the "
+                            f"logs are over {MAX_FIELD_CHARS} characters"})
+    return json.dumps(kept)
 
 
 def _execution(row: tuple[Any, ...], calls: list[HelperCall] | None = None) -> Execution:
