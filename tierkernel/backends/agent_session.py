@@ -220,6 +220,7 @@ class AgentSession:
         #: Refusals waiting to be sent, answered by one thread (see _refuse).
         self._refusals: queue.Queue[bytes] = queue.Queue(maxsize=256)
         self._refuser: threading.Thread | None = None
+        self._count_lock = threading.Lock()
         self.alive = True
         self.info: dict[str, Any] = {}
         #: Whether the agent's watched folder changed during the last cell (see agent.py's
@@ -609,9 +610,12 @@ class AgentSession:
 
     def _charge(self, cell: _Cell, size: int) -> bool:
         """Count ``size`` bytes of the cell's output; False (and the cell stopped) past the
-        output limit."""
-        cell.output_bytes += size
-        if cell.output_bytes <= self.output_limit:
+        output limit. (wasm's helper calls count from the guest's thread, the rest from the
+        reader: hence the lock.)"""
+        with self._count_lock:
+            cell.output_bytes += size
+            within = cell.output_bytes <= self.output_limit
+        if within:
             return True
         if not cell.over_limit:
             cell.over_limit = True
@@ -645,7 +649,9 @@ class AgentSession:
         seq = msg.get("seq")
         refusal = self._admit(cell, msg.get("id"), msg.get("request"))
         if refusal is not None:
-            if cell is not None:  # between cells the agent's main loop reads requests: silence
+            # Not answered between cells (the agent's main loop reads requests then), nor a
+            # request with no sequence number (the agent tells of a call it refused itself).
+            if cell is not None and seq is not None:
                 self._refuse(seq, refusal)
             return
         assert cell is not None

@@ -329,7 +329,8 @@ class Agent:
         """Send one helper request to the host and wait for its answer (a cell's thread).
 
         The protocol's request stream is only read between cells by the main loop, so a
-        cell's thread may read the answer from it directly; one call at a time.
+        cell's thread may read the answer from it directly; one call at a time, and none
+        across a cell's end (see execute).
 
         The request is tagged with the cell whose code started the calling thread: the host
         answers only the running cell's calls, so a thread left behind by an earlier cell is
@@ -339,10 +340,19 @@ class Agent:
         if self.channel.forked:
             raise RuntimeError("ai/api/db/console are not available in a forked child process")
         origin = self.cell_of_caller()
-        if self.cell_id is None:
-            raise PermissionError("background work of an earlier cell gets no helper access: "
-                                  "ai/api/db/console can only be called while a cell runs")
         with self._host_lock:
+            if self.cell_id is None:
+                raise PermissionError(f"{BACKGROUND_REFUSED}: ai/api/db/console can only be "
+                                      "called while a cell runs")
+            if origin != self.cell_id:
+                # Told to the host, which records the refusal under the cell that started the
+                # thread, but never waited for: no answer is read outside the caller's cell.
+                self.channel.send({"type": "helper", "id": origin, "seq": None,
+                                   "request": request})
+                raise PermissionError(f"{BACKGROUND_REFUSED}: this thread was started by an "
+                                      "earlier cell; call ai/api/db/console from the cell that "
+                                      "needs them (threads and thread pools it starts may call "
+                                      "them while it runs)")
             self._host_seq += 1
             seq = self._host_seq
             self._flush_text()  # output printed before the call shows before its effects
@@ -493,7 +503,11 @@ class Agent:
                 self.stderr.write(f"could not render figures: {exc!r}\n")
             self._flush_text()
             self._drain_fds()
-            done: dict[str, Any] = {"type": "done", "id": self.cell_id, "success": success}
+            # No helper call straddles the cell's end: one in flight (a thread of the cell's)
+            # is answered first, and none starts after (call_host checks under the same lock).
+            with self._host_lock:
+                cell_id, self.cell_id = self.cell_id, None
+            done: dict[str, Any] = {"type": "done", "id": cell_id, "success": success}
             if os.environ.get(COUNT_PROCS_ENV):
                 done["procs"], done["last_pid"] = count_processes()
             if watched:
@@ -503,7 +517,6 @@ class Agent:
                 done["workspace_changed"] = after != before or before != self._last_tree
                 self._last_tree = after
             self.channel.send(done)
-            self.cell_id = None
 
     def _run(self, code: str, filename: str, first_line: int) -> bool:
         source = "\n" * (first_line - 1) + shell_escapes(code)
@@ -913,6 +926,9 @@ def tree_signature(root: str) -> int:
                 continue
             entries.append((path, st.st_mode, st.st_size, st.st_mtime_ns))
     return hash(tuple(sorted(entries)))
+
+
+BACKGROUND_REFUSED = "background work of an earlier cell gets no helper access"
 
 
 def _tag_threads(agent: Agent) -> None:
