@@ -197,8 +197,24 @@ def test_processes_left_behind_do_not_outlive_an_agent_restart(tk):
     session, tier = tk
     if tier == "wasm":
         pytest.skip("a wasm guest has no processes")
+    _leftovers_die_with_their_agent(session, f"%%tier {tier}\n")
+
+
+def test_processes_left_behind_do_not_outlive_an_agent_restart_under_gvisor():
+    """Case 10 under gVisor, whose container's keeper started the first agent itself."""
+    sandbox_support.need_sandbox()
+    if "runsc" not in sandbox_support.runtimes():
+        pytest.skip(f"the engine has no runsc runtime (it has {sandbox_support.runtimes()})")
+    session = KernelSession()
+    try:
+        _leftovers_die_with_their_agent(session, "%%tier sandbox --runtime runsc\n")
+    finally:
+        session.close()
+
+
+def _leftovers_die_with_their_agent(session: KernelSession, head: str) -> None:
     started = session.run(
-        f"%%tier {tier}\nimport subprocess, sys\n"
+        f"{head}import subprocess, sys\n"
         "ps = [subprocess.Popen(['sleep', 'infinity']),\n"
         "      subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)', "
         "'tierkernel-keeper']),\n"
@@ -206,10 +222,10 @@ def test_processes_left_behind_do_not_outlive_an_agent_restart(tk):
         "[p.pid for p in ps]")
     assert started.status == "ok", started.outputs
     pids = started.result["text/plain"]
-    lost = session.run(f"%%tier {tier}\nimport os\nos._exit(1)")
+    lost = session.run(f"{head}import os\nos._exit(1)")
     assert lost.error["ename"] == "TierSessionLost", lost.outputs
     check = session.run(
-        f"%%tier {tier}\nimport time\n"
+        f"{head}import time\n"
         "def alive(pid):\n    try:\n        with open(f'/proc/{pid}/stat') as f:\n"
         "            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'\n"
         "    except OSError:\n        return False\n"
@@ -217,4 +233,5 @@ def test_processes_left_behind_do_not_outlive_an_agent_restart(tk):
         f"    time.sleep(0.1)\n[alive(p) for p in {pids}]")
     assert check.status == "ok", check.outputs
     assert check.result["text/plain"] == "[False, False, False]"
-    _next_cell_works(session, tier)
+    again = session.run(f"{head}'next'")
+    assert again.result["text/plain"] == "'next'", again.outputs
