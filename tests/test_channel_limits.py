@@ -235,3 +235,30 @@ def _leftovers_die_with_their_agent(session: KernelSession, head: str) -> None:
     assert check.result["text/plain"] == "[False, False, False]"
     again = session.run(f"{head}'next'")
     assert again.result["text/plain"] == "'next'", again.outputs
+
+
+def test_concurrent_helper_calls_are_bounded(tk, port):
+    """Case 9: forged helper requests sent at once get at most helper_concurrency (4) host
+    threads; the rest are refused at once, not queued and not each a thread."""
+    session, tier = tk
+    if tier == "wasm":
+        pytest.skip("a wasm guest calls the host tool synchronously: one call at a time")
+    code = (f"req = {{'helper': 'api', 'args': {{'url': 'http://127.0.0.1:{port}/slow'}}}}\n"
+            "for i in range(20):\n"
+            "    emit({'type': 'helper', 'id': A.cell_id, 'seq': 10_000 + i, 'request': req})\n"
+            "import json\nanswers = []\n"
+            "while len(answers) < 20:\n"
+            "    msg = json.loads(A.requests.readline())\n"
+            "    if msg.get('type') == 'helper_result' and msg['seq'] >= 10_000:\n"
+            "        answers.append(msg['response'])\n"
+            "[a['ok'] or a['error']['message'] for a in answers]")
+    out = session.run(_cell(tier, code, " --allow api --domains 127.0.0.1 --timeout 60"),
+                      timeout=90)
+    assert out.status == "ok", out.outputs
+    answers = eval(out.result["text/plain"])  # a list of True and str, as printed by repr
+    assert answers.count(True) == 4, answers
+    refused = [a for a in answers if a is not True]
+    assert len(refused) == 16
+    assert all("more than 4 ai/api/db/console calls of this cell at once" in a
+               and f"c.{BACKENDS[tier]}.helper_concurrency" in a for a in refused)
+    assert answers[:16] == refused  # refused at once, before any slow call was answered
