@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 from traitlets import Bool, Float
@@ -225,12 +225,7 @@ class Backend(LoggingConfigurable):
         context = getattr(runtime, "current", None)
         if runtime is None or context is None:
             return None
-        broker = runtime.broker
-
-        def gateway(request: dict[str, Any]) -> dict[str, Any]:
-            return dict(broker.handle(request, context))
-
-        return gateway
+        return HelperRoute(runtime.broker, context)
 
     def describe_limits(self) -> str:
         """Human-readable current limits for the ``%tier`` table."""
@@ -238,6 +233,38 @@ class Backend(LoggingConfigurable):
         for key, value in self.defaults().items():
             parts.append(f"{key}={format_limit(key, value)}")
         return ", ".join(parts)
+
+
+class HelperRoute:
+    """One cell's route to the broker (what :meth:`Backend.helper_gateway` returns): called
+    with a request, it answers it under the cell's policy and audit id; :meth:`refuse` records
+    a call the tier refused on the cell's behalf (background work after the cell ended) in the
+    cell's audit log, runs nothing, and answers the refusal."""
+
+    def __init__(self, broker: Any, context: Any) -> None:
+        self.broker = broker
+        self.context = context
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.broker.handle(request, self.context))
+
+    def refuse(self, request: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Answer ``request`` with ``PermissionError(reason)``, audited under this cell: the
+        broker is handed this cell's context with a policy that refuses every helper, which it
+        asks before it runs anything (and records the refusal as it records any other)."""
+        context = replace(self.context, policy=_Refusing(reason), logs=[])
+        return dict(self.broker.handle(request, context))
+
+
+class _Refusing:
+    """The policy of :meth:`HelperRoute.refuse`: every helper refused, for one reason."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def check_helper(self, helper: str) -> None:
+        """Refuse ``helper`` (and every other)."""
+        raise PermissionError(self.reason)
 
 
 def format_limit(key: str, value: Any) -> str:

