@@ -401,12 +401,6 @@ class PosixEngine:
             if snode.kind == "dir" and is_within(target, source):
                 raise fs_error(errno.EINVAL, src, dst, "Invalid argument: cannot move a "
                                "directory into itself")
-            deeper = depth(target) - depth(source)
-            longer = byte_length(target) - byte_length(source)
-            if deeper > 0 or longer > 0:  # the moved tree may now pass the shape quotas
-                deepest, longest = (self.store.extent(source) if snode.kind == "dir"
-                                    else (depth(source), byte_length(source)))
-                self.quota.check_shape(dst, deepest + deeper, longest + longer)
             if tnode is not None:
                 if snode.kind == "dir" and tnode.kind != "dir":
                     raise fs_error(errno.ENOTDIR, src, dst)
@@ -414,6 +408,14 @@ class PosixEngine:
                     raise fs_error(errno.EISDIR, src, dst)
                 if tnode.kind == "dir" and self.store.children(target):
                     raise fs_error(errno.ENOTEMPTY, src, dst)
+            deeper = depth(target) - depth(source)
+            longer = byte_length(target) - byte_length(source)
+            if (deeper > 0 or longer > 0) and self.quota.bounds_shape:
+                # The moved tree may now pass the shape quotas: its deepest and longest path
+                # decide (a walk of it, except where the store can ask an index).
+                deepest, longest = (self.store.extent(source) if snode.kind == "dir"
+                                    else (depth(source), byte_length(source)))
+                self.quota.check_shape(dst, deepest + deeper, longest + longer)
             self.store.rename(source, target)
             now = time.time_ns()
             self._touch_parent(source, now)

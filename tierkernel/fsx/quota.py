@@ -67,6 +67,11 @@ class Quota:
         never asked to count)."""
         return self.max_bytes < UNLIMITED or self.max_entries < UNLIMITED
 
+    @property
+    def bounds_shape(self) -> bool:
+        """Whether depth or path length is bounded (so a rename must measure what it moves)."""
+        return self.max_depth < UNLIMITED or self.max_path_length < UNLIMITED
+
     # -- the checks (each raises FsxQuotaError, or returns) -----------------------------------
     def check_name(self, path: str, physical: str) -> None:
         """A new entry at ``physical`` (``path`` as the caller named it): its depth and its
