@@ -37,7 +37,9 @@ class FsxQuotaError(OSError):
 def _shown(size: int) -> str:
     """A size as the settings take it (``512m``), or in bytes when it has no such form."""
     text = format_size(size)
-    return f"{text} bytes" if text.isdigit() else text
+    if not text.isdigit():
+        return text
+    return f"{text} byte" if size == 1 else f"{text} bytes"
 
 
 def byte_length(path: str) -> int:
@@ -148,14 +150,22 @@ class Quota:
         size = setting in ("max_bytes", "max_file_size")
         flag = format_size(raised) if size else str(raised)
         shown = f'"{flag}"' if size else flag
-        message = (f"{_STRERROR[code]}: {what} (c.Fsx.{setting}); delete what is not needed, "
-                   f"or raise the quota in the kernel's config: c.Fsx.{setting} = {shown} in "
+        message = (f"{_STRERROR[code]}: {what} (c.Fsx.{setting}); {_ADVICE[setting]}, or "
+                   f"raise the quota in the kernel's config: c.Fsx.{setting} = {shown} in "
                    f"tierkernel_config.py, or --Fsx.{setting}={flag}")
         exc = FsxQuotaError(code, message, path)
         exc.setting = setting
         return exc
 
 
+#: What to do short of raising each quota.
+_ADVICE = {
+    "max_bytes": "delete what is not needed",
+    "max_entries": "delete what is not needed",
+    "max_file_size": "split the file",
+    "max_depth": "nest folders less deeply",
+    "max_path_length": "use shorter names",
+}
 _READ_AT_MOST = 1 << 24  # bytes per read when the store asks for "the rest"
 _STRERROR = {errno.EDQUOT: "Disk quota exceeded", errno.EFBIG: "File too large",
              errno.ENAMETOOLONG: "File name too long"}
