@@ -59,6 +59,8 @@ def test_python_m_tierkernel_is_the_kernel_app():
     assert done.returncode == 0
     assert "TierKernel.default_tier" in done.stdout
     assert "ProcessBackend.timeout" in done.stdout and "NativeBackend.timeout" in done.stdout
+    assert all(f"--Fsx.{quota}=" in done.stdout for quota in (
+        "max_bytes", "max_entries", "max_file_size", "max_depth", "max_path_length"))
 
 
 def test_run_executes_the_tour_and_summarises_every_cell(tmp_path):

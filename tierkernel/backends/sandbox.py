@@ -77,6 +77,7 @@ from tierkernel.backends.sandbox_channel import (
 )
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
 from tierkernel.backends.sandbox_workspace import WorkspaceSync
+from tierkernel.fsx import FsxQuotaError
 from tierkernel.guest.agent import (
     COUNT_PROCS_ENV,
     MPL_SEED_ENV,
@@ -413,7 +414,11 @@ class SandboxBackend(ChannelLimits, Backend):
             conflicts = self._workspace.after_cell(self._engine().api, container.id, True,
                                                    session)
         except Exception as exc:
-            log.warning("copying /workspace back into fsx failed", exc_info=True)
+            # A workspace quota is the user's limit, told below, not a fault to log with a
+            # traceback (the kernel's log reaches the cell's stderr too).
+            quota = isinstance(exc, FsxQuotaError)
+            log.log(logging.INFO if quota else logging.WARNING,
+                    "copying /workspace back into fsx failed", exc_info=not quota)
             sink.stream("stderr", f"tierkernel: the cell's changes in /workspace could not be "
                                   f"copied into the workspace: {exc}\n")
             return

@@ -37,7 +37,7 @@ from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
-from tierkernel.fsx.wasm_mount import workspace_mount
+from tierkernel.fsx.wasm_mount import FsxMountProvider, workspace_mount
 from tierkernel.magics.options import MIN_MEMORY, format_size
 
 WORKSPACE = "/workspace"
@@ -89,6 +89,8 @@ class WasmBackend(ChannelLimits, Backend):
         self._dirs_lock = threading.Lock()
         self._closed = False
         self._interrupted_open = threading.Event()
+        #: The open session's /workspace provider, which keeps what quota refusals said.
+        self._provider: FsxMountProvider | None = None
 
     # -- contract ------------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -140,6 +142,12 @@ class WasmBackend(ChannelLimits, Backend):
             return self._fail(sink, started, "TierSessionLost", str(exc))
         result = await asyncio.to_thread(agent.run, request, sink, request.options.get("timeout"),
                                          self.helper_gateway())
+        provider = self._provider
+        if provider is not None:
+            # The guest got only an errno for a write over a workspace quota: say which
+            # quota it was, and how to raise it.
+            for note in provider.take_quota_notes():
+                sink.stream("stderr", f"tierkernel: a write was refused: {note}\n")
         if not agent.alive:
             self._drop_agent()
         return result
@@ -241,6 +249,7 @@ class WasmBackend(ChannelLimits, Backend):
             # what a wasm cell writes is in fsx for every other tier (and the guest never
             # learns where fsx keeps it on the host).
             mounts.append(workspace_mount(current_workspace(), WORKSPACE))
+            self._provider = mounts[-1].provider
         except FsxConfigError:  # no kernel around this backend (a library use): a private dir
             grants.append(Grant(str(self._private_dir("workspace")), WORKSPACE, writable=True))
         hint = (f"the wasm session's memory limit is {format_size(memory)}; raise it with "

@@ -13,6 +13,7 @@ from jupyter_core.paths import jupyter_config_path
 from traitlets import Type, Unicode, default
 
 from tierkernel.backends.registry import discover
+from tierkernel.fsx import Fsx
 from tierkernel.kernel.kernel import TierKernel
 
 
@@ -29,7 +30,7 @@ class TierKernelApp(IPKernelApp):
     description = "tierkernel: a Jupyter kernel for Python in which each cell picks its tier."
     kernel_class = Type(TierKernel)
     classes = [  # type: ignore[assignment]  # noqa: RUF012 - traitlets reads it as is
-        TierKernel, *discover()[0].values(), ZMQInteractiveShell, ProfileDir, Session,
+        TierKernel, *discover()[0].values(), Fsx, ZMQInteractiveShell, ProfileDir, Session,
     ]
 
     def init_pdb(self) -> None:
