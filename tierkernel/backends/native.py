@@ -23,6 +23,7 @@ from tierkernel.backends.base import (
     ExecResult,
     OutputSink,
 )
+from tierkernel.backends.usage import SelfUsage
 
 
 class IPythonHost(Protocol):
@@ -99,6 +100,8 @@ class NativeBackend(Backend):
 
     #: Set by the kernel when it registers the tier.
     host: IPythonHost | None = None
+    #: Measures each cell's CPU time and the kernel's peak RSS (made on the first cell).
+    _usage: SelfUsage | None = None
 
     def availability(self) -> Availability:
         """Native cells can always run: they are plain IPython."""
@@ -108,12 +111,16 @@ class NativeBackend(Backend):
         """Run the cell through IPython; enforce ``--timeout`` with a SIGINT watchdog."""
         if self.host is None:
             raise RuntimeError("the native tier is not attached to a kernel")
+        usage = self._usage
+        if usage is None:
+            usage = self._usage = SelfUsage()
+        usage.begin()
         start = time.perf_counter()
         seconds = request.options.get("timeout")
         on_main = threading.current_thread() is threading.main_thread()
         if not seconds or not on_main:
             reply = await self.host.run_ipython_cell(request)
-            return self._result(reply, time.perf_counter() - start)
+            return self._result(reply, time.perf_counter() - start, usage)
 
         watchdog = _Watchdog(float(seconds))
 
@@ -144,9 +151,9 @@ class NativeBackend(Backend):
             watchdog.join()
             _run_pending_handlers()
             signal.signal(signal.SIGINT, previous)
-        return self._result(reply, time.perf_counter() - start)
+        return self._result(reply, time.perf_counter() - start, usage)
 
-    def _result(self, reply: dict[str, Any], duration: float) -> ExecResult:
+    def _result(self, reply: dict[str, Any], duration: float, usage: SelfUsage) -> ExecResult:
         ok = reply.get("status") == "ok"
         error = None
         if not ok:
@@ -162,4 +169,5 @@ class NativeBackend(Backend):
             error=error,
             payload=list(reply.get("payload", [])),
             user_expressions=dict(reply.get("user_expressions", {})),
+            usage=usage.end(),
         )

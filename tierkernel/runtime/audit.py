@@ -32,7 +32,10 @@ CREATE TABLE IF NOT EXISTS executions (
     status          TEXT NOT NULL,      -- running | ok | error | refused
     success         INTEGER,            -- 1 / 0; NULL while running
     error           TEXT,               -- 'Ename: message'
-    logs            TEXT NOT NULL DEFAULT '[]'  -- JSON list of {level, message, time}
+    logs            TEXT NOT NULL DEFAULT '[]', -- JSON list of {level, message, time}
+    cpu_seconds     REAL,               -- measured on the host; NULL: not measured
+    peak_memory     INTEGER,            -- bytes, measured on the host
+    processes       INTEGER             -- most tasks the cell's container held (sandbox)
 );
 CREATE INDEX IF NOT EXISTS executions_started ON executions (started);
 CREATE TABLE IF NOT EXISTS helper_calls (
@@ -48,6 +51,13 @@ CREATE TABLE IF NOT EXISTS helper_calls (
 );
 CREATE INDEX IF NOT EXISTS helper_calls_execution ON helper_calls (execution_id);
 """
+
+#: The executions table's columns, in the order :func:`_execution` reads them.
+_COLUMNS = ("id, kernel_session, cell_id, execution_count, tier, code, started, duration_ms, "
+            "status, success, error, logs, cpu_seconds, peak_memory, processes")
+#: Columns added since the first schema, with their types: a log file an older tierkernel
+#: made gets them (NULL in its old rows), so it stays readable and writable.
+_ADDED_COLUMNS = (("cpu_seconds", "REAL"), ("peak_memory", "INTEGER"), ("processes", "INTEGER"))
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,10 @@ class Execution:
     error: str | None
     logs: list[dict[str, Any]] = field(default_factory=list)
     calls: list[HelperCall] = field(default_factory=list)
+    #: What the cell used, measured on the host (None: not measured, or an older record).
+    cpu_seconds: float | None = None
+    peak_memory: int | None = None
+    processes: int | None = None
 
 
 class AuditLog:
@@ -104,6 +118,7 @@ class AuditLog:
             # can drop the newest records.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             self._conn = conn
         return self._conn
 
@@ -126,13 +141,17 @@ class AuditLog:
             (execution_id, session, cell_id, execution_count, tier, code, started))
 
     def finish(self, execution_id: str, status: str, duration_ms: float,
-               error: str | None, logs: list[dict[str, Any]], tier: str | None = None) -> None:
-        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``."""
+               error: str | None, logs: list[dict[str, Any]], tier: str | None = None,
+               cpu_seconds: float | None = None, peak_memory: int | None = None,
+               processes: int | None = None) -> None:
+        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``; the
+        last three are what the cell used, as its tier measured it on the host."""
         self._write(
             "UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
-            "logs = ?, tier = COALESCE(?, tier) WHERE id = ?",
+            "logs = ?, tier = COALESCE(?, tier), cpu_seconds = ?, peak_memory = ?, "
+            "processes = ? WHERE id = ?",
             (status, int(status == "ok"), duration_ms, error, json.dumps(logs), tier,
-             execution_id))
+             cpu_seconds, peak_memory, processes, execution_id))
 
     def helper_call(self, execution_id: str | None, call: HelperCall) -> None:
         """Record one helper call."""
@@ -155,7 +174,8 @@ class AuditLog:
             params.append(tier)
         if failed:
             where.append("status IN ('error', 'refused')")
-        sql = ("SELECT * FROM executions" + (" WHERE " + " AND ".join(where) if where else "")
+        sql = (f"SELECT {_COLUMNS} FROM executions"
+               + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY started DESC, rowid DESC LIMIT ?")
         with self._lock:
             rows = self._db().execute(sql, (*params, limit)).fetchall()
@@ -168,9 +188,10 @@ class AuditLog:
         """
         with self._lock:
             db = self._db()
-            rows = db.execute("SELECT * FROM executions WHERE id LIKE ? || '%' ESCAPE '\\' "
-                              "LIMIT 2", (id_prefix.replace("%", "\\%")
-                                          .replace("_", "\\_"),)).fetchall()
+            rows = db.execute(f"SELECT {_COLUMNS} FROM executions "
+                              "WHERE id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
+                              (id_prefix.replace("%", "\\%").replace("_", "\\_"),)
+                              ).fetchall()
             if len(rows) != 1:
                 raise KeyError(id_prefix if not rows else f"{id_prefix} (ambiguous)")
             calls = db.execute(
@@ -188,12 +209,31 @@ class AuditLog:
                 self._conn = None
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a log file made by an older tierkernel lacks. Several kernels may open
+    the file at once: the check and the change are one write transaction, and a column that
+    another kernel added meanwhile is no error."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(executions)")}
+    if all(name in have for name, _ in _ADDED_COLUMNS):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(executions)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE executions ADD COLUMN {name} {kind}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _execution(row: tuple[Any, ...], calls: list[HelperCall] | None = None) -> Execution:
     (eid, session, cell_id, count, tier, code, started, duration, status, success, error,
-     logs) = row
+     logs, cpu, peak, processes) = row
     return Execution(eid, session, cell_id, count, tier, code, started, duration, status,
                      None if success is None else bool(success), error, json.loads(logs),
-                     calls or [])
+                     calls or [], cpu, peak, processes)
 
 
 def now() -> float:

@@ -66,7 +66,7 @@ class RuntimeHost:
         if self.current is context:
             self.current = None
         result.logs.extend(context.logs)
-        error = result.error
+        error, usage = result.error, result.usage
         self.audit.finish(
             context.execution_id or "",
             "ok" if result.success else "error",
@@ -74,6 +74,9 @@ class RuntimeHost:
             f"{error.ename}: {error.evalue}" if error is not None and not result.success
             else None,
             [asdict(entry) for entry in result.logs],
+            cpu_seconds=usage.cpu_seconds if usage is not None else None,
+            peak_memory=usage.peak_memory_bytes if usage is not None else None,
+            processes=usage.processes if usage is not None else None,
         )
 
     def refuse(self, code: str, tier: str, cell_id: str | None, execution_count: int | None,
