@@ -197,7 +197,7 @@ class ContainerUsage:
         self._tasks0: int | None = None
 
     def _dir(self, kind: str) -> str | None:
-        if self._dirs is None or not self._dirs:
+        if self._dirs is None:  # looked for once (begin looks again while none is found)
             self._dirs = container_cgroups(self.container_id)
         return self._dirs.get(kind)
 
@@ -228,6 +228,8 @@ class ContainerUsage:
 
     def begin(self) -> None:
         """Note the CPU time; reset the memory peak (or note it); note the task counts."""
+        if not self._dirs:
+            self._dirs = None  # not found yet: a cgroup made late, or none to find
         self._cpu0 = self._cpu_ns()
         self._mem_reset = False
         path = self._dir("memory")
