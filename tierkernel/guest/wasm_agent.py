@@ -72,10 +72,9 @@ class FdStream(_agent.CellStream):
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         fd = self.fileno()
-        agent = self._agent
-        if fd in agent.lost_fds:  # type: ignore[attr-defined]
-            agent.emit_stream(self.name, text)
-            return len(text)
+        lost: set[int] = self._agent.lost_fds  # type: ignore[attr-defined]
+        if fd in lost:  # buffered by lines, as the process agent's stream does
+            return super().write(text)
         view = memoryview(text.encode("utf-8", "surrogateescape"))
         try:
             while view:
@@ -83,12 +82,14 @@ class FdStream(_agent.CellStream):
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
-            agent.lost_fds.add(fd)  # type: ignore[attr-defined]
-            agent.emit_stream(self.name, bytes(view).decode("utf-8", "replace"))
+            lost.add(fd)
+            super().write(bytes(view).decode("utf-8", "replace"))
         return len(text)
 
     def flush(self) -> None:
-        """Nothing is buffered here."""
+        """Send what waits for the tool channel (nothing waits while the fd works)."""
+        if self._buf:
+            super().flush()
 
 
 class WasmAgent(_agent.Agent):
