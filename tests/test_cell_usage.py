@@ -123,8 +123,10 @@ def test_a_wasm_memory_error_names_the_peak_and_the_limit(kernel: KernelSession)
     assert "c.WasmBackend.memory" in evalue
 
 
-def test_an_older_audit_log_stays_readable(tmp_path: Path) -> None:
-    """A log file made before the usage columns existed gets them, its rows intact."""
+def test_an_older_audit_log_stays_readable_both_ways(tmp_path: Path) -> None:
+    """A log file made before usage was recorded: its rows read as unmeasured, new rows get
+    their usage, and the executions table keeps the shape older tierkernels read with
+    SELECT * (kernels of several versions may share the file)."""
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as conn:
         conn.executescript("""
@@ -142,15 +144,14 @@ def test_an_older_audit_log_stays_readable(tmp_path: Path) -> None:
         assert (old.id, old.tier, old.cpu_seconds, old.peak_memory, old.processes) == (
             "old1", "wasm", None, None, None)
         log.start("new1", "s", None, 2, "sandbox", "pass", 3.0)
-        log.finish("new1", "ok", 5.0, None, [], cpu_seconds=0.25, peak_memory=7 * MiB,
-                   processes=4)
+        log.finish("new1", "ok", 5.0, None, [], usage=(0.25, 7 * MiB, 4))
         new = log.execution("new1")
-        assert (new.cpu_seconds, new.peak_memory, new.processes) == (0.25, 7 * MiB, 4)
+        assert (new.status, new.cpu_seconds, new.peak_memory, new.processes) == (
+            "ok", 0.25, 7 * MiB, 4)
+        assert [e.id for e in log.executions(session="s", tier="sandbox")] == ["new1"]
     finally:
         log.close()
-    # A second kernel opening the migrated file changes nothing.
-    again = AuditLog(str(path))
-    try:
-        assert [e.id for e in again.executions()] == ["new1", "old1"]
-    finally:
-        again.close()
+    with sqlite3.connect(path) as conn:  # what an older kernel reads
+        rows = conn.execute("SELECT * FROM executions ORDER BY started").fetchall()
+    assert [len(row) for row in rows] == [12, 12]
+    assert rows[1][0] == "new1" and rows[1][8] == "ok"

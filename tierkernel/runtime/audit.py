@@ -32,10 +32,7 @@ CREATE TABLE IF NOT EXISTS executions (
     status          TEXT NOT NULL,      -- running | ok | error | refused
     success         INTEGER,            -- 1 / 0; NULL while running
     error           TEXT,               -- 'Ename: message'
-    logs            TEXT NOT NULL DEFAULT '[]', -- JSON list of {level, message, time}
-    cpu_seconds     REAL,               -- measured on the host; NULL: not measured
-    peak_memory     INTEGER,            -- bytes, measured on the host
-    processes       INTEGER             -- most tasks the cell's container held (sandbox)
+    logs            TEXT NOT NULL DEFAULT '[]'  -- JSON list of {level, message, time}
 );
 CREATE INDEX IF NOT EXISTS executions_started ON executions (started);
 CREATE TABLE IF NOT EXISTS helper_calls (
@@ -50,14 +47,22 @@ CREATE TABLE IF NOT EXISTS helper_calls (
     size         INTEGER NOT NULL       -- bytes of JSON returned to the cell
 );
 CREATE INDEX IF NOT EXISTS helper_calls_execution ON helper_calls (execution_id);
+-- What each cell used, measured on the host. A table of its own rather than new columns of
+-- executions: older tierkernels read executions with SELECT * into a fixed shape, and they
+-- may share this file with newer ones.
+CREATE TABLE IF NOT EXISTS execution_usage (
+    execution_id TEXT PRIMARY KEY,
+    cpu_seconds  REAL,                  -- NULL: not measured
+    peak_memory  INTEGER,               -- bytes
+    processes    INTEGER                -- most tasks the cell's container held (sandbox)
+);
 """
 
-#: The executions table's columns, in the order :func:`_execution` reads them.
-_COLUMNS = ("id, kernel_session, cell_id, execution_count, tier, code, started, duration_ms, "
-            "status, success, error, logs, cpu_seconds, peak_memory, processes")
-#: Columns added since the first schema, with their types: a log file an older tierkernel
-#: made gets them (NULL in its old rows), so it stays readable and writable.
-_ADDED_COLUMNS = (("cpu_seconds", "REAL"), ("peak_memory", "INTEGER"), ("processes", "INTEGER"))
+#: What :func:`_execution` reads, in its order: an execution and what it used.
+_SELECT = ("SELECT e.id, e.kernel_session, e.cell_id, e.execution_count, e.tier, e.code, "
+           "e.started, e.duration_ms, e.status, e.success, e.error, e.logs, u.cpu_seconds, "
+           "u.peak_memory, u.processes FROM executions e "
+           "LEFT JOIN execution_usage u ON u.execution_id = e.id")
 
 
 @dataclass(frozen=True)
@@ -118,14 +123,23 @@ class AuditLog:
             # can drop the newest records.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
-            _migrate(conn)
             self._conn = conn
         return self._conn
 
-    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _write(self, sql: str, params: tuple[Any, ...],
+               *more: tuple[str, tuple[Any, ...]]) -> None:
+        """Run a write; with ``more`` statements, all of them in one transaction (one
+        commit on the cell's reply path, not one each)."""
         try:
             with self._lock:
-                self._db().execute(sql, params)
+                db = self._db()
+                if not more:
+                    db.execute(sql, params)
+                else:
+                    with db:  # BEGIN ... COMMIT, or ROLLBACK on an error
+                        db.execute("BEGIN")
+                        for statement, values in ((sql, params), *more):
+                            db.execute(statement, values)
         except (sqlite3.Error, OSError) as exc:
             if not self._warned:  # once: a broken log must not flood the kernel's log
                 log.warning("cannot write the audit log %s: %s", self.path, exc)
@@ -142,16 +156,18 @@ class AuditLog:
 
     def finish(self, execution_id: str, status: str, duration_ms: float,
                error: str | None, logs: list[dict[str, Any]], tier: str | None = None,
-               cpu_seconds: float | None = None, peak_memory: int | None = None,
-               processes: int | None = None) -> None:
-        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``; the
-        last three are what the cell used, as its tier measured it on the host."""
+               usage: tuple[float | None, int | None, int | None] | None = None) -> None:
+        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``;
+        ``usage`` is what the cell used as its tier measured it on the host: (CPU seconds,
+        peak memory bytes, processes), each None when not measured."""
         self._write(
             "UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
-            "logs = ?, tier = COALESCE(?, tier), cpu_seconds = ?, peak_memory = ?, "
-            "processes = ? WHERE id = ?",
+            "logs = ?, tier = COALESCE(?, tier) WHERE id = ?",
             (status, int(status == "ok"), duration_ms, error, json.dumps(logs), tier,
-             cpu_seconds, peak_memory, processes, execution_id))
+             execution_id),
+            *([("INSERT OR REPLACE INTO execution_usage (execution_id, cpu_seconds, "
+                "peak_memory, processes) VALUES (?, ?, ?, ?)", (execution_id, *usage))]
+              if usage is not None and any(v is not None for v in usage) else []))
 
     def helper_call(self, execution_id: str | None, call: HelperCall) -> None:
         """Record one helper call."""
@@ -167,16 +183,15 @@ class AuditLog:
         """The newest executions first, filtered by kernel session, tier and failure."""
         where, params = [], []
         if session is not None:
-            where.append("kernel_session = ?")
+            where.append("e.kernel_session = ?")
             params.append(session)
         if tier is not None:
-            where.append("tier = ?")
+            where.append("e.tier = ?")
             params.append(tier)
         if failed:
-            where.append("status IN ('error', 'refused')")
-        sql = (f"SELECT {_COLUMNS} FROM executions"
-               + (" WHERE " + " AND ".join(where) if where else "")
-               + " ORDER BY started DESC, rowid DESC LIMIT ?")
+            where.append("e.status IN ('error', 'refused')")
+        sql = (_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY e.started DESC, e.rowid DESC LIMIT ?")
         with self._lock:
             rows = self._db().execute(sql, (*params, limit)).fetchall()
         return [_execution(row) for row in rows]
@@ -188,8 +203,7 @@ class AuditLog:
         """
         with self._lock:
             db = self._db()
-            rows = db.execute(f"SELECT {_COLUMNS} FROM executions "
-                              "WHERE id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
+            rows = db.execute(_SELECT + " WHERE e.id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
                               (id_prefix.replace("%", "\\%").replace("_", "\\_"),)
                               ).fetchall()
             if len(rows) != 1:
@@ -207,25 +221,6 @@ class AuditLog:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Add the columns a log file made by an older tierkernel lacks. Several kernels may open
-    the file at once: the check and the change are one write transaction, and a column that
-    another kernel added meanwhile is no error."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(executions)")}
-    if all(name in have for name, _ in _ADDED_COLUMNS):
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        have = {row[1] for row in conn.execute("PRAGMA table_info(executions)")}
-        for name, kind in _ADDED_COLUMNS:
-            if name not in have:
-                conn.execute(f"ALTER TABLE executions ADD COLUMN {name} {kind}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _execution(row: tuple[Any, ...], calls: list[HelperCall] | None = None) -> Execution:

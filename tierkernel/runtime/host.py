@@ -74,9 +74,8 @@ class RuntimeHost:
             f"{error.ename}: {error.evalue}" if error is not None and not result.success
             else None,
             [asdict(entry) for entry in result.logs],
-            cpu_seconds=usage.cpu_seconds if usage is not None else None,
-            peak_memory=usage.peak_memory_bytes if usage is not None else None,
-            processes=usage.processes if usage is not None else None,
+            usage=None if usage is None else (usage.cpu_seconds, usage.peak_memory_bytes,
+                                               usage.processes),
         )
 
     def refuse(self, code: str, tier: str, cell_id: str | None, execution_count: int | None,
