@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS execution_usage (
     cpu_seconds  REAL,                  -- NULL: not measured
     peak_memory  INTEGER,               -- bytes
     processes    INTEGER                -- most tasks the cell's container held (sandbox)
-);
+) WITHOUT ROWID;                        -- one B-tree: the write costs less on the reply path
 """
 
 #: What :func:`_execution` reads, in its order: an execution and what it used.
@@ -136,10 +136,15 @@ class AuditLog:
                 if not more:
                     db.execute(sql, params)
                 else:
-                    with db:  # BEGIN ... COMMIT, or ROLLBACK on an error
-                        db.execute("BEGIN")
+                    db.execute("BEGIN")
+                    try:
                         for statement, values in ((sql, params), *more):
                             db.execute(statement, values)
+                        db.execute("COMMIT")
+                    except BaseException:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        raise
         except (sqlite3.Error, OSError) as exc:
             if not self._warned:  # once: a broken log must not flood the kernel's log
                 log.warning("cannot write the audit log %s: %s", self.path, exc)
