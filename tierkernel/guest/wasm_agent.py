@@ -64,8 +64,8 @@ class FdStream(_agent.CellStream):
     the next write, since the guest has no threads to flush them on a timer.
 
     Once a cell has closed the fd (WASI has no ``dup2`` to put the host's stream back), the
-    writes go to the host as stream messages over the tool channel instead: a round trip
-    each, but the cell's output is not lost (see :meth:`WasmAgent.restore_streams`).
+    text goes to the host as stream messages over the tool channel instead, a line at a time
+    (a round trip each), so the cell's output is not lost (see ``WasmAgent._restore_fds``).
     """
 
     def write(self, text: str) -> int:
