@@ -61,4 +61,15 @@ class TierKernelApp(IPKernelApp):
 
 def main() -> None:
     """Start TierKernel (what the kernelspec runs)."""
+    quiet_debugger_check()
     TierKernelApp.launch_instance()
+
+
+def quiet_debugger_check() -> None:
+    """Keep debugpy's frozen-modules warning off the kernel's stderr when the interpreter
+    was started without ``-Xfrozen_modules=off`` (``tierkernel kernel``, a hand-written
+    kernelspec): ipykernel imports debugpy while the kernel starts, and that warning would be
+    published as a ``stream`` message ahead of everything else. Stock ipykernel sets the same
+    variable for a kernelspec installed with frozen modules on."""
+    if sys._xoptions.get("frozen_modules", "on") != "off":
+        os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
