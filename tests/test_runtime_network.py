@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -164,3 +165,34 @@ def test_https_is_verified_against_the_name_while_connecting_to_the_checked_addr
         # The certificate names localhost only: reached by address, verification fails.
         with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             g.api(f"https://127.0.0.1:{port}/json")
+
+
+def test_one_deadline_covers_every_address_of_a_name(make, monkeypatch):
+    """A name that resolves to many allowed addresses none of which answers (an attacker's DNS
+    can list dozens): the connect attempts share the call's deadline instead of each getting
+    all of it, so the call ends when its timeout says."""
+    real_getaddrinfo = socket.getaddrinfo
+    given: list[float] = []
+
+    def many(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "blackhole.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"10.9.9.{i}", port))
+                    for i in range(1, 6)]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    def unanswered(address: Any, timeout: float | None = None, *args: Any, **kw: Any) -> Any:
+        assert timeout is not None
+        given.append(timeout)
+        time.sleep(min(timeout, 0.4))  # as a SYN nobody answers, until its timeout
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(socket, "getaddrinfo", many)
+    monkeypatch.setattr(socket, "create_connection", unanswered)
+    g = make(options=API_ANYWHERE, api_allowed_networks=["10.9.9.0/24"])
+    with pytest.raises(TimeoutError, match="took longer than 1 s"):
+        g.api("http://blackhole.test/", timeout=1)
+    assert given and given[0] <= 1
+    # Each attempt is given only what is left of the one deadline.
+    assert all(later < earlier for earlier, later in zip(given, given[1:], strict=False))
+    assert sum(min(t, 0.4) for t in given) <= 1.2
+

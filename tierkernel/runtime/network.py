@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import Iterable, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -131,7 +132,12 @@ class CheckingBackend(httpcore.NetworkBackend):
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                     local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        """Resolve ``host`` once; connect to the first allowed address that answers."""
+        """Resolve ``host`` once; connect to the first allowed address that answers.
+
+        ``timeout`` bounds the whole attempt, every address together: a name with many
+        addresses that never answer costs the call's deadline once, not once per address.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         addresses = self.resolve(host, port)
         allowed = [a for a in addresses if is_allowed(a, self.networks)]
         if not allowed:
@@ -144,12 +150,16 @@ class CheckingBackend(httpcore.NetworkBackend):
                 f" in a jupyter config file")
         last: Exception | None = None
         for address in allowed:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
             try:
-                return self._inner.connect_tcp(str(address), port, timeout, local_address,
+                return self._inner.connect_tcp(str(address), port, left, local_address,
                                                socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
-        assert last is not None
+        if last is None:  # the deadline passed before any address was tried
+            raise httpcore.ConnectTimeout(f"connecting to {host!r} timed out")
         raise last
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
