@@ -196,3 +196,26 @@ def test_one_deadline_covers_every_address_of_a_name(make, monkeypatch):
     assert all(later < earlier for earlier, later in zip(given, given[1:], strict=False))
     assert sum(min(t, 0.4) for t in given) <= 1.2
 
+
+@pytest.mark.parametrize("url, message", [
+    ("http://xn--ocalhost-ie3c/", "does not have a valid host name"),  # punycode of a refused code point
+    ("http://xn--a/", "does not have a valid host name"),
+])
+def test_a_host_name_that_is_not_valid_idna_is_a_clear_value_error(make, url, message):
+    g = make(options=API_ANYWHERE)
+    with pytest.raises(ValueError, match=message):
+        g.api(url, timeout=2)
+
+
+def test_a_header_value_that_is_not_ascii_is_a_clear_value_error(make, port):
+    g = make(options=API_ANYWHERE)
+    with pytest.raises(ValueError, match=r"X-Name.*ASCII"):
+        g.api(f"http://127.0.0.1:{port}/headers", headers={"X-Name": "café"})
+
+
+def test_json_nested_too_deep_to_decode_comes_back_as_text(make, port):
+    """Valid JSON nested deeper than Python decodes: shown as text (as mislabelled JSON is),
+    not a RuntimeError that blames api()."""
+    g = make(options=API_ANYWHERE)
+    r = g.api(f"http://127.0.0.1:{port}/deep-json")
+    assert r.status == 200 and r.body == "[" * 100_000 + "]" * 100_000

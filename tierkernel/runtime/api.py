@@ -65,9 +65,14 @@ class ApiOutcome:
 def _host_of(url: httpx.URL) -> str:
     if url.scheme not in ("http", "https"):
         raise ValueError(f"api() only fetches http:// and https:// URLs, got {str(url)!r}")
-    if not url.host:
+    try:
+        host = url.host  # decodes IDNA ("xn--..."), which refuses some names
+    except UnicodeError as exc:  # idna's errors are UnicodeErrors
+        raise ValueError(f"api(): {str(url)!r} does not have a valid host name: {exc}"
+                         ) from None
+    if not host:
         raise ValueError(f"api() needs an absolute URL with a host, got {str(url)!r}")
-    return url.host
+    return host
 
 
 def _decode(response: httpx.Response, raw: bytes) -> Any:
@@ -76,8 +81,10 @@ def _decode(response: httpx.Response, raw: bytes) -> Any:
     if kind == "application/json" or kind.endswith("+json"):
         try:
             return json.loads(text)
-        except ValueError:
-            return text  # a server that mislabels its body: still show what came back
+        except (ValueError, RecursionError):
+            # A server that mislabels its body, or JSON nested deeper than Python decodes:
+            # still show what came back.
+            return text
     return text
 
 
@@ -95,6 +102,10 @@ def _check_args(method: str, headers: Any, json_body: Any, data: Any) -> str:
         if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\0"):
             raise ValueError(f"api(): {name!r}: {value[:80]!r} is not a valid header (names are "
                              "letters, digits and -; values hold no line breaks)")
+        if not value.isascii():
+            raise ValueError(f"api(): the {name} header's value {value[:80]!r} is not ASCII, "
+                             "which HTTP headers must be; encode it first (e.g. "
+                             "urllib.parse.quote, or base64)")
         lowered = name.lower()
         why = _FORBIDDEN_HEADERS.get(lowered) or (
             "it is meant for a proxy, and api() uses none" if lowered.startswith("proxy-")
