@@ -6,6 +6,7 @@ its own Host header, and native and isolated cells share no client or cookie."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
 import time
 from collections.abc import Iterator
@@ -184,7 +185,7 @@ def test_one_deadline_covers_every_address_of_a_name(make, monkeypatch):
         assert timeout is not None
         given.append(timeout)
         time.sleep(min(timeout, 0.4))  # as a SYN nobody answers, until its timeout
-        raise socket.timeout("timed out")
+        raise TimeoutError("timed out")
 
     monkeypatch.setattr(socket, "getaddrinfo", many)
     monkeypatch.setattr(socket, "create_connection", unanswered)
@@ -193,12 +194,13 @@ def test_one_deadline_covers_every_address_of_a_name(make, monkeypatch):
         g.api("http://blackhole.test/", timeout=1)
     assert given and given[0] <= 1
     # Each attempt is given only what is left of the one deadline.
-    assert all(later < earlier for earlier, later in zip(given, given[1:], strict=False))
+    assert all(later < earlier for earlier, later in itertools.pairwise(given))
     assert sum(min(t, 0.4) for t in given) <= 1.2
 
 
 @pytest.mark.parametrize("url, message", [
-    ("http://xn--ocalhost-ie3c/", "does not have a valid host name"),  # punycode of a refused code point
+    # punycode of code points IDNA refuses
+    ("http://xn--ocalhost-ie3c/", "does not have a valid host name"),
     ("http://xn--a/", "does not have a valid host name"),
 ])
 def test_a_host_name_that_is_not_valid_idna_is_a_clear_value_error(make, url, message):
