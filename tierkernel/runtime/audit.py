@@ -193,6 +193,14 @@ class AuditLog:
                 self._conn = None
 
 
+def folded_start(text: str, length: int = 200) -> str:
+    """About the first ``length`` characters of ``text``, runs of whitespace folded to one
+    space: what a helper call was aimed at, for the log. Made from the start of the text
+    only, since splitting a guest's megabytes of short words would make millions of strings
+    (a long run of whitespace just leaves less to show)."""
+    return " ".join(text[:2 * length].split())[:length]
+
+
 def _cut(text: str | None) -> str | None:
     """``text``, cut to :data:`MAX_FIELD_CHARS` with a note."""
     if text is None or len(text) <= MAX_FIELD_CHARS:

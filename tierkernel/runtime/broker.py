@@ -32,7 +32,7 @@ from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
 from tierkernel.runtime import db as db_helper
 from tierkernel.runtime import network
-from tierkernel.runtime.audit import AuditLog, HelperCall
+from tierkernel.runtime.audit import AuditLog, HelperCall, folded_start
 from tierkernel.runtime.policy import CellPolicy, Runtime
 
 log = logging.getLogger(__name__)
@@ -338,4 +338,5 @@ def _target_hint(helper: str, args: Any) -> str:
     if helper == "api" and isinstance(value, str):
         return f"{str(args.get('method', 'GET')).upper()} {value.split('?')[0]}"
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return " ".join(text.split())[:200]
+    return folded_start(text)
+

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tierkernel.runtime.audit import folded_start
+
 log = logging.getLogger(__name__)
 
 #: A table or column name the structured form accepts: a plain SQL identifier, optionally
@@ -538,7 +540,7 @@ def execute(database: Database, query: Any, params: Any, readonly: bool, limits:
             raise TypeError("db(): params must be a list (for ? / %s placeholders) or a dict "
                             "(for :name / %(name)s)")
         sql, args = query, (list(params) if isinstance(params, (list, tuple)) else params)
-        target = " ".join(sql.split())[:200]
+        target = folded_start(sql)
     else:
         raise TypeError(f"db() takes SQL text or a structured query dict, got "
                         f"{type(query).__name__}")
