@@ -467,3 +467,30 @@ def test_a_huge_query_text_costs_the_host_no_more_than_its_size(make):
     assert not answer["ok"] and "syntax error" in answer["error"]["message"]
     assert peak < 2 * len(query), f"{peak} bytes for a {len(query)}-byte query"
     assert g.calls()[-1][2] == ("ab " * 67)[:200].strip()
+
+
+def test_a_wide_sqlite_row_is_refused_before_it_is_made(make):
+    """SQLite makes every value of a row before handing over the first, and Python copies them
+    all: 40 columns of 1 MB each under a 1 MiB result limit held 40 MB (100 columns of 8 MB,
+    1.5 GB). The length limit of one value shrinks with the row's width, so that a row takes
+    at most 4 times the result limit; narrow and wide rows of small values still work."""
+    import tracemalloc
+
+    g = make(options={"allow": frozenset({"db"})}, db_max_result_bytes="1m")
+    wide = ", ".join(f"zeroblob(1000000) AS c{i}" for i in range(40))
+    tracemalloc.start()
+    try:
+        answer = g.broker.call("db", {"query": f"SELECT {wide}"}, g.context)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not answer["ok"] and answer["error"]["type"] == "ValueError"
+    message = answer["error"]["message"]
+    assert "larger than 104857 bytes" in message and "of 40 columns" in message
+    assert "c.Runtime.db_max_result_bytes" in message
+    assert peak < 8 * MiB, f"peak {peak} bytes"
+    assert len(g.db("SELECT zeroblob(700000) AS b").rows[0]["b"]) > 900_000
+    small = ", ".join(f"{i} AS c{i}" for i in range(500))
+    assert g.db(f"SELECT {small}").rows[0]["c499"] == 499
+    with pytest.raises(ValueError, match="larger than 1048576 bytes, the most one db"):
+        g.db("SELECT zeroblob(2000000)")
