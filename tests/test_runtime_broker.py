@@ -494,3 +494,23 @@ def test_a_wide_sqlite_row_is_refused_before_it_is_made(make):
     assert g.db(f"SELECT {small}").rows[0]["c499"] == 499
     with pytest.raises(ValueError, match="larger than 1048576 bytes, the most one db"):
         g.db("SELECT zeroblob(2000000)")
+
+
+def test_a_relative_db_path_names_one_file_whatever_the_working_directory(tmp_path,
+                                                                          monkeypatch):
+    """A relative c.Runtime.db_path is resolved once, when db() opens it (where the check
+    that it lies outside the file:// workspace is made): a native cell's os.chdir() later
+    neither moves db() to another file nor into the workspace."""
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir()
+    later.mkdir()
+    monkeypatch.chdir(first)
+    g = Guest(tmp_path, db_path="data/db.sqlite3")
+    try:
+        g.db("CREATE TABLE t (a)")
+        monkeypatch.chdir(later)
+        g.db("INSERT INTO t VALUES (1)")
+        assert g.db("SELECT a FROM t").rows == [{"a": 1}]
+        assert not (later / "data").exists()
+    finally:
+        g.close()

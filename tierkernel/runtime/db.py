@@ -327,13 +327,15 @@ class SQLiteDatabase:
     placeholder = "?"
 
     def __init__(self, path: str) -> None:
-        self.path = Path(path).expanduser()
+        # Resolved once: the file checked to lie outside the workspace is the file used, even
+        # after a native cell changes the working directory.
+        self.path = Path(path).expanduser().resolve()
 
     def _connect(self, readonly: bool, timeout: float) -> sqlite3.Connection:
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             sqlite3.connect(self.path).close()  # an empty database, so mode=ro can open it
-        uri = self.path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+        uri = self.path.as_uri() + ("?mode=ro" if readonly else "?mode=rw")
         conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
                                check_same_thread=False)
         conn.set_authorizer(_authorizer)
