@@ -514,3 +514,24 @@ def test_a_relative_db_path_names_one_file_whatever_the_working_directory(tmp_pa
         assert not (later / "data").exists()
     finally:
         g.close()
+
+
+def test_a_hostile_call_writes_a_small_audit_row(make):
+    """The audit row of a helper call keeps the start of its target and error: a cell sending
+    megabyte URLs or table names (echoed by the refusals) grew the audit log by twice their
+    size per call, without bound."""
+    g = make(options={"allow": frozenset({"api", "db"}), "domains": ("example.org",)})
+    huge = "x" * 1_000_000
+    for _ in range(10):
+        refused = g.broker.call("api", {"url": f"http://a.test/{huge[:60000]}"}, g.context)
+        assert refused["error"]["type"] == "PermissionError"
+        unparsed = g.broker.call("api", {"url": f"http://a.test/{huge}?q={huge}"}, g.context)
+        assert unparsed["error"]["type"] == "ValueError"
+        bad = g.broker.call("db", {"query": {"select": {"from": huge}}}, g.context)
+        assert bad["error"]["message"].startswith("db(): no such table: xxx")
+    g.audit.close()
+    rows = g.calls()
+    assert len(rows) == 30
+    assert all(len(row[2]) <= 1100 and len(row[5] or "") <= 4100 for row in rows)
+    assert rows[0][2].startswith("GET http://a.test/xxx") and rows[0][5].startswith("api() ")
+    assert Path(g.runtime.audit_log).stat().st_size < 2 * MiB

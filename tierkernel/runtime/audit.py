@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 #: holds. The runtime caps logs far below this (c.Runtime.log_max_bytes); this bound makes sure
 #: no record is ever too large for SQLite to write, which would leave the cell "running".
 MAX_FIELD_CHARS = 16 * 1024 * 1024
+#: The most characters of a helper call's target and error kept in its audit row: both can
+#: echo what the cell sent (a URL, a table name), and a row is written for every call.
+MAX_CALL_TARGET_CHARS = 1000
+MAX_CALL_ERROR_CHARS = 4000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -144,8 +148,9 @@ class AuditLog:
         self._write(
             "INSERT INTO helper_calls (execution_id, helper, target, allowed, ok, error, "
             "started, duration_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (execution_id, call.helper, call.target, int(call.allowed), int(call.ok),
-             call.error, call.started, call.duration_ms, call.size))
+            (execution_id, call.helper, _cut(call.target, MAX_CALL_TARGET_CHARS),
+             int(call.allowed), int(call.ok), _cut(call.error, MAX_CALL_ERROR_CHARS),
+             call.started, call.duration_ms, call.size))
 
     # -- reading ----------------------------------------------------------------------------
     def executions(self, session: str | None = None, tier: str | None = None,
@@ -201,11 +206,11 @@ def folded_start(text: str, length: int = 200) -> str:
     return " ".join(text[:2 * length].split())[:length]
 
 
-def _cut(text: str | None) -> str | None:
-    """``text``, cut to :data:`MAX_FIELD_CHARS` with a note."""
-    if text is None or len(text) <= MAX_FIELD_CHARS:
+def _cut(text: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
+    """``text``, cut to ``limit`` characters with a note."""
+    if text is None or len(text) <= limit:
         return text
-    return text[:MAX_FIELD_CHARS] + f"... [cut: {len(text)} characters in all]"
+    return text[:limit] + f"... [cut: {len(text)} characters in all]"
 
 
 def _logs_json(logs: list[dict[str, Any]]) -> str:

@@ -32,7 +32,12 @@ from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
 from tierkernel.runtime import db as db_helper
 from tierkernel.runtime import network
-from tierkernel.runtime.audit import AuditLog, HelperCall, folded_start
+from tierkernel.runtime.audit import (
+    MAX_CALL_TARGET_CHARS,
+    AuditLog,
+    HelperCall,
+    folded_start,
+)
 from tierkernel.runtime.policy import CellPolicy, Runtime
 
 log = logging.getLogger(__name__)
@@ -336,7 +341,9 @@ def _target_hint(helper: str, args: Any) -> str:
     key = {"api": "url", "db": "query", "ai": "model", "console": "level"}.get(helper, "")
     value = args.get(key, "")
     if helper == "api" and isinstance(value, str):
-        return f"{str(args.get('method', 'GET')).upper()} {value.split('?')[0]}"
+        # Cut first: a guest's megabyte URL (or one of many "?") is not copied or split.
+        method = str(args.get("method", "GET"))[:20].upper()
+        return f"{method} {value[:MAX_CALL_TARGET_CHARS].partition('?')[0]}"
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return folded_start(text)
 
