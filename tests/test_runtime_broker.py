@@ -535,3 +535,11 @@ def test_a_hostile_call_writes_a_small_audit_row(make):
     assert all(len(row[2]) <= 1100 and len(row[5] or "") <= 4100 for row in rows)
     assert rows[0][2].startswith("GET http://a.test/xxx") and rows[0][5].startswith("api() ")
     assert Path(g.runtime.audit_log).stat().st_size < 2 * MiB
+
+
+def test_a_request_nested_too_deep_to_decode_is_a_clear_error(make):
+    g = make()
+    deep = '{"helper": "db", "args": {"query": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    answer = json.loads(g.broker.handle_json(deep, g.context))
+    assert answer["error"]["type"] == "ValueError"
+    assert "nested too deeply" in answer["error"]["message"]

@@ -102,6 +102,9 @@ class Broker:
             parsed = json.loads(request)
         except ValueError as exc:
             return json.dumps(_error("ValueError", f"the helper request is not JSON: {exc}"))
+        except RecursionError:
+            return json.dumps(_error("ValueError", "the helper request is nested too deeply "
+                                     "to decode"))
         return json.dumps(self.handle(parsed, context))
 
     def handle(self, request: Any, context: CallContext) -> dict[str, Any]:
