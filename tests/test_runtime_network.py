@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -221,3 +222,36 @@ def test_json_nested_too_deep_to_decode_comes_back_as_text(make, port):
     g = make(options=API_ANYWHERE)
     r = g.api(f"http://127.0.0.1:{port}/deep-json")
     assert r.status == 200 and r.body == "[" * 100_000 + "]" * 100_000
+
+
+def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline(make):
+    """Each read of the response waited up to the whole timeout, and a server that sends one
+    header line at a time, each within it, held the call (and a host thread) as long as it
+    liked: 100 lines at 0.2 s made api(timeout=1) last 20 s. The deadline now bounds every
+    read and write of the call."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    sent: list[int] = []
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for i in range(100):
+                    conn.sendall(b"X-Slow: yes\r\n")
+                    sent.append(i)
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the client gave up, as it should
+
+    worker = threading.Thread(target=trickle, daemon=True)
+    worker.start()
+    g = make(options=API_ANYWHERE)
+    with pytest.raises(TimeoutError, match="took longer than 1 s"):
+        g.api(f"http://127.0.0.1:{server.getsockname()[1]}/", timeout=1)
+    worker.join(30)
+    server.close()
+    assert len(sent) < 50, f"the server sent {len(sent)} header lines before the client left"

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from tierkernel.runtime import network
 from tierkernel.runtime.network import AddressRefused
 from tierkernel.runtime.policy import CellPolicy
 
@@ -160,51 +161,54 @@ def request(
     req = client.build_request(verb, parsed, headers=dict(headers or {}), json=json_body,
                                content=content, data=form, cookies=jar)
     hops = 0
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s")
-            req.extensions["timeout"] = httpx.Timeout(left).as_dict()
-            try:
-                response = client.send(req, stream=True)
-            except AddressRefused as exc:
-                via = "" if req.url == parsed else f" (redirected to {req.url})"
-                raise PermissionError(f"api() {url}{via}: {exc}") from None
-            try:
-                jar.extract_cookies(response)
-                next_req = response.next_request
-                if next_req is not None:
-                    hops += 1
-                    if hops > limits.max_redirects:
-                        raise ValueError(f"api() {url} redirected more than "
-                                         f"{limits.max_redirects} times; giving up")
-                    # Checked before following: a redirect must not lead where the cell may
-                    # not go directly.
-                    try:
-                        policy.check_domain(_host_of(next_req.url))
-                    except PermissionError as exc:
-                        raise PermissionError(f"api() {url} redirected to {next_req.url}: "
-                                              f"{exc}") from None
-                    jar.set_cookie_header(next_req)
-                    req = next_req
-                    continue
-                body = read_capped(response, limits.max_bytes, deadline, seconds, url)
-            finally:
-                response.close()
-            final = response.url
-            value = {
-                "status": response.status_code,
-                "headers": {k: v for k, v in response.headers.items()},
-                "body": _decode(response, body),
-                "ok": 200 <= response.status_code < 300,
-                "url": str(final),
-            }
-            return ApiOutcome(value, f"{verb} {final.copy_with(query=None)}")
-    except httpx.TimeoutException:
-        raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s") from None
-    except httpx.TransportError as exc:
-        raise ConnectionError(f"api() {verb} {url} failed: {exc or type(exc).__name__}") from None
+    # Every read and write of the call keeps to the deadline (see network.deadline).
+    with network.deadline(deadline):
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s")
+                req.extensions["timeout"] = httpx.Timeout(left).as_dict()
+                try:
+                    response = client.send(req, stream=True)
+                except AddressRefused as exc:
+                    via = "" if req.url == parsed else f" (redirected to {req.url})"
+                    raise PermissionError(f"api() {url}{via}: {exc}") from None
+                try:
+                    jar.extract_cookies(response)
+                    next_req = response.next_request
+                    if next_req is not None:
+                        hops += 1
+                        if hops > limits.max_redirects:
+                            raise ValueError(f"api() {url} redirected more than "
+                                             f"{limits.max_redirects} times; giving up")
+                        # Checked before following: a redirect must not lead where the cell may
+                        # not go directly.
+                        try:
+                            policy.check_domain(_host_of(next_req.url))
+                        except PermissionError as exc:
+                            raise PermissionError(f"api() {url} redirected to {next_req.url}: "
+                                                  f"{exc}") from None
+                        jar.set_cookie_header(next_req)
+                        req = next_req
+                        continue
+                    body = read_capped(response, limits.max_bytes, deadline, seconds, url)
+                finally:
+                    response.close()
+                final = response.url
+                value = {
+                    "status": response.status_code,
+                    "headers": {k: v for k, v in response.headers.items()},
+                    "body": _decode(response, body),
+                    "ok": 200 <= response.status_code < 300,
+                    "url": str(final),
+                }
+                return ApiOutcome(value, f"{verb} {final.copy_with(query=None)}")
+        except httpx.TimeoutException:
+            raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s") from None
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"api() {verb} {url} failed: {exc or type(exc).__name__}"
+                                  ) from None
 
 
 def read_capped(response: httpx.Response, cap: int, deadline: float, seconds: float,
