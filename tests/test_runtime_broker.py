@@ -543,3 +543,18 @@ def test_a_request_nested_too_deep_to_decode_is_a_clear_error(make):
     answer = json.loads(g.broker.handle_json(deep, g.context))
     assert answer["error"]["type"] == "ValueError"
     assert "nested too deeply" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("request_text", [
+    '{"helper": "db", "args": {"query": "SELECT 1 -- \\ud800"}}',
+    '{"helper": "\\ud800", "args": {}}',
+    '{"helper": "api", "args": {"url": "http://a\\ud800.test/"}}',
+])
+def test_a_lone_surrogate_is_answered_and_audited(make, request_text):
+    """JSON may carry a lone surrogate (\\ud800), which SQLite cannot store: the audit write
+    raised UnicodeEncodeError out of the broker (no answer to the guest, no audit row)."""
+    g = make(options={"allow": frozenset({"api", "db"}), "domains": ("*",)})
+    answer = json.loads(g.broker.handle_json(request_text, g.context))
+    assert answer["ok"] is False and answer["error"]["type"] == "ValueError", answer
+    [row] = g.calls()
+    assert "\\ud800" in (row[2] or "") + (row[5] or "")

@@ -120,7 +120,7 @@ class AuditLog:
         try:
             with self._lock:
                 self._db().execute(sql, params)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, ValueError) as exc:  # a record never fails the cell
             if not self._warned:  # once: a broken log must not flood the kernel's log
                 log.warning("cannot write the audit log %s: %s", self.path, exc)
                 self._warned = True
@@ -148,7 +148,7 @@ class AuditLog:
         self._write(
             "INSERT INTO helper_calls (execution_id, helper, target, allowed, ok, error, "
             "started, duration_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (execution_id, call.helper, _cut(call.target, MAX_CALL_TARGET_CHARS),
+            (execution_id, _cut(call.helper, 100), _cut(call.target, MAX_CALL_TARGET_CHARS),
              int(call.allowed), int(call.ok), _cut(call.error, MAX_CALL_ERROR_CHARS),
              call.started, call.duration_ms, call.size))
 
@@ -207,10 +207,17 @@ def folded_start(text: str, length: int = 200) -> str:
 
 
 def _cut(text: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
-    """``text``, cut to ``limit`` characters with a note."""
-    if text is None or len(text) <= limit:
-        return text
-    return text[:limit] + f"... [cut: {len(text)} characters in all]"
+    """``text``, cut to ``limit`` characters with a note, storable: a lone surrogate (JSON
+    may carry one, SQLite cannot store it) is written as its escape, ``\\ud800``."""
+    if text is None:
+        return None
+    if len(text) > limit:
+        text = text[:limit] + f"... [cut: {len(text)} characters in all]"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _logs_json(logs: list[dict[str, Any]]) -> str:

@@ -141,6 +141,10 @@ class Broker:
             allowed = False
             error_text = self._scrub(str(exc))
             return _error("PermissionError", error_text)
+        except UnicodeError as exc:  # a lone surrogate the JSON carried, for one
+            error_text = self._scrub(f"{helper}(): the arguments hold text that is not valid "
+                                     f"Unicode (a lone surrogate such as '\\ud800'?): {exc}")
+            return _error("ValueError", error_text)
         except Exception as exc:
             name = type(exc).__name__ if type(exc).__name__ in ERROR_TYPES else "RuntimeError"
             if name == "RuntimeError" and type(exc) is not RuntimeError:
