@@ -255,3 +255,18 @@ def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline(make):
     worker.join(30)
     server.close()
     assert len(sent) < 50, f"the server sent {len(sent)} header lines before the client left"
+
+
+def test_the_suggested_setting_names_just_the_refused_address(make):
+    """The refusal suggests an allowed_networks entry: for an IPv4-mapped IPv6 address it said
+    '::ffff:127.0.0.1/32' (the written form has dots), a /32 of IPv6, which holds ::1 and
+    every IPv4-mapped address: copying it would have allowed loopback and the metadata
+    service."""
+    g = make(options=API_ANYWHERE, api_allowed_networks=[])
+    with pytest.raises(PermissionError) as refused:
+        g.api("http://[::ffff:127.0.0.1]:9/", timeout=2)
+    # Python 3.13 writes this address '::ffff:127.0.0.1' (dotted): where the /32 came from.
+    assert f"['{ipaddress.ip_address('::ffff:127.0.0.1')}/128']" in str(refused.value)
+    with pytest.raises(PermissionError) as refused:
+        g.api("http://127.0.0.1:9/", timeout=2)
+    assert "['127.0.0.1/32']" in str(refused.value)

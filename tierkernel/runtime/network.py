@@ -200,12 +200,14 @@ class CheckingBackend(httpcore.NetworkBackend):
         allowed = [a for a in addresses if is_allowed(a, self.networks)]
         if not allowed:
             refused = ", ".join(f"{a} ({refusal(a)})" for a in addresses)
-            example = addresses[0] if addresses else host
+            # Just the refused address: its family's full prefix (an IPv4-mapped IPv6
+            # address can be written with dots, and a /32 of IPv6 would hold ::1).
+            example = (f"{addresses[0]}/{addresses[0].max_prefixlen}" if addresses
+                       else "ADDRESS/32")
             raise AddressRefused(
                 f"{host!r} resolves to {refused}: api() connects only to public internet "
                 f"addresses unless a network is allowed explicitly, e.g. "
-                f"c.Runtime.{self.setting} = ['{example}/{32 if '.' in str(example) else 128}']"
-                f" in a jupyter config file")
+                f"c.Runtime.{self.setting} = ['{example}'] in a jupyter config file")
         last: Exception | None = None
         for address in allowed:
             left = None if deadline is None else deadline - time.monotonic()
