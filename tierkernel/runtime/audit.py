@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 #: holds. The runtime caps logs far below this (c.Runtime.log_max_bytes); this bound makes sure
 #: no record is ever too large for SQLite to write, which would leave the cell "running".
 MAX_FIELD_CHARS = 16 * 1024 * 1024
+#: The most characters of a helper call's target and error kept in its audit row: both can
+#: echo what the cell sent (a URL, a table name), and a row is written for every call.
+MAX_CALL_TARGET_CHARS = 1000
+MAX_CALL_ERROR_CHARS = 4000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -150,7 +154,7 @@ class AuditLog:
                         if db.in_transaction:
                             db.execute("ROLLBACK")
                         raise
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, ValueError) as exc:  # a record never fails the cell
             if not self._warned:  # once: a broken log must not flood the kernel's log
                 log.warning("cannot write the audit log %s: %s", self.path, exc)
                 self._warned = True
@@ -184,8 +188,9 @@ class AuditLog:
         self._write(
             "INSERT INTO helper_calls (execution_id, helper, target, allowed, ok, error, "
             "started, duration_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (execution_id, call.helper, call.target, int(call.allowed), int(call.ok),
-             call.error, call.started, call.duration_ms, call.size))
+            (execution_id, _cut(call.helper, 100), _cut(call.target, MAX_CALL_TARGET_CHARS),
+             int(call.allowed), int(call.ok), _cut(call.error, MAX_CALL_ERROR_CHARS),
+             call.started, call.duration_ms, call.size))
 
     # -- reading ----------------------------------------------------------------------------
     def executions(self, session: str | None = None, tier: str | None = None,
@@ -233,11 +238,26 @@ class AuditLog:
                 self._conn = None
 
 
-def _cut(text: str | None) -> str | None:
-    """``text``, cut to :data:`MAX_FIELD_CHARS` with a note."""
-    if text is None or len(text) <= MAX_FIELD_CHARS:
-        return text
-    return text[:MAX_FIELD_CHARS] + f"... [cut: {len(text)} characters in all]"
+def folded_start(text: str, length: int = 200) -> str:
+    """About the first ``length`` characters of ``text``, runs of whitespace folded to one
+    space: what a helper call was aimed at, for the log. Made from the start of the text
+    only, since splitting a guest's megabytes of short words would make millions of strings
+    (a long run of whitespace just leaves less to show)."""
+    return " ".join(text[:2 * length].split())[:length]
+
+
+def _cut(text: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
+    """``text``, cut to ``limit`` characters with a note, storable: a lone surrogate (JSON
+    may carry one, SQLite cannot store it) is written as its escape, ``\\ud800``."""
+    if text is None:
+        return None
+    if len(text) > limit:
+        text = text[:limit] + f"... [cut: {len(text)} characters in all]"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _logs_json(logs: list[dict[str, Any]]) -> str:
