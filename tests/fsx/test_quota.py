@@ -131,3 +131,26 @@ def test_totals_follow_every_kind_of_write(each_backend):
     fs.rmdir("/empty/f", recursive=True)
     assert store.tally() == Store.tally(store)
     assert store.tally() == (5, 50 + 5 + 4000)
+
+
+@pytest.mark.timeout(60)
+def test_local_counts_files_named_like_its_own_temporary_files(tmp_path):
+    """The local store writes through temporary files named ``.fsx-tmp-...`` and leaves them
+    out of listings; a user's files of that name are still content on disk: the totals (and
+    the walk behind them) count them, so naming files so does not get around a quota."""
+    root = tmp_path / "root"
+    root.mkdir()
+    fs = Fsx(url=root.as_uri(), max_bytes=1000, max_path_length=40).facade()
+    try:
+        for i in range(6):
+            fs.write_file(f"/.fsx-tmp-{i:016x}", b"x" * 150)
+        time.sleep(1.2)  # the totals are walked again
+        with _refused():
+            fs.write_file(f"/.fsx-tmp-{6:016x}", b"x" * 150)
+        assert sum(p.stat().st_size for p in root.iterdir()) == 900
+        # The deepest, longest path of a tree that a rename moves counts those names too.
+        fs.mkdir("/d/.fsx-tmp-" + "n" * 20, recursive=True)
+        with _refused(errno.ENAMETOOLONG):
+            fs.rename("/d", "/ddddddddddd")
+    finally:
+        fs.close()

@@ -279,7 +279,12 @@ class PosixEngine:
             limit, over = self.quota.content_limit(path, node.size if node is not None else 0,
                                                    append, used)
             if isinstance(data, bytes | bytearray | memoryview):
-                if memoryview(data).nbytes > limit:
+                size = memoryview(data).nbytes
+                if size > limit:
+                    if over.setting == "max_file_size":
+                        # The size is known here (not for a stream): say it.
+                        size += node.size if append and node is not None else 0
+                        raise self.quota.file_size_error(path, size)
                     raise over
             elif limit < UNLIMITED:
                 # Cut while the store reads it: nothing past the limit is taken, and the

@@ -366,7 +366,7 @@ class LocalStore(Store):
         symlink, even one swapped in during the walk."""
         gone = [1, 0]  # the folder itself, then what it holds (counted while totals are kept)
         if self._tally is not None:
-            for _, node in self.walk(path):
+            for _, node in self.counted_walk(path):
                 gone[0] += 1
                 gone[1] += node.size if node.kind == "file" else 0
         with self._at(path) as (fd, name):
@@ -384,6 +384,12 @@ class LocalStore(Store):
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
         if replaced is not None:  # a file, a link or an empty folder went
             self._counted(-1, -replaced.st_size if stat_mod.S_ISREG(replaced.st_mode) else 0)
+
+    def counted_walk(self, top: str) -> Iterator[tuple[str, Node]]:
+        """Everything on disk, this store's temporary names included: a user's file may be
+        named so too (and a crash may leave one behind), and either takes room that the
+        quotas must see, where :meth:`walk` leaves such names out."""
+        return super().walk(top)
 
     def walk(self, top: str) -> Iterator[tuple[str, Node]]:
         """As the base class, skipping this store's temporary files of writes in progress."""
