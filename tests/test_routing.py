@@ -196,6 +196,30 @@ def test_native_timeout_stops_blocking_calls(kernel: KernelSession):
         assert after.result["text/plain"] == "'next'"
 
 
+def test_native_timeout_is_not_swallowed_by_the_cell_s_error_handling(kernel: KernelSession):
+    """Code that retries on errors (``except Exception``, ``except socket.timeout``, which is
+    ``TimeoutError``, as urllib3 and many clients do) must not turn the timeout into one more
+    retry: the cell still ends at its limit with CellTimeoutError."""
+    for handler in ("Exception", "OSError", "socket.timeout", "TimeoutError"):
+        out = kernel.run(
+            "%%tier native --timeout 0.5\nimport socket, time\n"
+            "started = time.monotonic()\n"
+            "while time.monotonic() - started < 4:\n"
+            f"    try:\n        time.sleep(0.2)\n    except {handler}:\n        pass\n"
+            "print('ran to its end')")
+        assert out.status == "error", (handler, out.stdout)
+        assert out.error["ename"] == "CellTimeoutError"
+        assert "ran to its end" not in out.stdout
+    # A cell that catches even that once (a bare except) is interrupted again a moment later.
+    out = kernel.run(
+        "%%tier native --timeout 0.5\nimport time\n"
+        "try:\n    time.sleep(4)\nexcept BaseException:\n    print('caught')\n"
+        "time.sleep(4)\nprint('ran to its end')")
+    assert out.status == "error" and out.error["ename"] == "CellTimeoutError"
+    assert "caught" in out.stdout and "ran to its end" not in out.stdout
+    assert kernel.run("import time; time.sleep(1.2); 'next'").result["text/plain"] == "'next'"
+
+
 def test_silent_cells_publish_nothing(kernel: KernelSession):
     out = kernel.run("%%tier process\nprint('hidden')\n1", silent=True)
     assert out.status == "ok"

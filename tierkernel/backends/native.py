@@ -34,8 +34,18 @@ class IPythonHost(Protocol):
         ...
 
 
-class CellTimeoutError(TimeoutError):
-    """Raised inside a native cell that ran past its ``--timeout``."""
+class CellTimeoutError(BaseException):
+    """Raised inside a native cell that ran past its ``--timeout``.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` and ``asyncio.CancelledError`` are, not a
+    ``TimeoutError``: code that retries on errors (``except Exception``, or ``except
+    socket.timeout``, which is ``TimeoutError``, as HTTP clients do) must not take the end of
+    the cell's time for one more error to retry."""
+
+
+#: Once the deadline has passed, the signal is sent again this often until the cell ends, so
+#: a cell that caught it (a bare ``except``) is stopped at its next blocking call.
+REPEAT_SECONDS = 1.0
 
 
 class _Watchdog:
@@ -54,6 +64,7 @@ class _Watchdog:
         self.armed = True
         self._main = threading.main_thread().ident
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
 
@@ -61,16 +72,20 @@ class _Watchdog:
         self._timer.start()
 
     def _fire(self) -> None:
-        with self._lock:
-            if not self.armed or self._main is None:
+        while True:
+            with self._lock:
+                if not self.armed or self._main is None:
+                    return
+                self.fired = True
+                signal.pthread_kill(self._main, signal.SIGINT)
+            if self._stop.wait(REPEAT_SECONDS):
                 return
-            self.fired = True
-            signal.pthread_kill(self._main, signal.SIGINT)
 
     def disarm(self) -> None:
         """No signal is sent from now on (one already sent may still be on its way)."""
         with self._lock:
             self.armed = False
+        self._stop.set()
         self._timer.cancel()
 
     def join(self) -> None:
