@@ -220,6 +220,21 @@ def test_native_timeout_is_not_swallowed_by_the_cell_s_error_handling(kernel: Ke
     assert kernel.run("import time; time.sleep(1.2); 'next'").result["text/plain"] == "'next'"
 
 
+def test_a_native_timeout_due_after_the_cell_s_code_ended_is_not_raised(kernel: KernelSession):
+    """The deadline passing while IPython finishes the cell (here in a slow post_run_cell hook,
+    as extensions register) is not the cell's: the reply comes, ok, with no timeout error."""
+    kernel.run("import time\ndef _slow_hook(*args):\n    time.sleep(1.2)\n"
+               "get_ipython().events.register('post_run_cell', _slow_hook)")
+    try:
+        out = kernel.run("%%tier native --timeout 0.3\n'quick'", timeout=30)
+        assert out.status == "ok", out.outputs
+        assert out.result["text/plain"] == "'quick'"
+        assert not out.of_type("error") and "CellTimeoutError" not in out.stdout, out.outputs
+    finally:
+        kernel.run("get_ipython().events.unregister('post_run_cell', _slow_hook)")
+    assert kernel.run("'next'").result["text/plain"] == "'next'"
+
+
 def test_silent_cells_publish_nothing(kernel: KernelSession):
     out = kernel.run("%%tier process\nprint('hidden')\n1", silent=True)
     assert out.status == "ok"

@@ -34,13 +34,14 @@ class IPythonHost(Protocol):
         ...
 
 
-class CellTimeoutError(BaseException):
+class CellTimeoutError(KeyboardInterrupt):
     """Raised inside a native cell that ran past its ``--timeout``.
 
-    A ``BaseException``, as ``KeyboardInterrupt`` and ``asyncio.CancelledError`` are, not a
-    ``TimeoutError``: code that retries on errors (``except Exception``, or ``except
-    socket.timeout``, which is ``TimeoutError``, as HTTP clients do) must not take the end of
-    the cell's time for one more error to retry."""
+    A ``KeyboardInterrupt`` (what the stop button raises), not a ``TimeoutError``: code that
+    retries on errors (``except Exception``, or ``except socket.timeout``, which is
+    ``TimeoutError``, as HTTP clients do) must not take the end of the cell's time for one
+    more error to retry, and IPython's and ipykernel's own code, written to survive a click
+    of the stop button at any moment, survives the timeout the same way."""
 
 
 #: Once the deadline has passed, the signal is sent again this often until the cell ends, so
@@ -92,6 +93,15 @@ class _Watchdog:
         """Wait for the timer thread: once it is gone, a signal it sent has been delivered
         to this thread (signals are taken on every return from the kernel)."""
         self._timer.join()
+
+
+def _post_execute_callbacks(host: object) -> list[Any] | None:
+    """The list of IPython's ``post_execute`` callbacks of the kernel's shell, if it has one
+    (they run first thing once a cell's code has ended, whatever happened in it)."""
+    events = getattr(getattr(host, "shell", None), "events", None)
+    callbacks = getattr(events, "callbacks", None)
+    found = callbacks.get("post_execute") if isinstance(callbacks, dict) else None
+    return found if isinstance(found, list) else None
 
 
 def _run_pending_handlers() -> None:
@@ -149,11 +159,22 @@ class NativeBackend(Backend):
                 )
             raise KeyboardInterrupt
 
+        # The cell's time ends with its code: IPython's own work after it (post_execute and
+        # post_run_cell hooks, the reply) is never interrupted by the timer.
+        post_execute = _post_execute_callbacks(self.host)
+
+        def code_ended() -> None:
+            watchdog.disarm()
+
         previous = signal.signal(signal.SIGINT, on_sigint)
+        if post_execute is not None:
+            post_execute.insert(0, code_ended)
         watchdog.start()
         try:
             reply = await self.host.run_ipython_cell(request)
         finally:
+            if post_execute is not None and code_ended in post_execute:
+                post_execute.remove(code_ended)
             # Until the watchdog is disarmed its signal may still interrupt this cleanup; once
             # it is, the handler ignores it. Our handler stays until a signal the timer sent
             # has been delivered and handled, so none is left for the kernel's own handler.
