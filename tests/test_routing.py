@@ -235,6 +235,21 @@ def test_a_native_timeout_due_after_the_cell_s_code_ended_is_not_raised(kernel: 
     assert kernel.run("'next'").result["text/plain"] == "'next'"
 
 
+def test_a_native_cell_that_ignores_its_timeout_is_told_so(kernel: KernelSession):
+    """A trusted native cell can take SIGINT for itself (SIG_IGN, its own handler), and so
+    run past its limit, as it can ignore the stop button; the user is told it did."""
+    for handler in ("signal.SIG_IGN", "lambda *args: None"):
+        out = kernel.run("%%tier native --timeout 0.3\nimport signal, time\n"
+                         f"signal.signal(signal.SIGINT, {handler})\ntime.sleep(1)\n"
+                         "print('ended')", timeout=30)
+        assert "ended" in out.stdout, out.outputs
+        assert "ran past its 0.3 s limit" in out.stderr, out.outputs
+        assert "SIGINT" in out.stderr, out.outputs
+    # The kernel's own handler is back: the stop button works on the next cell.
+    out = kernel.run("import time\ntime.sleep(20)", interrupt_after=1.0)
+    assert out.status == "error" and out.error["ename"] == "KeyboardInterrupt"
+
+
 def test_silent_cells_publish_nothing(kernel: KernelSession):
     out = kernel.run("%%tier process\nprint('hidden')\n1", silent=True)
     assert out.status == "ok"

@@ -8,6 +8,7 @@ machinery rather than through the sink. The one thing this tier adds is ``--time
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from types import FrameType
@@ -186,7 +187,15 @@ class NativeBackend(Backend):
                     continue
             watchdog.join()
             _run_pending_handlers()
+            taken = signal.getsignal(signal.SIGINT) is not on_sigint
             signal.signal(signal.SIGINT, previous)
+        if watchdog.fired and taken and reply.get("status") == "ok":
+            # The cell took SIGINT for itself (SIG_IGN or its own handler), so the timeout
+            # could not stop it: trusted native code can, as it can ignore the stop button.
+            # Say so on the cell's stderr (still this cell's: the reply is not sent yet).
+            print(f"the cell ran past its {seconds:g} s limit: it had replaced the SIGINT "
+                  "handler the timeout works through, so it was not stopped",
+                  file=sys.stderr, flush=True)
         return self._result(reply, time.perf_counter() - start, usage)
 
     def _result(self, reply: dict[str, Any], duration: float, usage: SelfUsage) -> ExecResult:
