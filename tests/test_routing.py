@@ -250,6 +250,16 @@ def test_a_native_cell_that_ignores_its_timeout_is_told_so(kernel: KernelSession
     assert out.status == "error" and out.error["ename"] == "KeyboardInterrupt"
 
 
+def test_an_async_native_cell_over_its_timeout_says_which_limit(kernel: KernelSession):
+    """A cell awaiting at top level runs on the kernel's event loop, where ipykernel turns
+    SIGINT into cancelling the cell (CancelledError): the user is told it was the limit."""
+    out = kernel.run("%%tier native --timeout 0.5\nimport asyncio\nawait asyncio.sleep(30)\n"
+                     "print('slept')", timeout=60)
+    assert out.status == "error" and "slept" not in out.stdout, out.outputs
+    assert "0.5 s limit" in out.stderr and "--timeout" in out.stderr, out.outputs
+    assert kernel.run("'next'").result["text/plain"] == "'next'"
+
+
 def test_silent_cells_publish_nothing(kernel: KernelSession):
     out = kernel.run("%%tier process\nprint('hidden')\n1", silent=True)
     assert out.status == "ok"

@@ -189,7 +189,12 @@ class NativeBackend(Backend):
             _run_pending_handlers()
             taken = signal.getsignal(signal.SIGINT) is not on_sigint
             signal.signal(signal.SIGINT, previous)
-        if watchdog.fired and taken and reply.get("status") == "ok":
+        if watchdog.fired and reply.get("ename") == "CancelledError":
+            # A cell awaiting at top level: ipykernel turned the SIGINT into cancelling it.
+            print(f"the cell was cancelled at its {seconds:g} s limit; raise it with "
+                  "'%%tier native --timeout SECONDS' or c.NativeBackend.timeout",
+                  file=sys.stderr, flush=True)
+        elif watchdog.fired and taken and reply.get("status") == "ok":
             # The cell took SIGINT for itself (SIG_IGN or its own handler), so the timeout
             # could not stop it: trusted native code can, as it can ignore the stop button.
             # Say so on the cell's stderr (still this cell's: the reply is not sent yet).
