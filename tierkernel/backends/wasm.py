@@ -264,13 +264,18 @@ class WasmBackend(ChannelLimits, Backend):
         ]
         mounts = []
         try:
+            workspace = current_workspace()
+        except FsxConfigError:  # no kernel around this backend (a library use): a private dir
+            grants.append(Grant(str(self._private_dir("workspace")), WORKSPACE, writable=True))
+        else:
+            # Opened here, so a workspace fsx refuses (a bad URL, a folder holding host
+            # state) is said as such instead of as the guest failing to enter /workspace.
+            workspace.fs  # noqa: B018 - opening it is the point
             # The kernel's fsx workspace, served file by file through a mount provider, so
             # what a wasm cell writes is in fsx for every other tier (and the guest never
             # learns where fsx keeps it on the host).
-            mounts.append(workspace_mount(current_workspace(), WORKSPACE))
+            mounts.append(workspace_mount(workspace, WORKSPACE))
             self._provider = mounts[-1].provider
-        except FsxConfigError:  # no kernel around this backend (a library use): a private dir
-            grants.append(Grant(str(self._private_dir("workspace")), WORKSPACE, writable=True))
         hint = (f"the wasm session's memory limit is {format_size(memory)}; raise it with "
                 f"'%%tier {self.name} --memory SIZE' or c.WasmBackend.memory")
         limits = self.channel_limits(self.output_limit)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import site
+import sys
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from jupyter_core.paths import jupyter_data_dir
+from jupyter_core.paths import (
+    jupyter_config_dir,
+    jupyter_config_path,
+    jupyter_data_dir,
+    jupyter_path,
+    jupyter_runtime_dir,
+)
 from traitlets import Int, Unicode, default
 from traitlets.config import Configurable
 
@@ -62,6 +70,7 @@ def open_url(url: str, quota: Quota | None = None) -> FsxFileSystem:
         if scheme == "file":
             if options:
                 raise FsxConfigError(f"fsx url {url!r}: file:// takes no options")
+            refuse_host_state(url, path)
             return FsxLocalFileSystem(path, url=url, quota=quota)
         unknown = set(options) - {"synchronous"}
         if unknown:
@@ -73,6 +82,45 @@ def open_url(url: str, quota: Quota | None = None) -> FsxFileSystem:
                                    url=url, quota=quota)
     raise FsxConfigError(f"fsx url {url!r}: unknown scheme {parts.scheme!r}; use memory://, "
                          "sqlite:///path/ws.db or file:///dir")
+
+
+def host_state() -> list[tuple[str, Path]]:
+    """What a ``file://`` workspace must not contain, with what each is: the places whose
+    content the host later runs or trusts. Cells of every tier, the sandboxed ones included,
+    write the workspace, so a workspace holding one of these would let a cell run code on the
+    host (a startup file, a config file, a kernelspec, an installed package) or read the
+    kernels' connection keys and audit log."""
+    places: list[tuple[str, Path]] = [("your home folder (shell startup files, ~/.ssh)",
+                                       Path.home())]
+    places += [("Jupyter's config folder", Path(jupyter_config_dir())),
+               ("Jupyter's data folder (kernelspecs, the audit log, the default workspace)",
+                Path(jupyter_data_dir())),
+               ("Jupyter's runtime folder (kernels' connection keys)",
+                Path(jupyter_runtime_dir()))]
+    places += [("a Jupyter config folder", Path(p)) for p in jupyter_config_path()]
+    places += [("a Jupyter data folder (kernelspecs)", Path(p)) for p in jupyter_path()]
+    places.append(("IPython's profile folder (startup files)",
+                   Path(os.environ.get("IPYTHONDIR") or Path.home() / ".ipython")))
+    places += [("the kernel's Python installation", Path(p))
+               for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
+    places += [("installed Python packages", Path(p)) for p in site.getsitepackages()]
+    places.append(("your installed Python packages", Path(site.getusersitepackages())))
+    places.append(("tierkernel itself", Path(__file__).resolve().parent.parent))
+    return places
+
+
+def refuse_host_state(url: str, root: Path) -> None:
+    """Raise :class:`FsxConfigError` when the ``file://`` workspace at ``root`` is, or holds,
+    one of :func:`host_state`'s places (symlinks resolved on both sides)."""
+    top = Path(os.path.realpath(root))
+    for what, place in host_state():
+        where = Path(os.path.realpath(place))
+        if where == top or top in where.parents:
+            raise FsxConfigError(
+                f"fsx url {url!r}: {top} holds {what} ({where}). Cells of every tier write "
+                "the workspace, so they could change it and run code on the host. Use a "
+                "folder that holds only the notebook's data, e.g. file:///home/me/project/data "
+                "(c.Fsx.url or $TIERKERNEL_FSX_URL)")
 
 
 class Fsx(Configurable):
