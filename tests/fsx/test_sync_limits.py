@@ -87,7 +87,7 @@ def test_a_deep_tree_costs_lookups_in_proportion_to_its_size(fs, monkeypatch, de
     assert calls["lookup"] <= 10 * depth, calls
     assert calls["open"] <= 20 * depth, calls  # the local store: per member, not per folder
     assert len(done.written) == depth + 1
-    assert fs.read_file("/" + "a/" * depth + "end.txt") == "deep"  # the local store: per member, not per folder
+    assert fs.read_file("/" + "a/" * depth + "end.txt") == "deep"
 
 
 def test_a_compressed_archive_is_refused_before_it_expands(fs):
