@@ -45,6 +45,10 @@ from tierkernel.fsx.paths import PATH_MAX
 
 _SPOOL = 16 << 20
 CONFLICT_SUFFIX = ".sandbox-conflict"
+#: A manifest digest that is no digest: the file could not be read (what follows says why).
+UNREADABLE = "unreadable: "
+#: What a file takes in a tmpfs: whole pages.
+_PAGE = 4096
 
 
 class UnsafeArchiveError(ValueError):
@@ -94,6 +98,8 @@ class Packed:
     archive: IO[bytes]
     manifest: Manifest
     deleted: list[str] = field(default_factory=list)
+    #: files left out, with why ("room": over the ``room`` given; else the read's error)
+    missing: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -133,7 +139,10 @@ def manifest(workspace: FsxFacade, previous: Manifest | None = None) -> Manifest
                     node.size, node.mtime_ns):
                 digest = old.digest
             else:
-                digest = _digest(workspace, path)
+                try:
+                    digest = _digest(workspace, path)
+                except OSError as exc:  # pack leaves it out and says why
+                    digest = f"{UNREADABLE}{exc.strerror or exc}"
         else:
             digest = node.target
         out[rel] = Entry(node.kind, node.size if node.kind == "file" else 0, node.mtime_ns,
@@ -151,15 +160,23 @@ def container_target(target: str, rel: str) -> str:
 
 
 def pack(workspace: FsxFacade, since: Manifest | None = None,
-         owner: tuple[int, int] = (0, 0)) -> Packed:
+         owner: tuple[int, int] = (0, 0), room: int | None = None) -> Packed:
     """A tar of the workspace (members relative, for ``put_archive("/workspace", ...)``),
     only what differs from ``since`` if given. Members belong to ``owner`` (uid, gid): docker
-    extracts them with those ids, and the container's user must own what it may change."""
+    extracts them with those ids, and the container's user must own what it may change.
+
+    ``room``: the bytes the container's folder can hold (a tmpfs counts whole pages). Files
+    that would not fit, and files that cannot be read, are left out and listed in
+    :attr:`Packed.missing`; the manifest then records what the container still holds there
+    (``since``'s entry, or nothing), so the copy back never takes them for deleted."""
     current = manifest(workspace, since)
     base = since or {}
     archive = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - returned
     deleted = sorted(rel for rel, entry in base.items()
                      if rel not in current or current[rel].kind != entry.kind)
+    gone = set(deleted)
+    no_room = _no_room(current, base, room) if room is not None else set()
+    missing: list[tuple[str, str]] = []
     with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for rel in sorted(current):
             entry = current[rel]
@@ -177,14 +194,55 @@ def pack(workspace: FsxFacade, since: Manifest | None = None,
                 info.linkname = container_target(entry.digest, rel)
                 tar.addfile(info)
             else:
-                reader = workspace.engine.open_reader("/" + rel)
+                why = ""
+                if entry.digest.startswith(UNREADABLE):
+                    why = entry.digest
+                elif rel in no_room:
+                    why = "room"
+                if not why:
+                    try:
+                        reader = workspace.engine.open_reader("/" + rel)
+                    except OSError as exc:
+                        why = f"{UNREADABLE}{exc.strerror or exc}"
+                if why:
+                    missing.append((rel, why))
+                    continue
                 try:
                     info.size = reader.size
                     tar.addfile(info, _ReaderStream(reader))
                 finally:
                     reader.close()
+    for rel, _ in missing:
+        if rel in base and rel not in gone:
+            current[rel] = base[rel]  # the container keeps what it had
+        else:
+            current.pop(rel, None)
     archive.seek(0)
-    return Packed(archive, current, deleted)
+    return Packed(archive, current, deleted, missing)
+
+
+def _pages(size: int) -> int:
+    return -(-size // _PAGE) * _PAGE
+
+
+def _no_room(current: Manifest, base: Manifest, room: int) -> set[str]:
+    """The files to leave out so that the container's copy fits in ``room``: the largest of
+    those to be copied first (a file it holds already stays)."""
+    used = sum(_pages(entry.size) for entry in current.values() if entry.kind == "file")
+    left: set[str] = set()
+    if used <= room:
+        return left
+    copied = sorted(((entry.size, rel) for rel, entry in current.items()
+                     if entry.kind == "file" and entry.size and base.get(rel) != entry),
+                    reverse=True)
+    for size, rel in copied:
+        if used <= room:
+            break
+        left.add(rel)
+        old = base.get(rel)
+        used -= _pages(size) - (_pages(old.size) if old is not None and old.kind == "file"
+                                else 0)
+    return left
 
 
 class _ReaderStream:
