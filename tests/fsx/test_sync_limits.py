@@ -237,3 +237,24 @@ def test_links_out_are_kept_in_a_virtual_workspace(tmp_path, kind):
     done = apply(fs, _archive(_link("passwd", "/etc/passwd")), base, top=None)
     assert done.skipped == [] and fs.readlink("/passwd") == "/etc/passwd"
     fs.close()
+
+
+def test_pack_leaves_out_what_does_not_fit_and_the_copy_back_keeps_it(fs, tmp_path):
+    """A workspace larger than the container's /workspace: the largest files to copy stay
+    out, the manifest says the container lacks them, and the copy back never deletes them."""
+    fs.write_file("/small.txt", "s")
+    fs.write_file("/big.bin", b"b" * 50_000)
+    fs.write_file("/bigger.bin", b"B" * 90_000)
+    packed = pack(fs, room=60_000)
+    assert [rel for rel, why in packed.missing] == ["bigger.bin"]
+    assert packed.missing[0][1] == "room"
+    assert "bigger.bin" not in packed.manifest and "big.bin" in packed.manifest
+    assert set(packed.left) == {"bigger.bin"}
+    with tarfile.open(fileobj=packed.archive) as tar:
+        assert sorted(tar.getnames()) == ["big.bin", "small.txt"]
+    # the container has what it was given, and changes small.txt
+    done = apply(fs, _archive(_file("small.txt", b"changed"), _file("big.bin", b"b" * 50_000)),
+                 packed.manifest, top=None)
+    assert fs.read_file("/small.txt") == "changed"
+    assert fs.read_file("/bigger.bin", encoding=None) == b"B" * 90_000  # not taken as deleted
+    assert done.deleted == [] and done.conflicts == []

@@ -81,6 +81,8 @@ class WorkspaceSync:
         self._lock = threading.Lock()
         #: What the last copy into the container could not copy, for the user ("" if all).
         self.notice = ""
+        #: fsx's entries of the files the last copy left out (their digests, kept).
+        self._left: sync.Manifest = {}
 
     @staticmethod
     def workspace() -> FsxFacade | None:
@@ -126,7 +128,8 @@ class WorkspaceSync:
         # Taken before the walk: a write during it makes the next cell look again.
         token = workspace.engine.change_token()
         packed = sync.pack(workspace, since=base, owner=self.owner,
-                           room=room.bytes if room is not None else None)
+                           room=room.bytes if room is not None else None, known=self._left)
+        self._left = packed.left
         notes = self._missing_notes(packed.missing, room)
         manifest = packed.manifest
         try:

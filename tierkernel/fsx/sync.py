@@ -100,6 +100,8 @@ class Packed:
     deleted: list[str] = field(default_factory=list)
     #: files left out, with why ("room": over the ``room`` given; else the read's error)
     missing: list[tuple[str, str]] = field(default_factory=list)
+    #: the manifest entries of the files left out, as fsx has them
+    left: Manifest = field(default_factory=dict)
 
 
 @dataclass
@@ -160,7 +162,8 @@ def container_target(target: str, rel: str) -> str:
 
 
 def pack(workspace: FsxFacade, since: Manifest | None = None,
-         owner: tuple[int, int] = (0, 0), room: int | None = None) -> Packed:
+         owner: tuple[int, int] = (0, 0), room: int | None = None,
+         known: Manifest | None = None) -> Packed:
     """A tar of the workspace (members relative, for ``put_archive("/workspace", ...)``),
     only what differs from ``since`` if given. Members belong to ``owner`` (uid, gid): docker
     extracts them with those ids, and the container's user must own what it may change.
@@ -168,8 +171,10 @@ def pack(workspace: FsxFacade, since: Manifest | None = None,
     ``room``: the bytes the container's folder can hold (a tmpfs counts whole pages). Files
     that would not fit, and files that cannot be read, are left out and listed in
     :attr:`Packed.missing`; the manifest then records what the container still holds there
-    (``since``'s entry, or nothing), so the copy back never takes them for deleted."""
-    current = manifest(workspace, since)
+    (``since``'s entry, or nothing), so the copy back never takes them for deleted; their
+    entries are in :attr:`Packed.left`, to give back as ``known`` next time (a large file
+    left out is then not hashed again while it is unchanged)."""
+    current = manifest(workspace, {**known, **(since or {})} if known else since)
     base = since or {}
     archive = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - returned
     deleted = sorted(rel for rel, entry in base.items()
@@ -212,13 +217,14 @@ def pack(workspace: FsxFacade, since: Manifest | None = None,
                     tar.addfile(info, _ReaderStream(reader))
                 finally:
                     reader.close()
+    left = {rel: current[rel] for rel, _ in missing}
     for rel, _ in missing:
         if rel in base and rel not in gone:
             current[rel] = base[rel]  # the container keeps what it had
         else:
             current.pop(rel, None)
     archive.seek(0)
-    return Packed(archive, current, deleted, missing)
+    return Packed(archive, current, deleted, missing, left)
 
 
 def _pages(size: int) -> int:
