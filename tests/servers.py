@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -45,7 +47,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         port = self.server.server_address[1]
         path = self.path.split("?")[0]
-        if path == "/json":
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        HITS.append(self.path)
+        if path == "/set-cookie":
+            self._send(200, b'"set"', headers={"Set-Cookie": f"tk={query.get('v', 'x')}; Path=/"})
+        elif path == "/headers":
+            self._send(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode())
+        elif path == "/redirect-to":
+            self._send(302, b"", "text/plain", {"Location": query["u"]})
+        elif path == "/json":
             self._send(200, json.dumps({"name": "tierkernel", "stars": 3}).encode(),
                        headers={"X-Test": "yes"})
         elif path == "/text":
@@ -85,6 +95,10 @@ class _Handler(BaseHTTPRequestHandler):
                                     "auth": self.headers.get("Authorization")}).encode())
 
 
+#: The paths the test HTTP servers of this process were asked for, in order.
+HITS: list[str] = []
+
+
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: object) -> None:
         # A client that hung up at its time or size cap (as the tests make it) is expected;
@@ -101,6 +115,41 @@ def http_server() -> Iterator[int]:
     thread.start()
     try:
         yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def https_server(folder: Path) -> Iterator[tuple[int, Path]]:
+    """The test HTTP server behind TLS, with a certificate for the name ``localhost`` only,
+    signed by a throwaway CA made in ``folder`` with the openssl CLI; yields its port and the
+    CA's certificate file."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("the openssl command is needed to make the test certificates (Debian: "
+                    "apt-get install openssl)")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60,
+                       cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout",
+        "leaf.key", "-out", "leaf.csr")
+    (folder / "san.ext").write_text("subjectAltName = DNS:localhost\n")
+    run("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "leaf.pem")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "leaf.pem", folder / "leaf.key")
+    server = _QuietServer(("127.0.0.1", 0), _Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], folder / "ca.pem"
     finally:
         server.shutdown()
         server.server_close()

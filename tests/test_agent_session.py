@@ -7,12 +7,13 @@ must still end with exactly one error, the one that says why it was killed.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
 from typing import Any
 
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent_session import AgentSession, LineTooLong, line_limit_for
 from tierkernel.backends.base import CellRequest
 
 
@@ -27,7 +28,7 @@ class IgnoringAgent:
     def send(self, data: bytes) -> None:
         pass
 
-    def readline(self) -> bytes:
+    def readline(self, limit: int) -> bytes:
         return self.lines.get()
 
     def interrupt(self) -> None:
@@ -82,3 +83,258 @@ def test_an_agent_killed_for_ignoring_an_interrupt_fails_its_cell_once():
     assert "Its variables are gone" in evalue
     assert not result.success and result.error is not None
     assert result.error.evalue == evalue
+
+
+# -- the channel's budgets (issue 14, cases 7, 9 and 10) ---------------------------------------
+
+class ScriptedAgent:
+    """An agent whose lines for each cell are made by ``script(cell_id)``; records what the host
+    sends it. Ends each cell with "done" once the script's lines are out, unless told not to."""
+
+    def __init__(self, script: Any, done: bool = True) -> None:
+        self.lines: queue.Queue[Any] = queue.Queue()
+        self.lines.put(b'{"type": "ready", "pid": 1, "python": "3"}\n')
+        self.script = script
+        self.done = done
+        self.sent: list[dict[str, Any]] = []
+        self.killed = threading.Event()
+        self.interrupted = threading.Event()
+
+    def send(self, data: bytes) -> None:
+        for raw in data.splitlines():
+            msg = json.loads(raw)
+            self.sent.append(msg)
+            if msg.get("type") == "execute":
+                for line in self.script(msg["id"]):
+                    self.lines.put(line if isinstance(line, (bytes, Exception))
+                                   else (json.dumps(line) + "\n").encode())
+                if self.done:
+                    self.lines.put((json.dumps({"type": "done", "id": msg["id"],
+                                                "success": True}) + "\n").encode())
+
+    def readline(self, limit: int) -> bytes:
+        line = self.lines.get()
+        if isinstance(line, Exception):
+            raise line
+        return line
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
+
+    def kill(self) -> None:
+        self.killed.set()
+        self.lines.put(b"")
+
+    def exit_detail(self) -> str:
+        return "it was killed by signal SIGKILL"
+
+    def answers(self) -> list[dict[str, Any]]:
+        return [m["response"] for m in self.sent if m.get("type") == "helper_result"]
+
+
+class Sink(SlowSink):
+    """Records everything, at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        self.errors.append((ename, evalue))
+
+    def stream(self, name: str, text: str) -> None:
+        self.texts.append(text)
+
+
+def _run(session: AgentSession, helpers: Any = None,
+         timeout: float | None = 10) -> tuple[Any, Sink]:
+    sink = Sink()
+    request = CellRequest(code="x", body="x", tier="scripted", options={}, execution_count=1)
+    return session.run(request, sink, timeout=timeout, helpers=helpers), sink
+
+
+def _wait_for(predicate: Any, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_a_line_past_the_line_limit_kills_the_agent_and_fails_the_cell():
+    agent = ScriptedAgent(lambda cid: [LineTooLong("a message line longer than 1024 bytes")],
+                          done=False)
+    session = AgentSession(agent, tier="scripted", line_limit=1024,
+                           settings="c.ScriptedBackend")
+    session.wait_ready(5)
+    result, sink = _run(session)
+    assert agent.killed.is_set()
+    assert result.error.ename == "ChannelLimitError"
+    assert "c.ScriptedBackend.line_limit" in result.error.evalue
+    assert "variables are gone" in result.error.evalue
+    assert len(sink.errors) == 1 and not session.alive
+
+
+def test_error_messages_count_against_the_output_limit():
+    error = {"type": "error", "ename": "E", "evalue": "e" * 1000, "traceback": ["t" * 1000]}
+    agent = ScriptedAgent(lambda cid: [{**error, "id": cid}] * 200)
+    session = AgentSession(agent, tier="scripted", output_limit=20_000,
+                           settings="c.ScriptedBackend")
+    session.wait_ready(5)
+    result, sink = _run(session)
+    assert agent.interrupted.is_set()
+    assert result.error.ename == "OutputLimitError"
+    assert "c.ScriptedBackend.output_limit" in result.error.evalue
+    published = sum(len(evalue) for _, evalue in sink.errors)
+    assert len(sink.errors) < 15 and published < 25_000, len(sink.errors)
+
+
+def test_rich_output_is_counted_with_its_metadata():
+    display = {"type": "display", "data": {"text/plain": "x"}, "metadata": {"m": "m" * 5000}}
+    agent = ScriptedAgent(lambda cid: [{**display, "id": cid}] * 20)
+    session = AgentSession(agent, tier="scripted", output_limit=20_000)
+    session.wait_ready(5)
+    result, _ = _run(session)
+    assert result.error.ename == "OutputLimitError"
+
+
+def test_a_flood_of_forged_messages_of_any_type_is_capped():
+    forged = [{"type": "bogus"}, {"type": "procs", "count": 1, "last_pid": 1},
+              {"type": "protocol_error", "detail": "x"}, {"type": "stream", "text": ""}]
+    agent = ScriptedAgent(lambda cid: [{**forged[i % 4], "id": cid} for i in range(5000)]
+                          + [{"type": "stream", "id": cid, "name": "stdout", "text": "late\n"}])
+    session = AgentSession(agent, tier="scripted", message_limit=1000,
+                           settings="c.ScriptedBackend")
+    session.wait_ready(5)
+    result, sink = _run(session)
+    assert agent.interrupted.is_set()
+    assert result.error.ename == "ChannelLimitError"
+    assert "more than 1,000 messages" in result.error.evalue
+    assert "c.ScriptedBackend.message_limit" in result.error.evalue
+    assert "late\n" not in sink.texts  # nothing past the limit is forwarded
+
+
+def test_messages_between_cells_past_the_limit_kill_the_agent():
+    agent = ScriptedAgent(lambda cid: [])
+    session = AgentSession(agent, tier="scripted", message_limit=100)
+    session.wait_ready(5)
+    for _ in range(150):
+        agent.lines.put(b'{"type": "bogus"}\n')
+    assert _wait_for(agent.killed.is_set)
+
+
+def _console(cid: Any, seq: int, message: str) -> dict[str, Any]:
+    return {"type": "helper", "id": cid, "seq": seq,
+            "request": {"helper": "console", "args": {"level": "log", "message": message}}}
+
+
+def test_raw_console_calls_count_against_the_output_limit():
+    agent = ScriptedAgent(lambda cid: [_console(cid, i, "c" * 1000) for i in range(50)])
+    logged: list[Any] = []
+    session = AgentSession(agent, tier="scripted", output_limit=10_000)
+    session.wait_ready(5)
+    result, _ = _run(session, helpers=lambda r: logged.append(r) or {"ok": True, "value": None})
+    assert result.error.ename == "OutputLimitError"
+    assert len(logged) <= 10
+    assert _wait_for(lambda: len(agent.answers()) == 50)
+    refused = [a for a in agent.answers() if not a["ok"]]
+    assert refused and "output limit" in refused[0]["error"]["message"]
+
+
+def test_helper_calls_per_cell_are_capped():
+    agent = ScriptedAgent(lambda cid: [_console(cid, i, "x") for i in range(8)])
+    session = AgentSession(agent, tier="scripted", helper_limit=5, helper_concurrency=100,
+                           settings="c.ScriptedBackend")
+    session.wait_ready(5)
+    calls: list[Any] = []
+    _run(session, helpers=lambda r: calls.append(r) or {"ok": True, "value": None})
+    assert _wait_for(lambda: len(agent.answers()) == 8)
+    assert len(calls) == 5
+    refused = [a["error"] for a in agent.answers() if not a["ok"]]
+    assert len(refused) == 3 and refused[0]["type"] == "PermissionError"
+    assert "more than 5 ai/api/db/console calls" in refused[0]["message"]
+    assert "c.ScriptedBackend.helper_limit" in refused[0]["message"]
+
+
+def test_concurrent_helper_calls_are_bounded_not_each_a_thread():
+    release = threading.Event()
+    running: list[int] = []
+    peak = [0]
+    lock = threading.Lock()
+
+    def slow(request: Any) -> dict[str, Any]:
+        with lock:
+            running.append(1)
+            peak[0] = max(peak[0], len(running))
+        release.wait(5)
+        with lock:
+            running.pop()
+        return {"ok": True, "value": None}
+
+    agent = ScriptedAgent(lambda cid: [_console(cid, i, "x") for i in range(40)], done=False)
+    session = AgentSession(agent, tier="scripted", helper_concurrency=3)
+    session.wait_ready(5)
+    threads_before = threading.active_count()
+    worker = threading.Thread(target=_run, args=(session, slow), daemon=True)
+    worker.start()
+    assert _wait_for(lambda: len(agent.answers()) == 37)
+    assert threading.active_count() - threads_before <= 3 + 2  # the calls, the cell, refusals
+    refused = [a["error"] for a in agent.answers()]
+    assert all("more than 3 ai/api/db/console calls of this cell at once" in e["message"]
+               for e in refused)
+    release.set()
+    assert _wait_for(lambda: len(agent.answers()) == 40)
+    assert peak[0] == 3
+    agent.lines.put(b'{"type": "bogus"}\n')
+    session.interrupt()
+    agent.kill()
+    worker.join(5)
+
+
+class Route:
+    """A cell's helper route that records calls and refusals (as base.HelperRoute audits)."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.refused: list[tuple[Any, str]] = []
+
+    def __call__(self, request: Any) -> dict[str, Any]:
+        self.calls.append(request)
+        return {"ok": True, "value": None}
+
+    def refuse(self, request: Any, reason: str) -> dict[str, Any]:
+        self.refused.append((request, reason))
+        return {"ok": False, "error": {"type": "PermissionError", "message": reason}}
+
+
+def test_a_helper_call_of_an_earlier_cell_is_refused_and_blamed_on_that_cell():
+    cells: list[str] = []
+
+    def script(cid: str) -> list[Any]:
+        cells.append(cid)
+        if len(cells) == 1:
+            return []
+        # During the second cell: a call tagged with the first cell (its background thread),
+        # one with no cell at all, and the second cell's own.
+        return [_console(cells[0], 1, "late"), _console(None, 2, "anon"),
+                _console(cid, 3, "mine")]
+
+    agent = ScriptedAgent(script)
+    session = AgentSession(agent, tier="scripted")
+    session.wait_ready(5)
+    first, second = Route(), Route()
+    _run(session, helpers=first)
+    _run(session, helpers=second)
+    assert _wait_for(lambda: len(agent.answers()) == 3)
+    assert [c["args"]["message"] for c in second.calls] == ["mine"]
+    assert [r[0]["args"]["message"] for r in first.refused] == ["late"]
+    assert "background work of an earlier cell gets no helper access" in first.refused[0][1]
+    by_seq = {m["seq"]: m["response"] for m in agent.sent if m.get("type") == "helper_result"}
+    assert by_seq[3]["ok"] and not by_seq[1]["ok"] and not by_seq[2]["ok"]
+    assert by_seq[2]["error"]["type"] == "PermissionError"
+
+
+def test_the_line_limit_is_above_every_legitimate_message():
+    assert line_limit_for(16 << 20) > 2 * (16 << 20)
+    assert line_limit_for(1 << 20) >= 32 << 20

@@ -169,6 +169,33 @@ def test_native_timeout(kernel: KernelSession):
     assert kernel.run("'after'").result["text/plain"] == "'after'"
 
 
+def test_native_timeout_stops_blocking_calls(kernel: KernelSession):
+    """The timeout delivers what the stop button does (SIGINT to the kernel's main thread), so
+    a sleep or a read that never returns is cut off at the deadline, not after it ends."""
+    start = time.monotonic()
+    out = kernel.run("%%tier native --timeout 1\nimport time\ntime.sleep(30)")
+    assert time.monotonic() - start < 15
+    assert out.status == "error" and out.error["ename"] == "CellTimeoutError"
+    assert "1 s limit" in out.error["evalue"]
+    # A server on 127.0.0.1 that accepts and never answers: recv() blocks in C.
+    start = time.monotonic()
+    out = kernel.run(
+        "%%tier native --timeout 1\nimport socket\n"
+        "server = socket.create_server(('127.0.0.1', 0))\n"
+        "client = socket.create_connection(server.getsockname())\n"
+        "try:\n    client.recv(10)\nfinally:\n    client.close(); server.close()")
+    assert time.monotonic() - start < 15
+    assert out.status == "error" and out.error["ename"] == "CellTimeoutError"
+    # A timer due just as a cell ends never reaches the next cell.
+    for _ in range(5):
+        out = kernel.run("%%tier native --timeout 0.05\nimport time\n"
+                         "t = time.monotonic()\nwhile time.monotonic() - t < 0.045: pass")
+        assert out.status in ("ok", "error")
+        after = kernel.run("import time; time.sleep(0.2); 'next'")
+        assert after.status == "ok", after.outputs
+        assert after.result["text/plain"] == "'next'"
+
+
 def test_silent_cells_publish_nothing(kernel: KernelSession):
     out = kernel.run("%%tier process\nprint('hidden')\n1", silent=True)
     assert out.status == "ok"

@@ -37,6 +37,9 @@ class Guest:
         c.Runtime.db_path = str(tmp / "db.sqlite3")
         c.Runtime.audit_log = str(tmp / "audit.sqlite3")
         c.Runtime.api_max_response_bytes = MiB
+        # The test servers run on 127.0.0.1, which api() refuses unless allowed explicitly.
+        c.Runtime.api_allowed_networks = ["127.0.0.1/32"]
+        c.Runtime.native_api_allowed_networks = ["127.0.0.1/32"]
         for key, value in config.items():
             setattr(c.Runtime, key, value)
         self.runtime = Runtime(config=c)
@@ -355,3 +358,93 @@ def test_guest_helpers_need_only_the_standard_library(tmp_path):
                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr
     assert done.stdout == "raised slow host\n[]\n"
+
+
+# -- helper result bytes, logs, the database file (issue 14) ------------------------------
+def test_db_result_bytes_are_capped_while_fetching(make):
+    g = make(db_max_result_bytes="64k")
+    g.db("CREATE TABLE blobs (b BLOB)")
+    g.db("INSERT INTO blobs VALUES (zeroblob(20000)), (zeroblob(20000)), (zeroblob(20000))")
+    # One value too large is refused before SQLite makes it, whatever its size.
+    for sql in ("SELECT zeroblob(200000000) AS b", "SELECT randomblob(2e8) AS b",
+                "SELECT group_concat(hex(b)) AS h FROM blobs"):
+        with pytest.raises(ValueError, match=r"c\.Runtime\.db_max_result_bytes") as big:
+            g.db(sql)
+        assert "65536" in str(big.value)
+    # Rows under it add up: refused at the row that goes over, with what to do.
+    with pytest.raises(ValueError, match=r"larger than 65536 bytes as JSON.*after 2 rows") as many:
+        g.db("SELECT b FROM blobs")
+    assert "LIMIT" in str(many.value)
+    assert len(g.db("SELECT b FROM blobs LIMIT 1").rows[0]["b"]) == 26668  # base64
+    assert g.db("SELECT length(b) AS n FROM blobs").rows == [{"n": 20000}] * 3
+    # The count is the JSON the cell gets: a result just under the cap passes whole.
+    fits = g.db("SELECT b FROM blobs LIMIT 2")
+    assert len(json.dumps(fits.rows)) < 65536
+
+
+def test_api_and_ai_results_have_their_own_caps(make, port, ai_url):
+    g = make(options={"allow": frozenset({"api", "ai"}), "domains": ("127.0.0.1",)},
+             ai_base_url=ai_url, ai_api_key=OPENAI_KEY, ai_max_response_bytes=1024)
+    with pytest.raises(ValueError, match=r"ai\(\).*c\.Runtime\.ai_max_response_bytes"):
+        g.ai("tiny", "x" * 2000)
+    assert g.ai("tiny", "short").response == "echo from tiny: short"
+    with pytest.raises(ValueError, match=r"api\(\).*c\.Runtime\.api_max_response_bytes"):
+        g.api(f"http://127.0.0.1:{port}/huge")
+
+
+def test_console_logs_are_capped_and_say_so(make):
+    g = make(log_max_entries=50, log_max_bytes="4k")
+    for i in range(20_000):
+        g.broker.handle({"helper": "console", "args": {"level": "log", "message": f"n{i}"}},
+                        g.context)
+    from tierkernel.runtime.broker import note_dropped
+
+    note_dropped(g.context)
+    assert len(g.context.logs) == 51
+    assert g.context.logs[-1].message.startswith("19950 further console entries were dropped")
+    assert "c.Runtime.log_max_entries" in g.context.logs[-1].message
+    big = make(log_max_bytes="4k")
+    for _ in range(10):
+        big.broker.handle({"helper": "console", "args": {"level": "log", "message": "y" * 1000}},
+                          big.context)
+    note_dropped(big.context)
+    assert [e.message[:1] for e in big.context.logs] == ["y", "y", "y", "y", "6"]
+
+
+def test_an_audit_record_is_written_whatever_its_size(tmp_path):
+    audit = AuditLog(str(tmp_path / "audit.sqlite3"))
+    audit.start("big", "s", None, 1, "native", "x = 1", 0.0)
+    logs = [{"level": "log", "message": "z" * 10_000, "time": 0.0}] * 5_000  # 50 MB of JSON
+    audit.finish("big", "error", 1.0, "E: " + "w" * 50_000_000, logs)
+    record = audit.execution("big")
+    assert record.status == "error" and record.error is not None
+    assert record.error.endswith("characters in all]")
+    assert "more log entries were not recorded" in record.logs[-1]["message"]
+    audit.close()
+
+
+def test_the_default_database_file_is_outside_the_notebook_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("TIERKERNEL_DB_PATH", raising=False)
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    path = Path(Runtime().db_path)
+    assert path.parent == tmp_path / "data" / "tierkernel" / "db"
+    assert path.name.startswith(tmp_path.name[:40]) and path.suffix == ".sqlite3"
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    assert Path(Runtime().db_path) != path  # each folder keeps its own data
+
+
+def test_a_database_file_inside_the_file_workspace_is_refused(make, tmp_path):
+    g = make(db_path=str(tmp_path / "ws" / ".tierkernel" / "db.sqlite3"))
+    g.broker.workspace = lambda: tmp_path / "ws"
+    with pytest.raises(PermissionError) as refused:
+        g.db("SELECT 1")
+    text = str(refused.value)
+    assert str(tmp_path / "ws" / ".tierkernel" / "db.sqlite3") in text
+    assert f"workspace {tmp_path / 'ws'}" in text and "c.Runtime.db_path" in text
+    assert not (tmp_path / "ws").exists()  # nothing was created there
+    outside = make()
+    outside.broker.workspace = lambda: tmp_path / "ws"
+    assert outside.db("SELECT 1 AS x").rows == [{"x": 1}]

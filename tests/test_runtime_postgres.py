@@ -28,8 +28,9 @@ def pg_url() -> Iterator[str]:
 def pg(tmp_path: Path, pg_url: str) -> Iterator[Any]:
     made: list[Guest] = []
 
-    def factory(**options: Any) -> Guest:
-        guest = Guest(tmp_path, options=options, db_url=pg_url)
+    def factory(db_max_result_bytes: Any = "8m", **options: Any) -> Guest:
+        guest = Guest(tmp_path, options=options, db_url=pg_url,
+                      db_max_result_bytes=db_max_result_bytes)
         made.append(guest)
         return guest
 
@@ -134,3 +135,51 @@ def test_a_native_cell_uses_postgres_when_configured(pg_url, tmp_path):
         assert "read-only" in denied.error["evalue"]
     finally:
         session.close()
+
+
+def test_isolated_session_state_reaches_neither_native_cells_nor_the_next_call(pg):
+    """Issue 14, case 13: SET ROLE, search_path and temp tables of an isolated cell stay in
+    that one call; native cells have a session of their own."""
+    from tierkernel.runtime.broker import CallContext
+
+    wasm = pg()
+    native_context = CallContext("native-1", wasm.runtime.policy_for("native", True, {}))
+
+    def native(sql: str) -> Any:
+        answer = wasm.broker.handle({"helper": "db", "args": {"query": sql}}, native_context)
+        assert answer["ok"], answer
+        return answer["value"]["rows"]
+
+    wasm.db("DROP ROLE IF EXISTS tk_other")
+    wasm.db("CREATE ROLE tk_other NOLOGIN")
+    assert native("SELECT current_user AS u") == [{"u": "tk"}]  # opens the native session
+    wasm.db("SET ROLE tk_other")
+    wasm.db("SET search_path TO pg_catalog")
+    wasm.db("CREATE TEMP TABLE left_behind (a int)")
+    wasm.db("SELECT pg_advisory_lock(42)")
+    for rows in (native("SELECT current_user AS u, current_setting('search_path') AS p"),
+                 wasm.db("SELECT current_user AS u, current_setting('search_path') AS p").rows):
+        assert rows == [{"u": "tk", "p": '"$user", public'}]
+    for where in ("native", "wasm"):
+        query = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'"
+        counted = native(query) if where == "native" else wasm.db(query).rows
+        assert counted == [{"n": 0}], where
+        with pytest.raises(RuntimeError, match='relation "left_behind" does not exist'):
+            wasm.db("SELECT * FROM left_behind")
+    answer = wasm.broker.handle({"helper": "db", "args": {"query": "SELECT * FROM left_behind"}},
+                                native_context)
+    assert 'relation "left_behind" does not exist' in answer["error"]["message"]
+
+
+def test_postgres_results_are_capped_while_streamed(pg):
+    g = pg(db_max_result_bytes="64k")
+    with pytest.raises(ValueError, match=r"larger than 65536 bytes as JSON.*after 2 rows") as big:
+        g.db("SELECT repeat('x', 30000) AS s FROM generate_series(1, 300)")
+    assert "c.Runtime.db_max_result_bytes" in str(big.value)
+    with pytest.raises(ValueError, match="db_max_result_bytes"):
+        g.db("SELECT repeat('x', 1000000) AS s FROM generate_series(1, 300)")
+    # The statement was cancelled, the session is fine, and results under the cap pass whole.
+    assert len(g.db("SELECT repeat('x', 30000) AS s FROM generate_series(1, 2)").rows) == 2
+    empty = g.db("SELECT 1 AS a, 'b' AS b WHERE false")
+    assert (empty.rows, empty.columns, empty.row_count) == ([], ["a", "b"], 0)
+    assert g.db("INSERT INTO things (ns) VALUES ('a'), ('b')").row_count == 2

@@ -24,8 +24,13 @@ DB_PASSWORD = "pg-secret-not-for-guests"
 def env(tmp_path_factory: pytest.TempPathFactory, ai_url: str,
         ) -> Iterator[tuple[dict[str, str], Path]]:
     home = tmp_path_factory.mktemp("runtime-tiers")
+    config = home / "config"
+    config.mkdir()
+    # The test server runs on 127.0.0.1: api() reaches it only when allowed explicitly.
+    (config / "tierkernel_config.py").write_text(
+        "c.Runtime.api_allowed_networks = ['127.0.0.1/32']\n")
     yield {
-        **os.environ,
+        **os.environ, "JUPYTER_CONFIG_DIR": str(config),
         "TIERKERNEL_AUDIT_LOG": str(home / "audit.sqlite3"),
         "TIERKERNEL_DB_PATH": str(home / "db.sqlite3"),
         "TIERKERNEL_AI_BASE_URL": ai_url, "TIERKERNEL_AI_API_KEY": OPENAI_KEY,

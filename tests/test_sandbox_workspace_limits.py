@@ -21,10 +21,13 @@ S = "%%tier sandbox\n"
 @pytest.fixture(scope="module")
 def sqlite_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelSession]:
     """A kernel with a sqlite workspace and the default budgets (a short interrupt grace,
-    so a cell stopped at its time limit leaves its copy back half a second)."""
+    so a cell stopped at its time limit leaves its copy back half a second), whose fsx
+    quotas let a 2000-deep tree in."""
     sb.need_sandbox()
     where = tmp_path_factory.mktemp("ws")
-    session = KernelSession(extra_arguments=["--SandboxBackend.interrupt_grace=0.5"],
+    session = KernelSession(extra_arguments=["--SandboxBackend.interrupt_grace=0.5",
+                                             # room for the deep trees (fsx's own quotas)
+                                             "--Fsx.max_depth=4096", "--Fsx.max_path_length=4096"],
                             env=dict(os.environ, TIERKERNEL_FSX_URL=f"sqlite://{where}/ws.db"))
     try:
         yield session

@@ -5,6 +5,11 @@ pipes here; a container's exec socket in the sandbox tier): it sends cells, forw
 agent's output to the cell's sink as it arrives, and enforces the cell's time and output limits.
 Stopping is two-step: SIGINT first (the cell gets ``KeyboardInterrupt`` and the session keeps
 its state), then, after a grace period, a hard kill (the state is lost and the user is told).
+
+Everything the agent sends is counted here, on the host, against limits the guest cannot
+raise (DESIGN.md, convention 9): the length of one message line (:data:`LineTooLong`), the
+messages of a cell (any type, forged ones included), the bytes of its output (streams, rich
+output, errors, console entries), and its helper calls (in all, and at once).
 """
 
 from __future__ import annotations
@@ -13,15 +18,22 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from traitlets import Int
+from traitlets.config import Configurable
+
 from tierkernel.backends.base import CellRequest, ExecError, ExecResult, MimeBundle, OutputSink
+from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.usage import UsageProbe
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +49,10 @@ class AgentTransport(Protocol):
     def send(self, data: bytes) -> None:
         """Write request bytes to the agent's stdin. Raises OSError when it is gone."""
 
-    def readline(self) -> bytes:
-        """Block for the agent's next message line; ``b""`` once the agent is gone."""
+    def readline(self, limit: int) -> bytes:
+        """Block for the agent's next message line; ``b""`` once the agent is gone. Raises
+        :class:`LineTooLong` once the line being read passes ``limit`` bytes with no end in
+        sight: the transport never holds more than about that much of one line."""
         ...
 
     def interrupt(self) -> None:
@@ -61,8 +75,75 @@ _NO_HELPERS: dict[str, Any] = {"ok": False, "error": {
     "message": "ai/api/db/console are not available here (no kernel runtime for this cell)"}}
 
 
+def _refusal(kind: str, message: str) -> dict[str, Any]:
+    """The broker's answer shape for a call the session refuses itself."""
+    return {"ok": False, "error": {"type": kind, "message": message}}
+
+
 class AgentStartError(RuntimeError):
     """The agent did not come up; the message says why and what to check."""
+
+
+class LineTooLong(OSError):
+    """The agent sent a message line longer than the session's line limit (a transport raises
+    it from ``readline``). The rest of that line is never read: the channel is out of step, so
+    the agent is killed."""
+
+
+def line_limit_for(output_limit: int) -> int:
+    """The longest message line an agent may send, from the tier's output limit.
+
+    The largest legitimate line is a rich output (counted whole against the output limit, so at
+    most that long), a helper request (api/db arguments) or a workspace archive (2 MiB, base64):
+    twice the output limit, and never below 32 MiB, leaves room for all of them and for JSON's
+    escapes (the agent cuts long stream text into pieces of a million characters, at most
+    12 bytes each once escaped).
+    """
+    return max(2 * output_limit, 32 << 20) + (1 << 20)
+
+
+#: Say ``1,000,000``, not ``1000000``, in messages.
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+class ChannelLimits(Configurable):
+    """The limits of an agent tier's channel to the host, counted by the host per cell.
+
+    A tier backend mixes this in (``class ProcessBackend(ChannelLimits, Backend)``), so each
+    limit is ``c.<TierBackend>.<name>`` (e.g. ``c.SandboxBackend.message_limit``).
+    """
+
+    line_limit = ByteSize(
+        0,
+        help="Longest single message the tier's agent may send the kernel (e.g. 64m); 0 "
+        "derives it from output_limit (twice it, at least 32 MiB, plus 1 MiB). A longer line "
+        "ends the cell and restarts the tier's interpreter.",
+    ).tag(config=True)
+    message_limit = Int(
+        1_000_000, min=1,
+        help="Messages (prints, displays, helper calls, anything the agent sends) one cell "
+        "may send the kernel; past it the cell is stopped.",
+    ).tag(config=True)
+    helper_limit = Int(
+        10_000, min=0,
+        help="ai/api/db/console calls one cell may make; the calls past it are refused.",
+    ).tag(config=True)
+    helper_concurrency = Int(
+        4, min=1,
+        help="ai/api/db/console calls of one cell answered at the same time (each on a host "
+        "thread); calls past it are refused at once, never queued.",
+    ).tag(config=True)
+
+    def channel_limits(self, output_limit: int) -> dict[str, Any]:
+        """The keyword arguments of :class:`AgentSession` for these limits."""
+        return {
+            "line_limit": self.line_limit or line_limit_for(output_limit),
+            "message_limit": self.message_limit,
+            "helper_limit": self.helper_limit,
+            "helper_concurrency": self.helper_concurrency,
+            "settings": f"c.{type(self).__name__}",
+        }
 
 
 @dataclass
@@ -85,6 +166,14 @@ class _Cell:
     helpers: HelperGateway | None = None
     #: Called (from whichever thread ends the cell) right after ``done`` is set.
     on_done: Callable[[], None] | None = None
+    #: Lines the agent sent while this cell ran (whatever they were), and helper calls made.
+    messages: int = 0
+    flooded: bool = False
+    helper_calls: int = 0
+    #: Helper calls being answered now (each on a thread of its own).
+    helpers_running: int = 0
+    #: Whether the error of the limit that stopped the cell was published.
+    limit_told: bool = False
 
     def finish(self) -> None:
         """Mark the cell over and tell whoever waits for it."""
@@ -107,12 +196,32 @@ class AgentSession:
         grace: float = 3.0,
         output_limit: int = 16 * 1024 * 1024,
         limit_hint: str = "",
+        line_limit: int | None = None,
+        message_limit: int = 1_000_000,
+        helper_limit: int = 10_000,
+        helper_concurrency: int = 4,
+        settings: str = "",
     ) -> None:
         self.transport = transport
         self.tier = tier
         self.grace = grace
         self.output_limit = output_limit
         self.limit_hint = limit_hint
+        self.line_limit = line_limit or line_limit_for(output_limit)
+        self.message_limit = message_limit
+        self.helper_limit = helper_limit
+        self.helper_concurrency = helper_concurrency
+        #: Where the limits are set (``c.ProcessBackend``), named in errors.
+        self.settings = settings or f"the {tier} tier's settings"
+        #: Lines received while no cell ran (a background thread's, or forged).
+        self._idle_messages = 0
+        #: The last cells' helper routes, by cell id: a call tagged with one of them after
+        #: that cell ended is refused and audited under it (see _on_helper).
+        self._recent: OrderedDict[str, HelperGateway | None] = OrderedDict()
+        #: Refusals waiting to be sent, answered by one thread (see _refuse).
+        self._refusals: queue.Queue[bytes] = queue.Queue(maxsize=256)
+        self._refuser: threading.Thread | None = None
+        self._count_lock = threading.Lock()
         self.alive = True
         self.info: dict[str, Any] = {}
         #: Whether the agent's watched folder changed during the last cell (see agent.py's
@@ -125,6 +234,9 @@ class AgentSession:
         #: COUNT_PROCS_ENV); None otherwise.
         self.procs: int | None = None
         self.last_pid: int | None = None
+        #: Measures each cell's CPU time and memory on the host (set by the tier), so the
+        #: result carries them; None: not measured.
+        self.usage_probe: UsageProbe | None = None
         self._procs_answer = threading.Event()
         #: Requests waiting for their answer, by sequence number (see :meth:`ask`).
         self._asked: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
@@ -284,6 +396,10 @@ class AgentSession:
         self.workspace_changed = False  # said by this cell's "done", if it sends one
         with self._lock:
             self._cell = cell
+            self._idle_messages = 0
+            self._recent[cell.id] = helpers
+            while len(self._recent) > 64:
+                self._recent.popitem(last=False)
         msg = {
             "type": "execute",
             "id": cell.id,
@@ -291,6 +407,12 @@ class AgentSession:
             "filename": request.filename,
             "first_line": request.first_line,
         }
+        if self.usage_probe is not None:
+            try:
+                self.usage_probe.begin()
+            except Exception:  # measured as far as it can be; the cell runs regardless
+                log.debug("measuring the %s cell's resource use failed", self.tier,
+                          exc_info=True)
         try:
             self.transport.send((json.dumps(msg) + "\n").encode())
         except OSError:
@@ -308,12 +430,21 @@ class AgentSession:
     def _end(self, cell: _Cell, start: float) -> ExecResult:
         with self._lock:
             self._cell = None
+        duration = time.perf_counter() - start
+        usage = None
+        if self.usage_probe is not None:
+            try:
+                usage = self.usage_probe.end()
+            except Exception:  # a measurement must never cost the cell its result
+                log.debug("measuring the %s cell's resource use failed", self.tier,
+                          exc_info=True)
         return ExecResult(
             success=cell.success and cell.error is None,
             tier=self.tier,
-            duration=time.perf_counter() - start,
+            duration=duration,
             output=cell.output,
             error=cell.error,
+            usage=usage,
         )
 
     def interrupt(self) -> None:
@@ -352,7 +483,7 @@ class AgentSession:
             cell.lost = True
             why = cell.killed_because or why
         names = {"interrupt": "KeyboardInterrupt", "timeout": "TimeoutError",
-                 "output": "OutputLimitError"}
+                 "output": "OutputLimitError", "channel": "ChannelLimitError"}
         ename = names.get(cell.stop_reason or "", "TierSessionLost")
         head = f"{cell.stop_detail}; " if cell.stop_detail else ""
         evalue = (f"{head}the {self.tier} tier's interpreter was lost ({why}). Its variables "
@@ -371,21 +502,27 @@ class AgentSession:
     def _read_loop(self) -> None:
         while True:
             try:
-                line = self.transport.readline()
+                line = self.transport.readline(self.line_limit)
+            except LineTooLong:
+                self._line_too_long()
+                line = b""
             except Exception:
                 line = b""
             if not line:
                 break
+            if not self._counted(line):
+                continue
             try:
                 msg = json.loads(line)
             except ValueError:
-                log.warning("%s agent sent a bad line: %r", self.tier, line[:200])
+                log.debug("%s agent sent a bad line: %r", self.tier, line[:200])
                 continue
             try:
-                self._dispatch(msg)
+                if isinstance(msg, dict):
+                    self._dispatch(msg, len(line))
             except Exception:  # a malformed message (the guest may forge any): not fatal
-                log.warning("%s agent sent a message that could not be handled: %r",
-                            self.tier, line[:200], exc_info=True)
+                log.debug("%s agent sent a message that could not be handled: %r",
+                          self.tier, line[:200], exc_info=True)
         self.alive = False
         self._ready.set()
         with self._lock:
@@ -395,10 +532,55 @@ class AgentSession:
         if cell is not None and not cell.done.is_set():
             self._lose(cell, self.transport.exit_detail())
 
-    def _dispatch(self, msg: dict[str, Any]) -> None:
+    def _line_too_long(self) -> None:
+        """The agent sent a line past the limit: the channel is out of step and the agent is
+        not to be trusted any more, so it is killed (the cell is told why, and that the state
+        is lost)."""
+        limit = f"{self.line_limit / 2**20:g} MiB"
+        detail = (f"the cell sent a single message longer than {limit}, the {self.tier} "
+                  f"tier's line limit ({self.settings}.line_limit, derived from output_limit)")
+        cell = self._cell
+        if cell is not None:
+            with self._lock:
+                if cell.stop_reason is None:
+                    cell.stop_reason, cell.stop_detail = "channel", detail
+            cell.killed_because = "it broke the channel's limits, so it was killed"
+        log.warning("%s agent: %s; killing it", self.tier, detail)
+        self.transport.kill()
+
+    def _counted(self, line: bytes) -> bool:
+        """Count one line against the running cell's message limit (or, between cells,
+        against the same number of lines, past which the agent is killed: nothing legitimate
+        talks between cells). False when the line is to be dropped unread."""
+        cell = self._cell
+        if cell is None:
+            self._idle_messages += 1
+            if self._idle_messages == self.message_limit + 1:
+                log.warning("%s agent sent %s messages between cells; killing it", self.tier,
+                            _count(self._idle_messages))
+                self.transport.kill()
+            # The asked-for answers (tree_state, pack...) are still read below the limit.
+            return self._idle_messages <= self.message_limit
+        cell.messages += 1
+        if cell.messages <= self.message_limit:
+            return True
+        if not cell.flooded:
+            cell.flooded = cell.over_limit = True
+            self._stop(cell, "channel",
+                       f"the cell sent more than {_count(self.message_limit)} messages "
+                       f"(prints, displays, helper calls...), the {self.tier} tier's limit; "
+                       f"raise it with {self.settings}.message_limit")
+        # Past the limit, only the cell's end is looked for (cheaply); the rest is dropped
+        # unread, and an agent that goes on is killed after the grace period.
+        return b'"done"' in line or b'"error"' in line
+
+    def _dispatch(self, msg: dict[str, Any], size: int = 0) -> None:
         kind = msg.get("type")
+        if kind == "helper":
+            self._on_helper(msg)
+            return
         if kind == "protocol_error":
-            log.warning("%s agent: %s", self.tier, msg.get("detail"))
+            log.warning("%s agent: %.500s", self.tier, msg.get("detail"))
             return
         if kind == "ready":
             self.info = msg
@@ -420,49 +602,177 @@ class AgentSession:
         cell = self._cell
         if cell is None or msg.get("id") != cell.id or cell.lost:
             return  # output of a cell that was already given up on
+        if cell.flooded and kind not in ("done", "error"):
+            return
         if kind == "done":
             cell.success = bool(msg.get("success"))
+            if cell.stop_reason in ("output", "channel"):
+                self._tell_limit(cell)  # even if the agent says it ended well
             self.workspace_changed = bool(msg.get("workspace_changed"))
             if "procs" in msg:
                 self.procs = int(msg["procs"])
                 self.last_pid = int(msg.get("last_pid", -1))
             cell.finish()
-        elif kind == "helper":
-            # Answered on a thread of its own: a helper may take seconds (HTTP, SQL), and the
-            # reader must keep forwarding output meanwhile.
-            threading.Thread(target=self._answer_helper, args=(cell, msg), daemon=True,
-                             name=f"{self.tier}-helper").start()
         elif kind == "error":
-            self._on_error(cell, msg)
+            # Counted like any output: a flood of errors is output too. Past the limit the
+            # cell's outcome is the limit's error, said by the host.
+            if not cell.over_limit and self._charge(cell, size):
+                self._on_error(cell, msg)
+            else:
+                self._tell_limit(cell)
         elif not cell.over_limit:
-            self._forward(cell, kind, msg)
+            text = msg.get("text") if kind == "stream" else None
+            # Stream text is counted by its characters (a print's cost, whatever JSON makes of
+            # it); anything else by the whole line the host received, metadata included.
+            if self._charge(cell, len(text) if isinstance(text, str) else size):
+                self._forward(cell, kind, msg)
 
-    def _answer_helper(self, cell: _Cell, msg: dict[str, Any]) -> None:
-        request = msg.get("request")
-        if cell.helpers is None or cell.done.is_set():
-            response: dict[str, Any] = _NO_HELPERS
-        elif not isinstance(request, dict):
-            response = {"ok": False, "error": {"type": "ValueError",
-                                               "message": "a helper request must be an object"}}
-        else:
-            try:
-                response = cell.helpers(request)
-            except Exception as exc:  # the broker answers errors itself; this is a bug guard
-                log.exception("%s helper call failed", self.tier)
-                response = {"ok": False, "error": {"type": "RuntimeError",
-                                                   "message": f"the helper failed: {exc}"}}
-        reply = {"type": "helper_result", "seq": msg.get("seq"), "response": response}
-        with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
-            self.transport.send((json.dumps(reply) + "\n").encode())
-
-    def _forward(self, cell: _Cell, kind: Any, msg: dict[str, Any]) -> None:
-        size = len(msg.get("text", "")) if kind == "stream" else len(json.dumps(msg.get("data")))
-        cell.output_bytes += size
-        if cell.output_bytes > self.output_limit:
+    def _charge(self, cell: _Cell, size: int) -> bool:
+        """Count ``size`` bytes of the cell's output; False (and the cell stopped) past the
+        output limit. (wasm's helper calls count from the guest's thread, the rest from the
+        reader: hence the lock.)"""
+        with self._count_lock:
+            cell.output_bytes += size
+            within = cell.output_bytes <= self.output_limit
+        if within:
+            return True
+        if not cell.over_limit:
             cell.over_limit = True
             limit = f"{self.output_limit / 2**20:g} MiB"
             self._stop(cell, "output", f"the cell's output passed the {limit} output limit")
+        return False
+
+    # -- helper calls -------------------------------------------------------------------------
+    def call_helper(self, request: Any, origin: Any = None) -> dict[str, Any]:
+        """Answer one helper request of the running cell, counted against its limits; for a
+        tier whose guest calls the host directly (wasm's tool) rather than by a message line.
+        ``origin`` is the id of the cell the guest says made the call (None: the running one).
+        """
+        cell = self._cell
+        if origin is None and cell is not None:
+            origin = cell.id
+        refusal = self._admit(cell, origin, request)
+        if refusal is not None:
+            return refusal
+        assert cell is not None
+        try:
+            return self._run_helper(cell, request)
+        finally:
+            with self._lock:
+                cell.helpers_running -= 1
+
+    def _on_helper(self, msg: dict[str, Any]) -> None:
+        """A helper request line: answered on a thread of its own (a helper may take seconds:
+        HTTP, SQL; the reader must keep forwarding output meanwhile), or refused at once."""
+        cell = self._cell
+        seq = msg.get("seq")
+        refusal = self._admit(cell, msg.get("id"), msg.get("request"))
+        if refusal is not None:
+            # Not answered between cells (the agent's main loop reads requests then), nor a
+            # request with no sequence number (the agent tells of a call it refused itself).
+            if cell is not None and seq is not None:
+                self._refuse(seq, refusal)
             return
+        assert cell is not None
+        threading.Thread(target=self._answer_helper, args=(cell, seq, msg.get("request")),
+                         daemon=True, name=f"{self.tier}-helper").start()
+
+    def _admit(self, cell: _Cell | None, origin: Any, request: Any) -> dict[str, Any] | None:
+        """Take one helper call of ``cell`` on (counted: it then holds one of the cell's
+        concurrent slots), or the answer that refuses it.
+
+        A call belongs to the cell the guest tagged it with: the cell whose code started the
+        calling thread (see agent.py's ``Agent.call_host``). A call of an earlier cell, made
+        after it ended, gets no access under the running cell's ``--allow``: it is refused, and
+        recorded in the earlier cell's audit log. This stops background work (a thread that a
+        cell left running) from borrowing a later cell's permissions by accident or by design
+        of the code that started it. It does not stop hostile code in the same interpreter from
+        reading the running cell's id and forging the tag: the guest's interpreter is one trust
+        domain; the boundary that holds against it is the tier itself (what the running cell
+        is allowed to do).
+        """
+        if not isinstance(origin, str) or cell is None or origin != cell.id or cell.done.is_set():
+            message = ("background work of an earlier cell gets no helper access: this call "
+                       "was made by a thread that an earlier cell started, after that cell "
+                       "ended; call ai/api/db/console from the cell that needs them (threads "
+                       "and thread pools started in it may call them while it runs)")
+            route = self._recent.get(origin) if isinstance(origin, str) else None
+            refuse = getattr(route, "refuse", None)
+            if refuse is not None and isinstance(request, dict):
+                with contextlib.suppress(Exception):  # the audit is best effort here
+                    return dict(refuse(request, message))
+            return _refusal("PermissionError", message)
+        with self._lock:
+            cell.helper_calls += 1
+            if cell.helper_calls > self.helper_limit:
+                return _refusal("PermissionError",
+                                f"this cell made more than {_count(self.helper_limit)} "
+                                "ai/api/db/console calls, the limit of the "
+                                f"{self.tier} tier; raise it with {self.settings}.helper_limit")
+            if cell.helpers_running >= self.helper_concurrency:
+                return _refusal("RuntimeError",
+                                f"more than {self.helper_concurrency} ai/api/db/console calls "
+                                "of this cell at once; wait for one to finish (raise it with "
+                                f"{self.settings}.helper_concurrency)")
+            cell.helpers_running += 1
+        if isinstance(request, dict) and request.get("helper") == "console":
+            # A console entry is output too (it is kept in the cell's log), whether the guest
+            # printed it or sent the request by hand.
+            args = request.get("args")
+            entry = args.get("message") if isinstance(args, dict) else None
+            if isinstance(entry, str) and not self._charge(cell, len(entry)):
+                with self._lock:
+                    cell.helpers_running -= 1
+                return _refusal("RuntimeError", f"{cell.stop_detail}: console entry refused")
+        return None
+
+    def _answer_helper(self, cell: _Cell, seq: Any, request: Any) -> None:
+        try:
+            response = self._run_helper(cell, request)
+        finally:
+            with self._lock:
+                cell.helpers_running -= 1
+        reply = {"type": "helper_result", "seq": seq, "response": response}
+        with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
+            self.transport.send((json.dumps(reply) + "\n").encode())
+
+    def _run_helper(self, cell: _Cell, request: Any) -> dict[str, Any]:
+        if cell.helpers is None:
+            return _NO_HELPERS
+        if not isinstance(request, dict):
+            return _refusal("ValueError", "a helper request must be an object")
+        try:
+            return cell.helpers(request)
+        except Exception as exc:  # the broker answers errors itself; this is a bug guard
+            log.exception("%s helper call failed", self.tier)
+            return _refusal("RuntimeError", f"the helper failed: {exc}")
+
+    def _refuse(self, seq: Any, response: dict[str, Any]) -> None:
+        """Send a refusal from one thread of the session's: a flood of forged requests must
+        neither start a thread each nor block the reader on a full request channel (an agent
+        that does not read its answers). Past 256 waiting, refusals are dropped: the legitimate
+        agent waits for one answer at a time."""
+        reply = (json.dumps({"type": "helper_result", "seq": seq, "response": response})
+                 + "\n").encode()
+        try:
+            self._refusals.put_nowait(reply)
+        except queue.Full:
+            return
+        if self._refuser is None:
+            self._refuser = threading.Thread(target=self._send_refusals, daemon=True,
+                                             name=f"{self.tier}-refusals")
+            self._refuser.start()
+
+    def _send_refusals(self) -> None:
+        while True:
+            reply = self._refusals.get()
+            try:
+                self.transport.send(reply)
+            except OSError:
+                if not self.alive:
+                    return
+
+    def _forward(self, cell: _Cell, kind: Any, msg: dict[str, Any]) -> None:
         if kind == "stream":
             cell.sink.stream(str(msg.get("name", "stdout")), str(msg.get("text", "")))
         elif kind == "display":
@@ -473,20 +783,34 @@ class AgentSession:
         elif kind == "clear_output":
             cell.sink.clear_output(bool(msg.get("wait")))
 
+    def _tell_limit(self, cell: _Cell, tb: list[str] | None = None) -> None:
+        """Fail the cell with the error of the limit that stopped it, once."""
+        if not cell.limit_told:
+            cell.limit_told = True
+            self._fail(cell, *self._limit_error(cell), tb or [])
+
+    def _limit_error(self, cell: _Cell) -> tuple[str, str]:
+        """(ename, evalue) of the limit that stopped ``cell``, with how to raise it."""
+        evalue = cell.stop_detail or "the cell's output passed its limit"
+        if cell.stop_reason == "timeout":
+            return "TimeoutError", evalue + (f"; {self.limit_hint}" if self.limit_hint else "")
+        if cell.stop_reason == "channel":
+            return "ChannelLimitError", evalue
+        return "OutputLimitError", (f"{evalue}; further output was dropped; raise the limit "
+                                    f"with {self.settings}.output_limit (the tier's "
+                                    "output_limit setting)")
+
     def _on_error(self, cell: _Cell, msg: dict[str, Any]) -> None:
         ename = str(msg.get("ename", "Error"))
         evalue = str(msg.get("evalue", ""))
         tb = [str(line) for line in msg.get("traceback", [])]
-        if ename == "KeyboardInterrupt" and cell.stop_reason in ("timeout", "output"):
+        if ename == "KeyboardInterrupt" and cell.stop_reason in ("timeout", "output",
+                                                                 "channel"):
             # The agent saw our SIGINT; tell the user which limit stopped the cell instead.
-            ename = "TimeoutError" if cell.stop_reason == "timeout" else "OutputLimitError"
-            evalue = cell.stop_detail
-            hint = self.limit_hint if cell.stop_reason == "timeout" else (
-                "further output was dropped; raise the limit with the tier's output_limit "
-                "setting")
-            if hint:
-                evalue += f"; {hint}"
-            self._fail(cell, ename, evalue, tb[:-1])
+            if cell.stop_reason == "timeout":
+                self._fail(cell, *self._limit_error(cell), tb[:-1])
+            else:
+                self._tell_limit(cell, tb[:-1])
             return
         cell.success = False
         cell.error = ExecError(ename, evalue, tb)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 from traitlets import Bool, Float
@@ -62,13 +62,40 @@ class LogEntry:
     time: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What one cell used, as measured on the host (never as the guest reports it).
+
+    ``cpu_seconds``: CPU time spent running the cell. ``peak_memory_bytes``: the highest
+    memory use while it ran. ``processes``: the most tasks (processes and threads) the cell's
+    container held, where the host can count them. Each is None when this host cannot
+    measure it; each tier's backend says what exactly it measures.
+    """
+
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    processes: int | None = None
+
+    def as_metadata(self) -> dict[str, Any]:
+        """The measured values, for the execute_reply's ``metadata.tierkernel``."""
+        out: dict[str, Any] = {}
+        if self.cpu_seconds is not None:
+            out["cpu_seconds"] = round(self.cpu_seconds, 4)
+        if self.peak_memory_bytes is not None:
+            out["peak_memory_bytes"] = self.peak_memory_bytes
+        if self.processes is not None:
+            out["processes"] = self.processes
+        return out
+
+
 @dataclass
 class ExecResult:
     """What a backend returns for one cell (the execution-layer spec's shape).
 
     ``output`` is the mime bundle of the cell's last expression, or ``None``. ``duration`` is in
     seconds. ``payload`` and ``user_expressions`` carry the IPython-only parts of an
-    execute_reply; tiers that do not run IPython leave them empty.
+    execute_reply; tiers that do not run IPython leave them empty. ``usage`` is what the cell
+    used, measured on the host (None when the tier does not measure it).
     """
 
     success: bool
@@ -79,6 +106,7 @@ class ExecResult:
     logs: list[LogEntry] = field(default_factory=list)
     payload: list[dict[str, Any]] = field(default_factory=list)
     user_expressions: dict[str, Any] = field(default_factory=dict)
+    usage: ResourceUsage | None = None
 
 
 @dataclass(frozen=True)
@@ -225,12 +253,7 @@ class Backend(LoggingConfigurable):
         context = getattr(runtime, "current", None)
         if runtime is None or context is None:
             return None
-        broker = runtime.broker
-
-        def gateway(request: dict[str, Any]) -> dict[str, Any]:
-            return dict(broker.handle(request, context))
-
-        return gateway
+        return HelperRoute(runtime.broker, context)
 
     def describe_limits(self) -> str:
         """Human-readable current limits for the ``%tier`` table."""
@@ -238,6 +261,38 @@ class Backend(LoggingConfigurable):
         for key, value in self.defaults().items():
             parts.append(f"{key}={format_limit(key, value)}")
         return ", ".join(parts)
+
+
+class HelperRoute:
+    """One cell's route to the broker (what :meth:`Backend.helper_gateway` returns): called
+    with a request, it answers it under the cell's policy and audit id; :meth:`refuse` records
+    a call the tier refused on the cell's behalf (background work after the cell ended) in the
+    cell's audit log, runs nothing, and answers the refusal."""
+
+    def __init__(self, broker: Any, context: Any) -> None:
+        self.broker = broker
+        self.context = context
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.broker.handle(request, self.context))
+
+    def refuse(self, request: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Answer ``request`` with ``PermissionError(reason)``, audited under this cell: the
+        broker is handed this cell's context with a policy that refuses every helper, which it
+        asks before it runs anything (and records the refusal as it records any other)."""
+        context = replace(self.context, policy=_Refusing(reason), logs=[])
+        return dict(self.broker.handle(request, context))
+
+
+class _Refusing:
+    """The policy of :meth:`HelperRoute.refuse`: every helper refused, for one reason."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def check_helper(self, helper: str) -> None:
+        """Refuse ``helper`` (and every other)."""
+        raise PermissionError(self.reason)
 
 
 def format_limit(key: str, value: Any) -> str:

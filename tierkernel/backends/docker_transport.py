@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from tierkernel.backends.agent_session import LineTooLong
 from tierkernel.backends.sandbox_channel import AGENT_EXIT_FILE, MAIN_AGENT
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,31 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">BxxxL")
 
 #: Kill the agent and everything else the cells left running in the container, except PID 1
-#: (docker-init) and the container's keeper (``sleep infinity``, or a spare's keeper script
-#: named ``tierkernel-keeper``, whose exit would stop the container). Runs as the cells' uid, so
-#: it needs no capability. $1 is the agent's pid.
+#: (docker-init) and the container's keeper (``sleep infinity``, or a spare's keeper script,
+#: whose exit would stop the container). The keeper is told by its pid, never by its command
+#: line, which any process may imitate: it is the container's oldest process after PID 1 (its
+#: start time, in /proc/PID/stat, is set by the kernel; the lower pid wins a tie, as the keeper
+#: of a gVisor spare starts the first agent within the same clock tick). Runs as the cells'
+#: uid, so it needs no capability; no subshell (they would be killed with the rest). $1 is the
+#: agent's pid, or empty.
 _KILL_TREE = r"""
-kill -KILL "$1" 2>/dev/null
+[ -n "$1" ] && kill -KILL "$1" 2>/dev/null
+keeper= oldest=
 for d in /proc/[0-9]*; do
     p=${d#/proc/}
-    case "$p" in 1|$$) continue ;; esac
-    case "$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)" in
-        "sleep infinity "|*" tierkernel-keeper "*) continue ;;
-    esac
+    [ "$p" = 1 ] && continue
+    read -r stat 2>/dev/null < "$d/stat" || continue
+    set -- ${stat##*) }
+    shift 19 2>/dev/null || continue
+    if [ -z "$oldest" ] || [ "$1" -lt "$oldest" ]; then
+        oldest=$1 keeper=$p
+    elif [ "$1" -eq "$oldest" ] && [ "$p" -lt "$keeper" ]; then
+        keeper=$p
+    fi
+done
+for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    case "$p" in 1|$$|"$keeper") continue ;; esac
     kill -KILL "$p" 2>/dev/null
 done
 exit 0
@@ -113,8 +128,10 @@ class DockerExecTransport:
         with self._send_lock:
             self._sock.sendall(data)
 
-    def readline(self) -> bytes:
-        """The agent's next stdout line (frames demultiplexed); ``b""`` at the end."""
+    def readline(self, limit: int) -> bytes:
+        """The agent's next stdout line (frames demultiplexed); ``b""`` at the end. Raises
+        :class:`LineTooLong` once more than ``limit`` bytes of one line are held (at most a
+        read's worth past it)."""
         scanned = 0  # a long line (a workspace archive) is searched once, not per chunk
         while True:
             end = self._out.find(b"\n", scanned)
@@ -125,6 +142,9 @@ class DockerExecTransport:
                     self._note_ready(line)
                 return line
             scanned = len(self._out)
+            if scanned > limit:
+                self._out.clear()  # never kept: the agent is killed for it
+                raise LineTooLong(f"a message line longer than {limit} bytes")
             if not self._fill():
                 return b""
 
@@ -181,6 +201,13 @@ class DockerExecTransport:
             if not done:
                 self._kill_from_host()
         self.close()
+
+    def kill_guests(self) -> bool:
+        """Kill every process in the container but PID 1 and its keeper (see _KILL_TREE):
+        before a new agent starts in it, so that nothing an earlier agent's cells left
+        running lives on beside the new one (or races it to the agent socket). False when the
+        container would not run the kill in time (then it must not be reused)."""
+        return self._exec_quietly(["sh", "-c", _KILL_TREE, "kill-tree", ""], 10.0)
 
     def _exec_quietly(self, cmd: list[str], timeout: float) -> bool:
         """Run ``cmd`` in the container as the agent's uid; True if it ran within ``timeout``."""

@@ -7,7 +7,6 @@ machinery rather than through the sink. The one thing this tier adds is ``--time
 
 from __future__ import annotations
 
-import _thread
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ from tierkernel.backends.base import (
     ExecResult,
     OutputSink,
 )
+from tierkernel.backends.usage import SelfUsage
 
 
 class IPythonHost(Protocol):
@@ -39,18 +39,20 @@ class CellTimeoutError(TimeoutError):
 
 
 class _Watchdog:
-    """Interrupts the main thread once ``seconds`` have passed, unless disarmed first.
+    """Sends SIGINT to the main thread once ``seconds`` have passed, unless disarmed first.
 
-    The interrupt is delivered as SIGINT (``_thread.interrupt_main``) because that is the only
-    way to break out of a blocking call such as ``time.sleep`` in the main thread; the SIGINT
-    handler installed for the cell then raises :class:`CellTimeoutError` instead of
-    ``KeyboardInterrupt``.
+    A real signal to the thread (``pthread_kill``), as the stop button's SIGINT is: it breaks
+    a blocking call (``time.sleep``, a socket read) with EINTR, and Python then runs the
+    SIGINT handler installed for the cell, which raises :class:`CellTimeoutError` instead of
+    ``KeyboardInterrupt``. (``_thread.interrupt_main`` only marks the signal as tripped: a
+    blocking call in C would run to its end before the handler ran.)
     """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.fired = False
         self.armed = True
+        self._main = threading.main_thread().ident
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
@@ -60,15 +62,25 @@ class _Watchdog:
 
     def _fire(self) -> None:
         with self._lock:
-            if not self.armed:
+            if not self.armed or self._main is None:
                 return
             self.fired = True
-            _thread.interrupt_main(signal.SIGINT)
+            signal.pthread_kill(self._main, signal.SIGINT)
 
     def disarm(self) -> None:
+        """No signal is sent from now on (one already sent may still be on its way)."""
         with self._lock:
             self.armed = False
         self._timer.cancel()
+
+    def join(self) -> None:
+        """Wait for the timer thread: once it is gone, a signal it sent has been delivered
+        to this thread (signals are taken on every return from the kernel)."""
+        self._timer.join()
+
+
+def _run_pending_handlers() -> None:
+    """A Python call: CPython runs pending signal handlers when a function starts."""
 
 
 class NativeBackend(Backend):
@@ -88,6 +100,8 @@ class NativeBackend(Backend):
 
     #: Set by the kernel when it registers the tier.
     host: IPythonHost | None = None
+    #: Measures each cell's CPU time and the kernel's peak RSS (made on the first cell).
+    _usage: SelfUsage | None = None
 
     def availability(self) -> Availability:
         """Native cells can always run: they are plain IPython."""
@@ -97,17 +111,23 @@ class NativeBackend(Backend):
         """Run the cell through IPython; enforce ``--timeout`` with a SIGINT watchdog."""
         if self.host is None:
             raise RuntimeError("the native tier is not attached to a kernel")
+        usage = self._usage
+        if usage is None:
+            usage = self._usage = SelfUsage()
+        usage.begin()
         start = time.perf_counter()
         seconds = request.options.get("timeout")
         on_main = threading.current_thread() is threading.main_thread()
         if not seconds or not on_main:
             reply = await self.host.run_ipython_cell(request)
-            return self._result(reply, time.perf_counter() - start)
+            return self._result(reply, time.perf_counter() - start, usage)
 
         watchdog = _Watchdog(float(seconds))
 
         def on_sigint(signum: int, frame: FrameType | None) -> None:
-            if watchdog.fired and watchdog.armed:
+            if not watchdog.armed:
+                return  # the cell is over: a late timer (or a click) must not reach the kernel
+            if watchdog.fired:
                 raise CellTimeoutError(
                     f"the cell ran longer than its {seconds:g} s limit; raise it with "
                     f"'%%tier native --timeout SECONDS' or c.NativeBackend.timeout"
@@ -119,17 +139,21 @@ class NativeBackend(Backend):
         try:
             reply = await self.host.run_ipython_cell(request)
         finally:
-            # A SIGINT already pending when the cell ended must not escape into the kernel.
-            for _ in range(2):
+            # Until the watchdog is disarmed its signal may still interrupt this cleanup; once
+            # it is, the handler ignores it. Our handler stays until a signal the timer sent
+            # has been delivered and handled, so none is left for the kernel's own handler.
+            while True:
                 try:
                     watchdog.disarm()
                     break
                 except (CellTimeoutError, KeyboardInterrupt):
                     continue
+            watchdog.join()
+            _run_pending_handlers()
             signal.signal(signal.SIGINT, previous)
-        return self._result(reply, time.perf_counter() - start)
+        return self._result(reply, time.perf_counter() - start, usage)
 
-    def _result(self, reply: dict[str, Any], duration: float) -> ExecResult:
+    def _result(self, reply: dict[str, Any], duration: float, usage: SelfUsage) -> ExecResult:
         ok = reply.get("status") == "ok"
         error = None
         if not ok:
@@ -145,4 +169,5 @@ class NativeBackend(Backend):
             error=error,
             payload=list(reply.get("payload", [])),
             user_expressions=dict(reply.get("user_expressions", {})),
+            usage=usage.end(),
         )

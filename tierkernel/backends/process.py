@@ -19,9 +19,10 @@ from typing import IO
 
 from traitlets import Float, Unicode
 
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent_session import AgentSession, ChannelLimits, LineTooLong
 from tierkernel.backends.base import Availability, Backend, CellRequest, ExecResult, OutputSink
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.usage import ProcessUsage
 
 AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
 
@@ -56,9 +57,13 @@ class ProcessTransport:
         except (BrokenPipeError, ValueError) as exc:
             raise OSError("the agent's stdin is closed") from exc
 
-    def readline(self) -> bytes:
+    def readline(self, limit: int) -> bytes:
         assert self.proc.stdout is not None
-        return self.proc.stdout.readline()
+        # At most limit + 1 bytes are ever held: a line that long with no end is refused.
+        line = self.proc.stdout.readline(limit + 1)
+        if len(line) > limit and not line.endswith(b"\n"):
+            raise LineTooLong(f"a message line longer than {limit} bytes")
+        return line
 
     def interrupt(self) -> None:
         if self.proc.poll() is None:
@@ -91,7 +96,7 @@ class ProcessTransport:
         return f"{status}; stderr: {tail}" if tail else status
 
 
-class ProcessBackend(Backend):
+class ProcessBackend(ChannelLimits, Backend):
     """Runs cells in a persistent child Python process (the guest agent)."""
 
     isolation = "separate host process: crash isolation only, not a security boundary"
@@ -123,19 +128,27 @@ class ProcessBackend(Backend):
         """Start the agent unless one is already running."""
         if self._session is not None and self._session.alive:
             return
+        if self._session is not None:
+            # A restart: whatever the lost agent's cells left running (its process group)
+            # goes with it, so nothing of theirs outlives it into the new agent's time.
+            await asyncio.to_thread(self._session.close)
         self._session = await asyncio.to_thread(self._spawn)
 
     def _spawn(self) -> AgentSession:
+        transport = ProcessTransport(self.python, cwd=os.getcwd())
         session = AgentSession(
-            ProcessTransport(self.python, cwd=os.getcwd()),
+            transport,
             tier=self.name,
             grace=self.interrupt_grace,
             output_limit=self.output_limit,
             limit_hint=f"raise it with '%%tier {self.name} --timeout SECONDS' or "
             "c.ProcessBackend.timeout",
+            **self.channel_limits(self.output_limit),
         )
         session.wait_ready(self.start_timeout)
         session.install_helpers()
+        # Each cell's CPU time and peak memory, read from the agent's /proc entries.
+        session.usage_probe = ProcessUsage(transport.proc.pid)
         return session
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:

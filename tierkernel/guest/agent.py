@@ -217,6 +217,8 @@ class Agent:
         self.stdout = CellStream(self, "stdout")
         self.stderr = CellStream(self, "stderr")
         self._fd_readers: dict[str, _FdPump] = {}
+        #: The write end of each capture pipe, by the fd it serves (see restore_streams).
+        self._fd_saved: dict[int, int] = {}
         self._sent_result = False
         #: The host's request stream (set by main()); helper answers are read from it.
         self.requests: Any = None
@@ -235,6 +237,15 @@ class Agent:
         self._read_own_maps = False
         if hasattr(os, "register_at_fork"):  # absent where processes cannot fork (WASI)
             os.register_at_fork(after_in_child=self._after_fork_in_child)
+        _tag_threads(self)
+
+    def cell_of_caller(self) -> str | None:
+        """The id of the cell whose code started the calling thread (the running cell's for
+        the main thread; None for a thread the agent started itself, or one started without
+        ``threading``). Helper calls are tagged with it (see :meth:`call_host`)."""
+        if threading.current_thread() is threading.main_thread():
+            return self.cell_id
+        return getattr(threading.current_thread(), "_tierkernel_cell", None)
 
     def _after_fork_in_child(self) -> None:
         # Only the forking thread survives a fork; a lock another thread (the flusher) held at
@@ -253,7 +264,11 @@ class Agent:
             # A forked child's prints go through fd 1/2, which the agent's pumps forward.
             os.write(1 if name == "stdout" else 2, text.encode("utf-8", "replace"))
             return
-        self.channel.send({"type": "stream", "id": self.cell_id, "name": name, "text": text})
+        # In pieces of a million characters: a message line stays far below the host's line
+        # limit even when JSON escapes every character (12 bytes for one outside the BMP).
+        for start in range(0, len(text), 1 << 20):
+            self.channel.send({"type": "stream", "id": self.cell_id, "name": name,
+                               "text": text[start:start + (1 << 20)]})
 
     def display(self, *objs: Any, **kwargs: Any) -> None:
         """The ``display()`` builtin of a cell: each object as a rich output."""
@@ -316,17 +331,34 @@ class Agent:
         """Send one helper request to the host and wait for its answer (a cell's thread).
 
         The protocol's request stream is only read between cells by the main loop, so a
-        cell's thread may read the answer from it directly; one call at a time.
+        cell's thread may read the answer from it directly; one call at a time, and none
+        across a cell's end (see execute).
+
+        The request is tagged with the cell whose code started the calling thread: the host
+        answers only the running cell's calls, so a thread left behind by an earlier cell is
+        refused (and the refusal is recorded under that cell), never run with the running
+        cell's permissions. Between cells nothing is sent at all.
         """
         if self.channel.forked:
             raise RuntimeError("ai/api/db/console are not available in a forked child process")
-        if self.cell_id is None:
-            raise RuntimeError("ai/api/db/console can only be called while a cell runs")
+        origin = self.cell_of_caller()
         with self._host_lock:
+            if self.cell_id is None:
+                raise PermissionError(f"{BACKGROUND_REFUSED}: ai/api/db/console can only be "
+                                      "called while a cell runs")
+            if origin != self.cell_id:
+                # Told to the host, which records the refusal under the cell that started the
+                # thread, but never waited for: no answer is read outside the caller's cell.
+                self.channel.send({"type": "helper", "id": origin, "seq": None,
+                                   "request": request})
+                raise PermissionError(f"{BACKGROUND_REFUSED}: this thread was started by an "
+                                      "earlier cell; call ai/api/db/console from the cell that "
+                                      "needs them (threads and thread pools it starts may call "
+                                      "them while it runs)")
             self._host_seq += 1
             seq = self._host_seq
             self._flush_text()  # output printed before the call shows before its effects
-            self.channel.send({"type": "helper", "id": self.cell_id, "seq": seq,
+            self.channel.send({"type": "helper", "id": origin, "seq": seq,
                                "request": request})
             while True:
                 line = self.requests.readline() if self.requests is not None else b""
@@ -459,6 +491,7 @@ class Agent:
         success = True
         watched = os.environ.get(WATCH_ENV)
         before = self.tree_mark(maps=False)
+        self.restore_streams()
         try:
             success = self._run(code, filename, first_line)
         finally:
@@ -472,8 +505,15 @@ class Agent:
             except BaseException as exc:  # report it; the agent must never die between cells
                 self.stderr.write(f"could not render figures: {exc!r}\n")
             self._flush_text()
+            # Before the drain, whose marker goes through fd 1 and 2: a cell that closed them
+            # (and maybe opened a file that took their number) gets its pipes back first.
+            self.restore_streams()
             self._drain_fds()
-            done: dict[str, Any] = {"type": "done", "id": self.cell_id, "success": success}
+            # No helper call straddles the cell's end: one in flight (a thread of the cell's)
+            # is answered first, and none starts after (call_host checks under the same lock).
+            with self._host_lock:
+                cell_id, self.cell_id = self.cell_id, None
+            done: dict[str, Any] = {"type": "done", "id": cell_id, "success": success}
             if os.environ.get(COUNT_PROCS_ENV):
                 done["procs"], done["last_pid"] = count_processes()
             if watched:
@@ -483,7 +523,6 @@ class Agent:
                 done["workspace_changed"] = after != before or before != self._last_tree
                 self._last_tree = after
             self.channel.send(done)
-            self.cell_id = None
 
     def _run(self, code: str, filename: str, first_line: int) -> bool:
         source = "\n" * (first_line - 1) + shell_escapes(code)
@@ -551,14 +590,36 @@ class Agent:
 
     # -- fd-level capture -----------------------------------------------------------------
     def capture_fds(self) -> None:
-        """Point fds 1 and 2 at pipes pumped to the host (subprocesses, C extensions)."""
+        """Point fds 1 and 2 at pipes pumped to the host (subprocesses, C extensions).
+
+        Each pipe's write end is kept open on a descriptor of its own (not inherited by
+        subprocesses), so a cell closing fd 1 or 2 never ends a pump, and
+        :meth:`restore_streams` can put the pipe back."""
         for fd, name in ((1, "stdout"), (2, "stderr")):
             read_end, write_end = os.pipe()
             os.dup2(write_end, fd)
-            os.close(write_end)
+            self._fd_saved[fd] = write_end
             pump = _FdPump(self, read_end, name)
             pump.start()
             self._fd_readers[name] = pump
+
+    def restore_streams(self) -> None:
+        """Give the cells their output back, as IPython does: ``sys.stdout``/``sys.stderr``
+        are the agent's streams again (a cell may have replaced or closed them) and fds 1 and
+        2 are the capture pipes again (a cell may have closed them, ``os.close(1)``, or put
+        something else there). Two ``dup2`` calls: cheap enough for every cell."""
+        for name in ("stdout", "stderr"):
+            stream = getattr(self, name)
+            if stream.closed:
+                stream = type(stream)(self, name)
+                setattr(self, name, stream)
+            setattr(sys, name, stream)
+        self._restore_fds()
+
+    def _restore_fds(self) -> None:
+        for fd, saved in self._fd_saved.items():
+            with contextlib.suppress(OSError):
+                os.dup2(saved, fd)
 
     def _drain_fds(self) -> None:
         for pump in self._fd_readers.values():
@@ -893,6 +954,24 @@ def tree_signature(root: str) -> int:
                 continue
             entries.append((path, st.st_mode, st.st_size, st.st_mtime_ns))
     return hash(tuple(sorted(entries)))
+
+
+BACKGROUND_REFUSED = "background work of an earlier cell gets no helper access"
+
+
+def _tag_threads(agent: Agent) -> None:
+    """Make every thread remember the cell whose code started it (``_tierkernel_cell``), and
+    its own threads in turn: threads inherit their starter's cell. Once per process."""
+    start = threading.Thread.start
+    if getattr(start, "_tierkernel", False):
+        return
+
+    def tagged_start(thread: threading.Thread) -> None:
+        thread._tierkernel_cell = agent.cell_of_caller()  # type: ignore[attr-defined]
+        start(thread)
+
+    tagged_start._tierkernel = True  # type: ignore[attr-defined]
+    threading.Thread.start = tagged_start  # type: ignore[method-assign,assignment]
 
 
 def ends_with_semicolon(source: str) -> bool:

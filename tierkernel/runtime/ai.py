@@ -88,7 +88,8 @@ def infer(
     try:
         with client.stream("POST", url, json=body, headers=headers,
                            timeout=httpx.Timeout(timeout)) as response:
-            raw = read_capped(response, max_bytes, deadline, timeout, url)
+            raw = read_capped(response, max_bytes, deadline, timeout, url, "ai",
+                              "ai_max_response_bytes")
     except httpx.TimeoutException:
         raise TimeoutError(f"ai() {model!r} took longer than {timeout:g} s "
                            "(c.Runtime.ai_timeout)") from None

@@ -1,13 +1,19 @@
 """``api(url, ...)``: HTTP requests made by the host on a cell's behalf, under its policy.
 
 Redirects are followed here, one hop at a time, so that every host a request reaches is checked
-against the cell's allowed domains; the body is read in chunks so the size cap holds however
-large the response, and one deadline covers the whole call.
+against the cell's allowed domains; the client's transport checks every address it connects to
+(see :mod:`~tierkernel.runtime.network`); the body is read in chunks so the size cap holds
+however large the response, and one deadline covers the whole call.
+
+The result is ``{"status": int, "headers": {lowercase name: value}, "body": the JSON value when
+the response is JSON, else text, "ok": 200 <= status < 300, "url": the final URL}``. Cookies a
+server sets are kept for the rest of the cell (its own jar) and never reach another cell.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,9 +21,28 @@ from typing import Any
 
 import httpx
 
+from tierkernel.runtime.network import AddressRefused
 from tierkernel.runtime.policy import CellPolicy
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+#: Request headers a cell may not set, and why. ``Host`` would let a request for an allowed
+#: name reach another virtual host on the same address (the policy checks the URL's host);
+#: the others frame the request on the connection or address a proxy, which api() does itself.
+_FORBIDDEN_HEADERS = {
+    "host": "api() sets it from the URL, so that a request reaches only the host the policy "
+            "checked; put the host you want in the URL (and in --domains)",
+    "content-length": "api() frames the body itself",
+    "transfer-encoding": "api() frames the body itself",
+    "connection": "api() manages its connections itself",
+    "keep-alive": "api() manages its connections itself",
+    "upgrade": "api() does not switch protocols",
+    "http2-settings": "api() does not switch protocols",
+    "te": "api() frames the response itself",
+    "trailer": "api() frames the body itself",
+    "expect": "api() sends the body at once",
+}
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,16 @@ def _check_args(method: str, headers: Any, json_body: Any, data: Any) -> str:
         and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
     ):
         raise TypeError("api() headers must be a dict of str to str")
+    for name, value in (headers or {}).items():
+        if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\0"):
+            raise ValueError(f"api(): {name!r}: {value[:80]!r} is not a valid header (names are "
+                             "letters, digits and -; values hold no line breaks)")
+        lowered = name.lower()
+        why = _FORBIDDEN_HEADERS.get(lowered) or (
+            "it is meant for a proxy, and api() uses none" if lowered.startswith("proxy-")
+            else None)
+        if why is not None:
+            raise PermissionError(f"api() may not set the {name} header: {why}")
     if json_body is not None and data is not None:
         raise ValueError("api() takes json= or data=, not both")
     if data is not None and not isinstance(data, (str, Mapping)):
@@ -83,12 +118,17 @@ def request(
     json_body: Any = None,
     data: str | Mapping[str, Any] | None = None,
     timeout: float | None = None,
+    cookies: httpx.Cookies | None = None,
 ) -> ApiOutcome:
-    """Make one request for a cell; raise ``PermissionError`` for a host it may not reach.
+    """Make one request for a cell; raise ``PermissionError`` for a host it may not reach
+    (by name, or by the address the name resolves to) or a header it may not set.
 
-    Raises ``TimeoutError`` past the deadline (the smaller of ``timeout`` and the configured
-    cap), ``ValueError`` for a bad URL or a body over the size cap, ``ConnectionError`` when
-    the server cannot be reached.
+    ``client`` is the cell's trust level's client (see :func:`network.checked_client`);
+    ``cookies`` is the cell's jar: cookies the server sets go there and are sent on later
+    requests of the same cell (redirects included), never to another cell. Raises
+    ``TimeoutError`` past the deadline (the smaller of ``timeout`` and the configured cap),
+    ``ValueError`` for a bad URL or a body over the size cap, ``ConnectionError`` when the
+    server cannot be reached.
     """
     if not isinstance(url, str):
         raise TypeError(f"api() url must be a str, got {type(url).__name__}")
@@ -105,8 +145,9 @@ def request(
 
     content = data if isinstance(data, str) else None
     form = dict(data) if isinstance(data, Mapping) else None
+    jar = cookies if cookies is not None else httpx.Cookies()
     req = client.build_request(verb, parsed, headers=dict(headers or {}), json=json_body,
-                               content=content, data=form)
+                               content=content, data=form, cookies=jar)
     hops = 0
     try:
         while True:
@@ -114,8 +155,13 @@ def request(
             if left <= 0:
                 raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s")
             req.extensions["timeout"] = httpx.Timeout(left).as_dict()
-            response = client.send(req, stream=True)
             try:
+                response = client.send(req, stream=True)
+            except AddressRefused as exc:
+                via = "" if req.url == parsed else f" (redirected to {req.url})"
+                raise PermissionError(f"api() {url}{via}: {exc}") from None
+            try:
+                jar.extract_cookies(response)
                 next_req = response.next_request
                 if next_req is not None:
                     hops += 1
@@ -129,6 +175,7 @@ def request(
                     except PermissionError as exc:
                         raise PermissionError(f"api() {url} redirected to {next_req.url}: "
                                               f"{exc}") from None
+                    jar.set_cookie_header(next_req)
                     req = next_req
                     continue
                 body = read_capped(response, limits.max_bytes, deadline, seconds, url)
@@ -150,20 +197,25 @@ def request(
 
 
 def read_capped(response: httpx.Response, cap: int, deadline: float, seconds: float,
-                 url: str) -> bytes:
-    """The body of ``response``, refused past ``cap`` bytes or past ``deadline``."""
+                 url: str, helper: str = "api", setting: str = "api_max_response_bytes"
+                 ) -> bytes:
+    """The body of ``response``, refused past ``cap`` bytes or past ``deadline``.
+
+    ``helper`` and ``setting`` name the caller and the setting that raises the cap, for the
+    errors.
+    """
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
-        raise ValueError(f"api() {url} returned {int(declared)} bytes, over the {cap}-byte "
-                         "limit (c.Runtime.api_max_response_bytes)")
+        raise ValueError(f"{helper}() {url} returned {int(declared)} bytes, over the "
+                         f"{cap}-byte limit (c.Runtime.{setting})")
     chunks: list[bytes] = []
     total = 0
     for chunk in response.iter_bytes():
         total += len(chunk)
         if total > cap:
-            raise ValueError(f"api() {url} returned more than {cap} bytes, the limit "
-                             "(c.Runtime.api_max_response_bytes)")
+            raise ValueError(f"{helper}() {url} returned more than {cap} bytes, the limit "
+                             f"(c.Runtime.{setting})")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"api() {url} took longer than {seconds:g} s")
+            raise TimeoutError(f"{helper}() {url} took longer than {seconds:g} s")
         chunks.append(chunk)
     return b"".join(chunks)

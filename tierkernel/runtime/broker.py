@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +31,7 @@ from tierkernel.magics.options import HELPERS
 from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
 from tierkernel.runtime import db as db_helper
+from tierkernel.runtime import network
 from tierkernel.runtime.audit import AuditLog, HelperCall
 from tierkernel.runtime.policy import CellPolicy, Runtime
 
@@ -51,21 +54,40 @@ _ARGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 @dataclass
 class CallContext:
-    """The cell a helper call belongs to: its audit id, its policy, and its log entries."""
+    """The cell a helper call belongs to: its audit id, its policy, its log entries (with what
+    they weigh, and how many were dropped past the caps), and its cookie jar for api()."""
 
     execution_id: str | None
     policy: CellPolicy
     logs: list[LogEntry] = field(default_factory=list)
+    log_bytes: int = 0
+    logs_dropped: int = 0
+    cookies: httpx.Cookies = field(default_factory=httpx.Cookies)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+#: The setting that caps each helper's result, named in its refusal.
+_RESULT_SETTINGS = {"db": "db_max_result_bytes", "api": "api_max_response_bytes",
+                    "ai": "ai_max_response_bytes"}
 
 
 class Broker:
-    """Runs helper calls for cells under their policy. Safe to call from any thread."""
+    """Runs helper calls for cells under their policy. Safe to call from any thread.
 
-    def __init__(self, runtime: Runtime, audit: AuditLog) -> None:
+    Native cells and cells of the isolated tiers never share an HTTP client (connections,
+    cookies) or a database session: each trust level gets its own. ``workspace`` tells where
+    the kernel's ``file://`` workspace folder is (None for other workspaces), read when db()
+    first opens its SQLite file.
+    """
+
+    def __init__(self, runtime: Runtime, audit: AuditLog,
+                 workspace: Callable[[], Path | None] | None = None) -> None:
         self.runtime = runtime
         self.audit = audit
-        self._client: httpx.Client | None = None
-        self._database: db_helper.Database | None = None
+        self.workspace = workspace or (lambda: None)
+        self._clients: dict[str, httpx.Client] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._databases: dict[bool, db_helper.Database] = {}
         self._lock = threading.Lock()
 
     # -- the entry points -------------------------------------------------------------------
@@ -88,15 +110,24 @@ class Broker:
         started, clock = time.time(), time.perf_counter()
         target = _target_hint(helper, args)
         allowed, ok, error_text, size = True, False, None, 0
+        dropped = False
         try:
             if helper not in HELPERS:
                 raise ValueError(f"unknown helper {helper!r}; helpers are {', '.join(HELPERS)}")
             _check_args(helper, args)
             context.policy.check_helper(helper)
+            if helper == "console":
+                # A console entry past the cell's log caps is dropped, and so is its audit
+                # row: a flood writes nothing more to disk (the logs' note counts it).
+                dropped = not self._console(args, context)
+                ok = True
+                return {"ok": True, "value": None}
             value, target = self._run(helper, args, context)
             value = self._scrub(value)
-            text = json.dumps(value)
-            size, ok = len(text.encode()), True
+            # ASCII (json.dumps escapes the rest), so characters are bytes.
+            size = len(json.dumps(value))
+            self._check_result_size(helper, size, target)
+            ok = True
             return {"ok": True, "value": value}
         except PermissionError as exc:
             allowed = False
@@ -114,62 +145,117 @@ class Broker:
             error_text = "interrupted"
             raise
         finally:
-            self.audit.helper_call(context.execution_id, HelperCall(
-                helper, target, allowed, ok, error_text, started,
-                round((time.perf_counter() - clock) * 1000, 3), size))
+            if not dropped:
+                self.audit.helper_call(context.execution_id, HelperCall(
+                    helper, target, allowed, ok, error_text, started,
+                    round((time.perf_counter() - clock) * 1000, 3), size))
 
     # -- the helpers ------------------------------------------------------------------------
     def _run(self, helper: str, args: Mapping[str, Any],
              context: CallContext) -> tuple[Any, str]:
         rt = self.runtime
-        if helper == "console":
-            self._console(args, context)
-            return None, str(args["level"])
         if helper == "api":
             outcome = api_helper.request(
-                self.client, context.policy,
+                self.api_client(context.policy.trusted), context.policy,
                 api_helper.ApiLimits(rt.api_timeout, rt.api_max_response_bytes,
                                      rt.api_max_redirects),
                 args["url"], args.get("method", "GET"), args.get("headers"), args.get("json"),
-                args.get("data"), args.get("timeout"))
+                args.get("data"), args.get("timeout"), context.cookies)
             return outcome.value, outcome.target
         if helper == "db":
-            result = db_helper.execute(self.database, args["query"], args.get("params"),
-                                       context.policy.db_readonly, rt.db_max_rows,
-                                       rt.db_timeout)
+            result = db_helper.execute(
+                self.database_for(context.policy.trusted), args["query"], args.get("params"),
+                context.policy.db_readonly,
+                db_helper.ResultLimits(rt.db_max_rows, rt.db_max_result_bytes), rt.db_timeout)
             return result.value, result.target
-        answer = ai_helper.infer(self.client, rt.ai_base_url, rt.ai_api_key, rt.ai_timeout,
-                                 rt.api_max_response_bytes, args["model"], args["input"])
+        answer = ai_helper.infer(self.ai_client, rt.ai_base_url, rt.ai_api_key, rt.ai_timeout,
+                                 rt.ai_max_response_bytes, args["model"], args["input"])
         return answer.value, answer.target
 
-    def _console(self, args: Mapping[str, Any], context: CallContext) -> None:
+    def _check_result_size(self, helper: str, size: int, target: str) -> None:
+        """Refuse a result larger, as JSON, than its helper's setting allows.
+
+        db() counts while it fetches and api()/ai() while they read, so this catches what
+        only the conversion adds (headers, JSON escapes, a scrubbed secret).
+        """
+        setting = _RESULT_SETTINGS.get(helper)
+        if setting is None:
+            return
+        cap = int(getattr(self.runtime, setting))
+        if size > cap:
+            raise ValueError(f"{helper}() {target}: the result is {size} bytes as JSON, over "
+                             f"the {cap}-byte limit (c.Runtime.{setting}); ask for less, or "
+                             f"raise c.Runtime.{setting}")
+
+    def _console(self, args: Mapping[str, Any], context: CallContext) -> bool:
+        """Record one console entry in the cell's logs; False when it was dropped (past the
+        caps)."""
         level, message = args["level"], args["message"]
         if level not in CONSOLE_LEVELS:
             raise ValueError(f"console level must be one of {', '.join(CONSOLE_LEVELS)}, "
                              f"got {level!r}")
         if not isinstance(message, str):
             raise TypeError("console message must be text")
-        cap = self.runtime.log_entry_max_chars
+        rt = self.runtime
+        cap = rt.log_entry_max_chars
         if len(message) > cap:
             message = message[:cap] + f"... [cut: {len(message)} characters in all]"
-        context.logs.append(LogEntry(level, message))
+        weight = len(message.encode("utf-8", "surrogatepass")) + len(level)
+        with context.lock:
+            if context.logs_dropped or (len(context.logs) >= rt.log_max_entries or
+                                        context.log_bytes + weight > rt.log_max_bytes):
+                if not context.logs_dropped:  # said once, at the place the gap begins
+                    context.logs.append(LogEntry("warn", LOGS_DROPPED))
+                context.logs_dropped += 1
+                return False
+            context.logs.append(LogEntry(level, message))
+            context.log_bytes += weight
+            return True
+
+    def api_client(self, trusted: bool) -> httpx.Client:
+        """The api() client of native (``trusted``) or of isolated cells: each connects only
+        to addresses its networks setting allows (see :mod:`~tierkernel.runtime.network`);
+        they share no connection and keep no cookies (each cell has its own jar)."""
+        key = "native" if trusted else "isolated"
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                if self._tls is None:
+                    self._tls = network.tls_context()
+                client = network.checked_client(
+                    self.runtime.allowed_networks(trusted),
+                    "native_api_allowed_networks" if trusted else "api_allowed_networks",
+                    self._tls)
+                self._clients[key] = client
+            return client
 
     @property
-    def client(self) -> httpx.Client:
-        """The HTTP client of api() and ai(); redirects are followed by hand (see api.py)."""
+    def ai_client(self) -> httpx.Client:
+        """The HTTP client of ai(): it reaches only c.Runtime.ai_base_url, which the
+        configuration names (a cell cannot), so its address is not checked: a local model
+        server (Ollama on localhost) is the usual case."""
         with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(follow_redirects=False)
-            return self._client
+            client = self._clients.get("ai")
+            if client is None:
+                client = self._clients["ai"] = httpx.Client(follow_redirects=False)
+            return client
 
-    @property
-    def database(self) -> db_helper.Database:
-        """db()'s database, opened on first use."""
+    def database_for(self, trusted: bool) -> db_helper.Database:
+        """db()'s database for native (``trusted``) or isolated cells, opened on first use.
+
+        On PostgreSQL each trust level has its own session (see ``PostgresDatabase``); the
+        SQLite file is opened afresh by every call anyway. A SQLite file inside the kernel's
+        ``file://`` workspace is refused (and asked again at the next call).
+        """
         with self._lock:
-            if self._database is None:
-                self._database = db_helper.open_database(self.runtime.db_url,
-                                                         self.runtime.db_path)
-            return self._database
+            database = self._databases.get(trusted)
+            if database is None:
+                _warn_of_old_default(self.runtime)
+                workspace = None if self.runtime.db_url else self.workspace()
+                database = db_helper.open_database(self.runtime.db_url, self.runtime.db_path,
+                                                   isolated=not trusted, workspace=workspace)
+                self._databases[trusted] = database
+            return database
 
     def _scrub(self, value: Any) -> Any:
         """``value`` with every configured secret replaced by ``[secret]``."""
@@ -187,14 +273,44 @@ class Broker:
         return value
 
     def close(self) -> None:
-        """Close the HTTP client and the database connection (kernel shutdown)."""
+        """Close the HTTP clients and the database sessions (kernel shutdown)."""
         with self._lock:
-            client, self._client = self._client, None
-            database, self._database = self._database, None
-        if client is not None:
+            clients, self._clients = list(self._clients.values()), {}
+            databases, self._databases = list(self._databases.values()), {}
+        for client in clients:
             client.close()
-        if database is not None:
+        for database in databases:
             database.close()
+
+
+#: The one log entry that marks where a cell's console entries started being dropped; the
+#: kernel adds how many when the cell ends (:func:`note_dropped`).
+LOGS_DROPPED = ("further console entries were dropped: this execution's logs reached their "
+                "limit (c.Runtime.log_max_entries entries, c.Runtime.log_max_bytes bytes); the "
+                "console still printed them")
+
+
+def note_dropped(context: CallContext) -> None:
+    """Complete the dropped-entries note of ``context`` with how many were dropped."""
+    with context.lock:
+        if not context.logs_dropped:
+            return
+        for i, entry in enumerate(context.logs):
+            if entry.level == "warn" and entry.message == LOGS_DROPPED:
+                context.logs[i] = LogEntry("warn", f"{context.logs_dropped} {LOGS_DROPPED}",
+                                           entry.time)
+                break
+
+
+def _warn_of_old_default(runtime: Runtime) -> None:
+    """Say in the kernel's log when db() starts on its default file while the previous default,
+    ``.tierkernel/db.sqlite3`` in the notebook folder, still holds data."""
+    old = Path.cwd() / ".tierkernel" / "db.sqlite3"
+    if (not runtime.db_url and old.exists() and Path(runtime.db_path) != old
+            and not Path(runtime.db_path).exists()):
+        log.warning("db() now keeps its data in %s, outside the notebook folder (a file:// "
+                    "workspace could contain it); the database at %s is not used: move it "
+                    "there to keep using it", runtime.db_path, old)
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:

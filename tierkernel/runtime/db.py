@@ -12,9 +12,15 @@ identifier has been checked against :data:`IDENTIFIER`::
     {"update": {"table": "things", "set": {"n": 4}, "where": {"id": 1}}}
     {"delete": {"from": "things", "where": {"id": 1}}}
 
-One call is one statement in its own transaction, committed when it succeeds. Rows come back
-as JSON values (dates as ISO 8601 text, decimals and UUIDs as text, bytes as base64), so every
-tier sees exactly the same result.
+One call is one statement in its own transaction, committed when it succeeds. The result is
+``{"rows": [{column: value, ...}, ...], "row_count": int, "columns": [names]}``; ``row_count``
+is the number of rows returned, or for a statement that returns none, the number it changed.
+Rows come back as JSON values (dates as ISO 8601 text, decimals and UUIDs as text, bytes as
+base64), so every tier sees exactly the same result.
+
+Rows are fetched one at a time and turned into JSON as they arrive, counted against
+:class:`ResultLimits` (rows, and bytes of the JSON the cell gets): a result over a limit is
+refused before it is held in memory, whatever the statement asks for.
 """
 
 from __future__ import annotations
@@ -22,15 +28,19 @@ from __future__ import annotations
 import base64
 import datetime
 import decimal
+import json
+import logging
 import re
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 #: A table or column name the structured form accepts: a plain SQL identifier, optionally
 #: qualified by a schema (``public.things``).
@@ -54,14 +64,23 @@ class DbOutcome:
     target: str
 
 
+@dataclass(frozen=True)
+class ResultLimits:
+    """What one db() result may hold (``c.Runtime.db_max_rows``, ``db_max_result_bytes``)."""
+
+    max_rows: int
+    max_bytes: int
+
+
 class Database(Protocol):
     """A database db() can run statements on."""
 
     placeholder: str
 
-    def run(self, sql: str, params: Any, readonly: bool, max_rows: int,
-            timeout: float) -> tuple[list[str], list[tuple[Any, ...]], int]:
-        """Run one statement; return column names, rows and the affected-row count."""
+    def run(self, sql: str, params: Any, readonly: bool, limits: ResultLimits,
+            timeout: float) -> tuple[list[str], list[dict[str, Any]], int]:
+        """Run one statement; return column names, the rows as JSON records (see
+        :class:`RowCollector`) and the row count."""
         ...
 
     def close(self) -> None:
@@ -214,6 +233,63 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _least_json_size(value: Any) -> int:
+    """A lower bound of the JSON size of ``value``, known before converting it (which for a
+    large string or blob would itself take memory)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return 4 * -(-len(value) // 3) + 2  # base64, quoted
+    if isinstance(value, str):
+        return len(value) + 2
+    return 0
+
+
+class RowCollector:
+    """Rows turned into JSON records as they are fetched, counted against the limits.
+
+    The byte count is the size of the JSON the cell gets (``json.dumps`` of the whole result,
+    keys and separators included), so the limit means the same in every tier. ``add`` raises
+    ``ValueError`` naming the limit and what to do as soon as a row would go over it: at most
+    one row more than the limit allows is ever held.
+    """
+
+    def __init__(self, columns: Sequence[str], limits: ResultLimits) -> None:
+        self.columns = list(columns)
+        self.limits = limits
+        self.records: list[dict[str, Any]] = []
+        # '"name": ' for each column, and the envelope {"rows": [], "row_count": N,
+        # "columns": [...]} with room for the count's digits.
+        self._keys = [len(json.dumps(c)) + 2 for c in self.columns]
+        self.size = len(json.dumps({"rows": [], "row_count": 10 ** 12,
+                                    "columns": self.columns}))
+
+    def add(self, row: Iterable[Any]) -> None:
+        """Convert and count one row; raise ``ValueError`` past a limit."""
+        if len(self.records) >= self.limits.max_rows:
+            raise ValueError(
+                f"db(): the query returned more than {self.limits.max_rows} rows; add a LIMIT "
+                "(or 'limit' in the structured form), or raise c.Runtime.db_max_rows")
+        size = self.size + 4  # {} and the ", " between rows
+        record: dict[str, Any] = {}
+        for column, key, value in zip(self.columns, self._keys, row, strict=False):
+            size += key + 2  # the ", " between fields
+            if size + _least_json_size(value) > self.limits.max_bytes:
+                self._too_big()
+            converted = jsonable(value)
+            size += len(json.dumps(converted))
+            if size > self.limits.max_bytes:
+                self._too_big()
+            record[column] = converted
+        self.size = size
+        self.records.append(record)
+
+    def _too_big(self) -> None:
+        raise ValueError(
+            f"db(): the result is larger than {self.limits.max_bytes} bytes as JSON, the limit "
+            f"(c.Runtime.db_max_result_bytes), after {len(self.records)} rows; ask for less: "
+            "fewer rows (a LIMIT, or 'limit' in the structured form), fewer or smaller columns "
+            "(length(x) rather than x), or raise c.Runtime.db_max_result_bytes")
+
+
 # -- SQLite ----------------------------------------------------------------------------------
 # PRAGMAs a cell may use: schema introspection and harmless settings. Others (journal_mode,
 # temp_store_directory, ...) could touch files or settings beyond the cell's data.
@@ -238,9 +314,12 @@ def _authorizer(action: int, arg1: str | None, arg2: str | None, dbname: str | N
 class SQLiteDatabase:
     """The embedded database: one SQLite file, a fresh connection per call.
 
-    A connection per call costs well under a millisecond and makes calls from any thread safe;
-    read-only calls open the file with ``mode=ro``, which no statement can lift (unlike
-    ``PRAGMA query_only``, which a statement could turn off).
+    A connection per call costs well under a millisecond, makes calls from any thread safe and
+    leaves no session state (temp tables, PRAGMAs) from one call to the next; read-only calls
+    open the file with ``mode=ro``, which no statement can lift (unlike ``PRAGMA query_only``,
+    which a statement could turn off). SQLite's own length limit is set to the result limit,
+    so no statement can make or read one value (``zeroblob(1e9)``, ``group_concat`` of a
+    table) larger than a result may be.
     """
 
     placeholder = "?"
@@ -258,23 +337,33 @@ class SQLiteDatabase:
         conn.set_authorizer(_authorizer)
         return conn
 
-    def run(self, sql: str, params: Any, readonly: bool, max_rows: int,
-            timeout: float) -> tuple[list[str], list[tuple[Any, ...]], int]:
+    def run(self, sql: str, params: Any, readonly: bool, limits: ResultLimits,
+            timeout: float) -> tuple[list[str], list[dict[str, Any]], int]:
         """Run one statement (SQLite refuses several in one call)."""
         conn = self._connect(readonly, timeout)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limits.max_bytes)
         deadline = time.monotonic() + timeout
         # Called every N virtual-machine steps: a non-zero answer aborts the statement.
         conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
         try:
             cur = conn.execute(sql, params if params is not None else ())
             columns = [d[0] for d in cur.description or ()]
-            rows = cur.fetchmany(max_rows + 1) if cur.description else []
-            count = len(rows) if cur.description else max(cur.rowcount, 0)
-            return columns, rows, count
+            if not cur.description:
+                return columns, [], max(cur.rowcount, 0)
+            rows = RowCollector(columns, limits)
+            for row in cur:
+                rows.add(row)
+            return columns, rows.records, len(rows.records)
         except sqlite3.ProgrammingError as exc:
             raise ValueError(f"db(): {exc}") from None
         except sqlite3.Error as exc:
             text = str(exc)
+            if text == "string or blob too big":
+                raise ValueError(
+                    f"db(): this statement makes or reads a value larger than "
+                    f"{limits.max_bytes} bytes, the most one db() result may hold "
+                    "(c.Runtime.db_max_result_bytes); select smaller values (length(x) rather "
+                    "than x), or raise c.Runtime.db_max_result_bytes") from None
             if text == "interrupted":
                 raise TimeoutError(f"db(): the statement ran longer than {timeout:g} s "
                                    "(c.Runtime.db_timeout)") from None
@@ -296,17 +385,25 @@ class SQLiteDatabase:
 
 # -- PostgreSQL ------------------------------------------------------------------------------
 class PostgresDatabase:
-    """A PostgreSQL server through psycopg 3: one connection, kept, reopened when lost.
+    """A PostgreSQL server through psycopg 3: one session, kept, reopened when lost.
 
-    Every statement is sent as a prepared statement (``prepare=True``): the extended protocol
-    takes one statement at a time, so ``SELECT 1; COMMIT; DELETE ...`` cannot smuggle a second
-    statement past ``SET TRANSACTION READ ONLY``.
+    The broker keeps two, one for native cells and one for the isolated tiers, so nothing a
+    sandboxed cell does to its session (``SET ROLE``, ``search_path``, temp tables, prepared
+    statements, advisory locks) reaches a native cell; with ``isolated`` the session is also
+    reset (``DISCARD ALL``) after every call, so nothing reaches the next isolated call either.
+
+    Every statement goes through the extended protocol, which takes one statement at a time,
+    so ``SELECT 1; COMMIT; DELETE ...`` cannot smuggle a second statement past ``SET
+    TRANSACTION READ ONLY``; rows are streamed one at a time (single-row mode), so a result
+    over the limits is cancelled on the server rather than read. A single row is read whole:
+    PostgreSQL itself caps a value at 1 GB.
     """
 
     placeholder = "%s"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, isolated: bool = False) -> None:
         self.url = url
+        self.isolated = isolated
         self._conn: Any = None
         self._lock = threading.Lock()
 
@@ -315,14 +412,19 @@ class PostgresDatabase:
 
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
-                self._conn = psycopg.connect(self.url, connect_timeout=10)
+                # autocommit: each call opens its own transaction block (so DISCARD ALL, which
+                # may not run inside one, can follow it).
+                # No prepared statements kept by psycopg: DISCARD ALL deallocates them on the
+                # server behind its back.
+                self._conn = psycopg.connect(self.url, connect_timeout=10, autocommit=True,
+                                             prepare_threshold=None)
             except psycopg.Error as exc:
                 raise ConnectionError(f"db(): cannot connect to PostgreSQL (c.Runtime.db_url "
                                       f"/ $TIERKERNEL_DB_URL): {exc}") from None
         return self._conn
 
-    def run(self, sql: str, params: Any, readonly: bool, max_rows: int,
-            timeout: float) -> tuple[list[str], list[tuple[Any, ...]], int]:
+    def run(self, sql: str, params: Any, readonly: bool, limits: ResultLimits,
+            timeout: float) -> tuple[list[str], list[dict[str, Any]], int]:
         """Run one statement in a transaction of its own."""
         import psycopg
         from psycopg import errors
@@ -330,20 +432,35 @@ class PostgresDatabase:
         with self._lock:
             conn = self._connection()
             try:
-                with conn.cursor() as cur:
+                described = self._describe(conn, sql, params)
+                with conn.transaction(), conn.cursor() as cur:
                     if readonly:
                         cur.execute("SET TRANSACTION READ ONLY")
                     # An integer, so formatting it in is safe (SET takes no parameters).
                     cur.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
-                    cur.execute(sql, params, prepare=True)
-                    columns = [d.name for d in cur.description or ()]
-                    rows = cur.fetchmany(max_rows + 1) if cur.description else []
-                    count = len(rows) if cur.description else max(cur.rowcount, 0)
-                conn.commit()
-                return columns, rows, count
+                    if described == []:  # returns no rows: nothing to stream, keep its count
+                        # binary=True only forces the extended protocol (one statement; an
+                        # unnamed one, which DISCARD ALL cannot leave psycopg believing in);
+                        # a command has no values to format.
+                        cur.execute(sql, params, binary=True)
+                        return [], [], max(cur.rowcount, 0)
+                    rows: RowCollector | None = None
+                    try:
+                        for row in cur.stream(sql, params):
+                            if rows is None:
+                                rows = RowCollector([d.name for d in cur.description or ()],
+                                                    limits)
+                            rows.add(row)
+                    except psycopg.ProgrammingError as exc:
+                        # Only when the description failed and the statement turned out to be
+                        # a command: it ran, its count is unknown.
+                        if "didn't produce a result" not in str(exc):
+                            raise
+                        return [], [], 0
+                    if rows is None:
+                        return list(described or ()), [], 0
+                    return rows.columns, rows.records, len(rows.records)
             except psycopg.Error as exc:
-                if not conn.closed:
-                    conn.rollback()
                 message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 if isinstance(exc, errors.ReadOnlySqlTransaction):
                     raise PermissionError(f"db(): {message}: db() is read-only in this cell "
@@ -357,6 +474,44 @@ class PostgresDatabase:
                         exc, psycopg.errors.DatabaseError):
                     raise ValueError(f"db(): {message}") from None
                 raise RuntimeError(f"db(): {message}") from None
+            finally:
+                if self.isolated:
+                    self._reset(conn)
+
+    @staticmethod
+    def _describe(conn: Any, sql: str, params: Any) -> list[str] | None:
+        """The names of the columns ``sql`` returns ([] for a statement that returns no rows),
+        learned by preparing it without running it; None when that fails (the statement then
+        runs as one that returns rows, and its own error, if any, is the one reported).
+
+        Run before the call's transaction opens: a statement that fails to prepare inside a
+        transaction would abort it.
+        """
+        import psycopg
+
+        try:
+            text = psycopg.ClientCursor(conn).mogrify(sql, params)
+            conn.pgconn.prepare(b"", text.encode(conn.info.encoding))
+            result = conn.pgconn.describe_prepared(b"")
+            if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
+                return None
+            return [(result.fname(i) or b"").decode(conn.info.encoding)
+                    for i in range(result.nfields)]
+        except (psycopg.Error, UnicodeError, LookupError, TypeError, ValueError):
+            return None
+
+    def _reset(self, conn: Any) -> None:
+        """Forget everything the call did to the session; a session that cannot be reset is
+        closed (the next call opens a fresh one)."""
+        import psycopg
+
+        try:
+            if not conn.closed:
+                conn.execute("DISCARD ALL")
+        except psycopg.Error as exc:
+            log.warning("db(): resetting the isolated PostgreSQL session failed (%s); it is "
+                        "closed and the next call opens a new one", exc)
+            conn.close()
 
     def close(self) -> None:
         """Close the connection."""
@@ -366,7 +521,7 @@ class PostgresDatabase:
                 self._conn = None
 
 
-def execute(database: Database, query: Any, params: Any, readonly: bool, max_rows: int,
+def execute(database: Database, query: Any, params: Any, readonly: bool, limits: ResultLimits,
             timeout: float) -> DbOutcome:
     """Run a db() call: SQL with ``params``, or the structured form (which takes none)."""
     if isinstance(query, Mapping):
@@ -387,11 +542,7 @@ def execute(database: Database, query: Any, params: Any, readonly: bool, max_row
     else:
         raise TypeError(f"db() takes SQL text or a structured query dict, got "
                         f"{type(query).__name__}")
-    columns, rows, count = database.run(sql, args, readonly, max_rows, timeout)
-    if len(rows) > max_rows:
-        raise ValueError(f"db(): the query returned more than {max_rows} rows; add a LIMIT "
-                         "(or 'limit' in the structured form), or raise c.Runtime.db_max_rows")
-    records = [{col: jsonable(v) for col, v in zip(columns, row, strict=False)} for row in rows]
+    columns, records, count = database.run(sql, args, readonly, limits, timeout)
     value = {"rows": records, "row_count": count, "columns": columns}
     return DbOutcome(value, target)
 
@@ -402,12 +553,30 @@ def _target_table(query: Mapping[str, Any]) -> str:
     return str(spec[key])
 
 
-def open_database(url: str, path: str) -> Database:
-    """PostgreSQL when ``url`` is set, else the SQLite file at ``path``."""
+def open_database(url: str, path: str, isolated: bool = False,
+                  workspace: Path | None = None) -> Database:
+    """PostgreSQL when ``url`` is set (a session reset after every call when ``isolated``),
+    else the SQLite file at ``path``, which must not lie inside ``workspace`` (the kernel's
+    ``file://`` workspace folder, where cells could edit it directly)."""
     if url:
         if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("c.Runtime.db_url must be a postgresql:// URL "
                              f"(got one starting {url.split(':')[0]!r}:)")
-        return PostgresDatabase(url)
+        return PostgresDatabase(url, isolated=isolated)
+    if workspace is not None:
+        check_outside(Path(path), workspace)
     return SQLiteDatabase(path)
+
+
+def check_outside(path: Path, workspace: Path) -> None:
+    """Raise ``PermissionError`` when the database file ``path`` lies inside ``workspace``."""
+    where = path.expanduser().resolve()
+    root = workspace.expanduser().resolve()
+    if where == root or root in where.parents:
+        raise PermissionError(
+            f"db(): the database file {where} is inside the kernel's fsx workspace {root} "
+            "(file://), where cells of every tier could edit it directly instead of through "
+            "db(); db() refuses to use it. Set c.Runtime.db_path (or $TIERKERNEL_DB_PATH) to a "
+            "file outside the workspace, or leave it unset for the default in Jupyter's data "
+            "dir")
 

@@ -14,12 +14,15 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from tierkernel.backends.base import ExecResult
+from tierkernel.fsx import FsxConfigError, current
 from tierkernel.guest.helpers import make_helpers
 from tierkernel.runtime.audit import AuditLog
-from tierkernel.runtime.broker import Broker, CallContext
+from tierkernel.runtime.broker import Broker, CallContext, note_dropped
 from tierkernel.runtime.policy import Runtime
 
 
@@ -34,7 +37,7 @@ class RuntimeHost:
         self.config = Runtime(parent=parent)
         self.session_id = session_id
         self.audit = AuditLog(self.config.audit_log)
-        self.broker = Broker(self.config, self.audit)
+        self.broker = Broker(self.config, self.audit, workspace=file_workspace)
         self.native_tier = native_tier
         #: The cell running now (set between begin and finish), None between cells.
         self.current: CallContext | None = None
@@ -65,8 +68,9 @@ class RuntimeHost:
         """Record how a cell ended; its console entries join ``result.logs``."""
         if self.current is context:
             self.current = None
+        note_dropped(context)
         result.logs.extend(context.logs)
-        error = result.error
+        error, usage = result.error, result.usage
         self.audit.finish(
             context.execution_id or "",
             "ok" if result.success else "error",
@@ -74,6 +78,8 @@ class RuntimeHost:
             f"{error.ename}: {error.evalue}" if error is not None and not result.success
             else None,
             [asdict(entry) for entry in result.logs],
+            usage=None if usage is None else (usage.cpu_seconds, usage.peak_memory_bytes,
+                                               usage.processes),
         )
 
     def refuse(self, code: str, tier: str, cell_id: str | None, execution_count: int | None,
@@ -110,6 +116,19 @@ class RuntimeHost:
         """Release the HTTP client, the database and the audit log (kernel shutdown)."""
         self.broker.close()
         self.audit.close()
+
+
+def file_workspace() -> Path | None:
+    """The folder of this process's fsx workspace when it is a ``file://`` one (a host folder
+    cells of every tier write to), else None."""
+    try:
+        url = current().url
+    except FsxConfigError:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "file" or not parts.path:
+        return None
+    return Path(unquote(parts.path))
 
 
 def new_id() -> str:

@@ -9,15 +9,19 @@ database.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jupyter_core.paths import jupyter_data_dir
 from traitlets import Bool, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
+from tierkernel.backends.config_traits import ByteSize
 from tierkernel.magics.options import HELPERS, is_domain_pattern
 
 
@@ -45,13 +49,16 @@ class CellPolicy:
 
     ``helpers`` are the helper names it may call, ``domains`` the host patterns ``api()`` may
     reach, ``db_readonly`` whether ``db()`` may only read. ``tier`` names the cell's tier, so a
-    refusal can say which magic line to change.
+    refusal can say which magic line to change; ``trusted`` is true for the kernel's own
+    IPython (the native tier), whose helper calls get HTTP clients and database sessions of
+    their own, never shared with the isolated tiers.
     """
 
     tier: str
     helpers: frozenset[str]
     domains: tuple[str, ...]
     db_readonly: bool = False
+    trusted: bool = False
 
     def check_helper(self, helper: str) -> None:
         """Raise :class:`PermissionError` unless this cell may call ``helper``."""
@@ -121,11 +128,30 @@ class Runtime(LoggingConfigurable):
         30.0, help="Longest time in seconds an api() call may take, redirects and body "
         "included; a cell may ask for less with timeout=."
     ).tag(config=True)
-    api_max_response_bytes = Int(
-        10 * 1024 * 1024, help="Largest response body api() (and ai()) accepts, in bytes."
+    api_max_response_bytes = ByteSize(
+        10 * 1024 * 1024, minimum=1024,
+        help="Largest api() result: the response body as read from the network, and the whole "
+        "result the cell gets (status, headers, decoded body) as JSON, in bytes (or a size: "
+        "512k, 10m).",
     ).tag(config=True)
     api_max_redirects = Int(10, help="Most redirects api() follows for one call.").tag(
         config=True)
+    api_allowed_networks = List(
+        Unicode(), [],
+        help="Networks (CIDR: 10.1.2.0/24, 127.0.0.1/32, fd00::/8) that api() may connect to "
+        "from cells of the isolated tiers (process, wasm, sandbox) although they are not public "
+        "internet addresses. Every other loopback, link-local (169.254.169.254, the cloud "
+        "metadata address, included), private (RFC 1918, fc00::/7), shared, unspecified, "
+        "multicast or reserved address is refused, in whatever form it is written "
+        "(IPv4-mapped IPv6 included), after the host name is resolved on the host.",
+    ).tag(config=True)
+    native_api_allowed_networks = List(
+        Unicode(), [],
+        help="The same as api_allowed_networks, for native cells: api() checks the address it "
+        "connects to in every tier, so a notebook that fetches URLs taken from data cannot be "
+        "led to the metadata service or a local admin port. Native code that needs raw access "
+        "can still use httpx or requests directly.",
+    ).tag(config=True)
 
     # -- db() -------------------------------------------------------------------------------
     db_url = Unicode(
@@ -134,10 +160,19 @@ class Runtime(LoggingConfigurable):
     ).tag(config=True)
     db_path = Unicode(
         help="The SQLite file db() uses when db_url is empty. Defaults to $TIERKERNEL_DB_PATH, "
-        "else .tierkernel/db.sqlite3 in the kernel's working directory (the notebook's "
-        "folder), created on first use."
+        "else tierkernel/db/<folder>-<hash>.sqlite3 in Jupyter's data dir, one file per "
+        "notebook folder (the kernel's working directory), created on first use. It must not "
+        "lie inside a file:// fsx workspace (cells could edit it there): db() refuses to use "
+        "it."
     ).tag(config=True)
     db_max_rows = Int(10_000, help="Most rows one db() call may return.").tag(config=True)
+    db_max_result_bytes = ByteSize(
+        8 * 1024 * 1024, minimum=1024,
+        help="Largest db() result, as the JSON the cell gets, in bytes (or a size: 512k, 8m); "
+        "counted row by row while the rows are fetched, so a larger result is refused before "
+        "it is held in memory. On SQLite it is also the largest single value (string, blob, "
+        "sorted row) a db() statement may make or read.",
+    ).tag(config=True)
     db_timeout = Float(30.0, help="Longest time in seconds one db() statement may run.").tag(
         config=True)
 
@@ -153,6 +188,11 @@ class Runtime(LoggingConfigurable):
     ).tag(config=True)
     ai_timeout = Float(120.0, help="Longest time in seconds one ai() call may take.").tag(
         config=True)
+    ai_max_response_bytes = ByteSize(
+        10 * 1024 * 1024, minimum=1024,
+        help="Largest ai() result: the endpoint's response as read, and the result the cell "
+        "gets as JSON, in bytes (or a size: 512k, 10m).",
+    ).tag(config=True)
 
     # -- audit log --------------------------------------------------------------------------
     audit_log = Unicode(
@@ -163,6 +203,15 @@ class Runtime(LoggingConfigurable):
         64 * 1024, help="Longest console message kept in an execution's logs (longer ones "
         "are cut, with a note)."
     ).tag(config=True)
+    log_max_entries = Int(
+        1000, help="Most console entries kept in one execution's logs; later ones are dropped "
+        "(the console still prints them) and one entry of the logs says how many."
+    ).tag(config=True)
+    log_max_bytes = ByteSize(
+        1024 * 1024, minimum=1024,
+        help="Most bytes (UTF-8) of console messages kept in one execution's logs (or a size: "
+        "512k, 1m); later entries are dropped, as with log_max_entries.",
+    ).tag(config=True)
 
     @default("db_url")
     def _db_url_default(self) -> str:
@@ -170,10 +219,7 @@ class Runtime(LoggingConfigurable):
 
     @default("db_path")
     def _db_path_default(self) -> str:
-        # The workspace (the notebook's folder) until fsx defines one: the data a notebook
-        # builds with db() lives and travels with it. Tiers must not mount .tierkernel/ into a
-        # guest: db() is the only way a cell reaches the file.
-        return _env("TIERKERNEL_DB_PATH") or str(Path.cwd() / ".tierkernel" / "db.sqlite3")
+        return _env("TIERKERNEL_DB_PATH") or str(default_db_path(Path.cwd()))
 
     @default("ai_base_url")
     def _ai_base_url_default(self) -> str:
@@ -188,8 +234,6 @@ class Runtime(LoggingConfigurable):
         explicit = _env("TIERKERNEL_AUDIT_LOG")
         if explicit:
             return explicit
-        from jupyter_core.paths import jupyter_data_dir
-
         return str(Path(jupyter_data_dir()) / "tierkernel" / "executions.sqlite3")
 
     @validate("native_helpers", "isolated_helpers")
@@ -211,8 +255,19 @@ class Runtime(LoggingConfigurable):
                              "or *)")
         return domains
 
-    @validate("code_size_limit", "api_max_response_bytes", "db_max_rows",
-              "log_entry_max_chars")
+    @validate("api_allowed_networks", "native_api_allowed_networks")
+    def _check_networks(self, proposal: Any) -> list[str]:
+        networks = [str(n).strip() for n in proposal["value"]]
+        for text in networks:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"c.Runtime.{proposal['trait'].name}: {text!r} is not a network; write "
+                    "an address or a CIDR block: 127.0.0.1, 10.0.0.0/8, fd00::/8") from None
+        return networks
+
+    @validate("code_size_limit", "db_max_rows", "log_entry_max_chars", "log_max_entries")
     def _check_positive(self, proposal: Any) -> int:
         value = int(proposal["value"])
         if value <= 0:
@@ -241,7 +296,15 @@ class Runtime(LoggingConfigurable):
             helpers=helpers,
             domains=tuple(domains),
             db_readonly=bool(self.db_readonly or options.get("db-readonly")),
+            trusted=trusted,
         )
+
+    def allowed_networks(self, trusted: bool,
+                         ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The non-public networks api() may connect to from native (``trusted``) or other
+        cells."""
+        names = self.native_api_allowed_networks if trusted else self.api_allowed_networks
+        return [ipaddress.ip_network(n, strict=False) for n in names]
 
     def secrets(self) -> list[str]:
         """The configured secrets, longest first: scrubbed from whatever a cell gets back."""
@@ -257,6 +320,22 @@ class Runtime(LoggingConfigurable):
                 found += [password, unquote(password)]
             found.append(self.db_url)
         return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
+
+
+def default_db_path(folder: Path) -> Path:
+    """db()'s SQLite file for notebooks in ``folder`` when none is configured.
+
+    In Jupyter's per-user data dir, not in the folder: a folder can be (or be inside) a
+    ``file://`` workspace, and there cells of every tier could edit the database directly
+    instead of through db() and its policy. One file per folder keeps what a notebook builds
+    with db() apart from other folders' notebooks, as when the file lived in the folder; the
+    folder's name stays readable in the file's name, the hash keeps two folders of the same
+    name apart.
+    """
+    resolved = folder.resolve()
+    digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in resolved.name)[:40]
+    return Path(jupyter_data_dir()) / "tierkernel" / "db" / f"{name or 'root'}-{digest}.sqlite3"
 
 
 def _within(pattern: str, ceiling: list[str]) -> bool:
