@@ -259,7 +259,9 @@ class WorkspaceSync:
         received = None
         if _by_agent(agent, 0):
             try:
-                data = _agent_pack(agent)
+                # The agent runs the cells' code, which may hold its answer back: it gets
+                # at most the copy's time budget (the exec path below is stoppable).
+                data = _agent_pack(agent, min(120.0, (budget or sync.Budget()).seconds))
             except OSError:  # e.g. a tree too deep for tarfile: tar in an exec reads it
                 log.warning("reading /workspace through the agent failed; using tar in the "
                             "container", exc_info=True)
@@ -351,11 +353,11 @@ def _agent_unpack(agent: AgentSession, data: bytes, deleted: list[str]) -> None:
         raise OSError(f"copying the workspace into the container failed: {answer['error']}")
 
 
-def _agent_pack(agent: AgentSession) -> bytes | None:
+def _agent_pack(agent: AgentSession, timeout: float = 120.0) -> bytes | None:
     """The container's /workspace as a tar read by its agent, or None when it is larger than
     AGENT_COPY_LIMIT (then tar in a docker exec reads it, streaming)."""
     answer = agent.ask({"type": "pack", "root": GUEST_PATH, "limit": AGENT_COPY_LIMIT},
-                       timeout=120)
+                       timeout=timeout)
     if answer.get("error"):
         raise OSError(f"reading the container's /workspace failed: {answer['error']}")
     if answer.get("too_big"):
