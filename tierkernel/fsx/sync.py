@@ -414,12 +414,14 @@ def _number(field: bytes) -> int:
         return -1
 
 
-def _checksums(block: bytes) -> tuple[int, int]:
-    """A header's checksum as POSIX (unsigned bytes) and old tars (signed) compute it."""
+def _checksum_ok(block: bytes, chksum: int) -> bool:
+    """Whether a header's checksum is right, as POSIX (unsigned bytes) or old tars (signed)
+    compute it; the checksum field itself counts as spaces."""
     rest = block[:148] + block[156:]
-    unsigned = sum(rest) + 8 * 32  # the checksum field itself counts as spaces
-    signed = unsigned - 256 * sum(1 for byte in rest if byte > 127)
-    return unsigned, signed
+    unsigned = sum(rest) + 8 * 32
+    if chksum == unsigned:
+        return True
+    return chksum == unsigned - 256 * sum(1 for byte in rest if byte > 127)
 
 
 def receive(archive: BinaryIO | Iterable[bytes] | bytes, budget: Budget | None = None,
@@ -443,7 +445,7 @@ def receive(archive: BinaryIO | Iterable[bytes] | bytes, budget: Budget | None =
                 meter.drain()
                 break
             chksum, size, kind = _number(block[148:156]), _number(block[124:136]), block[156:157]
-            if chksum not in _checksums(block) or size < 0:
+            if chksum < 0 or size < 0 or not _checksum_ok(block, chksum):
                 raise UnsafeArchiveError("refused the copy back: not a plain tar archive "
                                          "(compressed archives are not accepted)")
             if kind == tarfile.GNUTYPE_SPARSE:
