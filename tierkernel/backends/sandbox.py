@@ -435,8 +435,12 @@ class SandboxBackend(ChannelLimits, Backend):
                 sink.stream("stderr", f"tierkernel: {error.evalue}\n")  # one error a cell
                 error = None
         container.cells += 1
-        if error is None and (held.held is not None or self._pids_high(container)):
-            error = await asyncio.to_thread(self._after_cell, container, held.held)
+        if held.held is not None or self._pids_high(container):
+            # Said first: the container's state (out of memory, processes) may need acting on.
+            after = await asyncio.to_thread(self._after_cell, container, held.held)
+            if after is not None and error is not None:
+                sink.stream("stderr", f"tierkernel: {error.evalue}\n")
+            error = after or error
         if error is not None:
             sink.error(error.ename, error.evalue, error.traceback)
             result = dataclasses.replace(result, success=False, error=error)
