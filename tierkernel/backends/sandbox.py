@@ -76,9 +76,9 @@ from tierkernel.backends.sandbox_channel import (
     write_exec_id,
 )
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
-from tierkernel.backends.sandbox_workspace import WorkspaceSync
+from tierkernel.backends.sandbox_workspace import Room, WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage, human_size
-from tierkernel.fsx import FsxQuotaError
+from tierkernel.fsx import FsxQuotaError, sync
 from tierkernel.guest.agent import (
     COUNT_PROCS_ENV,
     MPL_SEED_ENV,
@@ -108,6 +108,9 @@ def _agent_command() -> list[str]:
 
 #: Seconds between a live kernel's sweeps for expired spares and dead kernels' containers.
 _SWEEP_INTERVAL = 60.0
+#: Memory left to the interpreter when the container's /workspace is sized by its memory
+#: limit (the agent with numpy takes 16-32 MiB; /tmp's files count too).
+_INTERPRETER_MEMORY = 96 * 2**20
 #: Seconds a process count must stay low after a fork bomb before the container is kept.
 _SETTLED_FOR = 1.0
 # A spare container's main process (under runc): it outlives the agent's wait (spare_ttl) by
@@ -229,7 +232,25 @@ class SandboxBackend(ChannelLimits, Backend):
         64, help="Per-user process limit (ulimit nproc) inside a gVisor sandbox."
     ).tag(config=True)
     tmpfs_size = Unicode(
-        "256m", help="Size of each writable tmpfs (/tmp and /workspace); counted in --memory."
+        "256m", help="Size of the container's /tmp (a tmpfs); counted in --memory."
+    ).tag(config=True)
+    workspace_size = ByteSize(
+        1536 * 2**20, minimum=16 * 2**20, help="Most the container's /workspace (a tmpfs "
+        "holding a copy of the fsx workspace) may hold: at least the workspace's byte quota. "
+        "Its files are kept in memory and count toward --memory, so the memory limit caps it "
+        "too; files that do not fit are left out of the copy, and the cell is told which."
+    ).tag(config=True)
+    copy_back_bytes = ByteSize(
+        1536 * 2**20, help="Most bytes (tar archive) one copy of /workspace back into the "
+        "workspace may bring; over it the cell fails and nothing is copied."
+    ).tag(config=True)
+    copy_back_files = Int(
+        150_000, help="Most files, folders and links one copy of /workspace back into the "
+        "workspace may bring; over it the cell fails and nothing is copied."
+    ).tag(config=True)
+    copy_back_seconds = Float(
+        300.0, help="Most seconds one copy of /workspace back into the workspace may take "
+        "(it also ends with the cell's --timeout and the stop button)."
     ).tag(config=True)
     user = Unicode("65534:65534", help="uid:gid the cells run as (not root).").tag(config=True)
     interrupt_grace = Float(
@@ -277,6 +298,7 @@ class SandboxBackend(ChannelLimits, Backend):
         self._session: AgentSession | None = None
         self._transport: DockerExecTransport | None = None
         self._workspace = WorkspaceSync(self.user)
+        self._copy_stopped = threading.Event()  # the stop button, during a copy back
         self._alock: asyncio.Lock | None = None
         self._tlock = threading.RLock()  # the containers: start, recreate, shutdown
         self._closed = False
@@ -342,7 +364,8 @@ class SandboxBackend(ChannelLimits, Backend):
         if container is not None:
             try:
                 session = self._session
-                if (self._workspace.before_cell(self._engine().api, container.id, session)
+                if (self._workspace.before_cell(self._engine().api, container.id, session,
+                                                self._room(container.spec))
                         and session is not None):
                     session.reset_watch()
             except Exception:  # the first cell tries again and reports the error
@@ -373,6 +396,9 @@ class SandboxBackend(ChannelLimits, Backend):
         self._oom_baseline = container.ooms
         container.oom_seen.clear()
         gateway = self.helper_gateway()
+        # The copies back count in the cell's time and end with the stop button.
+        started, option = time.monotonic(), request.options.get("timeout")
+        timeout = float(option) if option else None
 
         # fsx -> /workspace, the cell, /workspace -> fsx. The copies may take the engine's
         # time and run in a thread; the common cell (nothing to copy either way) needs none.
@@ -381,12 +407,17 @@ class SandboxBackend(ChannelLimits, Backend):
             if container.cells and await asyncio.to_thread(session.tree_changed):
                 # Changed in the container since the last cell (by a process it left
                 # running): copied back first, since the copy in becomes the new baseline.
-                await asyncio.to_thread(self._copy_back, container, sink)
+                early = await asyncio.to_thread(self._copy_back, container, sink, started,
+                                                timeout)
+                if early is not None:
+                    sink.stream("stderr", f"tierkernel: {early.evalue}\n")
             if await asyncio.to_thread(self._workspace.before_cell, api, container.id,
-                                       session):
+                                       session, self._room(container.spec)):
                 session.reset_watch()
-        result = await session.run_async(request, held, request.options.get("timeout"),
-                                         gateway)
+        if self._workspace.notice:  # files the container could not be given (or warm start's)
+            sink.stream("stderr", self._workspace.notice)
+            self._workspace.notice = ""
+        result = await session.run_async(request, held, option, gateway)
         if session.alive and not session.watching:
             # After the first cell, not before: setting the watch up takes the agent 10-25 ms
             # under gVisor, which a kernel's first cell should not wait for. Until then the
@@ -396,24 +427,75 @@ class SandboxBackend(ChannelLimits, Backend):
         # to say what it changed, and the next agent takes /workspace as it finds it: so
         # what it wrote is copied now, from its container, if that is still there.
         lost = not session.alive and not container.died and not container.suspect
-        if session.workspace_changed or lost:
-            await asyncio.to_thread(self._copy_back, container, sink)
-        container.cells += 1
         error = None
+        if session.workspace_changed or lost:
+            error = await asyncio.to_thread(self._copy_back, container, sink, started,
+                                            timeout)
+            if error is not None and not result.success:
+                sink.stream("stderr", f"tierkernel: {error.evalue}\n")  # one error a cell
+                error = None
+        container.cells += 1
         if held.held is not None or self._pids_high(container):
-            error = await asyncio.to_thread(self._after_cell, container, held.held)
+            # Said first: the container's state (out of memory, processes) may need acting on.
+            after = await asyncio.to_thread(self._after_cell, container, held.held)
+            if after is not None and error is not None:
+                sink.stream("stderr", f"tierkernel: {error.evalue}\n")
+            error = after or error
         if error is not None:
             sink.error(error.ename, error.evalue, error.traceback)
             result = dataclasses.replace(result, success=False, error=error)
         return result
 
-    def _copy_back(self, container: _Container, sink: OutputSink) -> None:
-        """Bring the cell's changes in /workspace into fsx (blocking); a failure is reported
-        on the cell's stderr and never loses the cell's result."""
+    def _room(self, spec: ContainerSpec) -> Room:
+        """What the container's /workspace can hold: its tmpfs size, or less when the memory
+        limit is lower (tmpfs pages are memory), leaving the interpreter its share."""
+        by_memory = spec.memory - _INTERPRETER_MEMORY
+        if by_memory < self.workspace_size:
+            return Room(max(by_memory, 0), "its files are kept in memory, within the "
+                        f"container's memory limit of {format_size(spec.memory)}: raise it "
+                        "with --memory or c.SandboxBackend.memory")
+        return Room(self.workspace_size, "its size: raise it with "
+                    "c.SandboxBackend.workspace_size (and --memory with it)")
+
+    def _copy_stop(self, started: float, timeout: float | None) -> Callable[[], str | None]:
+        """What ends a copy back that starts now: the stop button pressed during it, or the
+        cell's time limit (counted from the cell's start; a cell stopped at its limit leaves
+        its copy back ``interrupt_grace`` seconds, so what it wrote still arrives)."""
+        self._copy_stopped.clear()
+        ends = None if timeout is None else max(started + timeout,
+                                                time.monotonic() + self.interrupt_grace)
+
+        def stop() -> str | None:
+            if self._copy_stopped.is_set():
+                return "the cell was interrupted"
+            if ends is not None and time.monotonic() > ends:
+                return (f"the cell ran longer than its {timeout:g} s limit (raise it with "
+                        f"'%%tier {self.name} --timeout SECONDS' or c.SandboxBackend.timeout)")
+            return None
+
+        return stop
+
+    def _copy_back(self, container: _Container, sink: OutputSink, started: float,
+                   timeout: float | None) -> ExecError | None:
+        """Bring the cell's changes in /workspace into fsx (blocking), within the cell's
+        time (see :meth:`_copy_stop`). Over its budget or stopped, nothing is copied and the
+        error for the cell is returned; another failure is reported on the cell's stderr
+        and never loses the cell's result."""
+        stop = self._copy_stop(started, timeout)
+        budget = sync.Budget(self.copy_back_bytes, self.copy_back_files,
+                             self.copy_back_seconds)
         try:
             session = self._session if self._container is container else None
-            conflicts = self._workspace.after_cell(self._engine().api, container.id, True,
-                                                   session)
+            applied = self._workspace.after_cell(self._engine().api, container.id, True,
+                                                 session, budget, stop)
+        except (sync.CopyBudgetError, sync.CopyStopped) as exc:
+            log.info("copy back of %s ended: %s", container.id[:12], exc)
+            ename = ("WorkspaceCopyError" if isinstance(exc, sync.CopyBudgetError)
+                     else "TimeoutError" if "limit" in str(exc) else "KeyboardInterrupt")
+            evalue = (f"{exc.strerror}. Nothing of it was copied into the workspace: the "
+                      "container still has the files, and they are copied with the next "
+                      "change a cell makes in /workspace.")
+            return ExecError(ename, evalue, [f"{ename}: {evalue}"])
         except Exception as exc:
             # A workspace quota is the user's limit, told below, not a fault to log with a
             # traceback (the kernel's log reaches the cell's stderr too).
@@ -422,14 +504,21 @@ class SandboxBackend(ChannelLimits, Backend):
                     "copying /workspace back into fsx failed", exc_info=not quota)
             sink.stream("stderr", f"tierkernel: the cell's changes in /workspace could not be "
                                   f"copied into the workspace: {exc}\n")
-            return
-        if conflicts:
+            return None
+        if applied is not None and applied.conflicts:
             sink.stream("stderr", "tierkernel: changed in the workspace meanwhile, so the "
                         "container's version was saved beside it as NAME.sandbox-conflict: "
-                        + ", ".join(conflicts) + "\n")
+                        + ", ".join(applied.conflicts) + "\n")
+        if applied is not None and applied.skipped:
+            sink.stream("stderr", "tierkernel: not copied into the workspace (a folder on "
+                        "the host): " + "; ".join(f"{rel}: {why}" for rel, why in
+                                                 applied.skipped) + "\n")
+        return None
 
     def interrupt(self) -> None:
-        """SIGINT to the agent (a ``kill`` exec); killed if ignored for ``interrupt_grace``."""
+        """SIGINT to the agent (a ``kill`` exec); killed if ignored for ``interrupt_grace``.
+        A copy back of /workspace in progress ends too."""
+        self._copy_stopped.set()
         session = self._session
         if session is not None:
             session.interrupt()
@@ -526,13 +615,14 @@ class SandboxBackend(ChannelLimits, Backend):
         from docker.types import Ulimit
 
         tmpfs_opts = f"rw,nosuid,nodev,size={self.tmpfs_size},mode=1777"
+        workspace_opts = f"rw,nosuid,nodev,size={self.workspace_size},mode=1777"
         kwargs: dict[str, Any] = {
             "image": self._image_ref(),
             "command": ["sleep", "infinity"],
             "hostname": "sandbox",
             "network_mode": "none",
             "read_only": True,
-            "tmpfs": {"/tmp": tmpfs_opts, "/workspace": tmpfs_opts},
+            "tmpfs": {"/tmp": tmpfs_opts, "/workspace": workspace_opts},
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "user": self.user,

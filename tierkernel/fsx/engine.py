@@ -70,6 +70,25 @@ class PosixEngine:
         self.store = store
         self.quota = quota or Quota()
         self._writes = 0
+        #: Inside :meth:`bulk`: directories met while resolving, so a path whose parent is
+        #: among them is resolved with two lookups instead of one per component.
+        self._dirs: set[str] | None = None
+
+    @contextmanager
+    def bulk(self) -> Iterator[None]:
+        """Many operations on nearby paths (the sandbox tier's copy back): path resolution
+        and the store (``Store.bulk``) remember directories, so the work grows with the number
+        of paths, not with their depth times their number. Same results and errors as
+        without; re-entrant."""
+        if self._dirs is not None:
+            yield
+            return
+        self._dirs = {"/"}
+        try:
+            with self.store.bulk():
+                yield
+        finally:
+            self._dirs = None
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -101,6 +120,11 @@ class PosixEngine:
         host path.
         """
         pending = components(path)
+        dirs = self._dirs
+        if dirs is not None:
+            quick = self._walk_known(path, pending, follow_last, dirs)
+            if quick is not None:
+                return quick
         must_be_dir = path.endswith("/") and bool(pending)
         resolved: list[str] = []
         node: Node | None = self.store.lookup("/")
@@ -135,9 +159,34 @@ class PosixEngine:
             if not last and node.kind != "dir":
                 raise fs_error(errno.ENOTDIR, path)
             resolved = candidate
+            if dirs is not None and node.kind == "dir":
+                dirs.add(join(resolved))
         if must_be_dir and node is not None and node.kind != "dir":
             raise fs_error(errno.ENOTDIR, path)
         return join(resolved), node
+
+    def _walk_known(self, path: str, parts: list[str], follow_last: bool,
+                    dirs: set[str]) -> tuple[str, Node | None] | None:
+        """:meth:`walk_path` for a plain path (no '.', '..' or trailing '/') whose parent
+        was met as a directory in this :meth:`bulk`, or None to take the long way. The parent
+        is looked up again: a store holds nodes only below directories, so a directory there
+        now means no link on the way, whoever changed the workspace meanwhile."""
+        if not parts or path.endswith("/") or "." in parts or ".." in parts:
+            return None
+        physical = join(parts)
+        above = parent(physical)
+        if above not in dirs:
+            return None
+        holder = self.store.lookup(above)
+        if holder is None or holder.kind != "dir":
+            dirs.discard(above)
+            return None
+        node = self.store.lookup(physical)
+        if node is not None and node.kind == "symlink" and follow_last:
+            return None
+        if node is not None and node.kind == "dir":
+            dirs.add(physical)
+        return physical, node
 
     def _existing(self, path: str, follow: bool = True) -> tuple[str, Node]:
         physical, node = self.walk_path(path, follow)
@@ -326,6 +375,8 @@ class PosixEngine:
                 self._check_new(path, physical)
                 self.store.create(physical, "dir", perm)
                 self._touch_parent(physical, now)
+                if self._dirs is not None:
+                    self._dirs.add(physical)
                 return
             parts = components(path)
             created: list[str] = []

@@ -7,6 +7,9 @@ descriptors opened one component at a time from a descriptor of the root, each w
 So even a directory swapped for a symlink by another process between the engine's check and the
 store's action makes the call fail (ELOOP/ENOTDIR) instead of reaching outside.
 
+Modes never carry setuid, setgid, sticky or world-write bits onto host disk (they are cleared,
+not refused: a cell's ``chmod 4777`` leaves ``0775``).
+
 Files are replaced atomically (written to a temporary name beside them, then renamed over), so a
 crash never leaves a torn file; appends extend the file in place (and are cut back if they fail).
 
@@ -26,6 +29,7 @@ import shutil
 import stat as stat_mod
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
@@ -42,6 +46,11 @@ log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _TMP_PREFIX = ".fsx-tmp-"
+#: Permission bits fsx sets on host files: never setuid, setgid, sticky or world-writable,
+#: whatever a tier asks (a sandbox cell's chmod 4777 comes back to the host this way).
+_HOST_PERM = 0o0775
+#: Directory descriptors a bulk operation keeps (well under the usual limit of 1024 open files).
+_BULK_FDS = 64
 #: The walk behind the quota totals is made again once they are older than the larger of
 #: these: seconds, and times what the last walk took.
 _RECOUNT_AFTER = 1.0
@@ -105,6 +114,8 @@ class LocalStore(Store):
         self._root_fd = os.open(self.root, _DIR_FLAGS)
         self._lock = threading.RLock()
         self._watch: TreeWatch | None = None
+        #: Inside :meth:`bulk`: descriptors of directories by path, most recently used last.
+        self._dir_fds: OrderedDict[str, int] | None = None
         # [entries, bytes] as of the last walk plus this store's writes since; None until a
         # quota first asks (a workspace without quotas is never walked for them).
         self._tally: list[int] | None = None
@@ -133,6 +144,35 @@ class LocalStore(Store):
             watch = self._watch
         return watch.version()
 
+    @contextmanager
+    def bulk(self) -> Iterator[None]:
+        """Keep up to :data:`_BULK_FDS` directory descriptors until the end, so a call
+        below a directory met before opens one component, not every one from the root.
+        The descriptors are opened exactly as without (one component at a time, O_NOFOLLOW)
+        and dropped when this store removes or renames what they name; what another program
+        moves meanwhile is its owner's own doing, as within any single call."""
+        with self._lock:
+            outer = self._dir_fds is None
+            if outer:
+                self._dir_fds = OrderedDict()
+        if not outer:
+            yield
+            return
+        try:
+            yield
+        finally:
+            with self._lock:
+                fds, self._dir_fds = self._dir_fds or OrderedDict(), None
+                for fd in fds.values():
+                    os.close(fd)
+
+    def _forget_dirs(self, path: str) -> None:
+        """Drop the kept descriptors of ``path`` and of everything below it."""
+        with self._lock:
+            fds = self._dir_fds
+            if fds:
+                for key in [k for k in fds if k == path or k.startswith(path + "/")]:
+                    os.close(fds.pop(key))
     def tally(self) -> tuple[int, int]:
         """The totals as of the last walk plus this store's writes since, walked again when
         older than the walk's cost allows (see the module docstring)."""
@@ -154,7 +194,35 @@ class LocalStore(Store):
 
     # -- descriptors ----------------------------------------------------------------------
     def _open_dir(self, parts: list[str], path: str) -> int:
-        fd = os.open(".", _DIR_FLAGS, dir_fd=self._root_fd)
+        with self._lock:
+            fds = self._dir_fds
+            if fds is None:
+                return self._open_from(self._root_fd, parts, path)
+            # The nearest kept ancestor (usually the directory itself or its parent).
+            depth = len(parts)
+            key = "/" + "/".join(parts)
+            while depth and key not in fds:
+                depth -= 1
+                key = key.rsplit("/", 1)[0] or "/"
+            if depth:
+                fds.move_to_end(key)
+            fd = self._open_from(fds[key] if depth else self._root_fd, [], path)
+            for part in parts[depth:]:
+                try:
+                    next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    raise self._dir_error(exc, path) from None
+                finally:
+                    os.close(fd)
+                fd = next_fd
+                key = f"/{part}" if key == "/" else f"{key}/{part}"
+                fds[key] = os.open(".", _DIR_FLAGS, dir_fd=fd)  # the caller closes its own
+                if len(fds) > _BULK_FDS:
+                    os.close(fds.popitem(last=False)[1])
+            return fd
+
+    def _open_from(self, start: int, parts: list[str], path: str) -> int:
+        fd = os.open(".", _DIR_FLAGS, dir_fd=start)
         try:
             for part in parts:
                 next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
@@ -162,11 +230,15 @@ class LocalStore(Store):
                 fd = next_fd
         except OSError as exc:
             os.close(fd)
-            if exc.errno == errno.ELOOP:
-                raise fs_error(errno.ELOOP, path, detail="Too many levels of symbolic links: "
-                               "a directory became a symlink during the call; refused") from None
-            raise fs_error(exc.errno or errno.EIO, path) from None
+            raise self._dir_error(exc, path) from None
         return fd
+
+    @staticmethod
+    def _dir_error(exc: OSError, path: str) -> OSError:
+        if exc.errno == errno.ELOOP:
+            return fs_error(errno.ELOOP, path, detail="Too many levels of symbolic links: "
+                            "a directory became a symlink during the call; refused")
+        return fs_error(exc.errno or errno.EIO, path)
 
     @contextmanager
     def _at(self, path: str) -> Iterator[tuple[int, str]]:
@@ -311,7 +383,7 @@ class LocalStore(Store):
         assert isinstance(reader, FdReader)
         try:
             with os.fdopen(os.dup(reader._fd), "rb") as stream:
-                perm = os.fstat(stream.fileno()).st_mode & 0o7777
+                perm = os.fstat(stream.fileno()).st_mode & _HOST_PERM
                 self.put(dst, stream, append=False)
         finally:
             reader.close()
@@ -321,6 +393,8 @@ class LocalStore(Store):
                  gid: int | None = None, atime_ns: int | None = None,
                  mtime_ns: int | None = None) -> None:
         """chmod through a descriptor; chown and utime with follow_symlinks=False."""
+        if perm is not None:
+            perm &= _HOST_PERM
         if path == "/":
             if perm is not None:
                 os.fchmod(self._root_fd, perm)
@@ -353,6 +427,7 @@ class LocalStore(Store):
 
     def remove(self, path: str) -> None:
         """unlink or rmdir, relative to the parent's descriptor."""
+        self._forget_dirs(path)
         with self._at(path) as (fd, name):
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if stat_mod.S_ISDIR(st.st_mode):
@@ -369,12 +444,17 @@ class LocalStore(Store):
             for _, node in self.counted_walk(path):
                 gone[0] += 1
                 gone[1] += node.size if node.kind == "file" else 0
-        with self._at(path) as (fd, name):
-            shutil.rmtree(name, dir_fd=fd)
+        try:
+            with self._at(path) as (fd, name):
+                shutil.rmtree(name, dir_fd=fd)
+        finally:  # after the walk above, which may have kept some of them
+            self._forget_dirs(path)
         self._counted(-gone[0], -gone[1])
 
     def rename(self, src: str, dst: str) -> None:
         """rename(2) between the two parents' descriptors (atomic, replaces ``dst``)."""
+        self._forget_dirs(src)
+        self._forget_dirs(dst)
         with self._at(src) as (sfd, sname), self._at(dst) as (dfd, dname):
             try:
                 replaced: os.stat_result | None = os.stat(dname, dir_fd=dfd,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, BinaryIO
 
 from tierkernel.fsx.nodes import Kind, Node
@@ -71,6 +71,12 @@ class Store(ABC):
     def snapshot(self) -> AbstractContextManager[Any]:
         """A group of reads that see one consistent state; by default a transaction."""
         return self.transaction()
+
+    def bulk(self) -> AbstractContextManager[Any]:
+        """Many calls on nearby paths follow (see ``PosixEngine.bulk``): a store may keep
+        what makes them cheaper (the local store: descriptors of directories) until it ends.
+        By default nothing."""
+        return nullcontext()
 
     def external_version(self) -> object | None:
         """A value that changes when another process changes the workspace, or None when the
