@@ -347,3 +347,30 @@ def test_change_token_sees_another_process_write_a_shared_sqlite_workspace(tmp_p
     finally:
         mine.close()
         other.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "local"])
+def test_a_rename_in_the_container_fits_a_quota_the_file_fills_most_of(backend, tmp_path):
+    """A file moved or replaced in the container is never counted twice: the quota holds the
+    file once, and the copy back must not need room for both names at the same time."""
+    from tierkernel.fsx import Fsx
+
+    url = {"memory": "memory://", "sqlite": f"sqlite://{tmp_path}/ws.db"}.get(backend)
+    if url is None:
+        (tmp_path / "root").mkdir()
+        url = (tmp_path / "root").as_uri()
+    fs = Fsx(url=url, max_bytes="8m").facade()
+    try:
+        fs.write_file("/a.bin", os.urandom(5 << 20))
+        fs.write_file("/old.csv", "x" * (2 << 20))
+        packed = pack(fs)
+        ws = put_archive(packed, tmp_path / "ctr")
+        os.rename(ws / "a.bin", ws / "b.bin")  # the whole file under another name
+        os.remove(ws / "old.csv")
+        (ws / "new.csv").write_text("y" * (2 << 20))  # and a replacement of the same size
+        done = apply(fs, get_archive(ws), packed.manifest)
+        assert sorted(fs.readdir("/")) == ["b.bin", "new.csv"]
+        assert sorted(done.deleted) == ["a.bin", "old.csv"]
+        assert fs.read_file("/b.bin", encoding=None) == (ws / "b.bin").read_bytes()
+    finally:
+        fs.close()

@@ -519,9 +519,24 @@ def _apply(workspace: FsxFacade, spool: IO[bytes], base: Manifest, top: str | No
                                      ) from None
         now = manifest(workspace, base)
         seen: set[str] = set()
+        took: set[str] = set()  # paths where fsx now holds what the container holds
+        # Files and links the container deleted go first, so that a rename or a replacement
+        # in the container never holds both copies at once against the workspace's quotas.
+        # Only what fsx still holds as packed is deleted, as below; nothing the container
+        # does not also lack is lost if a later write fails (the cell is told, and the
+        # container keeps the new files for the next copy back).
+        listed = {rel for rel, _ in members}
+        early: set[str] = set()
+        for rel in sorted(set(base) - listed):
+            mine = now.get(rel)
+            if mine is None or mine.kind == "dir" or mine != base[rel]:
+                continue
+            workspace.unlink("/" + rel)
+            result.deleted.append(rel)
+            took.add(rel)
+            early.add(rel)
         made = {""}  # folders fsx now has where the container has them
         replaced: set[str] = set()  # folders of fsx a file or link of the tar took the place of
-        took: set[str] = set()  # paths where fsx now holds what the container holds
         # Conflicts where the container holds another kind of entry than the one fsx keeps:
         # what the container holds there (for the new base), and its folders saved beside.
         theirs: dict[str, Entry] = {}
@@ -629,7 +644,7 @@ def _apply(workspace: FsxFacade, spool: IO[bytes], base: Manifest, top: str | No
                 if target == path:
                     took.add(rel)
         # Deletions: deepest first, only what fsx still holds as packed.
-        for rel in sorted(set(base) - seen, key=lambda r: r.count("/"), reverse=True):
+        for rel in sorted(set(base) - seen - early, key=lambda r: r.count("/"), reverse=True):
             mine = now.get(rel)
             if mine is None or any(_under(rel, top) for top in replaced):
                 took.add(rel)  # gone from fsx too (by itself, or with a replaced folder)
