@@ -59,7 +59,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps({"name": "tierkernel", "stars": 3}).encode(),
                        headers={"X-Test": "yes"})
         elif path == "/deep-json":  # valid JSON, nested deeper than Python decodes
-            self._send(200, b"[" * 100_000 + b"]" * 100_000)
+            self._send(200, b"[" * 5_000 + b"]" * 5_000)
+        elif path == "/dicts":  # 0.9 MB of JSON that would take ~27 MB to decode
+            self._send(200, b"[" + b"{}," * 300_000 + b"{}]")
         elif path == "/text":
             self._send(200, b"plain words\n", "text/plain; charset=utf-8")
         elif path == "/redirect-in":

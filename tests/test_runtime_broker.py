@@ -390,6 +390,10 @@ def test_api_and_ai_results_have_their_own_caps(make, port, ai_url):
     assert g.ai("tiny", "short").response == "echo from tiny: short"
     with pytest.raises(ValueError, match=r"api\(\).*c\.Runtime\.api_max_response_bytes"):
         g.api(f"http://127.0.0.1:{port}/huge")
+    # Under the byte cap, but JSON that would cost the host ~30x its size to decode.
+    with pytest.raises(ValueError, match=r"would take about \d+ MiB to decode on the host.*"
+                                         r"c\.Runtime\.api_max_response_bytes"):
+        g.api(f"http://127.0.0.1:{port}/dicts")
 
 
 def test_console_logs_are_capped_and_say_so(make):

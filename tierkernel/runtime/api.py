@@ -76,10 +76,31 @@ def _host_of(url: httpx.URL) -> str:
     return host
 
 
-def _decode(response: httpx.Response, raw: bytes) -> Any:
+#: How many times the body cap the host may spend decoding one JSON body. Decoded JSON can
+#: take ~24x its text (``[{},{},...]``: a 64-byte dict per 3 bytes), so a body under the cap
+#: could still cost the kernel hundreds of megabytes per call.
+DECODE_FACTOR = 8
+#: What decoding one ``{`` or ``[`` costs at most (an empty dict, plus its slot in a list).
+_CONTAINER_COST = 80
+
+
+def decoded_size(raw: bytes) -> int:
+    """An upper estimate of the memory ``json.loads(raw)`` takes, from one pass over the text:
+    containers dominate (numbers and strings cost a small multiple of their text)."""
+    return _CONTAINER_COST * (raw.count(b"{") + raw.count(b"[")) + 4 * len(raw)
+
+
+def _decode(response: httpx.Response, raw: bytes, max_bytes: int, url: str) -> Any:
     kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
     text = raw.decode(response.encoding or "utf-8", errors="replace")
     if kind == "application/json" or kind.endswith("+json"):
+        estimate = decoded_size(raw)
+        if estimate > DECODE_FACTOR * max_bytes:
+            raise ValueError(
+                f"api() {url} returned {len(raw)} bytes of JSON that would take about "
+                f"{estimate >> 20} MiB to decode on the host, over {DECODE_FACTOR}x the "
+                f"{max_bytes}-byte limit (c.Runtime.api_max_response_bytes); ask the server "
+                "for less (paging, fewer fields), or raise that setting")
         try:
             return json.loads(text)
         except (ValueError, RecursionError):
@@ -199,7 +220,7 @@ def request(
                 value = {
                     "status": response.status_code,
                     "headers": {k: v for k, v in response.headers.items()},
-                    "body": _decode(response, body),
+                    "body": _decode(response, body, limits.max_bytes, url),
                     "ok": 200 <= response.status_code < 300,
                     "url": str(final),
                 }
