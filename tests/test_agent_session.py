@@ -338,3 +338,17 @@ def test_a_helper_call_of_an_earlier_cell_is_refused_and_blamed_on_that_cell():
 def test_the_line_limit_is_above_every_legitimate_message():
     assert line_limit_for(16 << 20) > 2 * (16 << 20)
     assert line_limit_for(1 << 20) >= 32 << 20
+
+
+def test_a_deeply_nested_message_is_dropped_and_the_cell_still_ends():
+    """json.loads raises RecursionError (not ValueError) on deep nesting: a forged line of
+    brackets must not end the reader thread, which would leave the cell waiting forever."""
+    agent = ScriptedAgent(lambda cid: [b"[" * 100_000 + b"\n", b'{"a": ' * 100_000 + b"\n",
+                                       {"type": "stream", "id": cid, "name": "stdout",
+                                        "text": "after\n"}])
+    session = AgentSession(agent, tier="scripted")
+    session.wait_ready(5)
+    result, sink = _run(session, timeout=5)
+    assert result.success, result.error
+    assert sink.texts == ["after\n"]
+    assert session.alive

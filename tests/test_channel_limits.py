@@ -133,6 +133,20 @@ def test_a_flood_of_forged_messages_of_any_type_is_capped(tk):
     _next_cell_works(session, tier)
 
 
+def test_a_deeply_nested_message_does_not_stop_the_kernel_reading(tk):
+    """Case 7: a forged line of 100,000 brackets (json.loads raises RecursionError on it) is
+    dropped; the cell's later output and its end are still read."""
+    session, tier = tk
+    if tier == "wasm":
+        pytest.skip("a wasm guest sends objects through the runtime's tools, not JSON lines")
+    code = ("os.write(A.channel._out.fileno(), b'[' * 100000 + b'\\n')\n"
+            "print('after')")
+    out = session.run(_cell(tier, code, " --timeout 20"), timeout=60)
+    assert out.status == "ok", str(out.outputs)[-2000:]
+    assert out.stdout == "after\n"
+    _next_cell_works(session, tier)
+
+
 def test_raw_console_calls_count_against_the_output_limit(tk, home):
     """Case 9: console entries sent through the helper channel by hand (no print) are output
     too, and stop being recorded past the limit."""

@@ -495,7 +495,7 @@ class AgentSession:
                 continue
             try:
                 msg = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting raises RecursionError
                 log.debug("%s agent sent a bad line: %r", self.tier, line[:200])
                 continue
             try:
