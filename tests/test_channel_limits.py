@@ -226,6 +226,38 @@ def test_processes_left_behind_do_not_outlive_an_agent_restart_under_gvisor():
         session.close()
 
 
+def test_a_process_that_keeps_forking_does_not_outlive_an_agent_restart(tk):
+    """Case 10: a process that forks a child and exits, over and over (a new pid each time,
+    never the one the host saw a moment ago), is killed with its agent all the same."""
+    session, tier = tk
+    if tier == "wasm":
+        pytest.skip("a wasm guest has no processes")
+    head = f"%%tier {tier}\n"
+    # (A fork refused by the pids limit, while the exited ones wait to be reaped, is retried.)
+    churn = ("import os\nwhile True:\n    try:\n        if os.fork():\n            os._exit(0)\n"
+             "    except OSError:\n        pass\n")
+    # Eight of them, and sleepers for the host's listing to go through before it reaches them.
+    started = session.run(f"{head}import subprocess, sys, time\n"
+                          "for _ in range(8):\n"
+                          f"    subprocess.Popen([sys.executable, '-c', {churn!r}, 'tk-churn'])\n"
+                          "sleepers = [subprocess.Popen(['sleep', '1000']) for _ in range(120)]\n"
+                          "time.sleep(0.5)")
+    assert started.status == "ok", started.outputs
+    lost = session.run(f"{head}import os\nos._exit(1)")
+    assert lost.error["ename"] == "TierSessionLost", lost.outputs
+    check = session.run(
+        f"{head}import os, time\n"
+        "def churning():\n    found = []\n    for p in os.listdir('/proc'):\n"
+        "        try:\n            with open(f'/proc/{p}/cmdline', 'rb') as f:\n"
+        "                if b'tk-churn' in f.read():\n                    found.append(p)\n"
+        "        except OSError:\n            pass\n    return found\n"
+        "for _ in range(20):\n    if not churning():\n        break\n    time.sleep(0.1)\n"
+        "churning()")
+    assert check.status == "ok", check.outputs
+    assert check.result["text/plain"] == "[]"
+    _next_cell_works(session, tier)
+
+
 def _leftovers_die_with_their_agent(session: KernelSession, head: str) -> None:
     started = session.run(
         f"{head}import subprocess, sys\n"
