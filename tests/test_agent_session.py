@@ -352,3 +352,32 @@ def test_a_deeply_nested_message_is_dropped_and_the_cell_still_ends():
     assert result.success, result.error
     assert sink.texts == ["after\n"]
     assert session.alive
+
+
+def test_refused_calls_of_an_earlier_cell_are_audited_only_up_to_the_helper_limit():
+    """Each refusal of an earlier cell's call is an audit row: a flood of them (forged, or a
+    thread left behind in a loop) is counted like any helper call, and past the limit refused
+    without writing anything, during a cell and between cells alike."""
+    cells: list[str] = []
+
+    def script(cid: str) -> list[Any]:
+        cells.append(cid)
+        if len(cells) == 1:
+            return []
+        return [_console(cells[0], i, "late") for i in range(300)]
+
+    agent = ScriptedAgent(script)
+    session = AgentSession(agent, tier="scripted", helper_limit=50)
+    session.wait_ready(5)
+    first, second = Route(), Route()
+    _run(session, helpers=first)
+    _run(session, helpers=second)
+    assert _wait_for(lambda: len(agent.answers()) == 300)
+    assert len(first.refused) == 50 and not second.calls
+    assert all(not a["ok"] for a in agent.answers())
+    for i in range(300):  # between cells: no cell runs, the same bound
+        agent.lines.put((json.dumps(_console(cells[0], i, "idle")) + "\n").encode())
+    assert _wait_for(lambda: sum(1 for m in agent.sent if m.get("type") == "helper") == 0
+                     and agent.lines.empty())
+    time.sleep(0.2)
+    assert len(first.refused) <= 100

@@ -205,6 +205,23 @@ def test_a_thread_left_by_a_cell_gets_no_helper_access_later(tk, home):
     assert "background work of an earlier cell" in str(blamed[-1][3])
 
 
+def test_refusals_of_an_earlier_cells_calls_are_recorded_only_up_to_the_helper_limit(tk, home):
+    """Case 9: each call refused as an earlier cell's is an audit row of that cell; a flood of
+    them is counted against the helper limit (200 here), past which nothing more is written."""
+    session, tier = tk
+    if tier == "wasm":
+        pytest.skip("a wasm guest's helper calls are the running cell's: it cannot tag them")
+    first = session.run(_cell(tier, "earlier = A.cell_id"))
+    assert first.status == "ok", first.outputs
+    flood = session.run(_cell(tier, "for i in range(1000):\n    emit({'type': 'helper', "
+                              "'id': earlier, 'seq': None, 'request': {'helper': 'console', "
+                              "'args': {'level': 'log', 'message': 'x'}}})\ntime.sleep(1)"))
+    assert flood.status == "ok", flood.outputs
+    blamed = _audit(home, first.metadata["tierkernel"]["execution_id"])
+    assert 0 < len(blamed) <= 200, len(blamed)
+    _next_cell_works(session, tier)
+
+
 def test_processes_left_behind_do_not_outlive_an_agent_restart(tk):
     """Case 10: whatever a cell leaves running (a look-alike of the container's keeper
     included) is killed when the agent is restarted."""

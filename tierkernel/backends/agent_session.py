@@ -214,6 +214,8 @@ class AgentSession:
         self.settings = settings or f"the {tier} tier's settings"
         #: Lines received while no cell ran (a background thread's, or forged).
         self._idle_messages = 0
+        #: Helper calls refused while no cell ran (each may be an audit row: see _admit).
+        self._idle_helper_calls = 0
         #: The last cells' helper routes, by cell id: a call tagged with one of them after
         #: that cell ended is refused and audited under it (see _on_helper).
         self._recent: OrderedDict[str, HelperGateway | None] = OrderedDict()
@@ -392,7 +394,7 @@ class AgentSession:
         self.workspace_changed = False  # said by this cell's "done", if it sends one
         with self._lock:
             self._cell = cell
-            self._idle_messages = 0
+            self._idle_messages = self._idle_helper_calls = 0
             self._recent[cell.id] = helpers
             while len(self._recent) > 64:
                 self._recent.popitem(last=False)
@@ -679,7 +681,16 @@ class AgentSession:
                        "and thread pools started in it may call them while it runs)")
             route = self._recent.get(origin) if isinstance(origin, str) else None
             refuse = getattr(route, "refuse", None)
-            if refuse is not None and isinstance(request, dict):
+            # Each recorded refusal is an audit row: counted like any helper call (of the
+            # running cell, or of the time between cells), and past the limit not recorded.
+            with self._lock:
+                if cell is not None and not cell.done.is_set():
+                    cell.helper_calls += 1
+                    recorded = cell.helper_calls <= self.helper_limit
+                else:
+                    self._idle_helper_calls += 1
+                    recorded = self._idle_helper_calls <= self.helper_limit
+            if refuse is not None and recorded and isinstance(request, dict):
                 with contextlib.suppress(Exception):  # the audit is best effort here
                     return dict(refuse(request, message))
             return _refusal("PermissionError", message)
