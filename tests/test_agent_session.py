@@ -372,7 +372,8 @@ def test_refused_calls_of_an_earlier_cell_are_audited_only_up_to_the_helper_limi
     first, second = Route(), Route()
     _run(session, helpers=first)
     _run(session, helpers=second)
-    assert _wait_for(lambda: len(agent.answers()) == 300)
+    # (Refusals waiting to be sent past 256 are dropped: not all 300 need be answered.)
+    assert _wait_for(lambda: agent.lines.empty() and len(agent.answers()) >= 256)
     assert len(first.refused) == 50 and not second.calls
     assert all(not a["ok"] for a in agent.answers())
     for i in range(300):  # between cells: no cell runs, the same bound
