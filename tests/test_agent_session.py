@@ -382,3 +382,38 @@ def test_refused_calls_of_an_earlier_cell_are_audited_only_up_to_the_helper_limi
                      and agent.lines.empty())
     time.sleep(0.2)
     assert len(first.refused) <= 100
+
+
+class UnreadAgent(ScriptedAgent):
+    """An agent that never reads its answers: the host's writes of them block (a full pipe)."""
+
+    def __init__(self, script: Any) -> None:
+        super().__init__(script, done=False)
+        self.unblock = threading.Event()
+        self.blocked = 0
+
+    def send(self, data: bytes) -> None:
+        if b'"helper_result"' in data:
+            self.blocked += 1
+            self.unblock.wait(10)
+            self.blocked -= 1
+        super().send(data)
+
+
+def test_answers_the_agent_never_reads_hold_their_helper_slot():
+    """A cell that sends helper requests and never reads the answers: each answer waiting to be
+    written holds a host thread (and the answer), so it still counts as a call running."""
+    agent = UnreadAgent(lambda cid: [_console(cid, i, "x") for i in range(40)])
+    session = AgentSession(agent, tier="scripted", helper_concurrency=3)
+    session.wait_ready(5)
+    threads_before = threading.active_count()
+    worker = threading.Thread(target=_run, args=(session, lambda r: {"ok": True, "value": 1}),
+                              daemon=True)
+    worker.start()
+    assert _wait_for(lambda: agent.lines.empty(), 5)
+    time.sleep(0.5)
+    assert threading.active_count() - threads_before <= 3 + 2, threading.active_count()
+    agent.unblock.set()
+    session.interrupt()
+    agent.kill()
+    worker.join(5)

@@ -719,14 +719,16 @@ class AgentSession:
         return None
 
     def _answer_helper(self, cell: _Cell, seq: Any, request: Any) -> None:
+        # The call holds its slot until its answer is written: an agent that does not read
+        # its answers blocks that write, and each blocked one is a thread holding an answer.
         try:
             response = self._run_helper(cell, request)
+            reply = {"type": "helper_result", "seq": seq, "response": response}
+            with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
+                self.transport.send((json.dumps(reply) + "\n").encode())
         finally:
             with self._lock:
                 cell.helpers_running -= 1
-        reply = {"type": "helper_result", "seq": seq, "response": response}
-        with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
-            self.transport.send((json.dumps(reply) + "\n").encode())
 
     def _run_helper(self, cell: _Cell, request: Any) -> dict[str, Any]:
         if cell.helpers is None:
