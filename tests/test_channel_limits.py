@@ -88,10 +88,11 @@ def test_an_endless_line_ends_the_cell_and_never_grows_the_kernel(tk):
     then kills the agent, which is no longer to be trusted."""
     session, tier = tk
     if tier == "wasm":
-        # The guest's channel is the runtime's tool protocol: one frame is at most 1 MiB, and
-        # a turn's frames at most the line limit, counted before they are read.
-        code = ("emit({'type': 'stream', 'id': A.cell_id, 'name': 'stdout', "
-                "'text': 'x' * (2 << 20)})")
+        # The guest's channel is the runtime's tool protocol: one frame is at most 1 MiB (see
+        # the next test), and a turn's frames at most the line limit, counted before they are
+        # read: frames just under 1 MiB (of no cell's: not output) past it.
+        code = ("for _ in range(8):\n    emit({'type': 'bogus', "
+                "'pad': 'x' * 1000000})")
     else:
         code = ("chunk = b'x' * (1 << 20)\nfor _ in range(64):\n"
                 "    os.write(A.channel._out.fileno(), chunk)\ntime.sleep(60)")
@@ -102,6 +103,22 @@ def test_an_endless_line_ends_the_cell_and_never_grows_the_kernel(tk):
     if tier != "wasm":  # the runtime refused the frame unread: the session is intact
         assert "longer than 4 MiB" in out.reply["evalue"]
         assert "Its variables are gone" in out.reply["evalue"]
+    _next_cell_works(session, tier)
+
+
+def test_a_wasm_display_over_the_runtimes_message_cap_says_what_to_do(tk):
+    """A wasm cell's rich output larger than the runtime's fixed 1 MiB cap on one message
+    (a 3 MB PNG): the error says which cap, that no setting raises it, and what to do
+    instead; it does not send the user to the line or message limits, which do not help."""
+    session, tier = tk
+    if tier != "wasm":
+        pytest.skip("the runtime's per-message cap is the wasm tier's")
+    out = session.run("%%tier wasm\nimport os\nclass P:\n    def _repr_png_(self):\n"
+                      "        return b'\\x89PNG' + os.urandom(3 << 20)\nP()")
+    assert out.reply["ename"] == "ChannelLimitError", str(out.outputs)[-2000:]
+    assert "1 MiB" in out.reply["evalue"] and "fixed" in out.reply["evalue"]
+    assert "sandbox tier" in out.reply["evalue"]
+    assert "line_limit" not in out.reply["evalue"]
     _next_cell_works(session, tier)
 
 
