@@ -417,3 +417,29 @@ def test_answers_the_agent_never_reads_hold_their_helper_slot():
     session.interrupt()
     agent.kill()
     worker.join(5)
+
+
+def test_lines_of_no_cell_count_against_the_running_cells_output_limit():
+    """Lines the host does not forward (no cell id, another cell's, answers nobody asked for)
+    are still bytes the guest made the kernel read and decode: counted as the cell's output."""
+    pad = "x" * 1000
+    agent = ScriptedAgent(lambda cid: [{"type": "bogus", "pad": pad}, {"id": "other", "pad": pad},
+                                       {"type": "packed", "seq": 99, "pad": pad}] * 20)
+    session = AgentSession(agent, tier="scripted", output_limit=20_000,
+                           settings="c.ScriptedBackend")
+    session.wait_ready(5)
+    result, _ = _run(session)
+    assert result.error is not None and result.error.ename == "OutputLimitError"
+    assert "c.ScriptedBackend.output_limit" in result.error.evalue
+
+
+def test_unasked_bytes_between_cells_past_the_line_limit_kill_the_agent():
+    """Between cells nothing legitimate talks unasked: past one line limit's worth of bytes
+    (each line under it) the agent is killed, as past the message limit."""
+    agent = ScriptedAgent(lambda cid: [])
+    session = AgentSession(agent, tier="scripted", line_limit=10_000)
+    session.wait_ready(5)
+    _run(session)
+    for _ in range(30):
+        agent.lines.put(b'{"type": "bogus", "pad": "' + b"x" * 1000 + b'"}\n')
+    assert _wait_for(agent.killed.is_set)
