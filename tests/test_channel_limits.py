@@ -136,6 +136,19 @@ def test_forged_error_messages_count_against_the_output_limit(tk):
     _next_cell_works(session, tier)
 
 
+def test_forged_lines_of_no_cell_count_against_the_output_limit(tk):
+    """Case 9: lines the kernel reads but forwards nowhere (no cell id, answers nobody asked
+    for) are counted as the cell's output: 2 MB of them pass the 1 MiB output limit."""
+    session, tier = tk
+    code = ("for i in range(100):\n"
+            "    emit({'type': 'bogus', 'pad': 'p' * 10000})\n"
+            "    emit({'type': 'packed', 'seq': 10**6, 'data': 'd' * 10000})\ntime.sleep(30)")
+    out = session.run(_cell(tier, code, " --timeout 60"), timeout=90)
+    assert out.reply["ename"] == "OutputLimitError", str(out.outputs)[-2000:]
+    assert f"c.{BACKENDS[tier]}.output_limit" in out.reply["evalue"]
+    _next_cell_works(session, tier)
+
+
 def test_a_flood_of_forged_messages_of_any_type_is_capped(tk):
     """Case 9: messages of any type, unknown ones included, count against the cell's
     message limit (5,000 here)."""

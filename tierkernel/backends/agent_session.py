@@ -480,6 +480,8 @@ class AgentSession:
                   f"are gone; the next {self.tier} cell starts a fresh interpreter.")
         if cell.stop_reason == "timeout" and self.limit_hint:
             evalue += f" To allow more time, {self.limit_hint}."
+        elif cell.stop_reason == "output":
+            evalue += f" To allow more output, raise {self.settings}.output_limit."
         self._fail(cell, ename, evalue, [])
         cell.finish()
 
