@@ -69,3 +69,42 @@ def test_a_replaced_or_closed_sys_stdout_is_restored(kernel: KernelSession, tier
     out = kernel.run(head + "import sys\nprint('visible')\nprint('err', file=sys.stderr)")
     assert out.status == "ok", out.outputs
     assert out.stdout == "visible\n" and out.stderr == "err\n", out.outputs
+
+
+#: Finds the agent's own descriptors of the fd 1 and fd 2 capture pipes (their read ends and
+#: the saved write ends): every other descriptor of the same pipes.
+_CAPTURE_FDS = (
+    "import os, stat\n"
+    "pipes = {os.fstat(1).st_ino, os.fstat(2).st_ino}\n"
+    "capture = []\n"
+    "for n in range(3, 1024):\n"
+    "    try:\n        st = os.fstat(n)\n    except OSError:\n        continue\n"
+    "    if stat.S_ISFIFO(st.st_mode) and st.st_ino in pipes:\n        capture.append(n)\n")
+
+
+@pytest.mark.parametrize("how", ["close", "replace"])
+@pytest.mark.parametrize("tier", [t for t in TIERS if t != "wasm"])
+def test_a_cell_that_breaks_the_agent_s_capture_fds_does_not_break_later_cells(
+        kernel: KernelSession, tier: str, how: str) -> None:
+    """The agent's saved copies of the capture pipes are plain descriptors a cell can close
+    (``os.closerange``) or overwrite (``dup2``); the next cell's fd-level output (a
+    subprocess, ``os.write(1, ...)``) still reaches the notebook, not a file or nowhere."""
+    _need(tier)
+    head = f"%%tier {tier}\n"
+    kernel.run(head + "pass", timeout=120)
+    breaking = (
+        "for n in capture:\n    os.close(n)\n" if how == "close" else
+        "target = os.open('/tmp/stolen-output', os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n"
+        "for n in capture:\n    os.dup2(target, n)\n")
+    out = kernel.run(head + _CAPTURE_FDS + "assert capture, 'no capture pipes found'\n"
+                     + breaking + "os.close(1); os.close(2)", timeout=60)
+    assert out.status == "ok", out.outputs
+    for attempt in ("first", "second"):
+        out = kernel.run(head + "import os, subprocess\n"
+                         f"os.write(1, b'fd {attempt}\\n')\n"
+                         f"subprocess.run(['echo', 'child {attempt}'])\n"
+                         f"os.write(2, b'err {attempt}\\n')\n", timeout=60)
+        assert out.status == "ok", out.outputs
+        assert f"fd {attempt}\n" in out.stdout and f"child {attempt}\n" in out.stdout, \
+            out.outputs
+        assert f"err {attempt}\n" in out.stderr, out.outputs

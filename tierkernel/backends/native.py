@@ -8,6 +8,7 @@ machinery rather than through the sink. The one thing this tier adds is ``--time
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from types import FrameType
@@ -34,8 +35,19 @@ class IPythonHost(Protocol):
         ...
 
 
-class CellTimeoutError(TimeoutError):
-    """Raised inside a native cell that ran past its ``--timeout``."""
+class CellTimeoutError(KeyboardInterrupt):
+    """Raised inside a native cell that ran past its ``--timeout``.
+
+    A ``KeyboardInterrupt`` (what the stop button raises), not a ``TimeoutError``: code that
+    retries on errors (``except Exception``, or ``except socket.timeout``, which is
+    ``TimeoutError``, as HTTP clients do) must not take the end of the cell's time for one
+    more error to retry, and IPython's and ipykernel's own code, written to survive a click
+    of the stop button at any moment, survives the timeout the same way."""
+
+
+#: Once the deadline has passed, the signal is sent again this often until the cell ends, so
+#: a cell that caught it (a bare ``except``) is stopped at its next blocking call.
+REPEAT_SECONDS = 1.0
 
 
 class _Watchdog:
@@ -54,6 +66,7 @@ class _Watchdog:
         self.armed = True
         self._main = threading.main_thread().ident
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
 
@@ -61,22 +74,35 @@ class _Watchdog:
         self._timer.start()
 
     def _fire(self) -> None:
-        with self._lock:
-            if not self.armed or self._main is None:
+        while True:
+            with self._lock:
+                if not self.armed or self._main is None:
+                    return
+                self.fired = True
+                signal.pthread_kill(self._main, signal.SIGINT)
+            if self._stop.wait(REPEAT_SECONDS):
                 return
-            self.fired = True
-            signal.pthread_kill(self._main, signal.SIGINT)
 
     def disarm(self) -> None:
         """No signal is sent from now on (one already sent may still be on its way)."""
         with self._lock:
             self.armed = False
+        self._stop.set()
         self._timer.cancel()
 
     def join(self) -> None:
         """Wait for the timer thread: once it is gone, a signal it sent has been delivered
         to this thread (signals are taken on every return from the kernel)."""
         self._timer.join()
+
+
+def _post_execute_callbacks(host: object) -> list[Any] | None:
+    """The list of IPython's ``post_execute`` callbacks of the kernel's shell, if it has one
+    (they run first thing once a cell's code has ended, whatever happened in it)."""
+    events = getattr(getattr(host, "shell", None), "events", None)
+    callbacks = getattr(events, "callbacks", None)
+    found = callbacks.get("post_execute") if isinstance(callbacks, dict) else None
+    return found if isinstance(found, list) else None
 
 
 def _run_pending_handlers() -> None:
@@ -134,11 +160,22 @@ class NativeBackend(Backend):
                 )
             raise KeyboardInterrupt
 
+        # The cell's time ends with its code: IPython's own work after it (post_execute and
+        # post_run_cell hooks, the reply) is never interrupted by the timer.
+        post_execute = _post_execute_callbacks(self.host)
+
+        def code_ended() -> None:
+            watchdog.disarm()
+
         previous = signal.signal(signal.SIGINT, on_sigint)
+        if post_execute is not None:
+            post_execute.insert(0, code_ended)
         watchdog.start()
         try:
             reply = await self.host.run_ipython_cell(request)
         finally:
+            if post_execute is not None and code_ended in post_execute:
+                post_execute.remove(code_ended)
             # Until the watchdog is disarmed its signal may still interrupt this cleanup; once
             # it is, the handler ignores it. Our handler stays until a signal the timer sent
             # has been delivered and handled, so none is left for the kernel's own handler.
@@ -150,7 +187,20 @@ class NativeBackend(Backend):
                     continue
             watchdog.join()
             _run_pending_handlers()
+            taken = signal.getsignal(signal.SIGINT) is not on_sigint
             signal.signal(signal.SIGINT, previous)
+        if watchdog.fired and reply.get("ename") == "CancelledError":
+            # A cell awaiting at top level: ipykernel turned the SIGINT into cancelling it.
+            print(f"the cell was cancelled at its {seconds:g} s limit; raise it with "
+                  "'%%tier native --timeout SECONDS' or c.NativeBackend.timeout",
+                  file=sys.stderr, flush=True)
+        elif watchdog.fired and taken and reply.get("status") == "ok":
+            # The cell took SIGINT for itself (SIG_IGN or its own handler), so the timeout
+            # could not stop it: trusted native code can, as it can ignore the stop button.
+            # Say so on the cell's stderr (still this cell's: the reply is not sent yet).
+            print(f"the cell ran past its {seconds:g} s limit: it had replaced the SIGINT "
+                  "handler the timeout works through, so it was not stopped",
+                  file=sys.stderr, flush=True)
         return self._result(reply, time.perf_counter() - start, usage)
 
     def _result(self, reply: dict[str, Any], duration: float, usage: SelfUsage) -> ExecResult:

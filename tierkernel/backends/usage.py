@@ -21,8 +21,11 @@ the host cannot read here is None (a remote engine, another cgroup layout), neve
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import resource
+import stat
 import time
 from typing import Protocol
 
@@ -173,29 +176,63 @@ class ProcessUsage:
 
 _CGROUP = "/sys/fs/cgroup"
 
+#: A container id as the engine gives it: 64 lowercase hex digits, nothing else. Anything
+#: else (an empty id, a short one, a path) never names a cgroup folder: with an empty id the
+#: container's folder would be the engine's own (``.../memory/docker``), whose peak is every
+#: container's.
+_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _own_folder(parent: str, name: str) -> str | None:
+    """``parent/name`` resolved, if it is a real folder directly inside ``parent`` (resolved
+    too), reached through no symbolic link; None otherwise."""
+    base = os.path.realpath(parent)
+    folder = os.path.join(base, name)
+    if os.path.realpath(folder) != folder or os.path.dirname(folder) != base:
+        return None
+    return folder if os.path.isdir(folder) else None
+
 
 def container_cgroups(container_id: str) -> dict[str, str]:
     """The container's cgroup folders on this host, by what they hold (``cpu``, ``memory``,
     ``pids``), for cgroup v1 (one hierarchy per controller) or v2 (one folder); empty when
-    the host does not show them (a remote engine, another layout)."""
-    v1 = {"cpu": f"{_CGROUP}/cpuacct/docker/{container_id}",
-          "memory": f"{_CGROUP}/memory/docker/{container_id}",
-          "pids": f"{_CGROUP}/pids/docker/{container_id}"}
-    found = {kind: path for kind, path in v1.items() if os.path.isdir(path)}
+    the host does not show them (a remote engine, another layout) or ``container_id`` is not
+    an engine's container id. Each folder is the container's own: directly inside the
+    engine's cgroup folder, reached through no symbolic link."""
+    if not _CONTAINER_ID.fullmatch(container_id):
+        return {}
+    found: dict[str, str] = {}
+    for kind, hierarchy in (("cpu", "cpuacct"), ("memory", "memory"), ("pids", "pids")):
+        folder = _own_folder(f"{_CGROUP}/{hierarchy}/docker", container_id)
+        if folder is not None:
+            found[kind] = folder
     if found:
         return found
-    for path in (f"{_CGROUP}/docker/{container_id}",
-                 f"{_CGROUP}/system.slice/docker-{container_id}.scope"):
-        if os.path.exists(f"{path}/cgroup.controllers"):
-            return {"cpu": path, "memory": path, "pids": path, "v2": path}
+    for parent, name in ((f"{_CGROUP}/docker", container_id),
+                         (f"{_CGROUP}/system.slice", f"docker-{container_id}.scope")):
+        folder = _own_folder(parent, name)
+        if folder is not None and os.path.exists(f"{folder}/cgroup.controllers"):
+            return {"cpu": folder, "memory": folder, "pids": folder, "v2": folder}
     return {}
+
+
+def _open_file(path: str, flags: int) -> int:
+    """Open an existing regular file, never through a symbolic link, never creating one."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
 
 
 def _read_int(path: str, key: str | None = None) -> int | None:
     """An integer cgroup file, or the value of ``key`` in a ``key value`` one."""
     try:
-        with open(path, "rb") as handle:
-            text = handle.read()
+        fd = _open_file(path, os.O_RDONLY)
+        try:
+            text = os.read(fd, 65536)
+        finally:
+            os.close(fd)
         if key is None:
             return int(text.strip())
         for line in text.splitlines():
@@ -263,8 +300,13 @@ class ContainerUsage:
         path = self._dir("memory")
         if path is not None and not (self._dirs and "v2" in self._dirs):
             try:
-                with open(f"{path}/memory.max_usage_in_bytes", "wb", buffering=0) as handle:
-                    handle.write(b"0")  # v1: the peak restarts from the current usage
+                # The container's own file only (see container_cgroups): never created,
+                # never reached through a link.
+                fd = _open_file(f"{path}/memory.max_usage_in_bytes", os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")  # v1: the peak restarts from the current usage
+                finally:
+                    os.close(fd)
                 self._mem_reset = True
             except OSError:
                 pass

@@ -219,6 +219,8 @@ class Agent:
         self._fd_readers: dict[str, _FdPump] = {}
         #: The write end of each capture pipe, by the fd it serves (see restore_streams).
         self._fd_saved: dict[int, int] = {}
+        #: Which pipe each of them is (see _capture_intact).
+        self._fd_pipes: dict[int, tuple[int, int] | None] = {}
         self._sent_result = False
         #: The host's request stream (set by main()); helper answers are read from it.
         self.requests: Any = None
@@ -596,12 +598,26 @@ class Agent:
         subprocesses), so a cell closing fd 1 or 2 never ends a pump, and
         :meth:`restore_streams` can put the pipe back."""
         for fd, name in ((1, "stdout"), (2, "stderr")):
-            read_end, write_end = os.pipe()
-            os.dup2(write_end, fd)
-            self._fd_saved[fd] = write_end
-            pump = _FdPump(self, read_end, name)
-            pump.start()
-            self._fd_readers[name] = pump
+            self._capture_fd(fd, name)
+
+    def _capture_fd(self, fd: int, name: str) -> None:
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        self._fd_saved[fd] = write_end
+        self._fd_pipes[fd] = _fd_identity(write_end)
+        pump = _FdPump(self, read_end, name)
+        pump.start()
+        self._fd_readers[name] = pump
+
+    def _capture_intact(self, fd: int, name: str) -> bool:
+        """Whether the agent's own descriptors of ``fd``'s capture pipe are still that pipe
+        and its pump still reads it: a cell may have closed them (``os.closerange``) or put
+        another file on their numbers (``dup2``), which a plain ``dup2`` back would copy."""
+        pipe = self._fd_pipes.get(fd)
+        pump = self._fd_readers.get(name)
+        return (pipe is not None and pump is not None and pump.is_alive()
+                and _fd_identity(self._fd_saved[fd]) == pipe
+                and _fd_identity(pump.fd) == pipe)
 
     def restore_streams(self) -> None:
         """Give the cells their output back, as IPython does: ``sys.stdout``/``sys.stderr``
@@ -617,9 +633,16 @@ class Agent:
         self._restore_fds()
 
     def _restore_fds(self) -> None:
-        for fd, saved in self._fd_saved.items():
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            if fd not in self._fd_saved:
+                continue
             with contextlib.suppress(OSError):
-                os.dup2(saved, fd)
+                if self._capture_intact(fd, name):
+                    os.dup2(self._fd_saved[fd], fd)
+                else:
+                    # A new pipe and pump; the old pump, if it still runs, ends at its EOF.
+                    # The broken numbers are the cell's now: never closed here.
+                    self._capture_fd(fd, name)
 
     def _drain_fds(self) -> None:
         for pump in self._fd_readers.values():
@@ -659,11 +682,15 @@ class _FdPump(threading.Thread):
                 select.select([self.fd], [], [])
             except InterruptedError:
                 continue
+            except (OSError, ValueError):  # a cell closed the read end: restore_streams
+                return                     # makes a new pipe and pump
             with self._lock:
                 try:
                     chunk = os.read(self.fd, 65536)
                 except InterruptedError:
                     continue
+                except OSError:
+                    return
                 if not chunk:
                     return
                 text = held + decoder.decode(chunk)
@@ -698,6 +725,15 @@ class _FdPump(threading.Thread):
         except OSError:
             return
         self._drained.wait(timeout)
+
+
+def _fd_identity(fd: int) -> tuple[int, int] | None:
+    """The (device, inode) of what ``fd`` is open on; None when it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _unread(fd: int) -> int:
