@@ -58,6 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/json":
             self._send(200, json.dumps({"name": "tierkernel", "stars": 3}).encode(),
                        headers={"X-Test": "yes"})
+        elif path == "/deep-json":  # valid JSON, nested deeper than Python decodes
+            self._send(200, b"[" * 100_000 + b"]" * 100_000)
         elif path == "/text":
             self._send(200, b"plain words\n", "text/plain; charset=utf-8")
         elif path == "/redirect-in":

@@ -59,6 +59,8 @@ def tk(request: pytest.FixtureRequest, home: Path) -> Iterator[tuple[KernelSessi
         sandbox_support.need_sandbox()
     options = [f"--{cls}.{name}={value}" for cls in BACKENDS.values()
                for name, value in LIMITS.items()]
+    # The test's HTTP server is on loopback, which api() refuses unless allowed.
+    options.append("--Runtime.api_allowed_networks=127.0.0.1/32")
     env = {**os.environ, "TIERKERNEL_AUDIT_LOG": str(home / "audit.sqlite3"),
            "TIERKERNEL_DB_PATH": str(home / "db.sqlite3")}
     session = KernelSession(extra_arguments=options, env=env)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
+from jupyter_client.manager import KernelManager
 
 REPO = Path(__file__).resolve().parent.parent
 TIERKERNEL = [sys.executable, "-m", "tierkernel.cli"]
@@ -28,11 +31,41 @@ def test_install_prefix_writes_a_python_kernelspec(tmp_path):
     assert spec["language"] == "python"
     assert spec["interrupt_mode"] == "signal"
     assert spec["display_name"] == "TK test"
-    assert spec["argv"][1:3] == ["-m", "tierkernel"] and "{connection_file}" in spec["argv"]
+    assert spec["argv"][1:4] == ["-Xfrozen_modules=off", "-m", "tierkernel"]
+    assert "{connection_file}" in spec["argv"]
     assert (spec_dir / "logo-64x64.png").exists()
     listed = run([sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
                  env={"JUPYTER_PATH": str(tmp_path / "share" / "jupyter")})
     assert "tk-test" in json.loads(listed.stdout)["kernelspecs"]
+
+
+def test_kernel_start_publishes_nothing_before_the_first_cell():
+    """ipykernel imports debugpy at start; with frozen modules on, debugpy's warning reached
+    iopub as a stderr stream, sometimes ahead of the iopub_welcome clients wait for. The
+    channels are read from the very start (start_new_kernel would drain early messages)."""
+    km = KernelManager(kernel_name="tierkernel")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        msg_id = kc.execute("import time; time.sleep(0.3)")
+        seen, idle = [], False
+        deadline = time.monotonic() + 60
+        while not idle and time.monotonic() < deadline:
+            try:
+                msg = kc.get_iopub_msg(timeout=1)
+            except queue.Empty:
+                continue
+            ours = msg["parent_header"].get("msg_id") == msg_id
+            idle = ours and msg["msg_type"] == "status" and (
+                msg["content"]["execution_state"] == "idle")
+            if not ours:
+                seen.append((msg["msg_type"], msg["content"].get("text")))
+        assert idle
+        assert [kind for kind, _ in seen if kind == "stream"] == [], seen
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def test_install_user_and_default_tier(tmp_path):
@@ -59,6 +92,8 @@ def test_python_m_tierkernel_is_the_kernel_app():
     assert done.returncode == 0
     assert "TierKernel.default_tier" in done.stdout
     assert "ProcessBackend.timeout" in done.stdout and "NativeBackend.timeout" in done.stdout
+    assert all(f"--Fsx.{quota}=" in done.stdout for quota in (
+        "max_bytes", "max_entries", "max_file_size", "max_depth", "max_path_length"))
 
 
 def test_run_executes_the_tour_and_summarises_every_cell(tmp_path):

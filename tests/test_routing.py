@@ -169,6 +169,97 @@ def test_native_timeout(kernel: KernelSession):
     assert kernel.run("'after'").result["text/plain"] == "'after'"
 
 
+def test_native_timeout_stops_blocking_calls(kernel: KernelSession):
+    """The timeout delivers what the stop button does (SIGINT to the kernel's main thread), so
+    a sleep or a read that never returns is cut off at the deadline, not after it ends."""
+    start = time.monotonic()
+    out = kernel.run("%%tier native --timeout 1\nimport time\ntime.sleep(30)")
+    assert time.monotonic() - start < 15
+    assert out.status == "error" and out.error["ename"] == "CellTimeoutError"
+    assert "1 s limit" in out.error["evalue"]
+    # A server on 127.0.0.1 that accepts and never answers: recv() blocks in C.
+    start = time.monotonic()
+    out = kernel.run(
+        "%%tier native --timeout 1\nimport socket\n"
+        "server = socket.create_server(('127.0.0.1', 0))\n"
+        "client = socket.create_connection(server.getsockname())\n"
+        "try:\n    client.recv(10)\nfinally:\n    client.close(); server.close()")
+    assert time.monotonic() - start < 15
+    assert out.status == "error" and out.error["ename"] == "CellTimeoutError"
+    # A timer due just as a cell ends never reaches the next cell.
+    for _ in range(5):
+        out = kernel.run("%%tier native --timeout 0.05\nimport time\n"
+                         "t = time.monotonic()\nwhile time.monotonic() - t < 0.045: pass")
+        assert out.status in ("ok", "error")
+        after = kernel.run("import time; time.sleep(0.2); 'next'")
+        assert after.status == "ok", after.outputs
+        assert after.result["text/plain"] == "'next'"
+
+
+def test_native_timeout_is_not_swallowed_by_the_cell_s_error_handling(kernel: KernelSession):
+    """Code that retries on errors (``except Exception``, ``except socket.timeout``, which is
+    ``TimeoutError``, as urllib3 and many clients do) must not turn the timeout into one more
+    retry: the cell still ends at its limit with CellTimeoutError."""
+    for handler in ("Exception", "OSError", "socket.timeout", "TimeoutError"):
+        out = kernel.run(
+            "%%tier native --timeout 0.5\nimport socket, time\n"
+            "started = time.monotonic()\n"
+            "while time.monotonic() - started < 4:\n"
+            f"    try:\n        time.sleep(0.2)\n    except {handler}:\n        pass\n"
+            "print('ran to its end')")
+        assert out.status == "error", (handler, out.stdout)
+        assert out.error["ename"] == "CellTimeoutError"
+        assert "ran to its end" not in out.stdout
+    # A cell that catches even that once (a bare except) is interrupted again a moment later.
+    out = kernel.run(
+        "%%tier native --timeout 0.5\nimport time\n"
+        "try:\n    time.sleep(4)\nexcept BaseException:\n    print('caught')\n"
+        "time.sleep(4)\nprint('ran to its end')")
+    assert out.status == "error" and out.error["ename"] == "CellTimeoutError"
+    assert "caught" in out.stdout and "ran to its end" not in out.stdout
+    assert kernel.run("import time; time.sleep(1.2); 'next'").result["text/plain"] == "'next'"
+
+
+def test_a_native_timeout_due_after_the_cell_s_code_ended_is_not_raised(kernel: KernelSession):
+    """The deadline passing while IPython finishes the cell (here in a slow post_run_cell hook,
+    as extensions register) is not the cell's: the reply comes, ok, with no timeout error."""
+    kernel.run("import time\ndef _slow_hook(*args):\n    time.sleep(1.2)\n"
+               "get_ipython().events.register('post_run_cell', _slow_hook)")
+    try:
+        out = kernel.run("%%tier native --timeout 0.3\n'quick'", timeout=30)
+        assert out.status == "ok", out.outputs
+        assert out.result["text/plain"] == "'quick'"
+        assert not out.of_type("error") and "CellTimeoutError" not in out.stdout, out.outputs
+    finally:
+        kernel.run("get_ipython().events.unregister('post_run_cell', _slow_hook)")
+    assert kernel.run("'next'").result["text/plain"] == "'next'"
+
+
+def test_a_native_cell_that_ignores_its_timeout_is_told_so(kernel: KernelSession):
+    """A trusted native cell can take SIGINT for itself (SIG_IGN, its own handler), and so
+    run past its limit, as it can ignore the stop button; the user is told it did."""
+    for handler in ("signal.SIG_IGN", "lambda *args: None"):
+        out = kernel.run("%%tier native --timeout 0.3\nimport signal, time\n"
+                         f"signal.signal(signal.SIGINT, {handler})\ntime.sleep(1)\n"
+                         "print('ended')", timeout=30)
+        assert "ended" in out.stdout, out.outputs
+        assert "ran past its 0.3 s limit" in out.stderr, out.outputs
+        assert "SIGINT" in out.stderr, out.outputs
+    # The kernel's own handler is back: the stop button works on the next cell.
+    out = kernel.run("import time\ntime.sleep(20)", interrupt_after=1.0)
+    assert out.status == "error" and out.error["ename"] == "KeyboardInterrupt"
+
+
+def test_an_async_native_cell_over_its_timeout_says_which_limit(kernel: KernelSession):
+    """A cell awaiting at top level runs on the kernel's event loop, where ipykernel turns
+    SIGINT into cancelling the cell (CancelledError): the user is told it was the limit."""
+    out = kernel.run("%%tier native --timeout 0.5\nimport asyncio\nawait asyncio.sleep(30)\n"
+                     "print('slept')", timeout=60)
+    assert out.status == "error" and "slept" not in out.stdout, out.outputs
+    assert "0.5 s limit" in out.stderr and "--timeout" in out.stderr, out.outputs
+    assert kernel.run("'next'").result["text/plain"] == "'next'"
+
+
 def test_silent_cells_publish_nothing(kernel: KernelSession):
     out = kernel.run("%%tier process\nprint('hidden')\n1", silent=True)
     assert out.status == "ok"

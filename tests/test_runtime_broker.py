@@ -448,3 +448,113 @@ def test_a_database_file_inside_the_file_workspace_is_refused(make, tmp_path):
     outside = make()
     outside.broker.workspace = lambda: tmp_path / "ws"
     assert outside.db("SELECT 1 AS x").rows == [{"x": 1}]
+
+
+def test_a_huge_query_text_costs_the_host_no_more_than_its_size(make):
+    """The audit target is the start of the query, whitespace folded: made from that start
+    only, not by splitting the whole text into words (a 3 MB query of short words made a
+    list of a million strings, ~20 times its size, twice per call)."""
+    import tracemalloc
+
+    g = make(options={"allow": frozenset({"db", "api"}), "domains": ("*",)})
+    query = "ab " * 1_000_000
+    tracemalloc.start()
+    try:
+        answer = g.broker.call("db", {"query": query}, g.context)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not answer["ok"] and "syntax error" in answer["error"]["message"]
+    assert peak < 2 * len(query), f"{peak} bytes for a {len(query)}-byte query"
+    assert g.calls()[-1][2] == ("ab " * 67)[:200].strip()
+
+
+def test_a_wide_sqlite_row_is_refused_before_it_is_made(make):
+    """SQLite makes every value of a row before handing over the first, and Python copies them
+    all: 40 columns of 1 MB each under a 1 MiB result limit held 40 MB (100 columns of 8 MB,
+    1.5 GB). The length limit of one value shrinks with the row's width, so that a row takes
+    at most 4 times the result limit; narrow and wide rows of small values still work."""
+    import tracemalloc
+
+    g = make(options={"allow": frozenset({"db"})}, db_max_result_bytes="1m")
+    wide = ", ".join(f"zeroblob(1000000) AS c{i}" for i in range(40))
+    tracemalloc.start()
+    try:
+        answer = g.broker.call("db", {"query": f"SELECT {wide}"}, g.context)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not answer["ok"] and answer["error"]["type"] == "ValueError"
+    message = answer["error"]["message"]
+    assert "larger than 104857 bytes" in message and "of 40 columns" in message
+    assert "c.Runtime.db_max_result_bytes" in message
+    assert peak < 8 * MiB, f"peak {peak} bytes"
+    assert len(g.db("SELECT zeroblob(700000) AS b").rows[0]["b"]) > 900_000
+    small = ", ".join(f"{i} AS c{i}" for i in range(500))
+    assert g.db(f"SELECT {small}").rows[0]["c499"] == 499
+    with pytest.raises(ValueError, match="larger than 1048576 bytes, the most one db"):
+        g.db("SELECT zeroblob(2000000)")
+
+
+def test_a_relative_db_path_names_one_file_whatever_the_working_directory(tmp_path,
+                                                                          monkeypatch):
+    """A relative c.Runtime.db_path is resolved once, when db() opens it (where the check
+    that it lies outside the file:// workspace is made): a native cell's os.chdir() later
+    neither moves db() to another file nor into the workspace."""
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir()
+    later.mkdir()
+    monkeypatch.chdir(first)
+    g = Guest(tmp_path, db_path="data/db.sqlite3")
+    try:
+        g.db("CREATE TABLE t (a)")
+        monkeypatch.chdir(later)
+        g.db("INSERT INTO t VALUES (1)")
+        assert g.db("SELECT a FROM t").rows == [{"a": 1}]
+        assert not (later / "data").exists()
+    finally:
+        g.close()
+
+
+def test_a_hostile_call_writes_a_small_audit_row(make):
+    """The audit row of a helper call keeps the start of its target and error: a cell sending
+    megabyte URLs or table names (echoed by the refusals) grew the audit log by twice their
+    size per call, without bound."""
+    g = make(options={"allow": frozenset({"api", "db"}), "domains": ("example.org",)})
+    huge = "x" * 1_000_000
+    for _ in range(10):
+        refused = g.broker.call("api", {"url": f"http://a.test/{huge[:60000]}"}, g.context)
+        assert refused["error"]["type"] == "PermissionError"
+        unparsed = g.broker.call("api", {"url": f"http://a.test/{huge}?q={huge}"}, g.context)
+        assert unparsed["error"]["type"] == "ValueError"
+        bad = g.broker.call("db", {"query": {"select": {"from": huge}}}, g.context)
+        assert bad["error"]["message"].startswith("db(): no such table: xxx")
+    g.audit.close()
+    rows = g.calls()
+    assert len(rows) == 30
+    assert all(len(row[2]) <= 1100 and len(row[5] or "") <= 4100 for row in rows)
+    assert rows[0][2].startswith("GET http://a.test/xxx") and rows[0][5].startswith("api() ")
+    assert Path(g.runtime.audit_log).stat().st_size < 2 * MiB
+
+
+def test_a_request_nested_too_deep_to_decode_is_a_clear_error(make):
+    g = make()
+    deep = '{"helper": "db", "args": {"query": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    answer = json.loads(g.broker.handle_json(deep, g.context))
+    assert answer["error"]["type"] == "ValueError"
+    assert "nested too deeply" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("request_text", [
+    '{"helper": "db", "args": {"query": "SELECT 1 -- \\ud800"}}',
+    '{"helper": "\\ud800", "args": {}}',
+    '{"helper": "api", "args": {"url": "http://a\\ud800.test/"}}',
+])
+def test_a_lone_surrogate_is_answered_and_audited(make, request_text):
+    """JSON may carry a lone surrogate (\\ud800), which SQLite cannot store: the audit write
+    raised UnicodeEncodeError out of the broker (no answer to the guest, no audit row)."""
+    g = make(options={"allow": frozenset({"api", "db"}), "domains": ("*",)})
+    answer = json.loads(g.broker.handle_json(request_text, g.context))
+    assert answer["ok"] is False and answer["error"]["type"] == "ValueError", answer
+    [row] = g.calls()
+    assert "\\ud800" in (row[2] or "") + (row[5] or "")

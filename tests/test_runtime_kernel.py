@@ -164,9 +164,12 @@ def test_executions_magic(rk: KernelSession):
     table = rk.run("%executions --tier process --failed --limit 3")
     text = _plain(table)
     lines = text.splitlines()
-    assert lines[0].split() == ["id", "started", "tier", "status", "duration", "code"]
+    assert lines[0].split() == ["id", "started", "tier", "status", "duration", "cpu", "peak",
+                                "memory", "code"]
     assert len(lines) == 5  # header, 3 rows, footer
     assert all(" process " in line and " error " in line for line in lines[1:4])
+    # What each cell used, as the host measured it (the agent process's CPU time and RSS).
+    assert all(re.search(r" \d+ ms +\d+\.\d MiB ", line) for line in lines[1:4]), lines
     assert "tier process, failed or refused only" in lines[-1]
     html = table.of_type("display_data")[0].content["data"]["text/html"]
     assert html.count("<tr>") == 4 and "&#x27;for the table&#x27;" not in html
@@ -175,6 +178,7 @@ def test_executions_magic(rk: KernelSession):
     assert f"id:              {newest}" in full
     assert "    raise ValueError('for the table 2')" in full
     assert "error:           ValueError: for the table 2" in full
+    assert re.search(r"cpu: +\d+ ms\n", full) and re.search(r"peak memory: +\d+\.\d MiB", full)
     everything = _plain(rk.run("%executions --all --limit 2"))
     assert "all kernels" in everything
     for line, message in (("%executions nosuchid", "no single execution"),

@@ -90,7 +90,9 @@ def test_hostile_db_results_are_refused_and_the_kernel_stays_small(session, tier
     Path(f"/proc/{pid}/clear_refs").write_text("5")
     before = _memory_kib(pid, "VmRSS")
     for sql in ("SELECT zeroblob(200000000) AS b FROM (SELECT 1 UNION ALL SELECT 2 "
-                "UNION ALL SELECT 3)", "SELECT b FROM big"):
+                "UNION ALL SELECT 3)", "SELECT b FROM big",
+                # A row as wide as it is long: 100 values of 8 MB, each within the limit.
+                "SELECT " + ", ".join(f"zeroblob(8000000) AS c{i}" for i in range(100))):
         out = session.run(f"%%tier {tier} --db-readonly\ndb({sql!r})")
         assert out.error["ename"] == "ValueError", out.outputs
         assert "c.Runtime.db_max_result_bytes" in out.error["evalue"]

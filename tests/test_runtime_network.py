@@ -6,7 +6,10 @@ its own Host header, and native and isolated cells share no client or cookie."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -164,3 +167,106 @@ def test_https_is_verified_against_the_name_while_connecting_to_the_checked_addr
         # The certificate names localhost only: reached by address, verification fails.
         with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             g.api(f"https://127.0.0.1:{port}/json")
+
+
+def test_one_deadline_covers_every_address_of_a_name(make, monkeypatch):
+    """A name that resolves to many allowed addresses none of which answers (an attacker's DNS
+    can list dozens): the connect attempts share the call's deadline instead of each getting
+    all of it, so the call ends when its timeout says."""
+    real_getaddrinfo = socket.getaddrinfo
+    given: list[float] = []
+
+    def many(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "blackhole.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"10.9.9.{i}", port))
+                    for i in range(1, 6)]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    def unanswered(address: Any, timeout: float | None = None, *args: Any, **kw: Any) -> Any:
+        assert timeout is not None
+        given.append(timeout)
+        time.sleep(min(timeout, 0.4))  # as a SYN nobody answers, until its timeout
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "getaddrinfo", many)
+    monkeypatch.setattr(socket, "create_connection", unanswered)
+    g = make(options=API_ANYWHERE, api_allowed_networks=["10.9.9.0/24"])
+    with pytest.raises(TimeoutError, match="took longer than 1 s"):
+        g.api("http://blackhole.test/", timeout=1)
+    assert given and given[0] <= 1
+    # Each attempt is given only what is left of the one deadline.
+    assert all(later < earlier for earlier, later in itertools.pairwise(given))
+    assert sum(min(t, 0.4) for t in given) <= 1.2
+
+
+@pytest.mark.parametrize("url, message", [
+    # punycode of code points IDNA refuses
+    ("http://xn--ocalhost-ie3c/", "does not have a valid host name"),
+    ("http://xn--a/", "does not have a valid host name"),
+])
+def test_a_host_name_that_is_not_valid_idna_is_a_clear_value_error(make, url, message):
+    g = make(options=API_ANYWHERE)
+    with pytest.raises(ValueError, match=message):
+        g.api(url, timeout=2)
+
+
+def test_a_header_value_that_is_not_ascii_is_a_clear_value_error(make, port):
+    g = make(options=API_ANYWHERE)
+    with pytest.raises(ValueError, match=r"X-Name.*ASCII"):
+        g.api(f"http://127.0.0.1:{port}/headers", headers={"X-Name": "café"})
+
+
+def test_json_nested_too_deep_to_decode_comes_back_as_text(make, port):
+    """Valid JSON nested deeper than Python decodes: shown as text (as mislabelled JSON is),
+    not a RuntimeError that blames api()."""
+    g = make(options=API_ANYWHERE)
+    r = g.api(f"http://127.0.0.1:{port}/deep-json")
+    assert r.status == 200 and r.body == "[" * 100_000 + "]" * 100_000
+
+
+def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline(make):
+    """Each read of the response waited up to the whole timeout, and a server that sends one
+    header line at a time, each within it, held the call (and a host thread) as long as it
+    liked: 100 lines at 0.2 s made api(timeout=1) last 20 s. The deadline now bounds every
+    read and write of the call."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    sent: list[int] = []
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for i in range(100):
+                    conn.sendall(b"X-Slow: yes\r\n")
+                    sent.append(i)
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the client gave up, as it should
+
+    worker = threading.Thread(target=trickle, daemon=True)
+    worker.start()
+    g = make(options=API_ANYWHERE)
+    with pytest.raises(TimeoutError, match="took longer than 1 s"):
+        g.api(f"http://127.0.0.1:{server.getsockname()[1]}/", timeout=1)
+    worker.join(30)
+    server.close()
+    assert len(sent) < 50, f"the server sent {len(sent)} header lines before the client left"
+
+
+def test_the_suggested_setting_names_just_the_refused_address(make):
+    """The refusal suggests an allowed_networks entry: for an IPv4-mapped IPv6 address it said
+    '::ffff:127.0.0.1/32' (the written form has dots), a /32 of IPv6, which holds ::1 and
+    every IPv4-mapped address: copying it would have allowed loopback and the metadata
+    service."""
+    g = make(options=API_ANYWHERE, api_allowed_networks=[])
+    with pytest.raises(PermissionError) as refused:
+        g.api("http://[::ffff:127.0.0.1]:9/", timeout=2)
+    # Python 3.13 writes this address '::ffff:127.0.0.1' (dotted): where the /32 came from.
+    assert f"['{ipaddress.ip_address('::ffff:127.0.0.1')}/128']" in str(refused.value)
+    with pytest.raises(PermissionError) as refused:
+        g.api("http://127.0.0.1:9/", timeout=2)
+    assert "['127.0.0.1/32']" in str(refused.value)

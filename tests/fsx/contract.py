@@ -57,9 +57,10 @@ def pattern_digest(size: int) -> str:
 
 
 class FsxContract:
-    """Subclasses define ``make(tmp_path) -> FsxFacade``."""
+    """Subclasses define ``make(tmp_path, **settings) -> FsxFacade`` (settings: the ``Fsx``
+    traits, such as the quotas)."""
 
-    def make(self, tmp_path: Path) -> FsxFacade:
+    def make(self, tmp_path: Path, **settings) -> FsxFacade:
         raise NotImplementedError
 
     @pytest.fixture
@@ -560,3 +561,193 @@ class FsxContract:
         with fs.fs.open("/frames/df.csv", "rb") as handle:
             back = pd.read_csv(handle)
         assert back.equals(frame)
+
+    # -- quotas ---------------------------------------------------------------------------
+    @pytest.fixture
+    def limited(self, tmp_path):
+        """Opens this backend's workspace with the quotas given (once per test)."""
+        made: list[FsxFacade] = []
+
+        def make(**limits) -> FsxFacade:
+            made.append(self.make(tmp_path, **limits))
+            return made[-1]
+
+        yield make
+        for facade in made:
+            facade.close()
+
+    def test_quota_total_bytes(self, limited):
+        fs = limited(max_bytes=1000)
+        fs.write_file("/a", b"x" * 600)
+        with quota_error(errno.EDQUOT, "max_bytes", "1000 bytes") as caught:
+            fs.write_file("/b", b"y" * 401)
+        assert caught.value.filename == "/b"
+        assert not fs.exists("/b")  # nothing of the refused write is left
+        fs.write_file("/b", b"y" * 400)  # exactly at the quota
+        assert fs.info()["bytes"] == 1000
+        with quota_error(errno.EDQUOT, "max_bytes"):
+            fs.append_file("/a", b"+")
+        assert fs.read_file("/a", encoding=None) == b"x" * 600  # unchanged
+        fs.write_file("/a", b"z" * 600)  # a replacement no larger fits: the old is freed
+        with quota_error(errno.EDQUOT, "max_bytes"):
+            fs.write_file("/a", b"z" * 601)
+        with quota_error(errno.EDQUOT, "max_bytes"):
+            fs.truncate("/b", 401)
+        with quota_error(errno.EDQUOT, "max_bytes"):
+            fs.copy_file("/a", "/c")
+        assert not fs.exists("/c")
+        fs.truncate("/a", 100)  # shrinking always passes
+        fs.copy_file("/b", "/c")  # 100 + 400 + 400
+        fs.unlink("/b")  # deleting frees quota
+        fs.mkdir("/d")
+        fs.write_file("/d/e", b"e" * 500)
+        assert fs.info()["bytes"] == 1000
+        fs.rmdir("/d", recursive=True)
+        fs.rename("/c", "/c2")  # moving takes no room
+        fs.write_file("/f", b"f" * 500)
+        assert fs.info()["bytes"] == 1000
+
+    def test_quota_cuts_a_streaming_write(self, limited):
+        fs = limited(max_bytes="3m")
+        fs.write_file("/keep", b"old")
+        endless = _Endless()
+        with quota_error(errno.EDQUOT, "max_bytes"):
+            fs.write_file("/big", endless)
+        # Cut at the quota: never read more than the room left (3 MiB less /keep) and a byte.
+        assert endless.given == (3 << 20) - 3 + 1
+        assert not fs.exists("/big")
+        with quota_error(errno.EDQUOT, "max_bytes"):
+            fs.write_file("/keep", _Endless())
+        with quota_error(errno.EDQUOT, "max_bytes"):
+            fs.append_file("/keep", _Endless())
+        assert fs.read_file("/keep") == "old"  # a refused replace or append changes nothing
+        assert fs.info()["bytes"] == 3
+        # A file opened for writing fails at the write that passes the quota, not at close,
+        # and closing it then leaves the file as it was.
+        chunk = b"c" * (1 << 20)
+        for mode in ("wb", "ab"):
+            for path in ("/keep", "/new"):
+                handle = fs.open(path, mode)
+                with quota_error(errno.EDQUOT, "max_bytes"):
+                    for _ in range(10):
+                        handle.write(chunk)
+                assert handle.tell() <= 3 << 20
+                with quota_error(errno.EDQUOT, "max_bytes"):
+                    handle.write(b"more")  # the handle stays refused
+                handle.close()
+        assert fs.read_file("/keep") == "old" and not fs.exists("/new")
+        with quota_error(errno.EDQUOT, "max_bytes"), fs.fs.open("/pd.bin", "wb") as handle:
+            while True:
+                handle.write(chunk)
+        assert not fs.exists("/pd.bin")
+        with fs.open("/fits", "wb") as handle:  # right up to the quota is fine
+            handle.write(b"f" * ((3 << 20) - 3))
+        assert fs.info()["bytes"] == 3 << 20
+
+    def test_quota_largest_file(self, limited):
+        fs = limited(max_file_size=1000)
+        fs.write_file("/a", b"a" * 1000)
+        # A write whose size is known says how big the file would be.
+        with quota_error(errno.EFBIG, "max_file_size", "at most 1000 bytes",
+                         "would be 1001 bytes"):
+            fs.write_file("/b", b"b" * 1001)
+        with quota_error(errno.EFBIG, "max_file_size", "would be 1001 bytes"):
+            fs.append_file("/a", b"+")
+        with quota_error(errno.EFBIG, "max_file_size"):
+            fs.truncate("/a", 1001)
+        with quota_error(errno.EFBIG, "max_file_size"):
+            fs.write_file("/c", _Endless())
+        with pytest.raises(OSError, check=lambda e: e.errno == errno.EFBIG), \
+                fs.open("/d", "wb") as handle:
+            handle.write(b"d" * 600)
+            handle.write(b"d" * 600)
+        assert fs.readdir("/") == ["a"] and fs.stat("/a").st_size == 1000
+        fs.write_file("/b", b"b" * 999)
+        fs.copy_file("/a", "/copy")
+
+    def test_quota_entries(self, limited):
+        fs = limited(max_entries=5)
+        fs.mkdir("/d")
+        fs.write_file("/d/f", "1")
+        fs.symlink("d/f", "/link")
+        fs.copy_file("/d/f", "/g")
+        fs.write_file("/h", "")
+        for make in (lambda: fs.write_file("/x", "1"), lambda: fs.mkdir("/x"),
+                     lambda: fs.symlink("d", "/x"), lambda: fs.copy_file("/g", "/x"),
+                     lambda: fs.open("/x", "wb")):
+            with quota_error(errno.EDQUOT, "max_entries", "at most 5 files, folders"):
+                make()
+        assert not fs.exists("/x") and not fs.lstat("/link").is_dir()
+        fs.write_file("/h", "an existing file takes no new entry")
+        fs.rename("/g", "/h")  # replacing frees one
+        fs.mkdir("/a")
+        fs.unlink("/h")
+        fs.unlink("/link")
+        with quota_error(errno.EDQUOT, "max_entries"):
+            fs.mkdir("/a/b/c/d", recursive=True)  # three new of two free: none is made
+        assert fs.readdir("/a") == []
+        fs.mkdir("/a/b/c", recursive=True)
+        assert sorted(fs.readdir("/")) == ["a", "d"]
+
+    def test_quota_depth(self, limited):
+        fs = limited(max_depth=4)
+        fs.mkdir("/a/b/c/d", recursive=True)
+        fs.write_file("/a/b/c/f", "3 folders and a file: 4 deep")
+        with quota_error(errno.EDQUOT, "max_depth", "at most 4 deep"):
+            fs.mkdir("/a/b/c/d/e")
+        with quota_error(errno.EDQUOT, "max_depth"):
+            fs.write_file("/a/b/c/d/f", "x")
+        with quota_error(errno.EDQUOT, "max_depth"):
+            fs.symlink("x", "/a/b/c/d/l")
+        with quota_error(errno.EDQUOT, "max_depth"):
+            fs.mkdir("/x/y/z/w/v/u", recursive=True)
+        assert not fs.exists("/x")  # refused whole, not four folders in
+        fs.symlink("a/b/c", "/short")
+        with quota_error(errno.EDQUOT, "max_depth"):
+            fs.write_file("/short/d/g", "through a link, still 5 deep")
+        fs.mkdir("/m")
+        with quota_error(errno.EDQUOT, "max_depth"):
+            fs.rename("/a", "/m/a")  # /m/a/b/c/d would be 5 deep
+        fs.rename("/a/b/c", "/m/c")  # shallower: fine
+        assert fs.read_file("/m/c/f") == "3 folders and a file: 4 deep"
+        fs.mkdir("/a/b/q")
+        with quota_error(errno.EDQUOT, "max_depth"):
+            fs.rename("/m/c", "/a/b/q/c")  # /a/b/q/c/d would be 5 deep
+        assert fs.exists("/m/c/d") and not fs.exists("/a/b/q/c")
+
+    def test_quota_path_length(self, limited):
+        fs = limited(max_path_length=32)
+        fs.mkdir("/" + "a" * 20)
+        fs.write_file("/" + "a" * 20 + "/" + "b" * 10, "32 bytes exactly")
+        with quota_error(errno.ENAMETOOLONG, "max_path_length", "at most 32 bytes"):
+            fs.write_file("/" + "a" * 20 + "/" + "b" * 11, "33")
+        with quota_error(errno.ENAMETOOLONG, "max_path_length"):
+            fs.write_file("/" + "é" * 16, "two bytes each: 33 in all")
+        with quota_error(errno.ENAMETOOLONG, "max_path_length"):
+            fs.symlink("t" * 33, "/link")
+        with quota_error(errno.ENAMETOOLONG, "max_path_length"):
+            fs.rename("/" + "a" * 20, "/" + "a" * 21)  # its file's path would be 33
+        fs.rename("/" + "a" * 20, "/short")
+        assert fs.readdir("/short") == ["b" * 10]
+
+
+class _Endless:
+    """A stream that never ends, counting what it gave."""
+
+    def __init__(self) -> None:
+        self.given = 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = 1 << 20 if n < 0 else min(n, 1 << 20)
+        self.given += n
+        return b"e" * n
+
+
+def quota_error(code: int, setting: str, *detail: str):
+    """pytest.raises for a quota's OSError: its errno, and a message that names the quota
+    and says how to raise it."""
+    def check(exc: BaseException) -> bool:
+        text = str(exc)
+        return (isinstance(exc, OSError) and exc.errno == code and f"c.Fsx.{setting} = " in text
+                and f"--Fsx.{setting}=" in text and all(part in text for part in detail))
+    return pytest.raises(OSError, check=check)

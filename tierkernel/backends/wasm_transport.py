@@ -26,6 +26,7 @@ from typing import Any
 
 from tierkernel.backends import wasm_runtime
 from tierkernel.backends.agent_session import _NO_HELPERS, LineTooLong
+from tierkernel.backends.base import ResourceUsage
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,11 @@ class WasmTransport:
         self._detail = ""
         self._lock = threading.Lock()
         self.streaming = wasm_runtime.streaming_supported()
+        self.measuring = wasm_runtime.measuring_supported()
+        #: The guest thread's CPU seconds and the linear memory size at the end of the last
+        #: turn (see wasm_runtime.measure), and what the last cell used in all.
+        self._guest_turn: tuple[float, int | None] | None = None
+        self._last_usage: ResourceUsage | None = None
 
         #: Answers the guest's helper calls: the AgentSession's ``call_helper``, which counts
         #: them against the running cell's limits (set by the backend once the session exists).
@@ -158,6 +164,8 @@ class WasmTransport:
             log.warning("wasm session start: %s", done.stderr.decode("utf-8", "replace")[-2000:])
         if self.streaming:
             wasm_runtime.listen(self._session, self._on_output)
+        if self.measuring:
+            wasm_runtime.measure(self._session, self._on_turn_measured)
         self._worker = threading.Thread(target=self._serve, daemon=True, name="wasm-turns")
         self._worker.start()
         threading.Thread(target=self._flush_partial_loop, daemon=True,
@@ -200,6 +208,20 @@ class WasmTransport:
         """Why the session ended, in words for the user."""
         return self._detail or "the wasm session ended"
 
+    # -- UsageProbe (the AgentSession measures each cell through it) -------------------------
+    def begin(self) -> None:
+        """Nothing to note: each turn is measured while it runs (see :meth:`_turn`)."""
+        self._last_usage = None
+
+    def end(self) -> ResourceUsage | None:
+        """What the last cell's turn used: CPU seconds of the guest's thread and of the
+        thread that served it (host calls: output, files, helpers), and the guest's linear
+        memory at its end, its peak so far (linear memory never shrinks)."""
+        return self._last_usage
+
+    def _on_turn_measured(self, cpu: float, memory: int | None) -> None:
+        self._guest_turn = (cpu, memory)
+
     # -- turns ---------------------------------------------------------------------------
     def _serve(self) -> None:
         try:
@@ -227,11 +249,15 @@ class WasmTransport:
 
         self._cell_id = cell_id
         code = f"__import__('wasm_agent').execute({line.decode('utf-8')!r})"
+        self._guest_turn = None
+        served_from = time.thread_time()
         try:
             done = self._session.run(code, deadline_s=None, cancel=self._cancel)
         except SessionEnded as exc:
+            self._measured(time.thread_time() - served_from)
             self._end(_why_ended(str(exc)))
             return
+        self._measured(time.thread_time() - served_from)
         self._flush_decoders()
         if not self.streaming:
             self._publish_completed(done.stdout, done.stderr)
@@ -255,6 +281,15 @@ class WasmTransport:
         self._lines.put(held)
         self._cell_id = None
 
+    def _measured(self, served: float) -> None:
+        """Keep what the turn just run used (its guest thread's part, when measured)."""
+        guest = self._guest_turn
+        if guest is None:
+            self._last_usage = ResourceUsage(cpu_seconds=served) if self.measuring else None
+            return
+        self._last_usage = ResourceUsage(cpu_seconds=guest[0] + served,
+                                         peak_memory_bytes=guest[1])
+
     def _end(self, why: str) -> None:
         if not self._gone.is_set():
             self._detail = f"the wasm session was reset: {why}"
@@ -267,6 +302,8 @@ class WasmTransport:
         session = self._session
         if self.streaming:
             wasm_runtime.unlisten(session)
+        if self.measuring:
+            wasm_runtime.unmeasure(session)
         with contextlib.suppress(Exception):  # closing an ended session may raise; nothing to do
             session.close()
 

@@ -15,6 +15,7 @@ from tierkernel.fsx.filesystem import (
     FsxSqliteFileSystem,
 )
 from tierkernel.fsx.nodes import DirEntry, FsxStat
+from tierkernel.fsx.quota import FsxQuotaError, Quota
 
 __all__ = [
     "DirEntry",
@@ -24,8 +25,10 @@ __all__ = [
     "FsxFileSystem",
     "FsxLocalFileSystem",
     "FsxMemoryFileSystem",
+    "FsxQuotaError",
     "FsxSqliteFileSystem",
     "FsxStat",
+    "Quota",
     "current",
     "default_url",
     "open_url",

@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from jupyter_core.paths import jupyter_data_dir
-from traitlets import Unicode, default
+from traitlets import Int, Unicode, default
 from traitlets.config import Configurable
 
 from tierkernel.fsx.errors import FsxConfigError
@@ -18,6 +18,8 @@ from tierkernel.fsx.filesystem import (
     FsxMemoryFileSystem,
     FsxSqliteFileSystem,
 )
+from tierkernel.fsx.quota import Quota
+from tierkernel.sizes import ByteSize
 
 URL_ENV = "TIERKERNEL_FSX_URL"
 
@@ -35,8 +37,8 @@ def default_url() -> str:
     return "sqlite://" + str(Path(jupyter_data_dir()) / "tierkernel" / "fsx" / "workspace.db")
 
 
-def open_url(url: str) -> FsxFileSystem:
-    """Open the workspace that ``url`` names.
+def open_url(url: str, quota: Quota | None = None) -> FsxFileSystem:
+    """Open the workspace that ``url`` names, holding it to ``quota`` (none if not given).
 
     ``memory://``; ``sqlite:///abs/path/ws.db`` (optionally ``?synchronous=normal``; the
     directory must exist, except for the default workspace's, which is created);
@@ -47,7 +49,7 @@ def open_url(url: str) -> FsxFileSystem:
     if scheme == "memory":
         if parts.path.strip("/") or parts.netloc:
             raise FsxConfigError(f"fsx url {url!r}: memory:// takes no path")
-        return FsxMemoryFileSystem()
+        return FsxMemoryFileSystem(quota)
     if scheme in ("sqlite", "file"):
         if parts.netloc not in ("", "localhost"):
             raise FsxConfigError(f"fsx url {url!r}: expected {scheme}:///absolute/path "
@@ -60,7 +62,7 @@ def open_url(url: str) -> FsxFileSystem:
         if scheme == "file":
             if options:
                 raise FsxConfigError(f"fsx url {url!r}: file:// takes no options")
-            return FsxLocalFileSystem(path, url=url)
+            return FsxLocalFileSystem(path, url=url, quota=quota)
         unknown = set(options) - {"synchronous"}
         if unknown:
             raise FsxConfigError(f"fsx url {url!r}: unknown option(s) {sorted(unknown)}; "
@@ -68,7 +70,7 @@ def open_url(url: str) -> FsxFileSystem:
         if url == default_url():
             path.parent.mkdir(parents=True, exist_ok=True)
         return FsxSqliteFileSystem(path, synchronous=options.get("synchronous", "full"),
-                                   url=url)
+                                   url=url, quota=quota)
     raise FsxConfigError(f"fsx url {url!r}: unknown scheme {parts.scheme!r}; use memory://, "
                          "sqlite:///path/ws.db or file:///dir")
 
@@ -79,17 +81,58 @@ class Fsx(Configurable):
     ``c.Fsx.url = "sqlite:///home/me/ws.db"`` (or ``memory://``, ``file:///dir``). Default:
     ``$TIERKERNEL_FSX_URL`` if set, else a persistent SQLite workspace in Jupyter's per-user
     data directory (see :func:`default_url` for why).
+
+    Quotas (``max_*``) bound what the workspace holds, whichever tier writes: a write that
+    would pass one fails with ``OSError`` (EDQUOT, EFBIG or ENAMETOOLONG) naming it, and
+    changes nothing. Why these defaults: the default workspace is one per user, shared by all
+    of the user's kernels and persistent, and every tier, the isolated ones included, writes
+    it; so the defaults are what a demanding notebook user keeps there (datasets of hundreds
+    of megabytes, a cloned project, a few tens of thousands of files) and no more, which also
+    stops a runaway or hostile cell within seconds (a wasm loop wrote 2 GB in 8 s) and keeps
+    a sandbox's copy in and out of its container bounded:
+
+    - ``max_bytes`` 1g: file content in all; the user's disk is not the limit;
+    - ``max_entries`` 100000: files, folders and links (a source tree with its dependencies,
+      an image dataset), while a walk of the whole workspace stays well under a second;
+    - ``max_file_size`` 512m: one file, so one write never spools more than that on the host;
+    - ``max_depth`` 64: real projects nest a few tens of folders at most, and the cost of
+      syncing a tree grows with its depth;
+    - ``max_path_length`` 1024 bytes: four times Windows' classic limit, a quarter of Linux's
+      PATH_MAX, so a workspace path stays usable below ``/workspace`` in every tier (also the
+      longest symlink target).
     """
 
     url = Unicode(help="Where the fsx workspace lives: memory://, sqlite:///path/ws.db, "
                   "file:///dir. Default: $TIERKERNEL_FSX_URL, else "
                   "sqlite://<jupyter data dir>/tierkernel/fsx/workspace.db").tag(config=True)
 
+    max_bytes = ByteSize(
+        1 << 30, help="Quota: the most file content the workspace holds, e.g. 1g, 500m, or "
+        "bytes; a write past it fails with OSError EDQUOT.").tag(config=True)
+    max_entries = Int(
+        100_000, min=1, help="Quota: the most files, folders and links the workspace holds; "
+        "past it, creating one fails with OSError EDQUOT.").tag(config=True)
+    max_file_size = ByteSize(
+        512 << 20, help="Quota: the largest file, e.g. 512m, 2g, or bytes; a write past it "
+        "fails with OSError EFBIG.").tag(config=True)
+    max_depth = Int(
+        64, min=1, help="Quota: how deep folders nest (/a/b/c is 3 deep); deeper fails with "
+        "OSError EDQUOT.").tag(config=True)
+    max_path_length = Int(
+        1024, min=1, help="Quota: the longest workspace path (and symlink target), in bytes of "
+        "UTF-8; longer fails with OSError ENAMETOOLONG.").tag(config=True)
+
     @default("url")
     def _default_url(self) -> str:
         return os.environ.get(URL_ENV, "").strip() or default_url()
 
+    def quota(self) -> Quota:
+        """The quotas as configured."""
+        return Quota(max_bytes=self.max_bytes, max_entries=self.max_entries,
+                     max_file_size=self.max_file_size, max_depth=self.max_depth,
+                     max_path_length=self.max_path_length)
+
     def facade(self) -> FsxFacade:
-        """A facade that opens the workspace on first use."""
-        url = self.url
-        return FsxFacade(lambda: open_url(url), url=url)
+        """A facade that opens the workspace on first use, held to the quotas."""
+        url, quota = self.url, self.quota()
+        return FsxFacade(lambda: open_url(url, quota), url=url)

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from tierkernel.fsx.errors import escapes_root, fs_error, not_found
 from tierkernel.fsx.nodes import DEFAULT_MODE, DirEntry, FsxStat, Node
 from tierkernel.fsx.paths import PATH_MAX, components, is_within, join, parent
+from tierkernel.fsx.quota import UNLIMITED, CappedReader, FsxQuotaError, Quota, byte_length, depth
 from tierkernel.fsx.store import Reader, Store
 
 # Linux gives up after 40 symlinks in one lookup (MAXSYMLINKS); the same limit makes a loop
@@ -58,10 +59,16 @@ class PosixEngine:
     Who calls it: :class:`~tierkernel.fsx.facade.FsxFacade` (user code in every tier) and
     :class:`~tierkernel.fsx.filesystem.FsxFileSystem` (fsspec, pandas). Thread-safe as far as
     the store is: each write operation is one ``store.transaction()`` (see ``_writing``).
+
+    Every write of every tier comes through here, so here is where the workspace's ``quota``
+    holds: each write is checked, inside its transaction and before anything changes, against
+    the totals the store keeps (``Store.tally``), and one that would go over raises
+    :class:`~tierkernel.fsx.quota.FsxQuotaError` and changes nothing.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, quota: Quota | None = None) -> None:
         self.store = store
+        self.quota = quota or Quota()
         self._writes = 0
 
     @contextmanager
@@ -137,6 +144,36 @@ class PosixEngine:
         if node is None:
             raise not_found(path)
         return physical, node
+
+    # -- quotas ---------------------------------------------------------------------------
+    def _tally(self) -> tuple[int, int]:
+        """(entries, bytes) of the workspace when a quota needs them; nothing is counted for a
+        workspace without one."""
+        return self.store.tally() if self.quota.counts_usage else (0, 0)
+
+    def _check_new(self, path: str, physical: str) -> None:
+        """A new entry at ``physical``: its depth, its length, and one more entry."""
+        self.quota.check_name(path, physical)
+        if self.quota.max_entries < UNLIMITED:
+            self.quota.check_entries(path, self.store.tally()[0])
+
+    def write_limit(self, path: str, append: bool = False) -> tuple[int, OSError]:
+        """(most bytes, the error past them) that a write of file ``path`` could hand over
+        now; raises what creating ``path`` would (too deep, too long, too many entries).
+
+        Who calls it: a file opened for writing, at open and again when its staged bytes
+        pass the limit, so a stream is cut as it goes over, not only when it is closed (the
+        write at close is checked again in its own transaction)."""
+        with self.store.snapshot():
+            physical, node = self.walk_path(path, True)
+            if (node is not None and node.kind != "file") or physical == "/":
+                return UNLIMITED, fs_error(errno.EISDIR, path)  # the write itself says so
+            entries, used = self._tally()
+            if node is None:
+                self.quota.check_name(path, physical)
+                self.quota.check_entries(path, entries)
+            return self.quota.content_limit(path, node.size if node is not None else 0,
+                                            append, used)
 
     def _touch_parent(self, physical: str, now: int) -> None:
         """A directory's mtime/ctime change when an entry is added, removed or renamed."""
@@ -235,6 +272,24 @@ class PosixEngine:
                     raise fs_error(errno.EISDIR, path)
             elif physical == "/":
                 raise fs_error(errno.EISDIR, path)
+            entries, used = self._tally()
+            if node is None:
+                self.quota.check_name(path, physical)
+                self.quota.check_entries(path, entries)
+            limit, over = self.quota.content_limit(path, node.size if node is not None else 0,
+                                                   append, used)
+            if isinstance(data, bytes | bytearray | memoryview):
+                size = memoryview(data).nbytes
+                if size > limit:
+                    if over.setting == "max_file_size":
+                        # The size is known here (not for a stream): say it.
+                        size += node.size if append and node is not None else 0
+                        raise self.quota.file_size_error(path, size)
+                    raise over
+            elif limit < UNLIMITED:
+                # Cut while the store reads it: nothing past the limit is taken, and the
+                # store's transaction (or its own clean-up) leaves the file as it was.
+                source = CappedReader(source, limit, over)  # type: ignore[assignment]
             self.store.put(physical, source, append)
             if node is None:
                 self._touch_parent(physical, time.time_ns())
@@ -246,6 +301,9 @@ class PosixEngine:
             physical, node = self._existing(path, True)
             if node.kind == "dir":
                 raise fs_error(errno.EISDIR, path)
+            if length > node.size:
+                self.quota.check_file_size(path, length)
+                self.quota.check_bytes(path, self._tally()[1], length - node.size)
             self.store.truncate(physical, length)
 
     def mkdir(self, path: str, parents: bool = False, exist_ok: bool = False,
@@ -265,21 +323,38 @@ class PosixEngine:
                     if exist_ok and self._resolves_to_dir(path):
                         return
                     raise fs_error(errno.EEXIST, path)
+                self._check_new(path, physical)
                 self.store.create(physical, "dir", perm)
                 self._touch_parent(physical, now)
                 return
             parts = components(path)
-            for depth in range(1, len(parts) + 1):
-                prefix = join(parts[:depth])
-                physical, node = self.walk_path(prefix, True)
-                last = depth == len(parts)
-                if node is None:
-                    self.store.create(physical, "dir", perm)
-                    self._touch_parent(physical, now)
-                elif node.kind != "dir":
-                    raise fs_error(errno.EEXIST if last else errno.ENOTDIR, path)
-                elif last and not exist_ok and parts[-1] not in (".", ".."):
-                    raise fs_error(errno.EEXIST, path)
+            created: list[str] = []
+            entries: int | None = None
+            try:
+                for count in range(1, len(parts) + 1):
+                    prefix = join(parts[:count])
+                    physical, node = self.walk_path(prefix, True)
+                    last = count == len(parts)
+                    if node is None:
+                        self.quota.check_name(path, physical)
+                        if self.quota.max_entries < UNLIMITED:
+                            if entries is None:  # counted once: this call adds the rest
+                                entries = self.store.tally()[0]
+                            self.quota.check_entries(path, entries + len(created))
+                        self.store.create(physical, "dir", perm)
+                        created.append(physical)
+                        self._touch_parent(physical, now)
+                    elif node.kind != "dir":
+                        raise fs_error(errno.EEXIST if last else errno.ENOTDIR, path)
+                    elif last and not exist_ok and parts[-1] not in (".", ".."):
+                        raise fs_error(errno.EEXIST, path)
+            except FsxQuotaError:
+                # Refused part way down: take back the folders made above it, so every
+                # backend is left as it was (SQLite's rollback would do it; the others have
+                # none).
+                for made in reversed(created):
+                    self.store.remove(made)
+                raise
 
     def _resolves_to_dir(self, path: str) -> bool:
         try:
@@ -338,6 +413,14 @@ class PosixEngine:
                     raise fs_error(errno.EISDIR, src, dst)
                 if tnode.kind == "dir" and self.store.children(target):
                     raise fs_error(errno.ENOTEMPTY, src, dst)
+            deeper = depth(target) - depth(source)
+            longer = byte_length(target) - byte_length(source)
+            if (deeper > 0 or longer > 0) and self.quota.bounds_shape:
+                # The moved tree may now pass the shape quotas: its deepest and longest path
+                # decide (a walk of it, except where the store can ask an index).
+                deepest, longest = (self.store.extent(source) if snode.kind == "dir"
+                                    else (depth(source), byte_length(source)))
+                self.quota.check_shape(dst, deepest + deeper, longest + longer)
             self.store.rename(source, target)
             now = time.time_ns()
             self._touch_parent(source, now)
@@ -359,6 +442,11 @@ class PosixEngine:
                 raise fs_error(errno.EISDIR, src, dst)
             if source == target:
                 return
+            if tnode is None:
+                self._check_new(dst, target)
+            self.quota.check_file_size(dst, snode.size)
+            self.quota.check_bytes(dst, self._tally()[1],
+                                   snode.size - (tnode.size if tnode is not None else 0))
             self.store.copy(source, target)
             if tnode is None:
                 self._touch_parent(target, time.time_ns())
@@ -376,6 +464,8 @@ class PosixEngine:
             physical, node = self.walk_path(path, False)
             if node is not None or physical == "/":
                 raise fs_error(errno.EEXIST, path)
+            self.quota.check_target(path, target)
+            self._check_new(path, physical)
             self.store.create(physical, "symlink", DEFAULT_MODE["symlink"], target)
             self._touch_parent(physical, time.time_ns())
 

@@ -23,6 +23,7 @@ from tierkernel.fsx.local import LocalStore
 from tierkernel.fsx.memory import MemoryStore
 from tierkernel.fsx.nodes import FsxStat, Node
 from tierkernel.fsx.paths import PROTOCOL, child, lexical
+from tierkernel.fsx.quota import Quota
 from tierkernel.fsx.sqlite import SqliteStore
 from tierkernel.fsx.store import Reader, Store
 
@@ -72,7 +73,13 @@ class FsxReadFile(AbstractBufferedFile):  # type: ignore[misc]
 
 class FsxWriteFile(io.RawIOBase):
     """A file opened for writing: bytes are staged and committed whole on close, in one
-    transaction, so no reader (in any tier) ever sees a half-written file."""
+    transaction, so no reader (in any tier) ever sees a half-written file.
+
+    Quotas: a write that would stage more than the workspace's quotas leave room for fails
+    at once (an endless writer is stopped as it passes the quota, not at close, and never
+    fills the host's temporary folder); the file is then left as it was: closing the handle
+    writes nothing.
+    """
 
     def __init__(self, engine: PosixEngine, path: str, mode: str) -> None:
         super().__init__()
@@ -80,12 +87,15 @@ class FsxWriteFile(io.RawIOBase):
         self._engine = engine
         self._append = "a" in mode
         self._exclusive = "x" in mode
-        # Fail at open, as open(2) does, not at close: a missing parent, a directory.
+        # Fail at open, as open(2) does, not at close: a missing parent, a directory, a
+        # quota that allows no new file here.
         physical, node = engine.walk_path(path, True)
         if node is not None and self._exclusive:
             raise fs_error(errno.EEXIST, path)
         if (node is not None and node.kind == "dir") or physical == "/":
             raise fs_error(errno.EISDIR, path)
+        self._room, self._over = engine.write_limit(path, self._append)
+        self._failed: OSError | None = None
         # Closed in close()/discard(): the handle outlives this constructor by design.
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
 
@@ -94,9 +104,18 @@ class FsxWriteFile(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
-        """Stage ``data``."""
+        """Stage ``data``; an OSError (EDQUOT, EFBIG) if that would pass a quota."""
         if self.closed:
             raise ValueError("I/O operation on closed file")
+        if self._failed is not None:
+            raise self._failed
+        size = memoryview(data).nbytes
+        if self._spool.tell() + size > self._room:
+            # Asked again before refusing: another write may have freed room meanwhile.
+            self._room, self._over = self._engine.write_limit(self.path, self._append)
+            if self._spool.tell() + size > self._room:
+                self._failed = self._over
+                raise self._over
         return self._spool.write(data)
 
     def tell(self) -> int:
@@ -106,6 +125,9 @@ class FsxWriteFile(io.RawIOBase):
     def close(self) -> None:
         """Commit the staged bytes (one transaction), then release them."""
         if self.closed:
+            return
+        if self._failed is not None:  # left as it was: the error was raised by write()
+            self.discard()
             return
         try:
             self._spool.seek(0)
@@ -137,10 +159,11 @@ class FsxFileSystem(AbstractFileSystem):  # type: ignore[misc]
     # Each constructed instance owns its connection/descriptors; fsspec must not share them.
     cachable = False
 
-    def __init__(self, store: Store, **storage_options: Any) -> None:
+    def __init__(self, store: Store, quota: Quota | None = None,
+                 **storage_options: Any) -> None:
         super().__init__(**storage_options)
         self.store = store
-        self.engine = PosixEngine(store)
+        self.engine = PosixEngine(store, quota)
 
     @property
     def backend(self) -> str:
@@ -314,21 +337,22 @@ class FsxFileSystem(AbstractFileSystem):  # type: ignore[misc]
 class FsxMemoryFileSystem(FsxFileSystem):
     """``memory://``: an ephemeral workspace in this process."""
 
-    def __init__(self, **storage_options: Any) -> None:
-        super().__init__(MemoryStore(), **storage_options)
+    def __init__(self, quota: Quota | None = None, **storage_options: Any) -> None:
+        super().__init__(MemoryStore(), quota, **storage_options)
 
 
 class FsxSqliteFileSystem(FsxFileSystem):
     """``sqlite:///path/ws.db``: a persistent workspace in one SQLite file."""
 
     def __init__(self, path: str | Path, synchronous: str = "full", url: str = "",
-                 **storage_options: Any) -> None:
-        super().__init__(SqliteStore(path, url=url, synchronous=synchronous),
+                 quota: Quota | None = None, **storage_options: Any) -> None:
+        super().__init__(SqliteStore(path, url=url, synchronous=synchronous), quota,
                          **storage_options)
 
 
 class FsxLocalFileSystem(FsxFileSystem):
     """``file:///dir``: a host directory as the workspace root, with no way out of it."""
 
-    def __init__(self, root: str | Path, url: str = "", **storage_options: Any) -> None:
-        super().__init__(LocalStore(root, url=url), **storage_options)
+    def __init__(self, root: str | Path, url: str = "", quota: Quota | None = None,
+                 **storage_options: Any) -> None:
+        super().__init__(LocalStore(root, url=url), quota, **storage_options)

@@ -8,7 +8,12 @@ So even a directory swapped for a symlink by another process between the engine'
 store's action makes the call fail (ELOOP/ENOTDIR) instead of reaching outside.
 
 Files are replaced atomically (written to a temporary name beside them, then renamed over), so a
-crash never leaves a torn file; appends extend the file in place.
+crash never leaves a torn file; appends extend the file in place (and are cut back if they fail).
+
+Quotas: the totals the engine checks (``tally``) come from one walk of the folder, then follow
+this store's own writes; the folder is walked again once the count is older than ten times
+what the last walk took (at least a second), so what other programs write there is counted
+within moments while a big folder costs writes at most a tenth of their time.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import secrets
 import shutil
 import stat as stat_mod
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
@@ -36,6 +42,10 @@ log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _TMP_PREFIX = ".fsx-tmp-"
+#: The walk behind the quota totals is made again once they are older than the larger of
+#: these: seconds, and times what the last walk took.
+_RECOUNT_AFTER = 1.0
+_RECOUNT_FACTOR = 10.0
 
 
 def _node_of(st: os.stat_result, target: str = "") -> Node:
@@ -95,6 +105,11 @@ class LocalStore(Store):
         self._root_fd = os.open(self.root, _DIR_FLAGS)
         self._lock = threading.RLock()
         self._watch: TreeWatch | None = None
+        # [entries, bytes] as of the last walk plus this store's writes since; None until a
+        # quota first asks (a workspace without quotas is never walked for them).
+        self._tally: list[int] | None = None
+        self._counted_at = 0.0
+        self._count_took = 0.0
 
     def transaction(self) -> AbstractContextManager[Any]:
         """Serialises this process's operations; the host filesystem gives no more."""
@@ -117,6 +132,25 @@ class LocalStore(Store):
                              "cell: %s", self.root, self._watch.why)
             watch = self._watch
         return watch.version()
+
+    def tally(self) -> tuple[int, int]:
+        """The totals as of the last walk plus this store's writes since, walked again when
+        older than the walk's cost allows (see the module docstring)."""
+        with self._lock:
+            now = time.monotonic()
+            if self._tally is None or now - self._counted_at > max(
+                    _RECOUNT_AFTER, _RECOUNT_FACTOR * self._count_took):
+                self._tally = list(super().tally())
+                self._counted_at = time.monotonic()
+                self._count_took = self._counted_at - now
+            return self._tally[0], self._tally[1]
+
+    def _counted(self, entries: int, size: int) -> None:
+        """One of this store's writes added ``entries`` and ``size`` bytes (either may be
+        negative) to the totals, when they are kept."""
+        if self._tally is not None:
+            self._tally[0] += entries
+            self._tally[1] += size
 
     # -- descriptors ----------------------------------------------------------------------
     def _open_dir(self, parts: list[str], path: str) -> int:
@@ -192,6 +226,7 @@ class LocalStore(Store):
             else:
                 os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                                  perm, dir_fd=fd))
+        self._counted(1, 0)
 
     def open_reader(self, path: str) -> Reader:
         """Open with O_NOFOLLOW|O_NONBLOCK (a FIFO must not hang the kernel) and refuse
@@ -207,12 +242,7 @@ class LocalStore(Store):
         """Append in place, or write a temporary file beside ``path`` and rename it over."""
         with self._at(path) as (fd, name):
             if append:
-                out = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                              DEFAULT_MODE["file"], dir_fd=fd)
-                try:
-                    _copy_to_fd(source, out)
-                finally:
-                    os.close(out)
+                self._append(fd, name, source)
                 return
             try:
                 old: os.stat_result | None = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -224,6 +254,7 @@ class LocalStore(Store):
             try:
                 try:
                     _copy_to_fd(source, out)
+                    size = os.fstat(out).st_size
                     if old is not None:
                         # Keep the replaced file's permissions (and owner, when allowed).
                         os.fchmod(out, old.st_mode & 0o7777)
@@ -236,13 +267,41 @@ class LocalStore(Store):
                 with suppress(FileNotFoundError):
                     os.unlink(temp, dir_fd=fd)
                 raise
+            self._counted(int(old is None), size - (old.st_size if old is not None else 0))
+
+    def _append(self, fd: int, name: str, source: BinaryIO) -> None:
+        """Extend ``name`` in place (creating it); a failure part way (a quota, a full disk)
+        cuts it back to what it was, or removes it if this call made it."""
+        created = False
+        try:
+            out = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            out = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                          | os.O_NOFOLLOW, DEFAULT_MODE["file"], dir_fd=fd)
+            created = True
+        try:
+            before = os.fstat(out).st_size
+            try:
+                _copy_to_fd(source, out)
+            except BaseException:
+                if created:
+                    with suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=fd)
+                else:
+                    os.ftruncate(out, before)
+                raise
+            self._counted(int(created), os.fstat(out).st_size - before)
+        finally:
+            os.close(out)
 
     def truncate(self, path: str, length: int) -> None:
         """ftruncate through an O_NOFOLLOW descriptor."""
         with self._at(path) as (fd, name):
             out = os.open(name, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=fd)
         try:
+            before = os.fstat(out).st_size
             os.ftruncate(out, length)
+            self._counted(0, length - before)
         finally:
             os.close(out)
 
@@ -300,17 +359,37 @@ class LocalStore(Store):
                 os.rmdir(name, dir_fd=fd)
             else:
                 os.unlink(name, dir_fd=fd)
+        self._counted(-1, -st.st_size if stat_mod.S_ISREG(st.st_mode) else 0)
 
     def remove_tree(self, path: str) -> None:
         """shutil.rmtree relative to the parent's descriptor: its fd-based walk follows no
         symlink, even one swapped in during the walk."""
+        gone = [1, 0]  # the folder itself, then what it holds (counted while totals are kept)
+        if self._tally is not None:
+            for _, node in self.counted_walk(path):
+                gone[0] += 1
+                gone[1] += node.size if node.kind == "file" else 0
         with self._at(path) as (fd, name):
             shutil.rmtree(name, dir_fd=fd)
+        self._counted(-gone[0], -gone[1])
 
     def rename(self, src: str, dst: str) -> None:
         """rename(2) between the two parents' descriptors (atomic, replaces ``dst``)."""
         with self._at(src) as (sfd, sname), self._at(dst) as (dfd, dname):
+            try:
+                replaced: os.stat_result | None = os.stat(dname, dir_fd=dfd,
+                                                          follow_symlinks=False)
+            except FileNotFoundError:
+                replaced = None
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        if replaced is not None:  # a file, a link or an empty folder went
+            self._counted(-1, -replaced.st_size if stat_mod.S_ISREG(replaced.st_mode) else 0)
+
+    def counted_walk(self, top: str) -> Iterator[tuple[str, Node]]:
+        """Everything on disk, this store's temporary names included: a user's file may be
+        named so too (and a crash may leave one behind), and either takes room that the
+        quotas must see, where :meth:`walk` leaves such names out."""
+        return super().walk(top)
 
     def walk(self, top: str) -> Iterator[tuple[str, Node]]:
         """As the base class, skipping this store's temporary files of writes in progress."""

@@ -15,7 +15,8 @@ from tierkernel.fsx.store import COPY_CHUNK, BytesReader, Reader, Store, process
 
 class MemoryStore(Store):
     """Nodes in a dict by path, contents as immutable ``bytes`` (so a reader's snapshot cannot
-    change under it), a per-directory name index for listings, one re-entrant lock."""
+    change under it), a per-directory name index for listings, one re-entrant lock, and the
+    totals the quotas read (entries, bytes of content), kept as nodes come and go."""
 
     backend = "memory"
 
@@ -28,6 +29,8 @@ class MemoryStore(Store):
             "/": Node("dir", DEFAULT_MODE["dir"], uid, gid, 0, now, now, now, now)}
         self._data: dict[str, bytes] = {}
         self._index: dict[str, set[str]] = {"/": set()}
+        self._entries = 0  # nodes but the root
+        self._bytes = 0  # content of files
 
     def transaction(self) -> AbstractContextManager[Any]:
         """The store's lock: every engine operation runs whole, without interleaving."""
@@ -36,6 +39,11 @@ class MemoryStore(Store):
     def external_version(self) -> object | None:
         """Always 0: no other process can reach this workspace."""
         return 0
+
+    def tally(self) -> tuple[int, int]:
+        """The counters: no walk."""
+        with self._lock:
+            return self._entries, self._bytes
 
     def lookup(self, path: str) -> Node | None:
         """The node at ``path``."""
@@ -55,6 +63,7 @@ class MemoryStore(Store):
             size = len(target.encode("utf-8", "surrogateescape")) if kind == "symlink" else 0
             self._nodes[path] = Node(kind, perm, uid, gid, size, now, now, now, now, target)
             self._index[parent(path)].add(basename(path))
+            self._entries += 1
             if kind == "dir":
                 self._index[path] = set()
             elif kind == "file":
@@ -76,6 +85,7 @@ class MemoryStore(Store):
                 self.create(path, "file", DEFAULT_MODE["file"])
             if append:
                 data = self._data[path] + data
+            self._bytes += len(data) - len(self._data[path])
             self._data[path] = data
             now = time.time_ns()
             self._nodes[path] = self._nodes[path].with_(size=len(data), mtime_ns=now,
@@ -85,6 +95,7 @@ class MemoryStore(Store):
         """Cut or zero-extend."""
         with self._lock:
             data = self._data[path]
+            self._bytes += length - len(data)
             data = data[:length] + b"\0" * (length - len(data))
             self._data[path] = data
             now = time.time_ns()
@@ -95,6 +106,7 @@ class MemoryStore(Store):
         with self._lock:
             if dst not in self._nodes:
                 self.create(dst, "file", self._nodes[src].perm)
+            self._bytes += len(self._data[src]) - len(self._data[dst])
             self._data[dst] = self._data[src]
             now = time.time_ns()
             self._nodes[dst] = self._nodes[dst].with_(
@@ -120,7 +132,8 @@ class MemoryStore(Store):
         """Drop one node."""
         with self._lock:
             del self._nodes[path]
-            self._data.pop(path, None)
+            self._bytes -= len(self._data.pop(path, b""))
+            self._entries -= 1
             self._index.pop(path, None)
             self._index[parent(path)].discard(basename(path))
 
@@ -129,7 +142,8 @@ class MemoryStore(Store):
         with self._lock:
             for key in [key for key in self._nodes if is_within(key, path)]:
                 del self._nodes[key]
-                self._data.pop(key, None)
+                self._bytes -= len(self._data.pop(key, b""))
+                self._entries -= 1
                 self._index.pop(key, None)
             self._index[parent(path)].discard(basename(path))
 

@@ -10,6 +10,11 @@ Why two processes can share it: SQLite's locking. Writers take the write lock at
 the transaction (IMMEDIATE, so a reader never has to upgrade and deadlock), and wait up to
 ``busy_timeout`` for each other.
 
+Quotas: the engine reads the workspace's totals before each write. They are kept in the row
+of ``usage``, which triggers on ``nodes`` update inside the very statement that adds, removes or
+resizes a node, so the row is exact in every transaction, whichever process (or tierkernel
+version) wrote, and reading it costs one lookup instead of a scan of every node.
+
 Large files: content is split into 1 MiB chunks (rows of ``chunks``) so a 100 MB file is never
 one giant value in memory or in one row. A file's chunks belong to a *blob* id; an overwrite
 writes a new blob and deletes the old one in the same transaction, so an open reader either
@@ -65,7 +70,28 @@ CREATE TABLE IF NOT EXISTS chunks (
     data BLOB NOT NULL,
     PRIMARY KEY (blob, idx)
 );
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
 """
+# Each is one statement (a trigger's body holds semicolons, so they are not split like the
+# schema). `entries` counts the root too; tally() leaves it out.
+_TRIGGERS = [
+    """CREATE TRIGGER IF NOT EXISTS usage_on_insert AFTER INSERT ON nodes BEGIN
+        UPDATE usage SET entries = entries + 1,
+            bytes = bytes + CASE WHEN new.kind = 'file' THEN new.size ELSE 0 END;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS usage_on_delete AFTER DELETE ON nodes BEGIN
+        UPDATE usage SET entries = entries - 1,
+            bytes = bytes - CASE WHEN old.kind = 'file' THEN old.size ELSE 0 END;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS usage_on_resize AFTER UPDATE OF size ON nodes
+        WHEN new.kind = 'file' AND new.size != old.size BEGIN
+        UPDATE usage SET bytes = bytes + new.size - old.size;
+    END""",
+]
 
 _SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
 
@@ -127,6 +153,8 @@ class SqliteStore(Store):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._conn.execute(statement)
+            for trigger in _TRIGGERS:
+                self._conn.execute(trigger)
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 self._conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -140,6 +168,12 @@ class SqliteStore(Store):
                     f"INSERT INTO nodes (path, parent, name, {_NODE_COLUMNS}) "
                     "VALUES ('/', '', '', 'dir', ?, ?, ?, 0, ?, ?, ?, ?, '')",
                     (DEFAULT_MODE["dir"], uid, gid, now, now, now, now))
+            # A workspace made before the totals were kept: counted once, here, inside the
+            # transaction that holds the write lock, so no write of another process is missed.
+            if self._conn.execute("SELECT 1 FROM usage WHERE id = 0").fetchone() is None:
+                self._conn.execute(
+                    "INSERT INTO usage (id, entries, bytes) SELECT 0, count(*), "
+                    "coalesce(sum(CASE WHEN kind = 'file' THEN size ELSE 0 END), 0) FROM nodes")
 
     def _wal(self, within: float) -> None:
         """Switch the file to WAL. Two processes opening a new workspace at once can make this
@@ -373,6 +407,18 @@ class SqliteStore(Store):
                 "name = CASE WHEN path = :p THEN :dn ELSE name END, "
                 "ctime_ns = CASE WHEN path = :p THEN :now ELSE ctime_ns END, "
                 f"path = :d || substr(path, :n + 1) WHERE {_SUBTREE}", params)
+
+    def tally(self) -> tuple[int, int]:
+        """The ``usage`` row the triggers keep: one lookup."""
+        entries, size = self.query("SELECT entries, bytes FROM usage WHERE id = 0")[0]
+        return int(entries) - 1, int(size)
+
+    def extent(self, path: str) -> tuple[int, int]:
+        """Counted by SQL over the subtree's range of the primary key."""
+        row = self.query(
+            "SELECT max(length(path) - length(replace(path, '/', ''))), "
+            f"max(length(CAST(path AS BLOB))) FROM nodes WHERE {_SUBTREE}", {"p": path})[0]
+        return int(row[0] or 0), int(row[1] or 0)
 
     def usage(self) -> tuple[int, int]:
         """Counted by SQL, not by walking."""

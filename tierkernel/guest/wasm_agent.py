@@ -7,7 +7,8 @@ has no threads, no signals and no pipes to the host:
 
 - the cell's stdout/stderr go straight to the guest's fds 1 and 2, unbuffered; the host sees
   each write as it happens (it hooks the runtime's output streams) and batches them into stream
-  messages, so printing costs no round trip;
+  messages, so printing costs no round trip (after a cell closed fd 1 or 2, which cannot be
+  reopened in WASI, that stream goes over ``tk_emit`` instead);
 - every other message (ready, display, result, error, clear_output, done) is one call of the
   host tool ``tk_emit``, which hands the same JSON object the process agent would write on its
   protocol line to the host side of the agent protocol.
@@ -61,18 +62,34 @@ class FdStream(_agent.CellStream):
     The host sees each write as it happens and joins a ``print()``'s pieces back into lines
     (see ``wasm_transport``); buffering here would hold partial lines (progress dots) until
     the next write, since the guest has no threads to flush them on a timer.
+
+    Once a cell has closed the fd (WASI has no ``dup2`` to put the host's stream back), the
+    text goes to the host as stream messages over the tool channel instead, a line at a time
+    (a round trip each), so the cell's output is not lost (see ``WasmAgent._restore_fds``).
     """
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        fd = self.fileno()
+        lost: set[int] = self._agent.lost_fds  # type: ignore[attr-defined]
+        if fd in lost:  # buffered by lines, as the process agent's stream does
+            return super().write(text)
         view = memoryview(text.encode("utf-8", "surrogateescape"))
-        while view:
-            view = view[os.write(self.fileno(), view) :]
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            lost.add(fd)
+            super().write(bytes(view).decode("utf-8", "replace"))
         return len(text)
 
     def flush(self) -> None:
-        """Nothing is buffered here."""
+        """Send what waits for the tool channel (nothing waits while the fd works)."""
+        if self._buf:
+            super().flush()
 
 
 class WasmAgent(_agent.Agent):
@@ -85,9 +102,21 @@ class WasmAgent(_agent.Agent):
         # The cell's globals are __main__'s, so pickle and dataclasses find user classes.
         self.namespace = sys.modules["__main__"].__dict__
         self.memory_hint = memory_hint
+        #: What fds 1 and 2 are when the session starts: the host's output streams.
+        self._fd_marks = {fd: _fd_mark(fd) for fd in (1, 2)}
+        #: Those of fds 1 and 2 that are no longer the host's streams (see FdStream).
+        self.lost_fds: set[int] = set()
 
     def _drain_fds(self) -> None:
         """Nothing to drain: fds 1 and 2 are the host's streams already."""
+
+    def _restore_fds(self) -> None:
+        """Fds 1 and 2 cannot be reopened in a WASI guest (no ``dup``/``dup2``), so a closed
+        one, or one whose number a file has taken since, is left to the cell, and the cells'
+        streams reach the host over the tool channel from then on (see FdStream)."""
+        for fd, mark in self._fd_marks.items():
+            if fd not in self.lost_fds and _fd_mark(fd) != mark:
+                self.lost_fds.add(fd)
 
     def _report(self, etype: type[BaseException], exc: BaseException, tb: Any, fn: str) -> None:
         if issubclass(etype, SystemExit) and _raised_by_runtime_exit(tb):
@@ -112,6 +141,15 @@ class WasmAgent(_agent.Agent):
     def execute_json(self, text: str) -> None:
         """Run one ``execute`` request (the host's JSON line)."""
         self.execute(json.loads(text))
+
+
+def _fd_mark(fd: int) -> tuple[int, int, int] | None:
+    """What ``fd`` is (kind, device, inode), or None when it is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_mode, st.st_dev, st.st_ino
 
 
 def _raised_by_runtime_exit(tb: Any) -> bool:

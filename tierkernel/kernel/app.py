@@ -13,6 +13,7 @@ from jupyter_core.paths import jupyter_config_path
 from traitlets import Type, Unicode, default
 
 from tierkernel.backends.registry import discover
+from tierkernel.fsx import Fsx
 from tierkernel.kernel.kernel import TierKernel
 
 
@@ -29,7 +30,7 @@ class TierKernelApp(IPKernelApp):
     description = "tierkernel: a Jupyter kernel for Python in which each cell picks its tier."
     kernel_class = Type(TierKernel)
     classes = [  # type: ignore[assignment]  # noqa: RUF012 - traitlets reads it as is
-        TierKernel, *discover()[0].values(), ZMQInteractiveShell, ProfileDir, Session,
+        TierKernel, *discover()[0].values(), Fsx, ZMQInteractiveShell, ProfileDir, Session,
     ]
 
     def init_pdb(self) -> None:
@@ -60,4 +61,15 @@ class TierKernelApp(IPKernelApp):
 
 def main() -> None:
     """Start TierKernel (what the kernelspec runs)."""
+    quiet_debugger_check()
     TierKernelApp.launch_instance()
+
+
+def quiet_debugger_check() -> None:
+    """Keep debugpy's frozen-modules warning off the kernel's stderr when the interpreter
+    was started without ``-Xfrozen_modules=off`` (``tierkernel kernel``, a hand-written
+    kernelspec): ipykernel imports debugpy while the kernel starts, and that warning would be
+    published as a ``stream`` message ahead of everything else. Stock ipykernel sets the same
+    variable for a kernelspec installed with frozen modules on."""
+    if sys._xoptions.get("frozen_modules", "on") != "off":
+        os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")

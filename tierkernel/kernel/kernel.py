@@ -14,7 +14,7 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Unicode, default
 
 from tierkernel import __version__
-from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult
+from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult, ResourceUsage
 from tierkernel.backends.native import NativeBackend
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel.iopub import IopubSink
@@ -56,8 +56,9 @@ class TierKernel(IPythonKernel):
     Cells without the magic run in :attr:`default_tier`. Native cells go through IPython
     unchanged; other tiers get the cell through the backend contract and publish through an
     :class:`IopubSink`. Every execute_reply carries ``metadata.tierkernel = {tier,
-    duration_ms, success, execution_id}``; the id is the cell's record in the audit log
-    (``%executions ID``).
+    duration_ms, success, execution_id}`` and what the cell used (``cpu_seconds``,
+    ``peak_memory_bytes``, ``processes``, measured on the host); the id is the cell's record
+    in the audit log (``%executions ID``).
     """
 
     implementation = "tierkernel"
@@ -188,7 +189,7 @@ class TierKernel(IPythonKernel):
         self.runtime.finish(context, result, time.perf_counter() - started)
         reply = self._reply(result)
         self._record(msg_id, route.backend.name, started, result.success,
-                     context.execution_id)
+                     context.execution_id, result.usage)
         return reply
 
     async def run_ipython_cell(self, request: CellRequest) -> dict[str, Any]:
@@ -299,21 +300,25 @@ class TierKernel(IPythonKernel):
 
     # -- reply metadata -------------------------------------------------------------------
     def _record(self, msg_id: str, tier: str, started: float, success: bool,
-                execution_id: str | None = None) -> None:
-        self._tier_meta[msg_id] = {
+                execution_id: str | None = None, usage: ResourceUsage | None = None) -> None:
+        info: dict[str, Any] = {
             "tier": tier,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             "success": success,
         }
         if execution_id is not None:
-            self._tier_meta[msg_id]["execution_id"] = execution_id
+            info["execution_id"] = execution_id
+        if usage is not None:
+            info.update(usage.as_metadata())
+        self._tier_meta[msg_id] = info
 
     def finish_metadata(
         self, parent: dict[str, Any], metadata: dict[str, Any], reply_content: dict[str, Any]
     ) -> dict[str, Any]:
         """Add ``tierkernel: {tier, duration_ms, success, execution_id}`` to every
         execute_reply (no execution_id for a cell aborted after an earlier error: it never
-        ran)."""
+        ran), with what the cell used where its tier measures it on the host:
+        ``cpu_seconds``, ``peak_memory_bytes`` and (sandbox, runc) ``processes``."""
         # The pre-reply flush and sleep are behind us: end the mark do_execute set.
         mark_cell(False)
         metadata = super().finish_metadata(parent, metadata, reply_content)

@@ -28,9 +28,14 @@ def install(
     ``language`` stays ``python`` so papermill and nbval treat the kernel as Python;
     ``interrupt_mode`` is ``signal`` because the kernel turns SIGINT into tier interrupts.
     ``default_tier`` is written into the spec's environment (``TIERKERNEL_DEFAULT_TIER``).
+
+    The interpreter runs with ``-Xfrozen_modules=off``, as stock ipykernel's kernelspec does:
+    ipykernel imports debugpy when the kernel starts, and with frozen modules debugpy warns on
+    stderr, which the kernel publishes as a ``stream`` message that can come before the
+    ``iopub_welcome`` (JEP 65) a client waits for.
     """
     overrides: dict[str, object] = {
-        "argv": [python or sys.executable, "-m", "tierkernel", "-f", "{connection_file}"],
+        "argv": kernel_argv(python),
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",
@@ -48,6 +53,16 @@ def install(
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def kernel_argv(python: str | None = None) -> list[str]:
+    """The command that starts a tierkernel kernel with ``python`` (default: this one)."""
+    return [python or sys.executable, *PYTHON_ARGUMENTS, "-m", "tierkernel", "-f",
+            "{connection_file}"]
+
+
+#: Interpreter options of the kernel (see :func:`install`).
+PYTHON_ARGUMENTS = ("-Xfrozen_modules=off",)
 
 
 def _version() -> str:

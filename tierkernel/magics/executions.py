@@ -29,6 +29,18 @@ def _duration(ms: float | None) -> str:
     return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
 
 
+def _cpu(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _memory(size: int | None) -> str:
+    if size is None:
+        return "-"
+    return f"{size / 2**20:.1f} MiB" if size < 1 << 30 else f"{size / 2**30:.2f} GiB"
+
+
 def _first_line(code: str, width: int = 48) -> str:
     lines = [line for line in code.strip().splitlines() if line.strip()]
     text = lines[0].strip() if lines else ""
@@ -40,7 +52,7 @@ def _first_line(code: str, width: int = 48) -> str:
 class ExecutionTable:
     """The ``%executions`` table (text in a console, HTML in a notebook)."""
 
-    HEADER = ("id", "started", "tier", "status", "duration", "code")
+    HEADER = ("id", "started", "tier", "status", "duration", "cpu", "peak memory", "code")
 
     def __init__(self, rows: list[Execution], scope: str) -> None:
         self.rows = rows
@@ -48,7 +60,8 @@ class ExecutionTable:
 
     def _cells(self) -> list[tuple[str, ...]]:
         return [(r.id, _when(r.started), r.tier, r.status, _duration(r.duration_ms),
-                 _first_line(r.code)) for r in self.rows]
+                 _cpu(r.cpu_seconds), _memory(r.peak_memory), _first_line(r.code))
+                for r in self.rows]
 
     def __repr__(self) -> str:
         if not self.rows:
@@ -71,8 +84,8 @@ class ExecutionTable:
             cells = [f"<td><code>{html.escape(row[0])}</code></td>",
                      *(f"<td>{html.escape(c)}</td>" for c in row[1:3]),
                      f"<td{color}>{html.escape(row[3])}</td>",
-                     f"<td>{html.escape(row[4])}</td>",
-                     f"<td><code>{html.escape(row[5])}</code></td>"]
+                     *(f"<td>{html.escape(c)}</td>" for c in row[4:7]),
+                     f"<td><code>{html.escape(row[7])}</code></td>"]
             body.append("<tr>" + "".join(cells) + "</tr>")
         return (f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
                 f"<p>{len(self.rows)} shown, newest first, {html.escape(self.scope)}</p>")
@@ -92,6 +105,8 @@ class ExecutionView:
                  else str(r.execution_count)),
                 ("tier", r.tier), ("started", _when(r.started)),
                 ("duration", _duration(r.duration_ms)), ("status", r.status),
+                ("cpu", _cpu(r.cpu_seconds)), ("peak memory", _memory(r.peak_memory)),
+                ("processes", "-" if r.processes is None else str(r.processes)),
                 ("error", r.error or "-")]
 
     def _calls(self) -> list[str]:

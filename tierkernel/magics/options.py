@@ -12,6 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# Sizes are read in tierkernel.sizes (below fsx, which reads them too); named here as well,
+# for the callers that take every option helper from this module.
+from tierkernel.sizes import format_size as format_size
+from tierkernel.sizes import size_in_bytes as size_in_bytes
+
 
 class TierUsageError(ValueError):
     """A ``%%tier``/``%tier`` line the kernel cannot act on; the message says how to fix it."""
@@ -58,27 +63,8 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-}
 #: The least memory a tier accepts (``--memory`` and the tiers' memory settings).
 MIN_MEMORY = 16 << 20
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
-
-
-def size_in_bytes(text: str) -> int | None:
-    """``512m``, ``1g``, ``1.5GiB``, ``256MB``, ``1048576`` in bytes; None when it is no size.
-
-    Units are binary (``1m`` is 1 MiB), as Docker's ``--memory`` reads them.
-    """
-    match = _SIZE.match(text.lower())
-    factor = _SIZE_UNITS.get(match.group(2)) if match else None
-    if match is None or factor is None:
-        return None
-    return int(float(match.group(1)) * factor)
 
 
 def parse_size(text: str) -> int:
@@ -173,16 +159,6 @@ def parse_runtime(text: str) -> str:
             f"--runtime expects a container runtime name such as runc or runsc, got {text!r}"
         )
     return _RUNTIME_ALIASES.get(name, name)
-
-
-def format_size(value: int) -> str:
-    """Render a byte count the way ``--memory`` accepts it: ``1g``, ``512m``, ``1536k``."""
-    for unit, factor in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
-        if value >= factor and value % factor == 0:
-            return f"{value // factor}{unit}"
-    if value >= 1 << 20:
-        return f"{value / (1 << 20):.1f}m"
-    return str(value)
 
 
 OPTIONS: dict[str, OptionSpec] = {

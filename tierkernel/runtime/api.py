@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from tierkernel.runtime import network
 from tierkernel.runtime.network import AddressRefused
 from tierkernel.runtime.policy import CellPolicy
 
@@ -65,9 +66,14 @@ class ApiOutcome:
 def _host_of(url: httpx.URL) -> str:
     if url.scheme not in ("http", "https"):
         raise ValueError(f"api() only fetches http:// and https:// URLs, got {str(url)!r}")
-    if not url.host:
+    try:
+        host = url.host  # decodes IDNA ("xn--..."), which refuses some names
+    except UnicodeError as exc:  # idna's errors are UnicodeErrors
+        raise ValueError(f"api(): {str(url)!r} does not have a valid host name: {exc}"
+                         ) from None
+    if not host:
         raise ValueError(f"api() needs an absolute URL with a host, got {str(url)!r}")
-    return url.host
+    return host
 
 
 def _decode(response: httpx.Response, raw: bytes) -> Any:
@@ -76,8 +82,10 @@ def _decode(response: httpx.Response, raw: bytes) -> Any:
     if kind == "application/json" or kind.endswith("+json"):
         try:
             return json.loads(text)
-        except ValueError:
-            return text  # a server that mislabels its body: still show what came back
+        except (ValueError, RecursionError):
+            # A server that mislabels its body, or JSON nested deeper than Python decodes:
+            # still show what came back.
+            return text
     return text
 
 
@@ -95,6 +103,10 @@ def _check_args(method: str, headers: Any, json_body: Any, data: Any) -> str:
         if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\0"):
             raise ValueError(f"api(): {name!r}: {value[:80]!r} is not a valid header (names are "
                              "letters, digits and -; values hold no line breaks)")
+        if not value.isascii():
+            raise ValueError(f"api(): the {name} header's value {value[:80]!r} is not ASCII, "
+                             "which HTTP headers must be; encode it first (e.g. "
+                             "urllib.parse.quote, or base64)")
         lowered = name.lower()
         why = _FORBIDDEN_HEADERS.get(lowered) or (
             "it is meant for a proxy, and api() uses none" if lowered.startswith("proxy-")
@@ -149,51 +161,54 @@ def request(
     req = client.build_request(verb, parsed, headers=dict(headers or {}), json=json_body,
                                content=content, data=form, cookies=jar)
     hops = 0
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s")
-            req.extensions["timeout"] = httpx.Timeout(left).as_dict()
-            try:
-                response = client.send(req, stream=True)
-            except AddressRefused as exc:
-                via = "" if req.url == parsed else f" (redirected to {req.url})"
-                raise PermissionError(f"api() {url}{via}: {exc}") from None
-            try:
-                jar.extract_cookies(response)
-                next_req = response.next_request
-                if next_req is not None:
-                    hops += 1
-                    if hops > limits.max_redirects:
-                        raise ValueError(f"api() {url} redirected more than "
-                                         f"{limits.max_redirects} times; giving up")
-                    # Checked before following: a redirect must not lead where the cell may
-                    # not go directly.
-                    try:
-                        policy.check_domain(_host_of(next_req.url))
-                    except PermissionError as exc:
-                        raise PermissionError(f"api() {url} redirected to {next_req.url}: "
-                                              f"{exc}") from None
-                    jar.set_cookie_header(next_req)
-                    req = next_req
-                    continue
-                body = read_capped(response, limits.max_bytes, deadline, seconds, url)
-            finally:
-                response.close()
-            final = response.url
-            value = {
-                "status": response.status_code,
-                "headers": {k: v for k, v in response.headers.items()},
-                "body": _decode(response, body),
-                "ok": 200 <= response.status_code < 300,
-                "url": str(final),
-            }
-            return ApiOutcome(value, f"{verb} {final.copy_with(query=None)}")
-    except httpx.TimeoutException:
-        raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s") from None
-    except httpx.TransportError as exc:
-        raise ConnectionError(f"api() {verb} {url} failed: {exc or type(exc).__name__}") from None
+    # Every read and write of the call keeps to the deadline (see network.deadline).
+    with network.deadline(deadline):
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s")
+                req.extensions["timeout"] = httpx.Timeout(left).as_dict()
+                try:
+                    response = client.send(req, stream=True)
+                except AddressRefused as exc:
+                    via = "" if req.url == parsed else f" (redirected to {req.url})"
+                    raise PermissionError(f"api() {url}{via}: {exc}") from None
+                try:
+                    jar.extract_cookies(response)
+                    next_req = response.next_request
+                    if next_req is not None:
+                        hops += 1
+                        if hops > limits.max_redirects:
+                            raise ValueError(f"api() {url} redirected more than "
+                                             f"{limits.max_redirects} times; giving up")
+                        # Checked before following: a redirect must not lead where the cell may
+                        # not go directly.
+                        try:
+                            policy.check_domain(_host_of(next_req.url))
+                        except PermissionError as exc:
+                            raise PermissionError(f"api() {url} redirected to {next_req.url}: "
+                                                  f"{exc}") from None
+                        jar.set_cookie_header(next_req)
+                        req = next_req
+                        continue
+                    body = read_capped(response, limits.max_bytes, deadline, seconds, url)
+                finally:
+                    response.close()
+                final = response.url
+                value = {
+                    "status": response.status_code,
+                    "headers": {k: v for k, v in response.headers.items()},
+                    "body": _decode(response, body),
+                    "ok": 200 <= response.status_code < 300,
+                    "url": str(final),
+                }
+                return ApiOutcome(value, f"{verb} {final.copy_with(query=None)}")
+        except httpx.TimeoutException:
+            raise TimeoutError(f"api() {verb} {url} took longer than {seconds:g} s") from None
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"api() {verb} {url} failed: {exc or type(exc).__name__}"
+                                  ) from None
 
 
 def read_capped(response: httpx.Response, cap: int, deadline: float, seconds: float,

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 #: holds. The runtime caps logs far below this (c.Runtime.log_max_bytes); this bound makes sure
 #: no record is ever too large for SQLite to write, which would leave the cell "running".
 MAX_FIELD_CHARS = 16 * 1024 * 1024
+#: The most characters of a helper call's target and error kept in its audit row: both can
+#: echo what the cell sent (a URL, a table name), and a row is written for every call.
+MAX_CALL_TARGET_CHARS = 1000
+MAX_CALL_ERROR_CHARS = 4000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -52,7 +56,22 @@ CREATE TABLE IF NOT EXISTS helper_calls (
     size         INTEGER NOT NULL       -- bytes of JSON returned to the cell
 );
 CREATE INDEX IF NOT EXISTS helper_calls_execution ON helper_calls (execution_id);
+-- What each cell used, measured on the host. A table of its own rather than new columns of
+-- executions: older tierkernels read executions with SELECT * into a fixed shape, and they
+-- may share this file with newer ones.
+CREATE TABLE IF NOT EXISTS execution_usage (
+    execution_id TEXT PRIMARY KEY,
+    cpu_seconds  REAL,                  -- NULL: not measured
+    peak_memory  INTEGER,               -- bytes
+    processes    INTEGER                -- most tasks the cell's container held (sandbox)
+) WITHOUT ROWID;                        -- one B-tree: the write costs less on the reply path
 """
+
+#: What :func:`_execution` reads, in its order: an execution and what it used.
+_SELECT = ("SELECT e.id, e.kernel_session, e.cell_id, e.execution_count, e.tier, e.code, "
+           "e.started, e.duration_ms, e.status, e.success, e.error, e.logs, u.cpu_seconds, "
+           "u.peak_memory, u.processes FROM executions e "
+           "LEFT JOIN execution_usage u ON u.execution_id = e.id")
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,10 @@ class Execution:
     error: str | None
     logs: list[dict[str, Any]] = field(default_factory=list)
     calls: list[HelperCall] = field(default_factory=list)
+    #: What the cell used, measured on the host (None: not measured, or an older record).
+    cpu_seconds: float | None = None
+    peak_memory: int | None = None
+    processes: int | None = None
 
 
 class AuditLog:
@@ -112,11 +135,26 @@ class AuditLog:
             self._conn = conn
         return self._conn
 
-    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _write(self, sql: str, params: tuple[Any, ...],
+               *more: tuple[str, tuple[Any, ...]]) -> None:
+        """Run a write; with ``more`` statements, all of them in one transaction (one
+        commit on the cell's reply path, not one each)."""
         try:
             with self._lock:
-                self._db().execute(sql, params)
-        except (sqlite3.Error, OSError) as exc:
+                db = self._db()
+                if not more:
+                    db.execute(sql, params)
+                else:
+                    db.execute("BEGIN")
+                    try:
+                        for statement, values in ((sql, params), *more):
+                            db.execute(statement, values)
+                        db.execute("COMMIT")
+                    except BaseException:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        raise
+        except (sqlite3.Error, OSError, ValueError) as exc:  # a record never fails the cell
             if not self._warned:  # once: a broken log must not flood the kernel's log
                 log.warning("cannot write the audit log %s: %s", self.path, exc)
                 self._warned = True
@@ -131,21 +169,28 @@ class AuditLog:
             (execution_id, session, cell_id, execution_count, tier, _cut(code), started))
 
     def finish(self, execution_id: str, status: str, duration_ms: float,
-               error: str | None, logs: list[dict[str, Any]], tier: str | None = None) -> None:
-        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``."""
+               error: str | None, logs: list[dict[str, Any]], tier: str | None = None,
+               usage: tuple[float | None, int | None, int | None] | None = None) -> None:
+        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``;
+        ``usage`` is what the cell used as its tier measured it on the host: (CPU seconds,
+        peak memory bytes, processes), each None when not measured."""
         self._write(
             "UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
             "logs = ?, tier = COALESCE(?, tier) WHERE id = ?",
             (status, int(status == "ok"), duration_ms, _cut(error), _logs_json(logs), tier,
-             execution_id))
+             execution_id),
+            *([("INSERT OR REPLACE INTO execution_usage (execution_id, cpu_seconds, "
+                "peak_memory, processes) VALUES (?, ?, ?, ?)", (execution_id, *usage))]
+              if usage is not None and any(v is not None for v in usage) else []))
 
     def helper_call(self, execution_id: str | None, call: HelperCall) -> None:
         """Record one helper call."""
         self._write(
             "INSERT INTO helper_calls (execution_id, helper, target, allowed, ok, error, "
             "started, duration_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (execution_id, call.helper, call.target, int(call.allowed), int(call.ok),
-             call.error, call.started, call.duration_ms, call.size))
+            (execution_id, _cut(call.helper, 100), _cut(call.target, MAX_CALL_TARGET_CHARS),
+             int(call.allowed), int(call.ok), _cut(call.error, MAX_CALL_ERROR_CHARS),
+             call.started, call.duration_ms, call.size))
 
     # -- reading ----------------------------------------------------------------------------
     def executions(self, session: str | None = None, tier: str | None = None,
@@ -153,15 +198,15 @@ class AuditLog:
         """The newest executions first, filtered by kernel session, tier and failure."""
         where, params = [], []
         if session is not None:
-            where.append("kernel_session = ?")
+            where.append("e.kernel_session = ?")
             params.append(session)
         if tier is not None:
-            where.append("tier = ?")
+            where.append("e.tier = ?")
             params.append(tier)
         if failed:
-            where.append("status IN ('error', 'refused')")
-        sql = ("SELECT * FROM executions" + (" WHERE " + " AND ".join(where) if where else "")
-               + " ORDER BY started DESC, rowid DESC LIMIT ?")
+            where.append("e.status IN ('error', 'refused')")
+        sql = (_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY e.started DESC, e.rowid DESC LIMIT ?")
         with self._lock:
             rows = self._db().execute(sql, (*params, limit)).fetchall()
         return [_execution(row) for row in rows]
@@ -173,9 +218,9 @@ class AuditLog:
         """
         with self._lock:
             db = self._db()
-            rows = db.execute("SELECT * FROM executions WHERE id LIKE ? || '%' ESCAPE '\\' "
-                              "LIMIT 2", (id_prefix.replace("%", "\\%")
-                                          .replace("_", "\\_"),)).fetchall()
+            rows = db.execute(_SELECT + " WHERE e.id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
+                              (id_prefix.replace("%", "\\%").replace("_", "\\_"),)
+                              ).fetchall()
             if len(rows) != 1:
                 raise KeyError(id_prefix if not rows else f"{id_prefix} (ambiguous)")
             calls = db.execute(
@@ -193,11 +238,26 @@ class AuditLog:
                 self._conn = None
 
 
-def _cut(text: str | None) -> str | None:
-    """``text``, cut to :data:`MAX_FIELD_CHARS` with a note."""
-    if text is None or len(text) <= MAX_FIELD_CHARS:
-        return text
-    return text[:MAX_FIELD_CHARS] + f"... [cut: {len(text)} characters in all]"
+def folded_start(text: str, length: int = 200) -> str:
+    """About the first ``length`` characters of ``text``, runs of whitespace folded to one
+    space: what a helper call was aimed at, for the log. Made from the start of the text
+    only, since splitting a guest's megabytes of short words would make millions of strings
+    (a long run of whitespace just leaves less to show)."""
+    return " ".join(text[:2 * length].split())[:length]
+
+
+def _cut(text: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
+    """``text``, cut to ``limit`` characters with a note, storable: a lone surrogate (JSON
+    may carry one, SQLite cannot store it) is written as its escape, ``\\ud800``."""
+    if text is None:
+        return None
+    if len(text) > limit:
+        text = text[:limit] + f"... [cut: {len(text)} characters in all]"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _logs_json(logs: list[dict[str, Any]]) -> str:
@@ -221,10 +281,10 @@ def _logs_json(logs: list[dict[str, Any]]) -> str:
 
 def _execution(row: tuple[Any, ...], calls: list[HelperCall] | None = None) -> Execution:
     (eid, session, cell_id, count, tier, code, started, duration, status, success, error,
-     logs) = row
+     logs, cpu, peak, processes) = row
     return Execution(eid, session, cell_id, count, tier, code, started, duration, status,
                      None if success is None else bool(success), error, json.loads(logs),
-                     calls or [])
+                     calls or [], cpu, peak, processes)
 
 
 def now() -> float:

@@ -32,7 +32,12 @@ from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
 from tierkernel.runtime import db as db_helper
 from tierkernel.runtime import network
-from tierkernel.runtime.audit import AuditLog, HelperCall
+from tierkernel.runtime.audit import (
+    MAX_CALL_TARGET_CHARS,
+    AuditLog,
+    HelperCall,
+    folded_start,
+)
 from tierkernel.runtime.policy import CellPolicy, Runtime
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,9 @@ class Broker:
             parsed = json.loads(request)
         except ValueError as exc:
             return json.dumps(_error("ValueError", f"the helper request is not JSON: {exc}"))
+        except RecursionError:
+            return json.dumps(_error("ValueError", "the helper request is nested too deeply "
+                                     "to decode"))
         return json.dumps(self.handle(parsed, context))
 
     def handle(self, request: Any, context: CallContext) -> dict[str, Any]:
@@ -133,6 +141,10 @@ class Broker:
             allowed = False
             error_text = self._scrub(str(exc))
             return _error("PermissionError", error_text)
+        except UnicodeError as exc:  # a lone surrogate the JSON carried, for one
+            error_text = self._scrub(f"{helper}(): the arguments hold text that is not valid "
+                                     f"Unicode (a lone surrogate such as '\\ud800'?): {exc}")
+            return _error("ValueError", error_text)
         except Exception as exc:
             name = type(exc).__name__ if type(exc).__name__ in ERROR_TYPES else "RuntimeError"
             if name == "RuntimeError" and type(exc) is not RuntimeError:
@@ -336,6 +348,9 @@ def _target_hint(helper: str, args: Any) -> str:
     key = {"api": "url", "db": "query", "ai": "model", "console": "level"}.get(helper, "")
     value = args.get(key, "")
     if helper == "api" and isinstance(value, str):
-        return f"{str(args.get('method', 'GET')).upper()} {value.split('?')[0]}"
+        # Cut first: a guest's megabyte URL (or one of many "?") is not copied or split.
+        method = str(args.get("method", "GET"))[:20].upper()
+        return f"{method} {value[:MAX_CALL_TARGET_CHARS].partition('?')[0]}"
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return " ".join(text.split())[:200]
+    return folded_start(text)
+

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tierkernel.runtime.audit import folded_start
+
 log = logging.getLogger(__name__)
 
 #: A table or column name the structured form accepts: a plain SQL identifier, optionally
@@ -325,13 +327,15 @@ class SQLiteDatabase:
     placeholder = "?"
 
     def __init__(self, path: str) -> None:
-        self.path = Path(path).expanduser()
+        # Resolved once: the file checked to lie outside the workspace is the file used, even
+        # after a native cell changes the working directory.
+        self.path = Path(path).expanduser().resolve()
 
     def _connect(self, readonly: bool, timeout: float) -> sqlite3.Connection:
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             sqlite3.connect(self.path).close()  # an empty database, so mode=ro can open it
-        uri = self.path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+        uri = self.path.as_uri() + ("?mode=ro" if readonly else "?mode=rw")
         conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
                                check_same_thread=False)
         conn.set_authorizer(_authorizer)
@@ -345,7 +349,11 @@ class SQLiteDatabase:
         deadline = time.monotonic() + timeout
         # Called every N virtual-machine steps: a non-zero answer aborts the statement.
         conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+        width = 1
         try:
+            width = _result_width(conn, sql, params)
+            value_cap = _value_cap(limits.max_bytes, width)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, value_cap)
             cur = conn.execute(sql, params if params is not None else ())
             columns = [d[0] for d in cur.description or ()]
             if not cur.description:
@@ -359,11 +367,16 @@ class SQLiteDatabase:
         except sqlite3.Error as exc:
             text = str(exc)
             if text == "string or blob too big":
+                cap = _value_cap(limits.max_bytes, width)
+                why = ("the most one db() result may hold" if cap == limits.max_bytes else
+                       f"the most one of the {width} values of a row may hold: a row of "
+                       f"{width} columns may take at most {_ROW_FACTOR} times "
+                       f"{limits.max_bytes} bytes")
                 raise ValueError(
-                    f"db(): this statement makes or reads a value larger than "
-                    f"{limits.max_bytes} bytes, the most one db() result may hold "
-                    "(c.Runtime.db_max_result_bytes); select smaller values (length(x) rather "
-                    "than x), or raise c.Runtime.db_max_result_bytes") from None
+                    f"db(): this statement makes or reads a value larger than {cap} bytes, "
+                    f"{why} (c.Runtime.db_max_result_bytes); select smaller values (length(x) "
+                    "rather than x) or fewer columns, or raise c.Runtime.db_max_result_bytes"
+                    ) from None
             if text == "interrupted":
                 raise TimeoutError(f"db(): the statement ran longer than {timeout:g} s "
                                    "(c.Runtime.db_timeout)") from None
@@ -381,6 +394,37 @@ class SQLiteDatabase:
 
     def close(self) -> None:
         """Nothing is held between calls."""
+
+
+#: How many times the result limit one SQLite row may take in all. SQLite makes every value
+#: of a row before the first is handed over (and Python copies them all), so the length limit
+#: of one value times the number of columns is what one row can cost the host: with up to
+#: 2000 columns, ``SELECT zeroblob(8e6), zeroblob(8e6), ...`` took 1.5 GB at 100 columns.
+_ROW_FACTOR = 4
+
+
+def _value_cap(max_bytes: int, width: int) -> int:
+    """SQLite's length limit for a statement returning ``width`` columns: the result limit,
+    lowered so that the row as a whole stays within :data:`_ROW_FACTOR` times it."""
+    return max(1, min(max_bytes, _ROW_FACTOR * max_bytes // max(width, 1)))
+
+
+def _result_width(conn: sqlite3.Connection, sql: str, params: Any) -> int:
+    """How many columns ``sql`` returns, read from its program (``EXPLAIN``, which prepares the
+    statement without running it): the widest ``ResultRow``. A statement EXPLAIN cannot take
+    (an ``EXPLAIN`` itself) counts as SQLite's widest possible row, which only lowers the
+    length limit; a statement that fails to prepare reports its own error when it runs."""
+    try:
+        cur = conn.execute("EXPLAIN " + sql, params if params is not None else ())
+    except sqlite3.Error:
+        if sql.lstrip().upper().startswith("EXPLAIN"):
+            return conn.getlimit(sqlite3.SQLITE_LIMIT_COLUMN)
+        return 1
+    try:
+        # Rows of (addr, opcode, p1, p2, ...): ResultRow's p2 is how many columns it returns.
+        return max((int(row[3]) for row in cur if row[1] == "ResultRow"), default=1)
+    finally:
+        cur.close()
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
@@ -538,7 +582,7 @@ def execute(database: Database, query: Any, params: Any, readonly: bool, limits:
             raise TypeError("db(): params must be a list (for ? / %s placeholders) or a dict "
                             "(for :name / %(name)s)")
         sql, args = query, (list(params) if isinstance(params, (list, tuple)) else params)
-        target = " ".join(sql.split())[:200]
+        target = folded_start(sql)
     else:
         raise TypeError(f"db() takes SQL text or a structured query dict, got "
                         f"{type(query).__name__}")

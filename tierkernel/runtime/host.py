@@ -70,7 +70,7 @@ class RuntimeHost:
             self.current = None
         note_dropped(context)
         result.logs.extend(context.logs)
-        error = result.error
+        error, usage = result.error, result.usage
         self.audit.finish(
             context.execution_id or "",
             "ok" if result.success else "error",
@@ -78,6 +78,8 @@ class RuntimeHost:
             f"{error.ename}: {error.evalue}" if error is not None and not result.success
             else None,
             [asdict(entry) for entry in result.logs],
+            usage=None if usage is None else (usage.cpu_seconds, usage.peak_memory_bytes,
+                                               usage.processes),
         )
 
     def refuse(self, code: str, tier: str, cell_id: str | None, execution_count: int | None,

@@ -14,10 +14,13 @@ Redirects make new connections through the same transport, so every hop is check
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import ssl
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -99,6 +102,62 @@ def is_allowed(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return refusal(address) is None
 
 
+_deadlines = threading.local()
+
+
+@contextlib.contextmanager
+def deadline(when: float) -> Iterator[None]:
+    """Within this block, every read, write and TLS handshake of an api() connection made by
+    this thread ends by ``when`` (a ``time.monotonic()`` value).
+
+    httpcore gives each socket operation the whole timeout afresh, so a server that sends its
+    response a byte at a time, each byte in time, would hold the call for as long as it liked.
+    The deadline is the thread's, not the connection's, because a connection kept alive serves
+    later calls with deadlines of their own.
+    """
+    previous = getattr(_deadlines, "when", None)
+    _deadlines.when = when
+    try:
+        yield
+    finally:
+        _deadlines.when = previous
+
+
+def _left(timeout: float | None, error: type[Exception]) -> float | None:
+    """``timeout`` shortened to what is left of this thread's deadline; ``error`` past it."""
+    when: float | None = getattr(_deadlines, "when", None)
+    if when is None:
+        return timeout
+    left = when - time.monotonic()
+    if left <= 0:
+        raise error("the api() call's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection's stream whose every operation keeps to the calling thread's deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(
+            ssl_context, server_hostname, _left(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
 class AddressRefused(PermissionError):
     """The host name resolved only to addresses ``api()`` may not connect to."""
 
@@ -131,25 +190,36 @@ class CheckingBackend(httpcore.NetworkBackend):
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                     local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        """Resolve ``host`` once; connect to the first allowed address that answers."""
+        """Resolve ``host`` once; connect to the first allowed address that answers.
+
+        ``timeout`` bounds the whole attempt, every address together: a name with many
+        addresses that never answer costs the call's deadline once, not once per address.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         addresses = self.resolve(host, port)
         allowed = [a for a in addresses if is_allowed(a, self.networks)]
         if not allowed:
             refused = ", ".join(f"{a} ({refusal(a)})" for a in addresses)
-            example = addresses[0] if addresses else host
+            # Just the refused address: its family's full prefix (an IPv4-mapped IPv6
+            # address can be written with dots, and a /32 of IPv6 would hold ::1).
+            example = (f"{addresses[0]}/{addresses[0].max_prefixlen}" if addresses
+                       else "ADDRESS/32")
             raise AddressRefused(
                 f"{host!r} resolves to {refused}: api() connects only to public internet "
                 f"addresses unless a network is allowed explicitly, e.g. "
-                f"c.Runtime.{self.setting} = ['{example}/{32 if '.' in str(example) else 128}']"
-                f" in a jupyter config file")
+                f"c.Runtime.{self.setting} = ['{example}'] in a jupyter config file")
         last: Exception | None = None
         for address in allowed:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
             try:
-                return self._inner.connect_tcp(str(address), port, timeout, local_address,
-                                               socket_options)
+                return _DeadlineStream(self._inner.connect_tcp(
+                    str(address), port, left, local_address, socket_options))
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
-        assert last is not None
+        if last is None:  # the deadline passed before any address was tried
+            raise httpcore.ConnectTimeout(f"connecting to {host!r} timed out")
         raise last
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,

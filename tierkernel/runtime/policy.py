@@ -171,7 +171,8 @@ class Runtime(LoggingConfigurable):
         help="Largest db() result, as the JSON the cell gets, in bytes (or a size: 512k, 8m); "
         "counted row by row while the rows are fetched, so a larger result is refused before "
         "it is held in memory. On SQLite it is also the largest single value (string, blob, "
-        "sorted row) a db() statement may make or read.",
+        "sorted row) a db() statement may make or read, and less in a wide row: the values of "
+        "one row may take 4 times it in all (SQLite makes a whole row at once).",
     ).tag(config=True)
     db_timeout = Float(30.0, help="Longest time in seconds one db() statement may run.").tag(
         config=True)
