@@ -92,8 +92,8 @@ def test_an_endless_line_ends_the_cell_and_never_grows_the_kernel(tk):
     if tier == "wasm":
         # The guest's channel is the runtime's tool protocol: one frame is at most 1 MiB (see
         # the next test), and a turn's frames at most the line limit, counted before they are
-        # read: frames just under 1 MiB (of no cell's: not output) past it.
-        code = ("for _ in range(8):\n    emit({'type': 'bogus', "
+        # read: frames just under 1 MiB past it (requests for no helper: not output).
+        code = ("for _ in range(8):\n    raw_helper({'helper': 'none', "
                 "'pad': 'x' * 1000000})")
     else:
         code = ("chunk = b'x' * (1 << 20)\nfor _ in range(64):\n"
