@@ -338,3 +338,108 @@ def test_a_helper_call_of_an_earlier_cell_is_refused_and_blamed_on_that_cell():
 def test_the_line_limit_is_above_every_legitimate_message():
     assert line_limit_for(16 << 20) > 2 * (16 << 20)
     assert line_limit_for(1 << 20) >= 32 << 20
+
+
+def test_a_deeply_nested_message_is_dropped_and_the_cell_still_ends():
+    """json.loads raises RecursionError (not ValueError) on deep nesting: a forged line of
+    brackets must not end the reader thread, which would leave the cell waiting forever."""
+    agent = ScriptedAgent(lambda cid: [b"[" * 100_000 + b"\n", b'{"a": ' * 100_000 + b"\n",
+                                       {"type": "stream", "id": cid, "name": "stdout",
+                                        "text": "after\n"}])
+    session = AgentSession(agent, tier="scripted")
+    session.wait_ready(5)
+    result, sink = _run(session, timeout=5)
+    assert result.success, result.error
+    assert sink.texts == ["after\n"]
+    assert session.alive
+
+
+def test_refused_calls_of_an_earlier_cell_are_audited_only_up_to_the_helper_limit():
+    """Each refusal of an earlier cell's call is an audit row: a flood of them (forged, or a
+    thread left behind in a loop) is counted like any helper call, and past the limit refused
+    without writing anything, during a cell and between cells alike."""
+    cells: list[str] = []
+
+    def script(cid: str) -> list[Any]:
+        cells.append(cid)
+        if len(cells) == 1:
+            return []
+        return [_console(cells[0], i, "late") for i in range(300)]
+
+    agent = ScriptedAgent(script)
+    session = AgentSession(agent, tier="scripted", helper_limit=50)
+    session.wait_ready(5)
+    first, second = Route(), Route()
+    _run(session, helpers=first)
+    _run(session, helpers=second)
+    # (Refusals waiting to be sent past 256 are dropped: not all 300 need be answered.)
+    assert _wait_for(lambda: agent.lines.empty() and len(agent.answers()) >= 256)
+    assert len(first.refused) == 50 and not second.calls
+    assert all(not a["ok"] for a in agent.answers())
+    for i in range(300):  # between cells: no cell runs, the same bound
+        agent.lines.put((json.dumps(_console(cells[0], i, "idle")) + "\n").encode())
+    assert _wait_for(lambda: sum(1 for m in agent.sent if m.get("type") == "helper") == 0
+                     and agent.lines.empty())
+    time.sleep(0.2)
+    assert len(first.refused) <= 100
+
+
+class UnreadAgent(ScriptedAgent):
+    """An agent that never reads its answers: the host's writes of them block (a full pipe)."""
+
+    def __init__(self, script: Any) -> None:
+        super().__init__(script, done=False)
+        self.unblock = threading.Event()
+        self.blocked = 0
+
+    def send(self, data: bytes) -> None:
+        if b'"helper_result"' in data:
+            self.blocked += 1
+            self.unblock.wait(10)
+            self.blocked -= 1
+        super().send(data)
+
+
+def test_answers_the_agent_never_reads_hold_their_helper_slot():
+    """A cell that sends helper requests and never reads the answers: each answer waiting to be
+    written holds a host thread (and the answer), so it still counts as a call running."""
+    agent = UnreadAgent(lambda cid: [_console(cid, i, "x") for i in range(40)])
+    session = AgentSession(agent, tier="scripted", helper_concurrency=3)
+    session.wait_ready(5)
+    threads_before = threading.active_count()
+    worker = threading.Thread(target=_run, args=(session, lambda r: {"ok": True, "value": 1}),
+                              daemon=True)
+    worker.start()
+    assert _wait_for(lambda: agent.lines.empty(), 5)
+    time.sleep(0.5)
+    assert threading.active_count() - threads_before <= 3 + 2, threading.active_count()
+    agent.unblock.set()
+    session.interrupt()
+    agent.kill()
+    worker.join(5)
+
+
+def test_lines_of_no_cell_count_against_the_running_cells_output_limit():
+    """Lines the host does not forward (no cell id, another cell's, answers nobody asked for)
+    are still bytes the guest made the kernel read and decode: counted as the cell's output."""
+    pad = "x" * 1000
+    agent = ScriptedAgent(lambda cid: [{"type": "bogus", "pad": pad}, {"id": "other", "pad": pad},
+                                       {"type": "packed", "seq": 99, "pad": pad}] * 20)
+    session = AgentSession(agent, tier="scripted", output_limit=20_000,
+                           settings="c.ScriptedBackend")
+    session.wait_ready(5)
+    result, _ = _run(session)
+    assert result.error is not None and result.error.ename == "OutputLimitError"
+    assert "c.ScriptedBackend.output_limit" in result.error.evalue
+
+
+def test_unasked_bytes_between_cells_past_the_line_limit_kill_the_agent():
+    """Between cells nothing legitimate talks unasked: past one line limit's worth of bytes
+    (each line under it) the agent is killed, as past the message limit."""
+    agent = ScriptedAgent(lambda cid: [])
+    session = AgentSession(agent, tier="scripted", line_limit=10_000)
+    session.wait_ready(5)
+    _run(session)
+    for _ in range(30):
+        agent.lines.put(b'{"type": "bogus", "pad": "' + b"x" * 1000 + b'"}\n')
+    assert _wait_for(agent.killed.is_set)

@@ -90,10 +90,11 @@ def test_an_endless_line_ends_the_cell_and_never_grows_the_kernel(tk):
     then kills the agent, which is no longer to be trusted."""
     session, tier = tk
     if tier == "wasm":
-        # The guest's channel is the runtime's tool protocol: one frame is at most 1 MiB, and
-        # a turn's frames at most the line limit, counted before they are read.
-        code = ("emit({'type': 'stream', 'id': A.cell_id, 'name': 'stdout', "
-                "'text': 'x' * (2 << 20)})")
+        # The guest's channel is the runtime's tool protocol: one frame is at most 1 MiB (see
+        # the next test), and a turn's frames at most the line limit, counted before they are
+        # read: frames just under 1 MiB past it (requests for no helper: not output).
+        code = ("for _ in range(8):\n    raw_helper({'helper': 'none', "
+                "'pad': 'x' * 1000000})")
     else:
         code = ("chunk = b'x' * (1 << 20)\nfor _ in range(64):\n"
                 "    os.write(A.channel._out.fileno(), chunk)\ntime.sleep(60)")
@@ -104,6 +105,22 @@ def test_an_endless_line_ends_the_cell_and_never_grows_the_kernel(tk):
     if tier != "wasm":  # the runtime refused the frame unread: the session is intact
         assert "longer than 4 MiB" in out.reply["evalue"]
         assert "Its variables are gone" in out.reply["evalue"]
+    _next_cell_works(session, tier)
+
+
+def test_a_wasm_display_over_the_runtimes_message_cap_says_what_to_do(tk):
+    """A wasm cell's rich output larger than the runtime's fixed 1 MiB cap on one message
+    (a 3 MB PNG): the error says which cap, that no setting raises it, and what to do
+    instead; it does not send the user to the line or message limits, which do not help."""
+    session, tier = tk
+    if tier != "wasm":
+        pytest.skip("the runtime's per-message cap is the wasm tier's")
+    out = session.run("%%tier wasm\nimport os\nclass P:\n    def _repr_png_(self):\n"
+                      "        return b'\\x89PNG' + os.urandom(3 << 20)\nP()")
+    assert out.reply["ename"] == "ChannelLimitError", str(out.outputs)[-2000:]
+    assert "1 MiB" in out.reply["evalue"] and "fixed" in out.reply["evalue"]
+    assert "sandbox tier" in out.reply["evalue"]
+    assert "line_limit" not in out.reply["evalue"]
     _next_cell_works(session, tier)
 
 
@@ -121,6 +138,19 @@ def test_forged_error_messages_count_against_the_output_limit(tk):
     _next_cell_works(session, tier)
 
 
+def test_forged_lines_of_no_cell_count_against_the_output_limit(tk):
+    """Case 9: lines the kernel reads but forwards nowhere (no cell id, answers nobody asked
+    for) are counted as the cell's output: 2 MB of them pass the 1 MiB output limit."""
+    session, tier = tk
+    code = ("for i in range(100):\n"
+            "    emit({'type': 'bogus', 'pad': 'p' * 10000})\n"
+            "    emit({'type': 'packed', 'seq': 10**6, 'data': 'd' * 10000})\ntime.sleep(30)")
+    out = session.run(_cell(tier, code, " --timeout 60"), timeout=90)
+    assert out.reply["ename"] == "OutputLimitError", str(out.outputs)[-2000:]
+    assert f"c.{BACKENDS[tier]}.output_limit" in out.reply["evalue"]
+    _next_cell_works(session, tier)
+
+
 def test_a_flood_of_forged_messages_of_any_type_is_capped(tk):
     """Case 9: messages of any type, unknown ones included, count against the cell's
     message limit (5,000 here)."""
@@ -132,6 +162,20 @@ def test_a_flood_of_forged_messages_of_any_type_is_capped(tk):
     out = session.run(_cell(tier, code, " --timeout 60"), timeout=120)
     assert out.error["ename"] == "ChannelLimitError", out.outputs
     assert f"c.{BACKENDS[tier]}.message_limit" in out.error["evalue"]
+    _next_cell_works(session, tier)
+
+
+def test_a_deeply_nested_message_does_not_stop_the_kernel_reading(tk):
+    """Case 7: a forged line of 100,000 brackets (json.loads raises RecursionError on it) is
+    dropped; the cell's later output and its end are still read."""
+    session, tier = tk
+    if tier == "wasm":
+        pytest.skip("a wasm guest sends objects through the runtime's tools, not JSON lines")
+    code = ("os.write(A.channel._out.fileno(), b'[' * 100000 + b'\\n')\n"
+            "print('after')")
+    out = session.run(_cell(tier, code, " --timeout 20"), timeout=60)
+    assert out.status == "ok", str(out.outputs)[-2000:]
+    assert out.stdout == "after\n"
     _next_cell_works(session, tier)
 
 
@@ -193,6 +237,23 @@ def test_a_thread_left_by_a_cell_gets_no_helper_access_later(tk, home):
     assert "background work of an earlier cell" in str(blamed[-1][3])
 
 
+def test_refusals_of_an_earlier_cells_calls_are_recorded_only_up_to_the_helper_limit(tk, home):
+    """Case 9: each call refused as an earlier cell's is an audit row of that cell; a flood of
+    them is counted against the helper limit (200 here), past which nothing more is written."""
+    session, tier = tk
+    if tier == "wasm":
+        pytest.skip("a wasm guest's helper calls are the running cell's: it cannot tag them")
+    first = session.run(_cell(tier, "earlier = A.cell_id"))
+    assert first.status == "ok", first.outputs
+    flood = session.run(_cell(tier, "for i in range(1000):\n    emit({'type': 'helper', "
+                              "'id': earlier, 'seq': None, 'request': {'helper': 'console', "
+                              "'args': {'level': 'log', 'message': 'x'}}})\ntime.sleep(1)"))
+    assert flood.status == "ok", flood.outputs
+    blamed = _audit(home, first.metadata["tierkernel"]["execution_id"])
+    assert 0 < len(blamed) <= 200, len(blamed)
+    _next_cell_works(session, tier)
+
+
 def test_processes_left_behind_do_not_outlive_an_agent_restart(tk):
     """Case 10: whatever a cell leaves running (a look-alike of the container's keeper
     included) is killed when the agent is restarted."""
@@ -212,6 +273,38 @@ def test_processes_left_behind_do_not_outlive_an_agent_restart_under_gvisor():
         _leftovers_die_with_their_agent(session, "%%tier sandbox --runtime runsc\n")
     finally:
         session.close()
+
+
+def test_a_process_that_keeps_forking_does_not_outlive_an_agent_restart(tk):
+    """Case 10: a process that forks a child and exits, over and over (a new pid each time,
+    never the one the host saw a moment ago), is killed with its agent all the same."""
+    session, tier = tk
+    if tier == "wasm":
+        pytest.skip("a wasm guest has no processes")
+    head = f"%%tier {tier}\n"
+    # (A fork refused by the pids limit, while the exited ones wait to be reaped, is retried.)
+    churn = ("import os\nwhile True:\n    try:\n        if os.fork():\n            os._exit(0)\n"
+             "    except OSError:\n        pass\n")
+    # Eight of them, and sleepers for the host's listing to go through before it reaches them.
+    started = session.run(f"{head}import subprocess, sys, time\n"
+                          "for _ in range(8):\n"
+                          f"    subprocess.Popen([sys.executable, '-c', {churn!r}, 'tk-churn'])\n"
+                          "sleepers = [subprocess.Popen(['sleep', '1000']) for _ in range(120)]\n"
+                          "time.sleep(0.5)")
+    assert started.status == "ok", started.outputs
+    lost = session.run(f"{head}import os\nos._exit(1)")
+    assert lost.error["ename"] == "TierSessionLost", lost.outputs
+    check = session.run(
+        f"{head}import os, time\n"
+        "def churning():\n    found = []\n    for p in os.listdir('/proc'):\n"
+        "        try:\n            with open(f'/proc/{p}/cmdline', 'rb') as f:\n"
+        "                if b'tk-churn' in f.read():\n                    found.append(p)\n"
+        "        except OSError:\n            pass\n    return found\n"
+        "for _ in range(20):\n    if not churning():\n        break\n    time.sleep(0.1)\n"
+        "churning()")
+    assert check.status == "ok", check.outputs
+    assert check.result["text/plain"] == "[]"
+    _next_cell_works(session, tier)
 
 
 def _leftovers_die_with_their_agent(session: KernelSession, head: str) -> None:

@@ -215,6 +215,12 @@ class AgentSession:
         self.settings = settings or f"the {tier} tier's settings"
         #: Lines received while no cell ran (a background thread's, or forged).
         self._idle_messages = 0
+        #: Helper calls refused while no cell ran (each may be an audit row: see _admit).
+        self._idle_helper_calls = 0
+        #: Bytes of the lines received unasked while no cell ran (see _counted).
+        self._idle_bytes = 0
+        #: Whether a "procs" answer is awaited (see count_processes).
+        self._procs_waiting = False
         #: The last cells' helper routes, by cell id: a call tagged with one of them after
         #: that cell ended is refused and audited under it (see _on_helper).
         self._recent: OrderedDict[str, HelperGateway | None] = OrderedDict()
@@ -305,12 +311,15 @@ class AgentSession:
         """Ask the agent (between cells) how many processes its container holds now and the
         highest pid it has seen; None when it does not answer in time."""
         self._procs_answer.clear()
+        self._procs_waiting = True
         try:
             self.transport.send(b'{"type": "procs"}\n')
+            if not self._procs_answer.wait(timeout) or self.procs is None:
+                return None
         except OSError:
             return None
-        if not self._procs_answer.wait(timeout) or self.procs is None:
-            return None
+        finally:
+            self._procs_waiting = False
         return self.procs, self.last_pid if self.last_pid is not None else -1
 
     def ask(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -396,7 +405,7 @@ class AgentSession:
         self.workspace_changed = False  # said by this cell's "done", if it sends one
         with self._lock:
             self._cell = cell
-            self._idle_messages = 0
+            self._idle_messages = self._idle_helper_calls = self._idle_bytes = 0
             self._recent[cell.id] = helpers
             while len(self._recent) > 64:
                 self._recent.popitem(last=False)
@@ -490,6 +499,8 @@ class AgentSession:
                   f"are gone; the next {self.tier} cell starts a fresh interpreter.")
         if cell.stop_reason == "timeout" and self.limit_hint:
             evalue += f" To allow more time, {self.limit_hint}."
+        elif cell.stop_reason == "output":
+            evalue += f" To allow more output, raise {self.settings}.output_limit."
         self._fail(cell, ename, evalue, [])
         cell.finish()
 
@@ -514,7 +525,7 @@ class AgentSession:
                 continue
             try:
                 msg = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting raises RecursionError
                 log.debug("%s agent sent a bad line: %r", self.tier, line[:200])
                 continue
             try:
@@ -555,10 +566,19 @@ class AgentSession:
         cell = self._cell
         if cell is None:
             self._idle_messages += 1
-            if self._idle_messages == self.message_limit + 1:
-                log.warning("%s agent sent %s messages between cells; killing it", self.tier,
-                            _count(self._idle_messages))
+            # Unasked, a line is no answer (a workspace archive may be large): its bytes are
+            # counted too, up to one line limit's worth, or many lines just under the line
+            # limit would each be read and decoded.
+            unasked = len(line) if not self._asked and not self._procs_waiting else 0
+            self._idle_bytes += unasked
+            if (self._idle_messages == self.message_limit + 1
+                    or self._idle_bytes > self.line_limit >= self._idle_bytes - unasked):
+                log.warning("%s agent sent %s messages (%s bytes unasked) between cells; "
+                            "killing it", self.tier, _count(self._idle_messages),
+                            _count(self._idle_bytes))
                 self.transport.kill()
+            if self._idle_bytes > self.line_limit:
+                return False
             # The asked-for answers (tree_state, pack...) are still read below the limit.
             return self._idle_messages <= self.message_limit
         cell.messages += 1
@@ -580,9 +600,11 @@ class AgentSession:
             self._on_helper(msg)
             return
         if kind == "protocol_error":
+            self._charge_stray(size)
             log.warning("%s agent: %.500s", self.tier, msg.get("detail"))
             return
         if kind == "ready":
+            self._charge_stray(size)
             self.info = msg
             self._ready.set()
             return
@@ -590,17 +612,21 @@ class AgentSession:
             seq = msg.get("seq")
             with self._lock:
                 waiting = self._asked.get(seq) if isinstance(seq, int) else None
-            if waiting is not None:
+            if waiting is None:
+                self._charge_stray(size)  # nobody asked (answers are asked between cells)
+            else:
                 waiting[1].append(msg)
                 waiting[0].set()
             return
         if kind == "procs":
+            self._charge_stray(size)
             self.procs = int(msg.get("count", -1))
             self.last_pid = int(msg.get("last_pid", -1))
             self._procs_answer.set()
             return
         cell = self._cell
         if cell is None or msg.get("id") != cell.id or cell.lost:
+            self._charge_stray(size)
             return  # output of a cell that was already given up on
         if cell.flooded and kind not in ("done", "error"):
             return
@@ -626,6 +652,14 @@ class AgentSession:
             # it); anything else by the whole line the host received, metadata included.
             if self._charge(cell, len(text) if isinstance(text, str) else size):
                 self._forward(cell, kind, msg)
+
+    def _charge_stray(self, size: int) -> None:
+        """Count a line the host reads but forwards nowhere (no cell's, another cell's, an
+        answer nobody asked for) against the running cell's output limit: the guest made
+        the kernel read and decode it all the same."""
+        cell = self._cell
+        if cell is not None and not cell.lost and not cell.done.is_set():
+            self._charge(cell, size)
 
     def _charge(self, cell: _Cell, size: int) -> bool:
         """Count ``size`` bytes of the cell's output; False (and the cell stopped) past the
@@ -698,7 +732,16 @@ class AgentSession:
                        "and thread pools started in it may call them while it runs)")
             route = self._recent.get(origin) if isinstance(origin, str) else None
             refuse = getattr(route, "refuse", None)
-            if refuse is not None and isinstance(request, dict):
+            # Each recorded refusal is an audit row: counted like any helper call (of the
+            # running cell, or of the time between cells), and past the limit not recorded.
+            with self._lock:
+                if cell is not None and not cell.done.is_set():
+                    cell.helper_calls += 1
+                    recorded = cell.helper_calls <= self.helper_limit
+                else:
+                    self._idle_helper_calls += 1
+                    recorded = self._idle_helper_calls <= self.helper_limit
+            if refuse is not None and recorded and isinstance(request, dict):
                 with contextlib.suppress(Exception):  # the audit is best effort here
                     return dict(refuse(request, message))
             return _refusal("PermissionError", message)
@@ -727,14 +770,16 @@ class AgentSession:
         return None
 
     def _answer_helper(self, cell: _Cell, seq: Any, request: Any) -> None:
+        # The call holds its slot until its answer is written: an agent that does not read
+        # its answers blocks that write, and each blocked one is a thread holding an answer.
         try:
             response = self._run_helper(cell, request)
+            reply = {"type": "helper_result", "seq": seq, "response": response}
+            with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
+                self.transport.send((json.dumps(reply) + "\n").encode())
         finally:
             with self._lock:
                 cell.helpers_running -= 1
-        reply = {"type": "helper_result", "seq": seq, "response": response}
-        with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
-            self.transport.send((json.dumps(reply) + "\n").encode())
 
     def _run_helper(self, cell: _Cell, request: Any) -> dict[str, Any]:
         if cell.helpers is None:

@@ -46,9 +46,13 @@ _HEADER = struct.Struct(">BxxxL")
 #: start time, in /proc/PID/stat, is set by the kernel; the lower pid wins a tie, as the keeper
 #: of a gVisor spare starts the first agent within the same clock tick). Runs as the cells'
 #: uid, so it needs no capability; no subshell (they would be killed with the rest). $1 is the
-#: agent's pid, or empty.
+#: agent's pid, or empty. Everything is stopped first, by one kill(-1) (every process this uid
+#: may signal but this shell and PID 1, a fork in progress included): a process that forks a
+#: successor and exits, over and over, always has a pid newer than the listing below; stopped,
+#: it forks no more. The keeper is let go on once the rest are killed.
 _KILL_TREE = r"""
 [ -n "$1" ] && kill -KILL "$1" 2>/dev/null
+kill -s STOP -- -1 2>/dev/null
 keeper= oldest=
 for d in /proc/[0-9]*; do
     p=${d#/proc/}
@@ -67,6 +71,7 @@ for d in /proc/[0-9]*; do
     case "$p" in 1|$$|"$keeper") continue ;; esac
     kill -KILL "$p" 2>/dev/null
 done
+[ -n "$keeper" ] && kill -s CONT "$keeper" 2>/dev/null
 exit 0
 """
 

@@ -266,10 +266,7 @@ class WasmTransport:
             # The runtime refused some of the cell's messages unread (the guest was told by an
             # exception it may have caught): the cell fails, saying which limit it met.
             self._lines.put({"type": "error", "id": cell_id, "ename": "ChannelLimitError",
-                             "evalue": f"the cell sent the kernel more than the wasm tier's "
-                             f"channel takes in one cell ({refused}); some of its messages "
-                             "were dropped. Raise the limits with c.WasmBackend.line_limit "
-                             "(bytes) or c.WasmBackend.message_limit", "traceback": []})
+                             "evalue": _refusal_text(*refused), "traceback": []})
             with self._lock:
                 if self._held_done is not None:
                     self._held_done = {**self._held_done, "success": False}
@@ -392,14 +389,28 @@ class WasmTransport:
 
 
 
-def _tool_refusals(done: Any) -> str:
-    """What the runtime refused of a turn's tool calls past its budgets (frames it did not
-    read), in its words; "" when it refused none."""
+def _tool_refusals(done: Any) -> tuple[str, str] | None:
+    """What the runtime refused first of a turn's tool calls (frames it did not read): its
+    kind (``too_large``: one frame over the runtime's fixed cap; ``budget_exceeded``: past the
+    turn's budgets) and its words; None when it refused none."""
     record = getattr(done, "tools", None)
     for outcome in getattr(record, "outcomes", ()):
         if outcome.outcome in ("budget_exceeded", "too_large"):
-            return str(outcome.message)
-    return ""
+            return str(outcome.outcome), str(outcome.message)
+    return None
+
+
+def _refusal_text(kind: str, message: str) -> str:
+    """The cell's error for a refusal of :func:`_tool_refusals`, naming what to change."""
+    if kind == "too_large":
+        # A cap of the runtime's own, per message: no setting of ours raises it.
+        return (f"one message of the cell (a display or a result) was larger than the wasm "
+                f"runtime accepts in one message ({message}), so it was dropped. This cap is "
+                "fixed; make that output smaller (e.g. a smaller figure or table), or run the "
+                "cell in the sandbox tier")
+    return (f"the cell sent the kernel more than the wasm tier's channel takes in one cell "
+            f"({message}); some of its messages were dropped. Raise the limits with "
+            "c.WasmBackend.line_limit (bytes) or c.WasmBackend.message_limit")
 
 
 def _line(msg: dict[str, Any]) -> bytes:
