@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import os
 import signal
@@ -177,5 +178,161 @@ def test_agent_exits_when_kernel_is_killed():
         os.kill(kernel_pid, signal.SIGKILL)
         assert process_gone(pid), f"agent {pid} outlived its SIGKILLed kernel"
     finally:
+        session.kc.stop_channels()
+        session.km.shutdown_kernel(now=True)
+
+
+# A cell whose processes leave the agent's session: `setsid sleep` (a new session, by exec)
+# and a double fork with os.setsid() (the grandchild of a session leader that exits, so an
+# orphan; a fork, not an exec, so it even holds the agent's protocol pipes). It prints their
+# pids once both have left the agent's session.
+ESCAPE = P + """\
+import os, subprocess, time
+escaped = True
+def session(pid):
+    with open(f'/proc/{pid}/stat') as f:
+        return int(f.read().rsplit(')', 1)[1].split()[3])
+sleeper = subprocess.Popen(['setsid', 'sleep', '1000'])
+r, w = os.pipe()
+middle = os.fork()
+if middle == 0:
+    try:
+        os.setsid()
+        if os.fork() == 0:
+            os.write(w, str(os.getpid()).encode())
+            time.sleep(1000)
+    finally:
+        os._exit(0)
+os.close(w)
+os.waitpid(middle, 0)
+forked = int(os.read(r, 32))
+for _ in range(500):
+    if session(sleeper.pid) == sleeper.pid and session(forked) != session(os.getpid()):
+        break
+    time.sleep(0.01)
+print('escaped', sleeper.pid, forked, flush=True)
+"""
+
+
+def escaped_pids(out_text: str) -> list[int]:
+    """The two pids an ESCAPE cell printed."""
+    line = next(line for line in out_text.splitlines() if line.startswith("escaped "))
+    return [int(word) for word in line.split()[1:]]
+
+
+def proc_state(pid: int) -> tuple[str, int] | None:
+    """``pid``'s state letter and parent pid from /proc, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def reaped(pid: int, within: float = 5.0) -> bool:
+    """Whether ``pid`` is gone from /proc within ``within`` seconds: dead and reaped (a zombie
+    is not gone: nobody waited for it)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc_state(pid) is None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def zombies_of(parent: int) -> list[int]:
+    """The unreaped dead children of ``parent``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            state = proc_state(int(name))
+            if state is not None and state == ("Z", parent):
+                found.append(int(name))
+    return found
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """Whatever a failed test left running goes (it would otherwise sleep for 1000 s)."""
+    for pid in pids:
+        state = proc_state(pid)
+        if state is not None and state[0] != "Z":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def escape(kernel: KernelSession) -> list[int]:
+    """Run ESCAPE; the pids of its two processes, both running, in sessions of their own."""
+    agent = int(kernel.run(P + "import os\nos.getpid()").result["text/plain"])
+    out = kernel.run(ESCAPE)
+    assert out.status == "ok", out.outputs
+    pids = escaped_pids(out.stdout)
+    for pid in pids:
+        state = proc_state(pid)
+        assert state is not None and state[0] in "SR", (pid, state)
+        with open(f"/proc/{pid}/stat") as stat:
+            sid = int(stat.read().rsplit(")", 1)[1].split()[3])
+        with open(f"/proc/{agent}/stat") as stat:
+            assert sid != int(stat.read().rsplit(")", 1)[1].split()[3])
+    return pids
+
+
+def test_a_lost_agent_takes_every_process_of_its_cells(fresh_kernel: KernelSession):
+    kernel_pid = int(fresh_kernel.run("import os\nos.getpid()").result["text/plain"])
+    pids = escape(fresh_kernel)
+    try:
+        lost = fresh_kernel.run(P + "import os\nos._exit(1)")
+        assert lost.error["ename"] == "TierSessionLost"
+        assert "exited with status 1" in lost.error["evalue"]
+        for pid in pids:
+            assert reaped(pid), f"{pid} {proc_state(pid)} outlived its lost interpreter"
+        after = fresh_kernel.run(P + "'escaped' in globals()")
+        assert after.result["text/plain"] == "False"
+        assert zombies_of(kernel_pid) == []
+    finally:
+        kill_leftovers(pids)
+
+
+def test_a_killed_agent_takes_every_process_of_its_cells(fresh_kernel: KernelSession):
+    pids = escape(fresh_kernel)
+    try:
+        code = P + ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                    "while True:\n    time.sleep(0.05)")
+        out = fresh_kernel.run(code, interrupt_after=0.5)
+        assert out.error["ename"] == "KeyboardInterrupt"
+        assert "did not stop within 3 s of being interrupted" in out.error["evalue"]
+        for pid in pids:
+            assert reaped(pid), f"{pid} {proc_state(pid)} outlived its killed interpreter"
+        after = fresh_kernel.run(P + "'escaped' in globals()")
+        assert after.result["text/plain"] == "False"
+    finally:
+        kill_leftovers(pids)
+
+
+def test_shutdown_takes_every_process_of_the_cells():
+    session = KernelSession()
+    pids: list[int] = []
+    try:
+        pids = escape(session)
+    finally:
+        session.close()
+    try:
+        for pid in pids:
+            assert reaped(pid), f"{pid} {proc_state(pid)} outlived the kernel's shutdown"
+    finally:
+        kill_leftovers(pids)
+
+
+def test_a_killed_kernel_takes_every_process_of_the_cells():
+    session = KernelSession()
+    pids: list[int] = []
+    try:
+        pids = escape(session)
+        kernel_pid = int(session.run("import os\nos.getpid()").result["text/plain"])
+        os.kill(kernel_pid, signal.SIGKILL)
+        for pid in pids:
+            assert reaped(pid), f"{pid} {proc_state(pid)} outlived its SIGKILLed kernel"
+    finally:
+        kill_leftovers(pids)
         session.kc.stop_channels()
         session.km.shutdown_kernel(now=True)

@@ -3,28 +3,49 @@
 This is crash isolation, not a security boundary: a segfault, ``os._exit`` or a runaway loop
 takes down the child, never the kernel, but the child has the kernel user's full rights. It runs
 the same agent as the sandbox tiers, so the tests exercise that agent with no engine needed.
+
+When the interpreter ends (lost, killed after an ignored interrupt, restarted, or the kernel
+shuts down or dies), every process its cells started ends with it, on Linux even those that
+left its session (see :class:`ProcessTransport`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from traitlets import Float, Unicode
 
-from tierkernel.backends.agent_session import AgentSession, ChannelLimits, LineTooLong
+from tierkernel.backends.agent_session import (
+    AgentSession,
+    AgentStartError,
+    ChannelLimits,
+    LineTooLong,
+)
 from tierkernel.backends.base import Availability, Backend, CellRequest, ExecResult, OutputSink
 from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.usage import ProcessUsage
 
 AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
+REAPER_PATH = AGENT_PATH.with_name("reaper.py")
+
+log = logging.getLogger(__name__)
+
+
+def subreaper_supported() -> bool:
+    """Whether this host has Linux's child subreaper, which the process tier's reaper needs."""
+    return sys.platform.startswith("linux")
 
 
 class ProcessTransport:
@@ -32,13 +53,32 @@ class ProcessTransport:
 
     Its own session keeps the SIGINT that the notebook's stop button sends to the kernel's
     process group away from it: the agent is interrupted only through :meth:`interrupt`.
+
+    On Linux the agent runs under ``guest/reaper.py``, the subreaper of its process tree: when
+    the agent ends, is killed, or the kernel goes, the reaper stops and kills every process
+    the agent's cells left (``setsid``, a double fork: all end up its children), then exits.
+    The agent's pipes are the kernel's own, inherited through the reaper, which only watches:
+    nothing it does is on a cell's way. Elsewhere the agent is the kernel's child, as before,
+    and only its process group is killed with it.
     """
 
-    def __init__(self, python: str, cwd: str | None = None) -> None:
+    def __init__(self, python: str, cwd: str | None = None, start_timeout: float = 30.0) -> None:
         # Kept for the life of the agent: its last words explain a crash (closed by GC).
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         env = dict(os.environ)
         env.pop("JPY_PARENT_PID", None)
+        #: The reaper's status lines not yet read, and what they said (see guest/reaper.py).
+        self._reaper = subreaper_supported()
+        self._status_fd: int | None = None
+        self._status = b""
+        self._exit_code: int | None = None
+        self.pid = 0
+        if self._reaper:
+            self._start_reaped(python, cwd, env, start_timeout)
+            return
+        log.warning("the process tier has no child subreaper on %s: processes a cell starts "
+                    "in a session or process group of their own outlive its interpreter",
+                    sys.platform)
         self.proc = subprocess.Popen(
             [python, str(AGENT_PATH)],
             stdin=subprocess.PIPE,
@@ -48,43 +88,164 @@ class ProcessTransport:
             env=env,
             start_new_session=True,
         )
+        self.pid = self.proc.pid
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._stdin: IO[bytes] = self.proc.stdin
+        self._stdout: IO[bytes] = self.proc.stdout
+
+    def _start_reaped(self, python: str, cwd: str | None, env: dict[str, str],
+                      start_timeout: float) -> None:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        status_r, status_w = os.pipe()
+        try:
+            # -I -S: the reaper needs only the standard library, and starts sooner without
+            # site-packages; the agent it starts gets the environment unchanged.
+            self.proc = subprocess.Popen(
+                [python, "-I", "-S", str(REAPER_PATH), str(in_r), str(out_w), "--",
+                 python, str(AGENT_PATH)],
+                # Its stdin is the control pipe: the reaper ends the agent's tree when it
+                # closes (the kernel closed it, or ended).
+                stdin=subprocess.PIPE,
+                stdout=status_w,
+                stderr=self._stderr,
+                cwd=cwd,
+                env=env,
+                pass_fds=(in_r, out_w),
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (in_w, out_r, status_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, status_w):
+                os.close(fd)
+        self._stdin = open(in_w, "wb")  # noqa: SIM115 (closed by kill)
+        self._stdout = open(out_r, "rb")  # noqa: SIM115
+        os.set_blocking(status_r, False)
+        # Closed with this object (never explicitly: kill() may run in two threads at once,
+        # and a number closed twice could by then be another file's).
+        self._status_file = open(status_r, "rb", buffering=0)  # noqa: SIM115
+        self._status_fd = status_r
+        if not self._wait_status(lambda: self.pid != 0, start_timeout):
+            self.kill()
+            raise AgentStartError(
+                f"the process tier's reaper did not start its interpreter within "
+                f"{start_timeout:g} s: {self.exit_detail()}")
+
+    def _read_status(self) -> bool:
+        """Read what the reaper has said; False once it has nothing more to say."""
+        fd = self._status_fd
+        if fd is None:
+            return False
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        self._status += data
+        *lines, self._status = self._status.split(b"\n")
+        for line in lines:
+            words = line.split()
+            with contextlib.suppress(ValueError, IndexError):
+                if words[0] == b"agent":
+                    self.pid = int(words[1])
+                    if words[2] != b"1":
+                        log.warning("the process tier's reaper is not the subreaper of the "
+                                    "agent's processes (see its stderr): a cell's processes "
+                                    "outside the agent's process group outlive it")
+                elif words[0] == b"exit":
+                    self._exit_code = int(words[1])
+        return True
+
+    def _wait_status(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Read the reaper's status lines until ``done()`` or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._status_fd is None:
+                return False
+            readable, _, _ = select.select([self._status_fd], [], [], left)
+            if readable and not self._read_status():
+                return done()  # the reaper is gone: it will say no more
+        return True
 
     def send(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
+            self._stdin.write(data)
+            self._stdin.flush()
         except (BrokenPipeError, ValueError) as exc:
             raise OSError("the agent's stdin is closed") from exc
 
     def readline(self, limit: int) -> bytes:
-        assert self.proc.stdout is not None
         # At most limit + 1 bytes are ever held: a line that long with no end is refused.
-        line = self.proc.stdout.readline(limit + 1)
+        line = self._stdout.readline(limit + 1)
         if len(line) > limit and not line.endswith(b"\n"):
             raise LineTooLong(f"a message line longer than {limit} bytes")
         return line
 
+    def _agent_running(self) -> bool:
+        if self._reaper:
+            # Under the reaper, the agent's pid is free for reuse once it said "exit".
+            self._read_status()
+            if self._exit_code is not None:
+                return False
+        return self.proc.poll() is None
+
     def interrupt(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGINT)
+        if self._agent_running():
+            os.kill(self.pid, signal.SIGINT)
 
     def kill(self) -> None:
-        # The whole process group, so a cell's `!sleep 100 &` dies with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
+        if not self._reaper:
+            # The whole process group, so a cell's `!sleep 100 &` dies with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        else:
+            # The reaper stops and kills the agent and everything under it, then exits.
+            if self.proc.stdin is not None:
                 with contextlib.suppress(OSError):
-                    pipe.close()
+                    self.proc.stdin.close()
+            with contextlib.suppress(OSError):
+                self.proc.send_signal(signal.SIGTERM)  # a no-op once it has been waited for
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.warning("the process tier's reaper did not end its processes within 5 s; "
+                            "killing it and the agent's process group")
+                self._read_status()
+                groups = [self.proc.pid] + ([self.pid] if self._exit_code is None else [])
+                for group in groups:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(group, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+            while self._read_status():  # its last words: the agent's exit code
+                if self.proc.returncode is None:
+                    break  # still running: only what it said so far
+        for pipe in (self._stdin, self._stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
 
     def exit_detail(self) -> str:
-        try:  # the pipe closes a moment before the child can be reaped
-            code: int | None = self.proc.wait(1.0)
-        except subprocess.TimeoutExpired:
-            code = None
+        if not self._reaper:
+            try:  # the pipe closes a moment before the child can be reaped
+                code: int | None = self.proc.wait(1.0)
+            except subprocess.TimeoutExpired:
+                code = None
+        else:
+            self._wait_status(lambda: self._exit_code is not None, 1.0)
+            code = self._exit_code
+            # The reaper exits once the agent's processes are gone: waited for here, so that
+            # it is not left a zombie of the kernel until the next process cell.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(1.0)
         if code is None:
             status = "it is still running"
         elif code < 0:
@@ -129,13 +290,15 @@ class ProcessBackend(ChannelLimits, Backend):
         if self._session is not None and self._session.alive:
             return
         if self._session is not None:
-            # A restart: whatever the lost agent's cells left running (its process group)
-            # goes with it, so nothing of theirs outlives it into the new agent's time.
+            # A restart: whatever the lost agent's cells left running (its reaper's whole
+            # tree; its process group where there is no reaper) goes with it, so nothing of
+            # theirs outlives it into the new agent's time.
             await asyncio.to_thread(self._session.close)
         self._session = await asyncio.to_thread(self._spawn)
 
     def _spawn(self) -> AgentSession:
-        transport = ProcessTransport(self.python, cwd=os.getcwd())
+        transport = ProcessTransport(self.python, cwd=os.getcwd(),
+                                     start_timeout=self.start_timeout)
         session = AgentSession(
             transport,
             tier=self.name,
@@ -148,7 +311,7 @@ class ProcessBackend(ChannelLimits, Backend):
         session.wait_ready(self.start_timeout)
         session.install_helpers()
         # Each cell's CPU time and peak memory, read from the agent's /proc entries.
-        session.usage_probe = ProcessUsage(transport.proc.pid)
+        session.usage_probe = ProcessUsage(transport.pid)
         return session
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
