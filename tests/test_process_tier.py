@@ -336,3 +336,27 @@ def test_a_killed_kernel_takes_every_process_of_the_cells():
         kill_leftovers(pids)
         session.kc.stop_channels()
         session.km.shutdown_kernel(now=True)
+
+
+def test_without_a_subreaper_the_agent_is_the_kernels_child(monkeypatch, caplog):
+    """Where Linux's child subreaper is missing, the agent runs as before (the kernel's child,
+    its process group killed with it), and the log says what that leaves out."""
+    import asyncio
+
+    from tierkernel.backends import process
+
+    monkeypatch.setattr(process, "subreaper_supported", lambda: False)
+    backend = process.ProcessBackend()
+    asyncio.run(backend.start())
+    try:
+        session = backend._session
+        assert session is not None
+        transport = session.transport
+        assert isinstance(transport, process.ProcessTransport)
+        assert transport.pid == transport.proc.pid  # no reaper in between
+        assert "no child subreaper" in caplog.text
+        with open(f"/proc/{transport.pid}/stat") as stat:
+            assert stat.read().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+    finally:
+        backend.shutdown()
+    assert reaped(transport.pid)

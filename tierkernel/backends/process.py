@@ -67,11 +67,13 @@ class ProcessTransport:
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         env = dict(os.environ)
         env.pop("JPY_PARENT_PID", None)
-        #: The reaper's status lines not yet read, and what they said (see guest/reaper.py).
+        #: Whether the agent runs under guest/reaper.py (``self.proc``; else it is the agent).
         self._reaper = subreaper_supported()
+        #: The reaper's status pipe, its unread part, and what it said (see guest/reaper.py).
         self._status_fd: int | None = None
         self._status = b""
         self._exit_code: int | None = None
+        #: The agent's pid: interrupts go to it, and its CPU time and memory are measured.
         self.pid = 0
         if self._reaper:
             self._start_reaped(python, cwd, env, start_timeout)
@@ -152,13 +154,15 @@ class ProcessTransport:
         for line in lines:
             words = line.split()
             with contextlib.suppress(ValueError, IndexError):
-                if words[0] == b"agent":
+                # The first of each only: the agent's pid is not to be changed under the
+                # kernel's interrupts (they are sent to it).
+                if words[0] == b"agent" and self.pid == 0 and int(words[1]) > 0:
                     self.pid = int(words[1])
                     if words[2] != b"1":
                         log.warning("the process tier's reaper is not the subreaper of the "
                                     "agent's processes (see its stderr): a cell's processes "
                                     "outside the agent's process group outlive it")
-                elif words[0] == b"exit":
+                elif words[0] == b"exit" and self._exit_code is None:
                     self._exit_code = int(words[1])
         return True
 
@@ -197,7 +201,7 @@ class ProcessTransport:
         return self.proc.poll() is None
 
     def interrupt(self) -> None:
-        if self._agent_running():
+        if self.pid > 0 and self._agent_running():
             os.kill(self.pid, signal.SIGINT)
 
     def kill(self) -> None:
@@ -219,16 +223,18 @@ class ProcessTransport:
             except subprocess.TimeoutExpired:
                 log.warning("the process tier's reaper did not end its processes within 5 s; "
                             "killing it and the agent's process group")
-                self._read_status()
-                groups = [self.proc.pid] + ([self.pid] if self._exit_code is None else [])
-                for group in groups:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(group, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(5)
             while self._read_status():  # its last words: the agent's exit code
                 if self.proc.returncode is None:
                     break  # still running: only what it said so far
+            if self._exit_code is None and self.pid > 0:
+                # The reaper ended before the agent (a cell killed it, or it was killed just
+                # now): the agent's process group at least goes, as where there is no reaper.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, signal.SIGKILL)
         for pipe in (self._stdin, self._stdout):
             with contextlib.suppress(OSError):
                 pipe.close()
@@ -246,7 +252,9 @@ class ProcessTransport:
             # it is not left a zombie of the kernel until the next process cell.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(1.0)
-        if code is None:
+        if code is None and self._reaper and self.proc.returncode is not None:
+            status = "its exit status is unknown: its reaper process ended first"
+        elif code is None:
             status = "it is still running"
         elif code < 0:
             status = f"it was killed by signal {signal.Signals(-code).name}"
