@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,7 @@ class ProcessTransport:
         #: The reaper's status pipe, its unread part, and what it said (see guest/reaper.py).
         self._status_fd: int | None = None
         self._status = b""
+        self._status_lock = threading.Lock()
         self._exit_code: int | None = None
         #: The agent's pid: interrupts go to it, and its CPU time and memory are measured.
         self.pid = 0
@@ -141,30 +143,35 @@ class ProcessTransport:
         fd = self._status_fd
         if fd is None:
             return False
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            return False
-        self._status += data
-        *lines, self._status = self._status.split(b"\n")
-        for line in lines:
-            words = line.split()
-            with contextlib.suppress(ValueError, IndexError):
-                # The first of each only: the agent's pid is not to be changed under the
-                # kernel's interrupts (they are sent to it).
-                if words[0] == b"agent" and self.pid == 0 and int(words[1]) > 0:
-                    self.pid = int(words[1])
-                    if words[2] != b"1":
-                        log.warning("the process tier's reaper is not the subreaper of the "
-                                    "agent's processes (see its stderr): a cell's processes "
-                                    "outside the agent's process group outlive it")
-                elif words[0] == b"exit" and self._exit_code is None:
-                    self._exit_code = int(words[1])
+        # One reader at a time: the reader thread (exit_detail) and the kernel's (interrupt)
+        # may both look, and a line read in two halves must be joined in order.
+        with self._status_lock:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return True
+            except OSError:
+                data = b""
+            if not data:
+                return False
+            self._status += data
+            *lines, self._status = self._status.split(b"\n")
+            for line in lines:
+                self._on_status(line.split())
         return True
+
+    def _on_status(self, words: list[bytes]) -> None:
+        with contextlib.suppress(ValueError, IndexError):
+            # The first of each only: the agent's pid is not to be changed under the kernel's
+            # interrupts (they are sent to it).
+            if words[0] == b"agent" and self.pid == 0 and int(words[1]) > 0:
+                self.pid = int(words[1])
+                if words[2] != b"1":
+                    log.warning("the process tier's reaper is not the subreaper of the agent's "
+                                "processes (see its stderr): a cell's processes outside the "
+                                "agent's process group outlive it")
+            elif words[0] == b"exit" and self._exit_code is None:
+                self._exit_code = int(words[1])
 
     def _wait_status(self, done: Callable[[], bool], timeout: float) -> bool:
         """Read the reaper's status lines until ``done()`` or ``timeout`` seconds pass."""

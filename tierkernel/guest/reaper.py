@@ -117,7 +117,7 @@ def reap(agent: int, status: list[int]) -> bool:
             report(f"exit {code}")
 
 
-def kill_tree(agent: int, status: list[int]) -> int:
+def kill_tree(agent: int, status: list[int], subreaper: bool) -> int:
     """Stop, kill and reap every descendant; the number left (0 unless one would not die)."""
     me = os.getpid()
     left: dict[int, str] = {}
@@ -133,9 +133,10 @@ def kill_tree(agent: int, status: list[int]) -> int:
             for pid in fresh:
                 _signal(pid, signal.SIGSTOP)
             stopped.update(fresh)
-        # Where there is no subreaper, the agent's group is all that can still be reached.
-        with contextlib.suppress(OSError):
-            os.killpg(agent, signal.SIGKILL)
+        if not subreaper:
+            # Then the agent's group is all that can still be reached of what left the tree.
+            with contextlib.suppress(OSError):
+                os.killpg(agent, signal.SIGKILL)
         for pid in stopped:
             _signal(pid, signal.SIGKILL)
         reap(agent, status)
@@ -162,7 +163,7 @@ def report(line: str) -> None:
 def start_agent(argv: list[str], in_fd: int, out_fd: int) -> int:
     """Fork and exec the agent with ``in_fd``/``out_fd`` as its stdin/stdout; its pid."""
     pid = os.fork()
-    if pid == 0:  # the child: only async-signal-safe work until the exec
+    if pid == 0:  # the child: as little as can be until the exec
         try:
             # A process group of its own: a cell's `kill 0` reaches the agent's group, never
             # this process, which then cleans up after it.
@@ -184,6 +185,10 @@ def start_agent(argv: list[str], in_fd: int, out_fd: int) -> int:
                 os.write(2, f"reaper: could not start the agent: {exc!r}\n".encode())
             finally:
                 os._exit(127)
+    # Here too, so that the group exists before this process can signal it (either call
+    # may come first; the later one fails harmlessly once the child has exec'd).
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)
     return pid
 
 
@@ -231,7 +236,7 @@ def main() -> int:
             if not data:
                 ending.append("the kernel closed the control pipe")
         reap(agent, status)
-    left = kill_tree(agent, status)
+    left = kill_tree(agent, status, subreaper=why_not is None)
     if left:
         os.write(2, f"reaper: {left} process(es) would not die\n".encode())
     return 0
