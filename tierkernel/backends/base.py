@@ -161,6 +161,48 @@ class OutputSink(Protocol):
         """Clear the cell's output (``clear_output``)."""
 
 
+class HeldErrorSink:
+    """A cell's sink that holds its error back until the tier knows what caused it, so the
+    tier can publish exactly one error that says so (the pids limit behind a bare
+    ``BlockingIOError``, the peak the host measured behind a ``MemoryError``).
+
+    With ``keep_first`` the first error is kept (the guest's own, when the host adds its
+    word later); otherwise the last (the host's, when it gave up on the guest after it).
+    """
+
+    def __init__(self, sink: OutputSink, keep_first: bool = False) -> None:
+        self.sink = sink
+        self.keep_first = keep_first
+        self.held: ExecError | None = None
+
+    def stream(self, name: str, text: str) -> None:
+        """Passed straight on."""
+        self.sink.stream(name, text)
+
+    def display(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        """Passed straight on."""
+        self.sink.display(data, metadata)
+
+    def result(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        """Passed straight on."""
+        self.sink.result(data, metadata)
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        """Held, not published (see the class docstring for which one is kept)."""
+        if self.held is None or not self.keep_first:
+            self.held = ExecError(ename, evalue, list(traceback))
+
+    def clear_output(self, wait: bool = False) -> None:
+        """Passed straight on."""
+        self.sink.clear_output(wait)
+
+    def release(self) -> ExecError | None:
+        """The held error (None if none); errors after this go straight to the sink."""
+        held, self.held = self.held, None
+        self.error = self.sink.error  # type: ignore[method-assign]
+        return held
+
+
 class Backend(LoggingConfigurable):
     """Base class of every tier.
 

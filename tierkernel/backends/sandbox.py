@@ -42,7 +42,7 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
-    MimeBundle,
+    HeldErrorSink,
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
@@ -165,34 +165,6 @@ class _Container:
     suspect: bool = False  # stop using it: recreate before the next cell
     events: Any = None
     oom_seen: threading.Event = field(default_factory=threading.Event)
-
-
-class _CellSink:
-    """The cell's sink, holding back the error until the tier knows what caused it.
-
-    A cell that hits the pids limit fails with a bare ``BlockingIOError``; the tier rewrites
-    that into an error naming the limit, so it keeps the error until the cell is over and then
-    publishes exactly one.
-    """
-
-    def __init__(self, sink: OutputSink) -> None:
-        self.sink = sink
-        self.held: ExecError | None = None
-
-    def stream(self, name: str, text: str) -> None:
-        self.sink.stream(name, text)
-
-    def display(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
-        self.sink.display(data, metadata)
-
-    def result(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
-        self.sink.result(data, metadata)
-
-    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
-        self.held = ExecError(ename, evalue, list(traceback))
-
-    def clear_output(self, wait: bool = False) -> None:
-        self.sink.clear_output(wait)
 
 
 class SandboxBackend(ChannelLimits, Backend):
@@ -392,7 +364,7 @@ class SandboxBackend(ChannelLimits, Backend):
         session, container = self._session, self._container
         if session is None or container is None:
             raise EngineError("the sandbox container is not running (it was shut down)")
-        held = _CellSink(sink)
+        held = HeldErrorSink(sink)
         self._oom_baseline = container.ooms
         container.oom_seen.clear()
         gateway = self.helper_gateway()

@@ -32,7 +32,7 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
-    MimeBundle,
+    HeldErrorSink,
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
@@ -143,7 +143,7 @@ class WasmBackend(ChannelLimits, Backend):
                               "compiling in the background, run the cell again in a while")
         except _OpenFailed as exc:
             return self._fail(sink, started, "TierSessionLost", str(exc))
-        held = _HeldErrorSink(sink)
+        held = HeldErrorSink(sink, keep_first=True)
         try:
             result = await asyncio.to_thread(agent.run, request, held,
                                              request.options.get("timeout"),
@@ -320,37 +320,6 @@ class WasmBackend(ChannelLimits, Backend):
         error = ExecError(ename, evalue, [f"{ename}: {evalue}"])
         sink.error(error.ename, error.evalue, error.traceback)
         return ExecResult(False, self.name, time.perf_counter() - started, error=error)
-
-
-class _HeldErrorSink:
-    """The cell's sink, holding its error back until the cell is over, so the tier can add
-    what the host measured (see :meth:`WasmBackend.execute`) before it is published."""
-
-    def __init__(self, sink: OutputSink) -> None:
-        self.sink = sink
-        self.held: ExecError | None = None
-
-    def stream(self, name: str, text: str) -> None:
-        self.sink.stream(name, text)
-
-    def display(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
-        self.sink.display(data, metadata)
-
-    def result(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
-        self.sink.result(data, metadata)
-
-    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
-        if self.held is None:  # the first: a cell fails once
-            self.held = ExecError(ename, evalue, list(traceback))
-
-    def clear_output(self, wait: bool = False) -> None:
-        self.sink.clear_output(wait)
-
-    def release(self) -> ExecError | None:
-        """The held error (None if none); what comes after goes straight to the sink."""
-        held, self.held = self.held, None
-        self.error = self.sink.error  # type: ignore[method-assign]
-        return held
 
 
 class _OpenInterrupted(Exception):
