@@ -117,14 +117,19 @@ def reap(agent: int, status: list[int]) -> bool:
             report(f"exit {code}")
 
 
-def kill_tree(agent: int, status: list[int], subreaper: bool) -> int:
+def kill_tree(agent: int, status: list[int]) -> int:
     """Stop, kill and reap every descendant; the number left (0 unless one would not die)."""
     me = os.getpid()
     left: dict[int, str] = {}
     for _ in range(KILL_ROUNDS):
-        # Stopped first, all of them, looking again until the look finds no new one: a
-        # process forking in a loop is stopped before its next fork, so the kills below
-        # leave no child of it behind.
+        # The agent's process group first, in one call: whatever a cell started without
+        # leaving the group stops at once, a process that forks and exits in a loop included
+        # (a look through /proc is slower than its forks and would chase it for ever).
+        with contextlib.suppress(OSError):  # none of the group left
+            os.killpg(agent, signal.SIGSTOP)
+        # Then the rest, all of them, looking again until the look finds no new one: what
+        # left the group (setsid) came here as an orphan, and is stopped before its next
+        # fork, so the kills below leave no child of it behind.
         stopped: set[int] = set()
         while True:
             fresh = [pid for pid in descendants(me) if pid not in stopped]
@@ -133,10 +138,10 @@ def kill_tree(agent: int, status: list[int], subreaper: bool) -> int:
             for pid in fresh:
                 _signal(pid, signal.SIGSTOP)
             stopped.update(fresh)
-        if not subreaper:
-            # Then the agent's group is all that can still be reached of what left the tree.
-            with contextlib.suppress(OSError):
-                os.killpg(agent, signal.SIGKILL)
+        # The group as a whole (without a subreaper, all that can still be reached of what
+        # left the tree), then everything found.
+        with contextlib.suppress(OSError):
+            os.killpg(agent, signal.SIGKILL)
         for pid in stopped:
             _signal(pid, signal.SIGKILL)
         reap(agent, status)
@@ -236,7 +241,7 @@ def main() -> int:
             if not data:
                 ending.append("the kernel closed the control pipe")
         reap(agent, status)
-    left = kill_tree(agent, status, subreaper=why_not is None)
+    left = kill_tree(agent, status)
     if left:
         os.write(2, f"reaper: {left} process(es) would not die\n".encode())
     return 0
