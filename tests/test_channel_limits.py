@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,10 +286,12 @@ def test_a_process_that_keeps_forking_does_not_outlive_an_agent_restart(tk):
     # (A fork refused by the pids limit, while the exited ones wait to be reaped, is retried.)
     churn = ("import os\nwhile True:\n    try:\n        if os.fork():\n            os._exit(0)\n"
              "    except OSError:\n        pass\n")
+    # Named for this run only: a leftover of another run on the machine is not this one's.
+    tag = f"tk-churn-{uuid.uuid4().hex}"
     # Eight of them, and sleepers for the host's listing to go through before it reaches them.
     started = session.run(f"{head}import subprocess, sys, time\n"
                           "for _ in range(8):\n"
-                          f"    subprocess.Popen([sys.executable, '-c', {churn!r}, 'tk-churn'])\n"
+                          f"    subprocess.Popen([sys.executable, '-c', {churn!r}, {tag!r}])\n"
                           "sleepers = [subprocess.Popen(['sleep', '1000']) for _ in range(120)]\n"
                           "time.sleep(0.5)")
     assert started.status == "ok", started.outputs
@@ -298,7 +301,7 @@ def test_a_process_that_keeps_forking_does_not_outlive_an_agent_restart(tk):
         f"{head}import os, time\n"
         "def churning():\n    found = []\n    for p in os.listdir('/proc'):\n"
         "        try:\n            with open(f'/proc/{p}/cmdline', 'rb') as f:\n"
-        "                if b'tk-churn' in f.read():\n                    found.append(p)\n"
+        f"                if {tag.encode()!r} in f.read():\n                    found.append(p)\n"
         "        except OSError:\n            pass\n    return found\n"
         "for _ in range(20):\n    if not churning():\n        break\n    time.sleep(0.1)\n"
         "churning()")
