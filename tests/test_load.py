@@ -80,7 +80,12 @@ def drive(k: int, found: dict[int, Any], pids: dict[int, int]) -> None:
                 problems.append(f"{tag}: status {out.status}: {out.outputs[-3:]}")
                 continue
             if out.stdout != want_out:
-                problems.append(f"{tag}: stdout differs: {out.stdout[:200]!r}...")
+                got, want = out.stdout.splitlines(), want_out.splitlines()
+                at = next((n for n, (a, b) in enumerate(zip(got, want)) if a != b),
+                          min(len(got), len(want)))
+                problems.append(f"{tag}: stdout differs from line {at} on ({len(got)} lines, "
+                                f"want {len(want)}): {got[max(0, at - 1):at + 2]}, stderr "
+                                f"{out.stderr[:80]!r}")
             if out.stderr != f"{tag} on stderr\n":
                 problems.append(f"{tag}: stderr {out.stderr[:200]!r}")
             if out.result.get("text/plain") != repr((tag, runs[tier])):
@@ -96,6 +101,9 @@ def drive(k: int, found: dict[int, Any], pids: dict[int, int]) -> None:
         session.close()
 
 
+# Eight kernels starting at once on two cores, each with a wasm session and a container:
+# about a minute here, so the suite's two-minute default per test is too tight.
+@pytest.mark.timeout(600)
 def test_eight_kernels_fifty_mixed_cells_each():
     sb.need_sandbox()
     before = set(sb.all_sandbox_containers())

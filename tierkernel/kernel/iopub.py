@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 MimeBundle = dict[str, Any]
+
+#: Stream text arriving within this many seconds of the last stream message is merged into
+#: one message, sent at the end of the window (the first text goes at once). A guest printing
+#: thousands of lines a second would otherwise send as many iopub messages, and a publisher
+#: past its high-water mark drops messages (a busy client lost whole runs of lines).
+STREAM_WINDOW = 0.05
 
 
 class IopubSink:
@@ -34,19 +41,56 @@ class IopubSink:
         self._silent = silent
         self._closed = False
         self._lock = threading.Lock()
+        #: Stream text held for the current window: (name, text) runs in arrival order.
+        self._held: list[tuple[str, str]] = []
+        self._last_stream = 0.0
+        self._timer: threading.Timer | None = None
+
+    def _publish(self, msg_type: str, content: dict[str, Any]) -> None:
+        # Called with the lock held.
+        self._session.send(
+            self._socket, msg_type, content, parent=self._parent, ident=self._topic(msg_type)
+        )
+
+    def _release_held(self) -> None:
+        """Send the held stream text, one message per run of one stream (lock held)."""
+        held, self._held = self._held, []
+        for name, text in held:
+            self._publish("stream", {"name": name, "text": text})
+        if held:
+            self._last_stream = time.monotonic()
 
     def _send(self, msg_type: str, content: dict[str, Any]) -> None:
         with self._lock:
             if self._closed or self._silent:
                 return
-            self._session.send(
-                self._socket, msg_type, content, parent=self._parent, ident=self._topic(msg_type)
-            )
+            self._release_held()  # what was printed before this output comes before it
+            self._publish(msg_type, content)
+
+    def _window_ended(self) -> None:
+        with self._lock:
+            self._timer = None
+            if not self._closed:
+                self._release_held()
 
     def stream(self, name: str, text: str) -> None:
-        """A ``stream`` message."""
-        if text:
-            self._send("stream", {"name": name, "text": text})
+        """A ``stream`` message; text within :data:`STREAM_WINDOW` of the last one is merged."""
+        if not text:
+            return
+        with self._lock:
+            if self._closed or self._silent:
+                return
+            if self._held and self._held[-1][0] == name:
+                self._held[-1] = (name, self._held[-1][1] + text)
+            else:
+                self._held.append((name, text))
+            wait = self._last_stream + STREAM_WINDOW - time.monotonic()
+            if wait <= 0:
+                self._release_held()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._window_ended)
+                self._timer.daemon = True
+                self._timer.start()
 
     def display(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
         """A ``display_data`` message."""
@@ -68,6 +112,11 @@ class IopubSink:
         self._send("clear_output", {"wait": wait})
 
     def close(self) -> None:
-        """The cell is over: drop anything still arriving."""
+        """The cell is over: send what is held, then drop anything still arriving."""
         with self._lock:
+            if not self._closed and not self._silent:
+                self._release_held()
             self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
