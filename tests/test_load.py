@@ -81,8 +81,8 @@ def drive(k: int, found: dict[int, Any], pids: dict[int, int]) -> None:
                 continue
             if out.stdout != want_out:
                 got, want = out.stdout.splitlines(), want_out.splitlines()
-                at = next((n for n, (a, b) in enumerate(zip(got, want)) if a != b),
-                          min(len(got), len(want)))
+                pairs = enumerate(zip(got, want, strict=False))
+                at = next((n for n, (a, b) in pairs if a != b), min(len(got), len(want)))
                 problems.append(f"{tag}: stdout differs from line {at} on ({len(got)} lines, "
                                 f"want {len(want)}): {got[max(0, at - 1):at + 2]}, stderr "
                                 f"{out.stderr[:80]!r}")
