@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 # Executed copies of the demo notebooks are outputs, not notebooks to validate.
-collect_ignore_glob = ["notebooks/*.executed.ipynb", ".venv/*"]
+# tests/notebooks/ holds notebooks that tests run themselves, tier by tier.
+collect_ignore_glob = ["notebooks/*.executed.ipynb", ".venv/*", "tests/notebooks/*"]
 
 _SPEC_PREFIX = Path(tempfile.mkdtemp(prefix="tierkernel-test-spec-"))
 
