@@ -255,6 +255,10 @@ class Agent:
         #: Where the frames of the glue between a cell and IPython's magics live (set when
         #: the shell is made); tracebacks leave them out.
         self.hidden_frames: tuple[str, ...] = ()
+        #: The globals of the agent's own modules (this one, the helpers, ishell): their
+        #: frames are left out of tracebacks too (by identity: the sandbox's agent source
+        #: has no file name of its own).
+        self.glue_globals: set[int] = {id(globals())}
         self.mpl_backend = MPL_BACKEND_MODULE
         #: The guest module ishell (sent by the host) and its ShellLoader, once installed.
         self.ishell: Any = None
@@ -284,6 +288,7 @@ class Agent:
         """Use the guest module ishell for IPython syntax; ``background``: start importing
         IPython in a thread now, so the first magic cell rarely waits for it."""
         self.ishell = module
+        self.glue_globals.add(id(module.__dict__))
         self.shell_loader = module.ShellLoader(self, self.tier, self.has_processes)
         if background:
             self.shell_loader.start_import()
@@ -427,6 +432,7 @@ class Agent:
         before = set(self.namespace)
         module.install(self.namespace, self.call_host)
         self.hidden_names |= set(self.namespace) - before
+        self.glue_globals.add(id(module.__dict__))
 
     def call_host(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one helper request to the host and wait for its answer (a cell's thread).
@@ -759,17 +765,21 @@ class Agent:
         # Drop the agent's own frames: the user sees their cell's lines, as in IPython.
         while tb is not None and tb.tb_frame.f_code.co_filename != fn:
             tb = tb.tb_next
-        if self.hidden_frames and self.ishell.is_usage_error(exc):
+        if self.ishell is not None and self.ishell.is_usage_error(exc):
             lines = [f"UsageError: {exc}"]  # as IPython shows it: the message alone
-        elif self.hidden_frames:
-            # Nor the glue between the cell and a magic (IPython's own modules).
-            report = traceback.TracebackException(etype, exc, tb)
-            report.stack = traceback.StackSummary.from_list(
-                [frame for frame in report.stack
-                 if not frame.filename.startswith(self.hidden_frames)])
-            lines = list(report.format())
         else:
-            lines = traceback.format_exception(etype, exc, tb)
+            # Nor the glue between the cell and what it called: the agent's own modules (a
+            # helper call, a !cmd) and IPython's between a cell and a magic.
+            report = traceback.TracebackException(etype, exc, tb)
+            keep = [id(frame.f_globals) not in self.glue_globals
+                    and not frame.f_code.co_filename.startswith(self.hidden_frames)
+                    for frame, _ in traceback.walk_tb(tb)]
+            if not all(keep) and len(keep) == len(report.stack):
+                import itertools
+
+                report.stack = traceback.StackSummary.from_list(
+                    list(itertools.compress(report.stack, keep)))
+            lines = list(report.format())
         self._flush_text()
         self.channel.send(
             {

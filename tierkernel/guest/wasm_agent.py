@@ -104,6 +104,7 @@ class WasmAgent(_agent.Agent):
         # The cell's globals are __main__'s, so pickle and dataclasses find user classes.
         self.namespace = sys.modules["__main__"].__dict__
         self.seed_namespace()
+        self.glue_globals |= {id(globals()), id(vars(_helpers))}
         self.memory_hint = memory_hint
         #: What fds 1 and 2 are when the session starts: the host's output streams.
         self._fd_marks = {fd: _fd_mark(fd) for fd in (1, 2)}
@@ -145,6 +146,14 @@ class WasmAgent(_agent.Agent):
             f"cannot run shell command {command!r}: the wasm tier has no processes; "
             "run it in a %%tier sandbox cell (a container) or a %%tier native cell",
         )
+
+    def _await(self, coroutine: Any) -> Any:
+        """Top-level ``await``: the guest's asyncio cannot make an event loop (WASI has no
+        socketpair), so say so instead of failing half-way through making one."""
+        coroutine.close()
+        raise RuntimeError("top-level await needs an asyncio event loop, which the wasm tier "
+                           "does not have (WASI has no sockets); run the cell in %%tier "
+                           "process, sandbox or native")
 
     def execute_json(self, text: str) -> None:
         """Run one ``execute`` request (the host's JSON line)."""
