@@ -8,6 +8,7 @@ sandbox under runc here, with one gVisor (runsc) smoke test.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -243,5 +244,29 @@ def test_sandbox_under_gvisor_smoke():
                          timeout=60)
         assert out.result["text/plain"] == \
             "('x\\n', [1, 2, 3], \"%%capture c\\nprint('x')\\ndisplay(1)\")", out.outputs
+    finally:
+        kernel.close()
+
+
+def test_without_ipython_a_magic_says_so_and_plain_cells_and_shell_lines_still_run(tmp_path):
+    # An interpreter where IPython cannot be imported (as in a custom sandbox image without
+    # it): a wrapper that puts a failing IPython package first on its path.
+    blocker = tmp_path / "blocker" / "IPython"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('IPython blocked for this test')\n")
+    wrapper = tmp_path / "python-without-ipython"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={blocker.parent} exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    kernel = KernelSession(extra_arguments=[f"--ProcessBackend.python={wrapper}"])
+    try:
+        out = kernel.run("%%tier process\nkept = 1\n%timeit kept")
+        assert out.status == "error"
+        assert out.error["ename"] == "SyntaxError"
+        assert "IPython cannot be imported in the process tier" in out.error["evalue"]
+        assert "blocked for this test" in out.error["evalue"]
+        assert kernel.run("%%tier process\nkept = 2\nkept").result["text/plain"] == "2"
+        assert kernel.run("%%tier process\n!echo still here").stdout == "still here\n"
+        assert kernel.run("%%tier process\nget_ipython() is None").result["text/plain"] == \
+            "True"
     finally:
         kernel.close()
