@@ -271,11 +271,33 @@ def _ipython_major() -> int:
 def _register_inline_config(shell: Any) -> None:
     """Let ``%config InlineBackend.figure_format = 'retina'`` be set (and read by the agent's
     inline backend) where matplotlib_inline is importable; it imports no matplotlib."""
+    name = "matplotlib_inline.config"
     try:
-        from matplotlib_inline.config import InlineBackend
+        module = sys.modules.get(name)
+        if module is None:
+            # The module alone: the package's __init__ imports matplotlib (seconds in wasm).
+            # Importing the package later finds this module and keeps its singleton.
+            import importlib.util
+
+            package = importlib.util.find_spec("matplotlib_inline")
+            locations = list(package.submodule_search_locations or ()) if package else []
+            if not locations:
+                return
+            spec = importlib.util.spec_from_file_location(
+                name, os.path.join(locations[0], "config.py"))
+            if spec is None or spec.loader is None:
+                return
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        inline = module.InlineBackend
     except Exception:  # %config then says InlineBackend is unknown
         return
-    shell.configurables.append(InlineBackend.instance(parent=shell))
+    shell.configurables.append(inline.instance(parent=shell))
 
 
 def figure_format() -> tuple[str, dict[str, Any]]:
