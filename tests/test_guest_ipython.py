@@ -183,6 +183,40 @@ def test_ipython_display_shows_rich_output(tier: Tier):
     assert out.result["text/html"] == "<i>as a result</i>"
 
 
+@pytest.mark.parametrize("name", TIERS)
+def test_a_library_that_looks_for_ipython_finds_the_tier_s_shell(name: str):
+    # A fresh kernel: no cell has made the shell yet. The library imports IPython itself and
+    # asks IPython.get_ipython() / IPython.display.display, as notebook-aware libraries do.
+    if name == "wasm" and (wasm_runtime.runtime_problem() is not None
+                           or not wasm_runtime.is_compiled()):
+        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
+    if name == "sandbox":
+        sb.need_sandbox()
+    kernel = KernelSession()
+    try:
+        tier = Tier(name, kernel)
+        # The cells never spell the name themselves, so only the library brings IPython in.
+        tier.ok("import os, sys, tempfile\nlib = tempfile.mkdtemp()\nipy = 'IPy' + 'thon'\n"
+                "with open(os.path.join(lib, 'richlib.py'), 'w') as f:\n"
+                "    f.write(f'import {ipy}.display\\nfrom {ipy} import get_ipython\\n'\n"
+                "            'def show(html):\\n'\n"
+                "            f'    {ipy}.display.display({ipy}.display.HTML(html))\\n'\n"
+                "            '    return get_ipython() is not None\\n')\n"
+                "sys.path.insert(0, lib)")
+        out = tier.ok("import richlib\nrichlib.show('<p>from a library</p>')")
+        (shown,) = out.of_type("display_data")
+        assert shown.content["data"]["text/html"] == "<p>from a library</p>"
+        assert out.result["text/plain"] == "True"
+    finally:
+        kernel.close()
+
+
+def test_object_help_with_a_question_mark(tier: Tier):
+    tier.ok("def documented():\n    \"\"\"Says what it does.\"\"\"")
+    out = tier.ok("documented?")
+    assert "Says what it does." in out.stdout, out.outputs
+
+
 def test_get_ipython(tier: Tier):
     out = tier.ok("ip = get_ipython()\nip.user_ns is globals(), "
                   "ip.run_line_magic('pwd', '') == __import__('os').getcwd()")

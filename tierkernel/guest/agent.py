@@ -635,6 +635,9 @@ class Agent:
             self.channel.send(done)
 
     def _run(self, code: str, filename: str, first_line: int) -> bool:
+        loader = self.shell_loader
+        if loader is not None and "import" in code and loader.importing():
+            loader.wait_import()  # see ShellLoader.wait_import: at most once, after start
         prefix = "\n" * (first_line - 1)
         source = prefix + code
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)

@@ -77,6 +77,10 @@ class ShellLoader:
         self._imported = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._creating = False
+        # Whoever imports IPython first (a cell, a library, the background import), its
+        # get_ipython() then finds this shell (see route_singleton).
+        sys.meta_path.insert(0, _RouteOnImport(self))
 
     def start_import(self) -> None:
         """Import IPython in the background, so the first magic cell rarely waits for it."""
@@ -86,17 +90,32 @@ class ShellLoader:
             self._thread.start()
 
     def _import(self) -> None:
+        background = threading.current_thread() is not threading.main_thread()
         try:
             import IPython.core.interactiveshell
             import IPython.core.magics  # noqa: F401
         except BaseException as exc:  # any failure means: no IPython here
-            self.problem = f"{type(exc).__name__}: {exc}"
+            if background:
+                # Maybe only a clash with an import of the main thread's (Python's import
+                # deadlock detection fails one of them): tried again when a cell needs it.
+                self._retry = True
+            else:
+                self.problem = f"{type(exc).__name__}: {exc}"
         finally:
             self._imported.set()
 
-    def ready(self) -> bool:
-        """Whether IPython has been imported (or has failed to be)."""
-        return self._imported.is_set()
+    _retry = False
+
+    def importing(self) -> bool:
+        """Whether the background import is still running."""
+        return self._thread is not None and not self._imported.is_set()
+
+    def wait_import(self) -> None:
+        """Wait for the background import to end. A cell that imports anything waits for it
+        first: a cell importing a module of IPython's (or one that looks at a half-imported
+        ``IPython``, as matplotlib.pyplot does) while another thread imports IPython can
+        fail on Python's import locks."""
+        self._imported.wait()
 
     def get(self, wait: bool = True) -> Any:
         """The shell, made on first use; None when IPython cannot be imported here, or (with
@@ -110,22 +129,101 @@ class ShellLoader:
                 self._import()
             else:
                 self._imported.wait()
+        if self._retry:
+            if not wait or threading.current_thread() is not threading.main_thread():
+                return None
+            self._retry = False
+            self._import()
         if self.problem is not None:
             return None
         with self._lock:
             if self.shell is None:
+                self._creating = True
                 try:
                     self.shell = make_shell(self.agent, self.tier, self.processes)
                 except Exception as exc:
                     self.problem = f"{type(exc).__name__}: {exc}"
                     return None
+                finally:
+                    self._creating = False
         return self.shell
+
+    def route_singleton(self, module: Any) -> None:
+        """Make ``InteractiveShell.initialized()`` (what ``IPython.get_ipython()`` and
+        ``IPython.display.display`` ask) make the agent's shell when a cell's code asks, so a
+        library that looks for IPython finds it as in a notebook. Only on the main thread
+        while a cell runs: the shell writes to the cell namespace as it is made."""
+        loader = self
+
+        def initialized(cls: Any) -> bool:
+            if (loader.shell is None and not loader._creating and loader.problem is None
+                    and loader.agent.in_cell
+                    and threading.current_thread() is threading.main_thread()
+                    and not _ipython_importing()):
+                loader.get()
+            return getattr(cls, "_instance", None) is not None
+
+        module.InteractiveShell.initialized = classmethod(initialized)
 
     def missing(self) -> str:
         """The error text for an IPython cell where IPython cannot be imported."""
         return (f"this cell uses IPython syntax (a %magic, !command or obj?), but IPython "
                 f"cannot be imported in the {self.tier} tier ({self.problem}); write it as "
                 f"plain Python, or run it in a %%tier native cell")
+
+
+def _ipython_importing() -> bool:
+    """Whether a module of IPython is being imported right now (IPython asks for its shell
+    while it imports itself; making the shell then would import it circularly)."""
+    return any(getattr(getattr(module, "__spec__", None), "_initializing", False)
+               for name, module in list(sys.modules.items())
+               if name == "IPython" or name.startswith("IPython."))
+
+
+class _RouteOnImport:
+    """First on ``sys.meta_path``: when ``IPython.core.interactiveshell`` is imported (by
+    anyone), its module is handed to :meth:`ShellLoader.route_singleton` once it has run.
+    Finds nothing else itself."""
+
+    _NAME = "IPython.core.interactiveshell"
+
+    def __init__(self, loader: ShellLoader) -> None:
+        self.loader = loader
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self._NAME:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None:
+            spec.loader = _RoutingLoader(spec.loader, self.loader)
+        return spec
+
+
+class _RoutingLoader:
+    """The module's own loader (its other methods too: sources for tracebacks), which routes
+    the singleton once the module has run."""
+
+    def __init__(self, original: Any, loader: ShellLoader) -> None:
+        self._original = original
+        self._loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._original, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self._original.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._original.exec_module(module)
+        self._loader.route_singleton(module)
 
 
 def make_shell(agent: Any, tier: str, processes: bool) -> Any:
