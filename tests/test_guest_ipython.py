@@ -203,6 +203,9 @@ def test_a_library_that_looks_for_ipython_finds_the_tier_s_shell(name: str):
                 "            f'    {ipy}.display.display({ipy}.display.HTML(html))\\n'\n"
                 "            '    return get_ipython() is not None\\n')\n"
                 "sys.path.insert(0, lib)")
+        if name == "wasm":  # no background import there: plain cells never load IPython
+            loaded = tier.ok("sorted(m for m in sys.modules if m.startswith(ipy))")
+            assert loaded.result["text/plain"] == "[]"
         out = tier.ok("import richlib\nrichlib.show('<p>from a library</p>')")
         (shown,) = out.of_type("display_data")
         assert shown.content["data"]["text/html"] == "<p>from a library</p>"
@@ -304,3 +307,20 @@ def test_without_ipython_a_magic_says_so_and_plain_cells_and_shell_lines_still_r
             "True"
     finally:
         kernel.close()
+
+
+def test_helper_errors_and_timeouts_show_only_the_user_s_frames(tier: Tier):
+    out = tier.run("def fetch():\n    return api('https://example.com/')\nfetch()")
+    assert out.error["ename"] == "PermissionError", out.outputs
+    text = "\n".join(out.error["traceback"])
+    assert "fetch()" in text and "return api(" in text
+    for glue in ("helpers", "tierkernel", "agent.py"):
+        assert glue not in text, text
+    if tier.name == "wasm":
+        return  # a stop resets the wasm session; its error is the host's, with no frames
+    out = tier.kernel.run(f"%%tier {tier.name} --timeout 1\nimport time\ntime.sleep(10)",
+                          timeout=60)
+    assert out.error["ename"] == "TimeoutError", out.outputs
+    text = "\n".join(out.error["traceback"])
+    assert "time.sleep(10)" in text
+    assert "agent.py" not in text and "sigint" not in text, text

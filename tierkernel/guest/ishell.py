@@ -287,9 +287,8 @@ def make_shell(agent: Any, tier: str, processes: bool) -> Any:
             return super().getoutput(cmd, split=split, depth=depth + 1)
 
         def enable_gui(self, gui: Any = None) -> None:
-            if gui not in (None, "inline"):
-                raise UsageError(f"GUI event loop {gui!r} is not available in the {tier} tier: "
-                                 "figures are shown inline ('%matplotlib inline')")
+            """No GUI event loop runs in a tier (``%gui`` itself is refused, naming the tier);
+            matplotlib calls this as pyplot loads, and its figures are shown inline."""
 
         def enable_matplotlib(self, gui: Any = None) -> tuple[Any, str]:
             """``%matplotlib [inline]``: the agent's inline backend (figures as images at the
