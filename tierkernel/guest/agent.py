@@ -287,30 +287,74 @@ class Agent:
     def use_ishell(self, module: Any, background: bool) -> None:
         """Use the guest module ishell for IPython syntax; ``background``: start importing
         IPython in a thread now, so the first magic cell rarely waits for it."""
+        loader = module.ShellLoader(self, self.tier, self.has_processes)
+        if background:
+            loader.start_import()
         self.ishell = module
         self.glue_globals.add(id(module.__dict__))
-        self.shell_loader = module.ShellLoader(self, self.tier, self.has_processes)
-        if background:
-            self.shell_loader.start_import()
+        self.shell_loader = loader
 
     def ipython(self, wait: bool = True) -> Any:
         """The agent's IPython ``InteractiveShell`` (made once; its user namespace is the
         agent's), or None when IPython cannot be imported in this guest. ``wait`` false:
         None rather than waiting while IPython is still being imported."""
         loader = self.shell_loader
+        if loader is None and self._ishell_ready is not None:
+            if not wait:
+                return None
+            self._ishell_ready.wait()
+            loader = self.shell_loader
         return None if loader is None else loader.get(wait)
 
     def get_ipython(self) -> Any:
         """The ``get_ipython()`` builtin of the cells."""
         return self.ipython()
 
+    #: Set while ishell is being loaded in the background (see install_module).
+    _ishell_ready: threading.Event | None = None
+
     def install_module(self, name: str, source: str) -> None:
-        """Load a stdlib-only guest module the host sent as source (``tierkernel_NAME``)."""
+        """Load a stdlib-only guest module the host sent as source (``tierkernel_NAME``).
+
+        ishell is compiled in the thread that then imports IPython: neither is on the way
+        to the first cell (compiling it alone takes milliseconds)."""
+        if name == "ishell":
+            self._ishell_ready = threading.Event()
+            threading.Thread(target=self._load_ishell, args=(source,), daemon=True,
+                             name="ipython-import").start()
+            return
+        self._load_module(name, source)
+
+    def _load_module(self, name: str, source: str) -> Any:
         module = types.ModuleType(f"tierkernel_{name}")
         exec(compile(source, f"<tierkernel {name}>", "exec"), module.__dict__)
         sys.modules[module.__name__] = module
-        if name == "ishell":
-            self.use_ishell(module, background=True)
+        return module
+
+    def _load_ishell(self, source: str) -> None:
+        assert self._ishell_ready is not None
+        try:
+            module = self._load_module("ishell", source)
+            loader = module.ShellLoader(self, self.tier, self.has_processes)
+            loader.claim_import()  # before anyone sees the loader: none imports beside it
+            self.ishell = module
+            self.glue_globals.add(id(module.__dict__))
+            self.shell_loader = loader
+        except Exception as exc:  # cells still run; IPython syntax is a SyntaxError
+            self.channel.send({"type": "protocol_error",
+                               "detail": f"could not install IPython support: {exc!r}"})
+            return
+        finally:
+            self._ishell_ready.set()
+        loader.run_import()
+
+    def _ipython_pending(self) -> bool:
+        """Whether IPython support is still being loaded or imported in the background."""
+        ready = self._ishell_ready
+        if ready is not None and not ready.is_set():
+            return True
+        loader = self.shell_loader
+        return loader is not None and bool(loader.importing())
 
     def cell_of_caller(self) -> str | None:
         """The id of the cell whose code started the calling thread (the running cell's for
@@ -635,9 +679,11 @@ class Agent:
             self.channel.send(done)
 
     def _run(self, code: str, filename: str, first_line: int) -> bool:
-        loader = self.shell_loader
-        if loader is not None and "import" in code and loader.importing():
-            loader.wait_import()  # see ShellLoader.wait_import: at most once, after start
+        if "import" in code and self._ipython_pending():
+            if self._ishell_ready is not None:
+                self._ishell_ready.wait()
+            if self.shell_loader is not None:
+                self.shell_loader.wait_import()  # see there: at most once, after start
         prefix = "\n" * (first_line - 1)
         source = prefix + code
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)

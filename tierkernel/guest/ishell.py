@@ -89,6 +89,14 @@ class ShellLoader:
                                             name="ipython-import")
             self._thread.start()
 
+    def claim_import(self) -> None:
+        """Say that the calling thread imports IPython (then call :meth:`run_import`)."""
+        self._thread = threading.current_thread()
+
+    def run_import(self) -> None:
+        """Import IPython in the calling thread (the one that claimed the import)."""
+        self._import()
+
     def _import(self) -> None:
         background = threading.current_thread() is not threading.main_thread()
         try:
