@@ -93,12 +93,16 @@ def test_matplotlib_inline_and_retina_figures(tier: Tier):
 
 def test_writefile_writes_to_the_tier_s_working_folder(tier: Tier):
     out = tier.ok("%%writefile ipy_notes.txt\nfirst line\nsecond line\n")
-    assert "ipy_notes.txt" in out.stdout
-    assert tier.ok("open('ipy_notes.txt').read()").result["text/plain"] == \
-        "'first line\\nsecond line\\n'"
-    if tier.name != "process":  # its working folder is not the fsx workspace (yet)
-        native = tier.kernel.run("fs.read_file('/ipy_notes.txt')")
-        assert native.result["text/plain"] == "'first line\\nsecond line\\n'", native.outputs
+    try:
+        assert "ipy_notes.txt" in out.stdout
+        assert tier.ok("open('ipy_notes.txt').read()").result["text/plain"] == \
+            "'first line\\nsecond line\\n'"
+        if tier.name != "process":  # its working folder is not the fsx workspace (yet)
+            native = tier.kernel.run("fs.read_file('/ipy_notes.txt')")
+            assert native.result["text/plain"] == "'first line\\nsecond line\\n'", \
+                native.outputs
+    finally:
+        tier.ok("import os\nos.remove('ipy_notes.txt')")
 
 
 def test_capture_captures_print_and_display(tier: Tier):
@@ -136,7 +140,10 @@ def test_shell_lines_and_ls(tier: Tier):
     cells = ["%ls", "%%bash\necho from bash", "!echo bang", "listing = !echo out\nlisting"]
     if tier.processes:
         tier.ok("open('ls_marker.txt', 'w').close()")
-        assert "ls_marker.txt" in tier.ok("%ls").stdout
+        try:
+            assert "ls_marker.txt" in tier.ok("%ls").stdout
+        finally:
+            tier.ok("import os\nos.remove('ls_marker.txt')")
         assert tier.ok("%%bash\necho from bash").stdout == "from bash\n"
         assert tier.ok("!echo bang").stdout == "bang\n"
         assert tier.ok("listing = !echo out\nlisting").result["text/plain"] == "['out']"
