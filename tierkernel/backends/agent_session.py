@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 HELPERS_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "helpers.py"
 #: The guest's inotify watch of its workspace, sent as source by install_watch().
 TREE_WATCH_SOURCE = HELPERS_SOURCE.with_name("tree_watch.py")
+#: Guest modules sent as source with the helpers (``install_module``): IPython's glue.
+GUEST_MODULES = ("ishell",)
 
 
 class AgentTransport(Protocol):
@@ -281,6 +283,15 @@ class AgentSession:
         source = HELPERS_SOURCE.read_text(encoding="utf-8")
         self.transport.send((json.dumps({"type": "install_helpers", "source": source})
                              + "\n").encode())
+        for name in GUEST_MODULES:
+            self.install_module(name)
+
+    def install_module(self, name: str) -> None:
+        """Send the agent the stdlib-only guest module ``tierkernel/guest/NAME.py`` as source
+        (the process and sandbox agents have no folder of tierkernel's to import from)."""
+        source = HELPERS_SOURCE.with_name(f"{name}.py").read_text(encoding="utf-8")
+        self.transport.send((json.dumps({"type": "install_module", "name": name,
+                                         "source": source}) + "\n").encode())
 
     def install_watch(self) -> None:
         """Let the agent watch its workspace folder with inotify instead of walking it
@@ -415,6 +426,7 @@ class AgentSession:
             "code": request.body,
             "filename": request.filename,
             "first_line": request.first_line,
+            "execution_count": request.execution_count,
         }
         if self.usage_probe is not None:
             try:

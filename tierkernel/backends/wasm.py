@@ -24,7 +24,7 @@ from typing import Any
 from traitlets import Bool, List, Unicode, default
 
 import tierkernel.guest
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends import wasm_runtime, wasm_site
 from tierkernel.backends.agent_session import AgentSession, ChannelLimits
 from tierkernel.backends.base import (
     Availability,
@@ -262,6 +262,10 @@ class WasmBackend(ChannelLimits, Backend):
             Grant(str(Path(tierkernel.guest.__file__).parent), GUEST_DIR),
             Grant(str(self._private_dir("tmp")), "/tmp", writable=True),
         ]
+        # IPython, fsspec and their pure-Python company, read-only (copied once per versions).
+        site = wasm_site.site_folder(cache)
+        if site is not None:
+            grants.append(Grant(str(site), wasm_site.GUEST_SITE))
         mounts = []
         try:
             workspace = current_workspace()
@@ -286,7 +290,8 @@ class WasmBackend(ChannelLimits, Backend):
                          # messages and helper calls as it reads them.
                          tool_calls=self.message_limit + self.helper_limit + 16,
                          cache=str(cache)),
-            {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload)},
+            {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload),
+             "site": wasm_site.GUEST_SITE if site is not None else None},
         )
         agent = AgentSession(
             transport,

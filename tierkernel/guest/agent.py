@@ -8,8 +8,9 @@ cell's own fd 1 and 2 are redirected into pipes so that C extensions and ``!cmd`
 are captured too). In the sandbox tier both directions use one unix socket of the host's
 instead (see SOCKET_ENV).
 
-host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
+host -> agent: {"type": "execute", "id", "code", "filename", "first_line", "execution_count"}
                {"type": "install_helpers", "source"} | {"type": "watch_reset"}
+               {"type": "install_module", "name", "source"} (a guest module, e.g. ishell.py)
                {"type": "install_watch", "source"} (tree_watch.py, for WATCH_ENV's folder)
                {"type": "procs"} | {"type": "shutdown"}
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
@@ -55,10 +56,13 @@ import types
 # there) are not imported; the finders below need only the protocol's methods.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 MPL_BACKEND_MODULE = "_tierkernel_inline"
 MARKER_PREFIX = "\x00tierkernel-drain-"
+#: The flag of a code object that must be awaited (inspect.CO_COROUTINE, not imported here).
+CO_COROUTINE = 0x80
 
 # The inline matplotlib backend: Agg rendering, and show() hands each figure to the cell's
 # output as PNG right away (like IPython's inline backend).
@@ -237,9 +241,120 @@ class Agent:
         #: (see _track_mmaps), and whether this process's maps must be read instead.
         self._live_maps: Any = ()
         self._read_own_maps = False
+        #: Line magics the agent provides itself; registered into the IPython shell when it
+        #: is made (they win over IPython's of the same name).
+        self.line_magics: dict[str, Callable[[str], object]] = {}
+        #: IPython's In and Out, kept for every cell whether or not IPython is loaded, indexed
+        #: by the kernel's execution count (see _store_input/_store_output).
+        self.history_in: list[str] = [""]
+        self.history_out: dict[int, Any] = {}
+        self.execution_count = 0
+        self._last_input = ""
+        #: Names the agent defines in the namespace (hidden from %who).
+        self.hidden_names: set[str] = {"In", "Out"}
+        #: Where the frames of the glue between a cell and IPython's magics live (set when
+        #: the shell is made); tracebacks leave them out.
+        self.hidden_frames: tuple[str, ...] = ()
+        #: The globals of the agent's own modules (this one, the helpers, ishell): their
+        #: frames are left out of tracebacks too (by identity: the sandbox's agent source
+        #: has no file name of its own).
+        self.glue_globals: set[int] = {id(globals())}
+        self.mpl_backend = MPL_BACKEND_MODULE
+        #: The guest module ishell (sent by the host) and its ShellLoader, once installed.
+        self.ishell: Any = None
+        self.shell_loader: Any = None
+        #: The event loop of cells with a top-level await, kept across cells.
+        self._loop: Any = None
+        self.seed_namespace()
         if hasattr(os, "register_at_fork"):  # absent where processes cannot fork (WASI)
             os.register_at_fork(after_in_child=self._after_fork_in_child)
         _tag_threads(self)
+
+    #: The tier's name, for messages (the sandbox agent watches a folder; see WATCH_ENV).
+    @property
+    def tier(self) -> str:
+        return "sandbox" if os.environ.get(WATCH_ENV) else "process"
+
+    #: Whether cells can start processes here (``!cmd``, ``%%bash``).
+    has_processes = True
+
+    def seed_namespace(self) -> None:
+        """Put IPython's In and Out in the cell namespace (the agent keeps them up to date)."""
+        self.namespace["In"] = self.history_in
+        self.namespace["Out"] = self.history_out
+
+    # -- IPython --------------------------------------------------------------------------
+    def use_ishell(self, module: Any, background: bool) -> None:
+        """Use the guest module ishell for IPython syntax; ``background``: start importing
+        IPython in a thread now, so the first magic cell rarely waits for it."""
+        loader = module.ShellLoader(self, self.tier, self.has_processes)
+        if background:
+            loader.start_import()
+        self.ishell = module
+        self.glue_globals.add(id(module.__dict__))
+        self.shell_loader = loader
+
+    def ipython(self, wait: bool = True) -> Any:
+        """The agent's IPython ``InteractiveShell`` (made once; its user namespace is the
+        agent's), or None when IPython cannot be imported in this guest. ``wait`` false:
+        None rather than waiting while IPython is still being imported."""
+        loader = self.shell_loader
+        if loader is None and self._ishell_ready is not None:
+            if not wait:
+                return None
+            self._ishell_ready.wait()
+            loader = self.shell_loader
+        return None if loader is None else loader.get(wait)
+
+    def get_ipython(self) -> Any:
+        """The ``get_ipython()`` builtin of the cells."""
+        return self.ipython()
+
+    #: Set while ishell is being loaded in the background (see install_module).
+    _ishell_ready: threading.Event | None = None
+
+    def install_module(self, name: str, source: str) -> None:
+        """Load a stdlib-only guest module the host sent as source (``tierkernel_NAME``).
+
+        ishell is compiled in the thread that then imports IPython: neither is on the way
+        to the first cell (compiling it alone takes milliseconds)."""
+        if name == "ishell":
+            self._ishell_ready = threading.Event()
+            threading.Thread(target=self._load_ishell, args=(source,), daemon=True,
+                             name="ipython-import").start()
+            return
+        self._load_module(name, source)
+
+    def _load_module(self, name: str, source: str) -> Any:
+        module = types.ModuleType(f"tierkernel_{name}")
+        exec(compile(source, f"<tierkernel {name}>", "exec"), module.__dict__)
+        sys.modules[module.__name__] = module
+        return module
+
+    def _load_ishell(self, source: str) -> None:
+        assert self._ishell_ready is not None
+        try:
+            module = self._load_module("ishell", source)
+            loader = module.ShellLoader(self, self.tier, self.has_processes)
+            loader.claim_import()  # before anyone sees the loader: none imports beside it
+            self.ishell = module
+            self.glue_globals.add(id(module.__dict__))
+            self.shell_loader = loader
+        except Exception as exc:  # cells still run; IPython syntax is a SyntaxError
+            self.channel.send({"type": "protocol_error",
+                               "detail": f"could not install IPython support: {exc!r}"})
+            return
+        finally:
+            self._ishell_ready.set()
+        loader.run_import()
+
+    def _ipython_pending(self) -> bool:
+        """Whether IPython support is still being loaded or imported in the background."""
+        ready = self._ishell_ready
+        if ready is not None and not ready.is_set():
+            return True
+        loader = self.shell_loader
+        return loader is not None and bool(loader.importing())
 
     def cell_of_caller(self) -> str | None:
         """The id of the cell whose code started the calling thread (the running cell's for
@@ -273,16 +388,33 @@ class Agent:
                                "text": text[start:start + (1 << 20)]})
 
     def display(self, *objs: Any, **kwargs: Any) -> None:
-        """The ``display()`` builtin of a cell: each object as a rich output."""
+        """The ``display()`` builtin of a cell: each object as a rich output (through the
+        IPython shell's display publisher once there is a shell, so ``%%capture`` sees it)."""
         self._flush_text()
+        shell = self.shell_loader.shell if self.shell_loader is not None else None
         for obj in objs:
             data, metadata = mime_bundle(obj, raw=bool(kwargs.get("raw")))
-            self.channel.send(
-                {"type": "display", "id": self.cell_id, "data": data, "metadata": metadata}
-            )
+            if shell is not None:
+                shell.display_pub.publish(data=data, metadata=metadata)
+            else:
+                self.send_display(data, metadata)
+
+    def send_display(self, data: Any, metadata: Any, **kwargs: Any) -> None:
+        """Send one rich output to the notebook."""
+        self._flush_text()
+        self.channel.send({"type": "display", "id": self.cell_id, "data": data,
+                           "metadata": metadata})
 
     def clear_output(self, wait: bool = False) -> None:
         """The ``clear_output()`` builtin of a cell."""
+        shell = self.shell_loader.shell if self.shell_loader is not None else None
+        if shell is not None:
+            shell.display_pub.clear_output(wait)
+        else:
+            self.send_clear_output(wait)
+
+    def send_clear_output(self, wait: bool = False) -> None:
+        """Clear the cell's output in the notebook."""
         self._flush_text()
         self.channel.send({"type": "clear_output", "id": self.cell_id, "wait": bool(wait)})
 
@@ -291,24 +423,38 @@ class Agent:
         pyplot = sys.modules.get("matplotlib.pyplot")
         if pyplot is None:
             return
+        # %config InlineBackend.figure_format (png, retina, svg, jpeg), when it was set.
+        fmt, options = self.ishell.figure_format() if self.ishell is not None else ("png", {})
         for num in list(pyplot.get_fignums()):
             fig = pyplot.figure(num)
             buf = io.BytesIO()
+            kwargs = {"bbox_inches": "tight", **options}
+            if fmt == "retina":
+                kwargs["dpi"] = 2 * fig.dpi
             try:
-                fig.savefig(buf, format="png", bbox_inches="tight")
+                fig.savefig(buf, format={"retina": "png"}.get(fmt, fmt), **kwargs)
             except Exception as exc:  # a broken figure must not lose the cell's other output
                 self.stderr.write(f"could not render figure {num}: {exc}\n")
                 continue
             finally:
                 pyplot.close(fig)
             width, height = fig.get_size_inches() * fig.dpi
+            data = buf.getvalue()
+            mime = {"svg": "image/svg+xml", "jpeg": "image/jpeg"}.get(fmt, "image/png")
+            metadata: dict[str, Any] = {}
+            if fmt == "retina" and data[12:16] == b"IHDR":
+                # Shown at half its pixel size, as IPython's retina figures are.
+                metadata = {mime: {"width": int.from_bytes(data[16:20], "big") // 2,
+                                   "height": int.from_bytes(data[20:24], "big") // 2}}
             self.display(
                 _RawBundle(
                     {
-                        "image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
+                        mime: data.decode("utf-8") if fmt == "svg"
+                        else base64.b64encode(data).decode("ascii"),
                         "text/plain": f"<Figure size {width:g}x{height:g} with "
                         f"{len(fig.axes)} Axes>",
-                    }
+                    },
+                    metadata,
                 )
             )
 
@@ -327,7 +473,10 @@ class Agent:
         module = types.ModuleType("tierkernel_helpers")
         exec(compile(source, "<tierkernel helpers>", "exec"), module.__dict__)
         sys.modules["tierkernel_helpers"] = module
+        before = set(self.namespace)
         module.install(self.namespace, self.call_host)
+        self.hidden_names |= set(self.namespace) - before
+        self.glue_globals.add(id(module.__dict__))
 
     def call_host(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one helper request to the host and wait for its answer (a cell's thread).
@@ -490,6 +639,9 @@ class Agent:
         code = str(msg.get("code", ""))
         filename = str(msg.get("filename", "<cell>"))
         first_line = int(msg.get("first_line", 1))
+        # The kernel's count of the cell (In[N], Out[N], _N); an older host sends none.
+        count = msg.get("execution_count")
+        self.execution_count = count if isinstance(count, int) else self.execution_count + 1
         success = True
         watched = os.environ.get(WATCH_ENV)
         before = self.tree_mark(maps=False)
@@ -527,13 +679,43 @@ class Agent:
             self.channel.send(done)
 
     def _run(self, code: str, filename: str, first_line: int) -> bool:
-        source = "\n" * (first_line - 1) + shell_escapes(code)
+        if "import" in code and self._ipython_pending():
+            if self._ishell_ready is not None:
+                self._ishell_ready.wait()
+            if self.shell_loader is not None:
+                self.shell_loader.wait_import()  # see there: at most once, after start
+        prefix = "\n" * (first_line - 1)
+        source = prefix + code
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         try:
             tree = ast.parse(source, filename, "exec")
         except SyntaxError as exc:
-            self._report(type(exc), exc, None, filename)
-            return False
+            # Not Python: IPython syntax (a magic, !cmd, obj?) becomes Python through the
+            # shell's input transformer; without IPython, !cmd lines still run.
+            python = self._ipython_source(code)
+            try:
+                if python is None:
+                    python = shell_escapes(code)
+                    if python == code:
+                        raise exc
+                tree = ast.parse(prefix + python, filename, "exec")
+            except SyntaxError as bad:
+                shown = bad
+                loader = self.shell_loader
+                if loader is not None and loader.problem and self.ishell.looks_like_ipython(code):
+                    shown = SyntaxError(loader.missing())
+                self._store_input(code, code)
+                self._report(type(shown), shown, None, filename)
+                return False
+            source = prefix + python
+        else:
+            python = code
+        self._store_input(code, python)
+        shell = self.shell_loader.shell if self.shell_loader is not None else None
+        if shell is None and "IPython" in code and self.shell_loader is not None:
+            # IPython.display.display() and friends publish through the shell only once one
+            # exists: a cell that names IPython gets it first.
+            shell = self.ipython()
         last_expr = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             node = tree.body.pop()
@@ -542,14 +724,30 @@ class Agent:
                 last_expr = ast.Expression(node.value)
             else:  # as in IPython, a trailing ';' runs the expression but shows no value
                 tree.body.append(node)
+        info = None
+        if shell is not None:
+            shell.execution_count = self.execution_count
+            if shell.events.callbacks.get("pre_run_cell"):
+                info = self.ishell.execution_info(code)
+                self.ishell.run_events(shell, "pre_run_cell", info)
+        error: BaseException | None = None
         try:
             self.in_cell = True
-            exec(compile(tree, filename, "exec"), self.namespace)
+            # Top-level await: such a cell compiles to a coroutine, run on the agent's loop.
+            compiled = compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            if compiled.co_flags & CO_COROUTINE:
+                self._await(eval(compiled, self.namespace))
+            else:
+                exec(compiled, self.namespace)
             if last_expr is not None:
-                value = eval(compile(last_expr, filename, "eval"), self.namespace)
+                compiled = compile(last_expr, filename, "eval",
+                                   flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+                value = eval(compiled, self.namespace)
+                if compiled.co_flags & CO_COROUTINE:
+                    value = self._await(value)
                 self.in_cell = False
                 if value is not None:
-                    self.namespace["_"] = value
+                    self._store_output(value)
                     self._flush_text()
                     data, metadata = mime_bundle(value)
                     self.channel.send(
@@ -557,17 +755,80 @@ class Agent:
                     )
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the cell's errors too
             self.in_cell = False
+            error = exc
             self._report(type(exc), exc, exc.__traceback__, filename)
             return False
         finally:
             self.in_cell = False
+            if info is not None or (shell is not None
+                                    and shell.events.callbacks.get("post_run_cell")):
+                with contextlib.suppress(Exception):
+                    info = info or self.ishell.execution_info(code)
+                    self.ishell.run_events(shell, "post_run_cell",
+                                           self.ishell.execution_result(info, error))
         return True
+
+    def _ipython_source(self, code: str) -> str | None:
+        """The cell transformed by IPython into Python, or None where there is no IPython."""
+        shell = self.ipython()
+        if shell is None:
+            return None
+        return str(self.ishell.transform(shell, code))
+
+    def _await(self, coroutine: Any) -> Any:
+        """Run a cell's top-level ``await`` on the agent's event loop (kept across cells)."""
+        loop = self._loop
+        if loop is None:
+            try:
+                import asyncio
+
+                loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(loop)
+            except Exception as exc:
+                coroutine.close()
+                raise RuntimeError(
+                    f"top-level await needs an asyncio event loop, which the {self.tier} tier "
+                    f"cannot make ({type(exc).__name__}: {exc}); run the cell in %%tier "
+                    "process, sandbox or native") from None
+            self._loop = loop
+        return loop.run_until_complete(coroutine)
+
+    def _store_input(self, raw: str, python: str) -> None:
+        """IPython's input history for the running cell: In[N], _iN, _i, _ii, _iii."""
+        count, history, ns = self.execution_count, self.history_in, self.namespace
+        while len(history) <= count:
+            history.append("")
+        history[count] = python
+        ns["_iii"], ns["_ii"], ns["_i"] = ns.get("_ii", ""), ns.get("_i", ""), self._last_input
+        ns[f"_i{count}"] = raw
+        self._last_input = raw
+
+    def _store_output(self, value: Any) -> None:
+        """IPython's output history for the cell's value: Out[N], _N, _, __, ___."""
+        count, ns = self.execution_count, self.namespace
+        self.history_out[count] = value
+        ns["___"], ns["__"], ns["_"] = ns.get("__", ""), ns.get("_", ""), value
+        ns[f"_{count}"] = value
 
     def _report(self, etype: type[BaseException], exc: BaseException, tb: Any, fn: str) -> None:
         # Drop the agent's own frames: the user sees their cell's lines, as in IPython.
         while tb is not None and tb.tb_frame.f_code.co_filename != fn:
             tb = tb.tb_next
-        lines = traceback.format_exception(etype, exc, tb)
+        if self.ishell is not None and self.ishell.is_usage_error(exc):
+            lines = [f"UsageError: {exc}"]  # as IPython shows it: the message alone
+        else:
+            # Nor the glue between the cell and what it called: the agent's own modules (a
+            # helper call, a !cmd) and IPython's between a cell and a magic.
+            report = traceback.TracebackException(etype, exc, tb)
+            keep = [id(frame.f_globals) not in self.glue_globals
+                    and not frame.f_code.co_filename.startswith(self.hidden_frames)
+                    for frame, _ in traceback.walk_tb(tb)]
+            if not all(keep) and len(keep) == len(report.stack):
+                import itertools
+
+                report.stack = traceback.StackSummary.from_list(
+                    list(itertools.compress(report.stack, keep)))
+            lines = list(report.format())
         self._flush_text()
         self.channel.send(
             {
@@ -752,11 +1013,12 @@ def _unread(fd: int) -> int:
 class _RawBundle:
     """An already-built mime bundle passed to ``display``."""
 
-    def __init__(self, data: dict[str, Any]) -> None:
+    def __init__(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         self.data = data
+        self.metadata = metadata or {}
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        return self.data
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return (self.data, self.metadata) if self.metadata else self.data
 
 
 _REPR_METHODS = {
@@ -1186,6 +1448,7 @@ def main() -> None:
     builtins.display = agent.display  # type: ignore[attr-defined]
     builtins.clear_output = agent.clear_output  # type: ignore[attr-defined]
     builtins.__tierkernel_agent__ = agent  # type: ignore[attr-defined]
+    builtins.get_ipython = agent.get_ipython  # type: ignore[attr-defined]
     agent.system = system  # type: ignore[attr-defined]
     signal.signal(signal.SIGINT, agent.sigint)
     agent.requests = stdin
@@ -1216,6 +1479,12 @@ def main() -> None:
             except Exception as exc:  # cells still run; only the helpers are missing
                 channel.send({"type": "protocol_error",
                               "detail": f"could not install ai/api/db/console: {exc!r}"})
+        elif kind == "install_module":
+            try:
+                agent.install_module(str(msg.get("name", "")), str(msg.get("source", "")))
+            except Exception as exc:  # cells still run; IPython syntax says it is missing
+                channel.send({"type": "protocol_error",
+                              "detail": f"could not install {msg.get('name')!r}: {exc!r}"})
         elif kind == "install_watch":
             try:
                 agent.install_watch(str(msg.get("source", "")))

@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tierkernel.guest import agent as _agent
     from tierkernel.guest import helpers as _helpers
+    from tierkernel.guest import ishell as _ishell
 else:  # in the guest this folder is on sys.path as itself (see wasm_transport.GUEST_DIR)
     import agent as _agent
     import helpers as _helpers
+    import ishell as _ishell
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
 AGENT: WasmAgent | None = None
@@ -101,11 +103,18 @@ class WasmAgent(_agent.Agent):
         self.stderr = FdStream(self, "stderr")
         # The cell's globals are __main__'s, so pickle and dataclasses find user classes.
         self.namespace = sys.modules["__main__"].__dict__
+        self.seed_namespace()
+        self.glue_globals |= {id(globals()), id(vars(_helpers))}
         self.memory_hint = memory_hint
         #: What fds 1 and 2 are when the session starts: the host's output streams.
         self._fd_marks = {fd: _fd_mark(fd) for fd in (1, 2)}
         #: Those of fds 1 and 2 that are no longer the host's streams (see FdStream).
         self.lost_fds: set[int] = set()
+
+    #: The tier's name, for messages.
+    tier = "wasm"
+    #: A WebAssembly guest cannot start processes.
+    has_processes = False
 
     def _drain_fds(self) -> None:
         """Nothing to drain: fds 1 and 2 are the host's streams already."""
@@ -137,6 +146,14 @@ class WasmAgent(_agent.Agent):
             f"cannot run shell command {command!r}: the wasm tier has no processes; "
             "run it in a %%tier sandbox cell (a container) or a %%tier native cell",
         )
+
+    def _await(self, coroutine: Any) -> Any:
+        """Top-level ``await``: the guest's asyncio cannot make an event loop (WASI has no
+        socketpair), so say so instead of failing half-way through making one."""
+        coroutine.close()
+        raise RuntimeError("top-level await needs an asyncio event loop, which the wasm tier "
+                           "does not have (WASI has no sockets); run the cell in %%tier "
+                           "process, sandbox or native")
 
     def execute_json(self, text: str) -> None:
         """Run one ``execute`` request (the host's JSON line)."""
@@ -178,10 +195,20 @@ def boot(config_json: str) -> None:
     builtins.display = agent.display  # type: ignore[attr-defined]
     builtins.clear_output = agent.clear_output  # type: ignore[attr-defined]
     builtins.__tierkernel_agent__ = agent  # type: ignore[attr-defined]
+    builtins.get_ipython = agent.get_ipython  # type: ignore[attr-defined]
     AGENT = agent
     # ai/api/db/console: each call goes to the host through the tool ``tk_helper``.
     tk_helper = channel.tools.tk_helper
+    before = set(agent.namespace)
     _helpers.install(agent.namespace, lambda request: tk_helper(request=request))
+    agent.hidden_names |= set(agent.namespace) - before
+    # IPython and the pure-Python packages beside it (a read-only mount of the host's copies,
+    # see wasm_site), after the guest's own packages so its numpy and the like win. No
+    # threads here: IPython is imported when a cell first needs it.
+    site = config.get("site")
+    if site and site not in sys.path:
+        sys.path.append(site)
+    agent.use_ishell(_ishell, background=False)
     for name in config.get("preload", []):
         try:
             __import__(name)
