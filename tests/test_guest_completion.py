@@ -169,6 +169,21 @@ def test_a_hostile_answer_is_capped_and_the_next_cell_works(tk: tuple[KernelSess
     assert "only_here_xyz" in str(complete(kernel, t + "only_h")["matches"])
 
 
+def test_completing_changes_nothing_the_next_cell_sees(tk: tuple[KernelSession, str]):
+    """Answering (with IPython, where the tier has it) leaves the cell's namespace, display()
+    and exit() as they were."""
+    kernel, tier = tk
+    t = f"%%tier {tier}\n"
+    before = kernel.run(t + "sorted(globals())").result["text/plain"]
+    assert "only_here_xyz" in str(complete(kernel, t + "only_h")["matches"])
+    assert inspect(kernel, t + "guest_fn")["found"] is True
+    assert kernel.run(t + "sorted(globals())").result["text/plain"] == before
+    out = kernel.run(t + "class H:\n    def _repr_html_(self): return '<b>h</b>'\n"
+                     "display(H())")
+    assert [o.content["data"].get("text/html") for o in out.of_type("display_data")] \
+        == ["<b>h</b>"]
+
+
 def test_completion_while_a_tier_cell_runs_keeps_the_cell_intact(
         tk: tuple[KernelSession, str]):
     kernel, tier = tk

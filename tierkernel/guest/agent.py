@@ -665,7 +665,14 @@ class Agent:
                 config = Config()
                 config.HistoryManager.enabled = False
                 config.IPCompleter.use_jedi = False
-                shell = InteractiveShell.instance(config=config, user_ns=self.namespace)
+                # Made for its completer and inspector only: what making it changes for the
+                # cells (builtins.display, exit/quit, In/Out, __main__, the hooks) is put back.
+                saved = (dict(vars(builtins)), set(self.namespace), sys.modules.get("__main__"),
+                         sys.displayhook, sys.excepthook)
+                try:
+                    shell = InteractiveShell.instance(config=config, user_ns=self.namespace)
+                finally:
+                    _put_back(self.namespace, *saved)
             except Exception:  # no IPython here: the standard library's answers instead
                 shell = False
             self._shell = shell
@@ -1202,6 +1209,21 @@ def _query_deadline(budget: float) -> Any:
         signal.signal(signal.SIGALRM, previous)
         if pending[0] > 0:  # a cell's alarm: it goes on, a little later than it would have
             signal.setitimer(signal.ITIMER_REAL, pending[0], pending[1])
+
+
+def _put_back(namespace: dict[str, Any], built: dict[str, Any], names: set[str], main: Any,
+              displayhook: Any, excepthook: Any) -> None:
+    """Undo what making an IPython shell did to the interpreter's globals (see Agent.ipython)."""
+    for name in set(vars(builtins)) - set(built):
+        delattr(builtins, name)
+    for name, value in built.items():
+        if vars(builtins).get(name) is not value:
+            setattr(builtins, name, value)
+    for name in set(namespace) - names:
+        del namespace[name]
+    if main is not None:
+        sys.modules["__main__"] = main
+    sys.displayhook, sys.excepthook = displayhook, excepthook
 
 
 def answer_query(agent: Agent, msg: dict[str, Any]) -> dict[str, Any]:
