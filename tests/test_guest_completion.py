@@ -83,6 +83,7 @@ def test_a_name_of_the_tier_completes_and_a_native_one_does_not(tk: tuple[Kernel
     assert f"%%tier {tier}\nonly_here_xyz" in applied(code, complete(kernel, code))
     code = f"%%tier {tier}\nnative_only_a"
     assert complete(kernel, code)["matches"] == []
+    assert complete(kernel, "%%tier nosuch\nnative_only_a")["matches"] == []
     # The kernel's own cells keep the kernel's own names.
     assert complete(kernel, "native_only_a")["matches"] == ["native_only_abc"]
     assert complete(kernel, "only_here_x")["matches"] == []
@@ -167,6 +168,20 @@ def test_a_hostile_answer_is_capped_and_the_next_cell_works(tk: tuple[KernelSess
     finally:
         kernel.run(t + f"del {agent}.answer_query")
     assert "only_here_xyz" in str(complete(kernel, t + "only_h")["matches"])
+
+
+def test_an_object_with_a_huge_dir_still_completes(tk: tuple[KernelSession, str]):
+    """60,000 attribute names (1.6 MB of matches, over the host's 1 MiB reply cap): the guest
+    sends the first ones only, so the user gets matches rather than none."""
+    kernel, tier = tk
+    t = f"%%tier {tier}\n"
+    out = kernel.run(t + "class Big:\n    def __dir__(self):\n"
+                     "        return ['a_rather_long_attribute_%d' % i for i in range(60000)]\n"
+                     "big = Big()")
+    assert out.status == "ok", out.outputs
+    matches = complete(kernel, t + "big.a")["matches"]
+    assert 0 < len(matches) <= 1000
+    assert all("a_rather_long_attribute_" in m for m in matches)
 
 
 def test_completing_changes_nothing_the_next_cell_sees(tk: tuple[KernelSession, str]):
@@ -265,7 +280,8 @@ def test_the_tier_line_is_taken_off_and_the_cursor_moved():
     router: Any = _Router()
     code = "\n%%tier process --timeout 5\nx = 1\nab"
     request = guest_request(router, code, len(code))
-    assert request is not None and request.backend.name == "process"
+    assert request is not None and request.backend is not None
+    assert request.backend.name == "process"
     assert request.code == "x = 1\nab" and request.cursor == len("x = 1\nab")
     assert code[request.offset:] == request.code
     assert guest_request(router, code, 5) is None  # on the magic line
@@ -273,6 +289,8 @@ def test_the_tier_line_is_taken_off_and_the_cursor_moved():
     assert guest_request(router, "%%tier native\nab", 16) is None
     assert guest_request(router, "%tier process\nab", 16) is None  # a control cell
     assert guest_request(router, "%%tier 'process\nab", 17) is None  # unreadable line
+    request = guest_request(router, "%%tier nosuch\nab", 16)  # no such tier: nobody asked
+    assert request is not None and request.backend is None
     router.default = "process"
     request = guest_request(router, "ab", None)
     assert request is not None and (request.code, request.cursor, request.offset) == ("ab", 2, 0)

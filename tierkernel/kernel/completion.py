@@ -36,9 +36,10 @@ WINDOW_AFTER = 1024
 @dataclass(frozen=True)
 class GuestRequest:
     """The part of a cell a tier is asked about: ``code`` starts at ``offset`` in the cell,
-    and ``cursor`` is the cursor's position in ``code``."""
+    and ``cursor`` is the cursor's position in ``code``. No ``backend``: the cell names a tier
+    this kernel does not have, so nobody is asked (and the kernel's names are no answer)."""
 
-    backend: Backend
+    backend: Backend | None
     code: str
     cursor: int
     offset: int
@@ -66,7 +67,7 @@ def guest_request(router: TierRouter, code: str, cursor_pos: int | None) -> Gues
         if cursor_pos < start:
             return None  # on the %%tier line: IPython completes the magic and tier names
     backend = router.backends.get(directive.tier or router.default)
-    if backend is None or backend.in_kernel:
+    if backend is not None and backend.in_kernel:
         return None
     cursor = cursor_pos - start
     body = code[start:]
@@ -87,13 +88,14 @@ async def complete(request: GuestRequest, running: set[str], timeout: float,
     """The complete_reply content for ``request``: the tier's matches, or none."""
     empty: dict[str, Any] = {"matches": [], "cursor_start": cursor_pos,
                              "cursor_end": cursor_pos, "metadata": {}, "status": "ok"}
-    if request.backend.name in running:
+    backend = request.backend
+    if backend is None or backend.name in running:
         return empty
     try:
         answer = await asyncio.wait_for(
-            request.backend.complete(request.code, request.cursor, timeout), timeout)
+            backend.complete(request.code, request.cursor, timeout), timeout)
     except Exception:  # a tier's failure (or its timeout) is no answer, never a broken reply
-        log.debug("completion in tier %r failed", request.backend.name, exc_info=True)
+        log.debug("completion in tier %r failed", backend.name, exc_info=True)
         return empty
     if answer is None:
         return empty
@@ -107,14 +109,14 @@ async def inspect(request: GuestRequest, running: set[str], timeout: float,
                   detail_level: int) -> dict[str, Any]:
     """The inspect_reply content for ``request``: the tier's help on the name, or not found."""
     empty: dict[str, Any] = {"status": "ok", "data": {}, "metadata": {}, "found": False}
-    if request.backend.name in running:
+    backend = request.backend
+    if backend is None or backend.name in running:
         return empty
     try:
         answer = await asyncio.wait_for(
-            request.backend.inspect(request.code, request.cursor, detail_level, timeout),
-            timeout)
+            backend.inspect(request.code, request.cursor, detail_level, timeout), timeout)
     except Exception:
-        log.debug("inspection in tier %r failed", request.backend.name, exc_info=True)
+        log.debug("inspection in tier %r failed", backend.name, exc_info=True)
         return empty
     if answer is None or not answer.found:
         return empty
