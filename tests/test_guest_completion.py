@@ -37,12 +37,18 @@ def _need(tier: str) -> None:
         sb.need_sandbox()
 
 
-@pytest.fixture(scope="module", params=["process", "wasm", "sandbox"])
+@pytest.fixture(scope="module", params=["process", "wasm", "sandbox", "sandbox-runsc"])
 def tk(request: pytest.FixtureRequest) -> Iterator[tuple[KernelSession, str]]:
-    """A kernel and the tier its completions are tested in (that tier started by a cell)."""
-    tier = request.param
+    """A kernel and the tier its completions are tested in (that tier started by a cell);
+    ``sandbox-runsc``: the sandbox tier under gVisor."""
+    tier, _, runtime = request.param.partition("-")
     _need(tier)
-    session = KernelSession(extra_arguments=[f"--TierKernel.completion_timeout={TIMEOUT}"])
+    args = [f"--TierKernel.completion_timeout={TIMEOUT}"]
+    if runtime:
+        if runtime not in sb.runtimes():
+            pytest.skip(f"the engine has no {runtime} runtime (it has {sb.runtimes()})")
+        args.append(f"--SandboxBackend.runtime={runtime}")
+    session = KernelSession(extra_arguments=args)
     try:
         out = session.run(f"%%tier {tier}\nonly_here_xyz = 41\n"
                           "class Thing:\n    only_attr_qq = 1\nthing = Thing()\n"
