@@ -107,12 +107,13 @@ class SandboxTierConformance(jkt.KernelTests):
     code_clear_output = "%%tier sandbox\nclear_output()"
     code_history_pattern = "%%tier sandbox\n6*7"
     supported_history_operations = ("tail", "range")
-    # Completion and inspection answered by the container's interpreter.
+    # Completion and inspection answered by the container's interpreter: its builtins
+    # have a name the kernel's have not.
     completion_samples = [
         {"text": "%%tier sandbox\nzi", "matches": {"zip"}},
-        {"text": "%%tier sandbox\nisinstanc", "matches": {"isinstance"}},
+        {"text": "%%tier sandbox\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
     ]
-    code_inspect_sample = "%%tier sandbox\nzip"
+    code_inspect_sample = "%%tier sandbox\n__tierkernel_agent__"
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -164,12 +165,13 @@ class WasmTierConformance(jkt.KernelTests):
     code_clear_output = "%%tier wasm\nclear_output()"
     code_history_pattern = "%%tier wasm\n6*7"
     supported_history_operations = ("tail", "range")
-    # Completion and inspection answered by the guest interpreter.
+    # Completion and inspection answered by the guest interpreter: its builtins
+    # have a name the kernel's have not.
     completion_samples = [
         {"text": "%%tier wasm\nzi", "matches": {"zip"}},
-        {"text": "%%tier wasm\nisinstanc", "matches": {"isinstance"}},
+        {"text": "%%tier wasm\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
     ]
-    code_inspect_sample = "%%tier wasm\nzip"
+    code_inspect_sample = "%%tier wasm\n__tierkernel_agent__"
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -196,8 +198,8 @@ class WasmDefaultConformance(jkt.KernelTests):
     code_history_pattern = "6*7"
     supported_history_operations = ("tail", "range")
     # Cells without %%tier complete from the default tier's interpreter.
-    completion_samples = [{"text": "zi", "matches": {"zip"}}]
-    code_inspect_sample = "zip"
+    completion_samples = [{"text": "__tierkernel_ag", "matches": {"__tierkernel_agent__"}}]
+    code_inspect_sample = "__tierkernel_agent__"
 
     @classmethod
     def setUpClass(cls) -> None:
