@@ -83,6 +83,16 @@ class ProcessTierConformance(jkt.KernelTests):
     code_clear_output = "%%tier process\nclear_output()"
     code_history_pattern = "%%tier process\n6*7"
     supported_history_operations = ("tail", "range")
+    completion_samples = [
+        {"text": "%%tier process\nzi", "matches": {"zip"}},
+        {"text": "%%tier process\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
+    ]
+    code_inspect_sample = "%%tier process\n__tierkernel_agent__"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        ready_to_complete(cls.kc, "process")
 
 
 class SandboxTierConformance(jkt.KernelTests):
