@@ -381,3 +381,23 @@ def test_answers_of_the_wrong_kind_or_seq_are_not_taken():
     session.wait_ready(5)
     answer = session.query({"type": "complete"}, "completed", 2)
     assert answer is not None and answer["matches"] == ["real"]
+
+
+def test_a_guest_answer_is_checked_field_by_field():
+    from tierkernel.backends.guest_query import completion_from, inspection_from
+
+    good = {"matches": ["ab", 3, "", "x" * 5000, "abc", "abd"], "cursor_start": 0,
+            "cursor_end": 2, "metadata": {"huge": "y" * 100}}
+    answer = completion_from(good, 2, limit=2)
+    assert answer is not None
+    assert (answer.matches, answer.cursor_start, answer.cursor_end, answer.metadata) \
+        == (["ab", "abc"], 0, 2, {})
+    for bad in ({**good, "cursor_end": 3}, {**good, "cursor_start": -1},
+                {**good, "cursor_start": True}, {**good, "matches": "ab"}, {}):
+        assert completion_from(bad, 2, limit=10) is None
+    found = inspection_from({"found": True, "data": {"text/plain": "doc", "text/html": 5,
+                                                     "nomime": "x", "text/x": ["a"]}})
+    assert found is not None and found.data == {"text/plain": "doc"}
+    for bad in ({"found": "yes", "data": {"text/plain": "doc"}}, {"found": True, "data": []},
+                {"found": True, "data": {"text/html": 1}}, None):
+        assert inspection_from(bad) is None
