@@ -5,7 +5,26 @@ Import the module, not the classes, or pytest would collect the base classes too
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import jupyter_kernel_test as jkt
+
+
+def ready_to_complete(kc: Any, tier: str) -> None:
+    """Run a cell in ``tier`` and wait until its interpreter answers completions: a tier
+    answers none before its first cell (it is never started just to complete), nor while its
+    interpreter makes its completer the first time (the user presses Tab again)."""
+    msg_id = kc.execute(f"%%tier {tier}\n1")
+    while kc.get_shell_msg(timeout=120)["parent_header"].get("msg_id") != msg_id:
+        pass
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        reply = kc.complete(f"%%tier {tier}\nzi", reply=True, timeout=30)
+        if reply["content"]["matches"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the {tier} tier answered no completion within 60 s")
 
 
 class NativeTierConformance(jkt.KernelTests):
@@ -64,6 +83,16 @@ class ProcessTierConformance(jkt.KernelTests):
     code_clear_output = "%%tier process\nclear_output()"
     code_history_pattern = "%%tier process\n6*7"
     supported_history_operations = ("tail", "range")
+    completion_samples = [
+        {"text": "%%tier process\nzi", "matches": {"zip"}},
+        {"text": "%%tier process\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
+    ]
+    code_inspect_sample = "%%tier process\n__tierkernel_agent__"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        ready_to_complete(cls.kc, "process")
 
 
 class SandboxTierConformance(jkt.KernelTests):
@@ -88,6 +117,13 @@ class SandboxTierConformance(jkt.KernelTests):
     code_clear_output = "%%tier sandbox\nclear_output()"
     code_history_pattern = "%%tier sandbox\n6*7"
     supported_history_operations = ("tail", "range")
+    # Completion and inspection answered by the container's interpreter: its builtins
+    # have a name the kernel's have not.
+    completion_samples = [
+        {"text": "%%tier sandbox\nzi", "matches": {"zip"}},
+        {"text": "%%tier sandbox\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
+    ]
+    code_inspect_sample = "%%tier sandbox\n__tierkernel_agent__"
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -95,6 +131,7 @@ class SandboxTierConformance(jkt.KernelTests):
 
         need_sandbox()
         super().setUpClass()
+        ready_to_complete(cls.kc, "sandbox")
 
 
 class ProcessDefaultConformance(jkt.KernelTests):
@@ -138,6 +175,18 @@ class WasmTierConformance(jkt.KernelTests):
     code_clear_output = "%%tier wasm\nclear_output()"
     code_history_pattern = "%%tier wasm\n6*7"
     supported_history_operations = ("tail", "range")
+    # Completion and inspection answered by the guest interpreter: its builtins
+    # have a name the kernel's have not.
+    completion_samples = [
+        {"text": "%%tier wasm\nzi", "matches": {"zip"}},
+        {"text": "%%tier wasm\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
+    ]
+    code_inspect_sample = "%%tier wasm\n__tierkernel_agent__"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        ready_to_complete(cls.kc, "wasm")
 
 
 class WasmDefaultConformance(jkt.KernelTests):
@@ -158,6 +207,14 @@ class WasmDefaultConformance(jkt.KernelTests):
     code_clear_output = "clear_output()"
     code_history_pattern = "6*7"
     supported_history_operations = ("tail", "range")
+    # Cells without %%tier complete from the default tier's interpreter.
+    completion_samples = [{"text": "__tierkernel_ag", "matches": {"__tierkernel_agent__"}}]
+    code_inspect_sample = "__tierkernel_agent__"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        ready_to_complete(cls.kc, "wasm")
 
 
 class Welcome(jkt.IopubWelcomeTests):

@@ -136,6 +136,17 @@ class ChannelLimits(Configurable):
         help="ai/api/db/console calls of one cell answered at the same time (each on a host "
         "thread); calls past it are refused at once, never queued.",
     ).tag(config=True)
+    completion_limit = Int(
+        1000, min=0,
+        help="Matches of one Tab completion taken from the tier's interpreter; the rest are "
+        "dropped.",
+    ).tag(config=True)
+    query_reply_limit = ByteSize(
+        1 << 20,
+        help="Bytes the tier's interpreter may send in answer to one completion (Tab) or "
+        "inspection (Shift-Tab, obj?) request (e.g. 1m); a longer answer is dropped unread "
+        "and the user gets none.",
+    ).tag(config=True)
 
     def channel_limits(self, output_limit: int) -> dict[str, Any]:
         """The keyword arguments of :class:`AgentSession` for these limits."""
@@ -144,6 +155,7 @@ class ChannelLimits(Configurable):
             "message_limit": self.message_limit,
             "helper_limit": self.helper_limit,
             "helper_concurrency": self.helper_concurrency,
+            "query_reply_limit": self.query_reply_limit,
             "settings": f"c.{type(self).__name__}",
         }
 
@@ -202,6 +214,7 @@ class AgentSession:
         message_limit: int = 1_000_000,
         helper_limit: int = 10_000,
         helper_concurrency: int = 4,
+        query_reply_limit: int = 1 << 20,
         settings: str = "",
     ) -> None:
         self.transport = transport
@@ -213,6 +226,7 @@ class AgentSession:
         self.message_limit = message_limit
         self.helper_limit = helper_limit
         self.helper_concurrency = helper_concurrency
+        self.query_reply_limit = query_reply_limit
         #: Where the limits are set (``c.ProcessBackend``), named in errors.
         self.settings = settings or f"the {tier} tier's settings"
         #: Lines received while no cell ran (a background thread's, or forged).
@@ -249,6 +263,14 @@ class AgentSession:
         #: Requests waiting for their answer, by sequence number (see :meth:`ask`).
         self._asked: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
         self._ask_seq = 0
+        #: Completion/inspection requests waiting for their answer, by sequence number, with
+        #: the type of answer each expects (see :meth:`query`).
+        self._queries: dict[int, tuple[threading.Event, list[dict[str, Any]], str]] = {}
+        #: The last query sent whose answer has not arrived (even if nobody waits for it any
+        #: more): the agent is still busy with it, so no other is sent (see :meth:`query`).
+        self._query_outstanding: int | None = None
+        #: Bytes read while a query waited (see _counted).
+        self._query_bytes = 0
         self._ready = threading.Event()
         self._cell: _Cell | None = None
         self._lock = threading.Lock()
@@ -353,6 +375,48 @@ class AgentSession:
             with self._lock:
                 self._asked.pop(seq, None)
 
+    def query(self, msg: dict[str, Any], answer: str, timeout: float) -> dict[str, Any] | None:
+        """Send a completion or inspection request (``msg``) between cells and wait up to
+        ``timeout`` s for the agent's answer of type ``answer``, matched by sequence number.
+
+        None, at once, while a cell runs or while the agent has not answered the previous
+        query yet (it is busy with it: the request would only queue in front of the next
+        cell); None when the agent is gone, takes too long, or answers with more than
+        :attr:`query_reply_limit` bytes (dropped unread). Never raises, never kills the agent:
+        a late answer is dropped by its sequence number, whenever it comes.
+        """
+        with self._lock:
+            if (not self.alive or self._cell is not None or self._asked or self._procs_waiting
+                    or self._query_outstanding is not None):
+                return None
+            self._ask_seq += 1
+            seq = self._ask_seq
+            answered, answers = threading.Event(), list[dict[str, Any]]()
+            self._queries[seq] = (answered, answers, answer)
+            self._query_outstanding = seq
+            self._query_bytes = 0
+        try:
+            try:
+                self.transport.send((json.dumps({**msg, "seq": seq}) + "\n").encode())
+            except OSError:
+                with self._lock:
+                    self._query_outstanding = None
+                return None
+            answered.wait(timeout)
+            return answers[0] if answers else None
+        finally:
+            with self._lock:
+                self._queries.pop(seq, None)
+
+    def _drop_queries(self) -> None:
+        """Wake every waiting query with no answer (its answer was too large, or the agent
+        is gone)."""
+        with self._lock:
+            waiting = list(self._queries.values())
+            self._queries.clear()
+        for answered, _, _ in waiting:
+            answered.set()
+
     def _send_within(self, data: bytes, timeout: float) -> None:
         """Send ``data``, or give the connection up after ``timeout`` s: an agent that
         stopped reading (stopped by its own cell, a wedged sandbox) must not hang the kernel
@@ -451,6 +515,8 @@ class AgentSession:
     def _end(self, cell: _Cell, start: float) -> ExecResult:
         with self._lock:
             self._cell = None
+            # The agent read this cell's request, so it is done with any query sent before.
+            self._query_outstanding = None
         duration = time.perf_counter() - start
         usage = None
         if self.usage_probe is not None:
@@ -551,6 +617,7 @@ class AgentSession:
         with self._lock:
             for answered, _ in self._asked.values():
                 answered.set()  # with no answer: the asker raises at once
+        self._drop_queries()
         cell = self._cell
         if cell is not None and not cell.done.is_set():
             self._lose(cell, self.transport.exit_detail())
@@ -578,10 +645,21 @@ class AgentSession:
         cell = self._cell
         if cell is None:
             self._idle_messages += 1
+            # While a completion/inspection query waits, what the agent sends is its answer,
+            # up to query_reply_limit bytes in all; past that it is dropped undecoded, the
+            # query gets none, and the rest counts as unasked.
+            over_query = False
+            if self._queries and not self._asked and not self._procs_waiting:
+                self._query_bytes += len(line)
+                over_query = self._query_bytes > self.query_reply_limit
+                if over_query:
+                    self._drop_queries()
+                    self._query_outstanding = None  # its answer was this (too long) line
             # Unasked, a line is no answer (a workspace archive may be large): its bytes are
             # counted too, up to one line limit's worth, or many lines just under the line
             # limit would each be read and decoded.
-            unasked = len(line) if not self._asked and not self._procs_waiting else 0
+            unasked = len(line) if over_query or (
+                not self._asked and not self._procs_waiting and not self._queries) else 0
             self._idle_bytes += unasked
             if (self._idle_messages == self.message_limit + 1
                     or self._idle_bytes > self.line_limit >= self._idle_bytes - unasked):
@@ -592,7 +670,7 @@ class AgentSession:
             if self._idle_bytes > self.line_limit:
                 return False
             # The asked-for answers (tree_state, pack...) are still read below the limit.
-            return self._idle_messages <= self.message_limit
+            return self._idle_messages <= self.message_limit and not over_query
         cell.messages += 1
         if cell.messages <= self.message_limit:
             return True
@@ -619,6 +697,9 @@ class AgentSession:
             self._charge_stray(size)
             self.info = msg
             self._ready.set()
+            return
+        if kind in ("completed", "inspected"):
+            self._on_query_answer(msg, kind, size)
             return
         if kind in ("unpacked", "packed", "tree_stated"):
             seq = msg.get("seq")
@@ -664,6 +745,20 @@ class AgentSession:
             # it); anything else by the whole line the host received, metadata included.
             if self._charge(cell, len(text) if isinstance(text, str) else size):
                 self._forward(cell, kind, msg)
+
+    def _on_query_answer(self, msg: dict[str, Any], kind: str, size: int) -> None:
+        """A completion or inspection answer: handed to the query waiting for it; a late one
+        (its query gave up), a forged one or one of the wrong type is only counted."""
+        seq = msg.get("seq")
+        with self._lock:
+            waiting = self._queries.get(seq) if type(seq) is int else None
+            if type(seq) is int and seq == self._query_outstanding:
+                self._query_outstanding = None
+        if waiting is None or waiting[2] != kind or waiting[1]:
+            self._charge_stray(size)
+            return
+        waiting[1].append(msg)
+        waiting[0].set()
 
     def _charge_stray(self, size: int) -> None:
         """Count a line the host reads but forwards nowhere (no cell's, another cell's, an

@@ -138,6 +138,28 @@ class CellRequest:
         return f"<cell In[{self.execution_count}]>"
 
 
+@dataclass(frozen=True)
+class Completion:
+    """A tier's answer to a completion request: ``matches`` replace ``code[cursor_start:
+    cursor_end]`` (positions in the code the tier was asked about); ``metadata`` is passed on
+    to the client as the complete_reply's metadata."""
+
+    matches: list[str]
+    cursor_start: int
+    cursor_end: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A tier's answer to an inspection request (``obj?``, Shift-Tab): ``found`` says whether
+    the name at the cursor means something there; ``data`` is its mime bundle of help."""
+
+    found: bool
+    data: MimeBundle = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
 class OutputSink(Protocol):
     """Where a backend publishes a cell's output. Safe to call from any thread.
 
@@ -269,6 +291,28 @@ class Backend(LoggingConfigurable):
         the kernel reports to the user as such.
         """
         raise NotImplementedError(f"tier {self.name!r} does not implement execute()")
+
+    async def complete(self, code: str, cursor_pos: int, timeout: float) -> Completion | None:
+        """Complete the name at ``cursor_pos`` in ``code`` from this tier's namespace.
+
+        Called by the kernel on its event loop for a complete_request (Tab) whose cell runs in
+        this tier, with the ``%%tier`` line already taken off ``code``, and never while a
+        cell of this tier runs. Must answer within ``timeout`` seconds and must never start
+        the tier (no session yet: answer None at once); must not change what the tier's next
+        cell sees. None means "nothing to offer" (the user gets no matches, never the kernel's
+        own names). The default answers None.
+        """
+        return None
+
+    async def inspect(self, code: str, cursor_pos: int, detail_level: int,
+                      timeout: float) -> Inspection | None:
+        """Help on the name at ``cursor_pos`` in ``code`` (``obj?``, Shift-Tab) from this
+        tier's namespace; ``detail_level`` 1 asks for more (source, for ``obj??``).
+
+        Called by the kernel for an inspect_request, under the same rules as
+        :meth:`complete`. None means "not found". The default answers None.
+        """
+        return None
 
     def interrupt(self) -> None:
         """Stop the running cell as soon as possible. Called from any thread (the kernel's

@@ -36,6 +36,7 @@ from tierkernel.backends.agent_session import (
 )
 from tierkernel.backends.base import Availability, Backend, CellRequest, ExecResult, OutputSink
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.guest_query import AgentQueries
 from tierkernel.backends.usage import ProcessUsage
 
 AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
@@ -272,7 +273,7 @@ class ProcessTransport:
         return f"{status}; stderr: {tail}" if tail else status
 
 
-class ProcessBackend(ChannelLimits, Backend):
+class ProcessBackend(AgentQueries, ChannelLimits, Backend):
     """Runs cells in a persistent child Python process (the guest agent)."""
 
     isolation = "separate host process: crash isolation only, not a security boundary"
@@ -336,6 +337,11 @@ class ProcessBackend(ChannelLimits, Backend):
             raise RuntimeError("the process tier was not started (the kernel calls start())")
         return await session.run_async(request, sink, request.options.get("timeout"),
                                        self.helper_gateway())
+
+    def _query_session(self) -> AgentSession | None:
+        """The running agent, for completion and inspection (None: none running)."""
+        session = self._session
+        return session if session is not None and session.alive else None
 
     def interrupt(self) -> None:
         """SIGINT to the agent; it is killed if the cell ignores it for ``interrupt_grace``."""

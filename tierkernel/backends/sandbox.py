@@ -57,6 +57,7 @@ from tierkernel.backends.docker_engine import (
     unreachable_message,
 )
 from tierkernel.backends.docker_transport import DockerExecTransport, SocketTransport
+from tierkernel.backends.guest_query import AgentQueries
 from tierkernel.backends.sandbox_channel import (
     AGENT_EXIT_FILE,
     GUEST_DIR,
@@ -167,7 +168,7 @@ class _Container:
     oom_seen: threading.Event = field(default_factory=threading.Event)
 
 
-class SandboxBackend(ChannelLimits, Backend):
+class SandboxBackend(AgentQueries, ChannelLimits, Backend):
     """Runs cells in a per-kernel Docker container (runc or gVisor) through the guest agent."""
 
     isolation = ("Docker container: no network, read-only root, no capabilities, uid 65534, "
@@ -1135,6 +1136,11 @@ class SandboxBackend(ChannelLimits, Backend):
         return f"it exited with status {code}" + (f"; stderr: {tail}" if tail else "")
 
     # -- helpers --------------------------------------------------------------------------
+    def _query_session(self) -> AgentSession | None:
+        """The running container's agent, for completion and inspection (None while the
+        container is being made or replaced: a query never waits for that)."""
+        return self._session if self._is_up() and not self._starting else None
+
     def _is_up(self) -> bool:
         container, session = self._container, self._session
         return (container is not None and not container.died and not container.suspect

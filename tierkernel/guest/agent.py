@@ -16,6 +16,8 @@ host -> agent: {"type": "execute", "id", "code", "filename", "first_line", "exec
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
                {"type": "pack", "seq", "root", "limit"}
                {"type": "tree_state", "seq"} (did the watched folder change since the last cell?)
+               {"type": "complete", "seq", "code", "cursor_pos"[, "budget"]}
+               {"type": "inspect", "seq", "code", "cursor_pos", "detail_level"[, "budget"]}
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
                {"type": "display" | "result", "id", "data", "metadata"}
@@ -26,6 +28,8 @@ agent -> host: {"type": "ready", "pid", "python"}
                {"type": "unpacked", "seq"[, "error"]}
                {"type": "packed", "seq", "data" | "too_big"[, "error"]}
                {"type": "tree_stated", "seq", "changed"}
+               {"type": "completed", "seq", "matches", "cursor_start", "cursor_end", "metadata"}
+               {"type": "inspected", "seq", "found", "data", "metadata"}
 
 Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
 SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
@@ -909,6 +913,10 @@ class Agent:
         for pump in self._fd_readers.values():
             pump.drain()
 
+    def answer_query(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a ``complete`` or ``inspect`` request (between cells)."""
+        return answer_query(self, msg)
+
     def sigint(self, signum: int, frame: Any) -> None:
         if not self.in_cell:
             return  # between cells: nothing to interrupt, and our bookkeeping must not tear
@@ -1403,6 +1411,208 @@ def workspace_request(msg: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
+# -- completion and inspection (between cells) -------------------------------------------------
+#: What one answer carries at most; the host caps it again (it trusts no count of ours), but a
+#: namespace with a huge dir() or docstring must not make the host drop the whole answer.
+QUERY_MATCHES = 1000
+QUERY_MATCH_BYTES = 256 << 10
+QUERY_TEXT_CHARS = 200_000
+_ANSWERS = {"complete": "completed", "inspect": "inspected"}
+
+
+class _QueryTimeout(Exception):
+    """The answer took longer than its budget (raised by the SIGALRM of _query_deadline)."""
+
+
+@contextlib.contextmanager
+def _query_deadline(budget: float) -> Any:
+    """Stop the query after ``budget`` seconds (SIGALRM, where the guest has it: not in wasm,
+    nor off the main thread), putting back any alarm a cell had set."""
+    if (not hasattr(signal, "setitimer") or budget <= 0
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise _QueryTimeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    pending = signal.setitimer(signal.ITIMER_REAL, budget)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if pending[0] > 0:  # a cell's alarm: it goes on, a little later than it would have
+            signal.setitimer(signal.ITIMER_REAL, pending[0], pending[1])
+
+
+def answer_query(agent: Agent, msg: dict[str, Any]) -> dict[str, Any]:
+    """Answer ``complete`` with IPython's completer (when ``agent.ipython()`` gives a shell)
+    or the standard library's, ``inspect`` with IPython's inspector or a type, signature and
+    docstring; nothing at all when that fails or takes longer than the request's budget."""
+    kind = msg.get("type")
+    code = str(msg.get("code", ""))
+    cursor = msg.get("cursor_pos")
+    cursor = min(max(cursor, 0), len(code)) if isinstance(cursor, int) else len(code)
+    try:
+        budget = float(msg.get("budget") or 1.0)
+    except (TypeError, ValueError):
+        budget = 1.0
+    try:
+        shell = agent.ipython()  # made (imported) outside the deadline: never torn half-way
+    except Exception:
+        shell = None
+    if kind == "complete":
+        answer: dict[str, Any] = {"matches": [], "cursor_start": cursor, "cursor_end": cursor}
+    else:
+        answer = {"found": False, "data": {}}
+    try:
+        with _query_deadline(budget):
+            if kind == "complete":
+                answer = _complete(agent, shell, code, cursor)
+            else:
+                level = msg.get("detail_level")
+                answer = _inspect(agent, shell, code, cursor, level if level in (0, 1) else 0)
+    except BaseException:  # a completer's failure, its timeout, a Ctrl-C: no answer
+        pass
+    return {"type": _ANSWERS.get(str(kind), "completed"), "seq": msg.get("seq"), "metadata": {},
+            **answer}
+
+
+def _complete(agent: Agent, shell: Any, code: str, cursor: int) -> dict[str, Any]:
+    if shell is not None:
+        from IPython.core.completer import provisionalcompleter, rectify_completions
+
+        with provisionalcompleter():
+            found = list(rectify_completions(code, _first(
+                shell.Completer.completions(code, cursor), QUERY_MATCHES)))
+        start = found[0].start if found else cursor
+        end = found[0].end if found else cursor
+        matches = [c.text for c in found]
+    else:
+        start, end, matches = _complete_names(agent.namespace, code, cursor)
+    kept, size = [], 0
+    for match in matches[:QUERY_MATCHES]:
+        size += len(match) + 4
+        if size > QUERY_MATCH_BYTES:
+            break
+        kept.append(match)
+    return {"matches": kept, "cursor_start": start, "cursor_end": end}
+
+
+def _first(items: Any, n: int) -> list[Any]:
+    out: list[Any] = []
+    for item in items:
+        if len(out) >= n:
+            break
+        out.append(item)
+    return out
+
+
+def _token_start(code: str, cursor: int) -> int:
+    i = cursor
+    while i > 0 and (code[i - 1].isalnum() or code[i - 1] in "_."):
+        i -= 1
+    return i
+
+
+def _lookup(namespace: dict[str, Any], dotted: str) -> Any:
+    """The object a dotted name means, by name and attribute lookups only (nothing called
+    but what attribute access itself runs); raises when it means nothing."""
+    first, *rest = dotted.split(".")
+    if not first.isidentifier():
+        raise LookupError(dotted)
+    if first in namespace:
+        obj = namespace[first]
+    elif hasattr(builtins, first):
+        obj = getattr(builtins, first)
+    else:
+        raise LookupError(dotted)
+    for part in rest:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _complete_names(namespace: dict[str, Any], code: str,
+                    cursor: int) -> tuple[int, int, list[str]]:
+    """rlcompleter's answers without calling anything: names of the namespace, builtins and
+    keywords, or the attributes of a dotted name's object."""
+    import keyword
+
+    start = _token_start(code, cursor)
+    token = code[start:cursor]
+    if token[:1].isdigit():
+        return cursor, cursor, []
+    if "." in token:
+        base, _, prefix = token.rpartition(".")
+        try:
+            names = dir(_lookup(namespace, base))
+        except Exception:
+            return cursor, cursor, []
+        start = cursor - len(prefix)
+    else:
+        prefix = token
+        names = [*namespace, *dir(builtins), *keyword.kwlist]
+    private = prefix.startswith("_")
+    matches = sorted({n for n in names if isinstance(n, str) and n.startswith(prefix)
+                      and (private or not n.startswith("_"))})
+    return start, cursor, matches
+
+
+def _inspect(agent: Agent, shell: Any, code: str, cursor: int, level: int) -> dict[str, Any]:
+    if shell is not None:
+        from IPython.utils.tokenutil import token_at_cursor
+
+        name = token_at_cursor(code, cursor)
+        try:
+            bundle = shell.object_inspect_mime(name, detail_level=level)
+        except KeyError:
+            return {"found": False, "data": {}}
+        if not getattr(shell, "enable_html_pager", False):
+            bundle.pop("text/html", None)  # as ipykernel does
+        data = {k: v[:QUERY_TEXT_CHARS] for k, v in bundle.items() if isinstance(v, str)}
+        return {"found": bool(data), "data": data}
+    name = _name_at(code, cursor)
+    try:
+        obj = _lookup(agent.namespace, name)
+    except Exception:
+        return {"found": False, "data": {}}
+    return {"found": True, "data": {"text/plain": _describe(name, obj)[:QUERY_TEXT_CHARS]}}
+
+
+def _name_at(code: str, cursor: int) -> str:
+    """The dotted name under the cursor, or the callee's when the cursor is in its call."""
+    end = cursor
+    while end < len(code) and (code[end].isalnum() or code[end] == "_"):
+        end += 1
+    name = code[_token_start(code, end):end].strip(".")
+    if name:
+        return name
+    depth, i = 0, cursor
+    while i > 0:  # back to the "(" of the call the cursor is in
+        i -= 1
+        if code[i] == ")":
+            depth += 1
+        elif code[i] == "(":
+            if depth == 0:
+                return code[_token_start(code, i):i].strip(".")
+            depth -= 1
+    return ""
+
+
+def _describe(name: str, obj: Any) -> str:
+    import inspect
+
+    lines = [f"Type:      {type(obj).__name__}"]
+    if callable(obj):  # no repr of the value: that would run the object's own code
+        with contextlib.suppress(Exception):
+            lines.append(f"Signature: {name}{inspect.signature(obj)}")
+    doc = inspect.getdoc(obj)
+    lines.append(f"Docstring: {doc}" if doc else "Docstring: <no docstring>")
+    return "\n".join(lines)
+
+
 def _import_quietly(name: str) -> None:
     with contextlib.suppress(Exception):
         __import__(name)
@@ -1501,6 +1711,13 @@ def main() -> None:
         elif kind == "tree_state":
             channel.send({"type": "tree_stated", "seq": msg.get("seq"),
                           "changed": agent.changed_since_last_cell()})
+        elif kind in ("complete", "inspect"):
+            try:
+                answer = agent.answer_query(msg)
+            except Exception:  # the agent must outlive any answer (a cell may replace it)
+                answer = {"type": _ANSWERS.get(kind, "completed"), "seq": msg.get("seq"),
+                          "matches": [], "found": False, "data": {}}
+            channel.send(answer)
         elif kind == "shutdown":
             return
         else:

@@ -221,3 +221,15 @@ def execute(text: str) -> None:
     """Entry point of a cell's turn."""
     assert AGENT is not None, "boot() runs first"
     AGENT.execute_json(text)
+
+
+def query(text: str) -> None:
+    """Entry point of a completion or inspection turn (the host's JSON request)."""
+    assert AGENT is not None, "boot() runs first"
+    msg = json.loads(text)
+    try:
+        answer = AGENT.answer_query(msg)
+    except Exception:  # as the process agent's main loop: an empty answer, at once
+        answer = {"type": _agent._ANSWERS.get(msg.get("type"), "completed"),
+                  "seq": msg.get("seq"), "matches": [], "found": False, "data": {}}
+    AGENT.channel.send(answer)

@@ -11,12 +11,13 @@ from types import FrameType
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
-from traitlets import Unicode, default
+from traitlets import Float, Unicode, default
 
 from tierkernel import __version__
 from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult, ResourceUsage
 from tierkernel.backends.native import NativeBackend
 from tierkernel.fsx import Fsx, set_current
+from tierkernel.kernel import completion
 from tierkernel.kernel.iopub import IopubSink
 from tierkernel.kernel.quick_reply import cell_ran_outside, install_flush_skip, mark_cell
 from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
@@ -70,6 +71,13 @@ class TierKernel(IPythonKernel):
         help="Tier for cells without %%tier. Defaults to $TIERKERNEL_DEFAULT_TIER, else 'native'."
     ).tag(config=True)
 
+    completion_timeout = Float(
+        1.0, min=0.0,
+        help="Seconds Tab completion and inspection (Shift-Tab, obj?) of a cell that runs in "
+        "another tier than native wait for that tier's interpreter; past it the answer is "
+        "empty. A tier that is not running, or is running a cell, answers empty at once.",
+    ).tag(config=True)
+
     @default("default_tier")
     def _default_tier_from_env(self) -> str:
         return os.environ.get("TIERKERNEL_DEFAULT_TIER", "").strip() or "native"
@@ -93,6 +101,8 @@ class TierKernel(IPythonKernel):
         shell.register_magics(TierMagics(shell, self.router))
         shell.input_transformers_cleanup.append(strip_native_line)
         self._tier_meta: dict[str, dict[str, Any]] = {}
+        #: Tiers running a cell now: completion and inspection do not ask them.
+        self._running_tiers: set[str] = set()
         # The runtime helpers (ai, api, db, console) and the audit log of every cell.
         self.runtime = RuntimeHost(self, str(getattr(self.session, "session", "") or self.ident))
         shell.register_magics(ExecutionMagics(shell, self.runtime))
@@ -175,17 +185,20 @@ class TierKernel(IPythonKernel):
         )
         context = self.runtime.begin(code, route.backend.name, route.backend.in_kernel,
                                      route.options, cell_id, request.execution_count)
+        self._running_tiers.add(route.backend.name)
         try:
             if route.backend.in_kernel:
                 result = await route.backend.execute(request, _NoSink())
             else:
                 result = await self._run_isolated(route.backend, request, parent)
         except BaseException as exc:  # recorded, then handled as before
+            self._running_tiers.discard(route.backend.name)
             self.runtime.finish(context, ExecResult(
                 False, route.backend.name, 0.0,
                 error=ExecError(type(exc).__name__, str(exc))), time.perf_counter() - started)
             mark_cell(False)
             raise
+        self._running_tiers.discard(route.backend.name)
         self.runtime.finish(context, result, time.perf_counter() - started)
         reply = self._reply(result)
         self._record(msg_id, route.backend.name, started, result.success,
@@ -334,6 +347,29 @@ class TierKernel(IPythonKernel):
         if info is not None:
             metadata["tierkernel"] = info
         return metadata
+
+    # -- completion and inspection ------------------------------------------------------
+    async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:
+        """Tab: IPython's matches for native cells; the cell's tier's own otherwise (see
+        :mod:`tierkernel.kernel.completion`)."""
+        request = completion.guest_request(self.router, code, cursor_pos)
+        if request is None:
+            return super().do_complete(code, cursor_pos)  # type: ignore[no-any-return]
+        return await completion.complete(request, self._running_tiers,
+                                         self.completion_timeout,
+                                         len(code) if cursor_pos is None else cursor_pos)
+
+    async def do_inspect(
+        self, code: str, cursor_pos: int, detail_level: int = 0,
+        omit_sections: Any = (),
+    ) -> dict[str, Any]:
+        """Shift-Tab and ``obj?``: IPython's help for native cells; the tier's own otherwise."""
+        request = completion.guest_request(self.router, code, cursor_pos)
+        if request is None:
+            return super().do_inspect(  # type: ignore[no-any-return]
+                code, cursor_pos, detail_level, omit_sections)
+        return await completion.inspect(request, self._running_tiers,
+                                        self.completion_timeout, detail_level)
 
     # -- history --------------------------------------------------------------------------
     def do_history(  # type: ignore[override]
