@@ -18,6 +18,7 @@ Facts this module relies on were measured on the target machines: shared/notes/c
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import logging
@@ -89,6 +90,7 @@ from tierkernel.guest.agent import (
     WATCH_ENV,
 )
 from tierkernel.magics.options import MIN_MEMORY, format_size
+from tierkernel.runtime import packages
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +280,10 @@ class SandboxBackend(ChannelLimits, Backend):
         self._oom_baseline = 0
         self._after_start_done = False
         self._starting = False
+        #: What %pip installed in this kernel's sandbox (made at the first %pip), given to
+        #: every new container's agent.
+        self._packages: packages.PackageStore | None = None
+        self._packages_lock = threading.Lock()
 
     # -- the contract ---------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -367,7 +373,7 @@ class SandboxBackend(ChannelLimits, Backend):
         held = HeldErrorSink(sink)
         self._oom_baseline = container.ooms
         container.oom_seen.clear()
-        gateway = self.helper_gateway()
+        gateway = packages.route(self.helper_gateway(), self._package_store())
         # The copies back count in the cell's time and end with the stop button.
         started, option = time.monotonic(), request.options.get("timeout")
         timeout = float(option) if option else None
@@ -505,6 +511,8 @@ class SandboxBackend(ChannelLimits, Backend):
                 if client is not None:
                     client.close()
         self._client = self._probe = None
+        if self._packages is not None:
+            self._packages.close()
 
     def describe_limits(self) -> str:
         """Timeout, memory, CPUs, runtime, pids and output limits for ``%tier``."""
@@ -971,11 +979,34 @@ class SandboxBackend(ChannelLimits, Backend):
             session.wait_ready(wait)
         except Exception as exc:
             raise EngineError(str(exc)) from exc
-        session.install_helpers()
+        session.install_helpers(packages_site=packages.SANDBOX_SITE)
+        self._give_packages(session, wait)
         # Each cell's CPU time, peak memory and processes, from the container's cgroups.
         session.usage_probe = ContainerUsage(container.id,
                                              count_processes=container.spec.runtime == "runc")
         self._session = session
+
+    def _package_store(self) -> packages.PackageStore:
+        """This kernel's %pip packages for the sandbox (the folder is made on first use)."""
+        with self._packages_lock:
+            if self._packages is None:
+                self._packages = packages.PackageStore(
+                    packages.Packages(parent=self), packages.Target(self.name, pure_only=False))
+            return self._packages
+
+    def _give_packages(self, session: AgentSession, timeout: float) -> None:
+        """Copy what %pip installed in this kernel into a new agent's container, so that a
+        replaced container (a --memory change, a crash) still has it."""
+        store = self._packages
+        if store is None:
+            return
+        for part in store.parts():
+            answer = session.ask({"type": "unpack", "root": packages.SANDBOX_SITE,
+                                  "delete": [], "data": base64.b64encode(part).decode("ascii")},
+                                 timeout)
+            if answer.get("error"):
+                raise EngineError(f"the packages installed with %pip could not be copied into "
+                                  f"the new sandbox container: {answer['error']}")
 
     def _drop_container(self) -> None:
         """Forget and remove the current container (and its agent). Never raises."""

@@ -42,6 +42,7 @@ from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
 from tierkernel.fsx.wasm_mount import FsxMountProvider, workspace_mount
 from tierkernel.magics.options import MIN_MEMORY, format_size
+from tierkernel.runtime import packages
 
 WORKSPACE = "/workspace"
 
@@ -94,6 +95,8 @@ class WasmBackend(ChannelLimits, Backend):
         self._interrupted_open = threading.Event()
         #: The open session's /workspace provider, which keeps what quota refusals said.
         self._provider: FsxMountProvider | None = None
+        #: What %pip installed in this kernel's wasm tier (made with the first session).
+        self._packages: packages.PackageStore | None = None
 
     # -- contract ------------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -147,7 +150,8 @@ class WasmBackend(ChannelLimits, Backend):
         try:
             result = await asyncio.to_thread(agent.run, request, held,
                                              request.options.get("timeout"),
-                                             self.helper_gateway())
+                                             packages.route(self.helper_gateway(),
+                                                            self._packages))
         finally:
             error = held.release()
         provider = self._provider
@@ -188,6 +192,8 @@ class WasmBackend(ChannelLimits, Backend):
             dirs, self._dirs = self._dirs, {}
         for path in dirs.values():
             shutil.rmtree(path, ignore_errors=True)
+        if self._packages is not None:
+            self._packages.close()
 
     def describe_limits(self) -> str:
         """Timeout, memory and output cap, for ``%tier``."""
@@ -258,9 +264,15 @@ class WasmBackend(ChannelLimits, Backend):
         if problem is not None:
             raise RuntimeError(problem)
         cache = wasm_runtime.ensure_cache_dir()
+        if self._packages is None:
+            # Kept across sessions: a session reset keeps what %pip installed.
+            self._packages = packages.PackageStore(packages.Packages(parent=self),
+                                                   packages.Target(self.name, pure_only=True))
         grants = [
             Grant(str(Path(tierkernel.guest.__file__).parent), GUEST_DIR),
             Grant(str(self._private_dir("tmp")), "/tmp", writable=True),
+            # Read-only: the host alone writes what %pip installs.
+            Grant(str(self._packages.folder), packages.WASM_SITE),
         ]
         mounts = []
         try:
@@ -286,7 +298,8 @@ class WasmBackend(ChannelLimits, Backend):
                          # messages and helper calls as it reads them.
                          tool_calls=self.message_limit + self.helper_limit + 16,
                          cache=str(cache)),
-            {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload)},
+            {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload),
+             "packages": packages.WASM_SITE},
         )
         agent = AgentSession(
             transport,

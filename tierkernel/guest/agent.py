@@ -9,7 +9,8 @@ are captured too). In the sandbox tier both directions use one unix socket of th
 instead (see SOCKET_ENV).
 
 host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
-               {"type": "install_helpers", "source"} | {"type": "watch_reset"}
+               {"type": "install_helpers", "source"[, "packages_source", "packages_site"]}
+               {"type": "watch_reset"}
                {"type": "install_watch", "source"} (tree_watch.py, for WATCH_ENV's folder)
                {"type": "procs"} | {"type": "shutdown"}
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
@@ -214,6 +215,8 @@ class Agent:
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         self.cell_id: str | None = None
         self.in_cell = False
+        #: Line magics the agent provides itself (``%pip``: see pip_magic.py).
+        self.line_magics: dict[str, Any] = {}
         self.stdout = CellStream(self, "stdout")
         self.stderr = CellStream(self, "stderr")
         self._fd_readers: dict[str, _FdPump] = {}
@@ -317,17 +320,34 @@ class Agent:
         self.stderr.flush()
 
     # -- runtime helpers (ai, api, db, console) ---------------------------------------------
-    def install_helpers(self, source: str) -> None:
+    def install_helpers(self, source: str, packages_source: str | None = None,
+                        packages_site: str | None = None) -> None:
         """Define ``ai``, ``api``, ``db`` and ``console`` in the cell namespace.
 
         The host sends the stdlib-only module ``tierkernel/guest/helpers.py`` as source (no
         file needs to exist in the guest); every call goes back to the host (:meth:`call_host`),
         which checks the policy and runs the helper there, so no secret enters the guest.
+        With ``packages_source`` (``pip_magic.py``) it also sets up ``%pip``, whose packages
+        the host copies into ``packages_site``.
         """
         module = types.ModuleType("tierkernel_helpers")
         exec(compile(source, "<tierkernel helpers>", "exec"), module.__dict__)
         sys.modules["tierkernel_helpers"] = module
         module.install(self.namespace, self.call_host)
+        if packages_source and packages_site:
+            pip = types.ModuleType("tierkernel_pip")
+            exec(compile(packages_source, "<tierkernel pip>", "exec"), pip.__dict__)
+            sys.modules["tierkernel_pip"] = pip
+            pip.install(self, self.call_host, packages_site, copy_in=True, tier="sandbox")
+
+    def pip_line(self, line: str) -> None:
+        """A ``%pip`` line of a cell (see shell_escapes)."""
+        __tracebackhide__ = True
+        magic = self.line_magics.get("pip")
+        if magic is None:
+            raise NameError("%pip is not available in this tier; it works in %%tier wasm "
+                            "and %%tier sandbox cells")
+        magic(line)
 
     def call_host(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one helper request to the host and wait for its answer (a cell's thread).
@@ -1026,18 +1046,23 @@ def ends_with_semicolon(source: str) -> bool:
 
 
 _SHELL_LINE = re.compile(r"^(\s*)!(.*)$")
+_PIP_LINE = re.compile(r"^(\s*)%pip(?:\s+(.*))?$")
 
 
 def shell_escapes(code: str) -> str:
-    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment."""
-    if "!" not in code:
+    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment,
+    and ``%pip ...`` lines into calls of the agent's ``pip`` line magic."""
+    if "!" not in code and "%pip" not in code:
         return code
     out = []
     for line in code.split("\n"):
         match = _SHELL_LINE.match(line)
+        pip = _PIP_LINE.match(line)
         if match and not match.group(2).startswith("="):
             indent, command = match.groups()
             out.append(f"{indent}__tierkernel_agent__.system({command!r})")
+        elif pip:
+            out.append(f"{pip.group(1)}__tierkernel_agent__.pip_line({pip.group(2) or ''!r})")
         else:
             out.append(line)
     return "\n".join(out)
@@ -1212,7 +1237,8 @@ def main() -> None:
             agent.execute(msg)
         elif kind == "install_helpers":
             try:
-                agent.install_helpers(str(msg.get("source", "")))
+                agent.install_helpers(str(msg.get("source", "")), msg.get("packages_source"),
+                                      msg.get("packages_site"))
             except Exception as exc:  # cells still run; only the helpers are missing
                 channel.send({"type": "protocol_error",
                               "detail": f"could not install ai/api/db/console: {exc!r}"})

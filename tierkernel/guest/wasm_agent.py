@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tierkernel.guest import agent as _agent
     from tierkernel.guest import helpers as _helpers
+    from tierkernel.guest import pip_magic as _pip_magic
 else:  # in the guest this folder is on sys.path as itself (see wasm_transport.GUEST_DIR)
     import agent as _agent
     import helpers as _helpers
+    import pip_magic as _pip_magic
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
 AGENT: WasmAgent | None = None
@@ -182,6 +184,11 @@ def boot(config_json: str) -> None:
     # ai/api/db/console: each call goes to the host through the tool ``tk_helper``.
     tk_helper = channel.tools.tk_helper
     _helpers.install(agent.namespace, lambda request: tk_helper(request=request))
+    packages = config.get("packages")
+    if packages:
+        # %pip: the host unpacks into the folder mounted read-only at ``packages``.
+        _pip_magic.install(agent, lambda request: tk_helper(request=request), str(packages),
+                           copy_in=False, tier="wasm")
     for name in config.get("preload", []):
         try:
             __import__(name)

@@ -1,0 +1,272 @@
+"""Issue 15, packages: ``%pip install`` in the wasm and sandbox tiers, from a real package
+index the tests serve on 127.0.0.1 (PEP 503 layout, wheels built here), with the wheels
+fetched on the host under ``c.Packages`` and every install audited."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import sandbox_support
+from tests.kernel_session import KernelSession
+from tests.package_index import make_wheel, publish, serve
+from tierkernel.backends import wasm_runtime
+from tierkernel.runtime import packages
+
+MiB = 1024 * 1024
+
+
+def _tiers() -> list[str]:
+    tiers = []
+    if wasm_runtime.runtime_problem() is None and wasm_runtime.is_compiled():
+        tiers.append("wasm")
+    if sandbox_support.status()[0] or sandbox_support.required():
+        tiers.append("sandbox")
+    return tiers
+
+
+def _build_index(root: Path) -> None:
+    build = root.parent / "build"
+    build.mkdir(exist_ok=True)
+    publish(root, make_wheel(build, "tk-dep", "1.0", {"tk_dep/__init__.py": "VALUE = 41\n"}))
+    publish(root, make_wheel(build, "tk-pure", "2.0",
+                             {"tk_pure/__init__.py": "from tk_dep import VALUE\n"
+                                                     "ANSWER = VALUE + 1\n"},
+                             requires=["tk-dep>=1"]))
+    for name in ("tk-same-cell", "tk-gone"):
+        module = name.replace("-", "_")
+        publish(root, make_wheel(build, name, "0.1", {f"{module}/__init__.py": "OK = 'yes'\n"}))
+    publish(root, make_wheel(build, "tk-native", "1.0",
+                             {"tk_native/__init__.py": "NATIVE = True\n"},
+                             tag="cp311-cp311-manylinux_2_17_x86_64"))
+    # 3 MiB that do not compress: over the 2 MiB cap the kernel is given.
+    publish(root, make_wheel(build, "tk-big", "1.0",
+                             {"tk_big/__init__.py": "", "tk_big/blob.bin": os.urandom(3 * MiB)}))
+    publish(root, make_wheel(build, "not-allowed", "1.0", {"not_allowed/__init__.py": ""}))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("guest-pip")
+
+
+@pytest.fixture(scope="module")
+def index(home: Path) -> Iterator[tuple[str, list[str]]]:
+    root = home / "index"
+    _build_index(root)
+    with serve(root) as served:
+        yield served
+
+
+def _kernel(home: Path, index_url: str, name: str) -> KernelSession:
+    config = home / f"config-{name}"
+    config.mkdir()
+    (config / "tierkernel_config.py").write_text(
+        # The index answers without Content-Length (/liar/): the cap counts what arrives.
+        f"c.Packages.index_url = {index_url + '/liar/simple'!r}\n"
+        "c.Packages.allowed = ['tk-*']\n"
+        "c.Packages.max_install_bytes = '2m'\n"
+        "c.SandboxBackend.timeout = 120\nc.WasmBackend.timeout = 120\n")
+    return KernelSession(env={**os.environ, "JUPYTER_CONFIG_DIR": str(config),
+                              "TIERKERNEL_AUDIT_LOG": str(home / f"audit-{name}.sqlite3")})
+
+
+@pytest.fixture(scope="module")
+def kernel(home: Path, index: tuple[str, list[str]]) -> Iterator[KernelSession]:
+    session = _kernel(home, index[0], "shared")
+    yield session
+    session.close()
+
+
+def _pip_calls(home: Path, name: str = "shared") -> list[sqlite3.Row]:
+    with sqlite3.connect(home / f"audit-{name}.sqlite3") as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT c.*, e.tier FROM helper_calls c JOIN executions e ON "
+                            "e.id = c.execution_id WHERE c.helper = 'pip' "
+                            "ORDER BY c.started").fetchall()
+
+
+@pytest.mark.parametrize("tier", _tiers())
+def test_pip_install_then_import_with_its_dependency(kernel: KernelSession, home: Path,
+                                                     tier: str):
+    done = kernel.run(f"%%tier {tier}\n%pip install tk-pure", timeout=120)
+    assert done.status == "ok", done.outputs
+    assert "Successfully installed" in done.stdout
+    assert "tk-dep-1.0" in done.stdout and "tk-pure-2.0" in done.stdout
+    used = kernel.run(f"%%tier {tier}\nimport tk_pure, tk_dep\nprint(tk_pure.ANSWER, "
+                      "tk_dep.__file__)")
+    assert used.status == "ok", used.outputs
+    answer, where = used.stdout.split()
+    assert answer == "42"
+    assert where.startswith(packages.WASM_SITE if tier == "wasm" else packages.SANDBOX_SITE)
+    # Asked again: nothing is fetched, the guest has it.
+    again = kernel.run(f"%%tier {tier}\n%pip install tk-pure")
+    assert again.status == "ok", again.outputs
+    assert "already satisfied" in again.stdout
+    rows = [r for r in _pip_calls(home) if r["tier"] == tier and r["ok"]]
+    assert any(r["target"] == "install tk-pure==2.0 tk-dep==1.0" and r["size"] > 0
+               for r in rows), [dict(r) for r in rows]
+
+
+@pytest.mark.parametrize("tier", _tiers())
+def test_pip_install_and_import_in_the_same_cell(kernel: KernelSession, tier: str):
+    done = kernel.run(f"%%tier {tier}\n%pip install tk-same-cell==0.1\n"
+                      "import tk_same_cell\nprint('imported', tk_same_cell.OK)", timeout=120)
+    assert done.status == "ok", done.outputs
+    assert "imported yes" in done.stdout
+
+
+@pytest.mark.parametrize("tier", _tiers())
+def test_a_name_outside_the_allowed_list_is_refused(kernel: KernelSession, home: Path,
+                                                    index: tuple[str, list[str]], tier: str):
+    before = len(index[1])
+    done = kernel.run(f"%%tier {tier}\n%pip install not-allowed\nprint('went on')")
+    assert done.status == "error"
+    assert done.error["ename"] == "PermissionError"
+    assert "not-allowed" in done.error["evalue"] and "c.Packages.allowed" in done.error["evalue"]
+    assert "went on" not in done.stdout
+    assert not any("not-allowed" in hit or "not_allowed" in hit for hit in index[1][before:])
+    refused = [r for r in _pip_calls(home) if r["tier"] == tier and not r["allowed"]]
+    assert any("not-allowed" in r["target"] for r in refused), [dict(r) for r in refused]
+
+
+@pytest.mark.parametrize("tier", _tiers())
+def test_a_wheel_over_the_download_cap_is_refused(kernel: KernelSession, tier: str):
+    done = kernel.run(f"%%tier {tier}\n%pip install tk-big")
+    assert done.status == "error"
+    assert "2 MiB download limit" in done.error["evalue"]
+    assert "c.Packages.max_install_bytes" in done.error["evalue"]
+    missing = kernel.run(f"%%tier {tier}\nimport tk_big")
+    assert missing.error["ename"] == "ModuleNotFoundError"
+
+
+def test_a_wheel_with_native_code_is_refused_in_wasm_and_installs_in_sandbox(
+        kernel: KernelSession):
+    tiers = _tiers()
+    if "wasm" in tiers:
+        done = kernel.run("%%tier wasm\n%pip install tk-native")
+        assert done.status == "error"
+        evalue = done.error["evalue"]
+        assert "native code" in evalue and "%%tier sandbox" in evalue, evalue
+    if "sandbox" in tiers:
+        done = kernel.run("%%tier sandbox\n%pip install tk-native\nimport tk_native\n"
+                          "print(tk_native.NATIVE)", timeout=120)
+        assert done.status == "ok", done.outputs
+        assert "True" in done.stdout
+
+
+@pytest.mark.parametrize("tier", _tiers())
+def test_pip_list_and_uninstall(kernel: KernelSession, tier: str):
+    assert kernel.run(f"%%tier {tier}\n%pip install tk-gone", timeout=120).status == "ok"
+    listed = kernel.run(f"%%tier {tier}\n%pip list")
+    assert listed.status == "ok"
+    assert any(line.split() == ["tk-gone", "0.1"] for line in listed.stdout.splitlines())
+    gone = kernel.run(f"%%tier {tier}\n%pip uninstall -y tk-gone")
+    assert gone.status == "ok", gone.outputs
+    assert "Successfully uninstalled tk-gone-0.1" in gone.stdout
+    missing = kernel.run(f"%%tier {tier}\nimport tk_gone")
+    assert missing.error["ename"] == "ModuleNotFoundError"
+    theirs = kernel.run(f"%%tier {tier}\n%pip uninstall numpy")
+    assert theirs.status == "error"
+    assert "not installed by %pip in this kernel" in theirs.error["evalue"]
+    other = kernel.run(f"%%tier {tier}\n%pip download tk-pure")
+    assert other.status == "error" and "usage" in other.error["evalue"]
+
+
+def test_packages_survive_a_sandbox_container_replacement(home: Path,
+                                                          index: tuple[str, list[str]]):
+    sandbox_support.need_sandbox()
+    session = _kernel(home, index[0], "replace")
+    try:
+        done = session.run("%%tier sandbox\n%pip install tk-pure\nmarker = 1", timeout=120)
+        assert done.status == "ok", done.outputs
+        check = "print('marker' in globals())\nimport tk_pure\nprint(tk_pure.ANSWER)"
+        if "runsc" in sandbox_support.runtimes():
+            # Another runtime cannot be applied in place: a new container.
+            replaced = session.run(f"%%tier sandbox --runtime runsc\n{check}", timeout=120)
+        else:
+            pid = int(session.km.provisioner.process.pid)  # type: ignore[union-attr]
+            for container in sandbox_support.containers_of(pid):
+                sandbox_support.client().containers.get(container).remove(force=True)
+            session.run("%%tier sandbox\n1", timeout=120)  # tells the container is gone
+            replaced = session.run(f"%%tier sandbox\n{check}", timeout=120)
+        assert replaced.status == "ok", replaced.outputs
+        assert replaced.stdout.split() == ["False", "42"]
+    finally:
+        session.close()
+
+
+# -- the host side, without a kernel -----------------------------------------------------------
+@pytest.mark.parametrize("argv, said", [
+    (["https://example.org/x.whl"], "not a package name"),
+    (["-r", "requirements.txt"], "does not take '-r'"),
+    (["--index-url", "http://evil/simple", "tk-pure"], "does not take '--index-url'"),
+    (["./local/folder"], "not a package name"),
+    (["tk-pure @ https://example.org/x.whl"], "not a package name"),
+    ([], "usage"),
+])
+def test_install_arguments_other_than_names_are_refused(tmp_path: Path, argv: list[str],
+                                                        said: str):
+    store = packages.PackageStore(packages.Packages(), packages.Target("wasm", True))
+    try:
+        answer = store.handle({"op": "install", "argv": argv, "python": "3.15",
+                               "installed": {}}, None, None)
+    finally:
+        store.close()
+    assert not answer["ok"]
+    assert said in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("member", ["../escape.py", "/abs.py", "pkg/../../up.py",
+                                    "pkg\\..\\win.py"])
+def test_a_wheel_that_writes_outside_its_folder_installs_nothing(
+        tmp_path: Path, index: tuple[str, list[str]], home: Path, member: str):
+    root = tmp_path / "index"
+    build = tmp_path / "build"
+    build.mkdir()
+    wheel = make_wheel(build, "tk-slip", "1.0", {"tk_slip/__init__.py": ""})
+    with zipfile.ZipFile(wheel, "a") as whl:
+        whl.writestr(member, "print('escaped')\n")
+    publish(root, wheel)
+    with serve(root) as (url, _):
+        config = packages.Packages(index_url=f"{url}/simple")
+        store = packages.PackageStore(config, packages.Target("wasm", True))
+        try:
+            answer = store.handle({"op": "install", "argv": ["tk-slip"], "python": "3.15",
+                                   "installed": {}}, None, None)
+            assert not answer["ok"]
+            assert "outside its folder" in answer["error"]["message"]
+            assert list(store.folder.iterdir()) == []
+            assert not (store.folder.parent / "escape.py").exists()
+        finally:
+            store.close()
+
+
+def test_file_count_and_total_size_caps(tmp_path: Path):
+    root = tmp_path / "index"
+    build = tmp_path / "build"
+    build.mkdir()
+    publish(root, make_wheel(build, "tk-many", "1.0",
+                             {f"tk_many/m{i}.py": "" for i in range(30)}))
+    publish(root, make_wheel(build, "tk-bomb", "1.0",
+                             {"tk_bomb/__init__.py": "", "tk_bomb/zeros": b"\0" * (4 * MiB)}))
+    with serve(root) as (url, _):
+        store = packages.PackageStore(
+            packages.Packages(index_url=f"{url}/simple", max_files=10,
+                              max_total_bytes=MiB), packages.Target("wasm", True))
+        try:
+            many = store.handle({"op": "install", "argv": ["tk-many"], "python": "3.15",
+                                 "installed": {}}, None, None)
+            assert not many["ok"] and "c.Packages.max_files" in many["error"]["message"]
+            # Compresses to a few KiB: the cap counts the bytes unpacked, as written.
+            bomb = store.handle({"op": "install", "argv": ["tk-bomb"], "python": "3.15",
+                                 "installed": {}}, None, None)
+            assert not bomb["ok"] and "c.Packages.max_total_bytes" in bomb["error"]["message"]
+            assert list(store.folder.iterdir()) == []
+        finally:
+            store.close()
