@@ -270,3 +270,89 @@ def test_file_count_and_total_size_caps(tmp_path: Path):
             assert list(store.folder.iterdir()) == []
         finally:
             store.close()
+
+
+# -- custom images: tierkernel image build --apt ... --pip ... ----------------------------------
+def test_a_custom_image_tag_names_the_recipe_and_the_extras(capsys: pytest.CaptureFixture[str]):
+    from tierkernel.backends.sandbox_extras import Extras, ExtrasError
+    from tierkernel.backends.sandbox_image import image_ref, recipe_tag
+    from tierkernel.cli import main
+
+    plain = image_ref()
+    assert image_ref(Extras()) == plain
+    custom = image_ref(Extras(apt=("python3-statsmodels",), pip=("seaborn==0.13", "tqdm")))
+    assert custom.startswith(plain + "-") and custom != plain
+    # The same request in another order or spelling names the same image; another one does not.
+    assert image_ref(Extras(apt=("python3-statsmodels",), pip=("tqdm", "Seaborn == 0.13"))) \
+        == custom
+    assert image_ref(Extras(apt=("python3-statsmodels",), pip=("seaborn==0.12",))) != custom
+    assert Extras(pip=("tqdm",)).tag(recipe_tag()).startswith(recipe_tag())
+    for bad in ({"apt": ("x; rm -rf /",)}, {"apt": ("Upper",)},
+                {"pip": ("https://example.org/x.whl",)}, {"pip": ("-r reqs.txt",)}):
+        with pytest.raises(ExtrasError):
+            Extras(**bad)  # type: ignore[arg-type]
+    assert main(["image", "tag", "--apt", "python3-statsmodels", "--pip", "tqdm",
+                 "seaborn==0.13"]) == 0
+    assert capsys.readouterr().out.strip() == custom
+    assert main(["image", "tag", "--apt", "x;rm"]) == 2
+    assert "not a Debian package name" in capsys.readouterr().err
+
+
+def test_the_extra_debian_packages_join_the_recipe_list(tmp_path: Path):
+    from tierkernel.backends.sandbox_extras import Extras
+    from tierkernel.backends.sandbox_image import recipe_dir
+
+    written = Extras(apt=("python3-statsmodels", "graphviz")).packages_file(
+        recipe_dir() / "packages", tmp_path / "packages")
+    names = [ln for ln in written.read_text().splitlines() if ln and not ln.startswith("#")]
+    assert names[:1] == ["python3"] and names[-2:] == ["graphviz", "python3-statsmodels"]
+
+
+def test_wheels_are_installed_into_the_image_root(tmp_path: Path,
+                                                  index: tuple[str, list[str]]):
+    from tierkernel.backends.sandbox_extras import Extras
+
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "usr/lib/python3.11").mkdir(parents=True)
+    debian = rootfs / "usr/lib/python3/dist-packages"
+    (debian / "tk_dep-1.0.egg-info").mkdir(parents=True)  # as Debian ships its packages
+    (debian / "tk_dep-1.0.egg-info/PKG-INFO").write_text(
+        "Metadata-Version: 2.1\nName: tk-dep\nVersion: 1.0\n")
+    lines: list[str] = []
+    done = Extras(pip=("tk-pure", "tk-native"), index_url=f"{index[0]}/simple").install_wheels(
+        rootfs, lines.append)
+    assert sorted(done) == ["tk-native-1.0", "tk-pure-2.0"]  # tk-dep: the image has it
+    site = rootfs / "usr/local/lib/python3.11/dist-packages"
+    assert (site / "tk_pure/__init__.py").read_text().startswith("from tk_dep import")
+    assert (site / "tk_native/__init__.py").is_file()
+    assert (site / "tk_pure-2.0.dist-info/INSTALLER").read_text() == "tierkernel\n"
+    assert not (site / "tk_dep").exists()
+    assert any("resolving tk-pure tk-native for Python 3.11" in ln for ln in lines)
+    assert any("installed" in ln and "tk-pure-2.0" in ln for ln in lines)
+
+
+def test_an_image_build_keeps_the_custom_images_of_the_recipe():
+    from tierkernel.backends.docker_engine import IMAGE_REPO
+    from tierkernel.backends.sandbox_image import _remove_stale, recipe_tag
+
+    current = f"{IMAGE_REPO}:{recipe_tag()}"
+    tags = [current, f"{current}-0123456789ab", f"{IMAGE_REPO}:000000000000",
+            f"{IMAGE_REPO}:000000000000-0123456789ab"]
+    removed: list[str] = []
+
+    class Image:
+        def __init__(self, tag: str) -> None:
+            self.tags = [tag]
+
+    class Images:
+        def list(self, name: str) -> list[Image]:
+            return [Image(t) for t in tags]
+
+        def remove(self, tag: str) -> None:
+            removed.append(tag)
+
+    class Client:
+        images = Images()
+
+    _remove_stale(Client(), f"{current}-0123456789ab", lambda line: None)
+    assert removed == tags[2:]

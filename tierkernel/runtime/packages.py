@@ -82,6 +82,12 @@ _REQUIREMENT = re.compile(
 _VERSION = re.compile(r"^[A-Za-z0-9.+!_-]{1,64}$")
 
 
+def is_requirement(text: str) -> bool:
+    """Whether ``text`` is a name with optional extras and version specifiers (nothing else:
+    no URL, path or marker)."""
+    return len(text) <= 200 and _REQUIREMENT.match(text.strip()) is not None
+
+
 def normalize(name: str) -> str:
     """A project name as PEP 503 compares them (``Foo_Bar`` -> ``foo-bar``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -624,7 +630,7 @@ def _parse_install(argv: list[str]) -> tuple[list[str], list[str]]:
                 "(NAME, NAME==1.2, 'NAME>=1,<2'), and -U/--upgrade, --no-deps or --pre",
                 "ValueError")
         else:
-            if len(arg) > 200 or not _REQUIREMENT.match(arg.strip()):
+            if not is_requirement(arg):
                 raise PackageError(
                     f"{arg[:200]!r} is not a package name with optional version "
                     "specifiers; URLs, paths and requirement files are not installed by %pip "
