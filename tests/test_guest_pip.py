@@ -356,3 +356,45 @@ def test_an_image_build_keeps_the_custom_images_of_the_recipe():
 
     _remove_stale(Client(), f"{current}-0123456789ab", lambda line: None)
     assert removed == tags[2:]
+
+
+def test_an_index_that_never_answers_ends_at_the_install_timeout(tmp_path: Path):
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections are accepted by the kernel's backlog, never answered
+    try:
+        port = silent.getsockname()[1]
+        store = packages.PackageStore(
+            packages.Packages(index_url=f"http://127.0.0.1:{port}/simple", timeout=3),
+            packages.Target("sandbox", False))
+        try:
+            started = time.monotonic()
+            answer = store.handle({"op": "install", "argv": ["tk-pure"], "python": "3.11",
+                                   "installed": {}}, None, None)
+            assert time.monotonic() - started < 30
+        finally:
+            store.close()
+    finally:
+        silent.close()
+    assert answer["error"]["type"] == "TimeoutError"
+    assert "c.Packages.timeout" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("args, said", [
+    ({"op": "fetch", "token": "forged", "part": 0}, "no such part"),
+    ({"op": "install", "argv": ["tk-pure"], "python": "3.11; rm -rf /", "installed": {}},
+     "no usable Python version"),
+    ({"op": "uninstall", "names": ["numpy"]}, "not installed by %pip"),
+    ({"op": "shell", "argv": []}, "a pip request is"),
+    ("not a dict", "a pip request is"),
+])
+def test_forged_pip_requests_are_refused(args: object, said: str):
+    store = packages.PackageStore(packages.Packages(), packages.Target("sandbox", False))
+    try:
+        answer = store.handle(args, None, None)
+    finally:
+        store.close()
+    assert not answer["ok"] and said in answer["error"]["message"]
