@@ -398,3 +398,43 @@ def test_forged_pip_requests_are_refused(args: object, said: str):
     finally:
         store.close()
     assert not answer["ok"] and said in answer["error"]["message"]
+
+
+def test_what_the_guest_lacks_is_sent_again(index: tuple[str, list[str]]):
+    """A sandbox guest whose copy was cut short (an interrupted cell) reports the package
+    missing: the next install of it sends its files again instead of "already satisfied"
+    and nothing to import."""
+    import base64
+    import io
+    import tarfile
+
+    store = packages.PackageStore(packages.Packages(index_url=f"{index[0]}/simple"),
+                                  packages.Target("sandbox", False))
+
+    def install(have: dict[str, str]) -> dict[str, object]:
+        answer = store.handle({"op": "install", "argv": ["tk-pure"], "python": "3.11",
+                               "installed": have}, None, None)
+        assert answer["ok"], answer
+        return answer["value"]  # type: ignore[no-any-return]
+
+    def sent(value: dict[str, object]) -> set[str]:
+        names: set[str] = set()
+        for part in range(int(value["parts"])):  # type: ignore[call-overload]
+            got = store.handle({"op": "fetch", "token": value["token"], "part": part}, None,
+                               None)
+            with tarfile.open(fileobj=io.BytesIO(base64.b64decode(got["value"]["data"]))) as t:
+                names |= set(t.getnames())
+        return names
+
+    try:
+        first = install({})
+        assert "tk_pure/__init__.py" in sent(first) and "tk_dep/__init__.py" in sent(
+            install({}))
+        again = install({"tk-dep": "1.0"})
+        assert again["installed"] == [] and "already satisfied" in str(again["message"])
+        names = sent(again)
+        assert "tk_pure/__init__.py" in names and "tk_dep/__init__.py" not in names
+        whole = install({"tk-pure": "2.0", "tk-dep": "1.0"})
+        assert whole["token"] is None and whole["parts"] == 0
+    finally:
+        store.close()

@@ -298,21 +298,22 @@ class PackageStore:
         installed = _reported(args.get("installed"))
         deadline = time.monotonic() + self.config.timeout
         with self._lock, tempfile.TemporaryDirectory(prefix="tierkernel-pip-") as work:
-            # Ours count as installed whatever the guest says (a replaced container may not
-            # have been given them back yet).
+            # Ours count as installed whatever the guest says; those it does not have (a copy
+            # that an interrupted cell left unfinished) are sent again with this install.
+            resend = [inst for key, inst in self._installed.items()
+                      if installed.get(key) != (inst.name, inst.version)]
             for inst in self._installed.values():
                 installed[normalize(inst.name)] = (inst.name, inst.version)
             plan = self._resolve(Path(work), requirements, flags, python, installed, deadline)
-            if not plan:
-                return {"installed": [], "downloaded": 0, "files": 0, "token": None,
-                        "parts": 0, "message": "Requirement already satisfied: "
-                        + ", ".join(requirements)}
-            wheels, downloaded = self._download(Path(work), plan, deadline)
+            wheels, downloaded = self._download(Path(work), plan, deadline) if plan else ([], 0)
             written = self._unpack_all(Path(work), wheels)
+        resend = [inst for inst in resend if inst not in written
+                  and self._installed.get(normalize(inst.name)) is inst]
+        message = "" if plan else "Requirement already satisfied: " + ", ".join(requirements)
         token, parts = None, 0
-        if not self.target.pure_only:
+        if not self.target.pure_only and (written or resend):
             token = uuid.uuid4().hex
-            groups = _groups(self.folder, [f for inst in written for f in inst.files])
+            groups = _groups(self.folder, [f for inst in written + resend for f in inst.files])
             with self._lock:
                 self._pending = {k: v for k, v in self._pending.items()
                                  if time.monotonic() - v.created < 3600}
@@ -320,7 +321,7 @@ class PackageStore:
             parts = len(groups)
         return {"installed": [{"name": i.name, "version": i.version} for i in written],
                 "downloaded": downloaded, "files": sum(len(i.files) for i in written),
-                "token": token, "parts": parts}
+                "token": token, "parts": parts, "message": message}
 
     def _resolve(self, work: Path, requirements: list[str], flags: list[str], python: str,
                  installed: dict[str, tuple[str, str]], deadline: float) -> list[dict[str, Any]]:
