@@ -438,3 +438,31 @@ def test_what_the_guest_lacks_is_sent_again(index: tuple[str, list[str]]):
         assert whole["token"] is None and whole["parts"] == 0
     finally:
         store.close()
+
+
+def test_a_new_container_that_cannot_take_the_packages_still_runs_cells(
+        index: tuple[str, list[str]]):
+    """Packages are given to every new container; when that copy fails (its /tmp is full),
+    the container is kept and the next cell says what happened and what to do."""
+    from tierkernel.backends.sandbox import SandboxBackend
+
+    backend = SandboxBackend()
+    store = backend._package_store()
+    store.config.index_url = f"{index[0]}/simple"
+    asked: list[dict[str, object]] = []
+
+    class FullSession:
+        def ask(self, msg: dict[str, object], timeout: float) -> dict[str, object]:
+            asked.append(msg)
+            return {"type": "unpacked", "error": "OSError: [Errno 28] No space left on device"}
+
+    try:
+        assert store.handle({"op": "install", "argv": ["tk-pure"], "python": "3.11",
+                             "installed": {}}, None, None)["ok"]
+        backend._give_packages(FullSession(), 5.0)  # type: ignore[arg-type]
+        assert asked and asked[0]["root"] == packages.SANDBOX_SITE
+        assert "No space left" in backend._packages_notice
+        assert "run the %pip install again" in backend._packages_notice
+    finally:
+        backend.shutdown()
+    assert not store.folder.exists()

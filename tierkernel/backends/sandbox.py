@@ -284,6 +284,8 @@ class SandboxBackend(ChannelLimits, Backend):
         #: every new container's agent.
         self._packages: packages.PackageStore | None = None
         self._packages_lock = threading.Lock()
+        #: Said at the next cell: the packages could not all be given to a new container.
+        self._packages_notice = ""
 
     # -- the contract ---------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -395,6 +397,9 @@ class SandboxBackend(ChannelLimits, Backend):
         if self._workspace.notice:  # files the container could not be given (or warm start's)
             sink.stream("stderr", self._workspace.notice)
             self._workspace.notice = ""
+        if self._packages_notice:
+            sink.stream("stderr", self._packages_notice)
+            self._packages_notice = ""
         result = await session.run_async(request, held, option, gateway)
         if session.alive and not session.watching:
             # After the first cell, not before: setting the watch up takes the agent 10-25 ms
@@ -1000,13 +1005,20 @@ class SandboxBackend(ChannelLimits, Backend):
         store = self._packages
         if store is None:
             return
-        for part in store.parts():
-            answer = session.ask({"type": "unpack", "root": packages.SANDBOX_SITE,
-                                  "delete": [], "data": base64.b64encode(part).decode("ascii")},
-                                 timeout)
-            if answer.get("error"):
-                raise EngineError(f"the packages installed with %pip could not be copied into "
-                                  f"the new sandbox container: {answer['error']}")
+        try:
+            for part in store.parts():
+                answer = session.ask({"type": "unpack", "root": packages.SANDBOX_SITE,
+                                      "delete": [],
+                                      "data": base64.b64encode(part).decode("ascii")}, timeout)
+                if answer.get("error"):
+                    raise OSError(answer["error"])
+        except OSError as exc:
+            # The container still runs cells; what is missing is sent again by the next
+            # %pip install of it (the guest reports it missing).
+            log.warning("copying %%pip's packages into the container failed: %s", exc)
+            self._packages_notice = (
+                "tierkernel: the packages installed with %pip could not all be copied into the "
+                f"new sandbox container ({exc}); run the %pip install again\n")
 
     def _drop_container(self) -> None:
         """Forget and remove the current container (and its agent). Never raises."""
