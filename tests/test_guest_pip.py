@@ -21,6 +21,11 @@ from tierkernel.runtime import packages
 MiB = 1024 * 1024
 
 
+def _config(**settings: object) -> packages.Packages:
+    """c.Packages for a test of the host side: no wheel cache unless the test gives one."""
+    return packages.Packages(**{"cache_dir": "", **settings})
+
+
 def _tiers() -> list[str]:
     tiers = []
     if wasm_runtime.runtime_problem() is None and wasm_runtime.is_compiled():
@@ -71,6 +76,7 @@ def _kernel(home: Path, index_url: str, name: str) -> KernelSession:
         f"c.Packages.index_url = {index_url + '/liar/simple'!r}\n"
         "c.Packages.allowed = ['tk-*']\n"
         "c.Packages.max_install_bytes = '2m'\n"
+        f"c.Packages.cache_dir = {str(home / 'wheel-cache')!r}\n"
         "c.SandboxBackend.timeout = 120\nc.WasmBackend.timeout = 120\n")
     return KernelSession(env={**os.environ, "JUPYTER_CONFIG_DIR": str(config),
                               "TIERKERNEL_AUDIT_LOG": str(home / f"audit-{name}.sqlite3")})
@@ -212,7 +218,7 @@ def test_packages_survive_a_sandbox_container_replacement(home: Path,
 ])
 def test_install_arguments_other_than_names_are_refused(tmp_path: Path, argv: list[str],
                                                         said: str):
-    store = packages.PackageStore(packages.Packages(), packages.Target("wasm", True))
+    store = packages.PackageStore(_config(), packages.Target("wasm", True))
     try:
         answer = store.handle({"op": "install", "argv": argv, "python": "3.15",
                                "installed": {}}, None, None)
@@ -234,7 +240,7 @@ def test_a_wheel_that_writes_outside_its_folder_installs_nothing(
         whl.writestr(member, "print('escaped')\n")
     publish(root, wheel)
     with serve(root) as (url, _):
-        config = packages.Packages(index_url=f"{url}/simple")
+        config = _config(index_url=f"{url}/simple")
         store = packages.PackageStore(config, packages.Target("wasm", True))
         try:
             answer = store.handle({"op": "install", "argv": ["tk-slip"], "python": "3.15",
@@ -257,7 +263,7 @@ def test_file_count_and_total_size_caps(tmp_path: Path):
                              {"tk_bomb/__init__.py": "", "tk_bomb/zeros": b"\0" * (4 * MiB)}))
     with serve(root) as (url, _):
         store = packages.PackageStore(
-            packages.Packages(index_url=f"{url}/simple", max_files=10,
+            _config(index_url=f"{url}/simple", max_files=10,
                               max_total_bytes=MiB), packages.Target("wasm", True))
         try:
             many = store.handle({"op": "install", "argv": ["tk-many"], "python": "3.15",
@@ -368,7 +374,7 @@ def test_an_index_that_never_answers_ends_at_the_install_timeout(tmp_path: Path)
     try:
         port = silent.getsockname()[1]
         store = packages.PackageStore(
-            packages.Packages(index_url=f"http://127.0.0.1:{port}/simple", timeout=3),
+            _config(index_url=f"http://127.0.0.1:{port}/simple", timeout=3),
             packages.Target("sandbox", False))
         try:
             started = time.monotonic()
@@ -392,7 +398,7 @@ def test_an_index_that_never_answers_ends_at_the_install_timeout(tmp_path: Path)
     ("not a dict", "a pip request is"),
 ])
 def test_forged_pip_requests_are_refused(args: object, said: str):
-    store = packages.PackageStore(packages.Packages(), packages.Target("sandbox", False))
+    store = packages.PackageStore(_config(), packages.Target("sandbox", False))
     try:
         answer = store.handle(args, None, None)
     finally:
@@ -408,7 +414,7 @@ def test_what_the_guest_lacks_is_sent_again(index: tuple[str, list[str]]):
     import io
     import tarfile
 
-    store = packages.PackageStore(packages.Packages(index_url=f"{index[0]}/simple"),
+    store = packages.PackageStore(_config(index_url=f"{index[0]}/simple"),
                                   packages.Target("sandbox", False))
 
     def install(have: dict[str, str]) -> dict[str, object]:
@@ -449,6 +455,7 @@ def test_a_new_container_that_cannot_take_the_packages_still_runs_cells(
     backend = SandboxBackend()
     store = backend._package_store()
     store.config.index_url = f"{index[0]}/simple"
+    store.config.cache_dir = ""
     asked: list[dict[str, object]] = []
 
     class FullSession:
@@ -466,3 +473,35 @@ def test_a_new_container_that_cannot_take_the_packages_still_runs_cells(
     finally:
         backend.shutdown()
     assert not store.folder.exists()
+
+
+def test_wheels_come_from_the_cache_when_another_kernel_fetched_them(
+        tmp_path: Path, index: tuple[str, list[str]]):
+    cache = tmp_path / "cache"
+
+    def install() -> dict[str, object]:
+        store = packages.PackageStore(_config(index_url=f"{index[0]}/simple",
+                                              cache_dir=str(cache)),
+                                      packages.Target("wasm", True))
+        try:
+            answer = store.handle({"op": "install", "argv": ["tk-pure"], "python": "3.15",
+                                   "installed": {}}, None, None)
+            assert answer["ok"], answer
+            assert (store.folder / "tk_pure/__init__.py").is_file()
+            return answer["value"]  # type: ignore[no-any-return]
+        finally:
+            store.close()
+
+    first = install()
+    assert first["downloaded"] == first["wheel_bytes"] > 0
+    assert len(list(cache.glob("*.whl"))) == 2
+    fetched = len([h for h in index[1] if h.endswith(".whl")])
+    second = install()
+    assert second["downloaded"] == 0 and second["wheel_bytes"] == first["wheel_bytes"]
+    assert len([h for h in index[1] if h.endswith(".whl")]) == fetched
+    # A damaged entry is not used: the wheel is downloaded again (and the entry replaced).
+    for entry in cache.glob("*.whl"):
+        entry.write_bytes(b"not the wheel")
+    third = install()
+    assert third["downloaded"] == first["wheel_bytes"]
+    assert len([h for h in index[1] if h.endswith(".whl")]) == fetched + 2

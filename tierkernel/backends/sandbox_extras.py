@@ -89,7 +89,7 @@ class Extras:
         # The administrator builds the image: the per-kernel caps of %pip do not apply.
         config = packages.Packages(index_url=self.index_url, allowed=["*"],
                                    max_install_bytes=8 << 30, max_total_bytes=32 << 30,
-                                   max_files=2_000_000, timeout=3600.0)
+                                   max_files=2_000_000, timeout=3600.0, cache_dir="")
         store = packages.PackageStore(config, packages.Target("image", pure_only=False))
         try:
             answer = store.handle({"op": "install", "argv": list(self.pip), "python": python,

@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
@@ -137,6 +137,16 @@ class Packages(LoggingConfigurable):
         300.0, min=1.0,
         help="Seconds one %pip install may take on the host (resolving and downloading); the "
         "cell's own --timeout applies too.",
+    ).tag(config=True)
+    cache_dir = Unicode(
+        "~/.cache/tierkernel/wheels",
+        help="Folder of downloaded wheels kept for later installs by any kernel of this user, "
+        "named by their sha256 and checked again when used ('' turns the cache off).",
+    ).tag(config=True)
+    cache_max_bytes = ByteSize(
+        1 << 30,
+        help="Bytes of wheels the cache keeps; the least recently used go first (0: no "
+        "cache).",
     ).tag(config=True)
     pip_args = List(
         Unicode(), [],
@@ -249,7 +259,7 @@ class PackageStore:
                 value = self._install(args)
                 target = "install " + " ".join(f"{p['name']}=={p['version']}"
                                                for p in value["installed"])
-                size = int(value.get("downloaded", 0))
+                size = int(value.get("wheel_bytes", 0))
             else:
                 value = self._uninstall(args)
                 target = "uninstall " + " ".join(value["removed"])
@@ -305,7 +315,8 @@ class PackageStore:
             for inst in self._installed.values():
                 installed[normalize(inst.name)] = (inst.name, inst.version)
             plan = self._resolve(Path(work), requirements, flags, python, installed, deadline)
-            wheels, downloaded = self._download(Path(work), plan, deadline) if plan else ([], 0)
+            wheels, downloaded, wheel_bytes = (self._download(Path(work), plan, deadline)
+                                               if plan else ([], 0, 0))
             written = self._unpack_all(Path(work), wheels)
         resend = [inst for inst in resend if inst not in written
                   and self._installed.get(normalize(inst.name)) is inst]
@@ -320,7 +331,8 @@ class PackageStore:
                 self._pending[token] = _Pending(groups)
             parts = len(groups)
         return {"installed": [{"name": i.name, "version": i.version} for i in written],
-                "downloaded": downloaded, "files": sum(len(i.files) for i in written),
+                "downloaded": downloaded, "wheel_bytes": wheel_bytes,
+                "files": sum(len(i.files) for i in written),
                 "token": token, "parts": parts, "message": message}
 
     def _resolve(self, work: Path, requirements: list[str], flags: list[str], python: str,
@@ -434,10 +446,12 @@ class PackageStore:
         return str(wheels[-1])
 
     def _download(self, work: Path, plan: list[dict[str, Any]],
-                  deadline: float) -> tuple[list[tuple[dict[str, Any], Path]], int]:
-        """Each planned wheel, fetched and checked; the total bytes downloaded."""
+                  deadline: float) -> tuple[list[tuple[dict[str, Any], Path]], int, int]:
+        """Each planned wheel, fetched (or taken from the cache) and checked; the bytes
+        downloaded, and the bytes of all the wheels (those from the cache count against the
+        cap too)."""
         cap = self.config.max_install_bytes
-        total = 0
+        total = downloaded = 0
         wheels: list[tuple[dict[str, Any], Path]] = []
         folder = work / "wheels"
         folder.mkdir()
@@ -454,14 +468,15 @@ class PackageStore:
                     raise PackageError(f"{name} cannot run in the {self.target.tier} tier "
                                        "(only pure-Python wheels can)", "ValueError")
                 hashes = (info.get("archive_info") or {}).get("hashes") or {}
-                digest = hashes.get("sha256")
-                sha = hashlib.sha256()
+                digest = str(hashes.get("sha256", "")).lower() or None
                 path = folder / name
-                try:
-                    with client.stream("GET", url) as response, path.open("wb") as out:
-                        if response.status_code != 200:
-                            raise PackageError(f"{url} answered {response.status_code}")
-                        for chunk in response.iter_bytes(1 << 16):
+
+                def take(chunks: Iterator[bytes], name: str = name, path: Path = path) -> str:
+                    """Write ``chunks`` to ``path``, counted against the caps; their sha256."""
+                    nonlocal total
+                    sha = hashlib.sha256()
+                    with path.open("wb") as out:
+                        for chunk in chunks:
                             total += len(chunk)
                             if total > cap:
                                 raise PackageError(
@@ -474,14 +489,69 @@ class PackageStore:
                                     "(c.Packages.timeout)", "TimeoutError")
                             sha.update(chunk)
                             out.write(chunk)
+                    return sha.hexdigest()
+
+                before = total
+                cached = self._cached(digest)
+                if cached is not None:
+                    with cached.open("rb") as source:
+                        if take(iter(lambda: source.read(1 << 16), b"")) == digest:
+                            with contextlib.suppress(OSError):
+                                os.utime(cached)  # recently used: evicted last
+                            wheels.append((item, path))
+                            continue
+                    total = before  # a damaged cache entry: dropped, downloaded instead
+                    with contextlib.suppress(OSError):
+                        cached.unlink()
+                try:
+                    with client.stream("GET", url) as response:
+                        if response.status_code != 200:
+                            raise PackageError(f"{url} answered {response.status_code}")
+                        got = take(response.iter_bytes(1 << 16))
                 except httpx.HTTPError as exc:
                     raise PackageError(f"downloading {name} failed: {exc}",
                                        "ConnectionError") from exc
-                if digest is not None and sha.hexdigest() != str(digest).lower():
+                if digest is not None and got != digest:
                     raise PackageError(f"{name}: its sha256 is not the one the index gave; "
                                        "nothing was installed", "ValueError")
+                downloaded += total - before
+                self._cache(digest, path)
                 wheels.append((item, path))
-        return wheels, total
+        return wheels, downloaded, total
+
+    # -- the wheel cache shared by the kernels of a user --------------------------------------
+    def _cache_dir(self) -> Path | None:
+        folder = self.config.cache_dir
+        return Path(folder).expanduser() if folder and self.config.cache_max_bytes else None
+
+    def _cached(self, digest: str | None) -> Path | None:
+        """The cached wheel of sha256 ``digest``, if there is one (checked when read)."""
+        folder = self._cache_dir()
+        if folder is None or digest is None or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            return None
+        path = folder / f"{digest}.whl"
+        return path if path.is_file() else None
+
+    def _cache(self, digest: str | None, wheel: Path) -> None:
+        """Keep a verified wheel for later installs (any kernel of this user), then drop the
+        least recently used ones past c.Packages.cache_max_bytes. Best effort."""
+        folder = self._cache_dir()
+        if folder is None or digest is None or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            partial = folder / f".{digest}.{uuid.uuid4().hex}"
+            shutil.copyfile(wheel, partial)
+            os.replace(partial, folder / f"{digest}.whl")
+            entries = sorted(((p.stat().st_mtime, p.stat().st_size, p)
+                              for p in folder.glob("*.whl")), reverse=True)
+            kept = 0
+            for _, size, path in entries:
+                kept += size
+                if kept > self.config.cache_max_bytes:
+                    path.unlink()
+        except OSError as exc:
+            log.warning("could not keep a wheel in the cache %s: %s", folder, exc)
 
     def _unpack_all(self, work: Path, wheels: list[tuple[dict[str, Any], Path]]
                     ) -> list[_Installed]:
