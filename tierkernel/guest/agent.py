@@ -347,7 +347,11 @@ class Agent:
         if magic is None:
             raise NameError("%pip is not available in this tier; it works in %%tier wasm "
                             "and %%tier sandbox cells")
-        magic(line)
+        try:
+            magic(line)
+        except Exception as exc:
+            # The user's line and the error: the magic's own frames are plumbing.
+            raise exc.with_traceback(None) from None
 
     def call_host(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one helper request to the host and wait for its answer (a cell's thread).
