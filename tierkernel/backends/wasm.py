@@ -316,6 +316,8 @@ class WasmBackend(ChannelLimits, Backend):
         agent.wait_ready(30.0)
         if self._closed:  # the kernel shut down while we were opening
             agent.close()
+            if self._packages is not None:  # made after shutdown() looked for it
+                self._packages.close()
             raise RuntimeError("the kernel is shutting down")
         return agent
 
