@@ -58,6 +58,7 @@ import httpx
 from traitlets import Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
+from tierkernel.runtime import network
 from tierkernel.runtime.audit import AuditLog, HelperCall, folded_start
 from tierkernel.sizes import ByteSize
 
@@ -431,7 +432,8 @@ class PackageStore:
         """A wheel of ``name`` on the index with native code, if it has only such wheels."""
         url = f"{self.config.index_url.rstrip('/')}/{normalize(name)}/"
         try:
-            with httpx.Client(timeout=30, follow_redirects=True) as client, \
+            with httpx.Client(timeout=30, follow_redirects=True,
+                              verify=network.tls_context()) as client, \
                     client.stream("GET", url) as response:
                 page = b""
                 for chunk in response.iter_bytes():
@@ -455,7 +457,8 @@ class PackageStore:
         wheels: list[tuple[dict[str, Any], Path]] = []
         folder = work / "wheels"
         folder.mkdir()
-        with httpx.Client(follow_redirects=True, timeout=30) as client:
+        with httpx.Client(follow_redirects=True, timeout=30,
+                          verify=network.tls_context()) as client:
             for item in plan:
                 info = item.get("download_info") or {}
                 url = str(info.get("url", ""))
