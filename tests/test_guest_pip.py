@@ -110,6 +110,9 @@ def test_pip_install_then_import_with_its_dependency(kernel: KernelSession, home
     answer, where = used.stdout.split()
     assert answer == "42"
     assert where.startswith(packages.WASM_SITE if tier == "wasm" else packages.SANDBOX_SITE)
+    if tier == "sandbox":  # processes the cells start find the packages too
+        shell = kernel.run("%%tier sandbox\n!python3 -c 'import tk_pure; print(tk_pure.ANSWER)'")
+        assert shell.stdout.strip() == "42", shell.outputs
     # Asked again: nothing is fetched, the guest has it.
     again = kernel.run(f"%%tier {tier}\n%pip install tk-pure")
     assert again.status == "ok", again.outputs
@@ -505,3 +508,30 @@ def test_wheels_come_from_the_cache_when_another_kernel_fetched_them(
     third = install()
     assert third["downloaded"] == first["wheel_bytes"]
     assert len([h for h in index[1] if h.endswith(".whl")]) == fetched + 2
+
+
+def test_an_upgrade_replaces_the_files_of_the_older_version(tmp_path: Path):
+    root, build = tmp_path / "index", tmp_path / "build"
+    build.mkdir()
+    publish(root, make_wheel(build, "tk-up", "1.0", {"tk_up/__init__.py": "V = 1\n",
+                                                     "tk_up/old_only.py": ""}))
+    with serve(root) as (url, _):
+        store = packages.PackageStore(_config(index_url=f"{url}/simple"),
+                                      packages.Target("sandbox", False))
+        try:
+            first = store.handle({"op": "install", "argv": ["tk-up"], "python": "3.11",
+                                  "installed": {}}, None, None)
+            assert first["ok"] and (store.folder / "tk_up/old_only.py").is_file()
+            publish(root, make_wheel(build, "tk-up", "2.0", {"tk_up/__init__.py": "V = 2\n"}))
+            same = store.handle({"op": "install", "argv": ["tk-up"], "python": "3.11",
+                                 "installed": {"tk-up": "1.0"}}, None, None)
+            assert same["ok"] and same["value"]["installed"] == []  # 1.0 satisfies "tk-up"
+            up = store.handle({"op": "install", "argv": ["-U", "tk-up"], "python": "3.11",
+                               "installed": {"tk-up": "1.0"}}, None, None)
+            assert up["ok"], up
+            assert up["value"]["installed"] == [{"name": "tk-up", "version": "2.0"}]
+            assert (store.folder / "tk_up/__init__.py").read_text() == "V = 2\n"
+            assert not (store.folder / "tk_up/old_only.py").exists()
+            assert not (store.folder / "tk_up-1.0.dist-info").exists()
+        finally:
+            store.close()
