@@ -53,6 +53,8 @@ def _build_index(root: Path) -> None:
     publish(root, make_wheel(build, "tk-big", "1.0",
                              {"tk_big/__init__.py": "", "tk_big/blob.bin": os.urandom(3 * MiB)}))
     publish(root, make_wheel(build, "not-allowed", "1.0", {"not_allowed/__init__.py": ""}))
+    publish(root, make_wheel(build, "tk-fat", "1.0",
+                             {"tk_fat/__init__.py": "", "tk_fat/blob.bin": os.urandom(6 * MiB)}))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def index(home: Path) -> Iterator[tuple[str, list[str]]]:
         yield served
 
 
-def _kernel(home: Path, index_url: str, name: str) -> KernelSession:
+def _kernel(home: Path, index_url: str, name: str, more: str = "") -> KernelSession:
     config = home / f"config-{name}"
     config.mkdir()
     (config / "tierkernel_config.py").write_text(
@@ -77,7 +79,7 @@ def _kernel(home: Path, index_url: str, name: str) -> KernelSession:
         "c.Packages.allowed = ['tk-*']\n"
         "c.Packages.max_install_bytes = '2m'\n"
         f"c.Packages.cache_dir = {str(home / 'wheel-cache')!r}\n"
-        "c.SandboxBackend.timeout = 120\nc.WasmBackend.timeout = 120\n")
+        "c.SandboxBackend.timeout = 120\nc.WasmBackend.timeout = 120\n" + more)
     return KernelSession(env={**os.environ, "JUPYTER_CONFIG_DIR": str(config),
                               "TIERKERNEL_AUDIT_LOG": str(home / f"audit-{name}.sqlite3")})
 
@@ -535,3 +537,20 @@ def test_an_upgrade_replaces_the_files_of_the_older_version(tmp_path: Path):
             assert not (store.folder / "tk_up-1.0.dist-info").exists()
         finally:
             store.close()
+
+
+def test_packages_that_do_not_fit_in_the_containers_tmp_are_a_clear_error(
+        home: Path, index: tuple[str, list[str]]):
+    sandbox_support.need_sandbox()
+    session = _kernel(home, index[0], "small-tmp", "c.Packages.max_install_bytes = '16m'\n"
+                      "c.SandboxBackend.tmpfs_size = '4m'\nc.SandboxBackend.spares = 0\n")
+    try:
+        done = session.run("%%tier sandbox\n%pip install tk-fat", timeout=120)
+        assert done.status == "error"
+        assert done.error["ename"] == "OSError"
+        assert "did not fit" in done.error["evalue"]
+        assert "c.SandboxBackend.tmpfs_size" in done.error["evalue"]
+        after = session.run("%%tier sandbox\nprint('still here')")
+        assert after.stdout.strip() == "still here"
+    finally:
+        session.close()

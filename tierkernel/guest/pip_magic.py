@@ -85,7 +85,13 @@ class PipMagic:
         if self.copy_in and value.get("token"):
             for part in range(int(value.get("parts", 0))):
                 got = self._request({"op": "fetch", "token": value["token"], "part": part})
-                unpack(self.site, base64.b64decode(str(got["data"])))
+                try:
+                    unpack(self.site, base64.b64decode(str(got["data"])))
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"%pip: the packages did not fit into {self.site} (the "
+                        "container's /tmp: c.SandboxBackend.tmpfs_size, within its --memory); "
+                        f"{exc.strerror or exc}") from None
         importlib.invalidate_caches()
         done = [f"{p['name']}-{p['version']}" for p in value.get("installed", [])]
         if done:
