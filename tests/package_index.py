@@ -50,17 +50,19 @@ def make_wheel(folder: Path, name: str, version: str, files: dict[str, bytes | s
     return path
 
 
-def publish(root: Path, wheel: Path) -> None:
-    """Put ``wheel`` into the index at ``root``: its file, its metadata file, and a link on
-    its project's page (pages are rewritten from the files each time)."""
+def publish(root: Path, wheel: Path, metadata: bool = True) -> None:
+    """Put ``wheel`` into the index at ``root``: its file, its metadata file (unless not
+    ``metadata``: pip then downloads the whole wheel to read it), and a link on its project's
+    page (pages are rewritten from the files each time)."""
     files = root / "files"
     files.mkdir(parents=True, exist_ok=True)
     target = files / wheel.name
     if wheel != target:
         target.write_bytes(wheel.read_bytes())
-    with zipfile.ZipFile(target) as whl:
-        metadata = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
-        (files / f"{wheel.name}.metadata").write_bytes(whl.read(metadata))
+    if metadata:
+        with zipfile.ZipFile(target) as whl:
+            name = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
+            (files / f"{wheel.name}.metadata").write_bytes(whl.read(name))
     _pages(root)
 
 
@@ -73,10 +75,13 @@ def _pages(root: Path) -> None:
         links = []
         for whl in wheels:
             digest = hashlib.sha256(whl.read_bytes()).hexdigest()
-            meta = hashlib.sha256(Path(f"{whl}.metadata").read_bytes()).hexdigest()
-            links.append(f'<a href="../../files/{whl.name}#sha256={digest}" '
-                         f'data-dist-info-metadata="sha256={meta}" '
-                         f'data-core-metadata="sha256={meta}">{whl.name}</a><br>')
+            attributes = ""
+            if Path(f"{whl}.metadata").is_file():
+                meta = hashlib.sha256(Path(f"{whl}.metadata").read_bytes()).hexdigest()
+                attributes = (f' data-dist-info-metadata="sha256={meta}" '
+                              f'data-core-metadata="sha256={meta}"')
+            links.append(f'<a href="../../files/{whl.name}#sha256={digest}"{attributes}>'
+                         f'{whl.name}</a><br>')
         page = simple / project
         page.mkdir(parents=True, exist_ok=True)
         (page / "index.html").write_text("<!DOCTYPE html><html><body>\n" + "\n".join(links)

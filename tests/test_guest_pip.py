@@ -554,3 +554,25 @@ def test_packages_that_do_not_fit_in_the_containers_tmp_are_a_clear_error(
         assert after.stdout.strip() == "still here"
     finally:
         session.close()
+
+
+def test_what_pip_itself_fetches_while_resolving_is_capped(tmp_path: Path):
+    """An index without metadata files makes pip download whole wheels to resolve: each file
+    it writes is capped by the same limit."""
+    root, build = tmp_path / "index", tmp_path / "build"
+    build.mkdir()
+    publish(root, make_wheel(build, "tk-heavy", "1.0", {"tk_heavy/__init__.py": "",
+                                                        "tk_heavy/blob": os.urandom(3 * MiB)}),
+            metadata=False)
+    with serve(root) as (url, hits):
+        store = packages.PackageStore(_config(index_url=f"{url}/simple", max_install_bytes=MiB),
+                                      packages.Target("sandbox", False))
+        try:
+            answer = store.handle({"op": "install", "argv": ["tk-heavy"], "python": "3.11",
+                                   "installed": {}}, None, None)
+        finally:
+            store.close()
+        assert "/files/tk_heavy-1.0-py3-none-any.whl" in hits  # pip did fetch it
+    assert not answer["ok"]
+    message = answer["error"]["message"]
+    assert "while resolving" in message and "c.Packages.max_install_bytes" in message, message

@@ -36,7 +36,6 @@ import logging
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -354,9 +353,15 @@ class PackageStore:
                 (info / "METADATA").write_text(
                     f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
         report = work / "report.json"
-        code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        cap = self.config.max_install_bytes
+        # First, in the child (not a preexec_fn: the kernel has threads): no file pip writes
+        # may pass the download cap; then pip, seeing only the stub environment.
+        code = ("import resource, sys; cap = int(sys.argv.pop(1)); "
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap)); "
+                "sys.path.insert(0, sys.argv.pop(1)); "
                 "from pip._internal.cli.main import main; sys.exit(main())")
-        command = [sys.executable, "-S", "-c", code, str(stub), "install", "--isolated",
+        command = [sys.executable, "-S", "-c", code, str(cap), str(stub), "install",
+                   "--isolated",
                    "--dry-run", "--report", str(report), "--quiet", "--no-cache-dir",
                    "--no-input", "--disable-pip-version-check", "--no-color",
                    "--only-binary=:all:",
@@ -364,16 +369,11 @@ class PackageStore:
                    *self.config.pip_args, *flags, "--", *requirements]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
         env.update(HOME=str(work), TMPDIR=str(work))
-        cap = self.config.max_install_bytes
-
-        def limit() -> None:  # in the child: no file pip writes may pass the download cap
-            resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
-
         left = deadline - time.monotonic()
         try:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=env, cwd=work,
-                                    preexec_fn=limit, start_new_session=True)
+                                    start_new_session=True)
         except OSError as exc:
             raise PackageError(f"could not start pip on the host: {exc}") from exc
         try:
@@ -385,7 +385,8 @@ class PackageStore:
             raise PackageError(
                 f"resolving {' '.join(requirements)} took longer than "
                 f"{self.config.timeout:g} s (c.Packages.timeout)", "TimeoutError") from None
-        if proc.returncode == -signal.SIGXFSZ:
+        # Python ignores SIGXFSZ: pip's write fails with EFBIG, which it reports.
+        if proc.returncode == -signal.SIGXFSZ or b"[Errno 27]" in err:
             raise PackageError(
                 f"pip fetched a file larger than the {_size(cap)} limit of one install while "
                 "resolving (c.Packages.max_install_bytes)", "ValueError")
