@@ -58,13 +58,21 @@ def _cmd_warm(args: argparse.Namespace) -> int:
 
 def _cmd_image(args: argparse.Namespace) -> int:
     from tierkernel.backends.docker_engine import EngineError
+    from tierkernel.backends.sandbox_extras import Extras, ExtrasError
     from tierkernel.backends.sandbox_image import ImageBuildError, build_image, image_ref
 
+    try:
+        extras = Extras(tuple(args.apt or ()), tuple(args.pip or ()),
+                        args.index_url or "https://pypi.org/simple")
+    except ExtrasError as exc:
+        print(f"tierkernel image {args.image_command}: {exc}", file=sys.stderr)
+        return 2
     if args.image_command == "tag":
-        print(image_ref())
+        print(image_ref(extras))
         return 0
     try:
-        build_image(lambda line: print(line, flush=True), force=args.force, mirror=args.mirror)
+        build_image(lambda line: print(line, flush=True), force=args.force, mirror=args.mirror,
+                    extras=extras)
     except (ImageBuildError, EngineError) as exc:
         print(f"tierkernel image build: {exc}", file=sys.stderr)
         return 1
@@ -199,7 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
     b.add_argument("--mirror", metavar="URL",
                    help="Debian mirror (default: the one apt uses, from /etc/apt/sources.list*)")
-    image_sub.add_parser("tag", help="print the image reference this recipe builds")
+    t = image_sub.add_parser("tag", help="print the image reference this recipe builds (with "
+                             "--apt/--pip: the custom image's)")
+    for command in (b, t):
+        command.add_argument(
+            "--apt", nargs="+", metavar="NAME",
+            help="extra Debian packages baked into a custom image (its tag says which; select "
+            "it with c.SandboxBackend.image)")
+        command.add_argument(
+            "--pip", nargs="+", metavar="NAME",
+            help="extra Python packages (NAME or NAME==VERSION) baked into a custom image: "
+            "wheels fetched on the host, installed into /usr/local/lib/python3.X/dist-packages")
+        command.add_argument("--index-url", metavar="URL",
+                             help="package index for --pip (default: https://pypi.org/simple)")
     p.set_defaults(func=_cmd_image)
 
     p = sub.add_parser(

@@ -43,6 +43,8 @@ HELPERS_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "helpers.py"
 TREE_WATCH_SOURCE = HELPERS_SOURCE.with_name("tree_watch.py")
 #: Guest modules sent as source with the helpers (``install_module``): IPython's glue.
 GUEST_MODULES = ("ishell",)
+#: The guest's ``%pip`` magic, sent as source with the helpers to a sandbox agent.
+PIP_MAGIC_SOURCE = HELPERS_SOURCE.with_name("pip_magic.py")
 
 
 class AgentTransport(Protocol):
@@ -299,12 +301,16 @@ class AgentSession:
             log.debug("killing the %s agent failed", self.tier, exc_info=True)
 
     # -- cells ----------------------------------------------------------------------------
-    def install_helpers(self) -> None:
+    def install_helpers(self, packages_site: str | None = None) -> None:
         """Give the agent the runtime helpers (``ai``, ``api``, ``db``, ``console``): the
-        stdlib-only module is sent as source, so nothing needs to exist in the guest."""
-        source = HELPERS_SOURCE.read_text(encoding="utf-8")
-        self.transport.send((json.dumps({"type": "install_helpers", "source": source})
-                             + "\n").encode())
+        stdlib-only module is sent as source, so nothing needs to exist in the guest. With
+        ``packages_site``, ``%pip`` too (``pip_magic.py``), installing into that folder. Then
+        the guest modules (IPython's glue)."""
+        msg = {"type": "install_helpers", "source": HELPERS_SOURCE.read_text(encoding="utf-8")}
+        if packages_site:
+            msg["packages_source"] = PIP_MAGIC_SOURCE.read_text(encoding="utf-8")
+            msg["packages_site"] = packages_site
+        self.transport.send((json.dumps(msg) + "\n").encode())
         for name in GUEST_MODULES:
             self.install_module(name)
 

@@ -18,6 +18,7 @@ Facts this module relies on were measured on the target machines: shared/notes/c
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import logging
@@ -90,6 +91,7 @@ from tierkernel.guest.agent import (
     WATCH_ENV,
 )
 from tierkernel.magics.options import MIN_MEMORY, format_size
+from tierkernel.runtime import packages
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +281,12 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         self._oom_baseline = 0
         self._after_start_done = False
         self._starting = False
+        #: What %pip installed in this kernel's sandbox (made at the first %pip), given to
+        #: every new container's agent.
+        self._packages: packages.PackageStore | None = None
+        self._packages_lock = threading.Lock()
+        #: Said at the next cell: the packages could not all be given to a new container.
+        self._packages_notice = ""
 
     # -- the contract ---------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -368,7 +376,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         held = HeldErrorSink(sink)
         self._oom_baseline = container.ooms
         container.oom_seen.clear()
-        gateway = self.helper_gateway()
+        gateway = packages.route(self.helper_gateway(), self._package_store())
         # The copies back count in the cell's time and end with the stop button.
         started, option = time.monotonic(), request.options.get("timeout")
         timeout = float(option) if option else None
@@ -390,6 +398,9 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         if self._workspace.notice:  # files the container could not be given (or warm start's)
             sink.stream("stderr", self._workspace.notice)
             self._workspace.notice = ""
+        if self._packages_notice:
+            sink.stream("stderr", self._packages_notice)
+            self._packages_notice = ""
         result = await session.run_async(request, held, option, gateway)
         if session.alive and not session.watching:
             # After the first cell, not before: setting the watch up takes the agent 10-25 ms
@@ -506,6 +517,8 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
                 if client is not None:
                     client.close()
         self._client = self._probe = None
+        if self._packages is not None:
+            self._packages.close()
 
     def describe_limits(self) -> str:
         """Timeout, memory, CPUs, runtime, pids and output limits for ``%tier``."""
@@ -972,11 +985,41 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             session.wait_ready(wait)
         except Exception as exc:
             raise EngineError(str(exc)) from exc
-        session.install_helpers()
+        session.install_helpers(packages_site=packages.SANDBOX_SITE)
+        self._give_packages(session, wait)
         # Each cell's CPU time, peak memory and processes, from the container's cgroups.
         session.usage_probe = ContainerUsage(container.id,
                                              count_processes=container.spec.runtime == "runc")
         self._session = session
+
+    def _package_store(self) -> packages.PackageStore:
+        """This kernel's %pip packages for the sandbox (the folder is made on first use)."""
+        with self._packages_lock:
+            if self._packages is None:
+                self._packages = packages.PackageStore(
+                    packages.Packages(parent=self), packages.Target(self.name, pure_only=False))
+            return self._packages
+
+    def _give_packages(self, session: AgentSession, timeout: float) -> None:
+        """Copy what %pip installed in this kernel into a new agent's container, so that a
+        replaced container (a --memory change, a crash) still has it."""
+        store = self._packages
+        if store is None:
+            return
+        try:
+            for part in store.parts():
+                answer = session.ask({"type": "unpack", "root": packages.SANDBOX_SITE,
+                                      "delete": [],
+                                      "data": base64.b64encode(part).decode("ascii")}, timeout)
+                if answer.get("error"):
+                    raise OSError(answer["error"])
+        except OSError as exc:
+            # The container still runs cells; what is missing is sent again by the next
+            # %pip install of it (the guest reports it missing).
+            log.warning("copying %%pip's packages into the container failed: %s", exc)
+            self._packages_notice = (
+                "tierkernel: the packages installed with %pip could not all be copied into the "
+                f"new sandbox container ({exc}); run the %pip install again\n")
 
     def _drop_container(self) -> None:
         """Forget and remove the current container (and its agent). Never raises."""

