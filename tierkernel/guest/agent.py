@@ -206,6 +206,45 @@ class CellStream(io.TextIOBase):
                 self._agent.emit_stream(self.name, text)
 
 
+#: The globals of the modules whose frames a traceback never shows (see user_traceback):
+#: this agent's, and those that register themselves (helpers, the wasm agent).
+OWN_GLOBALS: list[dict[str, Any]] = [globals()]
+
+
+def _own_frame(frame: Any) -> bool:
+    """Whether ``frame`` is tierkernel's plumbing: code of an own module, or a frame that
+    hides itself as IPython's tracebacks let it (``__tracebackhide__``, the helpers')."""
+    if any(frame.f_globals is own for own in OWN_GLOBALS):
+        return True
+    try:
+        return bool(frame.f_code.co_name != "<module>"
+                    and frame.f_locals.get("__tracebackhide__"))
+    except Exception:  # an odd frame: shown
+        return False
+
+
+def user_traceback(tb: Any, filename: str | None) -> Any:
+    """``tb`` with tierkernel's own frames left out, as IPython leaves out its internals: the
+    frames before the cell's (``filename``; None: keep them) and every frame of the agent and
+    the helpers after it (a helper's error, an interrupt or timeout raised in the agent's
+    handler), so the user sees their lines and the error. At least one frame stays."""
+    frames = []
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    if filename is not None:
+        first = next((i for i, t in enumerate(frames)
+                      if t.tb_frame.f_code.co_filename == filename), len(frames))
+        frames = frames[first:]
+    kept = [t for i, t in enumerate(frames) if i == 0 or not _own_frame(t.tb_frame)]
+    if kept and _own_frame(kept[0].tb_frame) and len(frames) > 1:
+        kept = kept[1:] or [frames[-1]]
+    trimmed = None
+    for t in reversed(kept):
+        trimmed = types.TracebackType(trimmed, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return trimmed
+
+
 class Agent:
     """Runs cells in one namespace and reports their output over the channel."""
 
@@ -327,6 +366,7 @@ class Agent:
         module = types.ModuleType("tierkernel_helpers")
         exec(compile(source, "<tierkernel helpers>", "exec"), module.__dict__)
         sys.modules["tierkernel_helpers"] = module
+        OWN_GLOBALS.append(module.__dict__)
         module.install(self.namespace, self.call_host)
 
     def call_host(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -565,8 +605,14 @@ class Agent:
 
     def _report(self, etype: type[BaseException], exc: BaseException, tb: Any, fn: str) -> None:
         # Drop the agent's own frames: the user sees their cell's lines, as in IPython.
-        while tb is not None and tb.tb_frame.f_code.co_filename != fn:
-            tb = tb.tb_next
+        tb = user_traceback(tb, fn)
+        seen = {id(exc)}
+        chained = exc.__cause__ or exc.__context__
+        while chained is not None and id(chained) not in seen:  # the chain's, as far as it goes
+            seen.add(id(chained))
+            with contextlib.suppress(Exception):
+                chained.__traceback__ = user_traceback(chained.__traceback__, None)
+            chained = chained.__cause__ or chained.__context__
         lines = traceback.format_exception(etype, exc, tb)
         self._flush_text()
         self.channel.send(

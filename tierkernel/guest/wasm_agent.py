@@ -35,6 +35,8 @@ else:  # in the guest this folder is on sys.path as itself (see wasm_transport.G
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
 AGENT: WasmAgent | None = None
+# Frames of this module and of the helpers are plumbing, never shown in a cell's traceback.
+_agent.OWN_GLOBALS.extend((globals(), vars(_helpers)))
 
 
 class ToolChannel:
