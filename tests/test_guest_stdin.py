@@ -8,7 +8,9 @@ stdin channel (``KernelSession.run(on_input=...)``), as JupyterLab does.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession
 from tierkernel.backends import wasm_runtime
 
+NO_STDIN = "raw_input was called, but this frontend does not support input requests."
 TIERS = ["process", "wasm", "sandbox"]
 
 
@@ -48,6 +51,177 @@ def cell(tier: str, code: str, options: str = "") -> str:
 def plain(traceback: list[str]) -> str:
     """A traceback as the user reads it (IPython's colours removed)."""
     return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(traceback))
+
+
+# -- input() and getpass() ------------------------------------------------------------------
+def test_input_returns_what_the_user_typed(kernel: KernelSession, tier: str):
+    out = kernel.run(cell(tier, "print('before')\nname = input('Your name: ')\n"
+                                "print('hello', name)\nname"), on_input=lambda asked: "Ada")
+    assert out.status == "ok", out.outputs
+    assert out.inputs == [{"prompt": "Your name: ", "password": False}]
+    assert out.stdout == "before\nhello Ada\n"
+    assert out.result["text/plain"] == "'Ada'"
+
+
+def test_getpass_asks_with_password_true(kernel: KernelSession, tier: str):
+    out = kernel.run(cell(tier, "import getpass\nfrom getpass import getpass as gp\n"
+                                "getpass.getpass('Token: '), gp()"),
+                     on_input=lambda asked: "s3cret" if asked["prompt"] else "two")
+    assert out.status == "ok", out.outputs
+    assert out.inputs == [{"prompt": "Token: ", "password": True},
+                          {"prompt": "", "password": True}]
+    assert out.result["text/plain"] == "('s3cret', 'two')"
+
+
+def test_sys_stdin_readline_asks_for_a_line(kernel: KernelSession, tier: str):
+    out = kernel.run(cell(tier, "import sys\nsys.stdin.readline()"),
+                     on_input=lambda asked: "a line")
+    assert out.status == "ok", out.outputs
+    assert out.inputs == [{"prompt": "", "password": False}]
+    assert out.result["text/plain"] == "'a line\\n'"
+
+
+def test_reading_sys_stdin_to_its_end_stops_at_an_empty_answer(kernel: KernelSession,
+                                                               tier: str):
+    answers = iter(["3 4", "5", ""])
+    out = kernel.run(cell(tier, "import sys\nlines = [line.split() for line in sys.stdin]\n"
+                                "lines, sys.stdin.read()"),
+                     on_input=lambda asked: next(answers, ""))
+    assert out.status == "ok", out.outputs
+    assert len(out.inputs) == 4
+    assert out.result["text/plain"] == "([['3', '4'], ['5']], '')"
+    # Without a client that takes input, stdin is empty, as in a native cell.
+    quiet = kernel.run(cell(tier, "import sys\nsys.stdin.readline(), sys.stdin.read()"),
+                       allow_stdin=False)
+    assert quiet.result["text/plain"] == "('', '')"
+
+
+def test_a_client_without_stdin_gets_ipykernels_error(kernel: KernelSession, tier: str):
+    out = kernel.run(cell(tier, "input('Your name: ')"), allow_stdin=False)
+    assert out.status == "error"
+    assert out.error["ename"] == "StdinNotImplementedError"
+    assert out.error["evalue"] == NO_STDIN
+    assert out.error["traceback"][-1] == f"StdinNotImplementedError: {NO_STDIN}"
+    assert out.inputs == []
+    # The same error as native's, whose class it is in IPython.
+    native = kernel.run("%%tier native\ninput('x')", allow_stdin=False)
+    assert native.error["ename"] == out.error["ename"]
+
+
+def test_a_huge_prompt_is_cut_at_the_limit(kernel: KernelSession, tier: str):
+    out = kernel.run(cell(tier, "input('A' * 5_000_000)"), on_input=lambda asked: "ok")
+    assert out.status == "ok", out.outputs
+    [asked] = out.inputs
+    assert len(asked["prompt"]) < 16_384 + 200
+    assert asked["prompt"].startswith("A" * 16_384)
+    assert asked["prompt"].rstrip().endswith("input_prompt_limit]")
+    settings = {"process": "ProcessBackend", "wasm": "WasmBackend", "sandbox": "SandboxBackend"}
+    assert f"c.{settings[tier]}.input_prompt_limit" in asked["prompt"]
+
+
+def test_an_answer_past_the_limit_is_an_error_not_a_cut(kernel: KernelSession, tier: str):
+    out = kernel.run(cell(tier, "kept = 1\ns = input('paste: ')"),
+                     on_input=lambda asked: "x" * ((1 << 20) + 1))
+    assert out.status == "error"
+    assert out.error["ename"] == "ValueError"
+    assert "input_reply_limit" in out.error["evalue"]
+    assert "1,048,577 characters" in out.error["evalue"]
+    after = kernel.run(cell(tier, "kept"))
+    assert after.result["text/plain"] == "1"
+
+
+def test_an_interrupt_while_waiting_ends_the_cell_and_keeps_the_state(kernel: KernelSession,
+                                                                      tier: str):
+    kernel.run(cell(tier, "state = 41"))
+
+    def press_stop(asked: dict[str, Any]) -> None:
+        kernel.km.interrupt_kernel()  # the user clicks stop instead of answering
+
+    out = kernel.run(cell(tier, "state += 1\ninput('never answered: ')"), on_input=press_stop,
+                     timeout=30)
+    assert out.status == "error"
+    assert out.error["ename"] == "KeyboardInterrupt"
+    assert out.error["evalue"] == "Interrupted by user"
+    assert "input('never answered: ')" in plain(out.error["traceback"])
+    # The same interpreter goes on, and no stray interrupt reaches the next cells.
+    for _ in range(2):
+        after = kernel.run(cell(tier, "import time\ntime.sleep(0.5)\nstate"))
+        assert after.status == "ok", after.outputs
+        assert after.result["text/plain"] == "42"
+    answered = kernel.run(cell(tier, "input('again: ')"), on_input=lambda asked: "yes")
+    assert answered.result["text/plain"] == "'yes'"
+
+
+def test_time_spent_waiting_for_the_user_is_not_the_cells(kernel: KernelSession, tier: str):
+    def slow_user(asked: dict[str, Any]) -> str:
+        time.sleep(2.5)
+        return "late"
+
+    out = kernel.run(cell(tier, "input('take your time: ')", " --timeout 2"),
+                     on_input=slow_user)
+    assert out.status == "ok", out.outputs
+    assert out.result["text/plain"] == "'late'"
+    # The cell's own time still counts.
+    over = kernel.run(cell(tier, "import time\ninput('x')\ntime.sleep(5)", " --timeout 2"),
+                      on_input=lambda asked: "x")
+    assert over.status == "error"
+    assert over.error["ename"] == "TimeoutError"
+
+
+@pytest.mark.parametrize("guest", ["process", "sandbox"])
+def test_one_input_at_a_time_per_cell_and_none_for_other_cells(kernel: KernelSession,
+                                                               guest: str):
+    _need(guest)
+    # A cell that writes protocol lines itself: the second request while the first waits is
+    # refused by the host at once, and one tagged with another cell's id is never asked.
+    code = (
+        "import json\n"
+        "a = __tierkernel_agent__\n"
+        "def ask(seq, cell):\n"
+        "    a.channel.send({'type': 'input_request', 'id': cell, 'seq': seq,\n"
+        "                    'prompt': f'p{seq}', 'password': False})\n"
+        "with a._host_lock:\n"
+        "    ask(-1, a.cell_id)\n"
+        "    ask(-2, a.cell_id)\n"
+        "    ask(-3, 'an-earlier-cell')\n"
+        "    replies = {}\n"
+        "    while len(replies) < 3:\n"
+        "        msg = json.loads(a.requests.readline())\n"
+        "        if msg.get('type') == 'input_reply':\n"
+        "            replies[msg['seq']] = msg.get('value') or msg['error']['message']\n"
+        "sorted(replies.items())"
+    )
+    out = kernel.run(cell(guest, code), on_input=lambda asked: "answer")
+    assert out.status == "ok", out.outputs
+    assert out.inputs == [{"prompt": "p-1", "password": False}]
+    result = out.result["text/plain"]
+    assert "(-1, 'answer')" in result
+    assert "already waiting for the user in this cell; one input at a time" in result
+    assert "input() can only be called while its cell runs" in result
+
+
+@pytest.mark.parametrize("guest", ["process", "sandbox"])
+def test_a_thread_left_by_an_earlier_cell_cannot_ask(kernel: KernelSession, guest: str):
+    _need(guest)
+    kernel.run(cell(guest, "import threading\ngo = threading.Event()\nseen = []\n"
+                           "def late():\n    go.wait()\n    try:\n        input('sneaky: ')\n"
+                           "    except Exception as exc:\n        seen.append(repr(exc))\n"
+                           "t = threading.Thread(target=late)\nt.start()"))
+    out = kernel.run(cell(guest, "go.set()\nt.join(10)\nseen"), on_input=lambda asked: "no")
+    assert out.status == "ok", out.outputs
+    assert out.inputs == []
+    assert "can only be called while its cell runs" in out.result["text/plain"]
+
+
+def test_the_wasm_tool_refuses_another_cells_request(kernel: KernelSession):
+    _need("wasm")
+    out = kernel.run(cell("wasm", "__tierkernel_agent__.channel.tools.tk_input(request={\n"
+                                  "    'id': 'an-earlier-cell', 'prompt': 'p', "
+                                  "'password': False})"),
+                     on_input=lambda asked: "no")
+    assert out.status == "ok", out.outputs
+    assert out.inputs == []
+    assert "can only be called while its cell runs" in out.result["text/plain"]
 
 
 # -- tracebacks show the user's frames only ---------------------------------------------------

@@ -15,6 +15,7 @@ host -> agent: {"type": "execute", "id", "code", "filename", "first_line"}
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
                {"type": "pack", "seq", "root", "limit"}
                {"type": "tree_state", "seq"} (did the watched folder change since the last cell?)
+               {"type": "input_reply", "seq", "value" | "error": {"type", "message"}}
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
                {"type": "display" | "result", "id", "data", "metadata"}
@@ -25,6 +26,9 @@ agent -> host: {"type": "ready", "pid", "python"}
                {"type": "unpacked", "seq"[, "error"]}
                {"type": "packed", "seq", "data" | "too_big"[, "error"]}
                {"type": "tree_stated", "seq", "changed"}
+               {"type": "input_request", "id", "seq", "prompt", "password"} (input(), getpass()
+               and sys.stdin.readline() of a cell: the host asks the user on Jupyter's stdin
+               channel and answers with an input_reply, read by the waiting cell itself)
 
 Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
 SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
@@ -204,6 +208,124 @@ class CellStream(io.TextIOBase):
             self._buf.clear()
             if text:
                 self._agent.emit_stream(self.name, text)
+
+
+#: What a cell's ``input()`` says when the client takes no input (nbclient and papermill by
+#: default): ipykernel's words, so a notebook fails the same way in every tier.
+NO_STDIN = "raw_input was called, but this frontend does not support input requests."
+
+
+class StdinNotImplementedError(NotImplementedError):
+    """``input()``/``getpass()`` in a cell whose client does not allow input (IPython's
+    exception of this name, which the native tier raises; the guest has no IPython to
+    import it from)."""
+
+
+# Shown by its bare name in tracebacks, as IPython's is, not as ``agent.`` or ``__main__.``.
+StdinNotImplementedError.__module__ = "builtins"
+
+
+#: The errors an ``input_reply`` may name; anything else is raised as RuntimeError.
+_INPUT_ERRORS: dict[str, type[BaseException]] = {
+    "StdinNotImplementedError": StdinNotImplementedError,
+    "EOFError": EOFError,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "ValueError": ValueError,
+    "RuntimeError": RuntimeError,
+    "PermissionError": PermissionError,
+}
+
+
+def input_value(reply: Any) -> str:
+    """The text of an ``input_reply`` (see the module's protocol), or the error it names."""
+    __tracebackhide__ = True
+    if not isinstance(reply, dict):
+        raise RuntimeError(f"input(): the kernel sent an unreadable answer: {reply!r:.200}")
+    error = reply.get("error")
+    if error is not None:
+        error = error if isinstance(error, dict) else {"message": str(error)}
+        kind = _INPUT_ERRORS.get(str(error.get("type")), RuntimeError)
+        raise kind(str(error.get("message", ""))) from None
+    value = reply.get("value")
+    if not isinstance(value, str):
+        raise RuntimeError(f"input(): the kernel sent an unreadable answer: {reply!r:.200}")
+    return value
+
+
+class CellStdin(io.TextIOBase):
+    """``sys.stdin`` of a cell: each line read is asked of the user, as ``input()`` is.
+
+    ``readline()`` (and iteration) asks for one line and returns it with its newline. A
+    notebook has no way to type an end of input, so an empty answer reads as EOF (``""``),
+    which ends ``for line in sys.stdin``; ``read()`` asks for lines up to that. When the
+    client takes no input (nbclient, papermill), stdin reads as empty, as a native cell's
+    does. Nothing is read from the process's fd 0, which is /dev/null: the protocol is
+    elsewhere.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def readable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        __tracebackhide__ = True
+        try:
+            answer = self._agent.ask_input("", False)
+        except (EOFError, StdinNotImplementedError):
+            return ""
+        line = answer + "\n" if answer else ""
+        return line if size is None or size < 0 else line[:size]
+
+    def read(self, size: int | None = -1) -> str:
+        """Lines up to the end of input (an empty answer)."""
+        __tracebackhide__ = True
+        lines = []
+        while True:
+            line = self.readline()
+            if not line:
+                break
+            lines.append(line)
+            if size is not None and 0 <= size <= sum(map(len, lines)):
+                break
+        text = "".join(lines)
+        return text if size is None or size < 0 else text[:size]
+
+
+class _GetpassPatcher:
+    """On ``sys.meta_path``: when a cell first imports ``getpass`` (not imported at agent
+    start, where every module costs), its ``getpass()`` becomes the agent's, which asks
+    through the kernel with ``password=True``."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "getpass":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        loader, agent = spec.loader, self.agent
+
+        class Patching:
+            def create_module(self, spec: Any) -> Any:
+                return loader.create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                loader.exec_module(module)
+                module.getpass = agent.getpass
+
+        spec.loader = Patching()  # type: ignore[assignment]
+        return spec
 
 
 #: The globals of the modules whose frames a traceback never shows (see user_traceback):
@@ -413,6 +535,71 @@ class Agent:
                 if msg.get("type") == "helper_result" and msg.get("seq") == seq:
                     response = msg.get("response")
                     return response if isinstance(response, dict) else {}
+
+    # -- stdin (input, getpass, sys.stdin) --------------------------------------------------
+    def install_stdin(self) -> None:
+        """Make ``input()``, ``getpass.getpass()`` and ``sys.stdin`` ask the user through the
+        kernel (Jupyter's stdin channel), as in a native cell."""
+        builtins.input = self.input
+        sys.stdin = CellStdin(self)
+        getpass = sys.modules.get("getpass")
+        if getpass is not None:
+            getpass.getpass = self.getpass  # type: ignore[attr-defined]
+        sys.meta_path.insert(0, _GetpassPatcher(self))
+
+    def input(self, prompt: Any = "") -> str:
+        """The ``input()`` builtin of a cell: the prompt shows in the notebook and the user's
+        answer is returned (StdinNotImplementedError when the client takes no input)."""
+        __tracebackhide__ = True
+        return self.ask_input(str(prompt), False)
+
+    def getpass(self, prompt: str = "", stream: Any = None, **kwargs: Any) -> str:
+        """``getpass.getpass()`` of a cell: as :meth:`input`, the answer typed hidden."""
+        __tracebackhide__ = True
+        return self.ask_input(str(prompt), True)
+
+    def ask_input(self, prompt: str, password: bool) -> str:
+        """Ask the user for one line through the host and wait for it (a cell's thread).
+
+        Read from the request stream by the waiting thread itself, as helper answers are
+        (see :meth:`call_host`, whose lock it shares: one request to the host at a time).
+        An interrupt ends the wait with KeyboardInterrupt: the host's SIGINT, or its answer.
+        """
+        __tracebackhide__ = True
+        if self.channel.forked:
+            raise EOFError("input() is not available in a forked child process")
+        origin = self.cell_of_caller()
+        with self._host_lock:
+            if self.cell_id is None or origin != self.cell_id:
+                raise RuntimeError("input() can only be called while its cell runs (not from "
+                                   "a thread an earlier cell started)")
+            self._host_seq += 1
+            seq = self._host_seq
+            self._flush_text()  # what was printed before the prompt shows before it
+            self.channel.send({"type": "input_request", "id": origin, "seq": seq,
+                               "prompt": prompt, "password": bool(password)})
+            while True:
+                try:
+                    line = self.requests.readline() if self.requests is not None else b""
+                except KeyboardInterrupt:
+                    # ipykernel's words for the stop button during input(), without the wait
+                    raise KeyboardInterrupt("Interrupted by user") from None
+                if not line:
+                    raise ConnectionError("the kernel went away while input() waited")
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if msg.get("type") == "input_reply" and msg.get("seq") == seq:
+                    error = msg.get("error")
+                    if (isinstance(error, dict) and error.get("type") == "KeyboardInterrupt"
+                            and threading.current_thread() is threading.main_thread()):
+                        # The cell was stopped, and the host's SIGINT is on its way (from a
+                        # container it may take a moment): it ends this wait. Ended by this
+                        # answer instead, the cell would end first and a later cell would
+                        # get the signal. (The answer is for input() in another thread.)
+                        continue
+                    return input_value(msg)
 
     def reset_watch(self) -> None:
         """Take the watched folder as it is now as unchanged: the host has just copied files
@@ -1223,7 +1410,7 @@ def main() -> None:
     agent.start_flusher()
     sys.stdout = agent.stdout
     sys.stderr = agent.stderr
-    sys.stdin = io.TextIOWrapper(io.BytesIO(b""))
+    agent.install_stdin()
     sys.meta_path.append(_InlineBackendFinder())
     if os.environ.get(MPL_SEED_ENV):
         sys.meta_path.insert(0, _MatplotlibConfigSeeder())
@@ -1280,6 +1467,8 @@ def main() -> None:
                           "changed": agent.changed_since_last_cell()})
         elif kind == "shutdown":
             return
+        elif kind in ("input_reply", "helper_result"):
+            pass  # an answer its cell no longer waited for (interrupted): nobody to give it to
         else:
             channel.send({"type": "protocol_error", "detail": f"unknown request {kind!r}"})
 
