@@ -265,6 +265,9 @@ class CellStdin(io.TextIOBase):
 
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
+        #: Binary reads (``sys.stdin.buffer``) find an empty stream, as before: the user's
+        #: answers are text.
+        self.buffer = io.BytesIO()
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
