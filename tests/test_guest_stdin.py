@@ -7,7 +7,10 @@ stdin channel (``KernelSession.run(on_input=...)``), as JupyterLab does.
 
 from __future__ import annotations
 
+import json
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +20,8 @@ import pytest
 from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession
 from tierkernel.backends import wasm_runtime
+from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.base import CellRequest
 
 NO_STDIN = "raw_input was called, but this frontend does not support input requests."
 TIERS = ["process", "wasm", "sandbox"]
@@ -267,3 +272,130 @@ def test_a_timeout_shows_the_users_line_and_the_limit(kernel: KernelSession, whe
         assert own not in shown, shown
     assert frames_outside_the_cell(shown) == [], shown
     assert "--timeout SECONDS" in shown.splitlines()[-1]
+
+
+def test_the_clients_end_of_input_is_eof(kernel: KernelSession, tier: str):
+    # ipykernel reads an answer of "\x04" as EOF; so do the other tiers.
+    out = kernel.run(cell(tier, "try:\n    input('x')\nexcept EOFError:\n    print('eof')"),
+                     on_input=lambda asked: "\x04")
+    assert out.status == "ok", out.outputs
+    assert out.stdout == "eof\n"
+
+
+# -- the host side, against a scripted agent --------------------------------------------------
+class ScriptedAgent:
+    """An agent transport whose lines the test writes; records what the session sends."""
+
+    def __init__(self) -> None:
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        self.lines.put(b'{"type": "ready", "pid": 1, "python": "3"}\n')
+        self.sent: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def send(self, data: bytes) -> None:
+        for line in data.splitlines():
+            self.sent.put(json.loads(line))
+
+    def readline(self, limit: int) -> bytes:
+        return self.lines.get()
+
+    def interrupt(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        self.lines.put(b"")
+
+    def exit_detail(self) -> str:
+        return "gone"
+
+    def say(self, msg: dict[str, Any]) -> None:
+        self.lines.put((json.dumps(msg) + "\n").encode())
+
+    def replies(self, kind: str, wait: float = 0.5) -> list[dict[str, Any]]:
+        found, deadline = [], time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                msg = self.sent.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if msg.get("type") == kind:
+                found.append(msg)
+        return found
+
+
+class AskingSink:
+    """A sink whose user answers after ``delay`` seconds, counting the questions."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.asked: list[str] = []
+        self.delay = delay
+
+    def input(self, prompt: str, password: bool, cancel: threading.Event) -> str:
+        self.asked.append(prompt)
+        cancel.wait(self.delay)
+        return "typed"
+
+    def stream(self, name: str, text: str) -> None:
+        pass
+
+    def display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        pass
+
+    def result(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        pass
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        pass
+
+    def clear_output(self, wait: bool = False) -> None:
+        pass
+
+
+def _start_cell(session: AgentSession, sink: AskingSink) -> tuple[threading.Thread, str]:
+    request = CellRequest(code="x", body="x", tier="scripted", options={}, execution_count=1)
+    runner = threading.Thread(target=session.run, args=(request, sink, None))
+    runner.start()
+    deadline = time.monotonic() + 5
+    while session._cell is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session._cell is not None
+    return runner, session._cell.id
+
+
+def test_input_requests_outside_the_running_cell_ask_nobody():
+    agent = ScriptedAgent()
+    session = AgentSession(agent, tier="scripted")
+    session.wait_ready(5)
+    agent.say({"type": "input_request", "id": "old", "seq": 1, "prompt": "p",
+               "password": False})
+    assert agent.replies("input_reply") == []  # between cells: no answer, nobody waits
+    sink = AskingSink()
+    runner, cell_id = _start_cell(session, sink)
+    agent.say({"type": "input_request", "id": "old", "seq": 2, "prompt": "p",
+               "password": False})
+    [refused] = agent.replies("input_reply")
+    agent.say({"type": "done", "id": cell_id, "success": True})
+    runner.join(5)
+    assert sink.asked == []
+    assert refused["seq"] == 2
+    assert "only be called while its cell runs" in refused["error"]["message"]
+
+
+def test_a_flood_of_input_requests_asks_the_user_once():
+    agent = ScriptedAgent()
+    session = AgentSession(agent, tier="scripted")
+    session.wait_ready(5)
+    sink = AskingSink(delay=1.0)
+    runner, cell_id = _start_cell(session, sink)
+    for seq in range(1000):
+        agent.say({"type": "input_request", "id": cell_id, "seq": seq, "prompt": "p",
+                   "password": False})
+    replies = agent.replies("input_reply", wait=2.0)
+    agent.say({"type": "done", "id": cell_id, "success": True})
+    runner.join(5)
+    assert sink.asked == ["p"]
+    answered = [r for r in replies if "value" in r]
+    assert [r["seq"] for r in answered] == [0]
+    refused = [r for r in replies if "error" in r]
+    # Refusals go out from one thread, at most 256 waiting: never a thread or a reply each.
+    assert 0 < len(refused) <= 999
+    assert all("one input at a time" in r["error"]["message"] for r in refused)
