@@ -210,11 +210,6 @@ class CellStream(io.TextIOBase):
                 self._agent.emit_stream(self.name, text)
 
 
-#: What a cell's ``input()`` says when the client takes no input (nbclient and papermill by
-#: default): ipykernel's words, so a notebook fails the same way in every tier.
-NO_STDIN = "raw_input was called, but this frontend does not support input requests."
-
-
 class StdinNotImplementedError(NotImplementedError):
     """``input()``/``getpass()`` in a cell whose client does not allow input (IPython's
     exception of this name, which the native tier raises; the guest has no IPython to
