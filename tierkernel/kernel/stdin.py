@@ -55,9 +55,10 @@ class StdinRequester:
                     socket.recv_multipart(zmq.NOBLOCK)
                 except zmq.ZMQError:
                     break
-            kernel.session.send(socket, "input_request",
-                                {"prompt": prompt, "password": bool(password)},
-                                self._parent, ident=self._ident)
+            sent = kernel.session.send(socket, "input_request",
+                                       {"prompt": prompt, "password": bool(password)},
+                                       self._parent, ident=self._ident)
+            asked = (sent or {}).get("header", {}).get("msg_id")
             while True:
                 if cancel.is_set():
                     raise InputCancelled("interrupted while waiting for input")
@@ -71,6 +72,9 @@ class StdinRequester:
                     continue
                 if reply is None:
                     continue
+                answered = reply.get("parent_header", {}).get("msg_id")
+                if asked and answered and answered != asked:
+                    continue  # a late answer to an earlier request that was given up
                 value = reply.get("content", {}).get("value", "")
                 if not isinstance(value, str):
                     value = ""
