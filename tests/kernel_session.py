@@ -68,6 +68,8 @@ class KernelSession:
         self.km: KernelManager
         self.kc: BlockingKernelClient
         self.km, self.kc = start_new_kernel(kernel_name=kernel_name, **kwargs)
+        #: The last input_request message the kernel sent (see ``run(on_input=...)``).
+        self.last_input_request: dict[str, Any] | None = None
 
     def run(self, code: str, timeout: float = 60, interrupt_after: float | None = None,
             cell_id: str | None = None,
@@ -104,6 +106,7 @@ class KernelSession:
                     pass
                 else:
                     if asked["msg_type"] == "input_request":
+                        self.last_input_request = asked
                         inputs.append(asked["content"])
                         answer = on_input(asked["content"])
                         if answer is not None:

@@ -157,6 +157,27 @@ def test_an_interrupt_while_waiting_ends_the_cell_and_keeps_the_state(kernel: Ke
     assert answered.result["text/plain"] == "'yes'"
 
 
+def test_a_late_answer_to_a_stopped_input_is_not_the_next_ones(kernel: KernelSession,
+                                                                tier: str):
+    def press_stop(asked: dict[str, Any]) -> None:
+        kernel.km.interrupt_kernel()
+
+    stopped = kernel.run(cell(tier, "input('first: ')"), on_input=press_stop)
+    assert stopped.error["ename"] == "KeyboardInterrupt"
+    given_up = kernel.last_input_request
+
+    def answer_both(asked: dict[str, Any]) -> str:
+        # The user's answer to the first prompt arrives only now, after the second was asked.
+        late = kernel.kc.session.msg("input_reply", {"value": "late"}, parent=given_up)
+        kernel.kc.stdin_channel.send(late)
+        time.sleep(0.3)
+        return "fresh"
+
+    out = kernel.run(cell(tier, "input('second: ')"), on_input=answer_both)
+    assert out.status == "ok", out.outputs
+    assert out.result["text/plain"] == "'fresh'"
+
+
 def test_time_spent_waiting_for_the_user_is_not_the_cells(kernel: KernelSession, tier: str):
     def slow_user(asked: dict[str, Any]) -> str:
         time.sleep(2.5)
