@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ class Outcome:
     reply: dict[str, Any]
     metadata: dict[str, Any]
     outputs: list[Output] = field(default_factory=list)
+    #: The contents of the input_requests the kernel sent on the stdin channel, in order.
+    inputs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -65,12 +68,18 @@ class KernelSession:
         self.km: KernelManager
         self.kc: BlockingKernelClient
         self.km, self.kc = start_new_kernel(kernel_name=kernel_name, **kwargs)
+        #: The last input_request message the kernel sent (see ``run(on_input=...)``).
+        self.last_input_request: dict[str, Any] | None = None
 
     def run(self, code: str, timeout: float = 60, interrupt_after: float | None = None,
-            cell_id: str | None = None, **kwargs: Any) -> Outcome:
+            cell_id: str | None = None,
+            on_input: Callable[[dict[str, Any]], str | None] | None = None,
+            **kwargs: Any) -> Outcome:
         """Execute ``code``; collect iopub output until idle; return it with the reply.
 
-        ``cell_id`` is sent as JupyterLab sends it (``metadata.cellId``).
+        ``cell_id`` is sent as JupyterLab sends it (``metadata.cellId``). ``on_input`` is the
+        user at the stdin channel: called with each input_request's content, it returns the
+        answer (None: no answer).
         """
         start = time.monotonic()
         if cell_id is None:
@@ -85,10 +94,23 @@ class KernelSession:
         outputs: list[Output] = []
         interrupted = interrupt_after is None
         deadline = start + timeout
+        inputs: list[dict[str, Any]] = []
         while True:
             if not interrupted and time.monotonic() - start >= interrupt_after:  # type: ignore[operator]
                 self.km.interrupt_kernel()
                 interrupted = True
+            if on_input is not None:
+                try:
+                    asked = self.kc.get_stdin_msg(timeout=0)
+                except queue.Empty:
+                    pass
+                else:
+                    if asked["msg_type"] == "input_request":
+                        self.last_input_request = asked
+                        inputs.append(asked["content"])
+                        answer = on_input(asked["content"])
+                        if answer is not None:
+                            self.kc.input(answer)
             try:
                 msg = self.kc.get_iopub_msg(timeout=0.05)
             except queue.Empty:
@@ -112,7 +134,7 @@ class KernelSession:
                 reply["parent_header"].get("msg_id") != msg_id):
             reply = self.kc.get_shell_msg(timeout=timeout)
         assert reply["parent_header"]["msg_id"] == msg_id
-        return Outcome(reply["content"], reply["metadata"], outputs)
+        return Outcome(reply["content"], reply["metadata"], outputs, inputs)
 
     def close(self) -> None:
         self.kc.stop_channels()

@@ -88,7 +88,9 @@ def test_shell_lines_and_fd_level_output(kernel: KernelSession):
 
 
 def test_stdin_is_empty_not_the_protocol(kernel: KernelSession):
-    out = kernel.run(P + "import sys\nrepr(sys.stdin.read())")
+    # A client that takes no input: stdin reads as empty (a client that does is asked, see
+    # test_guest_stdin.py), and never as the agent's protocol.
+    out = kernel.run(P + "import sys\nrepr(sys.stdin.read())", allow_stdin=False)
     assert out.result["text/plain"] == "\"''\""
 
 

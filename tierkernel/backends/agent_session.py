@@ -9,7 +9,8 @@ its state), then, after a grace period, a hard kill (the state is lost and the u
 Everything the agent sends is counted here, on the host, against limits the guest cannot
 raise (DESIGN.md, convention 9): the length of one message line (:data:`LineTooLong`), the
 messages of a cell (any type, forged ones included), the bytes of its output (streams, rich
-output, errors, console entries), and its helper calls (in all, and at once).
+output, errors, console entries, input prompts), its helper calls (in all, and at once), and
+its input() requests (one at a time, the prompt and the answer each capped).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from typing import Any, Protocol
 from traitlets import Int
 from traitlets.config import Configurable
 
-from tierkernel.backends.base import CellRequest, ExecError, ExecResult, MimeBundle, OutputSink
+from tierkernel.backends.base import (
+    CellRequest,
+    ExecError,
+    ExecResult,
+    InputCancelled,
+    InputNotAllowed,
+    MimeBundle,
+    OutputSink,
+)
 from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.usage import UsageProbe
 
@@ -150,6 +159,17 @@ class ChannelLimits(Configurable):
         "and the user gets none.",
     ).tag(config=True)
 
+    input_prompt_limit = Int(
+        16_384, min=1,
+        help="Characters of an input()/getpass() prompt shown to the user; a longer prompt "
+        "is cut there (with a note saying so).",
+    ).tag(config=True)
+    input_reply_limit = Int(
+        1 << 20, min=1,
+        help="Characters the user's answer to input()/getpass() may have; a longer answer "
+        "is not given to the cell, whose input() raises ValueError instead.",
+    ).tag(config=True)
+
     def channel_limits(self, output_limit: int) -> dict[str, Any]:
         """The keyword arguments of :class:`AgentSession` for these limits."""
         return {
@@ -158,6 +178,8 @@ class ChannelLimits(Configurable):
             "helper_limit": self.helper_limit,
             "helper_concurrency": self.helper_concurrency,
             "query_reply_limit": self.query_reply_limit,
+            "prompt_limit": self.input_prompt_limit,
+            "reply_limit": self.input_reply_limit,
             "settings": f"c.{type(self).__name__}",
         }
 
@@ -190,6 +212,17 @@ class _Cell:
     helpers_running: int = 0
     #: Whether the error of the limit that stopped the cell was published.
     limit_told: bool = False
+    #: The wait for the user's answer to the cell's input(), while there is one: set to end
+    #: it (the cell is stopped); when it began; seconds waited in earlier ones (not counted
+    #: in the cell's time limit).
+    input_cancel: threading.Event | None = None
+    input_since: float | None = None
+    input_waited: float = 0.0
+
+    def input_time(self, now: float) -> float:
+        """Seconds this cell has spent waiting for the user's input so far."""
+        since = self.input_since
+        return self.input_waited + (now - since if since is not None else 0.0)
 
     def finish(self) -> None:
         """Mark the cell over and tell whoever waits for it."""
@@ -218,6 +251,8 @@ class AgentSession:
         helper_concurrency: int = 4,
         query_reply_limit: int = 1 << 20,
         settings: str = "",
+        prompt_limit: int = 16_384,
+        reply_limit: int = 1 << 20,
     ) -> None:
         self.transport = transport
         self.tier = tier
@@ -229,6 +264,12 @@ class AgentSession:
         self.helper_limit = helper_limit
         self.helper_concurrency = helper_concurrency
         self.query_reply_limit = query_reply_limit
+        self.prompt_limit = prompt_limit
+        self.reply_limit = reply_limit
+        #: Whether an interrupt during an input wait is delivered by answering the wait with
+        #: KeyboardInterrupt only, not through the transport (wasm, where stopping a running
+        #: turn ends the session).
+        self.interrupt_by_answer = False
         #: Where the limits are set (``c.ProcessBackend``), named in errors.
         self.settings = settings or f"the {tier} tier's settings"
         #: Lines received while no cell ran (a background thread's, or forged).
@@ -514,7 +555,9 @@ class AgentSession:
         """Enforce the cell's time limit; True when its stop was ignored past the grace period
         and the agent must be killed."""
         now = time.perf_counter()
-        if deadline is not None and now >= deadline and cell.stop_reason is None:
+        # The time the cell waited for the user's input is not the cell's to spend.
+        if (deadline is not None and now - cell.input_time(now) >= deadline
+                and cell.stop_reason is None):
             self._stop(cell, "timeout", f"the cell ran longer than its {timeout:g} s limit")
         return cell.stopped_at is not None and now - cell.stopped_at > self.grace
 
@@ -552,6 +595,11 @@ class AgentSession:
                 cell.stop_reason, cell.stop_detail = reason, detail
             if cell.stopped_at is None:
                 cell.stopped_at = time.perf_counter()
+            waiting = cell.input_cancel
+        if waiting is not None:
+            waiting.set()  # the wait ends, and the guest's input() raises KeyboardInterrupt
+            if self.interrupt_by_answer:
+                return
         try:
             self.transport.interrupt()
         except Exception:
@@ -694,6 +742,9 @@ class AgentSession:
         kind = msg.get("type")
         if kind == "helper":
             self._on_helper(msg)
+            return
+        if kind == "input_request":
+            self._on_input(msg, size)
             return
         if kind == "protocol_error":
             self._charge_stray(size)
@@ -916,6 +967,9 @@ class AgentSession:
             self._refusals.put_nowait(reply)
         except queue.Full:
             return
+        self._start_refuser()
+
+    def _start_refuser(self) -> None:
         if self._refuser is None:
             self._refuser = threading.Thread(target=self._send_refusals, daemon=True,
                                              name=f"{self.tier}-refusals")
@@ -929,6 +983,108 @@ class AgentSession:
             except OSError:
                 if not self.alive:
                     return
+
+    # -- input() / getpass() ---------------------------------------------------------------
+    def call_input(self, request: Any) -> dict[str, Any]:
+        """Answer one input request of the running cell (``{"id", "prompt", "password"}``)
+        with ``{"value"}`` or ``{"error": {"type", "message"}}``, blocking until the user
+        answers; for a tier whose guest calls the host directly (wasm's tool)."""
+        cell = self._cell
+        request = request if isinstance(request, dict) else {}
+        size = len(json.dumps(request))
+        refusal = self._admit_input(cell, request, size)
+        if refusal is not None:
+            return refusal
+        assert cell is not None
+        return self._ask_user(cell, request)
+
+    def _on_input(self, msg: dict[str, Any], size: int) -> None:
+        """An input request line: the user's answer may take minutes, so it is waited for
+        on a thread of its own (the reader goes on forwarding the cell's other output)."""
+        cell = self._cell
+        seq = msg.get("seq")
+        refusal = self._admit_input(cell, msg, size)
+        if refusal is not None:
+            if cell is not None and not cell.done.is_set():
+                self._queue_reply({"type": "input_reply", "seq": seq, **refusal})
+            return
+        assert cell is not None
+        threading.Thread(target=self._answer_input, args=(cell, seq, msg), daemon=True,
+                         name=f"{self.tier}-input").start()
+
+    def _admit_input(self, cell: _Cell | None, msg: dict[str, Any],
+                     size: int) -> dict[str, Any] | None:
+        """Take one input request of ``cell`` on (then it is the cell's one wait), or the
+        answer that refuses it: no cell runs, another cell's, or one already waits."""
+        if cell is None or msg.get("id") != cell.id or cell.done.is_set() or cell.lost:
+            return {"error": {"type": "RuntimeError", "message":
+                              "input() can only be called while its cell runs"}}
+        if cell.stop_reason is not None:
+            return {"error": {"type": "RuntimeError", "message":
+                              f"input() refused: the cell is being stopped ({cell.stop_detail})"}}
+        self._charge(cell, size)  # the prompt is output the user sees
+        with self._lock:
+            if cell.input_cancel is not None:
+                return {"error": {"type": "RuntimeError", "message":
+                                  "input() is already waiting for the user in this cell; "
+                                  "one input at a time"}}
+            cell.input_cancel = threading.Event()
+            cell.input_since = time.perf_counter()
+        return None
+
+    def _answer_input(self, cell: _Cell, seq: Any, msg: dict[str, Any]) -> None:
+        reply = {"type": "input_reply", "seq": seq, **self._ask_user(cell, msg)}
+        with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
+            self.transport.send((json.dumps(reply) + "\n").encode())
+
+    def _ask_user(self, cell: _Cell, msg: dict[str, Any]) -> dict[str, Any]:
+        """Ask the cell's client (through its sink) and end the cell's wait, whatever the
+        outcome; the prompt and the answer are held to the session's limits."""
+        cancel = cell.input_cancel
+        assert cancel is not None
+        try:
+            prompt = msg.get("prompt")
+            prompt = prompt if isinstance(prompt, str) else str(prompt)
+            if len(prompt) > self.prompt_limit:
+                prompt = (f"{prompt[:self.prompt_limit]}… [prompt cut at "
+                          f"{_count(self.prompt_limit)} characters, the {self.tier} tier's "
+                          f"limit: {self.settings}.input_prompt_limit] ")
+            try:
+                value = cell.sink.input(prompt, bool(msg.get("password")), cancel)
+            except InputNotAllowed as exc:
+                return {"error": {"type": "StdinNotImplementedError", "message": str(exc)}}
+            except InputCancelled:
+                return {"error": {"type": "KeyboardInterrupt",
+                                  "message": "Interrupted by user"}}
+            except EOFError:
+                return {"error": {"type": "EOFError", "message": "end of input"}}
+            except Exception as exc:  # the kernel's side failed: the cell is told, not hung
+                log.warning("%s input request failed", self.tier, exc_info=True)
+                return {"error": {"type": "RuntimeError",
+                                  "message": f"could not ask for input: {exc}"}}
+            if cancel.is_set():  # stopped while the answer arrived: the stop wins
+                return {"error": {"type": "KeyboardInterrupt", "message": "Interrupted by user"}}
+            if len(value) > self.reply_limit:
+                return {"error": {"type": "ValueError", "message":
+                                  f"the answer was {_count(len(value))} characters, more than "
+                                  f"the {_count(self.reply_limit)} the {self.tier} tier "
+                                  f"takes; raise it with {self.settings}.input_reply_limit"}}
+            return {"value": value}
+        finally:
+            with self._lock:
+                now = time.perf_counter()
+                if cell.input_since is not None:
+                    cell.input_waited += now - cell.input_since
+                cell.input_since = None
+                cell.input_cancel = None
+
+    def _queue_reply(self, reply: dict[str, Any]) -> None:
+        """Send a refusal from the session's one refusing thread (see :meth:`_refuse`)."""
+        try:
+            self._refusals.put_nowait((json.dumps(reply) + "\n").encode())
+        except queue.Full:
+            return
+        self._start_refuser()
 
     def _forward(self, cell: _Cell, kind: Any, msg: dict[str, Any]) -> None:
         if kind == "stream":

@@ -13,6 +13,7 @@ jupyter_kernel_test) drop output that arrives after idle.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -182,6 +183,23 @@ class OutputSink(Protocol):
     def clear_output(self, wait: bool = False) -> None:
         """Clear the cell's output (``clear_output``)."""
 
+    def input(self, prompt: str, password: bool, cancel: threading.Event) -> str:
+        """Ask the user for one line, as ``input()`` does in a native cell (an
+        ``input_request`` on Jupyter's stdin channel); blocks until the answer. Raises
+        :class:`InputNotAllowed` when the client takes no input, :class:`InputCancelled` once
+        ``cancel`` is set (the cell was interrupted), EOFError when the client sent an end of
+        input."""
+        ...
+
+
+class InputNotAllowed(Exception):
+    """The cell's client does not take input (``allow_stdin`` false); the message is
+    ipykernel's."""
+
+
+class InputCancelled(Exception):
+    """An input wait ended because the cell was stopped."""
+
 
 class HeldErrorSink:
     """A cell's sink that holds its error back until the tier knows what caused it, so the
@@ -217,6 +235,10 @@ class HeldErrorSink:
     def clear_output(self, wait: bool = False) -> None:
         """Passed straight on."""
         self.sink.clear_output(wait)
+
+    def input(self, prompt: str, password: bool, cancel: threading.Event) -> str:
+        """Passed straight on."""
+        return self.sink.input(prompt, password, cancel)
 
     def release(self) -> ExecError | None:
         """The held error (None if none); errors after this go straight to the sink."""

@@ -25,6 +25,7 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.usage import SelfUsage
+from tierkernel.guest.helpers import ipython_traceback
 
 
 class IPythonHost(Protocol):
@@ -43,6 +44,11 @@ class CellTimeoutError(KeyboardInterrupt):
     ``TimeoutError``, as HTTP clients do) must not take the end of the cell's time for one
     more error to retry, and IPython's and ipykernel's own code, written to survive a click
     of the stop button at any moment, survives the timeout the same way."""
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython's traceback, ending at the cell's line that was running rather than in
+        the tier's signal handler (as IPython shows a KeyboardInterrupt)."""
+        return ipython_traceback(self)
 
 
 #: Once the deadline has passed, the signal is sent again this often until the cell ends, so
@@ -151,6 +157,7 @@ class NativeBackend(Backend):
         watchdog = _Watchdog(float(seconds))
 
         def on_sigint(signum: int, frame: FrameType | None) -> None:
+            __tracebackhide__ = True  # read by CellTimeoutError._render_traceback_
             if not watchdog.armed:
                 return  # the cell is over: a late timer (or a click) must not reach the kernel
             if watchdog.fired:

@@ -322,6 +322,9 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
             **limits,
         )
         transport.on_helper = agent.call_helper
+        transport.on_input = agent.call_input
+        # A stopped turn ends the wasm session: an interrupt during input() is an answer.
+        agent.interrupt_by_answer = True
         # Each cell's CPU time and the guest's memory, measured by the transport per turn.
         agent.usage_probe = transport
         agent.wait_ready(30.0)

@@ -154,7 +154,21 @@ class WasmTransport:
             self._flush_decoders()  # what the cell printed before the call shows first
             return answer(request)
 
-        self._session = Session(tools=[emit, helper], **session_args)
+        #: Answers the guest's input()/getpass(): the AgentSession's ``call_input``, which
+        #: asks the user through the kernel (set by the backend, as on_helper is).
+        self.on_input: Callable[[Any], dict[str, Any]] | None = None
+
+        @tool(name="tk_input")
+        def input_(request: dict[str, Any]) -> dict[str, Any]:
+            """Ask the user for one line of input (Jupyter's stdin channel)."""
+            answer = self.on_input
+            if answer is None:
+                return {"error": {"type": "RuntimeError",
+                                  "message": "input() is not available here"}}
+            self._flush_decoders()  # the cell's output before the prompt shows first
+            return answer(request)
+
+        self._session = Session(tools=[emit, helper, input_], **session_args)
         boot = (f"import wasm_agent as _tk_boot; _tk_boot.boot({json.dumps(boot_config)!r}); "
                 "del _tk_boot")
         done = self._session.run(boot)  # before listen(): a failing boot's stderr stays in done

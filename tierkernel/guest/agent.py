@@ -19,6 +19,7 @@ host -> agent: {"type": "execute", "id", "code", "filename", "first_line", "exec
                {"type": "tree_state", "seq"} (did the watched folder change since the last cell?)
                {"type": "complete", "seq", "code", "cursor_pos"[, "budget"]}
                {"type": "inspect", "seq", "code", "cursor_pos", "detail_level"[, "budget"]}
+               {"type": "input_reply", "seq", "value" | "error": {"type", "message"}}
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
                {"type": "display" | "result", "id", "data", "metadata"}
@@ -31,6 +32,9 @@ agent -> host: {"type": "ready", "pid", "python"}
                {"type": "tree_stated", "seq", "changed"}
                {"type": "completed", "seq", "matches", "cursor_start", "cursor_end", "metadata"}
                {"type": "inspected", "seq", "found", "data", "metadata"}
+               {"type": "input_request", "id", "seq", "prompt", "password"} (input(), getpass()
+               and sys.stdin.readline() of a cell: the host asks the user on Jupyter's stdin
+               channel and answers with an input_reply, read by the waiting cell itself)
 
 Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
 SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
@@ -213,6 +217,164 @@ class CellStream(io.TextIOBase):
             self._buf.clear()
             if text:
                 self._agent.emit_stream(self.name, text)
+
+
+class StdinNotImplementedError(NotImplementedError):
+    """``input()``/``getpass()`` in a cell whose client does not allow input (IPython's
+    exception of this name, which the native tier raises; the guest has no IPython to
+    import it from)."""
+
+
+# Shown by its bare name in tracebacks, as IPython's is, not as ``agent.`` or ``__main__.``.
+StdinNotImplementedError.__module__ = "builtins"
+
+
+#: The errors an ``input_reply`` may name; anything else is raised as RuntimeError.
+_INPUT_ERRORS: dict[str, type[BaseException]] = {
+    "StdinNotImplementedError": StdinNotImplementedError,
+    "EOFError": EOFError,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "ValueError": ValueError,
+    "RuntimeError": RuntimeError,
+    "PermissionError": PermissionError,
+}
+
+
+def input_value(reply: Any) -> str:
+    """The text of an ``input_reply`` (see the module's protocol), or the error it names."""
+    __tracebackhide__ = True
+    if not isinstance(reply, dict):
+        raise RuntimeError(f"input(): the kernel sent an unreadable answer: {reply!r:.200}")
+    error = reply.get("error")
+    if error is not None:
+        error = error if isinstance(error, dict) else {"message": str(error)}
+        kind = _INPUT_ERRORS.get(str(error.get("type")), RuntimeError)
+        raise kind(str(error.get("message", ""))) from None
+    value = reply.get("value")
+    if not isinstance(value, str):
+        raise RuntimeError(f"input(): the kernel sent an unreadable answer: {reply!r:.200}")
+    return value
+
+
+class CellStdin(io.TextIOBase):
+    """``sys.stdin`` of a cell: each line read is asked of the user, as ``input()`` is.
+
+    ``readline()`` (and iteration) asks for one line and returns it with its newline. A
+    notebook has no way to type an end of input, so an empty answer reads as EOF (``""``),
+    which ends ``for line in sys.stdin``; ``read()`` asks for lines up to that. When the
+    client takes no input (nbclient, papermill), stdin reads as empty, as a native cell's
+    does. Nothing is read from the process's fd 0, which is /dev/null: the protocol is
+    elsewhere.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        #: Binary reads (``sys.stdin.buffer``) find an empty stream, as before: the user's
+        #: answers are text.
+        self.buffer = io.BytesIO()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def readable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        __tracebackhide__ = True
+        try:
+            answer = self._agent.ask_input("", False)
+        except (EOFError, StdinNotImplementedError):
+            return ""
+        line = answer + "\n" if answer else ""
+        return line if size is None or size < 0 else line[:size]
+
+    def read(self, size: int | None = -1) -> str:
+        """Lines up to the end of input (an empty answer)."""
+        __tracebackhide__ = True
+        lines = []
+        while True:
+            line = self.readline()
+            if not line:
+                break
+            lines.append(line)
+            if size is not None and 0 <= size <= sum(map(len, lines)):
+                break
+        text = "".join(lines)
+        return text if size is None or size < 0 else text[:size]
+
+
+class _GetpassPatcher:
+    """On ``sys.meta_path``: when a cell first imports ``getpass`` (not imported at agent
+    start, where every module costs), its ``getpass()`` becomes the agent's, which asks
+    through the kernel with ``password=True``."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "getpass":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        loader, agent = spec.loader, self.agent
+
+        class Patching:
+            def create_module(self, spec: Any) -> Any:
+                return loader.create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                loader.exec_module(module)
+                module.getpass = agent.getpass
+
+        spec.loader = Patching()  # type: ignore[assignment]
+        return spec
+
+
+#: The globals of the modules whose frames a traceback never shows (see user_traceback):
+#: this agent's, and those that register themselves (helpers, the wasm agent).
+OWN_GLOBALS: list[dict[str, Any]] = [globals()]
+
+
+def _own_frame(frame: Any) -> bool:
+    """Whether ``frame`` is tierkernel's plumbing: code of an own module, or a frame that
+    hides itself as IPython's tracebacks let it (``__tracebackhide__``, the helpers')."""
+    if any(frame.f_globals is own for own in OWN_GLOBALS):
+        return True
+    try:
+        return bool(frame.f_code.co_name != "<module>"
+                    and frame.f_locals.get("__tracebackhide__"))
+    except Exception:  # an odd frame: shown
+        return False
+
+
+def user_traceback(tb: Any, filename: str | None,
+                   glue: Callable[[Any], bool] | None = None) -> Any:
+    """``tb`` with tierkernel's own frames left out, as IPython leaves out its internals: the
+    frames before the cell's (``filename``; None: keep them) and every frame of the agent and
+    the helpers after it (a helper's error, an interrupt or timeout raised in the agent's
+    handler), so the user sees their lines and the error. At least one frame stays."""
+    frames = []
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    if filename is not None:
+        first = next((i for i, t in enumerate(frames)
+                      if t.tb_frame.f_code.co_filename == filename), len(frames))
+        frames = frames[first:]
+    # ``glue``: frames the caller also leaves out (IPython's between a cell and a magic).
+    kept = [t for i, t in enumerate(frames)
+            if i == 0 or not (_own_frame(t.tb_frame) or (glue is not None and glue(t.tb_frame)))]
+    if kept and _own_frame(kept[0].tb_frame) and len(frames) > 1:
+        kept = kept[1:] or [frames[-1]]
+    trimmed = None
+    for t in reversed(kept):
+        trimmed = types.TracebackType(trimmed, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return trimmed
 
 
 class Agent:
@@ -482,6 +644,7 @@ class Agent:
         exec(compile(source, "<tierkernel helpers>", "exec"), module.__dict__)
         sys.modules["tierkernel_helpers"] = module
         before = set(self.namespace)
+        OWN_GLOBALS.append(module.__dict__)
         module.install(self.namespace, self.call_host)
         self.hidden_names |= set(self.namespace) - before
         self.glue_globals.add(id(module.__dict__))
@@ -548,6 +711,71 @@ class Agent:
                 if msg.get("type") == "helper_result" and msg.get("seq") == seq:
                     response = msg.get("response")
                     return response if isinstance(response, dict) else {}
+
+    # -- stdin (input, getpass, sys.stdin) --------------------------------------------------
+    def install_stdin(self) -> None:
+        """Make ``input()``, ``getpass.getpass()`` and ``sys.stdin`` ask the user through the
+        kernel (Jupyter's stdin channel), as in a native cell."""
+        builtins.input = self.input
+        sys.stdin = CellStdin(self)
+        getpass = sys.modules.get("getpass")
+        if getpass is not None:
+            getpass.getpass = self.getpass  # type: ignore[attr-defined]
+        sys.meta_path.insert(0, _GetpassPatcher(self))
+
+    def input(self, prompt: Any = "") -> str:
+        """The ``input()`` builtin of a cell: the prompt shows in the notebook and the user's
+        answer is returned (StdinNotImplementedError when the client takes no input)."""
+        __tracebackhide__ = True
+        return self.ask_input(str(prompt), False)
+
+    def getpass(self, prompt: str = "", stream: Any = None, **kwargs: Any) -> str:
+        """``getpass.getpass()`` of a cell: as :meth:`input`, the answer typed hidden."""
+        __tracebackhide__ = True
+        return self.ask_input(str(prompt), True)
+
+    def ask_input(self, prompt: str, password: bool) -> str:
+        """Ask the user for one line through the host and wait for it (a cell's thread).
+
+        Read from the request stream by the waiting thread itself, as helper answers are
+        (see :meth:`call_host`, whose lock it shares: one request to the host at a time).
+        An interrupt ends the wait with KeyboardInterrupt: the host's SIGINT, or its answer.
+        """
+        __tracebackhide__ = True
+        if self.channel.forked:
+            raise EOFError("input() is not available in a forked child process")
+        origin = self.cell_of_caller()
+        with self._host_lock:
+            if self.cell_id is None or origin != self.cell_id:
+                raise RuntimeError("input() can only be called while its cell runs (not from "
+                                   "a thread an earlier cell started)")
+            self._host_seq += 1
+            seq = self._host_seq
+            self._flush_text()  # what was printed before the prompt shows before it
+            self.channel.send({"type": "input_request", "id": origin, "seq": seq,
+                               "prompt": prompt, "password": bool(password)})
+            while True:
+                try:
+                    line = self.requests.readline() if self.requests is not None else b""
+                except KeyboardInterrupt:
+                    # ipykernel's words for the stop button during input(), without the wait
+                    raise KeyboardInterrupt("Interrupted by user") from None
+                if not line:
+                    raise ConnectionError("the kernel went away while input() waited")
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if msg.get("type") == "input_reply" and msg.get("seq") == seq:
+                    error = msg.get("error")
+                    if (isinstance(error, dict) and error.get("type") == "KeyboardInterrupt"
+                            and threading.current_thread() is threading.main_thread()):
+                        # The cell was stopped, and the host's SIGINT is on its way (from a
+                        # container it may take a moment): it ends this wait. Ended by this
+                        # answer instead, the cell would end first and a later cell would
+                        # get the signal. (The answer is for input() in another thread.)
+                        continue
+                    return input_value(msg)
 
     def reset_watch(self) -> None:
         """Take the watched folder as it is now as unchanged: the host has just copied files
@@ -836,25 +1064,26 @@ class Agent:
         ns["___"], ns["__"], ns["_"] = ns.get("__", ""), ns.get("_", ""), value
         ns[f"_{count}"] = value
 
+    def _glue_frame(self, frame: Any) -> bool:
+        """Whether ``frame`` is glue between a cell and what it called (see user_traceback)."""
+        return (id(frame.f_globals) in self.glue_globals
+                or frame.f_code.co_filename.startswith(self.hidden_frames))
+
     def _report(self, etype: type[BaseException], exc: BaseException, tb: Any, fn: str) -> None:
         # Drop the agent's own frames: the user sees their cell's lines, as in IPython.
-        while tb is not None and tb.tb_frame.f_code.co_filename != fn:
-            tb = tb.tb_next
+        tb = user_traceback(tb, fn, self._glue_frame)
+        seen = {id(exc)}
+        chained = exc.__cause__ or exc.__context__
+        while chained is not None and id(chained) not in seen:  # the chain's, as far as it goes
+            seen.add(id(chained))
+            with contextlib.suppress(Exception):
+                chained.__traceback__ = user_traceback(chained.__traceback__, None,
+                                                       self._glue_frame)
+            chained = chained.__cause__ or chained.__context__
         if self.ishell is not None and self.ishell.is_usage_error(exc):
             lines = [f"UsageError: {exc}"]  # as IPython shows it: the message alone
         else:
-            # Nor the glue between the cell and what it called: the agent's own modules (a
-            # helper call, a !cmd) and IPython's between a cell and a magic.
-            report = traceback.TracebackException(etype, exc, tb)
-            keep = [id(frame.f_globals) not in self.glue_globals
-                    and not frame.f_code.co_filename.startswith(self.hidden_frames)
-                    for frame, _ in traceback.walk_tb(tb)]
-            if not all(keep) and len(keep) == len(report.stack):
-                import itertools
-
-                report.stack = traceback.StackSummary.from_list(
-                    list(itertools.compress(report.stack, keep)))
-            lines = list(report.format())
+            lines = traceback.format_exception(etype, exc, tb)
         self._flush_text()
         self.channel.send(
             {
@@ -1676,7 +1905,7 @@ def main() -> None:
     agent.start_flusher()
     sys.stdout = agent.stdout
     sys.stderr = agent.stderr
-    sys.stdin = io.TextIOWrapper(io.BytesIO(b""))
+    agent.install_stdin()
     sys.meta_path.append(_InlineBackendFinder())
     if os.environ.get(MPL_SEED_ENV):
         sys.meta_path.insert(0, _MatplotlibConfigSeeder())
@@ -1748,6 +1977,8 @@ def main() -> None:
             channel.send(answer)
         elif kind == "shutdown":
             return
+        elif kind in ("input_reply", "helper_result"):
+            pass  # an answer its cell no longer waited for (interrupted): nobody to give it to
         else:
             channel.send({"type": "protocol_error", "detail": f"unknown request {kind!r}"})
 

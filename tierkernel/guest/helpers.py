@@ -62,6 +62,28 @@ class APIResponse(Result):
         return f"<APIResponse {self['status']} {self['url']}>"
 
 
+def ipython_traceback(exc: BaseException) -> list[str]:
+    """IPython's traceback of ``exc`` without the frames at its end that hide themselves
+    (``__tracebackhide__``): IPython hides such frames except the last, but when the error is
+    raised by tierkernel's plumbing (a helper's answer, a cell's timeout) the user's own line
+    is the one to end on. Set as an exception's ``_render_traceback_``, which IPython calls
+    (a shell exists then); IPython is imported only here, never in a guest without it."""
+    from IPython import get_ipython  # type: ignore[import-not-found,unused-ignore]
+
+    shell = get_ipython()
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    while len(frames) > 1 and frames[-1].tb_frame.f_locals.get("__tracebackhide__"):
+        frames.pop()
+    trimmed = None
+    for frame in reversed(frames):
+        trimmed = type(frame)(trimmed, frame.tb_frame, frame.tb_lasti, frame.tb_lineno)
+    return list(shell.InteractiveTB.structured_traceback(type(exc), exc, trimmed))
+
+
 def _request(call: Call, helper: str, args: dict[str, Any]) -> Any:
     """Send one request; return its value or raise the error the host named."""
     __tracebackhide__ = True  # IPython shows the user's line, not this plumbing
@@ -77,7 +99,10 @@ def _request(call: Call, helper: str, args: dict[str, Any]) -> Any:
         return response.get("value")
     error = response.get("error") or {}
     kind = _ERRORS.get(str(error.get("type")), RuntimeError)
-    raise kind(str(error.get("message", f"{helper}() failed")))
+    failure = kind(str(error.get("message", f"{helper}() failed")))
+    # In IPython (native cells) the traceback ends at the user's line, not in this module.
+    failure._render_traceback_ = lambda: ipython_traceback(failure)
+    raise failure
 
 
 class Console:

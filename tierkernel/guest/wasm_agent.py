@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import io
 import json
 import os
 import sys
@@ -39,6 +38,11 @@ else:  # in the guest this folder is on sys.path as itself (see wasm_transport.G
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
 AGENT: WasmAgent | None = None
+#: The most of an input() prompt sent to the host: under the runtime's 1 MiB cap on one tool
+#: call even when JSON escapes every character (the host's own limit is lower by default).
+_PROMPT_SENT = 65_536
+# Frames of this module and of the helpers are plumbing, never shown in a cell's traceback.
+_agent.OWN_GLOBALS.extend((globals(), vars(_helpers)))
 
 
 class ToolChannel:
@@ -157,6 +161,21 @@ class WasmAgent(_agent.Agent):
                            "does not have (WASI has no sockets); run the cell in %%tier "
                            "process, sandbox or native")
 
+    def ask_input(self, prompt: str, password: bool) -> str:
+        """Ask the user for one line through the host tool ``tk_input`` (the host asks on
+        Jupyter's stdin channel; an interrupt while it waits answers with KeyboardInterrupt,
+        so the session and its variables survive it)."""
+        __tracebackhide__ = True
+        if self.cell_id is None:
+            raise RuntimeError("input() can only be called while its cell runs")
+        self._flush_text()
+        if len(prompt) > _PROMPT_SENT:  # the host cuts it far shorter; one tool frame is 1 MiB
+            prompt = prompt[:_PROMPT_SENT] + "…"
+        reply = self.channel.tools.tk_input(  # type: ignore[attr-defined]
+            request={"type": "input_request", "id": self.cell_id, "prompt": prompt,
+                     "password": bool(password)})
+        return _agent.input_value(reply)
+
     def execute_json(self, text: str) -> None:
         """Run one ``execute`` request (the host's JSON line)."""
         self.execute(json.loads(text))
@@ -190,7 +209,7 @@ def boot(config_json: str) -> None:
         os.chdir(workspace)
     sys.stdout = agent.stdout
     sys.stderr = agent.stderr
-    sys.stdin = io.TextIOWrapper(io.BytesIO(b""))
+    agent.install_stdin()
     sys.meta_path.append(_agent._InlineBackendFinder())
     os.environ["MPLBACKEND"] = f"module://{_agent.MPL_BACKEND_MODULE}"
     os.environ.setdefault("MPLCONFIGDIR", "/tmp/.matplotlib")

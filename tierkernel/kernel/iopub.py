@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tierkernel.backends.base import InputNotAllowed
+from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
+
 MimeBundle = dict[str, Any]
 
 #: Stream text arriving within this many seconds of the last stream message is merged into
@@ -32,6 +35,7 @@ class IopubSink:
         parent: dict[str, Any],
         execution_count: int,
         silent: bool = False,
+        stdin: StdinRequester | None = None,
     ) -> None:
         self._session = session
         self._socket = socket
@@ -39,6 +43,8 @@ class IopubSink:
         self._parent = parent
         self._execution_count = execution_count
         self._silent = silent
+        #: Asks the cell's client for input (None: the client takes none).
+        self._stdin = stdin
         self._closed = False
         self._lock = threading.Lock()
         #: Stream text held for the current window: (name, text) runs in arrival order.
@@ -110,6 +116,16 @@ class IopubSink:
     def clear_output(self, wait: bool = False) -> None:
         """A ``clear_output`` message."""
         self._send("clear_output", {"wait": wait})
+
+    def input(self, prompt: str, password: bool, cancel: threading.Event) -> str:
+        """Ask the cell's client for one line on the stdin channel (see ``OutputSink.input``);
+        what was printed before goes out first."""
+        with self._lock:
+            if not self._closed and not self._silent:
+                self._release_held()
+        if self._stdin is None:
+            raise InputNotAllowed(NO_STDIN)
+        return self._stdin.ask(prompt, password, cancel)
 
     def close(self) -> None:
         """The cell is over: send what is held, then drop anything still arriving."""

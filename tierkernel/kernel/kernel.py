@@ -14,13 +14,21 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Float, Unicode, default
 
 from tierkernel import __version__
-from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult, ResourceUsage
+from tierkernel.backends.base import (
+    Backend,
+    CellRequest,
+    ExecError,
+    ExecResult,
+    InputNotAllowed,
+    ResourceUsage,
+)
 from tierkernel.backends.native import NativeBackend
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
 from tierkernel.kernel.iopub import IopubSink
 from tierkernel.kernel.quick_reply import cell_ran_outside, install_flush_skip, mark_cell
 from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
+from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
 from tierkernel.magics.executions import ExecutionMagics
 from tierkernel.magics.fsx import FsxMagics
 from tierkernel.magics.options import TierUsageError
@@ -49,6 +57,10 @@ class _NoSink:
 
     def clear_output(self, wait: bool = False) -> None:
         """Unused: IPython publishes native output."""
+
+    def input(self, prompt: str, password: bool, cancel: threading.Event) -> str:
+        """Unused: a native cell's input() is ipykernel's."""
+        raise InputNotAllowed(NO_STDIN)
 
 
 class TierKernel(IPythonKernel):
@@ -224,8 +236,12 @@ class TierKernel(IPythonKernel):
         shell = self.shell
         assert shell is not None
         self._count_cell(request.code, request.store_history)
+        # The stdin channel's reply goes to the client of this execute_request (its routing
+        # identity, kept by ipykernel in a context variable of the request's task).
+        ident = self._get_shell_context_var(self._shell_parent_ident)
+        stdin = StdinRequester(self, parent, ident, request.allow_stdin)
         sink = IopubSink(self.session, self.iopub_socket, self._topic, parent,
-                         request.execution_count, request.silent)
+                         request.execution_count, request.silent, stdin)
         if self.router.notice:
             sink.stream("stderr", self.router.notice + "\n")
             self.router.notice = ""
