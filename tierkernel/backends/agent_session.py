@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 HELPERS_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "helpers.py"
 #: The guest's inotify watch of its workspace, sent as source by install_watch().
 TREE_WATCH_SOURCE = HELPERS_SOURCE.with_name("tree_watch.py")
+#: fsx:// URLs, the notebook folder's fall-back and the missing-file hint (install_files()).
+FILES_SOURCE = HELPERS_SOURCE.with_name("files.py")
 
 
 class AgentTransport(Protocol):
@@ -281,6 +283,16 @@ class AgentSession:
         source = HELPERS_SOURCE.read_text(encoding="utf-8")
         self.transport.send((json.dumps({"type": "install_helpers", "source": source})
                              + "\n").encode())
+
+    def install_files(self, config: dict[str, Any]) -> None:
+        """Set up the agent's files (``tierkernel/guest/files.py``, sent as source): the
+        ``fsx://`` protocol for fsspec, the read-only fall-back to the notebook's folder and
+        the hint on a missing file; ``config`` is :class:`~tierkernel.guest.files.
+        NotebookFiles`' (the folders as the agent sees them)."""
+        source = FILES_SOURCE.read_text(encoding="utf-8")
+        with contextlib.suppress(OSError):  # the agent is gone: the next cell says so
+            self.transport.send((json.dumps({"type": "install_files", "source": source,
+                                             "config": config}) + "\n").encode())
 
     def install_watch(self) -> None:
         """Let the agent watch its workspace folder with inotify instead of walking it
