@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.notebook_folder import GUEST_PATH as NOTEBOOK
+from tierkernel.backends.notebook_folder import NotebookFolder, folder_mount, guest_config
 from tierkernel.backends.usage import human_size
 from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.fsx import FsxConfigError
@@ -44,6 +47,16 @@ from tierkernel.fsx.wasm_mount import FsxMountProvider, workspace_mount
 from tierkernel.magics.options import MIN_MEMORY, format_size
 
 WORKSPACE = "/workspace"
+#: Where the guest finds the host's fsspec package, lent read-only.
+_FSSPEC = "/opt/tierkernel-fsspec"
+
+
+def _package_dir(name: str) -> str | None:
+    """The folder of the host's pure-Python package ``name``, or None if it is not there."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(next(iter(spec.submodule_search_locations)))
 
 
 class WasmBackend(ChannelLimits, Backend):
@@ -262,7 +275,19 @@ class WasmBackend(ChannelLimits, Backend):
             Grant(str(Path(tierkernel.guest.__file__).parent), GUEST_DIR),
             Grant(str(self._private_dir("tmp")), "/tmp", writable=True),
         ]
+        # fsspec for fsx:// URLs, read-only from the host's installation: a stand-in until
+        # the tier mounts pure-Python packages in general (issue 15).
+        fsspec_dir = _package_dir("fsspec")
+        if fsspec_dir is not None:
+            grants.append(Grant(fsspec_dir, _FSSPEC))
         mounts = []
+        # The notebook's folder, read-only at /notebook, unless it holds host state.
+        notebook = NotebookFolder(parent=self)
+        refused = notebook.refusal()
+        if not refused:
+            mounts.append(folder_mount(notebook.folder(), notebook.max_bytes))
+        files = guest_config(WORKSPACE, NOTEBOOK, refused)
+        files["fsspec"] = _FSSPEC if fsspec_dir is not None else ""
         try:
             workspace = current_workspace()
         except FsxConfigError:  # no kernel around this backend (a library use): a private dir
@@ -286,7 +311,8 @@ class WasmBackend(ChannelLimits, Backend):
                          # messages and helper calls as it reads them.
                          tool_calls=self.message_limit + self.helper_limit + 16,
                          cache=str(cache)),
-            {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload)},
+            {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload),
+             "files": files},
         )
         agent = AgentSession(
             transport,

@@ -63,8 +63,11 @@ class FsspecHook:
     ``fsx`` protocol is registered right after fsspec's own set-up (which registers the
     installed entry points, the host's ``fsx`` among them), then leaves the path."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, fallback: str = "") -> None:
         self.root = root
+        #: A folder holding fsspec's package, used when no finder finds it (lent read-only
+        #: by a tier that has no package mount).
+        self.fallback = fallback
         self._busy = False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
@@ -82,6 +85,12 @@ class FsspecHook:
                     break
         finally:
             self._busy = False
+        if spec is None and self.fallback:
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location(
+                fullname, os.path.join(self.fallback, "__init__.py"),
+                submodule_search_locations=[self.fallback])
         if spec is None or spec.loader is None:
             return spec
         spec.loader = _AfterExec(spec.loader, self.register)
@@ -105,29 +114,82 @@ class FsspecHook:
 
 
 def workspace_filesystem(root: str) -> type:
-    """An fsspec filesystem class for ``fsx://``: the local folder ``root``."""
-    from fsspec.implementations.dirfs import DirFileSystem
+    """An fsspec filesystem class for ``fsx://``: the local folder ``root``. A
+    ``LocalFileSystem`` whose paths are taken inside ``root`` (fsspec's ``DirFileSystem`` is
+    asynchronous underneath and starts an event loop thread, which a wasm guest cannot)."""
+    import posixpath
+
     from fsspec.implementations.local import LocalFileSystem
 
-    class WorkspaceFileSystem(DirFileSystem):  # type: ignore[misc]
+    top = root.rstrip("/") or "/"
+
+    class WorkspaceFileSystem(LocalFileSystem):  # type: ignore[misc]
         """``fsx://path`` is ``path`` in this tier's copy of the workspace."""
 
         protocol = PROTOCOL
+        root_marker = "/"
 
         def __init__(self, *args: Any, **storage_options: Any) -> None:
             if args or storage_options:
                 raise TypeError("fsx:// takes no storage options: it is the workspace "
                                 f"(got {sorted(storage_options) or list(args)})")
-            super().__init__(path=root, fs=LocalFileSystem())
+            super().__init__()
 
         @classmethod
         def _strip_protocol(cls, path: Any) -> Any:
-            # fsx:///a, fsx://a and /a all name the workspace's a, as in the kernel.
-            if isinstance(path, str):
-                if path.startswith(PROTOCOL + "://"):
-                    path = path[len(PROTOCOL) + 3:]
-                return path.strip("/")
-            return path
+            # fsx:///a, fsx://a, a and /a all name the workspace's a, as in the kernel; a
+            # path this filesystem gave out (ls, glob) is already inside the folder.
+            if not isinstance(path, str):
+                path = os.fspath(path)
+            if path.startswith(PROTOCOL + "://"):
+                path = path[len(PROTOCOL) + 3:]
+            elif path == top or path.startswith(top + "/"):
+                return posixpath.normpath(path)
+            return posixpath.normpath(posixpath.join(top, path.lstrip("/")))
+
+        @staticmethod
+        def _outside(name: str) -> str:
+            """A path this filesystem gives out: workspace-rooted ("/sub/x.csv"), as in the
+            kernel (given back, it names the same file)."""
+            if name == top:
+                return "/"
+            return name[len(top):] if name.startswith(top + "/") else name
+
+        def unstrip_protocol(self, name: str) -> str:
+            return f"{PROTOCOL}://{self._outside(name).lstrip('/')}"
+
+        def makedirs(self, path: str, exist_ok: bool = False) -> None:
+            # os.makedirs looks at every parent, and a WASI guest has no "/" to look at.
+            path = self._strip_protocol(path)
+            if exist_ok and os.path.isdir(path):
+                return
+            super().makedirs(path, exist_ok=exist_ok)
+
+        def info(self, path: Any, **kwargs: Any) -> dict[str, Any]:
+            out = dict(super().info(path, **kwargs))
+            out["name"] = self._outside(str(out["name"]))
+            return out
+
+        def glob(self, path: Any, maxdepth: int | None = None, **kwargs: Any) -> Any:
+            # By the standard library on the folder: fsspec's would match names given out
+            # workspace-rooted against the folder's pattern.
+            import glob as globbing
+
+            inside = self._strip_protocol(path)
+            found = sorted(globbing.glob(inside, recursive="**" in inside))
+            if maxdepth is not None:
+                depth = inside.count("/")
+                found = [p for p in found if p.count("/") - depth < maxdepth]
+            names = [self._outside(p) for p in found]
+            if kwargs.get("detail"):
+                return {name: self.info(name) for name in names}
+            return names
+
+        def ls(self, path: Any, detail: bool = False, **kwargs: Any) -> Any:
+            entries = super().ls(path, detail=detail, **kwargs)
+            if not detail:
+                return [self._outside(str(name)) for name in entries]
+            return [dict(entry, name=self._outside(str(entry["name"]))) for entry in entries]
 
     return WorkspaceFileSystem
 
@@ -203,6 +265,10 @@ class NotebookFiles:
                     f"{rel!r} is next to the notebook, copy it into the workspace from a "
                     f"native cell: fs.write_file({rel!r}, open({rel!r}, 'rb').read()), or "
                     "keep the notebook and its data in a folder of their own.")
+        if self.notebook and os.path.exists(os.path.join(self.notebook, rel)):
+            return (f"tierkernel: {rel!r} is in the notebook's folder, which this tier reads "
+                    f"at {self.notebook}{self.view_note}, read-only: writes go to the "
+                    "workspace (make its folder there first, e.g. os.makedirs(...)).")
         if self.notebook:
             return (f"tierkernel: not in the workspace ({self.workspace}) nor in the "
                     f"notebook's folder, which this tier reads at {self.notebook}"
@@ -215,7 +281,7 @@ def install(agent: Any, config: dict[str, Any]) -> NotebookFiles:
     folder's read-only fall-back (``open``), its place on ``sys.path`` after the workspace's,
     and the hint (``agent.error_note``)."""
     files = NotebookFiles(config)
-    hook = FsspecHook(files.workspace)
+    hook = FsspecHook(files.workspace, str(config.get("fsspec") or ""))
     if "fsspec" in sys.modules:
         hook.register(sys.modules["fsspec"])
     elif not any(isinstance(f, FsspecHook) for f in sys.meta_path):
