@@ -57,6 +57,8 @@ from tierkernel.backends.docker_engine import (
     unreachable_message,
 )
 from tierkernel.backends.docker_transport import DockerExecTransport, SocketTransport
+from tierkernel.backends.notebook_folder import GUEST_PATH as NOTEBOOK
+from tierkernel.backends.notebook_folder import NotebookFolder, Scan, guest_config
 from tierkernel.backends.sandbox_channel import (
     AGENT_EXIT_FILE,
     GUEST_DIR,
@@ -76,6 +78,7 @@ from tierkernel.backends.sandbox_channel import (
     write_exec_id,
 )
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
+from tierkernel.backends.sandbox_notebook import copy_in, tmpfs_options
 from tierkernel.backends.sandbox_workspace import Room, WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage, human_size
 from tierkernel.fsx import FsxQuotaError, sync
@@ -278,6 +281,14 @@ class SandboxBackend(ChannelLimits, Backend):
         self._oom_baseline = 0
         self._after_start_done = False
         self._starting = False
+        #: The agent whose files are set up (fsx://, /notebook, the hint; see _setup_files),
+        #: the container whose /notebook holds the copy, and what that copy took.
+        self._files_agent: AgentSession | None = None
+        self._notebook_copied: str | None = None
+        self._notebook_scan: Scan | None = None
+        self._files_lock = threading.Lock()
+        #: The warm start's notice about that copy, for the first cell.
+        self._notebook_notice = ""
 
     # -- the contract ---------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -335,6 +346,10 @@ class SandboxBackend(ChannelLimits, Backend):
         container = self._container
         if container is not None:
             try:
+                self._notebook_notice = self._setup_files()
+            except Exception:  # the first cell tries again and reports the error
+                log.warning("setting up the sandbox's files failed", exc_info=True)
+            try:
                 session = self._session
                 if (self._workspace.before_cell(self._engine().api, container.id, session,
                                                 self._room(container.spec))
@@ -372,6 +387,13 @@ class SandboxBackend(ChannelLimits, Backend):
         started, option = time.monotonic(), request.options.get("timeout")
         timeout = float(option) if option else None
 
+        if self._files_agent is not session:  # a new agent: once, not per cell
+            notice = await asyncio.to_thread(self._setup_files)
+            if notice:
+                sink.stream("stderr", notice + "\n")
+        if self._notebook_notice:  # the warm start's
+            sink.stream("stderr", self._notebook_notice + "\n")
+            self._notebook_notice = ""
         # fsx -> /workspace, the cell, /workspace -> fsx. The copies may take the engine's
         # time and run in a thread; the common cell (nothing to copy either way) needs none.
         if self._workspace.may_have_changes(container.id):
@@ -417,6 +439,34 @@ class SandboxBackend(ChannelLimits, Backend):
             sink.error(error.ename, error.evalue, error.traceback)
             result = dataclasses.replace(result, success=False, error=error)
         return result
+
+    def _setup_files(self) -> str:
+        """Once per agent: the notebook's folder copied into the container's /notebook (once
+        per container), then the agent's files set up (``fsx://``, the read-only fall-back
+        to /notebook, the missing-file hint). Returns a notice for the user ("" if none)."""
+        with self._files_lock:
+            container, session = self._container, self._session
+            if container is None or session is None or self._files_agent is session:
+                return ""
+            folder = NotebookFolder(parent=self)
+            refused, view, notice = folder.refusal(), NOTEBOOK, ""
+            if not refused and self._notebook_copied != container.id:
+                try:
+                    scan, notice = copy_in(self._engine().api, container.id, folder)
+                except Exception as exc:
+                    log.warning("copying the notebook's folder into %s failed",
+                                container.id[:12], exc_info=True)
+                    notice = (f"tierkernel: the notebook's folder could not be copied into "
+                              f"the sandbox's {NOTEBOOK} ({exc}); its cells read the "
+                              "workspace only.")
+                    view, scan = "", None
+                self._notebook_copied = container.id if view else None
+                self._notebook_scan = scan
+            session.install_files(guest_config(
+                "/workspace", view if self._notebook_copied == container.id else "", refused,
+                self._notebook_scan, ", as it was when this sandbox started"))
+            self._files_agent = session
+            return notice
 
     def _room(self, spec: ContainerSpec) -> Room:
         """What the container's /workspace can hold: its tmpfs size, or less when the memory
@@ -594,7 +644,8 @@ class SandboxBackend(ChannelLimits, Backend):
             "hostname": "sandbox",
             "network_mode": "none",
             "read_only": True,
-            "tmpfs": {"/tmp": tmpfs_opts, "/workspace": workspace_opts},
+            "tmpfs": {"/tmp": tmpfs_opts, "/workspace": workspace_opts,
+                      NOTEBOOK: tmpfs_options(NotebookFolder(parent=self))},
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "user": self.user,
