@@ -18,9 +18,14 @@ TIERS = ["process", "wasm", "sandbox"]
 BIRTHS = "year,births\n2000,5\n2001,7\n"
 
 
+RUNSC = "sandbox --runtime runsc"
+
+
 def _need(tier: str) -> None:
-    if tier == "sandbox":
+    if tier.startswith("sandbox"):
         sandbox_support.need_sandbox()
+    if tier == RUNSC and "runsc" not in sandbox_support.runtimes():
+        pytest.skip("the engine has no runsc (gVisor) runtime: scripts/engine.sh registers it")
     if tier == "wasm" and (wasm_runtime.runtime_problem() is not None
                            or not wasm_runtime.is_compiled()):
         pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
@@ -52,14 +57,16 @@ def run(session: KernelSession, tier: str, code: str) -> object:
     return session.run(f"%%tier {tier}\n{code}", timeout=180)
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", [*TIERS, RUNSC])
 def test_fsx_urls_with_pandas(kernel, tier):
     session, _ = kernel
+    tier_name = tier
+    tier = tier_name.split()[-1]
     native = session.run("import pandas as pd\n"
                          f"pd.DataFrame({{'n': [1, 2, 3]}}).to_csv('fsx://from-native-{tier}.csv',"
                          " index=False)")
     assert native.status == "ok", native.outputs
-    out = run(session, tier,
+    out = run(session, tier_name,
               "import pandas as pd, fsspec\n"
               f"total = int(pd.read_csv('fsx://from-native-{tier}.csv').n.sum())\n"
               f"pd.DataFrame({{'m': [total, 1]}}).to_csv('fsx:///sub-{tier}/out.csv', index=False)\n"
@@ -100,7 +107,7 @@ def test_process_and_other_tiers_share_files(kernel, other):
     assert gone.stdout == "False\n", gone.outputs
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", [*TIERS, RUNSC])
 def test_notebook_data_by_relative_path(kernel, tier):
     session, _ = kernel
     out = run(session, tier, "import pandas as pd, pathlib\n"
@@ -135,7 +142,7 @@ def test_writes_go_to_the_workspace_never_the_notebook_folder(kernel, tier):
     session.run("fs.unlink('/data/births.csv')")
 
 
-@pytest.mark.parametrize("tier", ["wasm", "sandbox"])
+@pytest.mark.parametrize("tier", ["wasm", "sandbox", RUNSC])
 def test_the_notebook_view_is_read_only(kernel, tier):
     session, folder = kernel
     out = run(session, tier, "open('/notebook/data/births.csv', 'w').write('gone')")

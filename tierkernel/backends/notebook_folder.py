@@ -80,7 +80,7 @@ class NotebookFolder(Configurable):
                   "(read-only; reads that miss in /workspace are tried there).").tag(config=True)
     path = Unicode("", help="The folder to show; default: the kernel's starting folder (the "
                    "notebook's).").tag(config=True)
-    max_bytes = ByteSize(256 << 20, help="Most bytes of the notebook's folder copied into a "
+    max_bytes = ByteSize(128 << 20, help="Most bytes of the notebook's folder copied into a "
                          "sandbox container (and the largest file a wasm cell reads from it), "
                          "e.g. 256m, 1g.").tag(config=True)
     max_files = Int(2000, min=0, help="Most files of the notebook's folder copied into a "
