@@ -69,7 +69,8 @@ def test_fsx_urls_with_pandas(kernel, tier):
     out = run(session, tier_name,
               "import pandas as pd, fsspec\n"
               f"total = int(pd.read_csv('fsx://from-native-{tier}.csv').n.sum())\n"
-              f"pd.DataFrame({{'m': [total, 1]}}).to_csv('fsx:///sub-{tier}/out.csv', index=False)\n"
+              f"pd.DataFrame({{'m': [total, 1]}}).to_csv('fsx:///sub-{tier}/out.csv', "
+              "index=False)\n"
               f"with fsspec.open('fsx://sub-{tier}/note.txt', 'w') as f:\n"
               "    f.write('via fsspec')\n"
               f"print(total, sorted(fsspec.filesystem('fsx').ls('/sub-{tier}')))")
@@ -177,7 +178,7 @@ def refused(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KernelSe
 
 @pytest.mark.parametrize("tier", ["wasm", "sandbox"])
 def test_a_folder_holding_host_state_is_not_shown_and_the_hint_says_why(refused, tier):
-    session, folder = refused
+    session, _ = refused
     out = run(session, tier, "import pandas as pd\npd.read_csv('data/births.csv')")
     error = out.error
     assert error["ename"] == "FileNotFoundError", out.outputs
@@ -216,7 +217,9 @@ def huge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KernelSessi
         (many / f"f{i:04}.txt").write_text("x")
     session = KernelSession(cwd=str(folder), env=dict(
         os.environ, TIERKERNEL_FSX_URL=f"sqlite://{where / 'ws.db'}"),
-        extra_arguments=["--NotebookFolder.max_bytes=1m", "--NotebookFolder.max_files=50"])
+        extra_arguments=["--NotebookFolder.max_bytes=1m", "--NotebookFolder.max_files=50",
+                         "--ProcessBackend.copy_back_bytes=1m",
+                         "--ProcessBackend.copy_back_files=200"])
     yield session, folder
     session.close()
 
@@ -246,3 +249,24 @@ def test_a_huge_file_is_not_read_into_the_host_for_wasm(huge):
     small = run(session, "wasm", "import pandas as pd\n"
                 "int(pd.read_csv('data/births.csv').births.sum())")
     assert small.result["text/plain"] == "12", small.outputs
+
+
+@pytest.mark.parametrize(("code", "setting"), [
+    ("open('flood.bin', 'wb').write(b'x' * (3 << 20))", "c.ProcessBackend.copy_back_bytes"),
+    ("import os\nos.makedirs('flood', exist_ok=True)\n"
+     "for i in range(400):\n    open(f'flood/{i}', 'w').close()",
+     "c.ProcessBackend.copy_back_files"),
+])
+def test_a_process_cell_over_the_copy_back_budget_fails_that_cell_only(huge, code, setting):
+    session, folder = huge
+    out = run(session, "process", code)
+    assert out.error["ename"] == "WorkspaceCopyError", out.outputs
+    assert setting in out.error["evalue"] and "Nothing of it was copied" in out.error["evalue"]
+    assert session.run("fs.readdir('/')").result["text/plain"] == "[]"
+    cleaned = run(session, "process", "import os, shutil\nshutil.rmtree('flood', True)\n"
+                  "os.path.exists('flood.bin') and os.remove('flood.bin')\n"
+                  "open('small.txt', 'w').write('ok')")
+    assert cleaned.status == "ok", cleaned.outputs
+    assert session.run("fs.read_file('/small.txt')").result["text/plain"] == "'ok'"
+    session.run("fs.unlink('/small.txt')")
+    assert not (folder / "small.txt").exists()
