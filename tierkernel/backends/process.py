@@ -379,9 +379,14 @@ class ProcessBackend(ChannelLimits, Backend):
         if session is None:
             raise RuntimeError("the process tier was not started (the kernel calls start())")
         started, option = time.monotonic(), request.options.get("timeout")
-        await asyncio.to_thread(self._copy_in, sink, started, option)
+        files = self._folder()
+        # The workspace folder and fsx in step (the common cell: both unchanged, no thread).
+        if not files.idle():
+            await asyncio.to_thread(self._copy_in, sink, started, option)
         result = await session.run_async(request, sink, option, self.helper_gateway())
-        error = await asyncio.to_thread(self._copy_back, sink, started, option)
+        error = None
+        if not files.idle():
+            error = await asyncio.to_thread(self._copy_back, sink, started, option)
         if error is not None:
             if result.success:
                 sink.error(error.ename, error.evalue, error.traceback)

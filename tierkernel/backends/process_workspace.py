@@ -86,6 +86,22 @@ class HostFolderSync:
                 return ("events", version)
         return ("walk", tree_signature(str(self.folder)))
 
+    def idle(self) -> bool:
+        """Whether neither side changed since the last copy, known without a walk (an
+        inotify count and fsx's change token): then a cell needs no copy, nor the thread it
+        would run in. False when it cannot tell quickly (a copy under way, no watch)."""
+        workspace = self.workspace()
+        if workspace is None:
+            return True
+        if self._watch is None or self._mark is None or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            version = self._watch.version()
+            return (version is not None and ("events", version) == self._mark
+                    and workspace.engine.change_token() == self._token)
+        finally:
+            self._lock.release()
+
     def changed(self) -> bool:
         """Whether the folder changed since fsx was last brought into it or it into fsx."""
         if self.workspace() is None:
