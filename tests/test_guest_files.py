@@ -270,3 +270,22 @@ def test_a_process_cell_over_the_copy_back_budget_fails_that_cell_only(huge, cod
     assert session.run("fs.read_file('/small.txt')").result["text/plain"] == "'ok'"
     session.run("fs.unlink('/small.txt')")
     assert not (folder / "small.txt").exists()
+
+
+def test_a_workspace_that_cannot_be_opened_leaves_the_process_tier_running(tmp_path):
+    workspace = tmp_path / "ws"
+    (workspace / "ipython").mkdir(parents=True)
+    folder = _notebook_folder(tmp_path)
+    session = KernelSession(cwd=str(folder), env=dict(
+        os.environ, TIERKERNEL_FSX_URL=workspace.as_uri(), IPYTHONDIR=str(workspace / "ipython")))
+    try:
+        out = run(session, "process", "import pandas as pd\nopen('scratch.txt', 'w').write('x')\n"
+                  "int(pd.read_csv('data/births.csv').births.sum())")
+        assert out.result["text/plain"] == "12", out.outputs
+        assert "the process tier's folder is not the workspace, which cannot be opened" in \
+            out.stderr and "IPython's profile folder" in out.stderr
+        again = run(session, "process", "open('scratch.txt').read()")
+        assert again.result["text/plain"] == "'x'" and again.stderr == "", again.outputs
+        assert sorted(p.name for p in workspace.iterdir()) == ["ipython"]
+    finally:
+        session.close()

@@ -60,14 +60,27 @@ class HostFolderSync:
         self._watch: TreeWatch | None = None
         self._maps: list[str] = []
         self._mark: tuple[str, int] | None = None
+        #: Why the kernel's workspace could not be opened ("" while it could), and whether
+        #: the user was told.
+        self.problem = ""
+        self._told = False
 
-    @staticmethod
-    def workspace() -> FsxFacade | None:
-        """The kernel's fsx workspace; None outside a kernel (the folder is then scratch)."""
+    def workspace(self) -> FsxFacade | None:
+        """The kernel's fsx workspace; None outside a kernel, or when it cannot be opened (a
+        refused ``file://`` folder: :attr:`problem` says why): the folder is then scratch,
+        and the tier's cells still run."""
+        if self.problem:
+            return None
         try:
-            return current_workspace()
+            workspace = current_workspace()
         except FsxConfigError:
             return None
+        try:
+            workspace.fs  # noqa: B018 - opening it is the point: a refusal is said here
+        except (FsxConfigError, OSError) as exc:
+            self.problem = str(exc)
+            return None
+        return workspace
 
     def watch_agent(self, pid: int) -> None:
         """Count writes through shared memory maps of the agent ``pid`` as changes."""
@@ -114,6 +127,10 @@ class HostFolderSync:
         for the user ("" if everything arrived)."""
         workspace = self.workspace()
         if workspace is None:
+            if self.problem and not self._told:
+                self._told = True
+                return (f"tierkernel: the process tier's folder is not the workspace, which "
+                        f"cannot be opened: {self.problem}\n")
             return ""
         with self._lock:
             token = workspace.engine.change_token()
