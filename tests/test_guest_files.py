@@ -37,6 +37,8 @@ def _notebook_folder(where: Path) -> Path:
     (folder / "data" / "births.csv").write_text(BIRTHS)
     (folder / "helpers_nb.py").write_text("ANSWER = 42\n")
     (folder / ".env").write_text("SECRET=1\n")
+    (where / "secret.csv").write_text("not,yours\n")
+    (folder / "data" / "outside.csv").symlink_to(where / "secret.csv")
     return folder
 
 
@@ -123,8 +125,9 @@ def test_notebook_data_by_relative_path(kernel, tier):
 @pytest.mark.parametrize("tier", ["wasm", "sandbox"])
 def test_hidden_files_of_the_notebook_folder_stay_hidden(kernel, tier):
     session, _ = kernel
-    out = run(session, tier, "open('.env').read()")
-    assert out.error["ename"] == "FileNotFoundError", out.outputs
+    for name in (".env", "data/outside.csv"):  # a hidden name; a link out of the folder
+        out = run(session, tier, f"open({name!r}).read()")
+        assert out.error["ename"] == "FileNotFoundError", out.outputs
     listing = run(session, tier, "import os\nsorted(os.listdir('/notebook'))")
     assert listing.result["text/plain"] == "['data', 'helpers_nb.py']", listing.outputs
 

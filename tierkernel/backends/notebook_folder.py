@@ -23,13 +23,14 @@ holds host state (the home folder itself, Jupyter's folders, an installation: se
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno as host_errno
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from traitlets import Bool, Int, Unicode
 from traitlets.config import Configurable
@@ -98,8 +99,11 @@ class NotebookFolder(Configurable):
         holds, a place whose content the host trusts, or it is not set."""
         top = self.folder()
         if not top:
-            return ("it is not shown (c.NotebookFolder.expose is off)" if not self.expose
-                    else "the kernel has no starting folder")
+            if not self.expose:
+                return "it is not shown (c.NotebookFolder.expose is off)"
+            if self.path:
+                return f"c.NotebookFolder.path ({self.path}) is not a folder"
+            return "the kernel has no starting folder"
         for what, place in host_state():
             where = os.path.realpath(place)
             if where == top or where.startswith(top.rstrip("/") + "/"):
@@ -159,7 +163,11 @@ def _walk(top: str) -> Iterable[tuple[str, os.stat_result | None]]:
     folder, breadth first in name order (a cap keeps the files nearest the notebook); names
     starting with '.' and links out of ``top`` are skipped, and each real folder is entered
     once (links may not make it loop)."""
-    seen: set[tuple[int, int]] = set()
+    try:
+        st = os.stat(top)
+    except OSError:
+        return
+    seen = {(st.st_dev, st.st_ino)}
     prefix = top.rstrip("/") + "/"
     queue = collections.deque([""])
     while queue:
@@ -175,12 +183,13 @@ def _walk(top: str) -> Iterable[tuple[str, os.stat_result | None]]:
             child = f"{rel}/{name}" if rel else name
             full = os.path.join(top, child)
             try:
-                real = os.path.realpath(full)
                 st = os.stat(full)
+                if os.path.islink(full):
+                    real = os.path.realpath(full)
+                    if not real.startswith(prefix) or stat.S_ISDIR(st.st_mode):
+                        continue  # out of the folder, or a folder (no tree without end)
             except OSError:
                 continue
-            if real != top and not real.startswith(prefix):
-                continue  # a link leading out of the folder
             if stat.S_ISDIR(st.st_mode):
                 if (st.st_dev, st.st_ino) in seen:
                     continue
@@ -191,16 +200,37 @@ def _walk(top: str) -> Iterable[tuple[str, os.stat_result | None]]:
                 yield child, st
 
 
+@contextlib.contextmanager
+def open_regular(path: str) -> Iterator[BinaryIO | None]:
+    """``path`` opened for reading if it is a regular file, else None: never blocks on a
+    FIFO (or device) put where a file was."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        yield None
+        return
+    os.set_blocking(fd, True)
+    with open(fd, "rb") as f:
+        yield f
+
+
 def inside(top: str, rel: str) -> str | None:
-    """``top/rel`` when it is a visible path inside ``top`` (no name starting with '.', no
-    link leading out), else None."""
+    """``top/rel`` when it is a visible path inside ``top`` (the real folder), else None: no
+    name starting with '.', no link among its folders, and if it is a link itself, one to a
+    file inside ``top`` (a link to a folder could make a tree without end)."""
     parts = [p for p in rel.split("/") if p]
     if any(p.startswith(".") for p in parts):
         return None
-    full = os.path.join(top, *parts) if parts else top
-    real = os.path.realpath(full)
-    if real != top and not real.startswith(top.rstrip("/") + "/"):
+    if not parts:
+        return top
+    full = os.path.join(top, *parts)
+    parent = os.path.dirname(full)
+    if os.path.realpath(parent) != parent:
         return None
+    if os.path.islink(full):
+        real = os.path.realpath(full)
+        if not real.startswith(top.rstrip("/") + "/") or os.path.isdir(real):
+            return None
     return full
 
 
@@ -267,7 +297,9 @@ class FolderMountProvider:
         if full is None:
             return self._errno.ENOENT
         try:
-            with open(full, "rb") as f:
+            with open_regular(full) as f:
+                if f is None:
+                    return self._errno.ENOENT
                 if os.fstat(f.fileno()).st_size > self.max_file:
                     return self._errno.EFBIG
                 data = f.read(self.max_file + 1)

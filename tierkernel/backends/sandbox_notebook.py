@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from typing import Any
 
-from tierkernel.backends.notebook_folder import GUEST_PATH, NotebookFolder, Scan
+from tierkernel.backends.notebook_folder import GUEST_PATH, NotebookFolder, Scan, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,10 @@ def _archive(top: str, scan: Scan) -> Any:
             tar.addfile(info)
         for rel, size in scan.files:
             try:
-                with open(os.path.join(top, rel), "rb") as f:
+                with open_regular(os.path.join(top, rel)) as f:
+                    if f is None:
+                        scan.left_out[rel] = "no longer a regular file"
+                        continue
                     info = tarfile.TarInfo(rel)
                     info.size, info.mode = size, 0o444
                     info.mtime = os.fstat(f.fileno()).st_mtime
