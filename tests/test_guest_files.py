@@ -156,13 +156,17 @@ def test_the_notebook_view_is_read_only(kernel, tier):
 
 @pytest.mark.parametrize("tier", ["wasm", "sandbox"])
 def test_missing_file_hint_says_where_the_tier_reads(kernel, tier):
-    session, _ = kernel
+    session, folder = kernel
     out = run(session, tier, "open('data/nowhere.csv')")
     error = out.error
     assert error["ename"] == "FileNotFoundError"
     assert "not in the workspace (/workspace) nor in the notebook's folder, which this tier " \
            "reads at /notebook" in error["evalue"]
     assert "/notebook" in error["traceback"][-1]
+    host = run(session, tier, f"open({str(folder / 'data' / 'births.csv')!r})")
+    assert host.error["ename"] == "FileNotFoundError", host.outputs
+    assert "this tier does not see the host's files, only /workspace and, read-only, " \
+           "/notebook: use a path relative to the notebook" in host.error["evalue"]
 
 
 # -- a notebook folder that holds host state, and a hostile huge one ---------------------

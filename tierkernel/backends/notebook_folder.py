@@ -322,8 +322,10 @@ def folder_mount(top: str, max_file: int) -> Any:
 
 
 def guest_config(workspace: str, view: str, refused: str, scan: Scan | None = None,
-                 view_note: str = "") -> dict[str, Any]:
-    """The agent's ``install_files`` config (see ``tierkernel/guest/files.py``)."""
+                 view_note: str = "", isolated: bool = True) -> dict[str, Any]:
+    """The agent's ``install_files`` config (see ``tierkernel/guest/files.py``);
+    ``isolated``: the tier sees no host files."""
     left: dict[str, str] = dict(list((scan.left_out if scan else {}).items())[:1000])
     return {"workspace": workspace, "notebook": "" if refused else view,
-            "refused": refused, "left_out": left, "view_note": view_note}
+            "refused": refused, "left_out": left, "view_note": view_note,
+            "isolated": isolated}

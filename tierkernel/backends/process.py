@@ -367,7 +367,7 @@ class ProcessBackend(ChannelLimits, Backend):
         session.install_helpers()
         # Not a boundary: the notebook's folder is read in place, whatever it holds.
         notebook = NotebookFolder(parent=self).folder()
-        session.install_files(guest_config(str(files.folder), notebook, ""))
+        session.install_files(guest_config(str(files.folder), notebook, "", isolated=False))
         files.watch_agent(transport.pid)
         # Each cell's CPU time and peak memory, read from the agent's /proc entries.
         session.usage_probe = ProcessUsage(transport.pid)

@@ -209,6 +209,8 @@ class NotebookFiles:
         left = config.get("left_out") or {}
         self.left_out: dict[str, str] = {str(k): str(v) for k, v in dict(left).items()}
         self.view_note = str(config.get("view_note") or "")
+        #: Whether the tier sees no host files (wasm, sandbox): absolute paths get a hint.
+        self.isolated = bool(config.get("isolated"))
         # The interpreter's own open, also when this is installed again (a new config).
         self._open = getattr(builtins, "__tierkernel_open__", builtins.open)
         builtins.__tierkernel_open__ = self._open  # type: ignore[attr-defined]
@@ -249,7 +251,7 @@ class NotebookFiles:
             return ""
         rel = self.relative(exc.filename) if exc.filename is not None else None
         if rel is None:
-            return ""
+            return self._elsewhere(exc.filename)
         left = [(path, why) for path, why in self.left_out.items()
                 if path == rel or path.startswith(rel.rstrip("/") + "/")]
         if left:
@@ -276,6 +278,23 @@ class NotebookFiles:
         return ""
 
 
+    def _elsewhere(self, filename: Any) -> str:
+        """The hint for an absolute path outside the workspace, in a tier that sees no host
+        files ("" elsewhere)."""
+        if not self.isolated or not isinstance(filename, (str, bytes, os.PathLike)):
+            return ""
+        try:
+            path = os.fsdecode(os.fspath(filename))
+        except (TypeError, ValueError):
+            return ""
+        if not path.startswith("/") or (self.notebook and path.startswith(self.notebook)):
+            return ""
+        seen = f"{self.workspace}" + (f" and, read-only, {self.notebook}" if self.notebook
+                                      else "")
+        return (f"tierkernel: this tier does not see the host's files, only {seen}: use a "
+                "path relative to the notebook, e.g. 'data/file.csv'.")
+
+
 def install(agent: Any, config: dict[str, Any]) -> NotebookFiles:
     """Set the tier's interpreter up (see the module): the ``fsx://`` hook, the notebook
     folder's read-only fall-back (``open``), its place on ``sys.path`` after the workspace's,
@@ -290,7 +309,9 @@ def install(agent: Any, config: dict[str, Any]) -> NotebookFiles:
         builtins.open = files.open
         io.open = files.open  # pathlib opens through io.open
         if files.notebook not in sys.path:
-            # After "" (the workspace): the notebook's own modules import as in native.
-            sys.path.insert(1 if sys.path and sys.path[0] == "" else 0, files.notebook)
+            # After "" (the workspace): the notebook's own modules import as in native; last
+            # where "" is not on the path, so they never hide the standard library.
+            at = sys.path.index("") + 1 if "" in sys.path else len(sys.path)
+            sys.path.insert(at, files.notebook)
     agent.error_note = files.note
     return files
