@@ -28,11 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tierkernel.guest import agent as _agent
-    from tierkernel.guest import files as _files
     from tierkernel.guest import helpers as _helpers
 else:  # in the guest this folder is on sys.path as itself (see wasm_transport.GUEST_DIR)
     import agent as _agent
-    import files as _files
     import helpers as _helpers
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
@@ -184,8 +182,12 @@ def boot(config_json: str) -> None:
     # ai/api/db/console: each call goes to the host through the tool ``tk_helper``.
     tk_helper = channel.tools.tk_helper
     _helpers.install(agent.namespace, lambda request: tk_helper(request=request))
-    # fsx:// URLs, the notebook's folder at /notebook (read-only), the missing-file hint.
-    _files.install(agent, dict(config.get("files") or {"workspace": workspace or os.getcwd()}))
+    # fsx:// URLs, the notebook's folder at /notebook (read-only), the missing-file hint: as
+    # the process agent gets it (source, under a private module name, so that a cell's own
+    # "files" module is not this one).
+    with open(os.path.join(os.path.dirname(__file__), "files.py"), encoding="utf-8") as f:
+        agent.install_files(f.read(), dict(config.get("files")
+                                           or {"workspace": workspace or os.getcwd()}))
     for name in config.get("preload", []):
         try:
             __import__(name)
