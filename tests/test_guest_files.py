@@ -163,6 +163,7 @@ def test_missing_file_hint_says_where_the_tier_reads(kernel, tier):
     assert "not in the workspace (/workspace) nor in the notebook's folder, which this tier " \
            "reads at /notebook" in error["evalue"]
     assert "/notebook" in error["traceback"][-1]
+    assert "tierkernel files" not in "".join(error["traceback"])  # only the user's frames
     host = run(session, tier, f"open({str(folder / 'data' / 'births.csv')!r})")
     assert host.error["ename"] == "FileNotFoundError", host.outputs
     assert "this tier does not see the host's files, only /workspace and, read-only, " \

@@ -578,7 +578,9 @@ class Agent:
         # Drop the agent's own frames: the user sees their cell's lines, as in IPython.
         while tb is not None and tb.tb_frame.f_code.co_filename != fn:
             tb = tb.tb_next
-        lines = [line.rstrip("\n") for line in traceback.format_exception(etype, exc, tb)]
+        # Nor guest/files.py's open(), which a missing file passes through.
+        lines = [line.rstrip("\n") for line in traceback.format_exception(etype, exc, tb)
+                 if not line.startswith('  File "<tierkernel files>"')]
         evalue = str(exc)
         try:
             note = str(self.error_note(exc) or "")
