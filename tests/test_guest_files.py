@@ -36,6 +36,7 @@ def _notebook_folder(where: Path) -> Path:
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "births.csv").write_text(BIRTHS)
     (folder / "helpers_nb.py").write_text("ANSWER = 42\n")
+    (folder / "analysis.ipynb").write_text("{}")
     (folder / ".env").write_text("SECRET=1\n")
     (where / "secret.csv").write_text("not,yours\n")
     (folder / "data" / "outside.csv").symlink_to(where / "secret.csv")
@@ -130,6 +131,18 @@ def test_hidden_files_of_the_notebook_folder_stay_hidden(kernel, tier):
         assert out.error["ename"] == "FileNotFoundError", out.outputs
     listing = run(session, tier, "import os\nsorted(os.listdir('/notebook'))")
     assert listing.result["text/plain"] == "['data', 'helpers_nb.py']", listing.outputs
+
+
+@pytest.mark.parametrize("tier", ["wasm", "sandbox"])
+def test_files_added_to_the_notebook_folder_later_are_seen(kernel, tier):
+    session, folder = kernel
+    run(session, tier, "1")  # the tier is up, its view of the folder made
+    (folder / "data" / f"later-{tier}.csv").write_text("n\n5\n")
+    out = run(session, tier, f"import pandas as pd\nint(pd.read_csv('data/later-{tier}.csv').n[0])")
+    assert out.result["text/plain"] == "5", out.outputs
+    (folder / "data" / f"later-{tier}.csv").unlink()
+    gone = run(session, tier, f"import os\nos.path.exists('/notebook/data/later-{tier}.csv')")
+    assert gone.result["text/plain"] == "False", gone.outputs
 
 
 @pytest.mark.parametrize("tier", TIERS)

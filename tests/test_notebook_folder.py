@@ -19,6 +19,7 @@ def folder(tmp_path: Path) -> Path:
     (top / "data" / "births.csv").write_text("year\n2000\n")
     (top / "data" / "deep" / "d.txt").write_text("d")
     (top / "a.txt").write_text("a")
+    (top / "notebook.ipynb").write_text("{}")
     (top / ".env").write_text("SECRET=1")
     (top / ".git").mkdir()
     (top / ".git" / "config").write_text("x")
@@ -75,7 +76,7 @@ def test_the_wasm_provider_shows_the_same_and_caps_reads(folder):
                                          ("inner.txt", "file")]
     assert provider.read("/data/births.csv") == b"year\n2000\n"
     assert provider.read("/inner.txt") == b"a"  # a link to a file inside
-    for hidden in ("/.env", "/.git/config", "/leak.txt", "/loop/a.txt", "/loop",
+    for hidden in ("/.env", "/.git/config", "/leak.txt", "/loop/a.txt", "/loop", "/notebook.ipynb",
                    "/data/../../secret.txt"):
         assert provider.read(hidden) == provider._errno.ENOENT, hidden
     (folder / "big.bin").write_bytes(b"x" * 1001)

@@ -12,8 +12,9 @@ in the workspace is tried there (``tierkernel/guest/files.py``); writes go to th
   root there, so the cells' user cannot change it (:meth:`NotebookFolder.scan` picks what).
 
 What a sandboxed tier sees is bounded (convention 9: a huge folder must not make the host copy
-gigabytes): names starting with ``.`` (``.env``, ``.git``, ``.ipynb_checkpoints``) are left
-out, as are symlinks leading out of the folder and special files; a sandbox copy takes at most
+gigabytes): names starting with ``.`` (``.env``, ``.git``, ``.ipynb_checkpoints``) and
+notebooks (``*.ipynb``) are left out, as are links leading out of the folder or to a folder,
+and special files; a sandbox copy takes at most
 ``max_files`` files and ``max_bytes`` bytes (what is left out is listed to the user, and named in
 the hint of a ``FileNotFoundError``), a wasm read at most ``max_bytes`` per file. A folder that
 holds host state (the home folder itself, Jupyter's folders, an installation: see
@@ -63,6 +64,9 @@ class Scan:
     hold them, and what it leaves out (relative path -> why)."""
 
     files: list[tuple[str, int]] = field(default_factory=list)
+    #: (relative path, size, mtime) of each file taken: two scans with the same stamps
+    #: would copy the same content.
+    stamps: list[tuple[str, int, int]] = field(default_factory=list)
     folders: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)
     #: Files not even looked at (the walk stopped at ``max_files``): counted, not named.
@@ -133,6 +137,7 @@ class NotebookFolder(Configurable):
                 continue
             budget -= st.st_size
             scan.files.append((rel, st.st_size))
+            scan.stamps.append((rel, st.st_size, st.st_mtime_ns))
         needed = {os.path.dirname(rel) for rel, _ in scan.files}
         needed |= {os.path.dirname(rel) for rel in scan.left_out}
         scan.folders = [d for d in scan.folders
@@ -178,7 +183,7 @@ def _walk(top: str) -> Iterable[tuple[str, os.stat_result | None]]:
         except OSError:
             continue
         for name in names:
-            if name.startswith("."):
+            if not shown(name):
                 continue
             child = f"{rel}/{name}" if rel else name
             full = os.path.join(top, child)
@@ -214,12 +219,19 @@ def open_regular(path: str) -> Iterator[BinaryIO | None]:
         yield f
 
 
+def shown(name: str) -> bool:
+    """Whether a file or folder of this name is shown at all: not a hidden one (``.env``,
+    ``.git``, ``.ipynb_checkpoints``), nor a notebook (``.ipynb``: not data, and it changes
+    at every save, which would copy the folder again each time)."""
+    return not name.startswith(".") and not name.endswith(".ipynb")
+
+
 def inside(top: str, rel: str) -> str | None:
     """``top/rel`` when it is a visible path inside ``top`` (the real folder), else None: no
     name starting with '.', no link among its folders, and if it is a link itself, one to a
     file inside ``top`` (a link to a folder could make a tree without end)."""
     parts = [p for p in rel.split("/") if p]
-    if any(p.startswith(".") for p in parts):
+    if not all(shown(p) for p in parts):
         return None
     if not parts:
         return top

@@ -78,7 +78,7 @@ from tierkernel.backends.sandbox_channel import (
     write_exec_id,
 )
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
-from tierkernel.backends.sandbox_notebook import copy_in, tmpfs_options
+from tierkernel.backends.sandbox_notebook import FolderWatch, copy_in, tmpfs_options
 from tierkernel.backends.sandbox_workspace import Room, WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage, human_size
 from tierkernel.fsx import FsxQuotaError, sync
@@ -286,6 +286,7 @@ class SandboxBackend(ChannelLimits, Backend):
         self._files_agent: AgentSession | None = None
         self._notebook_copied: str | None = None
         self._notebook_scan: Scan | None = None
+        self._notebook_watch = FolderWatch()
         self._files_lock = threading.Lock()
         #: The warm start's notice about that copy, for the first cell.
         self._notebook_notice = ""
@@ -387,7 +388,8 @@ class SandboxBackend(ChannelLimits, Backend):
         started, option = time.monotonic(), request.options.get("timeout")
         timeout = float(option) if option else None
 
-        if self._files_agent is not session:  # a new agent: once, not per cell
+        # A new agent, or the notebook's folder changed: not per cell.
+        if self._files_agent is not session or self._notebook_watch.changed():
             notice = await asyncio.to_thread(self._setup_files)
             if notice:
                 sink.stream("stderr", notice + "\n")
@@ -446,11 +448,23 @@ class SandboxBackend(ChannelLimits, Backend):
         to /notebook, the missing-file hint). Returns a notice for the user ("" if none)."""
         with self._files_lock:
             container, session = self._container, self._session
-            if container is None or session is None or self._files_agent is session:
+            if container is None or session is None:
+                return ""
+            again = self._notebook_watch.changed()
+            if self._files_agent is session and not again:
                 return ""
             folder = NotebookFolder(parent=self)
             refused, view, notice = folder.refusal(), NOTEBOOK, ""
-            if not refused and self._notebook_copied != container.id:
+            if again and self._notebook_copied == container.id and self._notebook_scan:
+                self._notebook_watch.mark()  # before the look: a change meanwhile is heard
+                if folder.scan().stamps == self._notebook_scan.stamps:
+                    # Only what no copy takes changed (the notebook saved, a hidden file).
+                    again = False
+                    if self._files_agent is session:
+                        return ""
+            if not refused and (self._notebook_copied != container.id or again):
+                self._notebook_watch.start(folder.folder())
+                self._notebook_watch.mark()
                 try:
                     scan, notice = copy_in(self._engine().api, container.id, folder)
                 except Exception as exc:
@@ -464,7 +478,7 @@ class SandboxBackend(ChannelLimits, Backend):
                 self._notebook_scan = scan
             session.install_files(guest_config(
                 "/workspace", view if self._notebook_copied == container.id else "", refused,
-                self._notebook_scan, ", as it was when this sandbox started"))
+                self._notebook_scan, ""))
             self._files_agent = session
             return notice
 
@@ -550,6 +564,8 @@ class SandboxBackend(ChannelLimits, Backend):
         self._closed = True
         with self._tlock:
             self._drop_container()
+        with self._files_lock:
+            self._notebook_watch.close()
         for client in (self._client, self._probe):
             with contextlib.suppress(Exception):
                 if client is not None:

@@ -5,8 +5,9 @@ bind-mounted: what :meth:`NotebookFolder.scan` takes (within its caps, see
 ``notebook_folder``) is copied into a tmpfs at ``/notebook`` once per container, by ``tar``
 running as root in the container, so the files belong to root there and the cells' user
 (uid 65534) can read them but not change them. A copy costs once per container start (a
-teaching folder of a few MB: tens of milliseconds), never per cell; the folder's later
-changes reach the sandbox with its next container.
+teaching folder of a few MB: tens of milliseconds); after that the host hears the folder's
+changes through inotify (:class:`FolderWatch`, no walk) and copies it again before the next
+cell only when it changed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 from typing import Any
 
 from tierkernel.backends.notebook_folder import GUEST_PATH, NotebookFolder, Scan, open_regular
+from tierkernel.guest.tree_watch import TreeWatch
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +75,71 @@ class _Exactly:
         return data
 
 
+#: Empty /notebook (a copy again: what left the folder leaves the container too), then untar.
+_REPLACE = f'find {GUEST_PATH} -mindepth 1 -delete && exec tar -x --no-same-owner -m -C ' \
+           f'{GUEST_PATH} -f -'
+
+
+class FolderWatch:
+    """Whether the notebook's folder changed since it was last copied: an inotify count on
+    the host (``tierkernel/guest/tree_watch.py``), read without a walk before each cell. A
+    folder that cannot be watched whole (too many folders, a network filesystem) is not
+    copied again: its copy stays as the container started with it."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._watch: TreeWatch | None = None
+        self._version: int | None = None
+        self.top = ""
+
+    def start(self, top: str) -> None:
+        """Watch ``top`` (from now on; a watch of another folder ends)."""
+        if top == self.top and self._watch is not None:
+            return
+        self.close()
+        self.top = top
+        try:
+            self._fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
+        watch = TreeWatch(self._fd, top, maps=list)
+        if watch.why is not None:
+            log.info("the notebook's folder %s is not watched (%s): the sandbox keeps the "
+                     "copy its container started with", top, watch.why)
+            self.close()
+            return
+        self._watch = watch
+
+    def mark(self) -> None:
+        """Take the folder as it is now as copied (before the copy reads it: a change during
+        the copy makes the next cell copy again)."""
+        self._version = self._watch.version(maps=False) if self._watch is not None else None
+
+    def changed(self) -> bool:
+        """Whether the folder changed since :meth:`mark` (quick: no walk)."""
+        if self._watch is None or self._version is None:
+            return False
+        return self._watch.version(maps=False) not in (None, self._version)
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._version = None
+
+
 def copy_in(api: Any, container_id: str, folder: NotebookFolder) -> tuple[Scan, str]:
-    """Copy the notebook's folder into the container's ``/notebook``; return the scan (with
-    what was left out) and a notice for the user ("" when everything arrived). Blocking;
-    raises OSError when the copy failed (the container then has no /notebook view)."""
+    """Copy the notebook's folder into the container's ``/notebook`` (replacing what an
+    earlier copy put there); return the scan (with what was left out) and a notice for the
+    user ("" when everything arrived). Blocking; raises OSError when the copy failed."""
     top = folder.folder()
     scan = folder.scan()
     with _archive(top, scan) as archive:
-        exec_id = api.exec_create(container_id, ["tar", "-x", "--no-same-owner", "-m", "-C",
-                                                 GUEST_PATH, "-f", "-"],
+        exec_id = api.exec_create(container_id, ["sh", "-c", _REPLACE],
                                   stdin=True, stdout=True, stderr=True, user="0:0")["Id"]
         raw = api.exec_start(exec_id, socket=True)
         sock: socket.socket = getattr(raw, "_sock", raw)

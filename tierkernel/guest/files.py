@@ -301,9 +301,11 @@ def install(agent: Any, config: dict[str, Any]) -> NotebookFiles:
     and the hint (``agent.error_note``)."""
     files = NotebookFiles(config)
     hook = FsspecHook(files.workspace, str(config.get("fsspec") or ""))
+    # Installed again (a new config): the earlier hook goes (a class of an earlier exec).
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "FsspecHook"]
     if "fsspec" in sys.modules:
         hook.register(sys.modules["fsspec"])
-    elif not any(isinstance(f, FsspecHook) for f in sys.meta_path):
+    else:
         sys.meta_path.insert(0, hook)
     if files.notebook:
         builtins.open = files.open
