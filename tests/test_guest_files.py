@@ -5,6 +5,10 @@ file. Through real kernels started in a notebook folder, as Jupyter starts them.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 from tests import sandbox_support
 from tests.kernel_session import KernelSession
 from tierkernel.backends import wasm_runtime
+from tierkernel.backends.process_workspace import PREFIX, HostFolderSync
 
 TIERS = ["process", "wasm", "sandbox"]
 BIRTHS = "year,births\n2000,5\n2001,7\n"
@@ -310,3 +315,19 @@ def test_a_workspace_that_cannot_be_opened_leaves_the_process_tier_running(tmp_p
         assert sorted(p.name for p in workspace.iterdir()) == ["ipython"]
     finally:
         session.close()
+
+
+def test_folders_of_killed_kernels_are_removed_by_the_next():
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = Path(tempfile.gettempdir()) / f"{PREFIX}{gone.stdout.strip()}-abc"
+    alive = Path(tempfile.gettempdir()) / f"{PREFIX}{os.getpid()}-abc"
+    for folder in (dead, alive):
+        (folder / "sub").mkdir(parents=True)
+    try:
+        HostFolderSync().close()
+        assert not dead.exists() and alive.exists()
+    finally:
+        for folder in (dead, alive):
+            if folder.exists():
+                shutil.rmtree(folder)

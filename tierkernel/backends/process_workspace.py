@@ -38,6 +38,35 @@ log = logging.getLogger(__name__)
 WORKSPACE_ENV = "TIERKERNEL_WORKSPACE"
 #: Most paths one notice names.
 _NAMED = 20
+#: The folders' names in the temporary folder: PREFIX, the kernel's pid, "-", random.
+PREFIX = "tierkernel-process-workspace-"
+
+
+def reap_leftovers() -> list[str]:
+    """Remove the folders of kernels of this user that are gone (killed: no shutdown removed
+    them); return their paths. The workspace has what their cells wrote (copied back after
+    each cell)."""
+    removed: list[str] = []
+    top = tempfile.gettempdir()
+    try:
+        names = os.listdir(top)
+    except OSError:
+        return removed
+    for name in names:
+        pid_text, _, rest = name.removeprefix(PREFIX).partition("-")
+        if not name.startswith(PREFIX) or not pid_text.isdigit() or not rest:
+            continue
+        path = os.path.join(top, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:
+            continue  # alive (another user's: EPERM), or gone meanwhile
+    return removed
 
 
 def _names(paths: list[str]) -> str:
@@ -50,7 +79,8 @@ class HostFolderSync:
     one cell at a time (a lock guards the state)."""
 
     def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="tierkernel-process-workspace-"))
+        reap_leftovers()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
         os.chmod(self.folder, 0o700)
         self._manifest: sync.Manifest | None = None
         self._token: object | None = None
