@@ -43,11 +43,11 @@ def test_pandas_reads_and_writes_fsx_urls(workspace):
 
 def test_without_a_workspace_the_error_says_what_to_do():
     set_current(None)
-    with pytest.raises(Exception, match="no fsx workspace is active"):
+    with pytest.raises(Exception, match="this process has none"):
         current()
     # A fresh interpreter that never imported tierkernel finds fsx:// by entry point.
     code = ("import fsspec\ntry:\n    fsspec.open('fsx://x').open()\n"
             "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
-    assert "FsxConfigError" in out.stdout and "no fsx workspace is active" in out.stdout
+    assert "FsxConfigError" in out.stdout and "this process has none" in out.stdout

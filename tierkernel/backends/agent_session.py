@@ -54,6 +54,8 @@ TREE_WATCH_SOURCE = HELPERS_SOURCE.with_name("tree_watch.py")
 GUEST_MODULES = ("ishell",)
 #: The guest's ``%pip`` magic, sent as source with the helpers to a sandbox agent.
 PIP_MAGIC_SOURCE = HELPERS_SOURCE.with_name("pip_magic.py")
+#: fsx:// URLs, the notebook folder's fall-back and the missing-file hint (install_files()).
+FILES_SOURCE = HELPERS_SOURCE.with_name("files.py")
 
 
 class AgentTransport(Protocol):
@@ -361,6 +363,16 @@ class AgentSession:
         source = HELPERS_SOURCE.with_name(f"{name}.py").read_text(encoding="utf-8")
         self.transport.send((json.dumps({"type": "install_module", "name": name,
                                          "source": source}) + "\n").encode())
+
+    def install_files(self, config: dict[str, Any]) -> None:
+        """Set up the agent's files (``tierkernel/guest/files.py``, sent as source): the
+        ``fsx://`` protocol for fsspec, the read-only fall-back to the notebook's folder and
+        the hint on a missing file; ``config`` is :class:`~tierkernel.guest.files.
+        NotebookFiles`' (the folders as the agent sees them)."""
+        source = FILES_SOURCE.read_text(encoding="utf-8")
+        with contextlib.suppress(OSError):  # the agent is gone: the next cell says so
+            self.transport.send((json.dumps({"type": "install_files", "source": source,
+                                             "config": config}) + "\n").encode())
 
     def install_watch(self) -> None:
         """Let the agent watch its workspace folder with inotify instead of walking it

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -24,9 +25,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from traitlets import Float, Unicode
+from traitlets import Float, Int, Unicode
 
 from tierkernel.backends.agent_session import (
     AgentSession,
@@ -34,10 +35,20 @@ from tierkernel.backends.agent_session import (
     ChannelLimits,
     LineTooLong,
 )
-from tierkernel.backends.base import Availability, Backend, CellRequest, ExecResult, OutputSink
+from tierkernel.backends.base import (
+    Availability,
+    Backend,
+    CellRequest,
+    ExecError,
+    ExecResult,
+    OutputSink,
+)
 from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.guest_query import AgentQueries
+from tierkernel.backends.notebook_folder import NotebookFolder, guest_config
+from tierkernel.backends.process_workspace import WORKSPACE_ENV, HostFolderSync
 from tierkernel.backends.usage import ProcessUsage
+from tierkernel.fsx import FsxQuotaError, sync
 
 AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
 REAPER_PATH = AGENT_PATH.with_name("reaper.py")
@@ -64,10 +75,11 @@ class ProcessTransport:
     and only its process group is killed with it.
     """
 
-    def __init__(self, python: str, cwd: str | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(self, python: str, cwd: str | None = None, start_timeout: float = 30.0,
+                 env_extra: dict[str, str] | None = None) -> None:
         # Kept for the life of the agent: its last words explain a crash (closed by GC).
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
-        env = dict(os.environ)
+        env = dict(os.environ, **(env_extra or {}))
         env.pop("JPY_PARENT_PID", None)
         #: Whether the agent runs under guest/reaper.py (``self.proc``; else it is the agent).
         self._reaper = subreaper_supported()
@@ -290,8 +302,24 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         16 * 1024 * 1024, help="Output one cell may produce before it is stopped (16m, or bytes)."
     ).tag(config=True)
     start_timeout = Float(30.0, help="Seconds to wait for the agent to start.").tag(config=True)
+    copy_back_bytes = ByteSize(
+        1536 * 2**20, help="Most bytes (tar archive) one copy of the process tier's workspace "
+        "folder back into the workspace may bring; over it the cell fails and nothing is "
+        "copied.").tag(config=True)
+    copy_back_files = Int(
+        150_000, help="Most files, folders and links one copy of the process tier's "
+        "workspace folder back into the workspace may bring.").tag(config=True)
+    copy_back_seconds = Float(
+        300.0, help="Most seconds one copy of the process tier's workspace folder back into "
+        "the workspace may take.").tag(config=True)
 
     _session: AgentSession | None = None
+    _files: HostFolderSync | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: Set by the stop button: ends a copy back of the workspace folder.
+        self._copy_stopped = threading.Event()
 
     def availability(self) -> Availability:
         """Available when the configured interpreter exists."""
@@ -312,9 +340,21 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
             await asyncio.to_thread(self._session.close)
         self._session = await asyncio.to_thread(self._spawn)
 
+    def _folder(self) -> HostFolderSync:
+        if self._files is None:
+            self._files = HostFolderSync()
+        return self._files
+
     def _spawn(self) -> AgentSession:
-        transport = ProcessTransport(self.python, cwd=os.getcwd(),
-                                     start_timeout=self.start_timeout)
+        # The agent works in the kernel's workspace folder (see process_workspace), which
+        # holds the workspace before its first cell.
+        files = self._folder()
+        notice = files.before_cell()
+        if notice:
+            log.warning("%s", notice.strip())
+        transport = ProcessTransport(self.python, cwd=str(files.folder),
+                                     start_timeout=self.start_timeout,
+                                     env_extra={WORKSPACE_ENV: str(files.folder)})
         session = AgentSession(
             transport,
             tier=self.name,
@@ -326,6 +366,10 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         )
         session.wait_ready(self.start_timeout)
         session.install_helpers()
+        # Not a boundary: the notebook's folder is read in place, whatever it holds.
+        notebook = NotebookFolder(parent=self).folder()
+        session.install_files(guest_config(str(files.folder), notebook, "", isolated=False))
+        files.watch_agent(transport.pid)
         # Each cell's CPU time and peak memory, read from the agent's /proc entries.
         session.usage_probe = ProcessUsage(transport.pid)
         return session
@@ -335,8 +379,82 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         session = self._session
         if session is None:
             raise RuntimeError("the process tier was not started (the kernel calls start())")
-        return await session.run_async(request, sink, request.options.get("timeout"),
-                                       self.helper_gateway())
+        started, option = time.monotonic(), request.options.get("timeout")
+        files = self._folder()
+        # The workspace folder and fsx in step (the common cell: both unchanged, no thread).
+        if not files.idle():
+            await asyncio.to_thread(self._copy_in, sink, started, option)
+        result = await session.run_async(request, sink, option, self.helper_gateway())
+        error = None
+        if not files.idle():
+            error = await asyncio.to_thread(self._copy_back, sink, started, option)
+        if error is not None:
+            if result.success:
+                sink.error(error.ename, error.evalue, error.traceback)
+                result = dataclasses.replace(result, success=False, error=error)
+            else:  # one error a cell
+                sink.stream("stderr", f"tierkernel: {error.evalue}\n")
+        return result
+
+    def _copy_in(self, sink: OutputSink, started: float, timeout: object) -> None:
+        files = self._folder()
+        # Changed since the last cell (a process a cell left running): into fsx first, as
+        # the copy in takes the folder as its new baseline.
+        if files.changed():
+            early = self._copy_back(sink, started, timeout)
+            if early is not None:
+                sink.stream("stderr", f"tierkernel: {early.evalue}\n")
+        notice = files.before_cell()
+        if notice:
+            sink.stream("stderr", notice)
+
+    def _copy_back(self, sink: OutputSink, started: float, timeout: object
+                   ) -> ExecError | None:
+        """Bring the cell's changes in the workspace folder into fsx, within the copy
+        budget and the cell's time; over it, the error for the cell (nothing was copied:
+        the folder keeps the files, copied with its next change)."""
+        files = self._folder()
+        ends = None if not timeout else started + float(timeout)  # type: ignore[arg-type]
+
+        self._copy_stopped.clear()
+
+        def stop() -> str | None:
+            if self._copy_stopped.is_set():
+                return "the cell was interrupted"
+            if ends is not None and time.monotonic() > ends + self.interrupt_grace:
+                return (f"the cell ran longer than its {float(timeout):g} s limit "  # type: ignore[arg-type]
+                        f"(raise it with '%%tier {self.name} --timeout SECONDS')")
+            return None
+
+        budget = sync.Budget(self.copy_back_bytes, self.copy_back_files,
+                             self.copy_back_seconds,
+                             ("c.ProcessBackend.copy_back_bytes",
+                              "c.ProcessBackend.copy_back_files",
+                              "c.ProcessBackend.copy_back_seconds"))
+        try:
+            applied = files.after_cell(budget, stop)
+        except (sync.CopyBudgetError, sync.CopyStopped) as exc:
+            ename = ("WorkspaceCopyError" if isinstance(exc, sync.CopyBudgetError)
+                     else "TimeoutError" if "limit" in str(exc) else "KeyboardInterrupt")
+            evalue = (f"{exc.strerror}. Nothing of it was copied into the workspace: the "
+                      f"folder ({files.folder}) still has the files, and they are copied "
+                      "with its next change.")
+            return ExecError(ename, evalue, [f"{ename}: {evalue}"])
+        except Exception as exc:
+            quota = isinstance(exc, FsxQuotaError)
+            log.log(logging.INFO if quota else logging.WARNING,
+                    "copying the process tier's folder into fsx failed", exc_info=not quota)
+            sink.stream("stderr", f"tierkernel: the cell's changes in the workspace folder "
+                                  f"could not be copied into the workspace: {exc}\n")
+            return None
+        if applied is not None and applied.conflicts:
+            sink.stream("stderr", "tierkernel: changed in the workspace meanwhile, so the "
+                        "cell's version was saved beside it as NAME.sandbox-conflict: "
+                        + ", ".join(applied.conflicts) + "\n")
+        if applied is not None and applied.skipped:
+            sink.stream("stderr", "tierkernel: not copied into the workspace: "
+                        + "; ".join(f"{rel}: {why}" for rel, why in applied.skipped) + "\n")
+        return None
 
     def _query_session(self) -> AgentSession | None:
         """The running agent, for completion and inspection (None: none running)."""
@@ -344,7 +462,9 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         return session if session is not None and session.alive else None
 
     def interrupt(self) -> None:
-        """SIGINT to the agent; it is killed if the cell ignores it for ``interrupt_grace``."""
+        """SIGINT to the agent; it is killed if the cell ignores it for ``interrupt_grace``.
+        A copy of the workspace folder back into fsx in progress ends too."""
+        self._copy_stopped.set()
         if self._session is not None:
             self._session.interrupt()
 
@@ -353,6 +473,9 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         session, self._session = self._session, None
         if session is not None:
             session.close()
+        files, self._files = self._files, None
+        if files is not None:
+            files.close()
 
     def describe_limits(self) -> str:
         """Timeout and output cap, for ``%tier``."""

@@ -59,6 +59,8 @@ from tierkernel.backends.docker_engine import (
 )
 from tierkernel.backends.docker_transport import DockerExecTransport, SocketTransport
 from tierkernel.backends.guest_query import AgentQueries
+from tierkernel.backends.notebook_folder import GUEST_PATH as NOTEBOOK
+from tierkernel.backends.notebook_folder import NotebookFolder, Scan, guest_config
 from tierkernel.backends.sandbox_channel import (
     AGENT_EXIT_FILE,
     GUEST_DIR,
@@ -78,6 +80,7 @@ from tierkernel.backends.sandbox_channel import (
     write_exec_id,
 )
 from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
+from tierkernel.backends.sandbox_notebook import FolderWatch, copy_in, tmpfs_options
 from tierkernel.backends.sandbox_workspace import Room, WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage, human_size
 from tierkernel.fsx import FsxQuotaError, sync
@@ -287,6 +290,15 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         self._packages_lock = threading.Lock()
         #: Said at the next cell: the packages could not all be given to a new container.
         self._packages_notice = ""
+        #: The agent whose files are set up (fsx://, /notebook, the hint; see _setup_files),
+        #: the container whose /notebook holds the copy, and what that copy took.
+        self._files_agent: AgentSession | None = None
+        self._notebook_copied: str | None = None
+        self._notebook_scan: Scan | None = None
+        self._notebook_watch = FolderWatch()
+        self._files_lock = threading.Lock()
+        #: The warm start's notice about that copy, for the first cell.
+        self._notebook_notice = ""
 
     # -- the contract ---------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -344,6 +356,10 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         container = self._container
         if container is not None:
             try:
+                self._notebook_notice = self._setup_files()
+            except Exception:  # the first cell tries again and reports the error
+                log.warning("setting up the sandbox's files failed", exc_info=True)
+            try:
                 session = self._session
                 if (self._workspace.before_cell(self._engine().api, container.id, session,
                                                 self._room(container.spec))
@@ -381,6 +397,14 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         started, option = time.monotonic(), request.options.get("timeout")
         timeout = float(option) if option else None
 
+        # A new agent, or the notebook's folder changed: not per cell.
+        if self._files_agent is not session or self._notebook_watch.changed():
+            notice = await asyncio.to_thread(self._setup_files)
+            if notice:
+                sink.stream("stderr", notice + "\n")
+        if self._notebook_notice:  # the warm start's
+            sink.stream("stderr", self._notebook_notice + "\n")
+            self._notebook_notice = ""
         # fsx -> /workspace, the cell, /workspace -> fsx. The copies may take the engine's
         # time and run in a thread; the common cell (nothing to copy either way) needs none.
         if self._workspace.may_have_changes(container.id):
@@ -429,6 +453,46 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             sink.error(error.ename, error.evalue, error.traceback)
             result = dataclasses.replace(result, success=False, error=error)
         return result
+
+    def _setup_files(self) -> str:
+        """Once per agent: the notebook's folder copied into the container's /notebook (once
+        per container), then the agent's files set up (``fsx://``, the read-only fall-back
+        to /notebook, the missing-file hint). Returns a notice for the user ("" if none)."""
+        with self._files_lock:
+            container, session = self._container, self._session
+            if container is None or session is None:
+                return ""
+            again = self._notebook_watch.changed()
+            if self._files_agent is session and not again:
+                return ""
+            folder = NotebookFolder(parent=self)
+            refused, view, notice = folder.refusal(), NOTEBOOK, ""
+            if again and self._notebook_copied == container.id and self._notebook_scan:
+                self._notebook_watch.mark()  # before the look: a change meanwhile is heard
+                if folder.scan().stamps == self._notebook_scan.stamps:
+                    # Only what no copy takes changed (the notebook saved, a hidden file).
+                    again = False
+                    if self._files_agent is session:
+                        return ""
+            if not refused and (self._notebook_copied != container.id or again):
+                self._notebook_watch.start(folder.folder())
+                self._notebook_watch.mark()
+                try:
+                    scan, notice = copy_in(self._engine().api, container.id, folder)
+                except Exception as exc:
+                    log.warning("copying the notebook's folder into %s failed",
+                                container.id[:12], exc_info=True)
+                    notice = (f"tierkernel: the notebook's folder could not be copied into "
+                              f"the sandbox's {NOTEBOOK} ({exc}); its cells read the "
+                              "workspace only.")
+                    view, scan = "", None
+                self._notebook_copied = container.id if view else None
+                self._notebook_scan = scan
+            session.install_files(guest_config(
+                "/workspace", view if self._notebook_copied == container.id else "", refused,
+                self._notebook_scan, ""))
+            self._files_agent = session
+            return notice
 
     def _room(self, spec: ContainerSpec) -> Room:
         """What the container's /workspace can hold: its tmpfs size, or less when the memory
@@ -512,6 +576,8 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         self._closed = True
         with self._tlock:
             self._drop_container()
+        with self._files_lock:
+            self._notebook_watch.close()
         for client in (self._client, self._probe):
             with contextlib.suppress(Exception):
                 if client is not None:
@@ -608,7 +674,8 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             "hostname": "sandbox",
             "network_mode": "none",
             "read_only": True,
-            "tmpfs": {"/tmp": tmpfs_opts, "/workspace": workspace_opts},
+            "tmpfs": {"/tmp": tmpfs_opts, "/workspace": workspace_opts,
+                      NOTEBOOK: tmpfs_options(NotebookFolder(parent=self))},
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "user": self.user,

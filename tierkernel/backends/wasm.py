@@ -38,6 +38,8 @@ from tierkernel.backends.base import (
 )
 from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.guest_query import AgentQueries
+from tierkernel.backends.notebook_folder import GUEST_PATH as NOTEBOOK
+from tierkernel.backends.notebook_folder import NotebookFolder, folder_mount, guest_config
 from tierkernel.backends.usage import human_size
 from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.fsx import FsxConfigError
@@ -285,6 +287,12 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         if site is not None:
             grants.append(Grant(str(site), wasm_site.GUEST_SITE))
         mounts = []
+        # The notebook's folder, read-only at /notebook, unless it holds host state.
+        notebook = NotebookFolder(parent=self)
+        refused = notebook.refusal()
+        if not refused:
+            mounts.append(folder_mount(notebook.folder(), notebook.max_bytes))
+        files = guest_config(WORKSPACE, NOTEBOOK, refused)
         try:
             workspace = current_workspace()
         except FsxConfigError:  # no kernel around this backend (a library use): a private dir
@@ -310,7 +318,7 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
                          cache=str(cache)),
             {"workspace": WORKSPACE, "memory_hint": hint, "preload": list(self.preload),
              "site": wasm_site.GUEST_SITE if site is not None else None,
-             "packages": packages.WASM_SITE},
+             "packages": packages.WASM_SITE, "files": files},
         )
         agent = AgentSession(
             transport,

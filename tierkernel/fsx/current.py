@@ -32,8 +32,11 @@ def current() -> FsxFacade:
     facade = _current
     if facade is None:
         raise FsxConfigError(
-            "no fsx workspace is active in this process: a tierkernel kernel sets one at start; "
-            "elsewhere call tierkernel.fsx.set_current(Fsx(url=...).facade()) first")
+            "fsx:// names a tierkernel kernel's workspace, and this process has none: in a "
+            "notebook cell it works in every tier; a program a cell starts reads the "
+            "workspace's files by path instead (its working directory, $TIERKERNEL_WORKSPACE "
+            "in the process tier, /workspace in wasm and sandbox). Library use: "
+            "tierkernel.fsx.set_current(Fsx(url=...).facade()) first")
     return facade
 
 

@@ -13,6 +13,7 @@ host -> agent: {"type": "execute", "id", "code", "filename", "first_line", "exec
                {"type": "install_module", "name", "source"} (a guest module, e.g. ishell.py)
                {"type": "watch_reset"}
                {"type": "install_watch", "source"} (tree_watch.py, for WATCH_ENV's folder)
+               {"type": "install_files", "source", "config"} (files.py: fsx://, the notebook)
                {"type": "procs"} | {"type": "shutdown"}
                {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
                {"type": "pack", "seq", "root", "limit"}
@@ -393,6 +394,8 @@ class Agent:
         #: Which pipe each of them is (see _capture_intact).
         self._fd_pipes: dict[int, tuple[int, int] | None] = {}
         self._sent_result = False
+        #: A line added to a cell's error (guest/files.py's hint on FileNotFoundError).
+        self.error_note: Any = lambda exc: ""
         #: The host's request stream (set by main()); helper answers are read from it.
         self.requests: Any = None
         self._host_lock = threading.Lock()
@@ -666,6 +669,14 @@ class Agent:
         except Exception as exc:
             # The user's line and the error: the magic's own frames are plumbing.
             raise exc.with_traceback(None) from None
+
+    def install_files(self, source: str, config: dict[str, Any]) -> None:
+        """Set up ``fsx://`` URLs, the notebook folder's read-only fall-back and the hint
+        on a missing file (``tierkernel/guest/files.py``, sent as source like the helpers)."""
+        module = types.ModuleType("tierkernel_files")
+        exec(compile(source, "<tierkernel files>", "exec"), module.__dict__)
+        sys.modules["tierkernel_files"] = module
+        module.install(self, config)
 
     def call_host(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one helper request to the host and wait for its answer (a cell's thread).
@@ -1083,14 +1094,23 @@ class Agent:
         if self.ishell is not None and self.ishell.is_usage_error(exc):
             lines = [f"UsageError: {exc}"]  # as IPython shows it: the message alone
         else:
-            lines = traceback.format_exception(etype, exc, tb)
+            # Nor guest/files.py's open(), which a missing file passes through.
+            lines = [line for line in traceback.format_exception(etype, exc, tb)
+                     if not line.startswith('  File "<tierkernel files>"')]
+        evalue = str(exc)
+        try:
+            note = str(self.error_note(exc) or "")
+        except Exception:  # a hint must never cost the cell its error
+            note = ""
+        if note:
+            evalue, lines = f"{evalue}\n{note}", [*lines, note]
         self._flush_text()
         self.channel.send(
             {
                 "type": "error",
                 "id": self.cell_id,
                 "ename": etype.__name__,
-                "evalue": str(exc),
+                "evalue": evalue,
                 "traceback": [line.rstrip("\n") for line in lines],
             }
         )
@@ -1372,8 +1392,9 @@ def count_processes() -> tuple[int, int]:
     return len(pids), _highest_pid
 
 
-def unpack_workspace(root: str, data: bytes, delete: list[str]) -> None:
-    """Delete ``delete`` (paths relative to ``root``) and extract the tar ``data`` into
+def unpack_workspace(root: str, data: Any, delete: list[str]) -> None:
+    """Delete ``delete`` (paths relative to ``root``) and extract the tar ``data`` (bytes, or
+    a binary file at its start: the process tier's host copy) into
     ``root``: the host's copy of what changed in its workspace. As ``tar -x -m`` does, files
     get the time of their extraction, not the archive's (a copy from the host reads as new
     here), and an existing file or link in a member's place is unlinked first, never written
@@ -1392,13 +1413,15 @@ def unpack_workspace(root: str, data: bytes, delete: list[str]) -> None:
         else:
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 os.unlink(path)
-    if not data:
-        return
+    if isinstance(data, (bytes, bytearray)):
+        if not data:
+            return
+        data = io.BytesIO(data)
     # Like tar -x: a folder's mode is set once everything inside it is extracted, so a
     # read-only folder of the host's still gets its files (the cells' user owns them all).
     folders: list[tarfile.TarInfo] = []
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=data, mode="r:") as tar:
             tar.utime = lambda tarinfo, targetpath: None  # type: ignore[method-assign]
             trusted = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") \
                 else {}  # the host made it; newer Pythons would otherwise rewrite modes
@@ -1952,6 +1975,12 @@ def main() -> None:
             except Exception as exc:  # cells still run; IPython syntax says it is missing
                 channel.send({"type": "protocol_error",
                               "detail": f"could not install {msg.get('name')!r}: {exc!r}"})
+        elif kind == "install_files":
+            try:
+                agent.install_files(str(msg.get("source", "")), dict(msg.get("config") or {}))
+            except Exception as exc:  # cells still run; only fsx:// and the fall-back miss
+                channel.send({"type": "protocol_error",
+                              "detail": f"could not set up the tier's files: {exc!r}"})
         elif kind == "install_watch":
             try:
                 agent.install_watch(str(msg.get("source", "")))

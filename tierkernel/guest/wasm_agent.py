@@ -235,6 +235,12 @@ def boot(config_json: str) -> None:
         # %pip: the host unpacks into the folder mounted read-only at ``packages``.
         _pip_magic.install(agent, lambda request: tk_helper(request=request), str(packages),
                            copy_in=False, tier="wasm")
+    # fsx:// URLs, the notebook's folder at /notebook (read-only), the missing-file hint: as
+    # the process agent gets it (source, under a private module name, so that a cell's own
+    # "files" module is not this one).
+    with open(os.path.join(os.path.dirname(__file__), "files.py"), encoding="utf-8") as f:
+        agent.install_files(f.read(), dict(config.get("files")
+                                           or {"workspace": workspace or os.getcwd()}))
     for name in config.get("preload", []):
         try:
             __import__(name)
