@@ -227,6 +227,14 @@ def test_object_help_with_a_question_mark(tier: Tier):
     assert "Says what it does." in out.stdout, out.outputs
 
 
+def test_the_agent_s_own_line_magics_win(tier: Tier):
+    tier.ok("%pwd")  # the shell exists before the magic is added
+    # One of IPython's own names (no other test here uses it).
+    tier.ok("__tierkernel_agent__.line_magics['lsmagic'] = "
+            "lambda line: print('agent lsmagic', line)")
+    assert tier.ok("%lsmagic here").stdout == "agent lsmagic here\n"
+
+
 def test_get_ipython(tier: Tier):
     out = tier.ok("ip = get_ipython()\nip.user_ns is globals(), "
                   "ip.run_line_magic('pwd', '') == __import__('os').getcwd()")
@@ -312,6 +320,10 @@ def test_without_ipython_a_magic_says_so_and_plain_cells_and_shell_lines_still_r
         assert kernel.run("%%tier process\n!echo still here").stdout == "still here\n"
         assert kernel.run("%%tier process\nget_ipython() is None").result["text/plain"] == \
             "True"
+        # The agent's own line magics (%pip is one) still run.
+        kernel.run("%%tier process\n__tierkernel_agent__.line_magics['hello'] = "
+                   "lambda line: print('hello', line)")
+        assert kernel.run("%%tier process\n%hello  there ").stdout == "hello there\n"
     finally:
         kernel.close()
 

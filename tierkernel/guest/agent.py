@@ -960,7 +960,7 @@ class Agent:
             python = self._ipython_source(code)
             try:
                 if python is None:
-                    python = shell_escapes(code)
+                    python = shell_escapes(self._agent_magics(code))
                     if python == code:
                         raise exc
                 tree = ast.parse(prefix + python, filename, "exec")
@@ -1033,11 +1033,28 @@ class Agent:
                                            self.ishell.execution_result(info, error))
         return True
 
+    def _agent_magics(self, code: str) -> str:
+        """Without IPython, the agent's own line magics (``line_magics``) still run: a line
+        ``%name args`` becomes a call of ``line_magics[name]``."""
+        if "%" not in code or not self.line_magics:
+            return code
+        out = []
+        for line in code.split("\n"):
+            match = _MAGIC_LINE.match(line)
+            if match and match.group(2) in self.line_magics:
+                indent, name, rest = match.groups()
+                out.append(f"{indent}__tierkernel_agent__.line_magics[{name!r}]"
+                           f"({rest.strip()!r})")
+            else:
+                out.append(line)
+        return "\n".join(out)
+
     def _ipython_source(self, code: str) -> str | None:
         """The cell transformed by IPython into Python, or None where there is no IPython."""
         shell = self.ipython()
         if shell is None:
             return None
+        self.ishell.register_line_magics(shell, self.line_magics)  # ones added since
         return str(self.ishell.transform(shell, code))
 
     def _await(self, coroutine: Any) -> Any:
@@ -1571,6 +1588,7 @@ def ends_with_semicolon(source: str) -> bool:
 
 _SHELL_LINE = re.compile(r"^(\s*)!(.*)$")
 _PIP_LINE = re.compile(r"^(\s*)%pip(?:\s+(.*))?$")
+_MAGIC_LINE = re.compile(r"^(\s*)%(\w+)(.*)$")
 
 
 def shell_escapes(code: str) -> str:

@@ -357,11 +357,18 @@ def make_shell(agent: Any, tier: str, processes: bool) -> Any:
     for name, why in refused.items():
         shell.register_magic_function(refuse(name, why), "line", name)
         shell.register_magic_function(refuse(name, why), "cell", name)
-    for name, func in agent.line_magics.items():
-        shell.register_magic_function(func, "line", name)
+    register_line_magics(shell, agent.line_magics)
     _register_inline_config(shell)
     agent.hidden_frames = _hidden_frame_prefixes()
     return shell
+
+
+def register_line_magics(shell: Any, magics: dict[str, Any]) -> None:
+    """Register the agent's own line magics (they win over IPython's of the same name)."""
+    registered = shell.magics_manager.magics["line"]
+    for name, func in magics.items():
+        if registered.get(name) is not func:
+            shell.register_magic_function(func, "line", name)
 
 
 def _ipython_major() -> int:
