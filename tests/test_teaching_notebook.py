@@ -50,6 +50,12 @@ def _shape(cell: Any) -> list[tuple[Any, ...]]:
     for out in cell.outputs:
         kind = out.output_type
         if kind == "stream":
+            # Consecutive pieces of one stream show as one text (as JupyterLab shows them):
+            # where a tier's output was cut into messages is not something a user sees.
+            if shown and shown[-1][:2] == (kind, out.name):
+                shown[-1] = (kind, out.name) if timing else (kind, out.name,
+                                                             shown[-1][2] + out.text)
+                continue
             shown.append((kind, out.name) if timing else (kind, out.name, out.text))
         elif kind == "error":
             shown.append((kind, out.ename, out.evalue))
