@@ -518,14 +518,6 @@ class Agent:
             self._ishell_ready.set()
         loader.run_import()
 
-    def _ipython_pending(self) -> bool:
-        """Whether IPython support is still being loaded or imported in the background."""
-        ready = self._ishell_ready
-        if ready is not None and not ready.is_set():
-            return True
-        loader = self.shell_loader
-        return loader is not None and bool(loader.importing())
-
     def cell_of_caller(self) -> str | None:
         """The id of the cell whose code started the calling thread (the running cell's for
         the main thread; None for a thread the agent started itself, or one started without
@@ -944,11 +936,11 @@ class Agent:
             self.channel.send(done)
 
     def _run(self, code: str, filename: str, first_line: int) -> bool:
-        if "import" in code and self._ipython_pending():
-            if self._ishell_ready is not None:
-                self._ishell_ready.wait()
-            if self.shell_loader is not None:
-                self.shell_loader.wait_import()  # see there: at most once, after start
+        ready = self._ishell_ready
+        if ready is not None and not ready.is_set():
+            # ishell is still being compiled (milliseconds): wait, so that its guard of
+            # IPython's background import is in place before this cell imports anything.
+            ready.wait()
         prefix = "\n" * (first_line - 1)
         source = prefix + code
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)

@@ -87,11 +87,42 @@ class ShellLoader:
         if self._thread is None and not self._imported.is_set():
             self._thread = threading.Thread(target=self._import, daemon=True,
                                             name="ipython-import")
+            self._guard_imports()
             self._thread.start()
 
     def claim_import(self) -> None:
         """Say that the calling thread imports IPython (then call :meth:`run_import`)."""
         self._thread = threading.current_thread()
+        self._guard_imports()
+
+    def _guard_imports(self) -> None:
+        """While the background thread imports IPython, another thread's import of IPython's
+        own modules (a cell's, a library's) first waits for it to end.
+
+        Two threads importing IPython at once can each hold a part the other needs; Python
+        then hands one of them a half-made module rather than deadlock ("cannot import name
+        'InteractiveShell'"). Waiting in ``__import__``, before the import takes any lock of
+        its own, avoids that without making cells that never touch IPython wait: the first
+        cell of a new kernel runs at once. Installed for the import's time only."""
+        original = builtins.__import__
+        imported, importer = self._imported, self._thread
+
+        def guarded(name: str, globals: Any = None, locals: Any = None,
+                    fromlist: Any = (), level: int = 0) -> Any:
+            if (level == 0 and name.startswith("IPython") and name[7:8] in ("", ".")
+                    and not imported.is_set()
+                    and threading.current_thread() is not importer):
+                imported.wait()
+            return original(name, globals, locals, fromlist, level)
+
+        def unguard() -> None:
+            if builtins.__import__ is guarded:
+                builtins.__import__ = original
+
+        builtins.__import__ = guarded
+        self._unguard = unguard
+
+    _unguard: Any = None
 
     def run_import(self) -> None:
         """Import IPython in the calling thread (the one that claimed the import)."""
@@ -111,19 +142,14 @@ class ShellLoader:
                 self.problem = f"{type(exc).__name__}: {exc}"
         finally:
             self._imported.set()
+            if self._unguard is not None:
+                self._unguard()
 
     _retry = False
 
     def importing(self) -> bool:
         """Whether the background import is still running."""
         return self._thread is not None and not self._imported.is_set()
-
-    def wait_import(self) -> None:
-        """Wait for the background import to end. A cell that imports anything waits for it
-        first: a cell importing a module of IPython's (or one that looks at a half-imported
-        ``IPython``, as matplotlib.pyplot does) while another thread imports IPython can
-        fail on Python's import locks."""
-        self._imported.wait()
 
     def get(self, wait: bool = True) -> Any:
         """The shell, made on first use; None when IPython cannot be imported here, or (with
