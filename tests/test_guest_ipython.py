@@ -343,3 +343,18 @@ def test_helper_errors_and_timeouts_show_only_the_user_s_frames(tier: Tier):
     text = "\n".join(out.error["traceback"])
     assert "time.sleep(10)" in text
     assert "agent.py" not in text and "sigint" not in text, text
+
+
+def test_a_first_cell_importing_ipython_beside_the_background_import():
+    """The agent imports IPython in the background as it starts; a first cell that imports
+    IPython's modules itself meanwhile waits for that import instead of racing it (a race
+    gave "cannot import name 'InteractiveShell'" about once in three new kernels)."""
+    for _ in range(3):
+        kernel = KernelSession()
+        try:
+            out = kernel.run("%%tier process\nfrom IPython.display import HTML\n"
+                             "HTML('<b>first</b>')")
+            assert out.status == "ok", out.outputs
+            assert out.result["text/html"] == "<b>first</b>"
+        finally:
+            kernel.close()
