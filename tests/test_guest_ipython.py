@@ -324,6 +324,18 @@ def test_without_ipython_a_magic_says_so_and_plain_cells_and_shell_lines_still_r
         kernel.run("%%tier process\n__tierkernel_agent__.line_magics['hello'] = "
                    "lambda line: print('hello', line)")
         assert kernel.run("%%tier process\n%hello  there ").stdout == "hello there\n"
+        # An error of one ends at the user's line: the magic's frames hide themselves as
+        # %pip's do (__tracebackhide__), and the agent's call of it is plumbing too.
+        kernel.run("%%tier process\ndef refuse(line):\n    __tracebackhide__ = True\n"
+                   "    raise PermissionError('refused ' + line)\n"
+                   "__tierkernel_agent__.line_magics['pip'] = refuse")
+        out = kernel.run("%%tier process\nx = 1\n%pip install nope")
+        assert out.error["ename"] == "PermissionError"
+        assert out.error["evalue"] == "refused install nope"
+        text = "\n".join(out.error["traceback"])
+        assert "%pip install nope" in text and "line 3" in text
+        for glue in ("raise PermissionError", "agent.py", "line_magics"):
+            assert glue not in text, text
     finally:
         kernel.close()
 

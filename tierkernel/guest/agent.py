@@ -657,19 +657,6 @@ class Agent:
             sys.modules["tierkernel_pip"] = pip
             pip.install(self, self.call_host, packages_site, copy_in=True, tier="sandbox")
 
-    def pip_line(self, line: str) -> None:
-        """A ``%pip`` line of a cell (see shell_escapes)."""
-        __tracebackhide__ = True
-        magic = self.line_magics.get("pip")
-        if magic is None:
-            raise NameError("%pip is not available in this tier; it works in %%tier wasm "
-                            "and %%tier sandbox cells")
-        try:
-            magic(line)
-        except Exception as exc:
-            # The user's line and the error: the magic's own frames are plumbing.
-            raise exc.with_traceback(None) from None
-
     def install_files(self, source: str, config: dict[str, Any]) -> None:
         """Set up ``fsx://`` URLs, the notebook folder's read-only fall-back and the hint
         on a missing file (``tierkernel/guest/files.py``, sent as source like the helpers)."""
@@ -1587,24 +1574,21 @@ def ends_with_semicolon(source: str) -> bool:
 
 
 _SHELL_LINE = re.compile(r"^(\s*)!(.*)$")
-_PIP_LINE = re.compile(r"^(\s*)%pip(?:\s+(.*))?$")
 _MAGIC_LINE = re.compile(r"^(\s*)%(\w+)(.*)$")
 
 
 def shell_escapes(code: str) -> str:
-    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment,
-    and ``%pip ...`` lines into calls of the agent's ``pip`` line magic."""
-    if "!" not in code and "%pip" not in code:
+    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment
+    (where IPython cannot be imported; ``%pip`` and the agent's other line magics are
+    ``Agent._agent_magics``'s)."""
+    if "!" not in code:
         return code
     out = []
     for line in code.split("\n"):
         match = _SHELL_LINE.match(line)
-        pip = _PIP_LINE.match(line)
         if match and not match.group(2).startswith("="):
             indent, command = match.groups()
             out.append(f"{indent}__tierkernel_agent__.system({command!r})")
-        elif pip:
-            out.append(f"{pip.group(1)}__tierkernel_agent__.pip_line({pip.group(2) or ''!r})")
         else:
             out.append(line)
     return "\n".join(out)
