@@ -2,12 +2,12 @@
 
 The container's root is read-only and the engine may be remote or gVisor, so the folder is not
 bind-mounted: what :meth:`NotebookFolder.scan` takes (within its caps, see
-``notebook_folder``) is copied into a tmpfs at ``/notebook`` once per container, by ``tar``
-running as root in the container, so the files belong to root there and the cells' user
-(uid 65534) can read them but not change them. A copy costs once per container start (a
-teaching folder of a few MB: tens of milliseconds); after that the host hears the folder's
-changes through inotify (:class:`FolderWatch`, no walk) and copies it again before the next
-cell only when it changed.
+``notebook_folder``) is copied into a tmpfs at ``/notebook`` when the container starts, by
+``tar`` running as root in the container, so the files belong to root there and the cells'
+user (uid 65534) can read them but not change them (a teaching folder of a few MB: tens of
+milliseconds). After that the host hears the folder's changes through inotify
+(:class:`FolderWatch`, no walk) and copies it again before the next cell only when what the
+copy takes changed.
 """
 
 from __future__ import annotations

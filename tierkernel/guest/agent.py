@@ -20,6 +20,7 @@ host -> agent: {"type": "execute", "id", "code", "filename", "first_line", "exec
                {"type": "tree_state", "seq"} (did the watched folder change since the last cell?)
                {"type": "complete", "seq", "code", "cursor_pos"[, "budget"]}
                {"type": "inspect", "seq", "code", "cursor_pos", "detail_level"[, "budget"]}
+               {"type": "helper_result", "seq", "response"} (the answer to a helper call)
                {"type": "input_reply", "seq", "value" | "error": {"type", "message"}}
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
@@ -33,9 +34,12 @@ agent -> host: {"type": "ready", "pid", "python"}
                {"type": "tree_stated", "seq", "changed"}
                {"type": "completed", "seq", "matches", "cursor_start", "cursor_end", "metadata"}
                {"type": "inspected", "seq", "found", "data", "metadata"}
+               {"type": "helper", "id", "seq", "request": {"helper", "args"}} (ai, api, db,
+               console and %pip's "pip", run on the host; seq None: refused, no answer)
                {"type": "input_request", "id", "seq", "prompt", "password"} (input(), getpass()
                and sys.stdin.readline() of a cell: the host asks the user on Jupyter's stdin
                channel and answers with an input_reply, read by the waiting cell itself)
+               {"type": "protocol_error", "detail"} (a request it could not read or carry out)
 
 Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
 SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
