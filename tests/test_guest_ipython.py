@@ -13,9 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession, Outcome
-from tierkernel.backends import wasm_runtime
+from tests.tier_support import need_tier
 
 TIERS = ["process", "wasm", "sandbox"]
 
@@ -43,11 +42,7 @@ class Tier:
 @pytest.fixture(scope="module", params=TIERS)
 def tier(request: pytest.FixtureRequest) -> Iterator[Tier]:
     name = request.param
-    if name == "wasm" and (wasm_runtime.runtime_problem() is not None
-                           or not wasm_runtime.is_compiled()):
-        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
-    if name == "sandbox":
-        sb.need_sandbox()
+    need_tier(name)
     kernel = KernelSession()
     try:
         yield Tier(name, kernel)
@@ -194,11 +189,7 @@ def test_ipython_display_shows_rich_output(tier: Tier):
 def test_a_library_that_looks_for_ipython_finds_the_tier_s_shell(name: str):
     # A fresh kernel: no cell has made the shell yet. The library imports IPython itself and
     # asks IPython.get_ipython() / IPython.display.display, as notebook-aware libraries do.
-    if name == "wasm" and (wasm_runtime.runtime_problem() is not None
-                           or not wasm_runtime.is_compiled()):
-        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
-    if name == "sandbox":
-        sb.need_sandbox()
+    need_tier(name)
     kernel = KernelSession()
     try:
         tier = Tier(name, kernel)
@@ -280,9 +271,7 @@ def test_magic_error_tracebacks_show_the_user_s_frames(tier: Tier):
 
 
 def test_sandbox_under_gvisor_smoke():
-    sb.need_sandbox()
-    if "runsc" not in sb.runtimes():
-        pytest.skip(f"the engine has no runsc runtime (it has {sb.runtimes()})")
+    need_tier("sandbox --runtime runsc")
     kernel = KernelSession()
     try:
         first = kernel.run("%%tier sandbox --runtime runsc\n"
