@@ -947,7 +947,8 @@ class Agent:
             tree = ast.parse(source, filename, "exec")
         except SyntaxError as exc:
             # Not Python: IPython syntax (a magic, !cmd, obj?) becomes Python through the
-            # shell's input transformer; without IPython, !cmd lines still run.
+            # shell's input transformer; without IPython, !cmd lines and the agent's own line
+            # magics (%pip) still run.
             python = self._ipython_source(code)
             try:
                 if python is None:
