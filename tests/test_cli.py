@@ -94,6 +94,12 @@ def test_python_m_tierkernel_is_the_kernel_app():
     assert "ProcessBackend.timeout" in done.stdout and "NativeBackend.timeout" in done.stdout
     assert all(f"--Fsx.{quota}=" in done.stdout for quota in (
         "max_bytes", "max_entries", "max_file_size", "max_depth", "max_path_length"))
+    # Every setting the README names, the helpers', packages' and notebook folder's included.
+    for setting in ("Runtime.db_url", "Runtime.allowed_domains", "Packages.index_url",
+                    "Packages.allowed", "NotebookFolder.max_bytes", "NotebookFolder.expose",
+                    "TierKernel.completion_timeout", "SandboxBackend.input_reply_limit",
+                    "WasmBackend.query_reply_limit", "ProcessBackend.copy_back_bytes"):
+        assert f"--{setting}=" in done.stdout, setting
 
 
 def test_run_executes_the_tour_and_summarises_every_cell(tmp_path):

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession
 from tests.test_agent_session import ScriptedAgent, _run
-from tierkernel.backends import wasm_runtime
+from tests.tier_support import need_tier
 from tierkernel.backends.agent_session import AgentSession
 from tierkernel.kernel.completion import guest_request
 
@@ -29,24 +28,14 @@ from tierkernel.kernel.completion import guest_request
 TIMEOUT = 10.0
 
 
-def _need(tier: str) -> None:
-    if tier == "wasm" and (wasm_runtime.runtime_problem() is not None
-                           or not wasm_runtime.is_compiled()):
-        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
-    if tier == "sandbox":
-        sb.need_sandbox()
-
-
 @pytest.fixture(scope="module", params=["process", "wasm", "sandbox", "sandbox-runsc"])
 def tk(request: pytest.FixtureRequest) -> Iterator[tuple[KernelSession, str]]:
     """A kernel and the tier its completions are tested in (that tier started by a cell);
     ``sandbox-runsc``: the sandbox tier under gVisor."""
     tier, _, runtime = request.param.partition("-")
-    _need(tier)
+    need_tier(f"{tier} --runtime {runtime}" if runtime else tier)
     args = [f"--TierKernel.completion_timeout={TIMEOUT}"]
     if runtime:
-        if runtime not in sb.runtimes():
-            pytest.skip(f"the engine has no {runtime} runtime (it has {sb.runtimes()})")
         args.append(f"--SandboxBackend.runtime={runtime}")
     session = KernelSession(extra_arguments=args)
     try:
@@ -227,7 +216,7 @@ def test_completion_while_a_tier_cell_runs_keeps_the_cell_intact(
 
 @pytest.mark.parametrize("tier", ["process", "wasm", "sandbox"])
 def test_a_tier_not_started_answers_nothing_at_once_and_a_late_answer_is_dropped(tier: str):
-    _need(tier)
+    need_tier(tier)
     timeout = 3.0
     kernel = KernelSession(extra_arguments=[
         f"--TierKernel.completion_timeout={timeout}", "--WasmBackend.warm_start=False",

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import sandbox_support
 from tests.kernel_session import KernelSession
-from tierkernel.backends import wasm_runtime
+from tests.tier_support import need_tier
 from tierkernel.backends.process_workspace import PREFIX, HostFolderSync
 
 TIERS = ["process", "wasm", "sandbox"]
@@ -24,16 +23,6 @@ BIRTHS = "year,births\n2000,5\n2001,7\n"
 
 
 RUNSC = "sandbox --runtime runsc"
-
-
-def _need(tier: str) -> None:
-    if tier.startswith("sandbox"):
-        sandbox_support.need_sandbox()
-    if tier == RUNSC and "runsc" not in sandbox_support.runtimes():
-        pytest.skip("the engine has no runsc (gVisor) runtime: scripts/engine.sh registers it")
-    if tier == "wasm" and (wasm_runtime.runtime_problem() is not None
-                           or not wasm_runtime.is_compiled()):
-        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
 
 
 def _notebook_folder(where: Path) -> Path:
@@ -61,7 +50,7 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KernelSes
 
 
 def run(session: KernelSession, tier: str, code: str) -> object:
-    _need(tier)
+    need_tier(tier)
     return session.run(f"%%tier {tier}\n{code}", timeout=180)
 
 

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession, Outcome
-from tierkernel.backends import wasm_runtime
+from tests.tier_support import need_tier
 
 TIERS = ["process", "wasm", "sandbox"]
 
@@ -43,11 +42,7 @@ class Tier:
 @pytest.fixture(scope="module", params=TIERS)
 def tier(request: pytest.FixtureRequest) -> Iterator[Tier]:
     name = request.param
-    if name == "wasm" and (wasm_runtime.runtime_problem() is not None
-                           or not wasm_runtime.is_compiled()):
-        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
-    if name == "sandbox":
-        sb.need_sandbox()
+    need_tier(name)
     kernel = KernelSession()
     try:
         yield Tier(name, kernel)
@@ -194,11 +189,7 @@ def test_ipython_display_shows_rich_output(tier: Tier):
 def test_a_library_that_looks_for_ipython_finds_the_tier_s_shell(name: str):
     # A fresh kernel: no cell has made the shell yet. The library imports IPython itself and
     # asks IPython.get_ipython() / IPython.display.display, as notebook-aware libraries do.
-    if name == "wasm" and (wasm_runtime.runtime_problem() is not None
-                           or not wasm_runtime.is_compiled()):
-        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
-    if name == "sandbox":
-        sb.need_sandbox()
+    need_tier(name)
     kernel = KernelSession()
     try:
         tier = Tier(name, kernel)
@@ -280,9 +271,7 @@ def test_magic_error_tracebacks_show_the_user_s_frames(tier: Tier):
 
 
 def test_sandbox_under_gvisor_smoke():
-    sb.need_sandbox()
-    if "runsc" not in sb.runtimes():
-        pytest.skip(f"the engine has no runsc runtime (it has {sb.runtimes()})")
+    need_tier("sandbox --runtime runsc")
     kernel = KernelSession()
     try:
         first = kernel.run("%%tier sandbox --runtime runsc\n"
@@ -324,6 +313,18 @@ def test_without_ipython_a_magic_says_so_and_plain_cells_and_shell_lines_still_r
         kernel.run("%%tier process\n__tierkernel_agent__.line_magics['hello'] = "
                    "lambda line: print('hello', line)")
         assert kernel.run("%%tier process\n%hello  there ").stdout == "hello there\n"
+        # An error of one ends at the user's line: the magic's frames hide themselves as
+        # %pip's do (__tracebackhide__), and the agent's call of it is plumbing too.
+        kernel.run("%%tier process\ndef refuse(line):\n    __tracebackhide__ = True\n"
+                   "    raise PermissionError('refused ' + line)\n"
+                   "__tierkernel_agent__.line_magics['pip'] = refuse")
+        out = kernel.run("%%tier process\nx = 1\n%pip install nope")
+        assert out.error["ename"] == "PermissionError"
+        assert out.error["evalue"] == "refused install nope"
+        text = "\n".join(out.error["traceback"])
+        assert "%pip install nope" in text and "line 3" in text
+        for glue in ("raise PermissionError", "agent.py", "line_magics"):
+            assert glue not in text, text
     finally:
         kernel.close()
 

@@ -17,22 +17,13 @@ from typing import Any
 
 import pytest
 
-from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession
-from tierkernel.backends import wasm_runtime
+from tests.tier_support import need_tier
 from tierkernel.backends.agent_session import AgentSession
 from tierkernel.backends.base import CellRequest
 
 NO_STDIN = "raw_input was called, but this frontend does not support input requests."
 TIERS = ["process", "wasm", "sandbox"]
-
-
-def _need(tier: str) -> None:
-    if tier == "sandbox":
-        sb.need_sandbox()
-    elif tier == "wasm" and (wasm_runtime.runtime_problem() is not None
-                             or not wasm_runtime.is_compiled()):
-        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,7 @@ def kernel() -> Iterator[KernelSession]:
 
 @pytest.fixture(params=TIERS)
 def tier(request: pytest.FixtureRequest) -> str:
-    _need(request.param)
+    need_tier(request.param)
     return str(request.param)
 
 
@@ -197,7 +188,7 @@ def test_time_spent_waiting_for_the_user_is_not_the_cells(kernel: KernelSession,
 @pytest.mark.parametrize("guest", ["process", "sandbox"])
 def test_one_input_at_a_time_per_cell_and_none_for_other_cells(kernel: KernelSession,
                                                                guest: str):
-    _need(guest)
+    need_tier(guest)
     # A cell that writes protocol lines itself: the second request while the first waits is
     # refused by the host at once, and one tagged with another cell's id is never asked.
     code = (
@@ -228,7 +219,7 @@ def test_one_input_at_a_time_per_cell_and_none_for_other_cells(kernel: KernelSes
 
 @pytest.mark.parametrize("guest", ["process", "sandbox"])
 def test_a_thread_left_by_an_earlier_cell_cannot_ask(kernel: KernelSession, guest: str):
-    _need(guest)
+    need_tier(guest)
     kernel.run(cell(guest, "import threading\ngo = threading.Event()\nseen = []\n"
                            "def late():\n    go.wait()\n    try:\n        input('sneaky: ')\n"
                            "    except Exception as exc:\n        seen.append(repr(exc))\n"
@@ -240,7 +231,7 @@ def test_a_thread_left_by_an_earlier_cell_cannot_ask(kernel: KernelSession, gues
 
 
 def test_the_wasm_tool_refuses_another_cells_request(kernel: KernelSession):
-    _need("wasm")
+    need_tier("wasm")
     out = kernel.run(cell("wasm", "__tierkernel_agent__.channel.tools.tk_input(request={\n"
                                   "    'id': 'an-earlier-cell', 'prompt': 'p', "
                                   "'password': False})"),
@@ -265,7 +256,7 @@ def frames_outside_the_cell(shown: str) -> list[str]:
 @pytest.mark.parametrize("where", ["native", *TIERS])
 def test_a_helper_error_shows_the_users_line_and_the_error(kernel: KernelSession, where: str):
     if where != "native":
-        _need(where)
+        need_tier(where)
     out = kernel.run(cell(where, "def fetch():\n    return api('http://example.invalid/x')\n"
                                  "fetch()"))
     assert out.status == "error"
@@ -282,7 +273,7 @@ def test_a_helper_error_shows_the_users_line_and_the_error(kernel: KernelSession
 @pytest.mark.parametrize("where", ["native", "process", "sandbox"])
 def test_a_timeout_shows_the_users_line_and_the_limit(kernel: KernelSession, where: str):
     if where != "native":
-        _need(where)
+        need_tier(where)
     out = kernel.run(cell(where, "import time\ndef wait():\n    time.sleep(10)\nwait()",
                           " --timeout 1"))
     assert out.status == "error"

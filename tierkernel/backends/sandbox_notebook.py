@@ -2,24 +2,24 @@
 
 The container's root is read-only and the engine may be remote or gVisor, so the folder is not
 bind-mounted: what :meth:`NotebookFolder.scan` takes (within its caps, see
-``notebook_folder``) is copied into a tmpfs at ``/notebook`` once per container, by ``tar``
-running as root in the container, so the files belong to root there and the cells' user
-(uid 65534) can read them but not change them. A copy costs once per container start (a
-teaching folder of a few MB: tens of milliseconds); after that the host hears the folder's
-changes through inotify (:class:`FolderWatch`, no walk) and copies it again before the next
-cell only when it changed.
+``notebook_folder``) is copied into a tmpfs at ``/notebook`` when the container starts, by
+``tar`` running as root in the container, so the files belong to root there and the cells'
+user (uid 65534) can read them but not change them (a teaching folder of a few MB: tens of
+milliseconds). After that the host hears the folder's changes through inotify
+(:class:`FolderWatch`, no walk) and copies it again before the next cell only when what the
+copy takes changed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import tarfile
 import tempfile
 from typing import Any
 
 from tierkernel.backends.notebook_folder import GUEST_PATH, NotebookFolder, Scan, open_regular
+from tierkernel.backends.sandbox_workspace import exec_with_stdin
 from tierkernel.guest.tree_watch import TreeWatch
 
 log = logging.getLogger(__name__)
@@ -139,23 +139,8 @@ def copy_in(api: Any, container_id: str, folder: NotebookFolder) -> tuple[Scan, 
     top = folder.folder()
     scan = folder.scan()
     with _archive(top, scan) as archive:
-        exec_id = api.exec_create(container_id, ["sh", "-c", _REPLACE],
-                                  stdin=True, stdout=True, stderr=True, user="0:0")["Id"]
-        raw = api.exec_start(exec_id, socket=True)
-        sock: socket.socket = getattr(raw, "_sock", raw)
-        output = bytearray()
-        try:
-            sock.settimeout(120)
-            while chunk := archive.read(1 << 20):
-                sock.sendall(chunk)
-            sock.shutdown(socket.SHUT_WR)
-            while chunk := sock.recv(65536):
-                if len(output) < 4096:
-                    output += chunk
-        finally:
-            sock.close()
-    code = api.exec_inspect(exec_id).get("ExitCode")
+        code, text = exec_with_stdin(api, container_id, ["sh", "-c", _REPLACE], "0:0",
+                                     archive, keep=4096)
     if code:
-        text = output[8:].decode("utf-8", "replace").strip()
-        raise OSError(f"tar exit {code}: {text[-300:]}")
+        raise OSError(f"tar exit {code}: {text.strip()[-300:]}")
     return scan, folder.summary(scan, f"the sandbox's {GUEST_PATH}")

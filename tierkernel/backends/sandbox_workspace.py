@@ -207,28 +207,14 @@ class WorkspaceSync:
         api.exec_start(exec_id)
 
     def _untar(self, api: Any, container_id: str, archive: IO[bytes]) -> list[tuple[str, str]]:
-        """Extract ``archive`` into /workspace as the cell's user; return the members tar
-        could not write, with why. docker's ``put_archive`` is refused on a read-only root
-        even for a tmpfs mount, so ``tar`` runs in the container and reads stdin."""
-        exec_id = api.exec_create(container_id, ["tar", "-x", "-m", "-C", GUEST_PATH, "-f", "-"],
-                                  stdin=True, stdout=True, stderr=True, user=self.user)["Id"]
-        raw = api.exec_start(exec_id, socket=True)
-        sock: socket.socket = getattr(raw, "_sock", raw)
-        output = bytearray()
-        try:
-            sock.settimeout(120)
-            while chunk := archive.read(1 << 20):
-                sock.sendall(chunk)
-            sock.shutdown(socket.SHUT_WR)
-            while chunk := sock.recv(65536):
-                if len(output) < 1 << 20:  # one line per failed member: enough to name many
-                    output += chunk
-        finally:
-            sock.close()
-        code = api.exec_inspect(exec_id).get("ExitCode")
+        """Extract ``archive`` into /workspace as the cell's user (``tar`` in the container,
+        see :func:`exec_with_stdin`); return the members tar could not write, with why."""
+        # Up to 1 MiB of output: one line per failed member, enough to name many.
+        code, text = exec_with_stdin(api, container_id,
+                                     ["tar", "-x", "-m", "-C", GUEST_PATH, "-f", "-"],
+                                     self.user, archive, keep=1 << 20)
         if not code:
             return []
-        text = _frames_text(bytes(output))
         failed = []
         for line in text.splitlines():
             match = _TAR_FAILURE.match(line)
@@ -366,6 +352,30 @@ def _agent_pack(agent: AgentSession, timeout: float = 120.0) -> bytes | None:
     if len(data) > 4 * (AGENT_COPY_LIMIT // 3 + 1):  # the agent said it keeps to the limit
         raise OSError("the agent's copy of /workspace is larger than it may be")
     return base64.b64decode(data)
+
+
+def exec_with_stdin(api: Any, container_id: str, command: list[str], user: str,
+                    stdin: IO[bytes], keep: int) -> tuple[int, str]:
+    """Run ``command`` in the container as ``user`` with ``stdin`` (read to its end) as its
+    standard input; return its exit code and about the first ``keep`` bytes of its stdout and
+    stderr. docker's ``put_archive`` is refused on a read-only root even for a tmpfs mount, so
+    a copy into the container is a ``tar`` run this way."""
+    exec_id = api.exec_create(container_id, command, stdin=True, stdout=True, stderr=True,
+                              user=user)["Id"]
+    raw = api.exec_start(exec_id, socket=True)
+    sock: socket.socket = getattr(raw, "_sock", raw)
+    output = bytearray()
+    try:
+        sock.settimeout(120)
+        while chunk := stdin.read(1 << 20):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(65536):
+            if len(output) < keep:
+                output += chunk
+    finally:
+        sock.close()
+    return int(api.exec_inspect(exec_id).get("ExitCode") or 0), _frames_text(bytes(output))
 
 
 def _frames_text(data: bytes) -> str:

@@ -20,6 +20,7 @@ host -> agent: {"type": "execute", "id", "code", "filename", "first_line", "exec
                {"type": "tree_state", "seq"} (did the watched folder change since the last cell?)
                {"type": "complete", "seq", "code", "cursor_pos"[, "budget"]}
                {"type": "inspect", "seq", "code", "cursor_pos", "detail_level"[, "budget"]}
+               {"type": "helper_result", "seq", "response"} (the answer to a helper call)
                {"type": "input_reply", "seq", "value" | "error": {"type", "message"}}
 agent -> host: {"type": "ready", "pid", "python"}
                {"type": "stream", "id", "name", "text"}
@@ -33,9 +34,12 @@ agent -> host: {"type": "ready", "pid", "python"}
                {"type": "tree_stated", "seq", "changed"}
                {"type": "completed", "seq", "matches", "cursor_start", "cursor_end", "metadata"}
                {"type": "inspected", "seq", "found", "data", "metadata"}
+               {"type": "helper", "id", "seq", "request": {"helper", "args"}} (ai, api, db,
+               console and %pip's "pip", run on the host; seq None: refused, no answer)
                {"type": "input_request", "id", "seq", "prompt", "password"} (input(), getpass()
                and sys.stdin.readline() of a cell: the host asks the user on Jupyter's stdin
                channel and answers with an input_reply, read by the waiting cell itself)
+               {"type": "protocol_error", "detail"} (a request it could not read or carry out)
 
 Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
 SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
@@ -649,19 +653,6 @@ class Agent:
             sys.modules["tierkernel_pip"] = pip
             pip.install(self, self.call_host, packages_site, copy_in=True, tier="sandbox")
 
-    def pip_line(self, line: str) -> None:
-        """A ``%pip`` line of a cell (see shell_escapes)."""
-        __tracebackhide__ = True
-        magic = self.line_magics.get("pip")
-        if magic is None:
-            raise NameError("%pip is not available in this tier; it works in %%tier wasm "
-                            "and %%tier sandbox cells")
-        try:
-            magic(line)
-        except Exception as exc:
-            # The user's line and the error: the magic's own frames are plumbing.
-            raise exc.with_traceback(None) from None
-
     def install_files(self, source: str, config: dict[str, Any]) -> None:
         """Set up ``fsx://`` URLs, the notebook folder's read-only fall-back and the hint
         on a missing file (``tierkernel/guest/files.py``, sent as source like the helpers)."""
@@ -948,7 +939,8 @@ class Agent:
             tree = ast.parse(source, filename, "exec")
         except SyntaxError as exc:
             # Not Python: IPython syntax (a magic, !cmd, obj?) becomes Python through the
-            # shell's input transformer; without IPython, !cmd lines still run.
+            # shell's input transformer; without IPython, !cmd lines and the agent's own line
+            # magics (%pip) still run.
             python = self._ipython_source(code)
             try:
                 if python is None:
@@ -1579,24 +1571,21 @@ def ends_with_semicolon(source: str) -> bool:
 
 
 _SHELL_LINE = re.compile(r"^(\s*)!(.*)$")
-_PIP_LINE = re.compile(r"^(\s*)%pip(?:\s+(.*))?$")
 _MAGIC_LINE = re.compile(r"^(\s*)%(\w+)(.*)$")
 
 
 def shell_escapes(code: str) -> str:
-    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment,
-    and ``%pip ...`` lines into calls of the agent's ``pip`` line magic."""
-    if "!" not in code and "%pip" not in code:
+    """Turn IPython-style ``!cmd`` lines into calls that run ``cmd`` in this environment
+    (where IPython cannot be imported; ``%pip`` and the agent's other line magics are
+    ``Agent._agent_magics``'s)."""
+    if "!" not in code:
         return code
     out = []
     for line in code.split("\n"):
         match = _SHELL_LINE.match(line)
-        pip = _PIP_LINE.match(line)
         if match and not match.group(2).startswith("="):
             indent, command = match.groups()
             out.append(f"{indent}__tierkernel_agent__.system({command!r})")
-        elif pip:
-            out.append(f"{pip.group(1)}__tierkernel_agent__.pip_line({pip.group(2) or ''!r})")
         else:
             out.append(line)
     return "\n".join(out)

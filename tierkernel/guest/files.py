@@ -63,14 +63,12 @@ class FsspecHook:
     ``fsx`` protocol is registered right after fsspec's own set-up (which registers the
     installed entry points, the host's ``fsx`` among them), then leaves the path."""
 
-    def __init__(self, root: str, fallback: str = "") -> None:
+    def __init__(self, root: str) -> None:
         self.root = root
-        #: A folder holding fsspec's package, used when no finder finds it (lent read-only
-        #: by a tier that has no package mount).
-        self.fallback = fallback
         self._busy = False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        """fsspec's spec as the other finders make it, its loader wrapped; None otherwise."""
         if fullname != "fsspec" or self._busy:
             return None
         self._busy = True
@@ -85,12 +83,6 @@ class FsspecHook:
                     break
         finally:
             self._busy = False
-        if spec is None and self.fallback:
-            import importlib.util
-
-            spec = importlib.util.spec_from_file_location(
-                fullname, os.path.join(self.fallback, "__init__.py"),
-                submodule_search_locations=[self.fallback])
         if spec is None or spec.loader is None:
             return spec
         spec.loader = _AfterExec(spec.loader, self.register)
@@ -300,7 +292,7 @@ def install(agent: Any, config: dict[str, Any]) -> NotebookFiles:
     folder's read-only fall-back (``open``), its place on ``sys.path`` after the workspace's,
     and the hint (``agent.error_note``)."""
     files = NotebookFiles(config)
-    hook = FsspecHook(files.workspace, str(config.get("fsspec") or ""))
+    hook = FsspecHook(files.workspace)
     # Installed again (a new config): the earlier hook goes (a class of an earlier exec).
     sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "FsspecHook"]
     if "fsspec" in sys.modules:

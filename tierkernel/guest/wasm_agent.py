@@ -13,7 +13,10 @@ has no threads, no signals and no pipes to the host:
   host tool ``tk_emit``, which hands the same JSON object the process agent would write on its
   protocol line to the host side of the agent protocol.
 
-The host starts a turn per cell that calls :func:`execute` with the request's JSON text.
+The host starts a turn per cell that calls :func:`execute` with the request's JSON text, and
+one per completion or inspection request between cells that calls :func:`query`. Host calls
+within a turn go through host tools too: ``tk_helper`` (ai/api/db/console and ``%pip``) and
+``tk_input`` (``input()``, ``getpass()``).
 """
 
 from __future__ import annotations

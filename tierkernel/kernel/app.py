@@ -12,9 +12,12 @@ from jupyter_client.session import Session
 from jupyter_core.paths import jupyter_config_path
 from traitlets import Type, Unicode, default
 
+from tierkernel.backends.notebook_folder import NotebookFolder
 from tierkernel.backends.registry import discover
 from tierkernel.fsx import Fsx
 from tierkernel.kernel.kernel import TierKernel
+from tierkernel.runtime.packages import Packages
+from tierkernel.runtime.policy import Runtime
 
 
 class TierKernelApp(IPKernelApp):
@@ -30,7 +33,8 @@ class TierKernelApp(IPKernelApp):
     description = "tierkernel: a Jupyter kernel for Python in which each cell picks its tier."
     kernel_class = Type(TierKernel)
     classes = [  # type: ignore[assignment]  # noqa: RUF012 - traitlets reads it as is
-        TierKernel, *discover()[0].values(), Fsx, ZMQInteractiveShell, ProfileDir, Session,
+        TierKernel, *discover()[0].values(), Fsx, NotebookFolder, Runtime, Packages,
+        ZMQInteractiveShell, ProfileDir, Session,
     ]
 
     def init_pdb(self) -> None:

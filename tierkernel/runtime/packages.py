@@ -2,7 +2,7 @@
 
 A wasm guest has no pip and no network, and a sandbox container has no network, so a cell's
 ``%pip install NAME`` becomes one helper request (``{"helper": "pip", "args": {"op":
-"install", ...}}``, see ``tierkernel/guest/packages.py``) that the tier hands to a
+"install", ...}}``, see ``tierkernel/guest/pip_magic.py``) that the tier hands to a
 :class:`PackageStore` on the host:
 
 1. The request is checked against :class:`Packages` (``c.Packages``): which names, which index.
@@ -20,7 +20,7 @@ A wasm guest has no pip and no network, and a sandbox container has no network, 
 4. The guest sees that folder: the wasm session mounts it read-only at ``/packages`` (on
    ``sys.path``); a sandbox container gets the new files in parts over the agent channel
    (``op: fetch``) into ``/tmp/tierkernel-site``, and all of them again whenever its container
-   is replaced, so packages survive a ``--memory`` change within the kernel.
+   is replaced, so packages survive a ``--runtime`` change or a crash within the kernel.
 
 Every install and uninstall is a row in the audit log's ``helper_calls`` (helper ``pip``).
 """
