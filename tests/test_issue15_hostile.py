@@ -4,12 +4,17 @@ convention 9)."""
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession
+from tests.package_index import make_wheel, publish, serve
+from tierkernel.runtime import packages
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +66,52 @@ def test_an_input_request_left_by_an_ended_cell_stops_waiting(kernel: KernelSess
     assert asked.status == "ok", asked.outputs
     assert asked.result["text/plain"] == "'mine'"
 
+
+# -- %pip: the folders a wheel makes on the host are counted ------------------------------------
+def test_a_wheel_of_deep_folders_is_held_to_the_file_cap(tmp_path: Path):
+    root = tmp_path / "index"
+    build = tmp_path / "build"
+    build.mkdir()
+    wheel = make_wheel(build, "tk-deep", "1.0", {"tk_deep/__init__.py": ""})
+    # Few files, each at the end of its own chain of 200 folders: 1000 folders on the host
+    # from a wheel of a few KiB, with 5 files against a cap of 50.
+    with zipfile.ZipFile(wheel, "a") as whl:
+        for i in range(5):
+            whl.writestr(f"tk_deep/d{i}/" + "a/" * 200 + "x.py", "")
+    publish(root, wheel)
+    with serve(root) as (url, _):
+        store = packages.PackageStore(
+            packages.Packages(index_url=f"{url}/simple", max_files=50, cache_dir=""),
+            packages.Target("wasm", True))
+        try:
+            answer = store.handle({"op": "install", "argv": ["tk-deep"], "python": "3.15",
+                                   "installed": {}}, None, None)
+            assert not answer["ok"], answer
+            assert "c.Packages.max_files" in answer["error"]["message"]
+            assert list(store.folder.iterdir()) == []
+        finally:
+            store.close()
+
+
+def test_folders_count_against_the_kernels_file_cap_across_installs(tmp_path: Path):
+    root = tmp_path / "index"
+    build = tmp_path / "build"
+    build.mkdir()
+    for n in range(3):
+        publish(root, make_wheel(build, f"tk-deep{n}", "1.0",
+                                 {f"tk_deep{n}/" + "a/" * 10 + "x.py": ""}))
+    with serve(root) as (url, _):
+        store = packages.PackageStore(
+            packages.Packages(index_url=f"{url}/simple", max_files=40, cache_dir=""),
+            packages.Target("wasm", True))
+        try:
+            results = [store.handle({"op": "install", "argv": [f"tk-deep{n}"],
+                                     "python": "3.15", "installed": {}}, None, None)
+                       for n in range(3)]
+            # Each takes 12 folders (11 of the module, its .dist-info) and 5 files (its
+            # module, METADATA, WHEEL, RECORD, INSTALLER): the third passes 40.
+            assert [r["ok"] for r in results] == [True, True, False], results
+            entries = sum(len(dirs) + len(files) for _, dirs, files in os.walk(store.folder))
+            assert entries <= 40
+        finally:
+            store.close()

@@ -131,7 +131,8 @@ class Packages(LoggingConfigurable):
     ).tag(config=True)
     max_files = Int(
         50_000, min=1,
-        help="Unpacked files all %pip installs of one kernel may hold, per tier.",
+        help="Unpacked files and folders all %pip installs of one kernel may hold, per tier "
+        "(a folder counts once for each package that has files in it).",
     ).tag(config=True)
     timeout = Float(
         300.0, min=1.0,
@@ -213,6 +214,8 @@ class _Installed:
     name: str
     version: str
     files: list[str]  # relative to the store's folder
+    #: Folders its files are in, counted against c.Packages.max_files with them.
+    folders: int = 0
 
 
 @dataclass
@@ -568,10 +571,10 @@ class PackageStore:
         for item, path in wheels:
             meta = item.get("metadata") or {}
             name, version = str(meta.get("name", "")), str(meta.get("version", ""))
-            files, size = _unpack(path, staging, files_left, bytes_left)
-            files_left -= len(files)
+            files, folders, size = _unpack(path, staging, files_left, bytes_left)
+            files_left -= len(files) + folders
             bytes_left -= size
-            result.append(_Installed(name, version, files))
+            result.append(_Installed(name, version, files, folders))
         # Replaced versions go first (their files, as this store wrote them).
         for inst in result:
             old = self._installed.pop(normalize(inst.name), None)
@@ -583,7 +586,7 @@ class PackageStore:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
                 self._bytes += target.stat().st_size
-            self._files += len(inst.files)
+            self._files += len(inst.files) + inst.folders
             self._installed[normalize(inst.name)] = inst
         return result
 
@@ -597,6 +600,7 @@ class PackageStore:
         for rel in _folders(inst.files):
             with contextlib.suppress(OSError):
                 (self.folder / rel).rmdir()  # only when empty
+        self._files -= inst.folders
 
     # -- fetch and uninstall ----------------------------------------------------------------
     def _fetch(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -748,10 +752,14 @@ def _safe_member(name: str) -> str | None:
     return "/".join(parts)
 
 
-def _unpack(wheel: Path, into: Path, files_left: int, bytes_left: int) -> tuple[list[str], int]:
-    """Extract ``wheel`` into ``into``: (the files written, relative; their bytes). Counts
-    what it writes, never what the archive says."""
+def _unpack(wheel: Path, into: Path, files_left: int,
+            bytes_left: int) -> tuple[list[str], int, int]:
+    """Extract ``wheel`` into ``into``: (the files written, relative; the folders made for
+    them; their bytes). Counts what it writes, never what the archive says: a folder is an
+    entry on the host's disk too (a wheel of a few KiB could name files at the end of
+    thousands of folders each)."""
     written: list[str] = []
+    folders: set[str] = set()
     size = 0
     try:
         with zipfile.ZipFile(wheel) as whl:
@@ -761,10 +769,12 @@ def _unpack(wheel: Path, into: Path, files_left: int, bytes_left: int) -> tuple[
                 rel = _safe_member(info.filename)
                 if rel is None:
                     continue
-                if len(written) >= files_left:
+                new = {str(p) for p in PurePosixPath(rel).parents if str(p) != "."} - folders
+                if len(written) + len(folders) + len(new) >= files_left:
                     raise PackageError(
-                        "the packages would hold more files than this kernel's limit "
-                        "(c.Packages.max_files)", "ValueError")
+                        "the packages would hold more files and folders than this kernel's "
+                        "limit (c.Packages.max_files)", "ValueError")
+                folders |= new
                 target = into / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with whl.open(info) as source, target.open("wb") as out:
@@ -785,7 +795,7 @@ def _unpack(wheel: Path, into: Path, files_left: int, bytes_left: int) -> tuple[
                 written.append(installer)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise PackageError(f"{wheel.name} is not a readable wheel: {exc}", "ValueError") from exc
-    return written, size
+    return written, len(folders), size
 
 
 def _groups(folder: Path, files: list[str]) -> list[list[str]]:
