@@ -5,6 +5,7 @@ convention 9)."""
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,5 +114,47 @@ def test_folders_count_against_the_kernels_file_cap_across_installs(tmp_path: Pa
             assert [r["ok"] for r in results] == [True, True, False], results
             entries = sum(len(dirs) + len(files) for _, dirs, files in os.walk(store.folder))
             assert entries <= 40
+        finally:
+            store.close()
+
+
+def _installs(store: packages.PackageStore, name: str) -> dict[str, object]:
+    return store.handle({"op": "install", "argv": [name], "python": "3.15", "installed": {}},
+                        None, None)
+
+
+def test_clashing_files_leave_nothing_the_store_cannot_count_or_remove(tmp_path: Path):
+    root = tmp_path / "index"
+    build = tmp_path / "build"
+    build.mkdir()
+    # tk-file has a file named 'shared'; tk-folder has its own module, then shared/m.py.
+    publish(root, make_wheel(build, "tk-file", "1.0",
+                             {"tk_file/__init__.py": "", "shared": ""}))
+    publish(root, make_wheel(build, "tk-folder", "1.0",
+                             {"tk_folder/__init__.py": "", "shared/m.py": ""}))
+    dup = make_wheel(build, "tk-dup", "1.0", {"tk_dup/__init__.py": ""})
+    with zipfile.ZipFile(dup, "a") as whl, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's own "Duplicate name": what is tested
+        for _ in range(2):
+            whl.writestr(zipfile.ZipInfo("tk_dup/twice.py"), "")
+    publish(root, dup)
+    with serve(root) as (url, _):
+        store = packages.PackageStore(
+            packages.Packages(index_url=f"{url}/simple", cache_dir=""),
+            packages.Target("wasm", True))
+        try:
+            assert _installs(store, "tk-file")["ok"]
+            clash = _installs(store, "tk-folder")
+            assert not clash["ok"]
+            assert "clashes with another package" in str(clash["error"]), clash
+            twice = _installs(store, "tk-dup")
+            assert not twice["ok"]
+            assert "twice" in str(twice["error"]), twice
+            removed = store.handle({"op": "uninstall", "names": ["tk-file"]}, None, None)
+            assert removed["ok"], removed
+            # What %pip put there is gone with its uninstall: nothing of the failed ones
+            # stays, uncounted and out of reach of any uninstall.
+            assert sorted(str(p.relative_to(store.folder)) for p in store.folder.rglob("*")
+                          if not p.is_dir()) == []
         finally:
             store.close()

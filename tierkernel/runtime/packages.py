@@ -581,11 +581,23 @@ class PackageStore:
             if old is not None:
                 self._remove(old)
         for inst in result:
-            for rel in inst.files:
-                source, target = staging / rel, self.folder / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
-                self._bytes += target.stat().st_size
+            # A package whose file clashes with another's (a file where the other has a
+            # folder, the same file in two wheels of one install) is taken out again, so no
+            # file is left in the folder that the store does not count and cannot remove.
+            moved = _Installed(inst.name, inst.version, [], inst.folders)
+            try:
+                for rel in inst.files:
+                    source, target = staging / rel, self.folder / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(source, target)
+                    moved.files.append(rel)
+                    self._bytes += target.stat().st_size
+            except OSError as exc:
+                self._files += len(moved.files) + moved.folders
+                self._remove(moved)
+                raise PackageError(
+                    f"{inst.name} {inst.version}: a file of it clashes with another package's "
+                    f"({exc.strerror or exc}); it was not installed", "ValueError") from None
             self._files += len(inst.files) + inst.folders
             self._installed[normalize(inst.name)] = inst
         return result
@@ -759,6 +771,7 @@ def _unpack(wheel: Path, into: Path, files_left: int,
     entry on the host's disk too (a wheel of a few KiB could name files at the end of
     thousands of folders each)."""
     written: list[str] = []
+    taken: set[str] = set()
     folders: set[str] = set()
     size = 0
     try:
@@ -769,6 +782,10 @@ def _unpack(wheel: Path, into: Path, files_left: int,
                 rel = _safe_member(info.filename)
                 if rel is None:
                     continue
+                if rel in taken:
+                    raise PackageError(f"{wheel.name} holds {rel[:200]!r} twice; nothing was "
+                                       "installed", "ValueError")
+                taken.add(rel)
                 new = {str(p) for p in PurePosixPath(rel).parents if str(p) != "."} - folders
                 if len(written) + len(folders) + len(new) >= files_left:
                     raise PackageError(
