@@ -4,6 +4,7 @@ convention 9)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import warnings
 import zipfile
@@ -156,5 +157,50 @@ def test_clashing_files_leave_nothing_the_store_cannot_count_or_remove(tmp_path:
             # stays, uncounted and out of reach of any uninstall.
             assert sorted(str(p.relative_to(store.folder)) for p in store.folder.rglob("*")
                           if not p.is_dir()) == []
+        finally:
+            store.close()
+
+
+# -- %pip in sandbox: no part the host sends grows with the largest file --------------------------
+def test_a_large_file_is_sent_to_the_sandbox_in_pieces_of_the_part_size(tmp_path: Path):
+    from tierkernel.guest import pip_magic
+    from tierkernel.guest.agent import unpack_workspace
+
+    root = tmp_path / "index"
+    build = tmp_path / "build"
+    build.mkdir()
+    # 3 parts' worth in one file (zeros: a wheel of a few KiB). Before, the part holding it was
+    # built whole, then base64- and JSON-encoded on the host: a file of a GiB, several GiB of
+    # the kernel's memory.
+    blob = bytes(range(256)) * ((3 * packages.PART_BYTES + 12345) // 256)
+    publish(root, make_wheel(build, "tk-large", "1.0",
+                             {"tk_large/__init__.py": "", "tk_large/blob.bin": blob}))
+    with serve(root) as (url, _):
+        store = packages.PackageStore(
+            packages.Packages(index_url=f"{url}/simple", cache_dir=""),
+            packages.Target("sandbox", False))
+        try:
+            answer = store.handle({"op": "install", "argv": ["tk-large"], "python": "3.11",
+                                   "installed": {}}, None, None)
+            assert answer["ok"], answer
+            value = answer["value"]
+            fetched = [store.handle({"op": "fetch", "token": value["token"], "part": n},
+                                    None, None) for n in range(value["parts"])]
+            bound = (packages.PART_BYTES + (64 << 10)) * 4 // 3
+            assert all(f["ok"] and len(f["value"]["data"]) <= bound for f in fetched), [
+                len(f["value"]["data"]) for f in fetched]
+            # The guest puts the pieces together: through %pip's fetch, and through a new
+            # container's copy of everything (the agent's unpack).
+            by_fetch, by_copy = tmp_path / "by-fetch", tmp_path / "by-copy"
+            for f in fetched:
+                pip_magic.unpack(str(by_fetch), base64.b64decode(f["value"]["data"]))
+            by_copy.mkdir()
+            parts = list(store.parts())
+            assert all(len(p) <= packages.PART_BYTES + (64 << 10) for p in parts)
+            for part in parts:
+                unpack_workspace(str(by_copy), part, [])
+            for where in (by_fetch, by_copy):
+                assert (where / "tk_large" / "blob.bin").read_bytes() == blob
+                assert (where / "tk_large" / "__init__.py").exists()
         finally:
             store.close()

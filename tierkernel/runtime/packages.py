@@ -67,8 +67,13 @@ log = logging.getLogger(__name__)
 SANDBOX_SITE = "/tmp/tierkernel-site"
 #: Where the wasm session mounts the kernel's package folder (read-only).
 WASM_SITE = "/packages"
-#: Bytes of files per part sent to a sandbox guest (one helper answer, or one unpack request).
+#: Bytes of files per part sent to a sandbox guest (one helper answer, or one unpack request);
+#: a larger file is sent in pieces of this size, so no part (nor the host's copies of it while
+#: it is encoded and sent) grows with the largest file a wheel holds.
 PART_BYTES = 4 << 20
+#: The PAX header of a piece of a file that does not start at its beginning: the offset at
+#: which the guest writes it into the file the earlier pieces began.
+OFFSET_HEADER = "TIERKERNEL.offset"
 #: The most distributions a guest may report as installed (a stub folder each, on the host).
 MAX_REPORTED = 5000
 #: The longest project page read to explain a refusal (native-only wheels).
@@ -218,9 +223,13 @@ class _Installed:
     folders: int = 0
 
 
+#: One piece of a file in a part: (path relative to the store's folder, offset, length).
+Piece = tuple[str, int, int]
+
+
 @dataclass
 class _Pending:
-    parts: list[list[str]]
+    parts: list[list[Piece]]
     created: float = field(default_factory=time.monotonic)
 
 
@@ -285,12 +294,14 @@ class PackageStore:
                     "pip", target, allowed, ok, error_text, started,
                     round((time.perf_counter() - clock) * 1000, 3), size))
 
-    def parts(self) -> list[bytes]:
+    def parts(self) -> Iterator[bytes]:
         """Every file the store holds, as tar archives of about :data:`PART_BYTES` each (for
-        a new sandbox container)."""
+        a new sandbox container), made one at a time as they are taken."""
         with self._lock:
             files = [f for inst in self._installed.values() for f in inst.files]
-        return [self._tar(group) for group in _groups(self.folder, files)]
+            groups = _groups(self.folder, files)
+        for group in groups:
+            yield self._tar(group)
 
     def close(self) -> None:
         """Remove the folder (the backend shuts down)."""
@@ -628,18 +639,22 @@ class PackageStore:
             data = self._tar(group)
         return {"data": base64.b64encode(data).decode("ascii")}
 
-    def _tar(self, files: list[str]) -> bytes:
+    def _tar(self, pieces: list[Piece]) -> bytes:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for rel in files:
+            for rel, offset, length in pieces:
                 path = self.folder / rel
-                if path.is_file():
-                    info = tar.gettarinfo(str(path), arcname=rel)
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    info.mode = 0o644
-                    with path.open("rb") as handle:
-                        tar.addfile(info, handle)
+                if not path.is_file():
+                    continue
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read(length)
+                    info = tarfile.TarInfo(rel)
+                    info.size, info.mode = len(data), 0o644
+                    info.mtime = os.fstat(handle.fileno()).st_mtime
+                if offset:
+                    info.pax_headers = {OFFSET_HEADER: str(offset)}
+                tar.addfile(info, io.BytesIO(data))
         return buffer.getvalue()
 
     def _uninstall(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -815,21 +830,29 @@ def _unpack(wheel: Path, into: Path, files_left: int,
     return written, len(folders), size
 
 
-def _groups(folder: Path, files: list[str]) -> list[list[str]]:
-    """``files`` in groups of about :data:`PART_BYTES` (a larger file is a group alone)."""
-    groups: list[list[str]] = []
-    current: list[str] = []
+def _groups(folder: Path, files: list[str]) -> list[list[Piece]]:
+    """``files`` in groups of about :data:`PART_BYTES`; a larger file is cut into pieces of
+    that size, in order, each in a group of its own."""
+    groups: list[list[Piece]] = []
+    current: list[Piece] = []
     size = 0
     for rel in files:
         try:
-            weight = (folder / rel).stat().st_size + 1024
+            length = (folder / rel).stat().st_size
         except OSError:
             continue
-        if current and size + weight > PART_BYTES:
-            groups.append(current)
-            current, size = [], 0
-        current.append(rel)
-        size += weight
+        offset = 0
+        while True:
+            piece = min(length - offset, PART_BYTES)
+            weight = piece + 1024
+            if current and size + weight > PART_BYTES:
+                groups.append(current)
+                current, size = [], 0
+            current.append((rel, offset, piece))
+            size += weight
+            offset += piece
+            if offset >= length:
+                break
     if current:
         groups.append(current)
     return groups
