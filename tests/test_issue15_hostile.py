@@ -204,3 +204,33 @@ def test_a_large_file_is_sent_to_the_sandbox_in_pieces_of_the_part_size(tmp_path
                 assert (where / "tk_large" / "__init__.py").exists()
         finally:
             store.close()
+
+
+# -- the workspace never is the folder the kernel imports from ------------------------------------
+PLANT = ("%%tier sandbox\n"
+         "open('/workspace/tk_planted.py', 'w').write(\n"
+         "    \"import os\\nos.environ['TK_PLANTED'] = 'ran on the host'\\n\")")
+PLANTED_RAN = ("import os\ntry:\n    import tk_planted\nexcept ImportError:\n    pass\n"
+               "os.environ.get('TK_PLANTED', 'not run')")
+
+
+def test_a_file_workspace_in_the_kernels_import_folder_is_refused(tmp_path: Path):
+    sb.need_sandbox()
+    # A project folder used as the notebook's folder and as the workspace (data files next to
+    # the notebook): python -m tierkernel imports modules from it, so a sandbox cell that
+    # writes a module there would have the kernel run it at the next import of its name.
+    folder = tmp_path / "project"
+    folder.mkdir()
+    session = KernelSession(cwd=str(folder), env=dict(os.environ,
+                                                      TIERKERNEL_FSX_URL=folder.as_uri()))
+    try:
+        planted = session.run(PLANT, timeout=120)
+        ran = session.run(PLANTED_RAN)
+        assert ran.status == "ok", ran.outputs
+        assert ran.result["text/plain"] == "'not run'"
+        assert not (folder / "tk_planted.py").exists()
+        # The sandbox cell said why it has no workspace, and what to do.
+        assert planted.status == "error"
+        assert "imports Python modules from" in planted.error["evalue"], planted.outputs
+    finally:
+        session.close()
