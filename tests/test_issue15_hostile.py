@@ -234,3 +234,29 @@ def test_a_file_workspace_in_the_kernels_import_folder_is_refused(tmp_path: Path
         assert "imports Python modules from" in planted.error["evalue"], planted.outputs
     finally:
         session.close()
+
+
+def test_installs_never_fetched_are_not_kept_without_end(tmp_path: Path):
+    root = tmp_path / "index"
+    build = tmp_path / "build"
+    build.mkdir()
+    publish(root, make_wheel(build, "tk-loop", "1.0", {"tk_loop/__init__.py": ""}))
+    with serve(root) as (url, _):
+        store = packages.PackageStore(
+            packages.Packages(index_url=f"{url}/simple", cache_dir=""),
+            packages.Target("sandbox", False))
+        try:
+            # The guest says it has nothing, so each install sends everything again, and it
+            # never fetches: each answer is a list of parts the host would keep for an hour.
+            tokens = []
+            for _ in range(packages.MAX_PENDING + 4):
+                answer = store.handle({"op": "install", "argv": ["tk-loop"], "python": "3.11",
+                                       "installed": {}}, None, None)
+                assert answer["ok"], answer
+                tokens.append(answer["value"]["token"])
+            fetched = [store.handle({"op": "fetch", "token": token, "part": 0}, None, None)
+                       for token in tokens]
+            assert [f["ok"] for f in fetched] == (
+                [False] * 4 + [True] * packages.MAX_PENDING), fetched
+        finally:
+            store.close()

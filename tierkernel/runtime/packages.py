@@ -76,6 +76,8 @@ PART_BYTES = 4 << 20
 OFFSET_HEADER = "TIERKERNEL.offset"
 #: The most distributions a guest may report as installed (a stub folder each, on the host).
 MAX_REPORTED = 5000
+#: Installs whose parts a sandbox guest may still fetch (the newest are kept).
+MAX_PENDING = 8
 #: The longest project page read to explain a refusal (native-only wheels).
 MAX_PAGE_BYTES = 4 << 20
 
@@ -340,8 +342,12 @@ class PackageStore:
             token = uuid.uuid4().hex
             groups = _groups(self.folder, [f for inst in written + resend for f in inst.files])
             with self._lock:
-                self._pending = {k: v for k, v in self._pending.items()
-                                 if time.monotonic() - v.created < 3600}
+                # Installs whose parts the guest never fetched are forgotten after an hour,
+                # and past MAX_PENDING the oldest go: a guest that installs in a loop without
+                # fetching must not grow the host's list of parts without end.
+                kept = [(k, v) for k, v in self._pending.items()
+                        if time.monotonic() - v.created < 3600]
+                self._pending = dict(kept[-(MAX_PENDING - 1):])
                 self._pending[token] = _Pending(groups)
             parts = len(groups)
         return {"installed": [{"name": i.name, "version": i.version} for i in written],
