@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -260,3 +261,34 @@ def test_installs_never_fetched_are_not_kept_without_end(tmp_path: Path):
                 [False] * 4 + [True] * packages.MAX_PENDING), fetched
         finally:
             store.close()
+
+
+# -- completion: a wasm query turn that never ends -------------------------------------------------
+def test_a_wasm_completion_that_never_returns_is_stopped_at_its_limit(tmp_path: Path):
+    from tierkernel.backends import wasm_runtime
+
+    if wasm_runtime.runtime_problem() is not None or not wasm_runtime.is_compiled():
+        pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "tierkernel_config.py").write_text("c.WasmBackend.query_time_limit = 3\n")
+    session = KernelSession(env=dict(os.environ, JUPYTER_CONFIG_DIR=str(config)))
+    try:
+        made = session.run("%%tier wasm\nimport IPython\nclass Spin:\n"
+                           "    def __dir__(self):\n        while True:\n            pass\n"
+                           "spin = Spin()", timeout=120)
+        assert made.status == "ok", made.outputs
+        code = "%%tier wasm\nspin."
+        reply = session.kc.complete(code, len(code), reply=True, timeout=30)
+        assert reply["content"]["matches"] == []  # the user's wait ends at the kernel's 1 s
+        # The turn ran on a host thread with no cell's limit watching it: it burned a core
+        # until some later cell's timeout stopped it. Now it is stopped at its own limit
+        # (which ends the session, as any stopped wasm turn does), and the next cell runs at
+        # once, in a new session, saying why the variables are gone.
+        time.sleep(5)
+        after = session.run("%%tier wasm --timeout 60\n'spin' in dir()", timeout=120)
+        assert after.status == "ok", after.outputs
+        assert after.result["text/plain"] == "False"
+        assert "c.WasmBackend.query_time_limit" in after.stderr, after.outputs
+    finally:
+        session.close()
