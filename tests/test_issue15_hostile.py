@@ -292,3 +292,39 @@ def test_a_wasm_completion_that_never_returns_is_stopped_at_its_limit(tmp_path: 
         assert "c.WasmBackend.query_time_limit" in after.stderr, after.outputs
     finally:
         session.close()
+
+
+def test_a_slow_install_does_not_hold_up_a_new_containers_copy(tmp_path: Path):
+    import socket
+    import threading
+
+    root = tmp_path / "index"
+    build = tmp_path / "build"
+    build.mkdir()
+    publish(root, make_wheel(build, "tk-have", "1.0", {"tk_have/__init__.py": "X = 1\n"}))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepted by the kernel's backlog, never answered
+    try:
+        with serve(root) as (url, _):
+            store = packages.PackageStore(
+                packages.Packages(index_url=f"{url}/simple", cache_dir="", timeout=20),
+                packages.Target("sandbox", False))
+            try:
+                assert _installs(store, "tk-have")["ok"]
+                # A guest's install that takes its whole c.Packages.timeout (an index that
+                # never answers; or a long resolution of many packages)...
+                store.config.index_url = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+                slow = threading.Thread(target=_installs, args=(store, "tk-other"))
+                slow.start()
+                time.sleep(1)
+                # ... while the container is replaced: its copy of the packages is made
+                # now, not once the install gives up.
+                parts = list(store.parts())
+                assert slow.is_alive()
+                assert len(parts) == 1
+                slow.join(60)
+            finally:
+                store.close()
+    finally:
+        silent.close()

@@ -251,7 +251,10 @@ class PackageStore:
         self._files = 0
         self._bytes = 0
         self._pending: dict[str, _Pending] = {}
+        #: Guards the store's state (what is installed, the counts, the pending parts).
         self._lock = threading.Lock()
+        #: Held through one whole install (see _install).
+        self._install_lock = threading.Lock()
 
     # -- requests ---------------------------------------------------------------------------
     def handle(self, args: Any, audit: AuditLog | None, execution_id: str | None) -> dict[str, Any]:
@@ -323,19 +326,24 @@ class PackageStore:
                                "ValueError")
         installed = _reported(args.get("installed"))
         deadline = time.monotonic() + self.config.timeout
-        with self._lock, tempfile.TemporaryDirectory(prefix="tierkernel-pip-") as work:
-            # Ours count as installed whatever the guest says; those it does not have (a copy
-            # that an interrupted cell left unfinished) are sent again with this install.
-            resend = [inst for key, inst in self._installed.items()
-                      if installed.get(key) != (inst.name, inst.version)]
-            for inst in self._installed.values():
-                installed[normalize(inst.name)] = (inst.name, inst.version)
+        # One install at a time, under its own lock: resolving and downloading may take
+        # c.Packages.timeout, and the store's state lock must stay free meanwhile (a new
+        # container's copy of the packages, a fetch of another install's parts).
+        with self._install_lock, tempfile.TemporaryDirectory(prefix="tierkernel-pip-") as work:
+            with self._lock:
+                # Ours count as installed whatever the guest says; those it does not have (a
+                # copy an interrupted cell left unfinished) are sent again with this install.
+                resend = [inst for key, inst in self._installed.items()
+                          if installed.get(key) != (inst.name, inst.version)]
+                for inst in self._installed.values():
+                    installed[normalize(inst.name)] = (inst.name, inst.version)
             plan = self._resolve(Path(work), requirements, flags, python, installed, deadline)
             wheels, downloaded, wheel_bytes = (self._download(Path(work), plan, deadline)
                                                if plan else ([], 0, 0))
             written = self._unpack_all(Path(work), wheels)
-        resend = [inst for inst in resend if inst not in written
-                  and self._installed.get(normalize(inst.name)) is inst]
+        with self._lock:
+            resend = [inst for inst in resend if inst not in written
+                      and self._installed.get(normalize(inst.name)) is inst]
         message = "" if plan else "Requirement already satisfied: " + ", ".join(requirements)
         token, parts = None, 0
         if not self.target.pure_only and (written or resend):
@@ -592,6 +600,12 @@ class PackageStore:
             files_left -= len(files) + folders
             bytes_left -= size
             result.append(_Installed(name, version, files, folders))
+        with self._lock:
+            self._move_in(staging, result)
+        return result
+
+    def _move_in(self, staging: Path, result: list[_Installed]) -> None:
+        """Replace older versions of ``result`` by what is staged (under the state lock)."""
         # Replaced versions go first (their files, as this store wrote them).
         for inst in result:
             old = self._installed.pop(normalize(inst.name), None)
@@ -617,7 +631,6 @@ class PackageStore:
                     f"({exc.strerror or exc}); it was not installed", "ValueError") from None
             self._files += len(inst.files) + inst.folders
             self._installed[normalize(inst.name)] = inst
-        return result
 
     def _remove(self, inst: _Installed) -> None:
         for rel in inst.files:
