@@ -578,6 +578,12 @@ class AgentSession:
             self._cell = None
             # The agent read this cell's request, so it is done with any query sent before.
             self._query_outstanding = None
+            waiting = cell.input_cancel
+        if waiting is not None:
+            # An input request the cell left unanswered (sent, then not waited for) ends with
+            # it: a host thread waiting on, and reading, the stdin channel for a cell that is
+            # over would take the answer meant for the next input() of any tier.
+            waiting.set()
         duration = time.perf_counter() - start
         usage = None
         if self.usage_probe is not None:
@@ -1036,6 +1042,9 @@ class AgentSession:
                               f"input() refused: the cell is being stopped ({cell.stop_detail})"}}
         self._charge(cell, size)  # the prompt is output the user sees
         with self._lock:
+            if cell.done.is_set():  # ended meanwhile: _end has looked for a wait to end
+                return {"error": {"type": "RuntimeError", "message":
+                                  "input() can only be called while its cell runs"}}
             if cell.input_cancel is not None:
                 return {"error": {"type": "RuntimeError", "message":
                                   "input() is already waiting for the user in this cell; "

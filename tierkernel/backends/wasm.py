@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, List, Unicode, default
+from traitlets import Bool, Float, List, Unicode, default
 
 import tierkernel.guest
 from tierkernel.backends import wasm_runtime, wasm_site
@@ -75,6 +75,13 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         help="Modules imported when a session starts (e.g. ['numpy', 'pandas']), so the first "
         "cell that needs them does not wait; costs that time at every session start.",
     ).tag(config=True)
+    query_time_limit = Float(
+        30.0, min=0.1,
+        help="Seconds one Tab completion or inspection may run in the wasm interpreter (a turn "
+        "between cells, on a host thread); past it the session is stopped, its state lost "
+        "(an object whose __dir__ or __getattr__ never returns), and the next wasm cell says "
+        "so.",
+    ).tag(config=True)
     warm_start = Bool(
         help="Open the wasm session in the background when the kernel starts. Defaults to "
         "True when the runtime is already compiled (see 'tierkernel warm'), so a kernel never "
@@ -102,6 +109,8 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         self._provider: FsxMountProvider | None = None
         #: What %pip installed in this kernel's wasm tier (made with the first session).
         self._packages: packages.PackageStore | None = None
+        #: Said at the next cell: why the session it would have used had ended.
+        self._ended_note = ""
 
     # -- contract ------------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -136,6 +145,9 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         """Run the cell in the session (opening or re-opening it first as needed)."""
         started = time.perf_counter()
         wanted = int(request.options.get("memory") or self.memory)
+        ended, self._ended_note = self._ended_note, ""
+        if ended:
+            sink.stream("stderr", ended)
         if (self._live() and wanted != self._agent_memory
                 and wanted != self.memory):
             old = format_size(self._agent_memory or 0)
@@ -223,6 +235,14 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
             if self._live():
                 assert self._agent is not None
                 return self._agent
+            ended = self._agent
+            if ended is not None:
+                # It ended between cells (a completion past its time limit): the next cell
+                # says why its variables are gone.
+                self._drop_agent()
+                self._ended_note = ("tierkernel: the wasm session had ended since the last "
+                                    f"cell ({ended.transport.exit_detail()}); a new one "
+                                    "started, without its variables.\n")
             memory = memory or self.memory
             opening = self._opening
             if opening is None or opening.done():
@@ -321,6 +341,7 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
              "site": wasm_site.GUEST_SITE if site is not None else None,
              "packages": packages.WASM_SITE, "files": files},
         )
+        transport.query_time_limit = self.query_time_limit
         agent = AgentSession(
             transport,
             tier=self.name,

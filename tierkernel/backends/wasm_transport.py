@@ -115,6 +115,9 @@ class WasmTransport:
         self._held_done: dict[str, Any] | None = None
         #: Whether the running query turn's answer came (see _query_turn).
         self._answered = False
+        #: Seconds a query turn may run (c.WasmBackend.query_time_limit): it runs on a host
+        #: thread, and no cell's time limit watches it.
+        self.query_time_limit = 30.0
         self._decoders = {
             name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")
         }
@@ -313,15 +316,18 @@ class WasmTransport:
         self._cell_id = None
         self._answered = False
         code = f"__import__('wasm_agent').query({line.decode('utf-8')!r})"
+        overran = (f"a Tab completion or inspection ran longer than {self.query_time_limit:g} s "
+                   "(c.WasmBackend.query_time_limit; an object whose __dir__ or __getattr__ "
+                   "does not return?), so the session was stopped")
         try:
-            self._session.run(code, deadline_s=None, cancel=self._cancel)
+            self._session.run(code, deadline_s=self.query_time_limit, cancel=self._cancel)
         except SessionEnded as exc:
-            self._end(_why_ended(str(exc)))
+            self._end(overran if str(exc) == "deadline" else _why_ended(str(exc)))
             return
         self._flush_decoders()
         ended = self._session.ended
         if ended is not None:
-            self._end(_why_ended(ended))
+            self._end(overran if ended == "deadline" else _why_ended(ended))
         elif not self._answered:
             kind = "completed" if msg.get("type") == "complete" else "inspected"
             self._lines.put({"type": kind, "seq": msg.get("seq"), "matches": [],

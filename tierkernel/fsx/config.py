@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import site
 import sys
@@ -109,11 +110,25 @@ def host_state() -> list[tuple[str, Path]]:
     return places
 
 
+def _import_folders() -> list[tuple[str, Path]]:
+    """The folders this process imports modules from (``python -m tierkernel`` puts its
+    starting folder, the notebook's, first): a module a cell of any tier writes there would be
+    run by the kernel at its next ``import`` of that name (``import pandas`` in a native
+    cell). Not host state for the notebook folder's view, which is read-only."""
+    folders = []
+    for entry in sys.path:
+        with contextlib.suppress(OSError):
+            folders.append(("a folder the kernel imports Python modules from (sys.path; the "
+                            "kernel's starting folder is one)", Path(entry or os.getcwd())))
+    return folders
+
+
 def refuse_host_state(url: str, root: Path) -> None:
     """Raise :class:`FsxConfigError` when the ``file://`` workspace at ``root`` is, or holds,
-    one of :func:`host_state`'s places (symlinks resolved on both sides)."""
+    one of :func:`host_state`'s places or a folder on the kernel's ``sys.path`` (symlinks
+    resolved on both sides)."""
     top = Path(os.path.realpath(root))
-    for what, place in host_state():
+    for what, place in [*host_state(), *_import_folders()]:
         where = Path(os.path.realpath(place))
         if where == top or top in where.parents:
             raise FsxConfigError(

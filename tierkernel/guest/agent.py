@@ -1428,6 +1428,17 @@ def unpack_workspace(root: str, data: Any, delete: list[str]) -> None:
                 else {}  # the host made it; newer Pythons would otherwise rewrite modes
             for member in tar:
                 target = os.path.join(root, member.name)
+                offset = member.pax_headers.get("TIERKERNEL.offset")
+                if offset is not None and member.isfile():
+                    # A later piece of a large %pip file: written into the file the earlier
+                    # pieces began (never through a link), at its offset.
+                    source = tar.extractfile(member)
+                    if source is None or os.path.islink(target):
+                        continue
+                    with open(target, "r+b") as out:
+                        out.seek(int(offset))
+                        shutil.copyfileobj(source, out)
+                    continue
                 real_dir = os.path.isdir(target) and not os.path.islink(target)
                 if member.isdir() and real_dir:
                     pass  # kept, as tar keeps an existing folder

@@ -156,8 +156,14 @@ def installed() -> dict[str, str]:
     return found
 
 
+#: The PAX header of a piece of a large file (see runtime/packages.py's OFFSET_HEADER): it is
+#: written at that offset into the file the earlier pieces began.
+OFFSET_HEADER = "TIERKERNEL.offset"
+
+
 def unpack(root: str, data: bytes) -> None:
-    """Extract one part (a tar of regular files the host made) into ``root``."""
+    """Extract one part (a tar of regular files the host made, or pieces of them) into
+    ``root``."""
     import tarfile
 
     real = os.path.realpath(root)
@@ -170,9 +176,15 @@ def unpack(root: str, data: bytes) -> None:
             source = tar.extractfile(member)
             if source is None:
                 continue
-            if os.path.lexists(target):
-                os.unlink(target)
-            with open(target, "wb") as out:
+            offset = int(member.pax_headers.get(OFFSET_HEADER, "0"))
+            if offset:
+                out = open(target, "r+b")  # noqa: SIM115 - closed below
+                out.seek(offset)
+            else:
+                if os.path.lexists(target):
+                    os.unlink(target)
+                out = open(target, "w+b")  # noqa: SIM115 - closed below
+            with out:
                 while chunk := source.read(1 << 16):
                     out.write(chunk)
 

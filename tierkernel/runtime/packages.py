@@ -67,10 +67,17 @@ log = logging.getLogger(__name__)
 SANDBOX_SITE = "/tmp/tierkernel-site"
 #: Where the wasm session mounts the kernel's package folder (read-only).
 WASM_SITE = "/packages"
-#: Bytes of files per part sent to a sandbox guest (one helper answer, or one unpack request).
+#: Bytes of files per part sent to a sandbox guest (one helper answer, or one unpack request);
+#: a larger file is sent in pieces of this size, so no part (nor the host's copies of it while
+#: it is encoded and sent) grows with the largest file a wheel holds.
 PART_BYTES = 4 << 20
+#: The PAX header of a piece of a file that does not start at its beginning: the offset at
+#: which the guest writes it into the file the earlier pieces began.
+OFFSET_HEADER = "TIERKERNEL.offset"
 #: The most distributions a guest may report as installed (a stub folder each, on the host).
 MAX_REPORTED = 5000
+#: Installs whose parts a sandbox guest may still fetch (the newest are kept).
+MAX_PENDING = 8
 #: The longest project page read to explain a refusal (native-only wheels).
 MAX_PAGE_BYTES = 4 << 20
 
@@ -131,7 +138,8 @@ class Packages(LoggingConfigurable):
     ).tag(config=True)
     max_files = Int(
         50_000, min=1,
-        help="Unpacked files all %pip installs of one kernel may hold, per tier.",
+        help="Unpacked files and folders all %pip installs of one kernel may hold, per tier "
+        "(a folder counts once for each package that has files in it).",
     ).tag(config=True)
     timeout = Float(
         300.0, min=1.0,
@@ -213,11 +221,17 @@ class _Installed:
     name: str
     version: str
     files: list[str]  # relative to the store's folder
+    #: Folders its files are in, counted against c.Packages.max_files with them.
+    folders: int = 0
+
+
+#: One piece of a file in a part: (path relative to the store's folder, offset, length).
+Piece = tuple[str, int, int]
 
 
 @dataclass
 class _Pending:
-    parts: list[list[str]]
+    parts: list[list[Piece]]
     created: float = field(default_factory=time.monotonic)
 
 
@@ -237,7 +251,10 @@ class PackageStore:
         self._files = 0
         self._bytes = 0
         self._pending: dict[str, _Pending] = {}
+        #: Guards the store's state (what is installed, the counts, the pending parts).
         self._lock = threading.Lock()
+        #: Held through one whole install (see _install).
+        self._install_lock = threading.Lock()
 
     # -- requests ---------------------------------------------------------------------------
     def handle(self, args: Any, audit: AuditLog | None, execution_id: str | None) -> dict[str, Any]:
@@ -282,12 +299,14 @@ class PackageStore:
                     "pip", target, allowed, ok, error_text, started,
                     round((time.perf_counter() - clock) * 1000, 3), size))
 
-    def parts(self) -> list[bytes]:
+    def parts(self) -> Iterator[bytes]:
         """Every file the store holds, as tar archives of about :data:`PART_BYTES` each (for
-        a new sandbox container)."""
+        a new sandbox container), made one at a time as they are taken."""
         with self._lock:
             files = [f for inst in self._installed.values() for f in inst.files]
-        return [self._tar(group) for group in _groups(self.folder, files)]
+            groups = _groups(self.folder, files)
+        for group in groups:
+            yield self._tar(group)
 
     def close(self) -> None:
         """Remove the folder (the backend shuts down)."""
@@ -307,27 +326,36 @@ class PackageStore:
                                "ValueError")
         installed = _reported(args.get("installed"))
         deadline = time.monotonic() + self.config.timeout
-        with self._lock, tempfile.TemporaryDirectory(prefix="tierkernel-pip-") as work:
-            # Ours count as installed whatever the guest says; those it does not have (a copy
-            # that an interrupted cell left unfinished) are sent again with this install.
-            resend = [inst for key, inst in self._installed.items()
-                      if installed.get(key) != (inst.name, inst.version)]
-            for inst in self._installed.values():
-                installed[normalize(inst.name)] = (inst.name, inst.version)
+        # One install at a time, under its own lock: resolving and downloading may take
+        # c.Packages.timeout, and the store's state lock must stay free meanwhile (a new
+        # container's copy of the packages, a fetch of another install's parts).
+        with self._install_lock, tempfile.TemporaryDirectory(prefix="tierkernel-pip-") as work:
+            with self._lock:
+                # Ours count as installed whatever the guest says; those it does not have (a
+                # copy an interrupted cell left unfinished) are sent again with this install.
+                resend = [inst for key, inst in self._installed.items()
+                          if installed.get(key) != (inst.name, inst.version)]
+                for inst in self._installed.values():
+                    installed[normalize(inst.name)] = (inst.name, inst.version)
             plan = self._resolve(Path(work), requirements, flags, python, installed, deadline)
             wheels, downloaded, wheel_bytes = (self._download(Path(work), plan, deadline)
                                                if plan else ([], 0, 0))
             written = self._unpack_all(Path(work), wheels)
-        resend = [inst for inst in resend if inst not in written
-                  and self._installed.get(normalize(inst.name)) is inst]
+        with self._lock:
+            resend = [inst for inst in resend if inst not in written
+                      and self._installed.get(normalize(inst.name)) is inst]
         message = "" if plan else "Requirement already satisfied: " + ", ".join(requirements)
         token, parts = None, 0
         if not self.target.pure_only and (written or resend):
             token = uuid.uuid4().hex
             groups = _groups(self.folder, [f for inst in written + resend for f in inst.files])
             with self._lock:
-                self._pending = {k: v for k, v in self._pending.items()
-                                 if time.monotonic() - v.created < 3600}
+                # Installs whose parts the guest never fetched are forgotten after an hour,
+                # and past MAX_PENDING the oldest go: a guest that installs in a loop without
+                # fetching must not grow the host's list of parts without end.
+                kept = [(k, v) for k, v in self._pending.items()
+                        if time.monotonic() - v.created < 3600]
+                self._pending = dict(kept[-(MAX_PENDING - 1):])
                 self._pending[token] = _Pending(groups)
             parts = len(groups)
         return {"installed": [{"name": i.name, "version": i.version} for i in written],
@@ -568,24 +596,41 @@ class PackageStore:
         for item, path in wheels:
             meta = item.get("metadata") or {}
             name, version = str(meta.get("name", "")), str(meta.get("version", ""))
-            files, size = _unpack(path, staging, files_left, bytes_left)
-            files_left -= len(files)
+            files, folders, size = _unpack(path, staging, files_left, bytes_left)
+            files_left -= len(files) + folders
             bytes_left -= size
-            result.append(_Installed(name, version, files))
+            result.append(_Installed(name, version, files, folders))
+        with self._lock:
+            self._move_in(staging, result)
+        return result
+
+    def _move_in(self, staging: Path, result: list[_Installed]) -> None:
+        """Replace older versions of ``result`` by what is staged (under the state lock)."""
         # Replaced versions go first (their files, as this store wrote them).
         for inst in result:
             old = self._installed.pop(normalize(inst.name), None)
             if old is not None:
                 self._remove(old)
         for inst in result:
-            for rel in inst.files:
-                source, target = staging / rel, self.folder / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
-                self._bytes += target.stat().st_size
-            self._files += len(inst.files)
+            # A package whose file clashes with another's (a file where the other has a
+            # folder, the same file in two wheels of one install) is taken out again, so no
+            # file is left in the folder that the store does not count and cannot remove.
+            moved = _Installed(inst.name, inst.version, [], inst.folders)
+            try:
+                for rel in inst.files:
+                    source, target = staging / rel, self.folder / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(source, target)
+                    moved.files.append(rel)
+                    self._bytes += target.stat().st_size
+            except OSError as exc:
+                self._files += len(moved.files) + moved.folders
+                self._remove(moved)
+                raise PackageError(
+                    f"{inst.name} {inst.version}: a file of it clashes with another package's "
+                    f"({exc.strerror or exc}); it was not installed", "ValueError") from None
+            self._files += len(inst.files) + inst.folders
             self._installed[normalize(inst.name)] = inst
-        return result
 
     def _remove(self, inst: _Installed) -> None:
         for rel in inst.files:
@@ -597,6 +642,7 @@ class PackageStore:
         for rel in _folders(inst.files):
             with contextlib.suppress(OSError):
                 (self.folder / rel).rmdir()  # only when empty
+        self._files -= inst.folders
 
     # -- fetch and uninstall ----------------------------------------------------------------
     def _fetch(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -612,18 +658,22 @@ class PackageStore:
             data = self._tar(group)
         return {"data": base64.b64encode(data).decode("ascii")}
 
-    def _tar(self, files: list[str]) -> bytes:
+    def _tar(self, pieces: list[Piece]) -> bytes:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for rel in files:
+            for rel, offset, length in pieces:
                 path = self.folder / rel
-                if path.is_file():
-                    info = tar.gettarinfo(str(path), arcname=rel)
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    info.mode = 0o644
-                    with path.open("rb") as handle:
-                        tar.addfile(info, handle)
+                if not path.is_file():
+                    continue
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read(length)
+                    info = tarfile.TarInfo(rel)
+                    info.size, info.mode = len(data), 0o644
+                    info.mtime = os.fstat(handle.fileno()).st_mtime
+                if offset:
+                    info.pax_headers = {OFFSET_HEADER: str(offset)}
+                tar.addfile(info, io.BytesIO(data))
         return buffer.getvalue()
 
     def _uninstall(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -748,10 +798,15 @@ def _safe_member(name: str) -> str | None:
     return "/".join(parts)
 
 
-def _unpack(wheel: Path, into: Path, files_left: int, bytes_left: int) -> tuple[list[str], int]:
-    """Extract ``wheel`` into ``into``: (the files written, relative; their bytes). Counts
-    what it writes, never what the archive says."""
+def _unpack(wheel: Path, into: Path, files_left: int,
+            bytes_left: int) -> tuple[list[str], int, int]:
+    """Extract ``wheel`` into ``into``: (the files written, relative; the folders made for
+    them; their bytes). Counts what it writes, never what the archive says: a folder is an
+    entry on the host's disk too (a wheel of a few KiB could name files at the end of
+    thousands of folders each)."""
     written: list[str] = []
+    taken: set[str] = set()
+    folders: set[str] = set()
     size = 0
     try:
         with zipfile.ZipFile(wheel) as whl:
@@ -761,10 +816,16 @@ def _unpack(wheel: Path, into: Path, files_left: int, bytes_left: int) -> tuple[
                 rel = _safe_member(info.filename)
                 if rel is None:
                     continue
-                if len(written) >= files_left:
+                if rel in taken:
+                    raise PackageError(f"{wheel.name} holds {rel[:200]!r} twice; nothing was "
+                                       "installed", "ValueError")
+                taken.add(rel)
+                new = {str(p) for p in PurePosixPath(rel).parents if str(p) != "."} - folders
+                if len(written) + len(folders) + len(new) >= files_left:
                     raise PackageError(
-                        "the packages would hold more files than this kernel's limit "
-                        "(c.Packages.max_files)", "ValueError")
+                        "the packages would hold more files and folders than this kernel's "
+                        "limit (c.Packages.max_files)", "ValueError")
+                folders |= new
                 target = into / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with whl.open(info) as source, target.open("wb") as out:
@@ -785,24 +846,32 @@ def _unpack(wheel: Path, into: Path, files_left: int, bytes_left: int) -> tuple[
                 written.append(installer)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise PackageError(f"{wheel.name} is not a readable wheel: {exc}", "ValueError") from exc
-    return written, size
+    return written, len(folders), size
 
 
-def _groups(folder: Path, files: list[str]) -> list[list[str]]:
-    """``files`` in groups of about :data:`PART_BYTES` (a larger file is a group alone)."""
-    groups: list[list[str]] = []
-    current: list[str] = []
+def _groups(folder: Path, files: list[str]) -> list[list[Piece]]:
+    """``files`` in groups of about :data:`PART_BYTES`; a larger file is cut into pieces of
+    that size, in order, each in a group of its own."""
+    groups: list[list[Piece]] = []
+    current: list[Piece] = []
     size = 0
     for rel in files:
         try:
-            weight = (folder / rel).stat().st_size + 1024
+            length = (folder / rel).stat().st_size
         except OSError:
             continue
-        if current and size + weight > PART_BYTES:
-            groups.append(current)
-            current, size = [], 0
-        current.append(rel)
-        size += weight
+        offset = 0
+        while True:
+            piece = min(length - offset, PART_BYTES)
+            weight = piece + 1024
+            if current and size + weight > PART_BYTES:
+                groups.append(current)
+                current, size = [], 0
+            current.append((rel, offset, piece))
+            size += weight
+            offset += piece
+            if offset >= length:
+                break
     if current:
         groups.append(current)
     return groups
