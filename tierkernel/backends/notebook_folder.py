@@ -12,9 +12,11 @@ in the workspace is tried there (``tierkernel/guest/files.py``); writes go to th
   root there, so the cells' user cannot change it (:meth:`NotebookFolder.scan` picks what).
 
 What a sandboxed tier sees is bounded (convention 9: a huge folder must not make the host copy
-gigabytes): names starting with ``.`` (``.env``, ``.git``, ``.ipynb_checkpoints``) and
-notebooks (``*.ipynb``) are left out, as are links leading out of the folder or to a folder,
-and special files; a sandbox copy takes at most
+gigabytes): names starting with ``.`` (``.env``, ``.git``, ``.ipynb_checkpoints``),
+notebooks (``*.ipynb``), names that usually hold secrets (:data:`SECRET_NAMES`: keys,
+certificates, credentials; untrusted code could read them and send them out through
+``api()``) and other kernels' folders (``tierkernel-*``) are left out, as are links leading
+out of the folder or to a folder, and special files; a sandbox copy takes at most
 ``max_files`` files and ``max_bytes`` bytes (what is left out is listed to the user, and named in
 the hint of a ``FileNotFoundError``), a wasm read at most ``max_bytes`` per file. A folder that
 holds host state (the home folder itself, Jupyter's folders, an installation: see
@@ -26,7 +28,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno as host_errno
+import fnmatch
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterable, Iterator
@@ -219,11 +223,24 @@ def open_regular(path: str) -> Iterator[BinaryIO | None]:
         yield f
 
 
+#: Names (shell patterns, any case) of files and folders that usually hold secrets: never
+#: shown to the tiers, so that a cell reading the notebook's data cannot read these too.
+SECRET_NAMES = (
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.kdbx", "*.ovpn", "*.env",
+    "*.tfstate", "*.tfstate.*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
+    "*credential*", "*secret*", "*password*", "*passwd*", "service-account*.json",
+    "kubeconfig*", "htpasswd", "tierkernel-*",
+)
+_SECRET = re.compile("|".join(fnmatch.translate(p) for p in SECRET_NAMES), re.IGNORECASE)
+
+
 def shown(name: str) -> bool:
     """Whether a file or folder of this name is shown at all: not a hidden one (``.env``,
     ``.git``, ``.ipynb_checkpoints``), nor a notebook (``.ipynb``: not data, and it changes
-    at every save, which would copy the folder again each time)."""
-    return not name.startswith(".") and not name.endswith(".ipynb")
+    at every save, which would copy the folder again each time), nor one whose name says it
+    holds secrets or is another kernel's (:data:`SECRET_NAMES`)."""
+    return (not name.startswith(".") and not name.endswith(".ipynb")
+            and not _SECRET.match(name))
 
 
 def inside(top: str, rel: str) -> str | None:
