@@ -11,6 +11,9 @@ For each tier (process, wasm, sandbox) a fresh kernel is started and, through ju
 - guest cost: the agent's own time per plain cell for the IPython bookkeeping (In/Out/_N),
   measured inside the guest over many calls.
 
+The peer, measured in the same run: the same cells in ``native`` (the kernel's own IPython);
+each tier's plain and magic cells are also printed as a ratio to native's.
+
     .venv/bin/python benchmarks/guest_ipython.py [--rounds 100] [--tiers process wasm sandbox]
 
 Not part of CI: wall-clock numbers are for people, not assertions.
@@ -47,8 +50,8 @@ else:
 """
 
 
-def measure(tier: str, rounds: int) -> dict[str, str]:
-    """The figures of one tier, in a kernel of its own."""
+def measure(tier: str, rounds: int) -> dict[str, float | str]:
+    """The figures of one tier, in a kernel of its own (seconds; the guest cost as text)."""
     km, kc = start_new_kernel(kernel_name="tierkernel")
     try:
         prefix = f"%%tier {tier}\n"
@@ -58,6 +61,9 @@ def measure(tier: str, rounds: int) -> dict[str, str]:
         plain = statistics.median(round_trip(kc, prefix + "1+1") for _ in range(rounds))
         first_magic = round_trip(kc, prefix + "%time 1+1")
         magic = statistics.median(round_trip(kc, prefix + "%time 1+1") for _ in range(rounds))
+        if tier == "native":
+            return {"first": first, "plain": plain, "first magic": first_magic, "magic": magic,
+                    "cost": "n/a"}
         msg_id = kc.execute(prefix + _GUEST_COST)
         cost = "?"
         while True:
@@ -68,9 +74,8 @@ def measure(tier: str, rounds: int) -> dict[str, str]:
                 cost = msg["content"]["text"].strip()
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 break
-        return {"tier": tier, "first cell": f"{first * 1e3:.0f} ms",
-                "plain cell": f"{plain * 1e3:.2f} ms", "first magic": f"{first_magic * 1e3:.0f} ms",
-                "magic cell": f"{magic * 1e3:.2f} ms", "guest In/Out cost": f"{cost} µs"}
+        return {"first": first, "plain": plain, "first magic": first_magic, "magic": magic,
+                "cost": cost}
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
@@ -81,11 +86,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--tiers", nargs="+", default=["process", "wasm", "sandbox"])
     args = parser.parse_args()
-    for tier in args.tiers:
+    peer = measure("native", args.rounds)
+    for tier in ["native", *args.tiers]:
         started = time.perf_counter()
-        row = measure(tier, args.rounds)
-        print("  ".join(f"{key}: {value}" for key, value in row.items()),
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        row = peer if tier == "native" else measure(tier, args.rounds)
+        plain, magic = float(row["plain"]), float(row["magic"])
+        print(f"tier: {tier}  first cell: {float(row['first']) * 1e3:.0f} ms  "
+              f"plain cell: {plain * 1e3:.2f} ms ({plain / float(peer['plain']):.2f}x native)  "
+              f"first magic: {float(row['first magic']) * 1e3:.0f} ms  "
+              f"magic cell: {magic * 1e3:.2f} ms ({magic / float(peer['magic']):.2f}x native)  "
+              f"guest In/Out cost: {row['cost']} µs  ({time.perf_counter() - started:.0f} s)",
+              flush=True)
 
 
 if __name__ == "__main__":
