@@ -320,3 +320,47 @@ def test_folders_of_killed_kernels_are_removed_by_the_next():
         for folder in (dead, alive):
             if folder.exists():
                 shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_the_notebook_folder_shows_in_listings_and_lookups(kernel, tier):
+    """What the notebook's folder has, a cell also finds by looking (os.path.exists, glob,
+    os.listdir, pathlib), as in native; a write into one of its folders goes to the
+    workspace; nothing of it is copied into the workspace by being looked at."""
+    session, folder = kernel
+    out = run(session, tier, "import os, glob, pathlib\n"
+              "print(os.path.exists('data/births.csv'), glob.glob('data/b*.csv'),\n"
+              "      'data' in os.listdir('.'), pathlib.Path('data').is_dir(),\n"
+              "      sorted(p.name for p in pathlib.Path('data').iterdir()\n"
+              "             if p.name.startswith('births')))\n"
+              "if not os.path.exists('data'):\n"
+              "    os.makedirs('data')\n"
+              f"pathlib.Path('data/summary-{tier}.txt').write_text('12')\n"
+              f"print(sorted(n for n in os.listdir('data') if n.startswith(('births', 'summ'))))")
+    assert out.status == "ok", out.outputs
+    assert out.stdout == ("True ['data/births.csv'] True True ['births.csv']\n"
+                          f"['births.csv', 'summary-{tier}.txt']\n")
+    assert not (folder / "data" / f"summary-{tier}.txt").exists()
+    listed = session.run(f"sorted(fs.readdir('/data')), fs.exists('/data/births.csv')")
+    assert listed.result["text/plain"] == f"(['summary-{tier}.txt'], False)", listed.outputs
+    session.run(f"fs.rmdir('/data', recursive=True)")
+
+
+def test_the_process_tier_reads_and_writes_slash_workspace(kernel):
+    """The host has no /workspace; Python's own file functions of a process cell read it as
+    the tier's workspace folder, so code written for the sandboxed tiers runs unchanged."""
+    session, folder = kernel
+    out = run(session, "process", "import os, pandas as pd\n"
+              "os.makedirs('/workspace/abs/deeper', exist_ok=True)\n"
+              "pd.DataFrame({'n': [4, 5]}).to_csv('/workspace/abs/out.csv', index=False)\n"
+              "print(int(pd.read_csv('/workspace/abs/out.csv').n.sum()),\n"
+              "      sorted(os.listdir('/workspace/abs')),\n"
+              "      int(pd.read_csv('/workspace/data/births.csv').births.sum()))\n"
+              "os.chdir('/workspace/abs')\n"
+              "print(os.getcwd() == os.path.join(os.environ['TIERKERNEL_WORKSPACE'], 'abs'))\n"
+              "os.chdir('..')")
+    assert out.status == "ok", out.outputs
+    assert out.stdout == "9 ['deeper', 'out.csv'] 12\nTrue\n"
+    back = session.run("fs.read_file('/abs/out.csv')")
+    assert back.result["text/plain"] == "'n\\n4\\n5\\n'", back.outputs
+    session.run("fs.rmdir('/abs', recursive=True)")

@@ -351,10 +351,11 @@ def folder_mount(top: str, max_file: int) -> Any:
 
 
 def guest_config(workspace: str, view: str, refused: str, scan: Scan | None = None,
-                 view_note: str = "", isolated: bool = True) -> dict[str, Any]:
+                 view_note: str = "", isolated: bool = True, alias: str = "") -> dict[str, Any]:
     """The agent's ``install_files`` config (see ``tierkernel/guest/files.py``);
-    ``isolated``: the tier sees no host files."""
+    ``isolated``: the tier sees no host files; ``alias``: the path cells may also use for
+    ``workspace`` (``/workspace`` in the process tier, whose folder has another name)."""
     left: dict[str, str] = dict(list((scan.left_out if scan else {}).items())[:1000])
     return {"workspace": workspace, "notebook": "" if refused else view,
             "refused": refused, "left_out": left, "view_note": view_note,
-            "isolated": isolated}
+            "isolated": isolated, "alias": alias}

@@ -368,7 +368,8 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         session.install_helpers()
         # Not a boundary: the notebook's folder is read in place, whatever it holds.
         notebook = NotebookFolder(parent=self).folder()
-        session.install_files(guest_config(str(files.folder), notebook, "", isolated=False))
+        session.install_files(guest_config(str(files.folder), notebook, "", isolated=False,
+                                           alias="/workspace"))
         files.watch_agent(transport.pid)
         # Each cell's CPU time and peak memory, read from the agent's /proc entries.
         session.usage_probe = ProcessUsage(transport.pid)

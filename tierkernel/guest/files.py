@@ -14,6 +14,15 @@ guest imports it from the agent's folder), and :func:`install` sets three things
   same relative path (``pd.read_csv('data/births.csv')`` works in every tier as in native);
   writes always go to the workspace. The folder is the kernel's starting folder (the
   process tier reads it in place) or the tier's read-only view of it (``/notebook``).
+  While a cell runs, looking at such a path (``os.stat``, ``os.path.exists``, ``os.listdir``,
+  ``os.scandir``, so ``glob`` and ``pathlib`` too) also finds what the notebook's folder has:
+  a listing of a workspace folder is the union of both, the workspace's names first. The
+  agent's own walks of the workspace (between cells) see the workspace alone.
+- ``/workspace`` in the process tier (config ``alias``): the host has no such folder (making
+  one needs root), so while a cell runs, Python's own file functions (``open``, ``os.stat``,
+  ``os.listdir``, ``os.scandir``, ``os.mkdir``, ``os.remove``, ``os.rename``, ``os.chdir``)
+  read ``/workspace/...`` as the tier's workspace folder. Programs started by the cell
+  (``!cat /workspace/x``) do not: they get ``$TIERKERNEL_WORKSPACE``.
 - A hint on a ``FileNotFoundError`` for a workspace path that is not in the notebook's view
   either: where this tier reads files, and how to make one visible.
 """
@@ -21,6 +30,7 @@ guest imports it from the agent's folder), and :func:`install` sets three things
 from __future__ import annotations
 
 import builtins
+import contextlib
 import io
 import os
 import sys
@@ -206,6 +216,139 @@ class NotebookFiles:
         # The interpreter's own open, also when this is installed again (a new config).
         self._open = getattr(builtins, "__tierkernel_open__", builtins.open)
         builtins.__tierkernel_open__ = self._open  # type: ignore[attr-defined]
+        #: The interpreter's own os functions, kept the same way.
+        self._os: dict[str, Any] = getattr(os, "__tierkernel_os__", None) or {
+            name: getattr(os, name) for name in _OS_NAMES if hasattr(os, name)}
+        os.__tierkernel_os__ = self._os  # type: ignore[attr-defined]
+        #: ``/workspace`` where the tier's workspace folder has another name (process), and
+        #: the host has no ``/workspace`` of its own to hide.
+        alias = str(config.get("alias") or "")
+        self.alias = alias if alias and not os.path.lexists(alias) else ""
+        #: Whether a cell's code is running: only then do paths go to the notebook's folder
+        #: or the alias (set by install()).
+        self.in_cell: Callable[[], bool] = lambda: True
+
+    # -- paths -----------------------------------------------------------------------------
+    def aliased(self, file: Any) -> Any:
+        """``file`` with a leading ``/workspace`` made the workspace folder (process tier,
+        while a cell runs); anything else as it is."""
+        if (not self.alias or not isinstance(file, (str, bytes, os.PathLike))
+                or not self.in_cell()):
+            return file
+        try:
+            path = os.fspath(file)
+            text = os.fsdecode(path)
+        except (TypeError, ValueError):
+            return file
+        if text != self.alias and not text.startswith(self.alias + "/"):
+            return file
+        mapped = self.workspace + text[len(self.alias):]
+        return os.fsencode(mapped) if isinstance(path, bytes) else mapped
+
+    def in_notebook(self, file: Any) -> str | None:
+        """Where ``file`` (a workspace path) is in the notebook's view, while a cell runs;
+        None when there is no such view or ``file`` is not a workspace path."""
+        if not self.notebook or not self.in_cell():
+            return None
+        if isinstance(file, (str, bytes, os.PathLike)) and not isinstance(file, int):
+            try:
+                full = os.path.normpath(os.path.join(os.getcwd(), os.fsdecode(os.fspath(file))))
+            except (TypeError, ValueError):
+                return None
+            if full == self.workspace.rstrip("/"):
+                return self.notebook
+        rel = self.relative(file)
+        return None if rel is None else os.path.join(self.notebook, rel)
+
+    def _retry(self, name: str, path: Any, *args: Any, **kwargs: Any) -> Any:
+        """``os.<name>(path, ...)``, tried in the notebook's view when it misses."""
+        __tracebackhide__ = True
+        call = self._os[name]
+        path = self.aliased(path)
+        try:
+            return call(path, *args, **kwargs)
+        except FileNotFoundError:
+            alt = self.in_notebook(path)
+            if alt is None:
+                raise
+            try:
+                return call(os.fsencode(alt) if isinstance(path, bytes) else alt,
+                            *args, **kwargs)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            raise
+
+    def stat(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        """``os.stat`` over the workspace and, where it misses, the notebook's view."""
+        __tracebackhide__ = True
+        return self._retry("stat", path, *args, **kwargs)
+
+    def lstat(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        """``os.lstat``, as :meth:`stat`."""
+        __tracebackhide__ = True
+        return self._retry("lstat", path, *args, **kwargs)
+
+    def listdir(self, path: Any = ".") -> Any:
+        """``os.listdir``: the workspace folder's names, then those only the notebook's view
+        of the same folder has."""
+        __tracebackhide__ = True
+        listdir = self._os["listdir"]
+        path = self.aliased(path)
+        alt = self.in_notebook(path)
+        try:
+            names = listdir(path)
+        except FileNotFoundError:
+            if alt is None:
+                raise
+            try:
+                return listdir(os.fsencode(alt) if isinstance(path, bytes) else alt)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            raise
+        if alt is None:
+            return names
+        try:
+            more = listdir(os.fsencode(alt) if isinstance(path, bytes) else alt)
+        except OSError:
+            return names
+        seen = set(names)
+        return names + [name for name in more if name not in seen]
+
+    def scandir(self, path: Any = ".") -> Any:
+        """``os.scandir``, as :meth:`listdir` (entries of names the workspace has first)."""
+        __tracebackhide__ = True
+        scandir = self._os["scandir"]
+        path = self.aliased(path)
+        alt = self.in_notebook(path)
+        try:
+            first = scandir(path)
+        except FileNotFoundError:
+            if alt is None:
+                raise
+            try:
+                return scandir(os.fsencode(alt) if isinstance(path, bytes) else alt)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            raise
+        if alt is None:
+            return first
+        try:
+            second = scandir(os.fsencode(alt) if isinstance(path, bytes) else alt)
+        except OSError:
+            return first
+        return _Entries([first, second])
+
+    def _aliased_call(self, name: str) -> Callable[..., Any]:
+        """``os.<name>`` with its path arguments aliased (see :meth:`aliased`)."""
+        call = self._os[name]
+
+        def aliased(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            return call(*(self.aliased(a) for a in args), **kwargs)
+
+        aliased.__name__ = aliased.__qualname__ = name
+        aliased.__doc__ = call.__doc__
+        return aliased
 
     def relative(self, file: Any) -> str | None:
         """``file``'s path relative to the workspace folder, or None when it is not a path
@@ -223,11 +366,15 @@ class NotebookFiles:
 
     def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         """``open``, trying the notebook's folder for a read that misses in the workspace."""
+        __tracebackhide__ = True
+        file = self.aliased(file)
         try:
             return self._open(file, mode, *args, **kwargs)
         except FileNotFoundError:
-            if not self.notebook or any(c in str(mode) for c in "wax+"):
+            if not self.notebook or not self.in_cell():
                 raise
+            if any(c in str(mode) for c in "wax+"):
+                return self._write_beside(file, mode, *args, **kwargs)
             rel = self.relative(file)
             if rel is None:
                 raise
@@ -236,6 +383,24 @@ class NotebookFiles:
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 pass
             raise
+
+    def _write_beside(self, file: Any, mode: str, *args: Any, **kwargs: Any) -> Any:
+        """A write into a folder that only the notebook's view has (listings show it, so a
+        cell does not make it first): the folder is made in the workspace, and the file is
+        written there."""
+        __tracebackhide__ = True
+        rel = self.relative(file)
+        parent = os.path.dirname(rel) if rel else ""
+        if not parent or not os.path.isdir(os.path.join(self.notebook, parent)):
+            return self._open(file, mode, *args, **kwargs)
+        # Folder by folder with the interpreter's own mkdir: os.makedirs would take the
+        # notebook's folders for the workspace's (listings show both) and make none.
+        mkdir, made = self._os["mkdir"], self.workspace
+        for part in parent.split("/"):
+            made = os.path.join(made, part)
+            with contextlib.suppress(FileExistsError):
+                mkdir(made)
+        return self._open(file, mode, *args, **kwargs)
 
     def note(self, exc: BaseException) -> str:
         """The hint for ``exc`` ("" when there is none to give)."""
@@ -287,6 +452,46 @@ class NotebookFiles:
                 "path relative to the notebook, e.g. 'data/file.csv'.")
 
 
+#: The os functions :func:`install` replaces (see NotebookFiles).
+_OS_NAMES = ("stat", "lstat", "listdir", "scandir", "mkdir", "remove", "unlink", "rename",
+             "replace", "rmdir", "chdir")
+
+
+class _Entries:
+    """``os.scandir``'s iterator over two folders: each name once, the first folder's first."""
+
+    def __init__(self, iterators: list[Any]) -> None:
+        self._iterators = iterators
+        self._seen: set[Any] = set()
+
+    def __iter__(self) -> _Entries:
+        return self
+
+    def __next__(self) -> Any:
+        while self._iterators:
+            try:
+                entry = next(self._iterators[0])
+            except StopIteration:
+                self._iterators.pop(0).close()
+                continue
+            if entry.name not in self._seen:
+                self._seen.add(entry.name)
+                return entry
+        raise StopIteration
+
+    def close(self) -> None:
+        """Close both folders' iterators."""
+        for iterator in self._iterators:
+            iterator.close()
+        self._iterators = []
+
+    def __enter__(self) -> _Entries:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def install(agent: Any, config: dict[str, Any]) -> NotebookFiles:
     """Set the tier's interpreter up (see the module): the ``fsx://`` hook, the notebook
     folder's read-only fall-back (``open``), its place on ``sys.path`` after the workspace's,
@@ -299,13 +504,26 @@ def install(agent: Any, config: dict[str, Any]) -> NotebookFiles:
         hook.register(sys.modules["fsspec"])
     else:
         sys.meta_path.insert(0, hook)
-    if files.notebook:
+    # Only while a cell's code runs: the agent's own walks of the workspace, around cells,
+    # must see the workspace alone (or they would copy the notebook's files into it).
+    files.in_cell = lambda: bool(getattr(agent, "in_cell", False))
+    # Installed again (a new config): the interpreter's own functions first.
+    builtins.open = io.open = files._open
+    for name, call in files._os.items():
+        setattr(os, name, call)
+    if files.notebook or files.alias:
         builtins.open = files.open
         io.open = files.open  # pathlib opens through io.open
-        if files.notebook not in sys.path:
-            # After "" (the workspace): the notebook's own modules import as in native; last
-            # where "" is not on the path, so they never hide the standard library.
-            at = sys.path.index("") + 1 if "" in sys.path else len(sys.path)
-            sys.path.insert(at, files.notebook)
+        os.stat, os.lstat = files.stat, files.lstat
+        os.listdir, os.scandir = files.listdir, files.scandir
+    if files.alias:
+        for name in ("mkdir", "remove", "unlink", "rename", "replace", "rmdir", "chdir"):
+            if name in files._os:
+                setattr(os, name, files._aliased_call(name))
+    if files.notebook and files.notebook not in sys.path:
+        # After "" (the workspace): the notebook's own modules import as in native; last
+        # where "" is not on the path, so they never hide the standard library.
+        at = sys.path.index("") + 1 if "" in sys.path else len(sys.path)
+        sys.path.insert(at, files.notebook)
     agent.error_note = files.note
     return files
