@@ -268,7 +268,8 @@ class NotebookFiles:
         try:
             return call(path, *args, **kwargs)
         except FileNotFoundError:
-            alt = self.in_notebook(path)
+            # A name relative to another folder (dir_fd) is not the workspace's.
+            alt = None if kwargs.get("dir_fd") is not None else self.in_notebook(path)
             if alt is None:
                 raise
             try:
@@ -520,6 +521,16 @@ def install(agent: Any, config: dict[str, Any]) -> NotebookFiles:
         for name in ("mkdir", "remove", "unlink", "rename", "replace", "rmdir", "chdir"):
             if name in files._os:
                 setattr(os, name, files._aliased_call(name))
+    # What the originals support, the replacements pass on (shutil.rmtree and friends ask).
+    for name, original in files._os.items():
+        replacement = getattr(os, name)
+        if replacement is not original:
+            supported: set[Any]
+            for supported in (getattr(os, kind, set()) for kind in (
+                    "supports_dir_fd", "supports_fd", "supports_follow_symlinks",
+                    "supports_effective_ids")):
+                if original in supported:
+                    supported.add(replacement)
     if files.notebook and files.notebook not in sys.path:
         # After "" (the workspace): the notebook's own modules import as in native; last
         # where "" is not on the path, so they never hide the standard library.
