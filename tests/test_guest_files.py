@@ -341,9 +341,9 @@ def test_the_notebook_folder_shows_in_listings_and_lookups(kernel, tier):
     assert out.stdout == ("True ['data/births.csv'] True True ['births.csv']\n"
                           f"['births.csv', 'summary-{tier}.txt']\n")
     assert not (folder / "data" / f"summary-{tier}.txt").exists()
-    listed = session.run(f"sorted(fs.readdir('/data')), fs.exists('/data/births.csv')")
+    listed = session.run("sorted(fs.readdir('/data')), fs.exists('/data/births.csv')")
     assert listed.result["text/plain"] == f"(['summary-{tier}.txt'], False)", listed.outputs
-    session.run(f"fs.rmdir('/data', recursive=True)")
+    session.run("fs.rmdir('/data', recursive=True)")
 
 
 def test_the_process_tier_reads_and_writes_slash_workspace(kernel):
@@ -363,4 +363,5 @@ def test_the_process_tier_reads_and_writes_slash_workspace(kernel):
     assert out.stdout == "9 ['deeper', 'out.csv'] 12\nTrue\n"
     back = session.run("fs.read_file('/abs/out.csv')")
     assert back.result["text/plain"] == "'n\\n4\\n5\\n'", back.outputs
+    assert not (folder / "abs").exists()
     session.run("fs.rmdir('/abs', recursive=True)")
