@@ -1138,7 +1138,11 @@ class Agent:
             self._capture_fd(fd, name)
 
     def _capture_fd(self, fd: int, name: str) -> None:
-        read_end, write_end = os.pipe()
+        read_end, write_end = _pipe_above_stdio()
+        old = self._fd_readers.get(name)
+        if old is not None:
+            # Its number may be given to another descriptor from now on: it must not read it.
+            old.retired = True
         os.dup2(write_end, fd)
         self._fd_saved[fd] = write_end
         self._fd_pipes[fd] = _fd_identity(write_end)
@@ -1209,6 +1213,8 @@ class _FdPump(threading.Thread):
         self._drained = threading.Event()
         self._token = ""
         self._seq = 0
+        #: Set when a new pipe and pump replace this one (see Agent._capture_fd).
+        self.retired = False
         #: Held while a chunk is read and forwarded: with it, the pipe's fill level tells
         #: whether anything written so far is still on its way (see drain()).
         self._lock = threading.Lock()
@@ -1225,6 +1231,8 @@ class _FdPump(threading.Thread):
                 continue
             except (OSError, ValueError):  # a cell closed the read end: restore_streams
                 return                     # makes a new pipe and pump
+            if self.retired:
+                return
             with self._lock:
                 try:
                     chunk = os.read(self.fd, 65536)
@@ -1266,6 +1274,22 @@ class _FdPump(threading.Thread):
         except OSError:
             return
         self._drained.wait(timeout)
+
+
+def _pipe_above_stdio() -> tuple[int, int]:
+    """``os.pipe()``, with both ends numbered 3 or more: a cell that closed fd 1 or 2 frees
+    those numbers, and a capture pipe's end given one of them would be overwritten by the
+    ``dup2`` onto 1 or 2 (a pipe with no reader: the next write fails, EPIPE)."""
+    import fcntl
+
+    ends = []
+    for end in os.pipe():
+        if end < 3:
+            moved = fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(end)
+            end = moved
+        ends.append(end)
+    return ends[0], ends[1]
 
 
 def _fd_identity(fd: int) -> tuple[int, int] | None:
