@@ -1174,16 +1174,25 @@ class Agent:
         self._restore_fds()
 
     def _restore_fds(self) -> None:
+        broken = []
         for fd, name in ((1, "stdout"), (2, "stderr")):
             if fd not in self._fd_saved:
                 continue
             with contextlib.suppress(OSError):
                 if self._capture_intact(fd, name):
                     os.dup2(self._fd_saved[fd], fd)
-                else:
-                    # A new pipe and pump; the old pump, if it still runs, ends at its EOF.
-                    # The broken numbers are the cell's now: never closed here.
-                    self._capture_fd(fd, name)
+                    continue
+            broken.append((fd, name))
+            # Retired before any new pipe is made: a new pipe may take the number an old
+            # pump still waits on, and that pump must not read it.
+            old = self._fd_readers.get(name)
+            if old is not None:
+                old.retired = True
+        for fd, name in broken:
+            with contextlib.suppress(OSError):
+                # A new pipe and pump; the old pump, if it still runs, ends at its EOF.
+                # The broken numbers are the cell's now: never closed here.
+                self._capture_fd(fd, name)
 
     def _drain_fds(self) -> None:
         for pump in self._fd_readers.values():
@@ -1234,6 +1243,8 @@ class _FdPump(threading.Thread):
             if self.retired:
                 return
             with self._lock:
+                if self.retired:
+                    return
                 try:
                     chunk = os.read(self.fd, 65536)
                 except InterruptedError:
