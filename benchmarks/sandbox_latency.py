@@ -4,7 +4,7 @@ For each runtime (runc, and runsc where the engine has it):
 
 - first sandbox cell of a new kernel, sent as soon as the kernel answers: when an earlier kernel
   left a spare container (the usual case after the first kernel on a machine; see
-  tierkernel/backends/sandbox_spares.py), and with no spare (the kernel's head start makes one
+  tierkernel/backends/sandbox/spares.py), and with no spare (the kernel's head start makes one
   while the kernel starts, see sandbox_head_start.py; and with the head start off, the warm
   start creates the container), at once and after a 2 s pause (a person typing); against
   ``docker run --rm IMAGE python3 -c CELL`` (a fresh, equally hardened container per cell);
@@ -41,10 +41,10 @@ from jupyter_client.manager import start_new_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.latency import ensure_specs, round_trip
-from tierkernel.backends import sandbox_spares
-from tierkernel.backends.docker_engine import connect
-from tierkernel.backends.sandbox import remove_spares
-from tierkernel.backends.sandbox_image import image_ref
+from tierkernel.backends.sandbox import spares as sandbox_spares
+from tierkernel.backends.sandbox.backend import remove_spares
+from tierkernel.backends.sandbox.engine import connect
+from tierkernel.backends.sandbox.image import image_ref
 
 STREAM_CELL = "import time\nprint('first', flush=True)\ntime.sleep(0.5)\nprint('second')"
 HARDENING: dict[str, Any] = {

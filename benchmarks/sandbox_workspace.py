@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.latency import ensure_specs, round_trip
 from benchmarks.sandbox_latency import HARDENING
-from tierkernel.backends.docker_engine import connect
-from tierkernel.backends.sandbox_image import image_ref
+from tierkernel.backends.sandbox.engine import connect
+from tierkernel.backends.sandbox.image import image_ref
 from tierkernel.fsx import Fsx
 
 S = "%%tier sandbox\n"

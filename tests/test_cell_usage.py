@@ -13,7 +13,7 @@ import pytest
 
 from tests import sandbox_support
 from tests.kernel_session import KernelSession, Outcome
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 from tierkernel.runtime.audit import AuditLog
 
 TIERS = ["native", "process", "wasm", "sandbox", "sandbox --runtime runsc"]

@@ -21,7 +21,7 @@ import pytest
 
 from tests import sandbox_support
 from tests.kernel_session import KernelSession
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 
 LIMITS = {"output_limit": "1m", "line_limit": "4m", "message_limit": "5000",
           "helper_limit": "200"}

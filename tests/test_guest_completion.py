@@ -20,7 +20,7 @@ import pytest
 from tests.kernel_session import KernelSession
 from tests.test_agent_session import ScriptedAgent, _run
 from tests.tier_support import need_tier
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent.session import AgentSession
 from tierkernel.kernel.completion import guest_request
 
 #: Generous, so that a loaded machine's first answer (IPython made in the guest) is not lost;
@@ -265,7 +265,7 @@ def _eventually(predicate: Any, within: float = 60.0) -> bool:
 class _Router:
     def __init__(self, default: str = "native") -> None:
         from tierkernel.backends.native import NativeBackend
-        from tierkernel.backends.process import ProcessBackend
+        from tierkernel.backends.process.backend import ProcessBackend
 
         native, process = NativeBackend(), ProcessBackend()
         native.name, process.name = "native", "process"
@@ -375,7 +375,7 @@ def test_answers_of_the_wrong_kind_or_seq_are_not_taken():
 
 
 def test_a_guest_answer_is_checked_field_by_field():
-    from tierkernel.backends.guest_query import completion_from, inspection_from
+    from tierkernel.backends.agent.queries import completion_from, inspection_from
 
     good = {"matches": ["ab", 3, "", "x" * 5000, "abc", "abd"], "cursor_start": 0,
             "cursor_end": 2, "metadata": {"huge": "y" * 100}}

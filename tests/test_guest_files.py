@@ -16,7 +16,7 @@ import pytest
 
 from tests.kernel_session import KernelSession
 from tests.tier_support import need_tier
-from tierkernel.backends.process_workspace import PREFIX, HostFolderSync
+from tierkernel.backends.process.workspace import PREFIX, HostFolderSync
 
 TIERS = ["process", "wasm", "sandbox"]
 BIRTHS = "year,births\n2000,5\n2001,7\n"

@@ -15,7 +15,7 @@ import pytest
 from tests import sandbox_support
 from tests.kernel_session import KernelSession
 from tests.package_index import make_wheel, publish, serve
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 from tierkernel.runtime import packages
 
 MiB = 1024 * 1024
@@ -285,8 +285,8 @@ def test_file_count_and_total_size_caps(tmp_path: Path):
 
 # -- custom images: tierkernel image build --apt ... --pip ... ----------------------------------
 def test_a_custom_image_tag_names_the_recipe_and_the_extras(capsys: pytest.CaptureFixture[str]):
-    from tierkernel.backends.sandbox_extras import Extras, ExtrasError
-    from tierkernel.backends.sandbox_image import image_ref, recipe_tag
+    from tierkernel.backends.sandbox.extras import Extras, ExtrasError
+    from tierkernel.backends.sandbox.image import image_ref, recipe_tag
     from tierkernel.cli import main
 
     plain = image_ref()
@@ -310,8 +310,8 @@ def test_a_custom_image_tag_names_the_recipe_and_the_extras(capsys: pytest.Captu
 
 
 def test_the_extra_debian_packages_join_the_recipe_list(tmp_path: Path):
-    from tierkernel.backends.sandbox_extras import Extras
-    from tierkernel.backends.sandbox_image import recipe_dir
+    from tierkernel.backends.sandbox.extras import Extras
+    from tierkernel.backends.sandbox.image import recipe_dir
 
     written = Extras(apt=("python3-statsmodels", "graphviz")).packages_file(
         recipe_dir() / "packages", tmp_path / "packages")
@@ -321,7 +321,7 @@ def test_the_extra_debian_packages_join_the_recipe_list(tmp_path: Path):
 
 def test_wheels_are_installed_into_the_image_root(tmp_path: Path,
                                                   index: tuple[str, list[str]]):
-    from tierkernel.backends.sandbox_extras import Extras
+    from tierkernel.backends.sandbox.extras import Extras
 
     rootfs = tmp_path / "rootfs"
     (rootfs / "usr/lib/python3.11").mkdir(parents=True)
@@ -343,8 +343,8 @@ def test_wheels_are_installed_into_the_image_root(tmp_path: Path,
 
 
 def test_an_image_build_keeps_the_custom_images_of_the_recipe():
-    from tierkernel.backends.docker_engine import IMAGE_REPO
-    from tierkernel.backends.sandbox_image import _remove_stale, recipe_tag
+    from tierkernel.backends.sandbox.engine import IMAGE_REPO
+    from tierkernel.backends.sandbox.image import _remove_stale, recipe_tag
 
     current = f"{IMAGE_REPO}:{recipe_tag()}"
     tags = [current, f"{current}-0123456789ab", f"{IMAGE_REPO}:000000000000",
@@ -455,7 +455,7 @@ def test_a_new_container_that_cannot_take_the_packages_still_runs_cells(
         index: tuple[str, list[str]]):
     """Packages are given to every new container; when that copy fails (its /tmp is full),
     the container is kept and the next cell says what happened and what to do."""
-    from tierkernel.backends.sandbox import SandboxBackend
+    from tierkernel.backends.sandbox.backend import SandboxBackend
 
     backend = SandboxBackend()
     store = backend._package_store()

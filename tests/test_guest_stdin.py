@@ -19,7 +19,7 @@ import pytest
 
 from tests.kernel_session import KernelSession
 from tests.tier_support import need_tier
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent.session import AgentSession
 from tierkernel.backends.base import CellRequest
 
 NO_STDIN = "raw_input was called, but this frontend does not support input requests."

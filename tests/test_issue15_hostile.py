@@ -265,7 +265,7 @@ def test_installs_never_fetched_are_not_kept_without_end(tmp_path: Path):
 
 # -- completion: a wasm query turn that never ends -------------------------------------------------
 def test_a_wasm_completion_that_never_returns_is_stopped_at_its_limit(tmp_path: Path):
-    from tierkernel.backends import wasm_runtime
+    from tierkernel.backends.wasm import runtime as wasm_runtime
 
     if wasm_runtime.runtime_problem() is not None or not wasm_runtime.is_compiled():
         pytest.skip("the wasm runtime is not installed or not compiled: run 'tierkernel warm'")

@@ -17,7 +17,7 @@ import pytest
 
 from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 
 pytestmark = [
     pytest.mark.slow,
@@ -130,9 +130,9 @@ def test_eight_kernels_fifty_mixed_cells_each():
     # on the same engine is not this test's business.)
     assert sb.wait_for(lambda: not any(sb.containers_of(pid) for pid in pids.values()), 60), {
         pid: sb.containers_of(pid) for pid in pids.values()}
-    from tierkernel.backends import sandbox_spares
-    from tierkernel.backends.docker_engine import LABEL_KERNEL, LABEL_OWNER_PID
-    from tierkernel.backends.sandbox import remove_spares
+    from tierkernel.backends.sandbox import spares as sandbox_spares
+    from tierkernel.backends.sandbox.backend import remove_spares
+    from tierkernel.backends.sandbox.engine import LABEL_KERNEL, LABEL_OWNER_PID
 
     for container in sb.client().containers.list(all=True, ignore_removed=True,
                                                  filters={"label": LABEL_KERNEL}):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tierkernel.backends.notebook_folder import FolderMountProvider, NotebookFolder
+from tierkernel.backends.agent.notebook_folder import FolderMountProvider, NotebookFolder
 
 
 @pytest.fixture()

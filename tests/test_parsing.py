@@ -8,8 +8,8 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 from tierkernel.backends.base import format_limit
-from tierkernel.backends.sandbox import SandboxBackend
-from tierkernel.backends.wasm import WasmBackend
+from tierkernel.backends.sandbox.backend import SandboxBackend
+from tierkernel.backends.wasm.backend import WasmBackend
 from tierkernel.magics.options import (
     TierUsageError,
     format_size,

@@ -345,7 +345,7 @@ def test_without_a_subreaper_the_agent_is_the_kernels_child(monkeypatch, caplog)
     its process group killed with it), and the log says what that leaves out."""
     import asyncio
 
-    from tierkernel.backends import process
+    from tierkernel.backends.process import backend as process
 
     monkeypatch.setattr(process, "subreaper_supported", lambda: False)
     backend = process.ProcessBackend()

@@ -15,7 +15,7 @@ import pytest
 from tests import sandbox_support
 from tests.kernel_session import KernelSession
 from tests.servers import OPENAI_KEY
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 
 DB_PASSWORD = "pg-secret-not-for-guests"
 

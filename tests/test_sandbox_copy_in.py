@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tierkernel.backends.sandbox_workspace import Room, WorkspaceSync
+from tierkernel.backends.sandbox.workspace import Room, WorkspaceSync
 from tierkernel.fsx import Fsx
 
 

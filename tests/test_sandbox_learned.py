@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tierkernel.backends import sandbox_learned
-from tierkernel.backends.sandbox_learned import Sources, learn, recall
+from tierkernel.backends.sandbox import learned as sandbox_learned
+from tierkernel.backends.sandbox.learned import Sources, learn, recall
 
 ARGV = ["-f", "/run/kernel-1.json", "--SandboxBackend.runtime=runsc"]
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession
-from tierkernel.backends import sandbox_spares
+from tierkernel.backends.sandbox import spares as sandbox_spares
 
 S = "%%tier sandbox\n"
 CLI = os.path.join(os.path.dirname(sys.executable), "tierkernel")
@@ -33,7 +33,7 @@ def runtime(request: pytest.FixtureRequest) -> Iterator[str]:
     sb.need_sandbox()
     if request.param not in sb.runtimes():
         pytest.skip(f"the engine has no {request.param} runtime (it has {sb.runtimes()})")
-    from tierkernel.backends.sandbox import remove_spares
+    from tierkernel.backends.sandbox.backend import remove_spares
 
     remove_spares(sb.client())
     yield str(request.param)
@@ -231,7 +231,7 @@ def learned_then_changed(runtime: str, cache_home: Path, options: list[str],
     assert entry["values"]["memory"] == 384 * 2**20  # what the kernel ended up with
     entry["values"].update(changes)
     cache.write_text(json.dumps([entry]))
-    from tierkernel.backends.sandbox import remove_spares
+    from tierkernel.backends.sandbox.backend import remove_spares
 
     remove_spares(sb.client())
     return env
@@ -342,7 +342,7 @@ def test_spares_command_lists_and_removes(runtime: str):
 def test_a_folder_label_outside_this_users_folders_is_not_trusted(tmp_path: Path):
     from types import SimpleNamespace
 
-    from tierkernel.backends.sandbox_channel import base_dir, new_folder, remove_folder
+    from tierkernel.backends.sandbox.channel import base_dir, new_folder, remove_folder
 
     victim = tmp_path / "precious"
     victim.mkdir()

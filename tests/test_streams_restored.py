@@ -12,7 +12,7 @@ import pytest
 
 from tests import sandbox_support
 from tests.kernel_session import KernelSession
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 
 TIERS = ["process", "wasm", "sandbox", "sandbox --runtime runsc"]
 

@@ -22,7 +22,7 @@ import pytest
 from nbclient import NotebookClient
 
 from tests import sandbox_support
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 
 SOURCE = Path(__file__).parent / "notebooks" / "teaching"
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from tests.kernel_session import KernelSession
-from tierkernel.backends import wasm_runtime
 from tierkernel.backends.base import CellRequest
-from tierkernel.backends.wasm import WasmBackend
+from tierkernel.backends.wasm import runtime as wasm_runtime
+from tierkernel.backends.wasm.backend import WasmBackend
 
 
 class RecordingSink:

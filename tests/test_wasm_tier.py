@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.kernel_session import KernelSession
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 
 W = "%%tier wasm\n"
 

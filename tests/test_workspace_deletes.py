@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tierkernel.backends.sandbox_workspace import _DELETE
+from tierkernel.backends.sandbox.workspace import _DELETE
 from tierkernel.guest.agent import unpack_workspace
 
 

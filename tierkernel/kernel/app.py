@@ -12,7 +12,7 @@ from jupyter_client.session import Session
 from jupyter_core.paths import jupyter_config_path
 from traitlets import Type, Unicode, default
 
-from tierkernel.backends.notebook_folder import NotebookFolder
+from tierkernel.backends.agent.notebook_folder import NotebookFolder
 from tierkernel.backends.registry import discover
 from tierkernel.fsx import Fsx
 from tierkernel.kernel.kernel import TierKernel
@@ -41,8 +41,8 @@ class TierKernelApp(IPKernelApp):
         """The first step of ``IPKernelApp.initialize`` once the configuration is final:
         begin the sandbox tier's head start here, before the sockets, the shell and the
         event loop exist (the fork it takes must happen while this is the only thread)."""
-        from tierkernel.backends import sandbox_head_start
-        from tierkernel.backends.sandbox_learned import Sources
+        from tierkernel.backends.sandbox import head_start as sandbox_head_start
+        from tierkernel.backends.sandbox.learned import Sources
 
         # Every config file looked for, found or not: the next kernel's head start trusts
         # what this one learned only while none of them has changed (sandbox_learned.py).

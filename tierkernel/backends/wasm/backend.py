@@ -26,8 +26,10 @@ from typing import Any
 from traitlets import Bool, Float, List, Unicode, default
 
 import tierkernel.guest
-from tierkernel.backends import wasm_runtime, wasm_site
-from tierkernel.backends.agent_session import AgentSession, ChannelLimits
+from tierkernel.backends.agent.notebook_folder import GUEST_PATH as NOTEBOOK
+from tierkernel.backends.agent.notebook_folder import NotebookFolder, folder_mount, guest_config
+from tierkernel.backends.agent.queries import AgentQueries
+from tierkernel.backends.agent.session import AgentSession, ChannelLimits
 from tierkernel.backends.base import (
     Availability,
     Backend,
@@ -38,14 +40,13 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
-from tierkernel.backends.guest_query import AgentQueries
-from tierkernel.backends.notebook_folder import GUEST_PATH as NOTEBOOK
-from tierkernel.backends.notebook_folder import NotebookFolder, folder_mount, guest_config
 from tierkernel.backends.usage import human_size
-from tierkernel.backends.wasm_transport import GUEST_DIR, WasmTransport, session_args
+from tierkernel.backends.wasm import runtime as wasm_runtime
+from tierkernel.backends.wasm import site as wasm_site
+from tierkernel.backends.wasm.mount import FsxMountProvider, workspace_mount
+from tierkernel.backends.wasm.transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
-from tierkernel.fsx.wasm_mount import FsxMountProvider, workspace_mount
 from tierkernel.magics.options import MIN_MEMORY, format_size
 from tierkernel.runtime import packages
 

@@ -1,4 +1,4 @@
-"""An :class:`~tierkernel.backends.agent_session.AgentTransport` over a Docker exec socket.
+"""An :class:`~tierkernel.backends.agent.session.AgentTransport` over a Docker exec socket.
 
 The agent runs as one long-lived ``docker exec`` in the sandbox container: its stdin is the
 request channel and its stdout the message channel, both carried by the exec's hijacked HTTP
@@ -32,8 +32,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from tierkernel.backends.agent_session import LineTooLong
-from tierkernel.backends.sandbox_channel import AGENT_EXIT_FILE, MAIN_AGENT
+from tierkernel.backends.agent.session import LineTooLong
+from tierkernel.backends.sandbox.channel import AGENT_EXIT_FILE, MAIN_AGENT
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class SocketTransport(DockerExecTransport):
     """The agent as a detached ``docker exec`` that talks over a unix socket of the host's.
 
     The socket lives in a per-container host folder mounted read-only into the container
-    (``tierkernel.backends.sandbox_channel``), so requests and output go straight between the
+    (``tierkernel.backends.sandbox.channel``), so requests and output go straight between the
     kernel and the agent instead of through the engine's exec stream (a round trip ≈10 µs
     instead of ≈90 µs under runc). The exec is still the agent's process for the engine: stops
     and exit codes work as for :class:`DockerExecTransport`. ``exec_id`` may also be

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeGuard
 
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent.session import AgentSession
 from tierkernel.fsx import FsxConfigError, FsxFacade, sync
 from tierkernel.fsx import current as current_workspace
 

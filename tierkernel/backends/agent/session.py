@@ -47,7 +47,7 @@ from tierkernel.backends.usage import UsageProbe
 log = logging.getLogger(__name__)
 
 #: The guest side of the runtime helpers, sent to agents as source by install_helpers().
-HELPERS_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "helpers.py"
+HELPERS_SOURCE = Path(__file__).resolve().parents[2] / "guest" / "helpers.py"
 #: The guest's inotify watch of its workspace, sent as source by install_watch().
 TREE_WATCH_SOURCE = HELPERS_SOURCE.with_name("tree_watch.py")
 #: Guest modules sent as source with the helpers (``install_module``): IPython's glue.

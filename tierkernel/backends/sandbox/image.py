@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tierkernel.backends.docker_engine import IMAGE_REPO, EngineError, connect, explain
-from tierkernel.backends.sandbox_extras import Extras, ExtrasError
+from tierkernel.backends.sandbox.engine import IMAGE_REPO, EngineError, connect, explain
+from tierkernel.backends.sandbox.extras import Extras, ExtrasError
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 Progress = Callable[[str], None]
 

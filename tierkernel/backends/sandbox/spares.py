@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tierkernel.backends.docker_engine import LABEL_OWNER_HOST
-from tierkernel.backends.sandbox_channel import base_dir
+from tierkernel.backends.sandbox.channel import base_dir
+from tierkernel.backends.sandbox.engine import LABEL_OWNER_HOST
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tierkernel.backends.sandbox_learned import learn, recall
+from tierkernel.backends.sandbox.learned import learn, recall
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def begin(config: Any, sources: Any = None) -> None:
         return
     early, _early = _early, None
     try:
-        from tierkernel.backends.sandbox import SandboxBackend
+        from tierkernel.backends.sandbox.backend import SandboxBackend
 
         backend: Any = SandboxBackend(config=config)  # the config's values, typed and checked
         wanted = _wants(backend.head_start, backend.warm_start, backend.spare_ttl)
@@ -277,7 +277,7 @@ def _early_helper(config_fd: int, fd: int) -> None:
             os._exit(0)
         from traitlets.config import Config
 
-        from tierkernel.backends.sandbox import SandboxBackend
+        from tierkernel.backends.sandbox.backend import SandboxBackend
 
         # Connected, and the engine's runtimes known, before the config comes. The engine's
         # address comes from the environment, not the config: the connection stays good.

@@ -29,7 +29,9 @@ from typing import IO, Any
 
 from traitlets import Float, Int, Unicode
 
-from tierkernel.backends.agent_session import (
+from tierkernel.backends.agent.notebook_folder import NotebookFolder, guest_config
+from tierkernel.backends.agent.queries import AgentQueries
+from tierkernel.backends.agent.session import (
     AgentSession,
     AgentStartError,
     ChannelLimits,
@@ -44,13 +46,11 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
-from tierkernel.backends.guest_query import AgentQueries
-from tierkernel.backends.notebook_folder import NotebookFolder, guest_config
-from tierkernel.backends.process_workspace import WORKSPACE_ENV, HostFolderSync
+from tierkernel.backends.process.workspace import WORKSPACE_ENV, HostFolderSync
 from tierkernel.backends.usage import ProcessUsage
 from tierkernel.fsx import FsxQuotaError, sync
 
-AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
+AGENT_PATH = Path(__file__).resolve().parents[2] / "guest" / "agent.py"
 REAPER_PATH = AGENT_PATH.with_name("reaper.py")
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ as PID 1. ``--runtime runsc`` (or ``c.SandboxBackend.runtime``) runs it under gV
 Cells are run by the same stdlib-only guest agent as the ``process`` tier, started once per
 container (with ``docker exec``, or by the container's own keeper in a gVisor spare) and driven
 over a unix socket of the host's, or its exec stream, by
-:class:`~tierkernel.backends.agent_session.AgentSession`: no ``docker exec`` per cell.
+:class:`~tierkernel.backends.agent.session.AgentSession`: no ``docker exec`` per cell.
 
 Containers carry labels (kernel id, owner pid and host); they are removed on shutdown, restart
 and exit, and a starting kernel removes those whose owner is dead (a SIGKILLed kernel's).
@@ -34,9 +34,10 @@ from typing import Any, ClassVar
 
 from traitlets import Bool, Float, Int, Unicode
 
-from tierkernel.backends import sandbox_head_start as head_start
-from tierkernel.backends import sandbox_spares as spares
-from tierkernel.backends.agent_session import AgentSession, ChannelLimits
+from tierkernel.backends.agent.notebook_folder import GUEST_PATH as NOTEBOOK
+from tierkernel.backends.agent.notebook_folder import NotebookFolder, Scan, guest_config
+from tierkernel.backends.agent.queries import AgentQueries
+from tierkernel.backends.agent.session import AgentSession, ChannelLimits
 from tierkernel.backends.base import (
     Availability,
     Backend,
@@ -47,21 +48,8 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
-from tierkernel.backends.docker_engine import (
-    LABEL_KERNEL,
-    LABEL_OWNER_HOST,
-    LABEL_OWNER_PID,
-    EngineError,
-    connect,
-    engine_url,
-    explain,
-    unreachable_message,
-)
-from tierkernel.backends.docker_transport import DockerExecTransport, SocketTransport
-from tierkernel.backends.guest_query import AgentQueries
-from tierkernel.backends.notebook_folder import GUEST_PATH as NOTEBOOK
-from tierkernel.backends.notebook_folder import NotebookFolder, Scan, guest_config
-from tierkernel.backends.sandbox_channel import (
+from tierkernel.backends.sandbox import head_start, spares
+from tierkernel.backends.sandbox.channel import (
     AGENT_EXIT_FILE,
     GUEST_DIR,
     MAIN_AGENT,
@@ -79,9 +67,20 @@ from tierkernel.backends.sandbox_channel import (
     wake_usable,
     write_exec_id,
 )
-from tierkernel.backends.sandbox_image import describe_missing, image_exists, image_ref
-from tierkernel.backends.sandbox_notebook import FolderWatch, copy_in, tmpfs_options
-from tierkernel.backends.sandbox_workspace import Room, WorkspaceSync
+from tierkernel.backends.sandbox.engine import (
+    LABEL_KERNEL,
+    LABEL_OWNER_HOST,
+    LABEL_OWNER_PID,
+    EngineError,
+    connect,
+    engine_url,
+    explain,
+    unreachable_message,
+)
+from tierkernel.backends.sandbox.image import describe_missing, image_exists, image_ref
+from tierkernel.backends.sandbox.notebook import FolderWatch, copy_in, tmpfs_options
+from tierkernel.backends.sandbox.transport import DockerExecTransport, SocketTransport
+from tierkernel.backends.sandbox.workspace import Room, WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage, human_size
 from tierkernel.fsx import FsxQuotaError, sync
 from tierkernel.guest.agent import (
@@ -98,7 +97,7 @@ from tierkernel.runtime import packages
 
 log = logging.getLogger(__name__)
 
-AGENT_PATH = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
+AGENT_PATH = Path(__file__).resolve().parents[2] / "guest" / "agent.py"
 #: When the owning kernel process started (clock ticks since boot): a pid alone may be reused.
 LABEL_OWNER_START = "org.tierkernel.owner-start"
 LABEL_RUNTIME = "org.tierkernel.runtime"
@@ -1302,7 +1301,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
 # -- orphans ------------------------------------------------------------------------------
 def reap_orphans(client: Any) -> list[str]:
     """Remove sandbox containers of this host whose owning kernel process is gone, and spares
-    that no kernel will claim (see :mod:`tierkernel.backends.sandbox_spares`).
+    that no kernel will claim (see :mod:`tierkernel.backends.sandbox.spares`).
 
     Returns the ids removed. A kernel killed with SIGKILL cannot clean up; the next kernel to
     start does it here.

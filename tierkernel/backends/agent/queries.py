@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tierkernel.backends.agent_session import AgentSession
+from tierkernel.backends.agent.session import AgentSession
 from tierkernel.backends.base import Completion, Inspection
 
 #: A match longer than this is no name a user would pick from a list: dropped.

@@ -39,7 +39,7 @@ _ENV = ("HOME", "XDG_CONFIG_HOME", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_
 _KEPT = 8
 #: The code that turns the settings into a container (and holds their defaults): another
 #: version of it (an upgrade, an edited checkout) voids what an earlier one learned.
-_CODE = str(Path(__file__).with_name("sandbox.py"))
+_CODE = str(Path(__file__).with_name("backend.py"))
 
 
 @dataclass(frozen=True)

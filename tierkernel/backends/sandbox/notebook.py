@@ -18,8 +18,8 @@ import tarfile
 import tempfile
 from typing import Any
 
-from tierkernel.backends.notebook_folder import GUEST_PATH, NotebookFolder, Scan, open_regular
-from tierkernel.backends.sandbox_workspace import exec_with_stdin
+from tierkernel.backends.agent.notebook_folder import GUEST_PATH, NotebookFolder, Scan, open_regular
+from tierkernel.backends.sandbox.workspace import exec_with_stdin
 from tierkernel.guest.tree_watch import TreeWatch
 
 log = logging.getLogger(__name__)

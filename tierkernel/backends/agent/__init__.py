@@ -1,0 +1,2 @@
+"""What every agent tier (process, wasm, sandbox) shares: the host side of the agent session,
+the completion and inspection queries, and the view of the notebook's own folder."""

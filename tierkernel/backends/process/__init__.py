@@ -1,0 +1,1 @@
+"""The ``process`` tier: cells run in a host child process under the agent (see backend.py)."""

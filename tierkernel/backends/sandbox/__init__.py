@@ -1,0 +1,1 @@
+"""The ``sandbox`` tier: cells run in a hardened Linux container (see backend.py)."""
