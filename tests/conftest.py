@@ -7,6 +7,10 @@ import pytest
 from tests.kernel_session import KernelSession
 from tests.servers import http_server, openai_server
 
+# The contract suites tierkernel ships (tierkernel.testing) assert with plain `assert`: have
+# pytest explain a failing one there as it does in test modules.
+pytest.register_assert_rewrite("tierkernel.testing")
+
 
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[KernelSession]:

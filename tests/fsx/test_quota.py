@@ -1,6 +1,6 @@
 """Workspace quotas where more than one writer shares a workspace, and the totals they use.
 
-The contract suite (tests/fsx/contract.py) holds every backend to each quota; here: another
+The contract suite (tierkernel/testing/fsx.py) holds every backend to each quota; here: another
 process's writes count (sqlite, local), a workspace made before the totals were kept, and
 the totals each backend keeps stay those of a full walk, whatever the writes were.
 """

@@ -1,6 +1,30 @@
-"""The fsx contract: every operation and every error, mixed into each backend's test class
-(tests/fsx/test_backends.py), as fsspec's abstract suite is. A backend passes only if it
-behaves exactly like the others."""
+"""The fsx contract suite: every operation and every error of a workspace, for any store.
+
+Each fsx store (memory, sqlite, local, and any third-party :class:`tierkernel.fsx.store.Store`)
+must behave exactly like the others: the same content, the same errno for each failure, the
+same quotas. :class:`FsxContract` holds those tests, as fsspec ships its abstract suite in
+``fsspec/tests/abstract/``; a store's test module subclasses it, says how to open a fresh
+workspace on that store, and pytest runs every test against it::
+
+    # test_mystore.py, in the third-party store's own tests
+    from tierkernel.fsx import Fsx, FsxFacade, FsxFileSystem
+    from tierkernel.testing.fsx import FsxContract
+
+    from mystore import MyStore
+
+
+    class TestMyStore(FsxContract):
+        backend_name = "mystore"  # what MyStore.backend says (shown by %fsx info)
+
+        def make(self, tmp_path, **settings):
+            quota = Fsx(**settings).quota()  # settings: Fsx quota traits, e.g. max_bytes="3m"
+            return FsxFacade(FsxFileSystem(MyStore(tmp_path / "ws"), quota))
+
+tierkernel's own stores run the same suite (``tests/fsx/test_backends.py``). This module
+needs pytest, a test dependency: it is never imported by the kernel. For pytest's detailed
+assertion messages in these tests, call ``pytest.register_assert_rewrite("tierkernel.testing")``
+in your ``conftest.py`` before importing it.
+"""
 
 from __future__ import annotations
 
@@ -10,45 +34,64 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 import pytest
 
 from tierkernel.fsx import DirEntry, FsxFacade
 
+__all__ = ["FsxContract"]
+
 LARGE = 65 * 1024 * 1024 + 12345  # over 64 MB, and not a multiple of any chunk size
 
+#: What the ``limited`` fixture gives a test: opens the store's workspace with the quotas
+#: given as keyword arguments (``max_bytes=1000``).
+Opener = Callable[..., FsxFacade]
 
-def expect(code: int, exc_type: type[OSError] = OSError):
+
+def expect(code: int, exc_type: type[OSError] = OSError) -> pytest.RaisesExc[OSError]:
     """pytest.raises for an OSError of this errno (and class)."""
     return pytest.raises(exc_type, check=lambda e: e.errno == code)
 
 
 class _Pattern:
-    """A deterministic stream of ``size`` bytes that differ at every position mod 2**20."""
+    """A deterministic stream of ``size`` bytes in which every MiB differs from the others, so
+    chunks stored, read or copied out of order would not hash equal."""
 
     def __init__(self, size: int) -> None:
         self.left = size
-        block = hashlib.sha256(b"fsx").digest() * (1 << 15)  # 1 MiB
-        self.block = block
         self.offset = 0
+        self._index = -1
+        self._block = b""
+
+    def _block_at(self, index: int) -> bytes:
+        if index != self._index:
+            self._index = index
+            self._block = hashlib.sha256(b"fsx %d" % index).digest() * (1 << 15)  # 1 MiB
+        return self._block
 
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left)
         out = bytearray()
         while len(out) < n:
-            start = self.offset % len(self.block)
-            piece = self.block[start:start + n - len(out)]
-            # stamp the megabyte index so reordered chunks would not hash equal
+            index, start = divmod(self.offset, 1 << 20)
+            piece = self._block_at(index)[start:start + n - len(out)]
             out += piece
             self.offset += len(piece)
         self.left -= n
-        data = bytes(out)
-        return data
+        return bytes(out)
+
+
+def _stream(source: _Pattern | _Endless) -> BinaryIO:
+    """``source`` as the facade's stream argument: it only ever calls ``read(n)``."""
+    return cast(BinaryIO, source)
 
 
 def pattern_digest(size: int) -> str:
+    """The SHA-256 of :class:`_Pattern`'s ``size`` bytes."""
     h = hashlib.sha256()
     src = _Pattern(size)
     while chunk := src.read(1 << 20):
@@ -57,20 +100,30 @@ def pattern_digest(size: int) -> str:
 
 
 class FsxContract:
-    """Subclasses define ``make(tmp_path, **settings) -> FsxFacade`` (settings: the ``Fsx``
-    traits, such as the quotas)."""
+    """The tests every fsx store passes. Not collected itself (its name does not start with
+    ``Test``); a subclass named ``Test...`` sets :attr:`backend_name` and defines
+    :meth:`make`."""
 
-    def make(self, tmp_path: Path, **settings) -> FsxFacade:
-        raise NotImplementedError
+    #: The store's name as ``FsxFacade.info()["backend"]`` reports it.
+    backend_name: str = ""
+
+    def make(self, tmp_path: Path, **settings: Any) -> FsxFacade:
+        """A facade over a fresh, empty workspace on the store under test, held to the
+        ``Fsx`` quota traits given in ``settings`` (``max_bytes``, ``max_entries``,
+        ``max_file_size``, ``max_depth``, ``max_path_length``; none given: the defaults).
+        ``tmp_path`` is the test's own temporary folder. Called by the fixtures below, once
+        or more per test; the facades are closed after the test."""
+        raise NotImplementedError(f"{type(self).__name__} must define make()")
 
     @pytest.fixture
-    def fs(self, tmp_path):
+    def fs(self, tmp_path: Path) -> Iterator[FsxFacade]:
+        """A fresh workspace on the store under test, with the default quotas."""
         facade = self.make(tmp_path)
         yield facade
         facade.close()
 
     # -- content --------------------------------------------------------------------------
-    def test_write_then_read_text_and_bytes(self, fs):
+    def test_write_then_read_text_and_bytes(self, fs: FsxFacade) -> None:
         fs.write_file("/notes.txt", "héllo wörld\n")
         assert fs.read_file("/notes.txt") == "héllo wörld\n"
         assert fs.read_file("notes.txt", encoding=None) == "héllo wörld\n".encode()
@@ -79,13 +132,13 @@ class FsxContract:
         fs.write_file("/raw.bin", bytes(range(256)))
         assert fs.read_file("/raw.bin", encoding=None) == bytes(range(256))
 
-    def test_overwrite_replaces_whole_content(self, fs):
+    def test_overwrite_replaces_whole_content(self, fs: FsxFacade) -> None:
         fs.write_file("/f", "a long first version")
         fs.write_file("/f", "short")
         assert fs.read_file("/f") == "short"
         assert fs.stat("/f").st_size == 5
 
-    def test_empty_file(self, fs):
+    def test_empty_file(self, fs: FsxFacade) -> None:
         fs.write_file("/empty", b"")
         assert fs.read_file("/empty", encoding=None) == b""
         st = fs.stat("/empty")
@@ -93,12 +146,12 @@ class FsxContract:
         with fs.open("/empty", "rb") as f:
             assert f.read() == b""
 
-    def test_append_creates_then_extends(self, fs):
+    def test_append_creates_then_extends(self, fs: FsxFacade) -> None:
         fs.append_file("/log", "one\n")
         fs.append_file("/log", b"two\n")
         assert fs.read_file("/log") == "one\ntwo\n"
 
-    def test_write_and_read_errors(self, fs):
+    def test_write_and_read_errors(self, fs: FsxFacade) -> None:
         fs.mkdir("/d")
         fs.write_file("/file", "x")
         with expect(errno.ENOENT, FileNotFoundError) as info:
@@ -120,11 +173,11 @@ class FsxContract:
             fs.write_file("/file", "y", exclusive=True)
         assert fs.read_file("/file") == "x"
         with pytest.raises(TypeError, match="must be str, bytes"):
-            fs.write_file("/t", 42)
+            fs.write_file("/t", 42)  # type: ignore[arg-type]  # on purpose
         with expect(errno.EINVAL):
             fs.read_file("/bad\0name")
 
-    def test_open_file_objects(self, fs):
+    def test_open_file_objects(self, fs: FsxFacade) -> None:
         with fs.open("/o.txt", "w") as f:
             f.write("line 1\n")
             f.write("line 2\n")
@@ -139,7 +192,7 @@ class FsxContract:
         with expect(errno.ENOENT, FileNotFoundError):
             fs.open("/nodir/o.txt", "w")
 
-    def test_truncate(self, fs):
+    def test_truncate(self, fs: FsxFacade) -> None:
         fs.write_file("/t", b"0123456789")
         fs.truncate("/t", 4)
         assert fs.read_file("/t", encoding=None) == b"0123"
@@ -156,7 +209,7 @@ class FsxContract:
             fs.truncate("/nope", 0)
 
     # -- directories ----------------------------------------------------------------------
-    def test_mkdir(self, fs):
+    def test_mkdir(self, fs: FsxFacade) -> None:
         fs.mkdir("/a")
         assert fs.stat("/a").is_dir()
         with expect(errno.EEXIST, FileExistsError):
@@ -176,7 +229,7 @@ class FsxContract:
         with expect(errno.EEXIST, FileExistsError):
             fs.mkdir("/")
 
-    def test_rmdir(self, fs):
+    def test_rmdir(self, fs: FsxFacade) -> None:
         fs.mkdir("/d/e", recursive=True)
         fs.write_file("/d/e/f", "x")
         with expect(errno.ENOTEMPTY):
@@ -195,7 +248,7 @@ class FsxContract:
         with expect(errno.EBUSY):
             fs.rmdir("/", recursive=True)
 
-    def test_recursive_rmdir_removes_links_not_their_targets(self, fs):
+    def test_recursive_rmdir_removes_links_not_their_targets(self, fs: FsxFacade) -> None:
         fs.mkdir("/keep")
         fs.write_file("/keep/precious", "data")
         fs.mkdir("/tree")
@@ -208,7 +261,7 @@ class FsxContract:
             fs.rmdir("/l", recursive=True)  # a link to a directory is not a directory
         assert fs.read_file("/l/precious") == "data"
 
-    def test_readdir_names_and_types(self, fs):
+    def test_readdir_names_and_types(self, fs: FsxFacade) -> None:
         fs.mkdir("/d")
         fs.write_file("/d/b.txt", "b")
         fs.write_file("/d/a.txt", "a")
@@ -229,7 +282,7 @@ class FsxContract:
         with expect(errno.ENOENT, FileNotFoundError):
             fs.readdir("/nope")
 
-    def test_deep_tree(self, fs):
+    def test_deep_tree(self, fs: FsxFacade) -> None:
         parts = [f"level{i}" for i in range(60)]
         deep = "/" + "/".join(parts)
         fs.mkdir(deep, recursive=True)
@@ -241,7 +294,7 @@ class FsxContract:
         fs.rmdir("/moved", recursive=True)
         assert fs.readdir("/") == []
 
-    def test_unicode_names(self, fs):
+    def test_unicode_names(self, fs: FsxFacade) -> None:
         names = ["données", "日本語 ✓.txt", "emoji-🐍", "spaces and 'quotes'", "ümlaut%20"]
         fs.mkdir("/données")
         for name in names[1:]:
@@ -255,7 +308,7 @@ class FsxContract:
             fs.write_file("/" + "é" * 200, "x")  # 400 bytes of UTF-8 > NAME_MAX
 
     # -- metadata -------------------------------------------------------------------------
-    def test_stat_and_lstat(self, fs):
+    def test_stat_and_lstat(self, fs: FsxFacade) -> None:
         before = time.time_ns() - 2_000_000_000
         fs.write_file("/f", "12345")
         st = fs.stat("/f")
@@ -276,7 +329,7 @@ class FsxContract:
             fs.stat("/dangling")
         assert fs.lstat("/dangling").is_symlink()
 
-    def test_chmod(self, fs):
+    def test_chmod(self, fs: FsxFacade) -> None:
         fs.write_file("/f", "x")
         fs.chmod("/f", 0o600)
         assert stat.S_IMODE(fs.stat("/f").st_mode) == 0o600
@@ -291,7 +344,7 @@ class FsxContract:
         with expect(errno.ENOENT, FileNotFoundError):
             fs.chmod("/missing", 0o644)
 
-    def test_chown(self, fs):
+    def test_chown(self, fs: FsxFacade) -> None:
         fs.write_file("/f", "x")
         uid, gid = os.getuid(), os.getgid()
         fs.chown("/f", uid, gid)
@@ -304,7 +357,7 @@ class FsxContract:
         with expect(errno.ENOENT, FileNotFoundError):
             fs.chown("/missing", uid, gid)
 
-    def test_utimes(self, fs):
+    def test_utimes(self, fs: FsxFacade) -> None:
         fs.write_file("/f", "x")
         fs.utimes("/f", 1_000_000_000, 1_500_000_000)
         st = fs.stat("/f")
@@ -316,12 +369,12 @@ class FsxContract:
         fs.utimes("/f", 1.5, 2.25)
         assert fs.stat("/f").st_mtime_ns == 2_250_000_000
         with pytest.raises(TypeError, match="mtime must be seconds"):
-            fs.utimes("/f", 1, "yesterday")
+            fs.utimes("/f", 1, "yesterday")  # type: ignore[arg-type]
         with expect(errno.ENOENT, FileNotFoundError):
             fs.utimes("/missing", 1, 1)
 
     # -- names ----------------------------------------------------------------------------
-    def test_unlink(self, fs):
+    def test_unlink(self, fs: FsxFacade) -> None:
         fs.write_file("/f", "x")
         fs.unlink("/f")
         assert not fs.exists("/f")
@@ -335,7 +388,7 @@ class FsxContract:
         fs.unlink("/link")
         assert fs.read_file("/target") == "keep"
 
-    def test_rename(self, fs):
+    def test_rename(self, fs: FsxFacade) -> None:
         fs.write_file("/a", "A")
         fs.rename("/a", "/b")
         assert not fs.exists("/a") and fs.read_file("/b") == "A"
@@ -365,14 +418,14 @@ class FsxContract:
         assert fs.read_file("/c") == "A"
         assert fs.read_file("/full/x") == "x"
 
-    def test_rename_symlink_moves_the_link(self, fs):
+    def test_rename_symlink_moves_the_link(self, fs: FsxFacade) -> None:
         fs.write_file("/t", "target")
         fs.symlink("/t", "/l1")
         fs.rename("/l1", "/l2")
         assert fs.readlink("/l2") == "/t"
         assert fs.read_file("/t") == "target"
 
-    def test_copy_file(self, fs):
+    def test_copy_file(self, fs: FsxFacade) -> None:
         fs.write_file("/src", "original")
         fs.chmod("/src", 0o640)
         fs.copy_file("/src", "/dst")
@@ -392,7 +445,7 @@ class FsxContract:
         with expect(errno.ENOENT, FileNotFoundError):
             fs.copy_file("/missing", "/x")
 
-    def test_exists_and_realpath(self, fs):
+    def test_exists_and_realpath(self, fs: FsxFacade) -> None:
         fs.mkdir("/a/b", recursive=True)
         fs.write_file("/a/b/f", "x")
         fs.symlink("a/b", "/short")
@@ -406,7 +459,7 @@ class FsxContract:
         with expect(errno.ENOENT, FileNotFoundError):
             fs.realpath("/a/missing")
 
-    def test_symlink_and_readlink(self, fs):
+    def test_symlink_and_readlink(self, fs: FsxFacade) -> None:
         fs.mkdir("/dir")
         fs.write_file("/dir/f", "via link")
         fs.symlink("dir/f", "/rel")
@@ -428,7 +481,7 @@ class FsxContract:
         with expect(errno.EINVAL):
             fs.symlink("", "/empty-target")
 
-    def test_symlink_loops_are_eloop(self, fs):
+    def test_symlink_loops_are_eloop(self, fs: FsxFacade) -> None:
         fs.symlink("b", "/a")
         fs.symlink("a", "/b")
         fs.symlink("self", "/self")
@@ -451,7 +504,7 @@ class FsxContract:
             previous = f"chain{i}"
         assert fs.read_file(f"/{previous}") == "reached"
 
-    def test_nothing_climbs_above_the_root(self, fs):
+    def test_nothing_climbs_above_the_root(self, fs: FsxFacade) -> None:
         fs.write_file("/inside", "x")
         fs.mkdir("/a")
         for path in ("/../inside", "../../etc/passwd", "/a/../../b"):
@@ -468,8 +521,8 @@ class FsxContract:
             fs.read_file("/host-path")
 
     # -- large files and concurrency ------------------------------------------------------
-    def test_file_over_64_mb(self, fs):
-        fs.write_file("/big.bin", _Pattern(LARGE))
+    def test_file_over_64_mb(self, fs: FsxFacade) -> None:
+        fs.write_file("/big.bin", _stream(_Pattern(LARGE)))
         assert fs.stat("/big.bin").st_size == LARGE
         digest = hashlib.sha256()
         with fs.open("/big.bin", "rb") as f:
@@ -490,7 +543,7 @@ class FsxContract:
         fs.unlink("/moved.bin")
         assert fs.info()["bytes"] == 0
 
-    def test_threads_write_concurrently(self, fs):
+    def test_threads_write_concurrently(self, fs: FsxFacade) -> None:
         errors: list[BaseException] = []
 
         def worker(n: int) -> None:
@@ -514,17 +567,17 @@ class FsxContract:
         lines = fs.read_file("/shared.log").splitlines()
         assert sorted(lines) == sorted(f"{n}:{i}" for n in range(4) for i in range(25))
 
-    def test_info_counts_files_and_bytes(self, fs):
+    def test_info_counts_files_and_bytes(self, fs: FsxFacade) -> None:
         fs.mkdir("/d")
         fs.write_file("/d/a", "123")
         fs.write_file("/b", "45")
         fs.symlink("b", "/link")
         info = fs.info()
         assert info["files"] == 2 and info["bytes"] == 5
-        assert info["backend"] in ("memory", "sqlite", "local")
+        assert info["backend"] == self.backend_name
 
     # -- fsspec ---------------------------------------------------------------------------
-    def test_fsspec_filesystem_api(self, fs):
+    def test_fsspec_filesystem_api(self, fs: FsxFacade) -> None:
         f = fs.fs
         f.makedirs("/data")
         f.pipe_file("/data/x.csv", b"a,b\n1,2\n")
@@ -552,11 +605,11 @@ class FsxContract:
         assert f.read_text("/t.txt") == "text mode"
         assert isinstance(f.modified("/t.txt"), datetime)
 
-    def test_pandas_round_trip(self, fs):
+    def test_pandas_round_trip(self, fs: FsxFacade) -> None:
         pd = pytest.importorskip("pandas")
         frame = pd.DataFrame({"name": ["a", "b", "ü"], "value": [1.5, 2.5, 3.5]})
-        with fs.fs.open("/frames/df.csv", "w") if fs.exists("/frames") else (
-                fs.mkdir("/frames") or fs.fs.open("/frames/df.csv", "w")) as handle:
+        fs.mkdir("/frames")
+        with fs.fs.open("/frames/df.csv", "w") as handle:
             frame.to_csv(handle, index=False)
         with fs.fs.open("/frames/df.csv", "rb") as handle:
             back = pd.read_csv(handle)
@@ -564,11 +617,11 @@ class FsxContract:
 
     # -- quotas ---------------------------------------------------------------------------
     @pytest.fixture
-    def limited(self, tmp_path):
+    def limited(self, tmp_path: Path) -> Iterator[Opener]:
         """Opens this backend's workspace with the quotas given (once per test)."""
         made: list[FsxFacade] = []
 
-        def make(**limits) -> FsxFacade:
+        def make(**limits: Any) -> FsxFacade:
             made.append(self.make(tmp_path, **limits))
             return made[-1]
 
@@ -576,7 +629,7 @@ class FsxContract:
         for facade in made:
             facade.close()
 
-    def test_quota_total_bytes(self, limited):
+    def test_quota_total_bytes(self, limited: Opener) -> None:
         fs = limited(max_bytes=1000)
         fs.write_file("/a", b"x" * 600)
         with quota_error(errno.EDQUOT, "max_bytes", "1000 bytes") as caught:
@@ -607,19 +660,19 @@ class FsxContract:
         fs.write_file("/f", b"f" * 500)
         assert fs.info()["bytes"] == 1000
 
-    def test_quota_cuts_a_streaming_write(self, limited):
+    def test_quota_cuts_a_streaming_write(self, limited: Opener) -> None:
         fs = limited(max_bytes="3m")
         fs.write_file("/keep", b"old")
         endless = _Endless()
         with quota_error(errno.EDQUOT, "max_bytes"):
-            fs.write_file("/big", endless)
+            fs.write_file("/big", _stream(endless))
         # Cut at the quota: never read more than the room left (3 MiB less /keep) and a byte.
         assert endless.given == (3 << 20) - 3 + 1
         assert not fs.exists("/big")
         with quota_error(errno.EDQUOT, "max_bytes"):
-            fs.write_file("/keep", _Endless())
+            fs.write_file("/keep", _stream(_Endless()))
         with quota_error(errno.EDQUOT, "max_bytes"):
-            fs.append_file("/keep", _Endless())
+            fs.append_file("/keep", _stream(_Endless()))
         assert fs.read_file("/keep") == "old"  # a refused replace or append changes nothing
         assert fs.info()["bytes"] == 3
         # A file opened for writing fails at the write that passes the quota, not at close,
@@ -644,7 +697,7 @@ class FsxContract:
             handle.write(b"f" * ((3 << 20) - 3))
         assert fs.info()["bytes"] == 3 << 20
 
-    def test_quota_largest_file(self, limited):
+    def test_quota_largest_file(self, limited: Opener) -> None:
         fs = limited(max_file_size=1000)
         fs.write_file("/a", b"a" * 1000)
         # A write whose size is known says how big the file would be.
@@ -656,7 +709,7 @@ class FsxContract:
         with quota_error(errno.EFBIG, "max_file_size"):
             fs.truncate("/a", 1001)
         with quota_error(errno.EFBIG, "max_file_size"):
-            fs.write_file("/c", _Endless())
+            fs.write_file("/c", _stream(_Endless()))
         with pytest.raises(OSError, check=lambda e: e.errno == errno.EFBIG), \
                 fs.open("/d", "wb") as handle:
             handle.write(b"d" * 600)
@@ -665,7 +718,7 @@ class FsxContract:
         fs.write_file("/b", b"b" * 999)
         fs.copy_file("/a", "/copy")
 
-    def test_quota_entries(self, limited):
+    def test_quota_entries(self, limited: Opener) -> None:
         fs = limited(max_entries=5)
         fs.mkdir("/d")
         fs.write_file("/d/f", "1")
@@ -689,7 +742,7 @@ class FsxContract:
         fs.mkdir("/a/b/c", recursive=True)
         assert sorted(fs.readdir("/")) == ["a", "d"]
 
-    def test_quota_depth(self, limited):
+    def test_quota_depth(self, limited: Opener) -> None:
         fs = limited(max_depth=4)
         fs.mkdir("/a/b/c/d", recursive=True)
         fs.write_file("/a/b/c/f", "3 folders and a file: 4 deep")
@@ -715,7 +768,7 @@ class FsxContract:
             fs.rename("/m/c", "/a/b/q/c")  # /a/b/q/c/d would be 5 deep
         assert fs.exists("/m/c/d") and not fs.exists("/a/b/q/c")
 
-    def test_quota_path_length(self, limited):
+    def test_quota_path_length(self, limited: Opener) -> None:
         fs = limited(max_path_length=32)
         fs.mkdir("/" + "a" * 20)
         fs.write_file("/" + "a" * 20 + "/" + "b" * 10, "32 bytes exactly")
@@ -743,7 +796,7 @@ class _Endless:
         return b"e" * n
 
 
-def quota_error(code: int, setting: str, *detail: str):
+def quota_error(code: int, setting: str, *detail: str) -> pytest.RaisesExc[OSError]:
     """pytest.raises for a quota's OSError: its errno, and a message that names the quota
     and says how to raise it."""
     def check(exc: BaseException) -> bool:
