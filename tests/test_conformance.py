@@ -1,42 +1,29 @@
-"""The Jupyter protocol conformance suite (jupyter_kernel_test), once per tier.
+"""The tier contract suite (tierkernel.testing.tier) once per built-in tier, and once per
+kernelspec whose default tier is not native: Jupyter protocol conformance (jupyter_kernel_test)
+and what every tier promises.
 
-Import the module, not the classes, or pytest would collect the base classes too.
+jupyter_kernel_test's own base classes are reached through its module, never imported by name:
+pytest collects every ``TestCase`` subclass a test module holds, the bases too.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import jupyter_kernel_test as jkt
 
+from tests.sandbox_support import need_sandbox
+from tierkernel.testing.tier import TierContract
 
-def ready_to_complete(kc: Any, tier: str) -> None:
-    """Run a cell in ``tier`` and wait until its interpreter answers completions: a tier
-    answers none before its first cell (it is never started just to complete), nor while its
-    interpreter makes its completer the first time (the user presses Tab again)."""
-    msg_id = kc.execute(f"%%tier {tier}\n1")
-    while kc.get_shell_msg(timeout=120)["parent_header"].get("msg_id") != msg_id:
-        pass
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        reply = kc.complete(f"%%tier {tier}\nzi", reply=True, timeout=30)
-        if reply["content"]["matches"]:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the {tier} tier answered no completion within 60 s")
+#: The agent tiers' guest namespaces hold this name, the kernel's does not: a completion or an
+#: inspection that finds it was answered by the tier.
+AGENT_MARKER = "__tierkernel_agent__"
 
 
-class NativeTierConformance(jkt.KernelTests):
+class NativeTierConformance(TierContract):
     """The kernel in its default tier (native) behaves as a complete IPython kernel."""
 
-    kernel_name = "tierkernel"
-    language_name = "python"
-    file_extension = ".py"
+    tier = "native"
+    routed = False
 
-    code_hello_world = "print('hello, world')"
-    code_stderr = "import sys; print('test', file=sys.stderr)"
-    code_generate_error = "raise ValueError('oops')"
     code_execute_result = [
         {"code": "6*7", "result": "42"},
         {"code": "'tier' * 2", "result": "'tiertier'"},
@@ -58,163 +45,58 @@ class NativeTierConformance(jkt.KernelTests):
     incomplete_code_samples = ["print('''hello", "def f(x):\n  x*2"]
     invalid_code_samples = ["import = 7q"]
     code_inspect_sample = "zip"
-    code_history_pattern = "6*7"
     supported_history_operations = ("tail", "range", "search")
 
+    # Native cells reach the workspace through `fs`: their working directory is the host's.
+    def code_read_file(self, path: str) -> str:
+        return f"fs.read_file({'/' + path!r})"
 
-class ProcessTierConformance(jkt.KernelTests):
+    def code_write_file(self, path: str, text: str) -> str:
+        return f"fs.write_file({'/' + path!r}, {text!r})"
+
+
+class ProcessTierConformance(TierContract):
     """Cells routed with ``%%tier process`` (the guest agent) give the same messages."""
 
-    kernel_name = "tierkernel"
-    language_name = "python"
-    file_extension = ".py"
-
-    code_hello_world = "%%tier process\nprint('hello, world')"
-    code_stderr = "%%tier process\nimport sys; print('test', file=sys.stderr)"
-    code_generate_error = "%%tier process\nraise ValueError('oops')"
-    code_execute_result = [
-        {"code": "%%tier process\n6*7", "result": "42"},
-        {"code": "%%tier process\nx = [1, 2]\nx + [3]", "result": "[1, 2, 3]"},
-    ]
-    code_display_data = [
-        {"code": "%%tier process\nclass H:\n    def _repr_html_(self): return '<b>x</b>'\n"
-                 "display(H())", "mime": "text/html"},
-    ]
-    code_clear_output = "%%tier process\nclear_output()"
-    code_history_pattern = "%%tier process\n6*7"
-    supported_history_operations = ("tail", "range")
-    completion_samples = [
-        {"text": "%%tier process\nzi", "matches": {"zip"}},
-        {"text": "%%tier process\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
-    ]
-    code_inspect_sample = "%%tier process\n__tierkernel_agent__"
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        super().setUpClass()
-        ready_to_complete(cls.kc, "process")
+    tier = "process"
+    marker = AGENT_MARKER
 
 
-class SandboxTierConformance(jkt.KernelTests):
+class SandboxTierConformance(TierContract):
     """Cells routed with ``%%tier sandbox`` (the agent in a Docker container) give the same
     messages. Needs the engine: it fails in CI without one and is skipped elsewhere."""
 
-    kernel_name = "tierkernel"
-    language_name = "python"
-    file_extension = ".py"
-
-    code_hello_world = "%%tier sandbox\nprint('hello, world')"
-    code_stderr = "%%tier sandbox\nimport sys; print('test', file=sys.stderr)"
-    code_generate_error = "%%tier sandbox\nraise ValueError('oops')"
-    code_execute_result = [
-        {"code": "%%tier sandbox\n6*7", "result": "42"},
-        {"code": "%%tier sandbox\nx = [1, 2]\nx + [3]", "result": "[1, 2, 3]"},
-    ]
-    code_display_data = [
-        {"code": "%%tier sandbox\nclass H:\n    def _repr_html_(self): return '<b>x</b>'\n"
-                 "display(H())", "mime": "text/html"},
-    ]
-    code_clear_output = "%%tier sandbox\nclear_output()"
-    code_history_pattern = "%%tier sandbox\n6*7"
-    supported_history_operations = ("tail", "range")
-    # Completion and inspection answered by the container's interpreter: its builtins
-    # have a name the kernel's have not.
-    completion_samples = [
-        {"text": "%%tier sandbox\nzi", "matches": {"zip"}},
-        {"text": "%%tier sandbox\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
-    ]
-    code_inspect_sample = "%%tier sandbox\n__tierkernel_agent__"
+    tier = "sandbox"
+    marker = AGENT_MARKER
 
     @classmethod
-    def setUpClass(cls) -> None:
-        from tests.sandbox_support import need_sandbox
-
+    def require_available(cls) -> None:
         need_sandbox()
-        super().setUpClass()
-        ready_to_complete(cls.kc, "sandbox")
 
 
-class ProcessDefaultConformance(jkt.KernelTests):
-    """A kernel whose default tier is ``process`` (set in its kernelspec) needs no magic."""
-
-    kernel_name = "tierkernel-process"
-    language_name = "python"
-    file_extension = ".py"
-
-    code_hello_world = "print('hello, world')"
-    code_stderr = "import sys; print('test', file=sys.stderr)"
-    code_generate_error = "raise ValueError('oops')"
-    code_execute_result = [{"code": "6*7", "result": "42"}]
-    code_display_data = [
-        {"code": "class H:\n    def _repr_html_(self): return '<i>y</i>'\ndisplay(H())",
-         "mime": "text/html"},
-    ]
-    code_clear_output = "clear_output()"
-    code_history_pattern = "6*7"
-    supported_history_operations = ("tail", "range")
-
-
-class WasmTierConformance(jkt.KernelTests):
+class WasmTierConformance(TierContract):
     """Cells routed with ``%%tier wasm`` (CPython on WebAssembly) give the same messages."""
 
-    kernel_name = "tierkernel"
-    language_name = "python"
-    file_extension = ".py"
-
-    code_hello_world = "%%tier wasm\nprint('hello, world')"
-    code_stderr = "%%tier wasm\nimport sys; print('test', file=sys.stderr)"
-    code_generate_error = "%%tier wasm\nraise ValueError('oops')"
-    code_execute_result = [
-        {"code": "%%tier wasm\n6*7", "result": "42"},
-        {"code": "%%tier wasm\nx = [1, 2]\nx + [3]", "result": "[1, 2, 3]"},
-    ]
-    code_display_data = [
-        {"code": "%%tier wasm\nclass H:\n    def _repr_html_(self): return '<b>x</b>'\n"
-                 "display(H())", "mime": "text/html"},
-    ]
-    code_clear_output = "%%tier wasm\nclear_output()"
-    code_history_pattern = "%%tier wasm\n6*7"
-    supported_history_operations = ("tail", "range")
-    # Completion and inspection answered by the guest interpreter: its builtins
-    # have a name the kernel's have not.
-    completion_samples = [
-        {"text": "%%tier wasm\nzi", "matches": {"zip"}},
-        {"text": "%%tier wasm\n__tierkernel_ag", "matches": {"__tierkernel_agent__"}},
-    ]
-    code_inspect_sample = "%%tier wasm\n__tierkernel_agent__"
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        super().setUpClass()
-        ready_to_complete(cls.kc, "wasm")
+    tier = "wasm"
+    marker = AGENT_MARKER
 
 
-class WasmDefaultConformance(jkt.KernelTests):
+class ProcessDefaultConformance(TierContract):
+    """A kernel whose default tier is ``process`` (set in its kernelspec) needs no magic."""
+
+    tier = "process"
+    kernel_name = "tierkernel-process"
+    routed = False
+    marker = AGENT_MARKER
+
+
+class WasmDefaultConformance(TierContract):
     """A kernel whose default tier is ``wasm`` (set in its kernelspec) needs no magic."""
 
+    tier = "wasm"
     kernel_name = "tierkernel-wasm"
-    language_name = "python"
-    file_extension = ".py"
-
-    code_hello_world = "print('hello, world')"
-    code_stderr = "import sys; print('test', file=sys.stderr)"
-    code_generate_error = "raise ValueError('oops')"
-    code_execute_result = [{"code": "6*7", "result": "42"}]
-    code_display_data = [
-        {"code": "class H:\n    def _repr_html_(self): return '<i>y</i>'\ndisplay(H())",
-         "mime": "text/html"},
-    ]
-    code_clear_output = "clear_output()"
-    code_history_pattern = "6*7"
-    supported_history_operations = ("tail", "range")
-    # Cells without %%tier complete from the default tier's interpreter.
-    completion_samples = [{"text": "__tierkernel_ag", "matches": {"__tierkernel_agent__"}}]
-    code_inspect_sample = "__tierkernel_agent__"
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        super().setUpClass()
-        ready_to_complete(cls.kc, "wasm")
+    routed = False
+    marker = AGENT_MARKER
 
 
 class Welcome(jkt.IopubWelcomeTests):
