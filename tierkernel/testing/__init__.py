@@ -8,7 +8,7 @@
   tests every fsx store passes (content, errno of each failure, quotas).
 
 tierkernel's own tiers and stores run these same suites (``tests/test_conformance.py``,
-``tests/fsx/test_backends.py``). They need the test dependencies (pytest,
-jupyter_kernel_test: ``pip install tierkernel[test]``), so the kernel never imports this
-package; import the submodule you need from your test modules.
+``tests/fsx/test_backends.py``). They need test dependencies (pytest 8.4 or later
+for both, jupyter_kernel_test for the tier suite; ``tierkernel[test]`` has them), so the kernel
+never imports this package; import the submodule you need from your test modules.
 """
