@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 import queue
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 from jupyter_client.manager import KernelManager
+from traitlets.config import Configurable
+
+import tierkernel
 
 REPO = Path(__file__).resolve().parent.parent
 TIERKERNEL = [sys.executable, "-m", "tierkernel.cli"]
@@ -100,6 +106,37 @@ def test_python_m_tierkernel_is_the_kernel_app():
                     "TierKernel.completion_timeout", "SandboxBackend.input_reply_limit",
                     "WasmBackend.query_reply_limit", "ProcessBackend.copy_back_bytes"):
         assert f"--{setting}=" in done.stdout, setting
+
+
+def tierkernel_configurables() -> list[type[Configurable]]:
+    """Every class of the package with settings (config traits), found by importing it all
+    (but the code that runs in guests, the contract suites and ``__main__``, which forks)."""
+    for module in pkgutil.walk_packages(tierkernel.__path__, "tierkernel."):
+        if not module.name.startswith(("tierkernel.guest", "tierkernel.testing",
+                                       "tierkernel.__main__")):
+            importlib.import_module(module.name)
+
+    def subclasses(cls: type) -> Iterator[type]:
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    return sorted({cls for cls in subclasses(Configurable)
+                   if cls.__module__.startswith("tierkernel.")
+                   and cls.class_own_traits(config=True)}, key=lambda cls: cls.__name__)
+
+
+def test_help_all_lists_every_setting_and_no_flag_without_meaning_here():
+    done = run([sys.executable, "-m", "tierkernel", "--help-all"])
+    assert done.returncode == 0, done.stderr
+    classes = tierkernel_configurables()
+    assert {"Fsx", "Runtime", "TierKernel", "ProcessBackend"} <= {c.__name__ for c in classes}
+    for cls in classes:
+        for name in cls.class_traits(config=True):
+            assert f"--{cls.__name__}.{name}=" in done.stdout, f"{cls.__name__}.{name}"
+    flags = {line.split("=")[0] for line in done.stdout.splitlines() if line.startswith("--")}
+    assert not flags & {"--pylab", "--trio-loop", "--autoindent", "--no-autoindent", "--nosep"}
+    assert {"--matplotlib", "--gui", "--debug", "--automagic"} <= flags
 
 
 def test_run_executes_the_tour_and_summarises_every_cell(tmp_path):

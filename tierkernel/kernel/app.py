@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
-from ipykernel.kernelapp import IPKernelApp
+from ipykernel.kernelapp import IPKernelApp, kernel_aliases, kernel_flags
 from ipykernel.zmqshell import ZMQInteractiveShell
 from IPython.core.profiledir import ProfileDir
 from jupyter_client.session import Session
 from jupyter_core.paths import jupyter_config_path
-from traitlets import Type, Unicode, default
+from traitlets import Dict, Type, Unicode, default
 
 from tierkernel.backends.agent.notebook_folder import NotebookFolder
 from tierkernel.backends.registry import discover
@@ -36,6 +36,17 @@ class TierKernelApp(IPKernelApp):
         TierKernel, *discover()[0].values(), Fsx, NotebookFolder, Runtime, Packages,
         ZMQInteractiveShell, ProfileDir, Session,
     ]
+    # ipykernel's command-line flags and aliases, less those that make no sense here:
+    # --pylab star-imports numpy and matplotlib into the native tier's namespace only, so a
+    # notebook relying on it breaks once a cell moves to another tier (IPython itself advises
+    # %matplotlib and explicit imports); --trio-loop would run the kernel on trio while the
+    # tiers run on asyncio (and ipykernel 7's flag sets a trait its shell does not have);
+    # --autoindent, --no-autoindent and --nosep set up a terminal's prompt, which a kernel
+    # has not. --matplotlib and --gui stay: they set up the native tier as %matplotlib and
+    # %gui do in a native cell.
+    flags = Dict({name: flag for name, flag in kernel_flags.items()
+                  if name not in ("pylab", "trio-loop", "autoindent", "no-autoindent", "nosep")})
+    aliases = Dict({name: trait for name, trait in kernel_aliases.items() if name != "pylab"})
 
     def init_pdb(self) -> None:
         """The first step of ``IPKernelApp.initialize`` once the configuration is final:
