@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
 import pkgutil
+import pty
 import queue
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +95,63 @@ def test_tiers_command_shows_the_table():
     done = run([*TIERKERNEL, "tiers"])
     assert done.returncode == 0
     assert "native" in done.stdout and "process" in done.stdout and "yes" in done.stdout
+
+
+def tokens(text: str) -> set[str]:
+    return set(text.split())
+
+
+def test_tiers_fits_the_width_it_is_given_and_keeps_every_word():
+    # A long reason to wrap: the sandbox's engine is not there.
+    env = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    whole = run([*TIERKERNEL, "tiers"], env=env)  # a pipe: whole lines
+    assert whole.returncode == 0, whole.stderr
+    assert max(len(line) for line in whole.stdout.splitlines()) > 150
+    labels = {"tier", "available", "isolation", "limits", "/", "reason", "isolation:",
+              "limits:", "reason:"}
+    for columns in (40, 60, 80, 100, 160):
+        done = run([*TIERKERNEL, "tiers"], env={**env, "COLUMNS": str(columns)})
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert max(len(line) for line in lines) <= columns, (columns, done.stdout)
+        # Every word is there (a word longer than its column is split across lines).
+        joined = "".join(done.stdout.split())
+        assert [w for w in tokens(whole.stdout) - labels if w not in joined] == [], columns
+        assert "* native" in done.stdout
+
+
+def test_tiers_fits_a_narrow_terminal():
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 50, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([*TIERKERNEL, "tiers"], stdout=slave, stderr=subprocess.PIPE,
+                            env={**env, "DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the command closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    with proc.stderr:  # type: ignore[union-attr]
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()  # type: ignore[union-attr]
+    lines = out.decode().replace("\r\n", "\n").splitlines()
+    assert len(lines) > 10 and max(len(line) for line in lines) <= 50, lines
+
+
+def test_tiers_into_a_pipe_closed_early_is_no_error():
+    # As `tierkernel tiers | head -1` when head has gone before the table is written.
+    proc = subprocess.Popen([*TIERKERNEL, "tiers"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        assert proc.wait(timeout=120) == 0
+        assert proc.stderr.read() == ""
 
 
 def test_python_m_tierkernel_is_the_kernel_app():

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tierkernel import __version__
 from tierkernel.kernel.kernelspec import DISPLAY_NAME, KERNEL_NAME, install
+
+if TYPE_CHECKING:
+    from tierkernel.kernel.router import TierRow
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
@@ -38,8 +45,67 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_tiers(args: argparse.Namespace) -> int:
     from tierkernel.kernel.router import TierRouter
 
-    print(TierRouter(None, "native").table())
+    table = TierRouter(None, "native").table()
+    width = _terminal_width()
+    try:
+        print(repr(table) if width is None else fit_tier_table(table.rows, width), flush=True)
+    except BrokenPipeError:
+        # The reader left early (`tierkernel tiers | head`): not an error. Point stdout at
+        # nothing so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _terminal_width() -> int | None:
+    """The columns to fit: ``$COLUMNS`` when set, else the terminal's; None when stdout is no
+    terminal (a pipe or a file gets whole lines, which ``grep`` can search)."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def fit_tier_table(rows: Sequence[TierRow], width: int) -> str:
+    """The ``tierkernel tiers`` table in ``width`` columns: the isolation and the limits or
+    reason columns wrapped to share what the tier and available columns leave; below 60
+    columns for those two (an 80-column terminal), one block per tier with both on lines of
+    their own, which reads better than two narrow columns."""
+    header = ("  tier", "available", "isolation", "limits / reason")
+    body = [(("* " if r.default else "  ") + r.name, "yes" if r.available else "no",
+             r.isolation, r.detail) for r in rows]
+    fixed = [max(len(row[i]) for row in [header, *body]) for i in range(2)]
+    room = width - sum(fixed) - 6  # three gaps of two spaces
+    natural = [max(len(row[i]) for row in [header, *body]) for i in (2, 3)]
+    note = "(* = default tier for cells without %%tier; change it with %tier NAME)"
+    if sum(natural) <= room:
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, [*fixed, *natural],
+                                                             strict=True)).rstrip()
+                 for row in [header, *body]]
+        return "\n".join([*lines, *textwrap.wrap(note, max(width, 20))])
+    if room < 60:
+        out = []
+        for row, r in zip(body, rows, strict=True):
+            out.append(f"{row[0].ljust(fixed[0])}  {row[1]}")
+            for label, text in (("isolation", r.isolation),
+                                ("limits" if r.available else "reason", r.detail)):
+                out += textwrap.wrap(f"{label}: {text}", max(width - 4, 20),
+                                     initial_indent="    ", subsequent_indent="      ",
+                                     break_on_hyphens=False)
+        return "\n".join([*out, *textwrap.wrap(note, max(width, 20))])
+    isolation = min(natural[0], max(16, room * 2 // 5))
+    widths = [*fixed, isolation, room - isolation]
+    lines = []
+    for row in [header, *body]:
+        wrapped = [[row[0]], [row[1]],
+                   *(textwrap.wrap(text, w, break_on_hyphens=False) or [""]
+                     for text, w in zip(row[2:], widths[2:], strict=True))]
+        for i in range(max(len(cell) for cell in wrapped)):
+            parts = [cell[i] if i < len(cell) else "" for cell in wrapped]
+            lines.append("  ".join(part.ljust(w) for part, w in zip(parts, widths,
+                                                                     strict=True)).rstrip())
+    return "\n".join([*lines, *textwrap.wrap(note, width)])
 
 
 def _cmd_warm(args: argparse.Namespace) -> int:
