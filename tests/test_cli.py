@@ -137,8 +137,9 @@ def test_tiers_fits_a_narrow_terminal():
             break
         out += chunk
     os.close(master)
-    with proc.stderr:  # type: ignore[union-attr]
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()  # type: ignore[union-attr]
+    assert proc.stderr is not None
+    with proc.stderr:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
     lines = out.decode().replace("\r\n", "\n").splitlines()
     assert len(lines) > 10 and max(len(line) for line in lines) <= 50, lines
 
