@@ -234,3 +234,42 @@ def test_run_fails_on_an_unexpected_error(tmp_path):
     assert written.cells[0].outputs[0]["ename"] == "ZeroDivisionError"
     missing = run([*TIERKERNEL, "run", str(tmp_path / "none.ipynb")])
     assert missing.returncode == 2 and "no notebook at" in missing.stderr
+
+
+def notebook(tmp_path: Path, *sources: str) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in sources])
+    nb.metadata["kernelspec"] = {"name": "tierkernel", "display_name": "t", "language": "python"}
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_run_help_says_what_each_exit_status_means():
+    done = run([*TIERKERNEL, "run", "--help"])
+    text = " ".join(done.stdout.split())
+    assert "exit status: 0 every cell succeeded" in text
+    assert "with --allow-errors goes on to the end and still exits 1" in text
+    assert "the exit status is still 1 if one did" in text  # at --allow-errors itself
+
+
+def test_run_with_allow_errors_runs_every_cell_and_exits_1(tmp_path):
+    src = notebook(tmp_path, "1/0", "print('after the error')")
+    done = run([*TIERKERNEL, "run", str(src), "--allow-errors"])
+    assert done.returncode == 1, done.stdout + done.stderr
+    written = nbformat.read(tmp_path / "nb.executed.ipynb", as_version=4)
+    assert written.cells[1].outputs[0]["text"] == "after the error\n"
+    assert "Traceback" not in done.stderr
+
+
+def test_run_says_what_is_wrong_without_a_traceback(tmp_path):
+    (tmp_path / "junk.ipynb").write_text("not json")
+    junk = run([*TIERKERNEL, "run", str(tmp_path / "junk.ipynb")])
+    assert junk.returncode == 2 and "is not a notebook nbformat can read" in junk.stderr
+    no_kernel = run([*TIERKERNEL, "run", str(notebook(tmp_path, "1")), "--kernel", "nosuch"])
+    assert no_kernel.returncode == 2, no_kernel.stderr
+    assert "no kernelspec named 'nosuch'" in no_kernel.stderr
+    slow = run([*TIERKERNEL, "run", str(notebook(tmp_path, "import time; time.sleep(30)")),
+                "--timeout", "2"])
+    assert slow.returncode == 1 and "stopped at an unexpected error" in slow.stderr
+    for done in (junk, no_kernel, slow):
+        assert "Traceback" not in done.stderr, done.stderr

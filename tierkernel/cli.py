@@ -242,14 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tier for cells without %%%%tier (written to the spec's environment)")
     p.set_defaults(func=_cmd_install)
 
-    p = sub.add_parser("run", help="execute a notebook and print a per-cell summary")
+    p = sub.add_parser(
+        "run", help="execute a notebook and print a per-cell summary",
+        description="Execute a notebook with nbclient, write the executed copy and print one "
+        "line per code cell (its tier, duration and outcome). Cells whose tier cannot run "
+        "here are skipped, with the reason.",
+        epilog="exit status: 0 every cell succeeded, failed as the notebook expects (tagged "
+        "raises-exception) or was skipped; 1 a cell failed otherwise or ran out of time "
+        "(the run stops at it, or with --allow-errors goes on to the end and still exits 1); "
+        "2 the notebook could not be read or the kernel could not start.")
     p.add_argument("notebook", help="the .ipynb file to run")
     p.add_argument("-o", "--output", help="where to write the executed notebook "
                    "(default: NAME.executed.ipynb next to it)")
     p.add_argument("--kernel", default=KERNEL_NAME, help="kernelspec to run it with")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per cell")
     p.add_argument("--allow-errors", action="store_true",
-                   help="keep going after a failing cell not tagged raises-exception")
+                   help="run every cell even after one fails unexpectedly (not tagged "
+                   "raises-exception); the exit status is still 1 if one did")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("tiers", help="show every installed tier, available or not, and why")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import nbformat
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+#: What ``tierkernel run`` exits with (its ``--help`` says so too).
+EXIT_OK, EXIT_CELL_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
 
 
 def default_output(path: Path) -> Path:
@@ -27,17 +32,36 @@ def run_notebook(
     """Run ``notebook``, write the executed copy, print one line per code cell.
 
     Each executed cell also gets ``metadata.tierkernel`` (tier, duration_ms, success) from its
-    execute_reply. Returns a process exit status: 0 when every cell succeeded or was expected to
-    fail (tagged ``raises-exception``), 1 otherwise.
+    execute_reply. Returns a process exit status: 0 (:data:`EXIT_OK`) when every cell
+    succeeded, failed as expected (tagged ``raises-exception``) or was skipped (its tier cannot
+    run here); 1 (:data:`EXIT_CELL_FAILED`) when a cell failed otherwise or ran out of time
+    (without ``allow_errors`` the run stops there; with it every cell runs first); 2
+    (:data:`EXIT_CANNOT_RUN`) when the notebook cannot be read or the kernel cannot start.
     """
     src = Path(notebook)
     if not src.is_file():
         print(f"tierkernel run: no notebook at {src}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_RUN
     dest = Path(output) if output else default_output(src)
-    nb = nbformat.read(src, as_version=4)
+    try:
+        nb = nbformat.read(src, as_version=4)
+    except Exception as exc:  # nbformat raises anything from ValueError to TypeError
+        print(f"tierkernel run: {src} is not a notebook nbformat can read: {exc}",
+              file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    try:
+        KernelSpecManager().get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        print(f"tierkernel run: no kernelspec named {kernel_name!r}; `jupyter kernelspec list` "
+              "shows those installed, `tierkernel install` installs tierkernel's",
+              file=sys.stderr)
+        return EXIT_CANNOT_RUN
     replies: dict[int, dict[str, Any]] = {}
     skipped = skip_unavailable_tiers(nb)
+    started: list[int] = []
+
+    def on_start(cell: Any, cell_index: int) -> None:
+        started.append(cell_index)
 
     def on_executed(cell: Any, cell_index: int, execute_reply: dict[str, Any]) -> None:
         info = execute_reply.get("metadata", {}).get("tierkernel")
@@ -51,26 +75,41 @@ def run_notebook(
         timeout=int(timeout),
         allow_errors=allow_errors,
         resources={"metadata": {"path": str(src.parent.resolve())}},
+        on_cell_start=on_start,
         on_cell_executed=on_executed,
     )
     failure: str | None = None
-    try:
-        client.execute()
-    except CellExecutionError as exc:
-        failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-    finally:
-        nbformat.write(nb, dest)
-    print(summary(nb, replies, skipped))
+    stopped: dict[int, str] = {}
+    # The kernel's own log (ipykernel's warnings, its errors while nbclient stops it after a
+    # timeout) is kept from the summary, and shown only if the kernel died.
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as kernel_log:
+        try:
+            client.execute(stderr=kernel_log)
+        except CellTimeoutError:
+            stopped[started[-1]] = "timeout"
+            failure = (f"cell {started[-1]} ran longer than {timeout:g} s; allow more with "
+                       "--timeout SECONDS")
+        except CellExecutionError as exc:
+            failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        except DeadKernelError as exc:
+            if started:
+                stopped[started[-1]] = "died"
+            kernel_log.seek(0)
+            failure = f"the kernel died ({exc}); its last words:\n" + "".join(
+                kernel_log.readlines()[-20:])
+        finally:
+            nbformat.write(nb, dest)
+    print(summary(nb, replies, skipped, stopped))
     print(f"executed notebook written to {dest}")
     if failure:
         print(f"stopped at an unexpected error: {failure}", file=sys.stderr)
-        return 1
+        return EXIT_CELL_FAILED
     unexpected = [
         i for i, r in replies.items()
         if r.get("content", {}).get("status") != "ok"
         and "raises-exception" not in nb.cells[i].metadata.get("tags", [])
     ]
-    return 1 if unexpected else 0
+    return EXIT_CELL_FAILED if unexpected else EXIT_OK
 
 
 def skip_unavailable_tiers(nb: Any) -> dict[int, str]:
@@ -103,8 +142,11 @@ def skip_unavailable_tiers(nb: Any) -> dict[int, str]:
 
 
 def summary(nb: Any, replies: dict[int, dict[str, Any]],
-            skipped: dict[int, str] | None = None) -> str:
-    """A table with one row per code cell: index, tier, duration, ok/error, first line."""
+            skipped: dict[int, str] | None = None,
+            stopped: dict[int, str] | None = None) -> str:
+    """A table with one row per code cell: index, tier, duration, ok/error, first line.
+    ``stopped`` names the cell that had no reply because the run stopped in it (a timeout,
+    the kernel's death)."""
     rows = [f"{'cell':>4}  {'tier':<10} {'duration':>10}  {'result':<8} first line"]
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
@@ -117,7 +159,8 @@ def summary(nb: Any, replies: dict[int, dict[str, Any]],
                         f"({skipped[index][:80]})")
             continue
         if index not in replies or not info:
-            rows.append(f"{index:>4}  {'-':<10} {'-':>10}  {'not run':<8} {first}")
+            outcome = (stopped or {}).get(index, "not run")
+            rows.append(f"{index:>4}  {'-':<10} {'-':>10}  {outcome:<8} {first}")
             continue
         status = replies[index].get("content", {}).get("status", "?")
         result = "ok" if status == "ok" else status
