@@ -65,6 +65,25 @@ def test_fsx_magic_commands(ws, tmp_path):
     assert kernel.run(f"%fsx get /data/in.csv {target} --force").status == "ok"
     info = kernel.run("%fsx info")
     assert "backend: sqlite" in info.stdout and url in info.stdout
+    one = kernel.run("%fsx info data/in.csv")
+    assert one.status == "ok", one.stderr
+    assert one.stdout.splitlines()[:3] == ["path:     /data/in.csv", "type:     file",
+                                           "size:     8 B (8 bytes)"]
+    assert "mode:     -rw-" in one.stdout and "modified: " in one.stdout
+    kernel.run("fs.symlink('in.csv', '/data/link'); fs.symlink('gone', '/data/dangling')")
+    folder = kernel.run("%fsx info /data")
+    assert "type:     directory" in folder.stdout
+    assert "entries:  3 (1 file, 0 directories, 2 links)" in folder.stdout
+    link = kernel.run("%fsx info /data/link")
+    assert "link to:  in.csv (/data/in.csv)" in link.stdout and "type:     file" in link.stdout
+    assert "(dangling: No such file or directory)" in kernel.run(
+        "%fsx info /data/dangling").stdout
+    missing = kernel.run("%fsx info /nope")
+    assert missing.stderr == "UsageError: %fsx info: No such file or directory: /nope\n"
+    assert "takes 0 to 1 arguments, got 2" in kernel.run("%fsx info a b").stderr
+    helped = kernel.run("%fsx help")
+    assert helped.status == "ok" and "%fsx info PATH" in helped.stdout
+    assert kernel.run("%fsx ls --help").stdout == helped.stdout
     rm_dir = kernel.run("%fsx rm /data")
     assert rm_dir.status == "error" and "rm -r" in rm_dir.stderr
     assert kernel.run("%fsx rm -r /data").status == "ok"
@@ -72,4 +91,4 @@ def test_fsx_magic_commands(ws, tmp_path):
     bad = kernel.run("%fsx frobnicate")
     assert bad.status == "error" and "unknown %fsx command 'frobnicate'" in bad.stderr
     assert "usage:" in kernel.run("%fsx").stderr
-    assert "takes 1-1 argument" in kernel.run("%fsx cat").stderr
+    assert "takes 1 argument, got 0" in kernel.run("%fsx cat").stderr

@@ -7,6 +7,8 @@ one clear line, never a traceback.
 from __future__ import annotations
 
 import shlex
+import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ USAGE = """usage:
                                  copy a workspace file to the host (--force replaces an
                                  existing host file)
   %fsx rm [-r] PATH              remove a file (-r: a directory and everything in it)
-  %fsx info                      backend, URL, number of files and bytes"""
+  %fsx info                      the workspace: backend, URL, number of files and bytes
+  %fsx info PATH                 one file, directory or link: type, size, mode, modified
+  %fsx help                      this text"""
 
 # %fsx cat prints at most this much: a notebook output is no place for a 100 MB file.
 CAT_LIMIT = 1 << 20
@@ -54,7 +58,8 @@ class FsxMagics(Magics):
         %fsx put HOST_PATH [FSX_PATH]
         %fsx get FSX_PATH [HOST_PATH] [--force]
         %fsx rm [-r] PATH
-        %fsx info
+        %fsx info [PATH]
+        %fsx help
         """
         try:
             words = shlex.split(line)
@@ -63,6 +68,9 @@ class FsxMagics(Magics):
         if not words:
             raise UsageError(USAGE)
         command, args = words[0], words[1:]
+        if command in ("help", "-h", "--help") or "-h" in args or "--help" in args:
+            print(USAGE)
+            return
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
             raise UsageError(f"unknown %fsx command {command!r}\n{USAGE}")
@@ -74,8 +82,14 @@ class FsxMagics(Magics):
 
     def _arity(self, command: str, args: list[str], low: int, high: int) -> None:
         if not low <= len(args) <= high:
-            raise UsageError(f"%fsx {command} takes {low}-{high} argument(s), got "
-                             f"{len(args)}\n{USAGE}")
+            if high == 0:
+                takes = "no arguments"
+            elif low == high:
+                takes = f"{low} argument{'s' if low > 1 else ''}"
+            else:
+                takes = f"{low} to {high} arguments"
+            raise UsageError(f"%fsx {command} takes {takes}, got {len(args)}: "
+                             f"{' '.join(args) or '(none)'}\n{USAGE}")
 
     def _cmd_ls(self, args: list[str]) -> None:
         self._arity("ls", args, 0, 1)
@@ -168,8 +182,45 @@ class FsxMagics(Magics):
             self.fs.unlink(args[0])
 
     def _cmd_info(self, args: list[str]) -> None:
-        self._arity("info", args, 0, 0)
+        self._arity("info", args, 0, 1)
+        if args:
+            self._path_info(args[0])
+            return
         info = self.fs.info()
         print(f"backend: {info['backend']}\nurl:     {info['url']}\n"
               f"files:   {info['files']}\nsize:    {_size(info['bytes'])} "
               f"({info['bytes']} bytes)")
+
+    def _path_info(self, path: str) -> None:
+        """``%fsx info PATH``: what ``PATH`` is; for a link, where it points and what is there."""
+        st = self.fs.lstat(path)
+        lines = [f"path:     {path if st.is_symlink() else self.fs.realpath(path)}"]
+        if st.is_symlink():
+            target = self.fs.readlink(path)
+            try:
+                st = self.fs.stat(path)
+            except OSError as exc:
+                lines.append(f"link to:  {target} (dangling: {exc.strerror or exc})")
+                print("\n".join(lines))
+                return
+            lines.append(f"link to:  {target} ({self.fs.realpath(path)})")
+        if st.is_dir():
+            entries = self.fs.readdir(path, with_types=True)
+            counts = [_plural(sum(1 for e in entries if e.kind == kind), noun)
+                      for kind, noun in (("file", "file"), ("dir", "directory"),
+                                         ("symlink", "link"))]
+            lines += ["type:     directory",
+                      f"entries:  {len(entries)} ({', '.join(counts)})"]
+        else:
+            lines += ["type:     file",
+                      f"size:     {_size(st.st_size)} ({st.st_size} bytes)"]
+        lines += [f"mode:     {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):o})",
+                  "modified: " + time.strftime("%Y-%m-%d %H:%M:%S",
+                                               time.localtime(st.st_mtime))]
+        print("\n".join(lines))
+
+
+def _plural(count: int, noun: str) -> str:
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
