@@ -165,9 +165,11 @@ def test_executions_magic(rk: KernelSession):
     table = rk.run("%executions --tier process --failed --limit 3")
     text = _plain(table)
     lines = text.splitlines()
-    assert lines[0].split() == ["id", "started", "tier", "status", "duration", "cpu", "peak",
-                                "memory", "code"]
+    assert lines[0].split() == ["id", "#", "started", "tier", "status", "duration", "cpu",
+                                "peak", "memory", "code"]
     assert len(lines) == 5  # header, 3 rows, footer
+    # The code column shows the cell's code, not the %%tier line the tier column repeats.
+    assert lines[1].endswith(" raise ValueError('for the table 2')"), lines[1]
     assert all(" process " in line and " error " in line for line in lines[1:4])
     # What each cell used, as the host measured it (the agent process's CPU time and RSS).
     assert all(re.search(r" \d+ ms +\d+\.\d MiB ", line) for line in lines[1:4]), lines
@@ -180,9 +182,17 @@ def test_executions_magic(rk: KernelSession):
     assert "    raise ValueError('for the table 2')" in full
     assert "error:           ValueError: for the table 2" in full
     assert re.search(r"cpu: +\d+ ms\n", full) and re.search(r"peak memory: +\d+\.\d MiB", full)
+    # By execution count: %executions N is the cell In [N] of this kernel.
+    counted = rk.run("%%tier process\n'the counted cell'")
+    n = counted.reply["execution_count"]
+    assert re.search(rf"^\w+ +{n} ", _plain(rk.run("%executions --limit 2")).splitlines()[2])
+    by_count = _plain(rk.run(f"%executions {n}"))
+    assert f"execution count: {n}\n" in by_count and "    'the counted cell'" in by_count
+    assert f"id:              {counted.metadata['tierkernel']['execution_id']}" in by_count
     everything = _plain(rk.run("%executions --all --limit 2"))
     assert "all kernels" in everything
     for line, message in (("%executions nosuchid", "no single execution"),
+                          ("%executions 99999", "no cell In [99999] in this kernel"),
                           ("%executions --limit zero", "positive integer"),
                           ("%executions --bogus", "usage: %executions")):
         out = rk.run(line)

@@ -16,7 +16,9 @@ from tierkernel.runtime.host import RuntimeHost
 
 _USAGE = ("usage: %executions [--tier T] [--failed] [--limit N] [--all]   (a table, newest "
           "first; --all: every kernel's, not only this one's)\n"
-          "       %executions ID   (one execution with its code, logs and helper calls)")
+          "       %executions N    (the cell In [N] of this kernel, in full: code, logs and "
+          "helper calls)\n"
+          "       %executions ID   (one execution by its id, or a unique start of it)")
 
 
 def _when(started: float) -> str:
@@ -42,7 +44,11 @@ def _memory(size: int | None) -> str:
 
 
 def _first_line(code: str, width: int = 48) -> str:
+    """The cell's first line of code, for the table: after its ``%%tier`` line, which says
+    no more than the tier column (a cell that is only that line shows it)."""
     lines = [line for line in code.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].lstrip().startswith("%%tier"):
+        lines = lines[1:]
     text = lines[0].strip() if lines else ""
     if len(lines) > 1:
         text += " ..."
@@ -52,14 +58,16 @@ def _first_line(code: str, width: int = 48) -> str:
 class ExecutionTable:
     """The ``%executions`` table (text in a console, HTML in a notebook)."""
 
-    HEADER = ("id", "started", "tier", "status", "duration", "cpu", "peak memory", "code")
+    HEADER = ("id", "#", "started", "tier", "status", "duration", "cpu", "peak memory",
+              "code")
 
     def __init__(self, rows: list[Execution], scope: str) -> None:
         self.rows = rows
         self.scope = scope
 
     def _cells(self) -> list[tuple[str, ...]]:
-        return [(r.id, _when(r.started), r.tier, r.status, _duration(r.duration_ms),
+        return [(r.id, "-" if r.execution_count is None else str(r.execution_count),
+                 _when(r.started), r.tier, r.status, _duration(r.duration_ms),
                  _cpu(r.cpu_seconds), _memory(r.peak_memory), _first_line(r.code))
                 for r in self.rows]
 
@@ -71,7 +79,7 @@ class ExecutionTable:
         lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)),
                             row[-1]]).rstrip() for row in table]
         lines.append(f"({len(self.rows)} shown, newest first, {self.scope}; "
-                     "%executions ID shows one in full)")
+                     "%executions ID, or N for In [N], shows one in full)")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -82,10 +90,10 @@ class ExecutionTable:
         for row, record in zip(self._cells(), self.rows, strict=True):
             color = "" if record.status in ("ok", "running") else " style='color:#b00'"
             cells = [f"<td><code>{html.escape(row[0])}</code></td>",
-                     *(f"<td>{html.escape(c)}</td>" for c in row[1:3]),
-                     f"<td{color}>{html.escape(row[3])}</td>",
-                     *(f"<td>{html.escape(c)}</td>" for c in row[4:7]),
-                     f"<td><code>{html.escape(row[7])}</code></td>"]
+                     *(f"<td>{html.escape(c)}</td>" for c in row[1:4]),
+                     f"<td{color}>{html.escape(row[4])}</td>",
+                     *(f"<td>{html.escape(c)}</td>" for c in row[5:8]),
+                     f"<td><code>{html.escape(row[8])}</code></td>"]
             body.append("<tr>" + "".join(cells) + "</tr>")
         return (f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
                 f"<p>{len(self.rows)} shown, newest first, {html.escape(self.scope)}</p>")
@@ -153,8 +161,12 @@ class ExecutionMagics(Magics):
         %executions [--tier T] [--failed] [--limit N] [--all]
             a table of this kernel's executions, newest first (N defaults to 20);
             --all shows every kernel's executions in the log
+        %executions N
+            the cell In [N] of this kernel (its execution count), with its code, logs and
+            helper calls
         %executions ID
-            one execution (an id or a unique prefix of one) with its code, logs and calls
+            one execution (an id or a unique prefix of one) in full; an ID of digits only
+            is read as N first
         """
         try:
             words = shlex.split(line, comments=True)
@@ -192,12 +204,7 @@ class ExecutionMagics(Magics):
         if ident is not None:
             if tier is not None or failed or every or limit != 20:
                 raise UsageError(f"%executions ID takes no options\n{_USAGE}")
-            try:
-                record = self.host.audit.execution(ident)
-            except KeyError:
-                raise UsageError(f"no single execution has the id {ident!r} (an id or a unique "
-                                 "prefix; %executions lists them)") from None
-            display(ExecutionView(record))
+            display(ExecutionView(self._find(ident)))
             return
         rows = self.host.audit.executions(
             session=None if every else self.host.session_id, tier=tier, failed=failed,
@@ -208,3 +215,19 @@ class ExecutionMagics(Magics):
         if failed:
             scope += ", failed or refused only"
         display(ExecutionTable(rows, scope))
+
+    def _find(self, ident: str) -> Execution:
+        """The execution ``%executions ident`` names: In [N] of this kernel for digits, else
+        (or when this kernel has no such N) the one whose id starts with ``ident``."""
+        audit = self.host.audit
+        if ident.isdigit():
+            try:
+                return audit.execution_by_count(self.host.session_id, int(ident))
+            except KeyError:
+                pass
+        try:
+            return audit.execution(ident)
+        except KeyError:
+            counted = (f"no cell In [{ident}] in this kernel, and " if ident.isdigit() else "")
+            raise UsageError(f"{counted}no single execution has the id {ident!r} (an id or a "
+                             "unique start of one; %executions lists them)") from None

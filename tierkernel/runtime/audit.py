@@ -223,12 +223,36 @@ class AuditLog:
                               ).fetchall()
             if len(rows) != 1:
                 raise KeyError(id_prefix if not rows else f"{id_prefix} (ambiguous)")
-            calls = db.execute(
-                "SELECT helper, target, allowed, ok, error, started, duration_ms, size FROM "
-                "helper_calls WHERE execution_id = ? ORDER BY started, rowid",
-                (rows[0][0],)).fetchall()
-        return _execution(rows[0], [HelperCall(c[0], c[1], bool(c[2]), bool(c[3]), c[4], c[5],
-                                               c[6], c[7]) for c in calls])
+            return _execution(rows[0], self._calls(db, rows[0][0]))
+
+    def execution_by_count(self, session: str, count: int) -> Execution:
+        """The execution of kernel session ``session`` that had execution count ``count`` (the
+        cell shown as ``In [count]``), with its helper calls. Cells that do not advance the
+        count (silent ones a frontend sends) share it with the next cell, which is the newest
+        of them: that one is returned.
+
+        Raises ``KeyError`` when the session has no execution with that count.
+        """
+        # No index serves this look-up: one more index would cost every cell's record on its
+        # reply path, for a query a person types now and then.
+        with self._lock:
+            db = self._db()
+            row = db.execute(_SELECT + " WHERE e.kernel_session = ? AND e.execution_count = ? "
+                             "ORDER BY e.started DESC, e.rowid DESC LIMIT 1",
+                             (session, count)).fetchone()
+            if row is None:
+                raise KeyError(count)
+            return _execution(row, self._calls(db, row[0]))
+
+    @staticmethod
+    def _calls(db: sqlite3.Connection, execution_id: str) -> list[HelperCall]:
+        """The helper calls of one execution, in the order they were made."""
+        calls = db.execute(
+            "SELECT helper, target, allowed, ok, error, started, duration_ms, size FROM "
+            "helper_calls WHERE execution_id = ? ORDER BY started, rowid",
+            (execution_id,)).fetchall()
+        return [HelperCall(c[0], c[1], bool(c[2]), bool(c[3]), c[4], c[5], c[6], c[7])
+                for c in calls]
 
     def close(self) -> None:
         """Close the file (the kernel shuts down)."""
