@@ -1,10 +1,14 @@
-"""Cell-boundary sync between fsx and a container's ``/workspace`` (the sandbox tier).
+"""Cell-boundary sync between fsx and a tier's own copy of it: the sandbox container's
+``/workspace``, the process tier's folder.
 
 Before a cell: :func:`pack` makes a tar of the workspace (or of what changed since the last
-manifest) for docker's ``put_archive``, plus the paths the container must delete. After the
-cell: :func:`apply` takes the tar of docker's ``get_archive("/workspace")`` and brings fsx up to
-date, deleting what the container deleted, so the container's changes are in fsx before the
-cell's reply.
+manifest), plus the paths the copy must delete; the tier extracts it there (in the sandbox,
+``tar -x`` in a docker exec, or the agent itself for a small copy). After the cell: the tier
+sends a tar of its copy (``tar -c`` there, or the agent's), and :func:`apply` brings fsx up to
+date, deleting what the cell deleted, so the cell's changes are in fsx before its reply. Docker's
+archive API (``put_archive``, ``get_archive``, what ``docker cp`` uses) is no way in or out: it
+cannot reach the tmpfs mounted at the container's ``/workspace``. Below, "the container" is the
+tier's copy, whichever tier holds it.
 
 Consistency rule (never lose data): a path the container changed is written to fsx only if fsx
 still holds what was packed (the *base* manifest); if both changed meanwhile (another kernel
@@ -164,9 +168,9 @@ def container_target(target: str, rel: str) -> str:
 def pack(workspace: FsxFacade, since: Manifest | None = None,
          owner: tuple[int, int] = (0, 0), room: int | None = None,
          known: Manifest | None = None) -> Packed:
-    """A tar of the workspace (members relative, for ``put_archive("/workspace", ...)``),
-    only what differs from ``since`` if given. Members belong to ``owner`` (uid, gid): docker
-    extracts them with those ids, and the container's user must own what it may change.
+    """A tar of the workspace (members relative, for ``tar -x -C /workspace``), only what
+    differs from ``since`` if given. Members belong to ``owner`` (uid, gid): the user the
+    tier's cells run as, who must own what they may change.
 
     ``room``: the bytes the container's folder can hold (a tmpfs counts whole pages). Files
     that would not fit, and files that cannot be read, are left out and listed in
@@ -344,7 +348,7 @@ def _chunks(archive: Any) -> Iterator[bytes]:
         while chunk := archive.read(1 << 20):
             yield chunk
     else:
-        yield from archive  # docker's exec stream, get_archive: chunks
+        yield from archive  # a docker exec's output stream: chunks
 
 
 class _Meter:
@@ -495,8 +499,9 @@ def _remove(workspace: FsxFacade, path: str) -> None:
 def apply(workspace: FsxFacade, archive: Received | BinaryIO | Iterable[bytes] | bytes,
           base: Manifest, top: str | None = "workspace", budget: Budget | None = None,
           stop: Callable[[], str | None] | None = None) -> Applied:
-    """Bring fsx up to date with a container's tar (``get_archive("/workspace")`` names its
-    members ``workspace/...``: ``top`` is that first component; None for relative members).
+    """Bring fsx up to date with a tar of the tier's copy. ``top``: the first component of
+    every member's name (``workspace/...``), taken off; None for relative members, as the
+    tiers send them (``tar -c -C /workspace .``).
 
     ``base`` is the manifest of what the container was given (from :func:`pack`). An archive
     not yet :func:`receive`-d is received first, with ``budget`` and ``stop``.

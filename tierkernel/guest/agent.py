@@ -274,8 +274,8 @@ class CellStdin(io.TextIOBase):
 
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
-        #: Binary reads (``sys.stdin.buffer``) find an empty stream, as before: the user's
-        #: answers are text.
+        #: Binary reads (``sys.stdin.buffer``) find an empty stream: the user's answers are
+        #: text.
         self.buffer = io.BytesIO()
 
     @property
@@ -1313,7 +1313,7 @@ def _fd_identity(fd: int) -> tuple[int, int] | None:
 
 
 def _unread(fd: int) -> int:
-    """Bytes waiting in the pipe ``fd`` (-1 when it cannot be told: then drain as before)."""
+    """Bytes waiting in the pipe ``fd`` (-1 when it cannot be told: then drain by marker)."""
     try:
         import fcntl
         import termios
@@ -2029,7 +2029,7 @@ def main() -> None:
         elif kind == "install_watch":
             try:
                 agent.install_watch(str(msg.get("source", "")))
-            except Exception as exc:  # the folder is walked around each cell, as before
+            except Exception as exc:  # unwatched, the folder is walked around each cell
                 channel.send({"type": "protocol_error",
                               "detail": f"could not watch the workspace: {exc!r}"})
         elif kind == "watch_reset":

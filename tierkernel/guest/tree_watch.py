@@ -1,7 +1,7 @@
 """Whether anyone changed a folder: a counter that inotify moves, instead of a walk.
 
-Two places must learn, around every sandbox cell, whether a workspace tree changed, and both
-used to walk it and stat every file (4-8 ms per thousand files, each time):
+Two places must learn, around every sandbox cell, whether a workspace tree changed, and a walk
+that stats every file costs 4-8 ms per thousand files, each time:
 
 - the host, before each cell, for a ``file://`` workspace, which any host process may change
   (``tierkernel.fsx.local``: copy it into the container only when it changed);
@@ -23,8 +23,7 @@ Why this is safe to trust:
 - When the kernel's queue overflows, or the tree cannot be watched whole (too many folders for
   ``fs.inotify.max_user_watches``, no ``/proc``, not Linux), or the folder sits on a
   filesystem where other machines may write (NFS, SMB, FUSE, 9p...; inotify reports only this
-  machine's writes), the answer is None: "cannot tell", and the caller walks every time, as
-  before.
+  machine's writes), the answer is None: "cannot tell", and the caller walks every time.
 
 Only writes are watched (modify, attributes, create, delete, move): reading files, as the walk
 itself does, moves nothing.

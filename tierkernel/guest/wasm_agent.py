@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from tierkernel.guest import helpers as _helpers
     from tierkernel.guest import ishell as _ishell
     from tierkernel.guest import pip_magic as _pip_magic
-else:  # in the guest this folder is on sys.path as itself (see wasm_transport.GUEST_DIR)
+else:  # in the guest this folder is on sys.path as itself (GUEST_DIR in backends/wasm/transport.py)
     import agent as _agent
     import helpers as _helpers
     import ishell as _ishell
@@ -71,8 +71,8 @@ class FdStream(_agent.CellStream):
     once (the process agent's stream buffers lines for its protocol instead).
 
     The host sees each write as it happens and joins a ``print()``'s pieces back into lines
-    (see ``wasm_transport``); buffering here would hold partial lines (progress dots) until
-    the next write, since the guest has no threads to flush them on a timer.
+    (see ``backends/wasm/transport.py``); buffering here would hold partial lines (progress
+    dots) until the next write, since the guest has no threads to flush them on a timer.
 
     Once a cell has closed the fd (WASI has no ``dup2`` to put the host's stream back), the
     text goes to the host as stream messages over the tool channel instead, a line at a time
@@ -227,7 +227,7 @@ def boot(config_json: str) -> None:
     _helpers.install(agent.namespace, lambda request: tk_helper(request=request))
     agent.hidden_names |= set(agent.namespace) - before
     # IPython and the pure-Python packages beside it (a read-only mount of the host's copies,
-    # see wasm_site), after the guest's own packages so its numpy and the like win. No
+    # see backends/wasm/site.py), after the guest's own packages so its numpy and the like win. No
     # threads here: IPython is imported when a cell first needs it.
     site = config.get("site")
     if site and site not in sys.path:
