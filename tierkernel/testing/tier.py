@@ -52,9 +52,9 @@ __all__ = ["TierContract"]
 class TierContract(jkt.KernelTests):  # type: ignore[misc]  # jupyter_kernel_test is untyped
     """The kernel tests every tier passes; a subclass sets :attr:`tier`.
 
-    Its own subclasses are collected by pytest whatever their name (they are ``TestCase``\\ s);
-    this class is not (``__test__`` is false here and set true for each subclass that does not
-    set it itself).
+    pytest collects its subclasses whatever their names (they are ``unittest.TestCase``
+    subclasses), but not this class, even imported by name into a test module: ``__test__`` is
+    false here and set true for each subclass that does not set it itself.
     """
 
     __test__ = False
