@@ -192,15 +192,6 @@ class OutputSink(Protocol):
         ...
 
 
-class InputNotAllowed(Exception):
-    """The cell's client does not take input (``allow_stdin`` false); the message is
-    ipykernel's."""
-
-
-class InputCancelled(Exception):
-    """An input wait ended because the cell was stopped."""
-
-
 class HeldErrorSink:
     """A cell's sink that holds its error back until the tier knows what caused it, so the
     tier can publish exactly one error that says so (the pids limit behind a bare

@@ -57,6 +57,7 @@ import httpx
 from traitlets import Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
+from tierkernel.errors import PackageError
 from tierkernel.runtime import network
 from tierkernel.runtime.audit import AuditLog, HelperCall, folded_start
 from tierkernel.sizes import ByteSize
@@ -98,14 +99,6 @@ def is_requirement(text: str) -> bool:
 def normalize(name: str) -> str:
     """A project name as PEP 503 compares them (``Foo_Bar`` -> ``foo-bar``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-class PackageError(Exception):
-    """A ``%pip`` request that cannot be done; ``kind`` is the builtin the guest raises."""
-
-    def __init__(self, message: str, kind: str = "RuntimeError") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class Packages(LoggingConfigurable):

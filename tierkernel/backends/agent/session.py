@@ -36,13 +36,20 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
-    InputCancelled,
-    InputNotAllowed,
     MimeBundle,
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.usage import UsageProbe
+from tierkernel.errors import (
+    AgentStartError,
+    ChannelLimitError,
+    InputCancelled,
+    InputNotAllowed,
+    LineTooLong,
+    OutputLimitError,
+    TierSessionLost,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +100,6 @@ _NO_HELPERS: dict[str, Any] = {"ok": False, "error": {
 def _refusal(kind: str, message: str) -> dict[str, Any]:
     """The broker's answer shape for a call the session refuses itself."""
     return {"ok": False, "error": {"type": kind, "message": message}}
-
-
-class AgentStartError(RuntimeError):
-    """The agent did not come up; the message says why and what to check."""
-
-
-class LineTooLong(OSError):
-    """The agent sent a message line longer than the session's line limit (a transport raises
-    it from ``readline``). The rest of that line is never read: the channel is out of step, so
-    the agent is killed."""
 
 
 def line_limit_for(output_limit: int) -> int:
@@ -642,8 +639,8 @@ class AgentSession:
             cell.lost = True
             why = cell.killed_because or why
         names = {"interrupt": "KeyboardInterrupt", "timeout": "TimeoutError",
-                 "output": "OutputLimitError", "channel": "ChannelLimitError"}
-        ename = names.get(cell.stop_reason or "", "TierSessionLost")
+                 "output": OutputLimitError.__name__, "channel": ChannelLimitError.__name__}
+        ename = names.get(cell.stop_reason or "", TierSessionLost.__name__)
         head = f"{cell.stop_detail}; " if cell.stop_detail else ""
         evalue = (f"{head}the {self.tier} tier's interpreter was lost ({why}). Its variables "
                   f"are gone; the next {self.tier} cell starts a fresh interpreter.")
@@ -1130,10 +1127,10 @@ class AgentSession:
         if cell.stop_reason == "timeout":
             return "TimeoutError", evalue + (f"; {self.limit_hint}" if self.limit_hint else "")
         if cell.stop_reason == "channel":
-            return "ChannelLimitError", evalue
-        return "OutputLimitError", (f"{evalue}; further output was dropped; raise the limit "
-                                    f"with {self.settings}.output_limit (the tier's "
-                                    "output_limit setting)")
+            return ChannelLimitError.__name__, evalue
+        return OutputLimitError.__name__, (
+            f"{evalue}; further output was dropped; raise the limit with "
+            f"{self.settings}.output_limit (the tier's output_limit setting)")
 
     def _on_error(self, cell: _Cell, msg: dict[str, Any]) -> None:
         ename = str(msg.get("ename", "Error"))

@@ -55,7 +55,6 @@ from tierkernel.backends.sandbox.channel import (
     MAIN_AGENT,
     SOCKET_NAME,
     WAKE_NAME,
-    ChannelError,
     Listener,
     channel_usable,
     make_wake,
@@ -71,7 +70,6 @@ from tierkernel.backends.sandbox.engine import (
     LABEL_KERNEL,
     LABEL_OWNER_HOST,
     LABEL_OWNER_PID,
-    EngineError,
     connect,
     engine_url,
     explain,
@@ -82,7 +80,16 @@ from tierkernel.backends.sandbox.notebook import FolderWatch, copy_in, tmpfs_opt
 from tierkernel.backends.sandbox.transport import DockerExecTransport, SocketTransport
 from tierkernel.backends.sandbox.workspace import Room, WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage, human_size
-from tierkernel.fsx import FsxQuotaError, sync
+from tierkernel.errors import (
+    ChannelError,
+    CopyBudgetError,
+    CopyStopped,
+    EngineError,
+    FsxQuotaError,
+    ProcessLimitError,
+    WorkspaceCopyError,
+)
+from tierkernel.fsx import sync
 from tierkernel.guest.agent import (
     COUNT_PROCS_ENV,
     MPL_SEED_ENV,
@@ -535,9 +542,9 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             session = self._session if self._container is container else None
             applied = self._workspace.after_cell(self._engine().api, container.id, True,
                                                  session, budget, stop)
-        except (sync.CopyBudgetError, sync.CopyStopped) as exc:
+        except (CopyBudgetError, CopyStopped) as exc:
             log.info("copy back of %s ended: %s", container.id[:12], exc)
-            ename = ("WorkspaceCopyError" if isinstance(exc, sync.CopyBudgetError)
+            ename = (WorkspaceCopyError.__name__ if isinstance(exc, CopyBudgetError)
                      else "TimeoutError" if "limit" in str(exc) else "KeyboardInterrupt")
             evalue = (f"{exc.strerror}. Nothing of it was copied into the workspace: the "
                       "container still has the files, and they are copied with the next "
@@ -1196,7 +1203,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
                 if self._container is container:
                     self._drop_container()
             error = ExecError(
-                "ProcessLimitError",
+                ProcessLimitError.__name__,
                 f"the cell's processes filled the sandbox's limit of "
                 f"{self._limit_text(container)} and kept it full, so the container was "
                 "removed; its variables and files are gone and the next sandbox cell starts a "

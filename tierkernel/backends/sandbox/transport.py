@@ -32,8 +32,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from tierkernel.backends.agent.session import LineTooLong
 from tierkernel.backends.sandbox.channel import AGENT_EXIT_FILE, MAIN_AGENT
+from tierkernel.errors import LineTooLong
 
 log = logging.getLogger(__name__)
 

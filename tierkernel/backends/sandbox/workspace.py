@@ -231,7 +231,7 @@ class WorkspaceSync:
         """Bring the container's changes into fsx when there are any (None when there were
         none to bring); conflicts are kept as ``NAME.sandbox-conflict``. Read through
         ``agent`` when given and the tree is small. Within ``budget``, and stopped when
-        ``stop()`` names a reason: then (sync.CopyBudgetError, sync.CopyStopped) nothing is
+        ``stop()`` names a reason: then (CopyBudgetError, CopyStopped) nothing is
         applied and the container keeps its files. Blocking."""
         with self._lock:
             return self._after_cell(api, container_id, changed, agent, budget, stop)

@@ -24,9 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tierkernel.backends.agent.session import _NO_HELPERS, LineTooLong
+from tierkernel.backends.agent.session import _NO_HELPERS
 from tierkernel.backends.base import ResourceUsage
 from tierkernel.backends.wasm import runtime as wasm_runtime
+from tierkernel.errors import ChannelLimitError, LineTooLong
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ class WasmTransport:
         if refused:
             # The runtime refused some of the cell's messages unread (the guest was told by an
             # exception it may have caught): the cell fails, saying which limit it met.
-            self._lines.put({"type": "error", "id": cell_id, "ename": "ChannelLimitError",
+            self._lines.put({"type": "error", "id": cell_id, "ename": ChannelLimitError.__name__,
                              "evalue": _refusal_text(*refused), "traceback": []})
             with self._lock:
                 if self._held_done is not None:
