@@ -186,9 +186,9 @@ class OutputSink(Protocol):
     def input(self, prompt: str, password: bool, cancel: threading.Event) -> str:
         """Ask the user for one line, as ``input()`` does in a native cell (an
         ``input_request`` on Jupyter's stdin channel); blocks until the answer. Raises
-        :class:`InputNotAllowed` when the client takes no input, :class:`InputCancelled` once
-        ``cancel`` is set (the cell was interrupted), EOFError when the client sent an end of
-        input."""
+        ``tierkernel.errors.InputNotAllowed`` when the client takes no input,
+        ``tierkernel.errors.InputCancelled`` once ``cancel`` is set (the cell was interrupted),
+        EOFError when the client sent an end of input."""
         ...
 
 

@@ -90,6 +90,7 @@ from tierkernel.errors import (
     WorkspaceCopyError,
 )
 from tierkernel.fsx import sync
+from tierkernel.guest import protocol
 from tierkernel.guest.agent import (
     COUNT_PROCS_ENV,
     MPL_SEED_ENV,
@@ -98,13 +99,13 @@ from tierkernel.guest.agent import (
     WAIT_ENV,
     WAKE_ENV,
     WATCH_ENV,
+    agent_program,
 )
 from tierkernel.magics.options import MIN_MEMORY, format_size
 from tierkernel.runtime import packages
 
 log = logging.getLogger(__name__)
 
-AGENT_PATH = Path(__file__).resolve().parents[2] / "guest" / "agent.py"
 #: When the owning kernel process started (clock ticks since boot): a pid alone may be reused.
 LABEL_OWNER_START = "org.tierkernel.owner-start"
 LABEL_RUNTIME = "org.tierkernel.runtime"
@@ -116,7 +117,7 @@ def _agent_command() -> list[str]:
     the image: the agent in the container is then always the kernel's own, and editing it
     never means rebuilding the image. No shell around it: under gVisor every process start
     costs 10-20 ms (the matplotlib font cache is copied by the agent itself, when needed)."""
-    return ["python3", "-c", AGENT_PATH.read_text()]
+    return ["python3", "-c", agent_program()]
 
 #: Seconds between a live kernel's sweeps for expired spares and dead kernels' containers.
 _SWEEP_INTERVAL = 60.0
@@ -764,7 +765,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         # With the agent and the keepers: a kernel of another tierkernel version (another
         # environment on this machine) must not claim a spare made a way it does not know.
         return spares.spec_key(create_kwargs,
-                               AGENT_PATH.read_text() + _AGENT_KEEPER + _SPARE_KEEPER)
+                               agent_program() + _AGENT_KEEPER + _SPARE_KEEPER)
 
     def _claim_spare(self, client: Any, spec: ContainerSpec) -> bool:
         """Take over a spare container made for this spec (agent already running); False
@@ -918,7 +919,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             # exec of it exists (the agent's, even exited) wedges under gVisor; expired
             # gVisor spares are removed by the reaper of any live or starting kernel instead.
             kwargs["command"] = ["sh", "-c", _AGENT_KEEPER, "tierkernel-keeper",
-                                 AGENT_PATH.read_text()]
+                                 agent_program()]
             kwargs["environment"] = self._agent_environment(spec.runtime, self.spare_ttl)
         else:
             # The keeper ends an unclaimed spare (auto-remove then removes it) once its agent
@@ -1081,7 +1082,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             return
         try:
             for part in store.parts():
-                answer = session.ask({"type": "unpack", "root": packages.SANDBOX_SITE,
+                answer = session.ask({"type": protocol.UNPACK, "root": packages.SANDBOX_SITE,
                                       "delete": [],
                                       "data": base64.b64encode(part).decode("ascii")}, timeout)
                 if answer.get("error"):
