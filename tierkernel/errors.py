@@ -43,6 +43,8 @@ the standard library is; the names it shares with the host are in
 
 from __future__ import annotations
 
+# The one import: stdlib-only guest code, below every other package, so this module stays
+# importable from anywhere. CellTimeoutError ends its traceback as a helper's error does.
 from tierkernel.guest.helpers import ipython_traceback
 
 
@@ -108,9 +110,9 @@ class TierUnavailableError(TierError, RuntimeError):
 
 
 class TierSessionLost(TierError):
-    """The name a cell ends with when its tier's session ended under it (the agent died, or
-    the session could not be opened): the session's variables are gone, and the next cell
-    of that tier starts a new one."""
+    """A tier's session ended under its cell (the agent died) or could not be opened; the
+    cell ends with this name. The session's variables are gone, and the next cell of that
+    tier starts a new session."""
 
 
 class TierStartInterrupted(TierError):
