@@ -54,7 +54,9 @@ def test_a_tree_tar_cannot_read_is_an_error_not_a_short_copy():
     top = Path(tempfile.mkdtemp(prefix="tk-pack-"))  # readable by the cells' user
     try:
         top.chmod(0o755)
-        shutil.copy(agent.__file__, top / "agent_copy.py")  # stdlib only: runs by itself
+        # Stdlib only: runs by itself, with the protocol module it loads from beside it.
+        shutil.copy(agent.__file__, top / "agent_copy.py")
+        shutil.copy(Path(agent.__file__).with_name("protocol.py"), top / "protocol.py")
         root = top / "workspace"
         root.mkdir(mode=0o755)
         (root / "secret").write_text("x")

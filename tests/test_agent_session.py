@@ -13,8 +13,9 @@ import threading
 import time
 from typing import Any
 
-from tierkernel.backends.agent.session import AgentSession, LineTooLong, line_limit_for
+from tierkernel.backends.agent.session import AgentSession, line_limit_for
 from tierkernel.backends.base import CellRequest
+from tierkernel.errors import LineTooLong
 
 
 class IgnoringAgent:

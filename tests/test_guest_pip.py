@@ -285,9 +285,10 @@ def test_file_count_and_total_size_caps(tmp_path: Path):
 
 # -- custom images: tierkernel image build --apt ... --pip ... ----------------------------------
 def test_a_custom_image_tag_names_the_recipe_and_the_extras(capsys: pytest.CaptureFixture[str]):
-    from tierkernel.backends.sandbox.extras import Extras, ExtrasError
+    from tierkernel.backends.sandbox.extras import Extras
     from tierkernel.backends.sandbox.image import image_ref, recipe_tag
     from tierkernel.cli import main
+    from tierkernel.errors import ExtrasError
 
     plain = image_ref()
     assert image_ref(Extras()) == plain

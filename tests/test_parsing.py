@@ -10,8 +10,8 @@ from traitlets.config import Config
 from tierkernel.backends.base import format_limit
 from tierkernel.backends.sandbox.backend import SandboxBackend
 from tierkernel.backends.wasm.backend import WasmBackend
+from tierkernel.errors import TierUsageError
 from tierkernel.magics.options import (
-    TierUsageError,
     format_size,
     parse_cpus,
     parse_seconds,

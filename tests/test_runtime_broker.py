@@ -19,8 +19,9 @@ import pytest
 from traitlets.config import Config
 
 from tests.servers import OPENAI_KEY
+from tierkernel.errors import TierUsageError
 from tierkernel.guest.helpers import make_helpers
-from tierkernel.magics.options import TierUsageError, parse_allow, parse_domains
+from tierkernel.magics.options import parse_allow, parse_domains
 from tierkernel.runtime.audit import AuditLog
 from tierkernel.runtime.broker import Broker, CallContext
 from tierkernel.runtime.policy import Runtime, host_matches
@@ -342,12 +343,17 @@ def test_the_json_protocol_shapes(make):
 
 
 def test_guest_helpers_need_only_the_standard_library(tmp_path):
-    """helpers.py runs where nothing but the standard library exists (-S: no site-packages)."""
-    path = Path(__file__).resolve().parent.parent / "tierkernel" / "guest" / "helpers.py"
+    """helpers.py runs where nothing but the standard library exists (-S: no site-packages),
+    beside the protocol module every guest agent loads first (as tierkernel_protocol)."""
+    guest = Path(__file__).resolve().parent.parent / "tierkernel" / "guest"
     script = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('h', {str(path)!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "def load(name, path):\n"
+        "    spec = importlib.util.spec_from_file_location(name, path)\n"
+        "    m = importlib.util.module_from_spec(spec); sys.modules[name] = m\n"
+        "    spec.loader.exec_module(m); return m\n"
+        f"load('tierkernel_protocol', {str(guest / 'protocol.py')!r})\n"
+        f"m = load('h', {str(guest / 'helpers.py')!r})\n"
         "h = m.make_helpers(lambda r: {'ok': False, 'error': {'type': 'TimeoutError', "
         "'message': 'slow host'}})\n"
         "try:\n    h['db']('select 1')\nexcept TimeoutError as e:\n    print('raised', e)\n"

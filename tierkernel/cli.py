@@ -123,9 +123,9 @@ def _cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _cmd_image(args: argparse.Namespace) -> int:
-    from tierkernel.backends.sandbox.engine import EngineError
-    from tierkernel.backends.sandbox.extras import Extras, ExtrasError
-    from tierkernel.backends.sandbox.image import ImageBuildError, build_image, image_ref
+    from tierkernel.backends.sandbox.extras import Extras
+    from tierkernel.backends.sandbox.image import build_image, image_ref
+    from tierkernel.errors import EngineError, ExtrasError, ImageBuildError
 
     try:
         extras = Extras(tuple(args.apt or ()), tuple(args.pip or ()),
@@ -148,7 +148,8 @@ def _cmd_image(args: argparse.Namespace) -> int:
 def _cmd_spares(args: argparse.Namespace) -> int:
     from tierkernel.backends.sandbox import spares as sandbox_spares
     from tierkernel.backends.sandbox.backend import remove_spares
-    from tierkernel.backends.sandbox.engine import EngineError, connect
+    from tierkernel.backends.sandbox.engine import connect
+    from tierkernel.errors import EngineError
 
     if args.make or args.keep:
         return _make_or_keep_spares(args)

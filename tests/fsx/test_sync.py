@@ -9,7 +9,8 @@ import tarfile
 
 import pytest
 
-from tierkernel.fsx.sync import UnsafeArchiveError, apply, pack
+from tierkernel.errors import UnsafeArchiveError
+from tierkernel.fsx.sync import apply, pack
 
 
 def put_archive(packed, container_root):

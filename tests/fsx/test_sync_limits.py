@@ -13,17 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tierkernel.errors import CopyBudgetError, CopyStopped, UnsafeArchiveError
 from tierkernel.fsx import Fsx
 from tierkernel.fsx import local as local_store
-from tierkernel.fsx.sync import (
-    Budget,
-    CopyBudgetError,
-    CopyStopped,
-    UnsafeArchiveError,
-    apply,
-    pack,
-    receive,
-)
+from tierkernel.fsx.sync import Budget, apply, pack, receive
 
 
 @pytest.fixture()

@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 #: Where each exported name is defined.
-_HOMES = dict.fromkeys(__all__, "tierkernel.backends.base")
+_HOMES = dict.fromkeys(__all__, "tierkernel.backends.base") | dict.fromkeys(
+    ("InputCancelled", "InputNotAllowed"), "tierkernel.errors")
 
 if TYPE_CHECKING:
     from tierkernel.backends.base import (
@@ -52,14 +53,13 @@ if TYPE_CHECKING:
         Completion,
         ExecError,
         ExecResult,
-        InputCancelled,
-        InputNotAllowed,
         Inspection,
         LogEntry,
         MimeBundle,
         OutputSink,
         ResourceUsage,
     )
+    from tierkernel.errors import InputCancelled, InputNotAllowed
 else:
     def __getattr__(name: str) -> Any:
         """An exported name, imported from its module on first use (PEP 562)."""

@@ -186,19 +186,10 @@ class OutputSink(Protocol):
     def input(self, prompt: str, password: bool, cancel: threading.Event) -> str:
         """Ask the user for one line, as ``input()`` does in a native cell (an
         ``input_request`` on Jupyter's stdin channel); blocks until the answer. Raises
-        :class:`InputNotAllowed` when the client takes no input, :class:`InputCancelled` once
-        ``cancel`` is set (the cell was interrupted), EOFError when the client sent an end of
-        input."""
+        ``tierkernel.errors.InputNotAllowed`` when the client takes no input,
+        ``tierkernel.errors.InputCancelled`` once ``cancel`` is set (the cell was interrupted),
+        EOFError when the client sent an end of input."""
         ...
-
-
-class InputNotAllowed(Exception):
-    """The cell's client does not take input (``allow_stdin`` false); the message is
-    ipykernel's."""
-
-
-class InputCancelled(Exception):
-    """An input wait ended because the cell was stopped."""
 
 
 class HeldErrorSink:

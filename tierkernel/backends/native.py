@@ -25,7 +25,7 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.usage import SelfUsage
-from tierkernel.guest.helpers import ipython_traceback
+from tierkernel.errors import CellTimeoutError
 
 
 class IPythonHost(Protocol):
@@ -34,21 +34,6 @@ class IPythonHost(Protocol):
     async def run_ipython_cell(self, request: CellRequest) -> dict[str, Any]:
         """Run ``request.code`` through IPython and return ipykernel's reply content."""
         ...
-
-
-class CellTimeoutError(KeyboardInterrupt):
-    """Raised inside a native cell that ran past its ``--timeout``.
-
-    A ``KeyboardInterrupt`` (what the stop button raises), not a ``TimeoutError``: code that
-    retries on errors (``except Exception``, or ``except socket.timeout``, which is
-    ``TimeoutError``, as HTTP clients do) must not take the end of the cell's time for one
-    more error to retry, and IPython's and ipykernel's own code, written to survive a click
-    of the stop button at any moment, survives the timeout the same way."""
-
-    def _render_traceback_(self) -> list[str]:
-        """IPython's traceback, ending at the cell's line that was running rather than in
-        the tier's signal handler (as IPython shows a KeyboardInterrupt)."""
-        return ipython_traceback(self)
 
 
 #: Once the deadline has passed, the signal is sent again this often until the cell ends, so

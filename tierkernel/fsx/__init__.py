@@ -4,9 +4,9 @@
 ``file:///dir``); the facade is ``fs`` in a notebook; ``fsx://`` URLs name the current one.
 """
 
+from tierkernel.errors import FsxConfigError, FsxQuotaError
 from tierkernel.fsx.config import Fsx, default_url, open_url
 from tierkernel.fsx.current import current, set_current
-from tierkernel.fsx.errors import FsxConfigError
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.filesystem import (
     FsxFileSystem,
@@ -15,7 +15,7 @@ from tierkernel.fsx.filesystem import (
     FsxSqliteFileSystem,
 )
 from tierkernel.fsx.nodes import DirEntry, FsxStat
-from tierkernel.fsx.quota import FsxQuotaError, Quota
+from tierkernel.fsx.quota import Quota
 
 __all__ = [
     "DirEntry",

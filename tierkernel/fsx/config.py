@@ -19,7 +19,7 @@ from jupyter_core.paths import (
 from traitlets import Int, Unicode, default
 from traitlets.config import Configurable
 
-from tierkernel.fsx.errors import FsxConfigError
+from tierkernel.errors import FsxConfigError
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.filesystem import (
     FsxFileSystem,

@@ -12,7 +12,7 @@ from typing import Any
 
 from fsspec.spec import _Cached
 
-from tierkernel.fsx.errors import FsxConfigError
+from tierkernel.errors import FsxConfigError
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.filesystem import FsxFileSystem
 

@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import BinaryIO
 
+from tierkernel.errors import FsxQuotaError
 from tierkernel.fsx.errors import escapes_root, fs_error, not_found
 from tierkernel.fsx.nodes import DEFAULT_MODE, DirEntry, FsxStat, Node
 from tierkernel.fsx.paths import PATH_MAX, components, is_within, join, parent
-from tierkernel.fsx.quota import UNLIMITED, CappedReader, FsxQuotaError, Quota, byte_length, depth
+from tierkernel.fsx.quota import UNLIMITED, CappedReader, Quota, byte_length, depth
 from tierkernel.fsx.store import Reader, Store
 
 # Linux gives up after 40 symlinks in one lookup (MAXSYMLINKS); the same limit makes a loop
@@ -63,7 +64,7 @@ class PosixEngine:
     Every write of every tier comes through here, so here is where the workspace's ``quota``
     holds: each write is checked, inside its transaction and before anything changes, against
     the totals the store keeps (``Store.tally``), and one that would go over raises
-    :class:`~tierkernel.fsx.quota.FsxQuotaError` and changes nothing.
+    :class:`~tierkernel.errors.FsxQuotaError` and changes nothing.
     """
 
     def __init__(self, store: Store, quota: Quota | None = None) -> None:

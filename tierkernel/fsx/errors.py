@@ -32,7 +32,3 @@ def escapes_root(path: str) -> OSError:
     """PermissionError (EACCES): ``path`` climbs above the workspace root."""
     return fs_error(errno.EACCES, path, detail="Permission denied: the path escapes the "
                     "workspace root (fsx paths are rooted at '/', which is the workspace)")
-
-
-class FsxConfigError(ValueError):
-    """A workspace URL or option that fsx cannot use; the message says which and why."""

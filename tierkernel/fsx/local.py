@@ -35,7 +35,8 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from tierkernel.fsx.errors import FsxConfigError, fs_error
+from tierkernel.errors import FsxConfigError
+from tierkernel.fsx.errors import fs_error
 from tierkernel.fsx.nodes import DEFAULT_MODE, Kind, Node
 from tierkernel.fsx.store import COPY_CHUNK, Reader, Store
 

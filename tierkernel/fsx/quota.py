@@ -18,20 +18,11 @@ import sys
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from tierkernel.errors import FsxQuotaError
 from tierkernel.sizes import format_size
 
 #: "No limit", for a workspace opened without a quota (a library's own use of a store).
 UNLIMITED = sys.maxsize
-
-
-class FsxQuotaError(OSError):
-    """A write refused because it would take the workspace over one of its quotas.
-
-    An ``OSError`` (errno EDQUOT, EFBIG or ENAMETOOLONG), so code that handles a full disk
-    handles it; ``setting`` is the quota's name in ``c.Fsx`` (``"max_bytes"``...).
-    """
-
-    setting: str = ""
 
 
 def _shown(size: int) -> str:

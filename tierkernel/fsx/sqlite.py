@@ -32,7 +32,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tierkernel.fsx.errors import FsxConfigError, fs_error
+from tierkernel.errors import FsxConfigError
+from tierkernel.fsx.errors import fs_error
 from tierkernel.fsx.nodes import DEFAULT_MODE, Kind, Node
 from tierkernel.fsx.paths import basename, parent
 from tierkernel.fsx.store import Reader, Store, process_owner

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 
+from tierkernel.errors import CopyBudgetError, CopyStopped, UnsafeArchiveError
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.nodes import Kind
 from tierkernel.fsx.paths import PATH_MAX
@@ -53,18 +54,6 @@ CONFLICT_SUFFIX = ".sandbox-conflict"
 UNREADABLE = "unreadable: "
 #: What a file takes in a tmpfs: whole pages.
 _PAGE = 4096
-
-
-class UnsafeArchiveError(ValueError):
-    """A tar from a container that fsx refuses to apply; nothing was applied."""
-
-
-class CopyBudgetError(OSError):
-    """A copy back over its :class:`Budget`; nothing was applied."""
-
-
-class CopyStopped(OSError):
-    """A copy back stopped (the cell was interrupted or ran out of time); nothing applied."""
 
 
 @dataclass(frozen=True)

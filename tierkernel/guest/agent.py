@@ -8,38 +8,8 @@ cell's own fd 1 and 2 are redirected into pipes so that C extensions and ``!cmd`
 are captured too). In the sandbox tier both directions use one unix socket of the host's
 instead (see SOCKET_ENV).
 
-host -> agent: {"type": "execute", "id", "code", "filename", "first_line", "execution_count"}
-               {"type": "install_helpers", "source"[, "packages_source", "packages_site"]}
-               {"type": "install_module", "name", "source"} (a guest module, e.g. ishell.py)
-               {"type": "watch_reset"}
-               {"type": "install_watch", "source"} (tree_watch.py, for WATCH_ENV's folder)
-               {"type": "install_files", "source", "config"} (files.py: fsx://, the notebook)
-               {"type": "procs"} | {"type": "shutdown"}
-               {"type": "unpack", "seq", "root", "data" (base64 tar), "delete"}
-               {"type": "pack", "seq", "root", "limit"}
-               {"type": "tree_state", "seq"} (did the watched folder change since the last cell?)
-               {"type": "complete", "seq", "code", "cursor_pos"[, "budget"]}
-               {"type": "inspect", "seq", "code", "cursor_pos", "detail_level"[, "budget"]}
-               {"type": "helper_result", "seq", "response"} (the answer to a helper call)
-               {"type": "input_reply", "seq", "value" | "error": {"type", "message"}}
-agent -> host: {"type": "ready", "pid", "python"}
-               {"type": "stream", "id", "name", "text"}
-               {"type": "display" | "result", "id", "data", "metadata"}
-               {"type": "clear_output", "id", "wait"}
-               {"type": "error", "id", "ename", "evalue", "traceback"}
-               {"type": "done", "id", "success"[, "workspace_changed", "procs", "last_pid"]}
-               {"type": "procs", "count", "last_pid"}
-               {"type": "unpacked", "seq"[, "error"]}
-               {"type": "packed", "seq", "data" | "too_big"[, "error"]}
-               {"type": "tree_stated", "seq", "changed"}
-               {"type": "completed", "seq", "matches", "cursor_start", "cursor_end", "metadata"}
-               {"type": "inspected", "seq", "found", "data", "metadata"}
-               {"type": "helper", "id", "seq", "request": {"helper", "args"}} (ai, api, db,
-               console and %pip's "pip", run on the host; seq None: refused, no answer)
-               {"type": "input_request", "id", "seq", "prompt", "password"} (input(), getpass()
-               and sys.stdin.readline() of a cell: the host asks the user on Jupyter's stdin
-               channel and answers with an input_reply, read by the waiting cell itself)
-               {"type": "protocol_error", "detail"} (a request it could not read or carry out)
+The messages (their ``type`` names and fields) are listed in ``guest/protocol.py``, whose
+names both sides use; see there how each guest gets that module.
 
 Interrupts arrive as SIGINT and become KeyboardInterrupt in the cell, and only in the cell: a
 SIGINT between cells is ignored, so the agent's own bookkeeping is never torn.
@@ -72,6 +42,60 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
+
+#: The guest modules the agent itself imports at start (``guest/NAME.py``), before any request
+#: could bring them. The host's other guest modules come later, as sources in requests.
+STARTUP_MODULES = ("protocol",)
+#: The sources of STARTUP_MODULES, by name, when the host put them into the agent's program
+#: (see :func:`agent_program`); empty when the agent runs from its file.
+PRELOADED: dict[str, str] = globals().get("PRELOADED") or {}
+
+
+def guest_module(name: str) -> types.ModuleType:
+    """This guest's copy of ``guest/NAME.py`` (one of STARTUP_MODULES), loaded once as
+    ``tierkernel_NAME``: a private name, so a cell's own module called NAME is never it, as
+    for the modules the host sends later (:meth:`Agent.install_module`). Its source is the
+    one the host put into the program (the sandbox's ``python3 -c``: no file beside it), else
+    the file beside this one (the process tier; the wasm tier's read-only guest folder)."""
+    loaded = sys.modules.get(f"tierkernel_{name}")
+    if loaded is not None:
+        return loaded
+    source = PRELOADED.get(name)
+    if source is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    module = types.ModuleType(f"tierkernel_{name}")
+    exec(compile(source, f"<tierkernel {name}>", "exec"), module.__dict__)
+    sys.modules[module.__name__] = module
+    return module
+
+
+def agent_program() -> str:
+    """This agent as one program for ``python3 -c``, with the sources of STARTUP_MODULES in
+    it: the sandbox tier starts the agent that way, so that the agent in a container is
+    always the kernel's own and no file of tierkernel has to be in the image. Called on the
+    host, at each agent start (an edited agent is used by the next one)."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    sources = {}
+    for name in ("agent", *STARTUP_MODULES):
+        with open(os.path.join(folder, f"{name}.py"), encoding="utf-8") as f:
+            sources[name] = f.read()
+    agent = sources.pop("agent")
+    # Right after the __future__ import, which must stay the program's first statement.
+    future = "from __future__ import annotations\n"
+    head, found, rest = agent.partition(future)
+    if not found:
+        raise RuntimeError(f"guest/agent.py must start with {future!r}")
+    return f"{head}{found}PRELOADED = {sources!r}\n{rest}"
+
+
+# The protocol's names, shared with the host (see guest/protocol.py). The host imports this
+# module from the package (tierkernel.guest.agent) and gets the package's protocol module.
+if TYPE_CHECKING or __package__:
+    from tierkernel.guest import protocol
+else:
+    protocol = guest_module("protocol")
 
 MPL_BACKEND_MODULE = "_tierkernel_inline"
 MARKER_PREFIX = "\x00tierkernel-drain-"
@@ -236,12 +260,9 @@ StdinNotImplementedError.__module__ = "builtins"
 
 #: The errors an ``input_reply`` may name; anything else is raised as RuntimeError.
 _INPUT_ERRORS: dict[str, type[BaseException]] = {
-    "StdinNotImplementedError": StdinNotImplementedError,
-    "EOFError": EOFError,
-    "KeyboardInterrupt": KeyboardInterrupt,
-    "ValueError": ValueError,
-    "RuntimeError": RuntimeError,
-    "PermissionError": PermissionError,
+    name: StdinNotImplementedError if name == protocol.STDIN_NOT_IMPLEMENTED
+    else getattr(builtins, name)
+    for name in protocol.INPUT_ERROR_TYPES
 }
 
 
@@ -515,7 +536,7 @@ class Agent:
             self.glue_globals.add(id(module.__dict__))
             self.shell_loader = loader
         except Exception as exc:  # cells still run; IPython syntax is a SyntaxError
-            self.channel.send({"type": "protocol_error",
+            self.channel.send({"type": protocol.PROTOCOL_ERROR,
                                "detail": f"could not install IPython support: {exc!r}"})
             return
         finally:
@@ -550,7 +571,7 @@ class Agent:
         # In pieces of a million characters: a message line stays far below the host's line
         # limit even when JSON escapes every character (12 bytes for one outside the BMP).
         for start in range(0, len(text), 1 << 20):
-            self.channel.send({"type": "stream", "id": self.cell_id, "name": name,
+            self.channel.send({"type": protocol.STREAM, "id": self.cell_id, "name": name,
                                "text": text[start:start + (1 << 20)]})
 
     def display(self, *objs: Any, **kwargs: Any) -> None:
@@ -568,7 +589,7 @@ class Agent:
     def send_display(self, data: Any, metadata: Any, **kwargs: Any) -> None:
         """Send one rich output to the notebook."""
         self._flush_text()
-        self.channel.send({"type": "display", "id": self.cell_id, "data": data,
+        self.channel.send({"type": protocol.DISPLAY, "id": self.cell_id, "data": data,
                            "metadata": metadata})
 
     def clear_output(self, wait: bool = False) -> None:
@@ -582,7 +603,7 @@ class Agent:
     def send_clear_output(self, wait: bool = False) -> None:
         """Clear the cell's output in the notebook."""
         self._flush_text()
-        self.channel.send({"type": "clear_output", "id": self.cell_id, "wait": bool(wait)})
+        self.channel.send({"type": protocol.CLEAR_OUTPUT, "id": self.cell_id, "wait": bool(wait)})
 
     def flush_figures(self) -> None:
         """Send every open matplotlib figure as PNG and close it (inline backend's show)."""
@@ -683,7 +704,7 @@ class Agent:
             if origin != self.cell_id:
                 # Told to the host, which records the refusal under the cell that started the
                 # thread, but never waited for: no answer is read outside the caller's cell.
-                self.channel.send({"type": "helper", "id": origin, "seq": None,
+                self.channel.send({"type": protocol.HELPER, "id": origin, "seq": None,
                                    "request": request})
                 raise PermissionError(f"{BACKGROUND_REFUSED}: this thread was started by an "
                                       "earlier cell; call ai/api/db/console from the cell that "
@@ -692,7 +713,7 @@ class Agent:
             self._host_seq += 1
             seq = self._host_seq
             self._flush_text()  # output printed before the call shows before its effects
-            self.channel.send({"type": "helper", "id": origin, "seq": seq,
+            self.channel.send({"type": protocol.HELPER, "id": origin, "seq": seq,
                                "request": request})
             while True:
                 line = self.requests.readline() if self.requests is not None else b""
@@ -702,7 +723,7 @@ class Agent:
                     msg = json.loads(line)
                 except ValueError:
                     continue
-                if msg.get("type") == "helper_result" and msg.get("seq") == seq:
+                if msg.get("type") == protocol.HELPER_RESULT and msg.get("seq") == seq:
                     response = msg.get("response")
                     return response if isinstance(response, dict) else {}
 
@@ -746,7 +767,7 @@ class Agent:
             self._host_seq += 1
             seq = self._host_seq
             self._flush_text()  # what was printed before the prompt shows before it
-            self.channel.send({"type": "input_request", "id": origin, "seq": seq,
+            self.channel.send({"type": protocol.INPUT_REQUEST, "id": origin, "seq": seq,
                                "prompt": prompt, "password": bool(password)})
             while True:
                 try:
@@ -760,7 +781,7 @@ class Agent:
                     msg = json.loads(line)
                 except ValueError:
                     continue
-                if msg.get("type") == "input_reply" and msg.get("seq") == seq:
+                if msg.get("type") == protocol.INPUT_REPLY and msg.get("seq") == seq:
                     error = msg.get("error")
                     if (isinstance(error, dict) and error.get("type") == "KeyboardInterrupt"
                             and threading.current_thread() is threading.main_thread()):
@@ -915,7 +936,7 @@ class Agent:
             # is answered first, and none starts after (call_host checks under the same lock).
             with self._host_lock:
                 cell_id, self.cell_id = self.cell_id, None
-            done: dict[str, Any] = {"type": "done", "id": cell_id, "success": success}
+            done: dict[str, Any] = {"type": protocol.DONE, "id": cell_id, "success": success}
             if os.environ.get(COUNT_PROCS_ENV):
                 done["procs"], done["last_pid"] = count_processes()
             if watched:
@@ -999,9 +1020,8 @@ class Agent:
                     self._store_output(value)
                     self._flush_text()
                     data, metadata = mime_bundle(value)
-                    self.channel.send(
-                        {"type": "result", "id": self.cell_id, "data": data, "metadata": metadata}
-                    )
+                    self.channel.send({"type": protocol.RESULT, "id": self.cell_id, "data": data,
+                                       "metadata": metadata})
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the cell's errors too
             self.in_cell = False
             error = exc
@@ -1108,7 +1128,7 @@ class Agent:
         self._flush_text()
         self.channel.send(
             {
-                "type": "error",
+                "type": protocol.ERROR,
                 "id": self.cell_id,
                 "ename": etype.__name__,
                 "evalue": evalue,
@@ -1718,9 +1738,9 @@ def _sleep_on_fifo(path: str, woken: threading.Event) -> None:
 def workspace_request(msg: dict[str, Any]) -> dict[str, Any]:
     """Answer an ``unpack`` or ``pack`` request (between cells; see the module's protocol)."""
     root = str(msg.get("root") or os.environ.get(WATCH_ENV) or os.getcwd())
-    reply: dict[str, Any] = {"type": f"{msg['type']}ed", "seq": msg.get("seq")}
+    reply: dict[str, Any] = {"type": protocol.ANSWERS[msg["type"]], "seq": msg.get("seq")}
     try:
-        if msg["type"] == "unpack":
+        if msg["type"] == protocol.UNPACK:
             # The host then sends watch_reset, as after a copy by tar in a docker exec.
             unpack_workspace(root, base64.b64decode(str(msg.get("data", ""))),
                              [str(rel) for rel in msg.get("delete") or []])
@@ -1741,7 +1761,6 @@ def workspace_request(msg: dict[str, Any]) -> dict[str, Any]:
 QUERY_MATCHES = 1000
 QUERY_MATCH_BYTES = 256 << 10
 QUERY_TEXT_CHARS = 200_000
-_ANSWERS = {"complete": "completed", "inspect": "inspected"}
 
 
 class _QueryTimeout(Exception):
@@ -1787,21 +1806,21 @@ def answer_query(agent: Agent, msg: dict[str, Any]) -> dict[str, Any]:
         shell = agent.ipython()  # made (imported) outside the deadline: never torn half-way
     except Exception:
         shell = None
-    if kind == "complete":
+    if kind == protocol.COMPLETE:
         answer: dict[str, Any] = {"matches": [], "cursor_start": cursor, "cursor_end": cursor}
     else:
         answer = {"found": False, "data": {}}
     try:
         with _query_deadline(budget):
-            if kind == "complete":
+            if kind == protocol.COMPLETE:
                 answer = _complete(agent, shell, code, cursor)
             else:
                 level = msg.get("detail_level")
                 answer = _inspect(agent, shell, code, cursor, level if level in (0, 1) else 0)
     except BaseException:  # a completer's failure, its timeout, a Ctrl-C: no answer
         pass
-    return {"type": _ANSWERS.get(str(kind), "completed"), "seq": msg.get("seq"), "metadata": {},
-            **answer}
+    return {"type": protocol.ANSWERS.get(str(kind), protocol.COMPLETED), "seq": msg.get("seq"),
+            "metadata": {}, **answer}
 
 
 def _complete(agent: Agent, shell: Any, code: str, cursor: int) -> dict[str, Any]:
@@ -1989,7 +2008,7 @@ def main() -> None:
     if os.environ.get(WATCH_ENV):
         agent._infra_pids = {pid for pid in os.listdir("/proc") if pid.isdigit()}
     agent.reset_watch()
-    channel.send({"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+    channel.send({"type": protocol.READY, "pid": os.getpid(), "python": sys.version.split()[0]})
     if os.environ.get(MPL_SEED_ENV):  # after "ready": not on the way to the first cell
         threading.Thread(target=seed_matplotlib_config, daemon=True, name="mpl-seed").start()
     while True:
@@ -2002,59 +2021,60 @@ def main() -> None:
         try:
             msg = json.loads(line)
         except ValueError:
-            channel.send({"type": "protocol_error", "detail": f"bad request line {line[:80]!r}"})
+            channel.send({"type": protocol.PROTOCOL_ERROR,
+                          "detail": f"bad request line {line[:80]!r}"})
             continue
         kind = msg.get("type")
-        if kind == "execute":
+        if kind == protocol.EXECUTE:
             agent.execute(msg)
-        elif kind == "install_helpers":
+        elif kind == protocol.INSTALL_HELPERS:
             try:
                 agent.install_helpers(str(msg.get("source", "")), msg.get("packages_source"),
                                       msg.get("packages_site"))
             except Exception as exc:  # cells still run; only the helpers are missing
-                channel.send({"type": "protocol_error",
+                channel.send({"type": protocol.PROTOCOL_ERROR,
                               "detail": f"could not install ai/api/db/console: {exc!r}"})
-        elif kind == "install_module":
+        elif kind == protocol.INSTALL_MODULE:
             try:
                 agent.install_module(str(msg.get("name", "")), str(msg.get("source", "")))
             except Exception as exc:  # cells still run; IPython syntax says it is missing
-                channel.send({"type": "protocol_error",
+                channel.send({"type": protocol.PROTOCOL_ERROR,
                               "detail": f"could not install {msg.get('name')!r}: {exc!r}"})
-        elif kind == "install_files":
+        elif kind == protocol.INSTALL_FILES:
             try:
                 agent.install_files(str(msg.get("source", "")), dict(msg.get("config") or {}))
             except Exception as exc:  # cells still run; only fsx:// and the fall-back miss
-                channel.send({"type": "protocol_error",
+                channel.send({"type": protocol.PROTOCOL_ERROR,
                               "detail": f"could not set up the tier's files: {exc!r}"})
-        elif kind == "install_watch":
+        elif kind == protocol.INSTALL_WATCH:
             try:
                 agent.install_watch(str(msg.get("source", "")))
             except Exception as exc:  # unwatched, the folder is walked around each cell
-                channel.send({"type": "protocol_error",
+                channel.send({"type": protocol.PROTOCOL_ERROR,
                               "detail": f"could not watch the workspace: {exc!r}"})
-        elif kind == "watch_reset":
+        elif kind == protocol.WATCH_RESET:
             agent.reset_watch()
-        elif kind == "procs":
+        elif kind == protocol.PROCS:
             count, last = count_processes()
-            channel.send({"type": "procs", "count": count, "last_pid": last})
-        elif kind in ("unpack", "pack"):
+            channel.send({"type": protocol.PROCS, "count": count, "last_pid": last})
+        elif kind in (protocol.UNPACK, protocol.PACK):
             channel.send(workspace_request(msg))
-        elif kind == "tree_state":
-            channel.send({"type": "tree_stated", "seq": msg.get("seq"),
+        elif kind == protocol.TREE_STATE:
+            channel.send({"type": protocol.TREE_STATED, "seq": msg.get("seq"),
                           "changed": agent.changed_since_last_cell()})
-        elif kind in ("complete", "inspect"):
+        elif kind in (protocol.COMPLETE, protocol.INSPECT):
             try:
                 answer = agent.answer_query(msg)
             except Exception:  # the agent must outlive any answer (a cell may replace it)
-                answer = {"type": _ANSWERS.get(kind, "completed"), "seq": msg.get("seq"),
+                answer = {"type": protocol.ANSWERS[kind], "seq": msg.get("seq"),
                           "matches": [], "found": False, "data": {}}
             channel.send(answer)
-        elif kind == "shutdown":
+        elif kind == protocol.SHUTDOWN:
             return
-        elif kind in ("input_reply", "helper_result"):
+        elif kind in (protocol.INPUT_REPLY, protocol.HELPER_RESULT):
             pass  # an answer its cell no longer waited for (interrupted): nobody to give it to
         else:
-            channel.send({"type": "protocol_error", "detail": f"unknown request {kind!r}"})
+            channel.send({"type": protocol.PROTOCOL_ERROR, "detail": f"unknown request {kind!r}"})
 
 
 if __name__ == "__main__":

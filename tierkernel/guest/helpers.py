@@ -29,12 +29,15 @@ if TYPE_CHECKING:
 
     Call = Callable[[dict[str, Any]], dict[str, Any]]
 
+# The protocol's names: the package's module in the kernel (native cells), the guest's copy,
+# loaded by the agent at its start, in a guest (see tierkernel.guest.protocol).
+if TYPE_CHECKING or __package__:
+    from tierkernel.guest import protocol
+else:
+    import tierkernel_protocol as protocol
+
 # The exception types the host may name; anything else is raised as RuntimeError.
-_ERRORS = {
-    name: getattr(builtins, name)
-    for name in ("PermissionError", "ValueError", "TypeError", "TimeoutError",
-                 "ConnectionError", "RuntimeError", "KeyError", "LookupError", "OSError")
-}
+_ERRORS = {name: getattr(builtins, name) for name in protocol.HELPER_ERROR_TYPES}
 
 
 class Result(dict):  # type: ignore[type-arg]

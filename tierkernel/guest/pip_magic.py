@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 
     Call = Callable[[dict[str, Any]], dict[str, Any]]
 
+# The protocol's names: the package's module in the kernel, the guest's copy, loaded by the
+# agent at its start, in a guest (see tierkernel.guest.protocol).
+if TYPE_CHECKING or __package__:
+    from tierkernel.guest import protocol
+else:
+    import tierkernel_protocol as protocol
+
 _USAGE = ("%pip install NAME[==VERSION] ... | %pip list | %pip uninstall NAME ... "
           "(packages come from the kernel's package index, fetched by the host)")
 
@@ -60,7 +67,7 @@ class PipMagic:
 
     def _request(self, args: dict[str, Any]) -> Any:
         __tracebackhide__ = True
-        response = self._call({"helper": "pip", "args": args})
+        response = self._call({"helper": protocol.PIP, "args": args})
         if not isinstance(response, dict) or "ok" not in response:
             raise RuntimeError(f"%pip: the host sent an unreadable answer: {response!r:.200}")
         if response["ok"]:
@@ -78,13 +85,14 @@ class PipMagic:
         __tracebackhide__ = True
         print("Fetching on the host (the " + self.tier + " tier has no network): "
               + " ".join(a for a in argv if not a.startswith("-")), flush=True)
-        value = self._request({"op": "install", "argv": argv, "installed": installed(),
+        value = self._request({"op": protocol.PIP_INSTALL, "argv": argv, "installed": installed(),
                                "python": "{}.{}".format(*sys.version_info[:2])})
         if value.get("message"):
             print(value["message"])
         if self.copy_in and value.get("token"):
             for part in range(int(value.get("parts", 0))):
-                got = self._request({"op": "fetch", "token": value["token"], "part": part})
+                got = self._request({"op": protocol.PIP_FETCH, "token": value["token"],
+                                     "part": part})
                 try:
                     unpack(self.site, base64.b64decode(str(got["data"])))
                 except OSError as exc:
@@ -115,7 +123,7 @@ class PipMagic:
         __tracebackhide__ = True
         if not names:
             raise ValueError("usage: %pip uninstall NAME ...")
-        value = self._request({"op": "uninstall", "names": names})
+        value = self._request({"op": protocol.PIP_UNINSTALL, "names": names})
         if self.copy_in:
             real = os.path.realpath(self.site)
             for rel in value.get("files", []):

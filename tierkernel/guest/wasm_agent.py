@@ -33,11 +33,13 @@ if TYPE_CHECKING:
     from tierkernel.guest import helpers as _helpers
     from tierkernel.guest import ishell as _ishell
     from tierkernel.guest import pip_magic as _pip_magic
+    from tierkernel.guest import protocol
 else:  # in the guest this folder is on sys.path as itself (GUEST_DIR in backends/wasm/transport.py)
     import agent as _agent
     import helpers as _helpers
     import ishell as _ishell
     import pip_magic as _pip_magic
+    import tierkernel_protocol as protocol  # loaded by the agent as it was imported
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
 AGENT: WasmAgent | None = None
@@ -175,7 +177,7 @@ class WasmAgent(_agent.Agent):
         if len(prompt) > _PROMPT_SENT:  # the host cuts it far shorter; one tool frame is 1 MiB
             prompt = prompt[:_PROMPT_SENT] + "…"
         reply = self.channel.tools.tk_input(  # type: ignore[attr-defined]
-            request={"type": "input_request", "id": self.cell_id, "prompt": prompt,
+            request={"type": protocol.INPUT_REQUEST, "id": self.cell_id, "prompt": prompt,
                      "password": bool(password)})
         return _agent.input_value(reply)
 
@@ -249,7 +251,7 @@ def boot(config_json: str) -> None:
             __import__(name)
         except Exception as exc:  # a missing preload is reported, never fatal
             agent.stderr.write(f"tierkernel: could not preload {name!r}: {exc}\n")
-    channel.send({"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+    channel.send({"type": protocol.READY, "pid": os.getpid(), "python": sys.version.split()[0]})
 
 
 def execute(text: str) -> None:
@@ -265,6 +267,6 @@ def query(text: str) -> None:
     try:
         answer = AGENT.answer_query(msg)
     except Exception:  # as the process agent's main loop: an empty answer, at once
-        answer = {"type": _agent._ANSWERS.get(msg.get("type"), "completed"),
+        answer = {"type": protocol.ANSWERS.get(msg.get("type"), protocol.COMPLETED),
                   "seq": msg.get("seq"), "matches": [], "found": False, "data": {}}
     AGENT.channel.send(answer)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tierkernel.backends.base import InputNotAllowed
+from tierkernel.errors import InputNotAllowed
 from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
 
 MimeBundle = dict[str, Any]

@@ -19,22 +19,27 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
-    InputNotAllowed,
     ResourceUsage,
 )
 from tierkernel.backends.native import NativeBackend
+from tierkernel.errors import (
+    CellTooLargeError,
+    InputNotAllowed,
+    TierError,
+    TierUnavailableError,
+    TierUsageError,
+)
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
 from tierkernel.kernel.iopub import IopubSink
 from tierkernel.kernel.quick_reply import cell_ran_outside, install_flush_skip, mark_cell
-from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
+from tierkernel.kernel.router import Route, TierRouter
 from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
 from tierkernel.magics.executions import ExecutionMagics
 from tierkernel.magics.fsx import FsxMagics
-from tierkernel.magics.options import TierUsageError
 from tierkernel.magics.parsing import split_cell
 from tierkernel.magics.tier import TierMagics, strip_native_line
-from tierkernel.runtime.host import CellTooLargeError, RuntimeHost
+from tierkernel.runtime.host import RuntimeHost
 
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
@@ -253,7 +258,7 @@ class TierKernel(IPythonKernel):
         except Exception as exc:  # a tier failure, not a failure of the user's code
             self.log.exception("tier %r failed", backend.name)
             error = ExecError(
-                "TierError",
+                TierError.__name__,
                 f"the {backend.name!r} tier failed: {exc}. The kernel is fine; other tiers keep "
                 f"working. Run %tier to check the tier's status.",
                 [],

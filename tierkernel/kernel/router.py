@@ -10,14 +10,10 @@ from typing import Any
 
 from tierkernel.backends.base import Backend, format_limit
 from tierkernel.backends.registry import BrokenTier, discover
-from tierkernel.magics.options import TierUsageError
+from tierkernel.errors import TierUnavailableError, TierUsageError
 from tierkernel.magics.parsing import CellDirective, parse_options, usage
 
 log = logging.getLogger(__name__)
-
-
-class TierUnavailableError(RuntimeError):
-    """A cell asked for a tier that cannot run here; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any
 
-from tierkernel.backends.base import InputCancelled, InputNotAllowed
+from tierkernel.errors import InputCancelled, InputNotAllowed
 
 #: ipykernel's words when the client does not allow stdin (nbclient, papermill by default).
 NO_STDIN = "raw_input was called, but this frontend does not support input requests."

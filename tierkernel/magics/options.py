@@ -14,12 +14,9 @@ from typing import Any
 
 # Sizes are read in tierkernel.sizes (below fsx, which reads them too); named here as well,
 # for the callers that take every option helper from this module.
+from tierkernel.errors import TierUsageError
 from tierkernel.sizes import format_size as format_size
 from tierkernel.sizes import size_in_bytes as size_in_bytes
-
-
-class TierUsageError(ValueError):
-    """A ``%%tier``/``%tier`` line the kernel cannot act on; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

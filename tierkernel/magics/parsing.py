@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierkernel.magics.options import OPTIONS, TierUsageError, option_usage
+from tierkernel.errors import TierUsageError
+from tierkernel.magics.options import OPTIONS, option_usage
 
 CELL_MAGIC = "%%tier"
 LINE_MAGIC = "%tier"

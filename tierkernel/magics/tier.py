@@ -15,8 +15,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
-from tierkernel.kernel.router import TierRouter, TierUnavailableError
-from tierkernel.magics.options import TierUsageError
+from tierkernel.errors import TierUnavailableError, TierUsageError
+from tierkernel.kernel.router import TierRouter
 
 _NATIVE_LINE = re.compile(r"^\s*%%tier\s+native(\s|$)")
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
+from tierkernel.errors import AddressRefused
 from tierkernel.runtime import network
-from tierkernel.runtime.network import AddressRefused
 from tierkernel.runtime.policy import CellPolicy
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -9,7 +9,8 @@ A guest (a wasm sandbox, a container, the process agent, or the native tier itse
 
 The broker checks the cell's policy, runs the helper on the host, records the call in the audit
 log, and scrubs every configured secret from what goes back. ``error.type`` is always the name
-of a Python builtin exception the guest can re-raise (see :data:`ERROR_TYPES`).
+of a Python builtin exception the guest can re-raise (see
+:data:`tierkernel.guest.protocol.HELPER_ERROR_TYPES`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import httpx
 
 from tierkernel.backends.base import LogEntry
+from tierkernel.guest import protocol
 from tierkernel.magics.options import HELPERS
 from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
@@ -41,10 +43,6 @@ from tierkernel.runtime.audit import (
 from tierkernel.runtime.policy import CellPolicy, Runtime
 
 log = logging.getLogger(__name__)
-
-#: Exception types that cross to the guest by name; anything else arrives as RuntimeError.
-ERROR_TYPES = ("PermissionError", "ValueError", "TypeError", "TimeoutError", "ConnectionError",
-               "RuntimeError", "KeyError", "LookupError", "OSError")
 
 CONSOLE_LEVELS = ("log", "info", "warn", "error")
 
@@ -146,7 +144,8 @@ class Broker:
                                      f"Unicode (a lone surrogate such as '\\ud800'?): {exc}")
             return _error("ValueError", error_text)
         except Exception as exc:
-            name = type(exc).__name__ if type(exc).__name__ in ERROR_TYPES else "RuntimeError"
+            name = type(exc).__name__
+            name = name if name in protocol.HELPER_ERROR_TYPES else "RuntimeError"
             if name == "RuntimeError" and type(exc) is not RuntimeError:
                 log.exception("helper %s() failed", helper)
                 error_text = self._scrub(f"{helper}() failed: {type(exc).__name__}: {exc}")

@@ -19,15 +19,12 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tierkernel.backends.base import ExecResult
-from tierkernel.fsx import FsxConfigError, current
+from tierkernel.errors import CellTooLargeError, FsxConfigError
+from tierkernel.fsx import current
 from tierkernel.guest.helpers import make_helpers
 from tierkernel.runtime.audit import AuditLog
 from tierkernel.runtime.broker import Broker, CallContext, note_dropped
 from tierkernel.runtime.policy import Runtime
-
-
-class CellTooLargeError(ValueError):
-    """A cell over ``c.Runtime.code_size_limit``: refused before it runs."""
 
 
 class RuntimeHost:

@@ -27,6 +27,8 @@ from typing import Any
 import httpcore
 import httpx
 
+from tierkernel.errors import AddressRefused
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -156,10 +158,6 @@ class _DeadlineStream(httpcore.NetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
-
-
-class AddressRefused(PermissionError):
-    """The host name resolved only to addresses ``api()`` may not connect to."""
 
 
 class CheckingBackend(httpcore.NetworkBackend):

@@ -57,6 +57,8 @@ import httpx
 from traitlets import Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
+from tierkernel.errors import PackageError
+from tierkernel.guest import protocol
 from tierkernel.runtime import network
 from tierkernel.runtime.audit import AuditLog, HelperCall, folded_start
 from tierkernel.sizes import ByteSize
@@ -98,14 +100,6 @@ def is_requirement(text: str) -> bool:
 def normalize(name: str) -> str:
     """A project name as PEP 503 compares them (``Foo_Bar`` -> ``foo-bar``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-class PackageError(Exception):
-    """A ``%pip`` request that cannot be done; ``kind`` is the builtin the guest raises."""
-
-    def __init__(self, message: str, kind: str = "RuntimeError") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class Packages(LoggingConfigurable):
@@ -260,11 +254,12 @@ class PackageStore:
     def handle(self, args: Any, audit: AuditLog | None, execution_id: str | None) -> dict[str, Any]:
         """Answer one guest request (``args`` of ``{"helper": "pip", "args": ...}``) in the
         broker's answer shape; installs and uninstalls are audited under ``execution_id``."""
-        if not isinstance(args, dict) or args.get("op") not in ("install", "fetch", "uninstall"):
-            return _error("ValueError", "a pip request is {'op': 'install' | 'fetch' | "
-                          "'uninstall', ...}")
+        ops = (protocol.PIP_INSTALL, protocol.PIP_FETCH, protocol.PIP_UNINSTALL)
+        if not isinstance(args, dict) or args.get("op") not in ops:
+            return _error("ValueError", "a pip request is {'op': "
+                          f"{' | '.join(repr(op) for op in ops)}, ...}}")
         op = args["op"]
-        if op == "fetch":
+        if op == protocol.PIP_FETCH:
             try:
                 return {"ok": True, "value": self._fetch(args)}
             except PackageError as exc:
@@ -272,7 +267,7 @@ class PackageStore:
         started, clock = time.time(), time.perf_counter()
         target, ok, allowed, error_text, size = f"{op}", False, True, None, 0
         try:
-            if op == "install":
+            if op == protocol.PIP_INSTALL:
                 value = self._install(args)
                 target = "install " + " ".join(f"{p['name']}=={p['version']}"
                                                for p in value["installed"])
@@ -296,7 +291,7 @@ class PackageStore:
         finally:
             if audit is not None:
                 audit.helper_call(execution_id, HelperCall(
-                    "pip", target, allowed, ok, error_text, started,
+                    protocol.PIP, target, allowed, ok, error_text, started,
                     round((time.perf_counter() - clock) * 1000, 3), size))
 
     def parts(self) -> Iterator[bytes]:
@@ -714,7 +709,7 @@ class PackageRoute:
             self.refuse = refuse
 
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request.get("helper") == "pip":
+        if request.get("helper") == protocol.PIP:
             return self.store.handle(request.get("args"), self.audit, self.execution_id)
         if self.inner is None:
             return _error("RuntimeError", "ai/api/db/console are not available here (no kernel "

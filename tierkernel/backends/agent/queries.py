@@ -15,6 +15,7 @@ from typing import Any
 
 from tierkernel.backends.agent.session import AgentSession
 from tierkernel.backends.base import Completion, Inspection
+from tierkernel.guest import protocol
 
 #: A match longer than this is no name a user would pick from a list: dropped.
 MATCH_CHARS = 1000
@@ -38,7 +39,7 @@ class AgentQueries:
         session = self._query_session()
         if session is None:
             return None
-        msg = {"type": "complete", "code": code, "cursor_pos": cursor_pos,
+        msg = {"type": protocol.COMPLETE, "code": code, "cursor_pos": cursor_pos,
                "budget": timeout}
         answer = await asyncio.to_thread(session.query, msg, "completed", timeout)
         return completion_from(answer, len(code), self.completion_limit)
@@ -49,7 +50,7 @@ class AgentQueries:
         session = self._query_session()
         if session is None:
             return None
-        msg = {"type": "inspect", "code": code, "cursor_pos": cursor_pos,
+        msg = {"type": protocol.INSPECT, "code": code, "cursor_pos": cursor_pos,
                "detail_level": detail_level, "budget": timeout}
         answer = await asyncio.to_thread(session.query, msg, "inspected", timeout)
         return inspection_from(answer)

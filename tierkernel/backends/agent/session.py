@@ -1,4 +1,5 @@
-"""The host side of the guest agent protocol (``tierkernel/guest/agent.py``).
+"""The host side of the guest agent protocol (``tierkernel/guest/agent.py``; the messages
+are named in ``tierkernel/guest/protocol.py``, which both sides import).
 
 An :class:`AgentSession` drives one agent over some :class:`AgentTransport` (a child process's
 pipes here; a container's exec socket in the sandbox tier): it sends cells, forwards the
@@ -7,7 +8,7 @@ Stopping is two-step: SIGINT first (the cell gets ``KeyboardInterrupt`` and the 
 its state), then, after a grace period, a hard kill (the state is lost and the user is told).
 
 Everything the agent sends is counted here, on the host, against limits the guest cannot
-raise (DESIGN.md, convention 9): the length of one message line (:data:`LineTooLong`), the
+raise (DESIGN.md, convention 9): the length of one message line (:class:`LineTooLong`), the
 messages of a cell (any type, forged ones included), the bytes of its output (streams, rich
 output, errors, console entries, input prompts), its helper calls (in all, and at once), and
 its input() requests (one at a time, the prompt and the answer each capped).
@@ -36,13 +37,21 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
-    InputCancelled,
-    InputNotAllowed,
     MimeBundle,
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.usage import UsageProbe
+from tierkernel.errors import (
+    AgentStartError,
+    ChannelLimitError,
+    InputCancelled,
+    InputNotAllowed,
+    LineTooLong,
+    OutputLimitError,
+    TierSessionLost,
+)
+from tierkernel.guest import protocol
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +99,15 @@ _NO_HELPERS: dict[str, Any] = {"ok": False, "error": {
     "message": "ai/api/db/console are not available here (no kernel runtime for this cell)"}}
 
 
+# The requests that carry nothing but their type, as the lines sent.
+_SHUTDOWN_LINE = json.dumps({"type": protocol.SHUTDOWN}).encode() + b"\n"
+_WATCH_RESET_LINE = json.dumps({"type": protocol.WATCH_RESET}).encode() + b"\n"
+_PROCS_LINE = json.dumps({"type": protocol.PROCS}).encode() + b"\n"
+
+
 def _refusal(kind: str, message: str) -> dict[str, Any]:
     """The broker's answer shape for a call the session refuses itself."""
     return {"ok": False, "error": {"type": kind, "message": message}}
-
-
-class AgentStartError(RuntimeError):
-    """The agent did not come up; the message says why and what to check."""
-
-
-class LineTooLong(OSError):
-    """The agent sent a message line longer than the session's line limit (a transport raises
-    it from ``readline``). The rest of that line is never read: the channel is out of step, so
-    the agent is killed."""
 
 
 def line_limit_for(output_limit: int) -> int:
@@ -337,7 +342,7 @@ class AgentSession:
         """Stop the agent for good. Idempotent, never raises."""
         self.alive = False
         with contextlib.suppress(OSError):
-            self.transport.send(b'{"type": "shutdown"}\n')
+            self.transport.send(_SHUTDOWN_LINE)
         try:
             self.transport.kill()
         except Exception:  # close() runs at shutdown and atexit: it must not raise
@@ -349,7 +354,8 @@ class AgentSession:
         stdlib-only module is sent as source, so nothing needs to exist in the guest. With
         ``packages_site``, ``%pip`` too (``pip_magic.py``), installing into that folder. Then
         the guest modules (IPython's glue)."""
-        msg = {"type": "install_helpers", "source": HELPERS_SOURCE.read_text(encoding="utf-8")}
+        msg = {"type": protocol.INSTALL_HELPERS,
+               "source": HELPERS_SOURCE.read_text(encoding="utf-8")}
         if packages_site:
             msg["packages_source"] = PIP_MAGIC_SOURCE.read_text(encoding="utf-8")
             msg["packages_site"] = packages_site
@@ -361,7 +367,7 @@ class AgentSession:
         """Send the agent the stdlib-only guest module ``tierkernel/guest/NAME.py`` as source
         (the process and sandbox agents have no folder of tierkernel's to import from)."""
         source = HELPERS_SOURCE.with_name(f"{name}.py").read_text(encoding="utf-8")
-        self.transport.send((json.dumps({"type": "install_module", "name": name,
+        self.transport.send((json.dumps({"type": protocol.INSTALL_MODULE, "name": name,
                                          "source": source}) + "\n").encode())
 
     def install_files(self, config: dict[str, Any]) -> None:
@@ -371,7 +377,7 @@ class AgentSession:
         NotebookFiles`' (the folders as the agent sees them)."""
         source = FILES_SOURCE.read_text(encoding="utf-8")
         with contextlib.suppress(OSError):  # the agent is gone: the next cell says so
-            self.transport.send((json.dumps({"type": "install_files", "source": source,
+            self.transport.send((json.dumps({"type": protocol.INSTALL_FILES, "source": source,
                                              "config": config}) + "\n").encode())
 
     def install_watch(self) -> None:
@@ -380,14 +386,14 @@ class AgentSession:
         self.watching = True
         source = TREE_WATCH_SOURCE.read_text(encoding="utf-8")
         with contextlib.suppress(OSError):  # the agent is gone: the next cell says so
-            self.transport.send((json.dumps({"type": "install_watch", "source": source})
+            self.transport.send((json.dumps({"type": protocol.INSTALL_WATCH, "source": source})
                                  + "\n").encode())
 
     def reset_watch(self) -> None:
         """Tell the agent that its watched folder's current state came from the host (a
         workspace copy), so the next cell does not report it as changed."""
         with contextlib.suppress(OSError):
-            self.transport.send(b'{"type": "watch_reset"}\n')
+            self.transport.send(_WATCH_RESET_LINE)
 
     def tree_changed(self, timeout: float = 30.0) -> bool:
         """Whether the agent's watched folder changed since the last cell ended (a process
@@ -395,7 +401,7 @@ class AgentSession:
         which the agent then takes as its new baseline: what changed before must be copied
         back first, or it would never be. True when the agent cannot say."""
         try:
-            return bool(self.ask({"type": "tree_state"}, timeout).get("changed", True))
+            return bool(self.ask({"type": protocol.TREE_STATE}, timeout).get("changed", True))
         except OSError:
             return True
 
@@ -405,7 +411,7 @@ class AgentSession:
         self._procs_answer.clear()
         self._procs_waiting = True
         try:
-            self.transport.send(b'{"type": "procs"}\n')
+            self.transport.send(_PROCS_LINE)
             if not self._procs_answer.wait(timeout) or self.procs is None:
                 return None
         except OSError:
@@ -544,7 +550,7 @@ class AgentSession:
             while len(self._recent) > 64:
                 self._recent.popitem(last=False)
         msg = {
-            "type": "execute",
+            "type": protocol.EXECUTE,
             "id": cell.id,
             "code": request.body,
             "filename": request.filename,
@@ -642,8 +648,8 @@ class AgentSession:
             cell.lost = True
             why = cell.killed_because or why
         names = {"interrupt": "KeyboardInterrupt", "timeout": "TimeoutError",
-                 "output": "OutputLimitError", "channel": "ChannelLimitError"}
-        ename = names.get(cell.stop_reason or "", "TierSessionLost")
+                 "output": OutputLimitError.__name__, "channel": ChannelLimitError.__name__}
+        ename = names.get(cell.stop_reason or "", TierSessionLost.__name__)
         head = f"{cell.stop_detail}; " if cell.stop_detail else ""
         evalue = (f"{head}the {self.tier} tier's interpreter was lost ({why}). Its variables "
                   f"are gone; the next {self.tier} cell starts a fresh interpreter.")
@@ -758,25 +764,25 @@ class AgentSession:
 
     def _dispatch(self, msg: dict[str, Any], size: int = 0) -> None:
         kind = msg.get("type")
-        if kind == "helper":
+        if kind == protocol.HELPER:
             self._on_helper(msg)
             return
-        if kind == "input_request":
+        if kind == protocol.INPUT_REQUEST:
             self._on_input(msg, size)
             return
-        if kind == "protocol_error":
+        if kind == protocol.PROTOCOL_ERROR:
             self._charge_stray(size)
             log.warning("%s agent: %.500s", self.tier, msg.get("detail"))
             return
-        if kind == "ready":
+        if kind == protocol.READY:
             self._charge_stray(size)
             self.info = msg
             self._ready.set()
             return
-        if kind in ("completed", "inspected"):
+        if kind in (protocol.COMPLETED, protocol.INSPECTED):
             self._on_query_answer(msg, kind, size)
             return
-        if kind in ("unpacked", "packed", "tree_stated"):
+        if kind in (protocol.UNPACKED, protocol.PACKED, protocol.TREE_STATED):
             seq = msg.get("seq")
             with self._lock:
                 waiting = self._asked.get(seq) if isinstance(seq, int) else None
@@ -786,7 +792,7 @@ class AgentSession:
                 waiting[1].append(msg)
                 waiting[0].set()
             return
-        if kind == "procs":
+        if kind == protocol.PROCS:
             self._charge_stray(size)
             self.procs = int(msg.get("count", -1))
             self.last_pid = int(msg.get("last_pid", -1))
@@ -796,9 +802,9 @@ class AgentSession:
         if cell is None or msg.get("id") != cell.id or cell.lost:
             self._charge_stray(size)
             return  # output of a cell that was already given up on
-        if cell.flooded and kind not in ("done", "error"):
+        if cell.flooded and kind not in (protocol.DONE, protocol.ERROR):
             return
-        if kind == "done":
+        if kind == protocol.DONE:
             cell.success = bool(msg.get("success"))
             if cell.stop_reason in ("output", "channel"):
                 self._tell_limit(cell)  # even if the agent says it ended well
@@ -807,7 +813,7 @@ class AgentSession:
                 self.procs = int(msg["procs"])
                 self.last_pid = int(msg.get("last_pid", -1))
             cell.finish()
-        elif kind == "error":
+        elif kind == protocol.ERROR:
             # Counted like any output: a flood of errors is output too. Past the limit the
             # cell's outcome is the limit's error, said by the host.
             if not cell.over_limit and self._charge(cell, size):
@@ -815,7 +821,7 @@ class AgentSession:
             else:
                 self._tell_limit(cell)
         elif not cell.over_limit:
-            text = msg.get("text") if kind == "stream" else None
+            text = msg.get("text") if kind == protocol.STREAM else None
             # Stream text is counted by its characters (a print's cost, whatever JSON makes of
             # it); anything else by the whole line the host received, metadata included.
             if self._charge(cell, len(text) if isinstance(text, str) else size):
@@ -956,7 +962,7 @@ class AgentSession:
         # its answers blocks that write, and each blocked one is a thread holding an answer.
         try:
             response = self._run_helper(cell, request)
-            reply = {"type": "helper_result", "seq": seq, "response": response}
+            reply = {"type": protocol.HELPER_RESULT, "seq": seq, "response": response}
             with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
                 self.transport.send((json.dumps(reply) + "\n").encode())
         finally:
@@ -979,7 +985,7 @@ class AgentSession:
         neither start a thread each nor block the reader on a full request channel (an agent
         that does not read its answers). Past 256 waiting, refusals are dropped: the legitimate
         agent waits for one answer at a time."""
-        reply = (json.dumps({"type": "helper_result", "seq": seq, "response": response})
+        reply = (json.dumps({"type": protocol.HELPER_RESULT, "seq": seq, "response": response})
                  + "\n").encode()
         try:
             self._refusals.put_nowait(reply)
@@ -1024,7 +1030,7 @@ class AgentSession:
         refusal = self._admit_input(cell, msg, size)
         if refusal is not None:
             if cell is not None and not cell.done.is_set():
-                self._queue_reply({"type": "input_reply", "seq": seq, **refusal})
+                self._queue_reply({"type": protocol.INPUT_REPLY, "seq": seq, **refusal})
             return
         assert cell is not None
         threading.Thread(target=self._answer_input, args=(cell, seq, msg), daemon=True,
@@ -1054,7 +1060,7 @@ class AgentSession:
         return None
 
     def _answer_input(self, cell: _Cell, seq: Any, msg: dict[str, Any]) -> None:
-        reply = {"type": "input_reply", "seq": seq, **self._ask_user(cell, msg)}
+        reply = {"type": protocol.INPUT_REPLY, "seq": seq, **self._ask_user(cell, msg)}
         with contextlib.suppress(OSError):  # the agent is gone: nobody is waiting any more
             self.transport.send((json.dumps(reply) + "\n").encode())
 
@@ -1073,7 +1079,7 @@ class AgentSession:
             try:
                 value = cell.sink.input(prompt, bool(msg.get("password")), cancel)
             except InputNotAllowed as exc:
-                return {"error": {"type": "StdinNotImplementedError", "message": str(exc)}}
+                return {"error": {"type": protocol.STDIN_NOT_IMPLEMENTED, "message": str(exc)}}
             except InputCancelled:
                 return {"error": {"type": "KeyboardInterrupt",
                                   "message": "Interrupted by user"}}
@@ -1108,14 +1114,14 @@ class AgentSession:
         self._start_refuser()
 
     def _forward(self, cell: _Cell, kind: Any, msg: dict[str, Any]) -> None:
-        if kind == "stream":
+        if kind == protocol.STREAM:
             cell.sink.stream(str(msg.get("name", "stdout")), str(msg.get("text", "")))
-        elif kind == "display":
+        elif kind == protocol.DISPLAY:
             cell.sink.display(msg.get("data") or {}, msg.get("metadata") or {})
-        elif kind == "result":
+        elif kind == protocol.RESULT:
             cell.output = msg.get("data") or {}
             cell.sink.result(cell.output, msg.get("metadata") or {})
-        elif kind == "clear_output":
+        elif kind == protocol.CLEAR_OUTPUT:
             cell.sink.clear_output(bool(msg.get("wait")))
 
     def _tell_limit(self, cell: _Cell, tb: list[str] | None = None) -> None:
@@ -1130,10 +1136,10 @@ class AgentSession:
         if cell.stop_reason == "timeout":
             return "TimeoutError", evalue + (f"; {self.limit_hint}" if self.limit_hint else "")
         if cell.stop_reason == "channel":
-            return "ChannelLimitError", evalue
-        return "OutputLimitError", (f"{evalue}; further output was dropped; raise the limit "
-                                    f"with {self.settings}.output_limit (the tier's "
-                                    "output_limit setting)")
+            return ChannelLimitError.__name__, evalue
+        return OutputLimitError.__name__, (
+            f"{evalue}; further output was dropped; raise the limit with "
+            f"{self.settings}.output_limit (the tier's output_limit setting)")
 
     def _on_error(self, cell: _Cell, msg: dict[str, Any]) -> None:
         ename = str(msg.get("ename", "Error"))

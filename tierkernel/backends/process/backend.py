@@ -31,12 +31,7 @@ from traitlets import Float, Int, Unicode
 
 from tierkernel.backends.agent.notebook_folder import NotebookFolder, guest_config
 from tierkernel.backends.agent.queries import AgentQueries
-from tierkernel.backends.agent.session import (
-    AgentSession,
-    AgentStartError,
-    ChannelLimits,
-    LineTooLong,
-)
+from tierkernel.backends.agent.session import AgentSession, ChannelLimits
 from tierkernel.backends.base import (
     Availability,
     Backend,
@@ -48,7 +43,15 @@ from tierkernel.backends.base import (
 from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.process.workspace import WORKSPACE_ENV, HostFolderSync
 from tierkernel.backends.usage import ProcessUsage
-from tierkernel.fsx import FsxQuotaError, sync
+from tierkernel.errors import (
+    AgentStartError,
+    CopyBudgetError,
+    CopyStopped,
+    FsxQuotaError,
+    LineTooLong,
+    WorkspaceCopyError,
+)
+from tierkernel.fsx import sync
 
 AGENT_PATH = Path(__file__).resolve().parents[2] / "guest" / "agent.py"
 REAPER_PATH = AGENT_PATH.with_name("reaper.py")
@@ -434,8 +437,8 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
                               "c.ProcessBackend.copy_back_seconds"))
         try:
             applied = files.after_cell(budget, stop)
-        except (sync.CopyBudgetError, sync.CopyStopped) as exc:
-            ename = ("WorkspaceCopyError" if isinstance(exc, sync.CopyBudgetError)
+        except (CopyBudgetError, CopyStopped) as exc:
+            ename = (WorkspaceCopyError.__name__ if isinstance(exc, CopyBudgetError)
                      else "TimeoutError" if "limit" in str(exc) else "KeyboardInterrupt")
             evalue = (f"{exc.strerror}. Nothing of it was copied into the workspace: the "
                       f"folder ({files.folder}) still has the files, and they are copied "

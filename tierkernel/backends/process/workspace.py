@@ -185,8 +185,8 @@ class HostFolderSync:
     def after_cell(self, budget: sync.Budget,
                    stop: Callable[[], str | None] | None = None) -> sync.Applied | None:
         """Bring the folder's changes into fsx (None when there were none): within
-        ``budget``, stopped when ``stop()`` names a reason (then sync.CopyBudgetError or
-        sync.CopyStopped, and nothing is applied: the folder keeps its files and they are
+        ``budget``, stopped when ``stop()`` names a reason (then CopyBudgetError or
+        CopyStopped, and nothing is applied: the folder keeps its files and they are
         copied with its next change)."""
         workspace = self.workspace()
         if workspace is None:

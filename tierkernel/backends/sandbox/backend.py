@@ -55,7 +55,6 @@ from tierkernel.backends.sandbox.channel import (
     MAIN_AGENT,
     SOCKET_NAME,
     WAKE_NAME,
-    ChannelError,
     Listener,
     channel_usable,
     make_wake,
@@ -71,7 +70,6 @@ from tierkernel.backends.sandbox.engine import (
     LABEL_KERNEL,
     LABEL_OWNER_HOST,
     LABEL_OWNER_PID,
-    EngineError,
     connect,
     engine_url,
     explain,
@@ -82,7 +80,17 @@ from tierkernel.backends.sandbox.notebook import FolderWatch, copy_in, tmpfs_opt
 from tierkernel.backends.sandbox.transport import DockerExecTransport, SocketTransport
 from tierkernel.backends.sandbox.workspace import Room, WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage, human_size
-from tierkernel.fsx import FsxQuotaError, sync
+from tierkernel.errors import (
+    ChannelError,
+    CopyBudgetError,
+    CopyStopped,
+    EngineError,
+    FsxQuotaError,
+    ProcessLimitError,
+    WorkspaceCopyError,
+)
+from tierkernel.fsx import sync
+from tierkernel.guest import protocol
 from tierkernel.guest.agent import (
     COUNT_PROCS_ENV,
     MPL_SEED_ENV,
@@ -91,13 +99,13 @@ from tierkernel.guest.agent import (
     WAIT_ENV,
     WAKE_ENV,
     WATCH_ENV,
+    agent_program,
 )
 from tierkernel.magics.options import MIN_MEMORY, format_size
 from tierkernel.runtime import packages
 
 log = logging.getLogger(__name__)
 
-AGENT_PATH = Path(__file__).resolve().parents[2] / "guest" / "agent.py"
 #: When the owning kernel process started (clock ticks since boot): a pid alone may be reused.
 LABEL_OWNER_START = "org.tierkernel.owner-start"
 LABEL_RUNTIME = "org.tierkernel.runtime"
@@ -109,7 +117,7 @@ def _agent_command() -> list[str]:
     the image: the agent in the container is then always the kernel's own, and editing it
     never means rebuilding the image. No shell around it: under gVisor every process start
     costs 10-20 ms (the matplotlib font cache is copied by the agent itself, when needed)."""
-    return ["python3", "-c", AGENT_PATH.read_text()]
+    return ["python3", "-c", agent_program()]
 
 #: Seconds between a live kernel's sweeps for expired spares and dead kernels' containers.
 _SWEEP_INTERVAL = 60.0
@@ -535,9 +543,9 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             session = self._session if self._container is container else None
             applied = self._workspace.after_cell(self._engine().api, container.id, True,
                                                  session, budget, stop)
-        except (sync.CopyBudgetError, sync.CopyStopped) as exc:
+        except (CopyBudgetError, CopyStopped) as exc:
             log.info("copy back of %s ended: %s", container.id[:12], exc)
-            ename = ("WorkspaceCopyError" if isinstance(exc, sync.CopyBudgetError)
+            ename = (WorkspaceCopyError.__name__ if isinstance(exc, CopyBudgetError)
                      else "TimeoutError" if "limit" in str(exc) else "KeyboardInterrupt")
             evalue = (f"{exc.strerror}. Nothing of it was copied into the workspace: the "
                       "container still has the files, and they are copied with the next "
@@ -757,7 +765,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         # With the agent and the keepers: a kernel of another tierkernel version (another
         # environment on this machine) must not claim a spare made a way it does not know.
         return spares.spec_key(create_kwargs,
-                               AGENT_PATH.read_text() + _AGENT_KEEPER + _SPARE_KEEPER)
+                               agent_program() + _AGENT_KEEPER + _SPARE_KEEPER)
 
     def _claim_spare(self, client: Any, spec: ContainerSpec) -> bool:
         """Take over a spare container made for this spec (agent already running); False
@@ -911,7 +919,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             # exec of it exists (the agent's, even exited) wedges under gVisor; expired
             # gVisor spares are removed by the reaper of any live or starting kernel instead.
             kwargs["command"] = ["sh", "-c", _AGENT_KEEPER, "tierkernel-keeper",
-                                 AGENT_PATH.read_text()]
+                                 agent_program()]
             kwargs["environment"] = self._agent_environment(spec.runtime, self.spare_ttl)
         else:
             # The keeper ends an unclaimed spare (auto-remove then removes it) once its agent
@@ -1074,7 +1082,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
             return
         try:
             for part in store.parts():
-                answer = session.ask({"type": "unpack", "root": packages.SANDBOX_SITE,
+                answer = session.ask({"type": protocol.UNPACK, "root": packages.SANDBOX_SITE,
                                       "delete": [],
                                       "data": base64.b64encode(part).decode("ascii")}, timeout)
                 if answer.get("error"):
@@ -1196,7 +1204,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
                 if self._container is container:
                     self._drop_container()
             error = ExecError(
-                "ProcessLimitError",
+                ProcessLimitError.__name__,
                 f"the cell's processes filled the sandbox's limit of "
                 f"{self._limit_text(container)} and kept it full, so the container was "
                 "removed; its variables and files are gone and the next sandbox cell starts a "

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tierkernel.errors import ChannelError
+
 GUEST_DIR = "/run/tierkernel"
 SOCKET_NAME = "agent.sock"
 EXEC_ID_NAME = "exec-id"
@@ -43,10 +45,6 @@ EXEC_ID_NAME = "exec-id"
 MAIN_AGENT = "main"
 AGENT_EXIT_FILE = "/tmp/.tierkernel-agent-exit"
 WAKE_NAME = "wake"
-
-
-class ChannelError(OSError):
-    """The agent did not connect over its socket; the message says why."""
 
 
 def channel_usable(engine: str, runtime: str, runtime_info: dict[str, Any]) -> bool:

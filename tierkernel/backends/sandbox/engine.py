@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tierkernel.errors import EngineError
+
 IMAGE_REPO = "tierkernel-sandbox"
 #: The label every tierkernel container carries; its value is the kernel's id.
 LABEL_KERNEL = "org.tierkernel.kernel"
@@ -17,11 +19,6 @@ LABEL_KERNEL = "org.tierkernel.kernel"
 LABEL_OWNER_PID = "org.tierkernel.owner-pid"
 #: The host that owner pid belongs to (pids mean nothing on another host).
 LABEL_OWNER_HOST = "org.tierkernel.owner-host"
-
-
-class EngineError(RuntimeError):
-    """The Docker engine could not do what the sandbox tier asked; the message says why and
-    what to do about it."""
 
 
 def engine_url() -> str:

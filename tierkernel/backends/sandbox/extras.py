@@ -23,13 +23,10 @@ from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
 
+from tierkernel.errors import ExtrasError
 from tierkernel.runtime import packages
 
 _APT_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,99}$")
-
-
-class ExtrasError(ValueError):
-    """An extra package that cannot go into an image; the message says which and why."""
 
 
 @dataclass(frozen=True)

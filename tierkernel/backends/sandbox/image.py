@@ -22,18 +22,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tierkernel.backends.sandbox.engine import IMAGE_REPO, EngineError, connect, explain
-from tierkernel.backends.sandbox.extras import Extras, ExtrasError
+from tierkernel.backends.sandbox.engine import IMAGE_REPO, connect, explain
+from tierkernel.backends.sandbox.extras import Extras
+from tierkernel.errors import ExtrasError, ImageBuildError
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 Progress = Callable[[str], None]
-
-
-class ImageBuildError(RuntimeError):
-    """The image could not be built; the message says what is missing or what failed."""
 
 
 def recipe_dir() -> Path:
@@ -305,8 +302,6 @@ def describe_missing(ref: str) -> str:
 
 
 __all__ = [
-    "EngineError",
-    "ImageBuildError",
     "build_image",
     "debian_mirror",
     "describe_missing",

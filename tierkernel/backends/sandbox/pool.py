@@ -72,7 +72,7 @@ def make(backends: list[Any], count: int, fresh_for: float,
 
 
 def _in_words(exc: BaseException) -> str:
-    from tierkernel.backends.sandbox.engine import EngineError
+    from tierkernel.errors import EngineError
 
     return str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
 

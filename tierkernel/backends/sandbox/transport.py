@@ -32,8 +32,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from tierkernel.backends.agent.session import LineTooLong
 from tierkernel.backends.sandbox.channel import AGENT_EXIT_FILE, MAIN_AGENT
+from tierkernel.errors import LineTooLong
+from tierkernel.guest import protocol
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class DockerExecTransport:
     def _note_ready(self, line: bytes) -> None:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             msg = json.loads(line)
-            if msg.get("type") == "ready":
+            if msg.get("type") == protocol.READY:
                 self.pid = int(msg["pid"])
 
     # -- stopping -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import IO, Any, TypeGuard
 from tierkernel.backends.agent.session import AgentSession
 from tierkernel.fsx import FsxConfigError, FsxFacade, sync
 from tierkernel.fsx import current as current_workspace
+from tierkernel.guest import protocol
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class WorkspaceSync:
         """Bring the container's changes into fsx when there are any (None when there were
         none to bring); conflicts are kept as ``NAME.sandbox-conflict``. Read through
         ``agent`` when given and the tree is small. Within ``budget``, and stopped when
-        ``stop()`` names a reason: then (sync.CopyBudgetError, sync.CopyStopped) nothing is
+        ``stop()`` names a reason: then (CopyBudgetError, CopyStopped) nothing is
         applied and the container keeps its files. Blocking."""
         with self._lock:
             return self._after_cell(api, container_id, changed, agent, budget, stop)
@@ -333,7 +334,7 @@ def _by_agent(agent: AgentSession | None, size: int) -> TypeGuard[AgentSession]:
 
 
 def _agent_unpack(agent: AgentSession, data: bytes, deleted: list[str]) -> None:
-    answer = agent.ask({"type": "unpack", "root": GUEST_PATH, "delete": deleted,
+    answer = agent.ask({"type": protocol.UNPACK, "root": GUEST_PATH, "delete": deleted,
                         "data": base64.b64encode(data).decode("ascii")}, timeout=120)
     if answer.get("error"):
         raise OSError(f"copying the workspace into the container failed: {answer['error']}")
@@ -342,7 +343,7 @@ def _agent_unpack(agent: AgentSession, data: bytes, deleted: list[str]) -> None:
 def _agent_pack(agent: AgentSession, timeout: float = 120.0) -> bytes | None:
     """The container's /workspace as a tar read by its agent, or None when it is larger than
     AGENT_COPY_LIMIT (then tar in a docker exec reads it, streaming)."""
-    answer = agent.ask({"type": "pack", "root": GUEST_PATH, "limit": AGENT_COPY_LIMIT},
+    answer = agent.ask({"type": protocol.PACK, "root": GUEST_PATH, "limit": AGENT_COPY_LIMIT},
                        timeout=timeout)
     if answer.get("error"):
         raise OSError(f"reading the container's /workspace failed: {answer['error']}")

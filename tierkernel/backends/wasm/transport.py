@@ -24,9 +24,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tierkernel.backends.agent.session import _NO_HELPERS, LineTooLong
+from tierkernel.backends.agent.session import _NO_HELPERS
 from tierkernel.backends.base import ResourceUsage
 from tierkernel.backends.wasm import runtime as wasm_runtime
+from tierkernel.errors import ChannelLimitError, LineTooLong
+from tierkernel.guest import protocol
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +83,14 @@ class _Outbox:
                 return None  # left in place: every later reader sees the end too
             self._items.popleft()
             self._room.notify()
-            if isinstance(msg, bytes) or msg.get("type") != "stream":
+            if isinstance(msg, bytes) or msg.get("type") != protocol.STREAM:
                 return msg
             texts = [msg["text"]]
             size = len(msg["text"])
             while self._items and size < _MERGE_LIMIT:
                 follow = self._items[0]
-                if (follow is None or isinstance(follow, bytes) or follow.get("type") != "stream"
+                if (follow is None or isinstance(follow, bytes)
+                        or follow.get("type") != protocol.STREAM
                         or follow.get("name") != msg["name"] or follow.get("id") != msg["id"]):
                     break
                 self._items.popleft()
@@ -251,14 +254,14 @@ class WasmTransport:
                     self._end("it was stopped")
                     return
                 msg = json.loads(line)
-                if msg.get("type") == "shutdown":
+                if msg.get("type") == protocol.SHUTDOWN:
                     self._end("it was shut down")
                     return
-                if msg.get("type") == "execute":
+                if msg.get("type") == protocol.EXECUTE:
                     self._turn(line, str(msg.get("id", "")))
                     if self._gone.is_set():
                         return
-                elif msg.get("type") in ("complete", "inspect"):
+                elif msg.get("type") in (protocol.COMPLETE, protocol.INSPECT):
                     self._query_turn(line, msg)
                     if self._gone.is_set():
                         return
@@ -289,7 +292,8 @@ class WasmTransport:
         if refused:
             # The runtime refused some of the cell's messages unread (the guest was told by an
             # exception it may have caught): the cell fails, saying which limit it met.
-            self._lines.put({"type": "error", "id": cell_id, "ename": "ChannelLimitError",
+            self._lines.put({"type": protocol.ERROR, "id": cell_id,
+                             "ename": ChannelLimitError.__name__,
                              "evalue": _refusal_text(*refused), "traceback": []})
             with self._lock:
                 if self._held_done is not None:
@@ -301,7 +305,7 @@ class WasmTransport:
         with self._lock:
             held, self._held_done = self._held_done, None
         if held is None:  # the turn returned without the agent's "done": report it as done
-            held = {"type": "done", "id": cell_id, "success": done.exit_code == 0}
+            held = {"type": protocol.DONE, "id": cell_id, "success": done.exit_code == 0}
         self._lines.put(held)
         self._cell_id = None
 
@@ -329,7 +333,8 @@ class WasmTransport:
         if ended is not None:
             self._end(overran if ended == "deadline" else _why_ended(ended))
         elif not self._answered:
-            kind = "completed" if msg.get("type") == "complete" else "inspected"
+            kind = (protocol.COMPLETED if msg.get("type") == protocol.COMPLETE
+                    else protocol.INSPECTED)
             self._lines.put({"type": kind, "seq": msg.get("seq"), "matches": [],
                              "found": False, "data": {}})
 
@@ -362,9 +367,9 @@ class WasmTransport:
     # -- from the guest --------------------------------------------------------------------
     def _on_message(self, msg: dict[str, Any]) -> None:
         self._flush_decoders()
-        if msg.get("type") in ("completed", "inspected"):
+        if msg.get("type") in (protocol.COMPLETED, protocol.INSPECTED):
             self._answered = True
-        if msg.get("type") == "done":
+        if msg.get("type") == protocol.DONE:
             # Held until the turn returns, so nothing the turn writes can follow "done".
             with self._lock:
                 self._held_done = msg
@@ -403,8 +408,9 @@ class WasmTransport:
     def _push_partial(self) -> None:
         """Queue the pending text (caller holds ``_partial_lock``)."""
         if self._partial and self._partial_name is not None:
-            self._lines.put({"type": "stream", "id": self._cell_id, "name": self._partial_name,
-                             "text": "".join(self._partial)}, wait=True)
+            self._lines.put({"type": protocol.STREAM, "id": self._cell_id,
+                             "name": self._partial_name, "text": "".join(self._partial)},
+                            wait=True)
         self._partial.clear()
         self._partial_name = None
         self._partial_since = None
@@ -438,7 +444,7 @@ class WasmTransport:
     def _publish_completed(self, stdout: bytes, stderr: bytes) -> None:
         for name, data in (("stdout", stdout), ("stderr", stderr)):
             if data:
-                self._lines.put({"type": "stream", "id": self._cell_id, "name": name,
+                self._lines.put({"type": protocol.STREAM, "id": self._cell_id, "name": name,
                                  "text": data.decode("utf-8", "replace")})
 
 
