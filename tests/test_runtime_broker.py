@@ -19,8 +19,8 @@ import pytest
 from traitlets.config import Config
 
 from tests.servers import OPENAI_KEY
+from tierkernel.backends.options import TierUsageError, parse_allow, parse_domains
 from tierkernel.guest.helpers import make_helpers
-from tierkernel.magics.options import TierUsageError, parse_allow, parse_domains
 from tierkernel.runtime.audit import AuditLog
 from tierkernel.runtime.broker import Broker, CallContext
 from tierkernel.runtime.policy import Runtime, host_matches

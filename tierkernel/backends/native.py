@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from traitlets import Float
 
@@ -22,18 +22,12 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
+    KernelHandle,
     OutputSink,
 )
+from tierkernel.backends.options import HELPER_POLICY, TIMEOUT
 from tierkernel.backends.usage import SelfUsage
 from tierkernel.guest.helpers import ipython_traceback
-
-
-class IPythonHost(Protocol):
-    """The kernel side the native tier runs cells through (implemented by TierKernel)."""
-
-    async def run_ipython_cell(self, request: CellRequest) -> dict[str, Any]:
-        """Run ``request.code`` through IPython and return ipykernel's reply content."""
-        ...
 
 
 class CellTimeoutError(KeyboardInterrupt):
@@ -121,7 +115,7 @@ class NativeBackend(Backend):
     isolation = "none: the kernel's own IPython process (trusted code only)"
     in_kernel = True
     #: --allow/--domains/--db-readonly set the runtime helpers' policy for the cell.
-    accepted_options = frozenset({"timeout", "allow", "domains", "db-readonly"})
+    magic_options = (TIMEOUT, *HELPER_POLICY)
 
     timeout = Float(
         None,
@@ -130,10 +124,14 @@ class NativeBackend(Backend):
         "IPython). Overridden per cell with --timeout.",
     ).tag(config=True)
 
-    #: Set by the kernel when it registers the tier.
-    host: IPythonHost | None = None
+    #: The kernel this tier runs cells in (see :meth:`attach`).
+    host: KernelHandle | None = None
     #: Measures each cell's CPU time and the kernel's peak RSS (made on the first cell).
     _usage: SelfUsage | None = None
+
+    def attach(self, kernel: KernelHandle) -> None:
+        """Run cells through the kernel's own IPython."""
+        self.host = kernel
 
     def availability(self) -> Availability:
         """Native cells can always run: they are plain IPython."""

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tierkernel.backends.base import Backend
+from tierkernel.backends.options import TierUsageError
 from tierkernel.kernel.router import TierRouter
-from tierkernel.magics.options import TierUsageError
 from tierkernel.magics.parsing import split_cell
 
 log = logging.getLogger(__name__)

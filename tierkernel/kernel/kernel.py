@@ -20,18 +20,19 @@ from tierkernel.backends.base import (
     ExecError,
     ExecResult,
     InputNotAllowed,
+    KernelHandle,
     ResourceUsage,
 )
-from tierkernel.backends.native import NativeBackend
+from tierkernel.backends.options import TierUsageError
+from tierkernel.backends.registry import TierUnavailableError
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
 from tierkernel.kernel.iopub import IopubSink
 from tierkernel.kernel.quick_reply import cell_ran_outside, install_flush_skip, mark_cell
-from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
+from tierkernel.kernel.router import Route, TierRouter
 from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
 from tierkernel.magics.executions import ExecutionMagics
 from tierkernel.magics.fsx import FsxMagics
-from tierkernel.magics.options import TierUsageError
 from tierkernel.magics.parsing import split_cell
 from tierkernel.magics.tier import TierMagics, strip_native_line
 from tierkernel.runtime.host import CellTooLargeError, RuntimeHost
@@ -105,11 +106,9 @@ class TierKernel(IPythonKernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.router = TierRouter(self, self.default_tier)
-        for backend in self.router.backends.values():
-            if isinstance(backend, NativeBackend):
-                backend.host = self
         shell = self.shell
         assert shell is not None
+        self.router.attach(KernelHandle(shell, self.run_ipython_cell))
         shell.register_magics(TierMagics(shell, self.router))
         shell.input_transformers_cleanup.append(strip_native_line)
         self._tier_meta: dict[str, dict[str, Any]] = {}

@@ -27,7 +27,6 @@ from typing import Any
 import httpx
 
 from tierkernel.backends.base import LogEntry
-from tierkernel.magics.options import HELPERS
 from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
 from tierkernel.runtime import db as db_helper
@@ -38,6 +37,7 @@ from tierkernel.runtime.audit import (
     HelperCall,
     folded_start,
 )
+from tierkernel.runtime.grants import HELPERS
 from tierkernel.runtime.policy import CellPolicy, Runtime
 
 log = logging.getLogger(__name__)
