@@ -149,11 +149,12 @@ USAGE = """\
 
 def tier_help(name: str, backend: Backend, default: bool) -> str:
     """One tier's part of ``%tier --help``: its name and isolation, then its options."""
-    lines = [f"{'* ' if default else '  '}{name}: {backend.isolation}"]
+    lines = textwrap.wrap(f"{'* ' if default else '  '}{name}: {backend.isolation}", 92,
+                          subsequent_indent="    ")
     specs: Sequence[OptionSpec] = sorted(backend.magic_options, key=lambda spec: spec.name)
     width = max((len(spec.usage) for spec in specs), default=0)
     for spec in specs:
-        body = textwrap.wrap(spec.help, max(30, 92 - width)) or [""]
+        body = textwrap.wrap(spec.help, max(30, 92 - 8 - width)) or [""]
         lines.append(f"      {spec.usage.ljust(width)}  {body[0]}")
         lines.extend(f"      {' ' * width}  {more}" for more in body[1:])
     if not specs:
