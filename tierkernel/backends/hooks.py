@@ -4,12 +4,16 @@ the kernel's configuration came from, and the ``tierkernel`` subcommands a tier 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from traitlets.config import Config
+if TYPE_CHECKING:
+    # Annotations only: the sandbox tier's head start reads this module first thing in the
+    # kernel's process (before it forks its helper), where traitlets would cost 20 ms.
+    import argparse
+
+    from traitlets.config import Config
 
 
 @dataclass(frozen=True)
