@@ -8,16 +8,16 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 from tierkernel.backends.base import format_limit
-from tierkernel.backends.sandbox.backend import SandboxBackend
-from tierkernel.backends.wasm.backend import WasmBackend
-from tierkernel.errors import TierUsageError
-from tierkernel.magics.options import (
-    format_size,
+from tierkernel.backends.options import (
     parse_cpus,
     parse_seconds,
     parse_size,
 )
+from tierkernel.backends.sandbox.backend import SandboxBackend
+from tierkernel.backends.wasm.backend import WasmBackend
+from tierkernel.errors import TierUsageError
 from tierkernel.magics.parsing import parse_options, split_cell
+from tierkernel.sizes import format_size
 
 ACCEPTED = frozenset({"timeout"})
 

@@ -19,9 +19,9 @@ import pytest
 from traitlets.config import Config
 
 from tests.servers import OPENAI_KEY
+from tierkernel.backends.options import parse_allow, parse_domains
 from tierkernel.errors import TierUsageError
 from tierkernel.guest.helpers import make_helpers
-from tierkernel.magics.options import parse_allow, parse_domains
 from tierkernel.runtime.audit import AuditLog
 from tierkernel.runtime.broker import Broker, CallContext
 from tierkernel.runtime.policy import Runtime, host_matches

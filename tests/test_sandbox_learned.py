@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tierkernel.backends.hooks import ConfigSources as Sources
 from tierkernel.backends.sandbox import learned as sandbox_learned
-from tierkernel.backends.sandbox.learned import Sources, learn, recall
+from tierkernel.backends.sandbox.learned import learn, recall
 
 ARGV = ["-f", "/run/kernel-1.json", "--SandboxBackend.runtime=runsc"]
 

@@ -29,21 +29,28 @@ __all__ = [
     "Availability",
     "Backend",
     "CellRequest",
+    "Command",
+    "CommandContext",
     "Completion",
+    "ConfigSources",
     "ExecError",
     "ExecResult",
     "InputCancelled",
     "InputNotAllowed",
     "Inspection",
+    "KernelHandle",
     "LogEntry",
     "MimeBundle",
+    "OptionSpec",
     "OutputSink",
     "ResourceUsage",
 ]
 
 #: Where each exported name is defined.
 _HOMES = dict.fromkeys(__all__, "tierkernel.backends.base") | dict.fromkeys(
-    ("InputCancelled", "InputNotAllowed"), "tierkernel.errors")
+    ("InputCancelled", "InputNotAllowed"), "tierkernel.errors") | dict.fromkeys(
+    ("Command", "CommandContext", "ConfigSources"), "tierkernel.backends.hooks") | {
+    "OptionSpec": "tierkernel.backends.options"}
 
 if TYPE_CHECKING:
     from tierkernel.backends.base import (
@@ -54,11 +61,14 @@ if TYPE_CHECKING:
         ExecError,
         ExecResult,
         Inspection,
+        KernelHandle,
         LogEntry,
         MimeBundle,
         OutputSink,
         ResourceUsage,
     )
+    from tierkernel.backends.hooks import Command, CommandContext, ConfigSources
+    from tierkernel.backends.options import OptionSpec
     from tierkernel.errors import InputCancelled, InputNotAllowed
 else:
     def __getattr__(name: str) -> Any:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 from traitlets import Bool, Float
-from traitlets.config import LoggingConfigurable
+from traitlets.config import Config, LoggingConfigurable
 
-from tierkernel.magics.options import format_size
+from tierkernel.backends.hooks import Command, ConfigSources
+from tierkernel.backends.options import TIMEOUT, OptionSpec
+from tierkernel.sizes import format_size
 
 MimeBundle = dict[str, Any]
 
@@ -238,6 +240,19 @@ class HeldErrorSink:
         return held
 
 
+@dataclass(frozen=True)
+class KernelHandle:
+    """What a tier is given of the kernel it is attached to (see :meth:`Backend.attach`).
+
+    ``shell`` is the kernel's IPython ``InteractiveShell`` (to add names or magics to native
+    cells); ``run_ipython_cell`` runs a cell through IPython exactly as ipykernel would and
+    returns ipykernel's reply content (the engine of a tier that runs in the kernel itself).
+    """
+
+    shell: Any
+    run_ipython_cell: Callable[[CellRequest], Awaitable[dict[str, Any]]]
+
+
 class Backend(LoggingConfigurable):
     """Base class of every tier.
 
@@ -245,14 +260,23 @@ class Backend(LoggingConfigurable):
     ``config=True`` and settable as ``c.<ClassName>.<trait>`` from a jupyter config file. The
     kernel constructs each backend once, with the kernel as ``parent``, at kernel start; that
     must be cheap and must not start anything (tiers start lazily, see :meth:`start`).
+
+    Besides running cells, a tier plugs into the rest of tierkernel through the hooks below
+    (the kernel, the magics and the ``tierkernel`` command name no tier but the default):
+    :attr:`magic_options` (what its ``%%tier`` line takes), :meth:`attach` (the kernel it runs
+    in), :meth:`config_loaded` (the kernel's final configuration, before the kernel starts
+    any thread) and :meth:`commands` (its ``tierkernel`` subcommands).
     """
 
     #: The name used in ``%%tier NAME``; the kernel sets it to the entry point's name.
     name: str = ""
     #: One line for the ``%tier`` table: what stands between a cell and the host.
     isolation: ClassVar[str] = ""
-    #: Magic-line options this tier accepts (names from ``tierkernel.magics.options.OPTIONS``).
-    accepted_options: ClassVar[frozenset[str]] = frozenset({"timeout"})
+    #: The options this tier's ``%%tier`` (and ``%tier NAME``) line takes, each with its
+    #: parser and help (the shared ones are in ``tierkernel.backends.options``). Read by the
+    #: kernel when it parses a tier line and by ``%tier --help``; :meth:`defaults` gives each
+    #: one's configured value.
+    magic_options: ClassVar[Sequence[OptionSpec]] = (TIMEOUT,)
     #: True only for the kernel's own IPython: such a tier runs through IPython's machinery
     #: (which publishes output itself) rather than through the sink.
     in_kernel: ClassVar[bool] = False
@@ -270,6 +294,39 @@ class Backend(LoggingConfigurable):
         "so the first cell routed to it does not wait for its start.",
     ).tag(config=True)
 
+    @classmethod
+    def config_loaded(cls, config: Config, sources: ConfigSources) -> None:
+        """React to the kernel's configuration, final from here on; ``sources`` says where it
+        came from (command line, config files looked for).
+
+        Called by the kernel's application once per registered tier class, as soon as the
+        configuration is read and before the kernel's sockets, shell, threads and event loop
+        exist, and before any backend is created: the place for work that should begin as
+        early as possible, or that forks (the process has one thread here; so a hook must not
+        start one, since the tiers after it may fork). Must return at once and must not raise
+        (an exception is logged and the kernel starts anyway). The default does nothing.
+        """
+
+    @classmethod
+    def commands(cls) -> Sequence[Command]:
+        """The ``tierkernel`` subcommands this tier adds (``tierkernel warm``, say).
+
+        Called by the ``tierkernel`` command each time it builds its parser (for ``tierkernel
+        --help`` too), so it must be cheap: what a command needs is imported when it runs. A
+        name another tier or tierkernel itself uses already is left out, with a warning. The
+        default adds none.
+        """
+        return ()
+
+    def attach(self, kernel: KernelHandle) -> None:
+        """Take what this tier needs of the kernel it runs in.
+
+        Called by the kernel once per backend, right after it created every backend and before
+        any cell, warm start or completion; a backend made without a kernel (``tierkernel
+        tiers``) is never attached. An exception marks the tier broken for this kernel (the
+        ``%tier`` table says why). The default keeps nothing.
+        """
+
     def availability(self) -> Availability:
         """Whether this tier can run cells here, with the reason when not.
 
@@ -279,7 +336,8 @@ class Backend(LoggingConfigurable):
         return Availability.yes()
 
     def defaults(self) -> dict[str, Any]:
-        """The configured default of every accepted option, merged under per-cell options.
+        """The configured default of each of :attr:`magic_options` that has one, merged under
+        per-cell options.
 
         Called by the kernel when it parses a ``%%tier`` line, and for the ``%tier`` table.
         """

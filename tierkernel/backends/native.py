@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from traitlets import Float
 
@@ -22,19 +22,12 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
+    KernelHandle,
     OutputSink,
 )
+from tierkernel.backends.options import HELPER_POLICY, TIMEOUT
 from tierkernel.backends.usage import SelfUsage
 from tierkernel.errors import CellTimeoutError
-
-
-class IPythonHost(Protocol):
-    """The kernel side the native tier runs cells through (implemented by TierKernel)."""
-
-    async def run_ipython_cell(self, request: CellRequest) -> dict[str, Any]:
-        """Run ``request.code`` through IPython and return ipykernel's reply content."""
-        ...
-
 
 #: Once the deadline has passed, the signal is sent again this often until the cell ends, so
 #: a cell that caught it (a bare ``except``) is stopped at its next blocking call.
@@ -106,7 +99,7 @@ class NativeBackend(Backend):
     isolation = "none: the kernel's own IPython process (trusted code only)"
     in_kernel = True
     #: --allow/--domains/--db-readonly set the runtime helpers' policy for the cell.
-    accepted_options = frozenset({"timeout", "allow", "domains", "db-readonly"})
+    magic_options = (TIMEOUT, *HELPER_POLICY)
 
     timeout = Float(
         None,
@@ -115,10 +108,14 @@ class NativeBackend(Backend):
         "IPython). Overridden per cell with --timeout.",
     ).tag(config=True)
 
-    #: Set by the kernel when it registers the tier.
-    host: IPythonHost | None = None
+    #: The kernel this tier runs cells in (see :meth:`attach`).
+    host: KernelHandle | None = None
     #: Measures each cell's CPU time and the kernel's peak RSS (made on the first cell).
     _usage: SelfUsage | None = None
+
+    def attach(self, kernel: KernelHandle) -> None:
+        """Run cells through the kernel's own IPython."""
+        self.host = kernel
 
     def availability(self) -> Availability:
         """Native cells can always run: they are plain IPython."""

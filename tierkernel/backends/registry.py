@@ -6,10 +6,12 @@ so adding a tier never means touching the kernel.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from tierkernel.backends.base import Backend
+from tierkernel.errors import TierUnavailableError as TierUnavailableError
 
 GROUP = "tierkernel.backends"
 
@@ -26,8 +28,16 @@ def discover() -> tuple[dict[str, type[Backend]], list[BrokenTier]]:
     """Load every registered tier class, keyed by tier name.
 
     An entry point that fails to import, or does not name a :class:`Backend` subclass, is
-    reported as a :class:`BrokenTier` instead of breaking the kernel.
+    reported as a :class:`BrokenTier` instead of breaking the kernel. The entry points are
+    read once per process (the kernel's application, its router and the ``tierkernel``
+    command all ask); each caller gets containers of its own.
     """
+    found, broken = _discover()
+    return dict(found), list(broken)
+
+
+@functools.cache
+def _discover() -> tuple[dict[str, type[Backend]], list[BrokenTier]]:
     found: dict[str, type[Backend]] = {}
     broken: list[BrokenTier] = []
     for ep in entry_points(group=GROUP):

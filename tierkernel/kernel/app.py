@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases, kernel_flags
 from ipykernel.zmqshell import ZMQInteractiveShell
@@ -11,8 +14,10 @@ from IPython.core.profiledir import ProfileDir
 from jupyter_client.session import Session
 from jupyter_core.paths import jupyter_config_path
 from traitlets import Dict, Type, Unicode, default
+from traitlets.config import Config
 
 from tierkernel.backends.agent.notebook_folder import NotebookFolder
+from tierkernel.backends.hooks import ConfigSources
 from tierkernel.backends.registry import discover
 from tierkernel.fsx import Fsx
 from tierkernel.kernel.kernel import TierKernel
@@ -50,19 +55,21 @@ class TierKernelApp(IPKernelApp):
 
     def init_pdb(self) -> None:
         """The first step of ``IPKernelApp.initialize`` once the configuration is final:
-        begin the sandbox tier's head start here, before the sockets, the shell and the
-        event loop exist (the fork it takes must happen while this is the only thread)."""
-        from tierkernel.backends.sandbox import head_start as sandbox_head_start
-        from tierkernel.backends.sandbox.learned import Sources
-
-        # Every config file looked for, found or not: the next kernel's head start trusts
-        # what this one learned only while none of them has changed (sandbox_learned.py).
+        hand it to every tier (``Backend.config_loaded``) here, before the sockets, the shell
+        and the event loop exist, so a tier may fork while this is the only thread."""
+        # Every config file looked for, found or not: a tier that remembers settings for the
+        # next kernel can tell whether they still hold.
         names = ["ipython_config", *(os.path.splitext(name)[0] for name in self.config_files)]
         paths = [os.path.abspath(folder) for folder in self.config_file_paths]
         files = [os.path.join(folder, name + ext)
                  for folder in paths for name in names for ext in (".py", ".json")]
-        sources = Sources(argv=sys.argv[1:], files=files, cwd_matters=os.getcwd() in paths)
-        sandbox_head_start.begin(self.config, sources)
+        sources = ConfigSources(argv=sys.argv[1:], files=files,
+                                cwd_matters=os.getcwd() in paths)
+        for name, tier in discover()[0].items():
+            try:
+                tier.config_loaded(self.config, sources)
+            except Exception:  # one tier's hook must not keep the kernel from starting
+                self.log.exception("tier %r failed to take the configuration", name)
         super().init_pdb()  # type: ignore[no-untyped-call]
 
     @default("config_files")
@@ -72,6 +79,24 @@ class TierKernelApp(IPKernelApp):
     @default("config_file_paths")
     def _jupyter_config_dirs(self) -> list[str]:
         return list(jupyter_config_path())
+
+
+def kernel_config(argv: Sequence[str]) -> Config:
+    """The configuration a kernel of this user reads: ``ipython_kernel_config.py`` and
+    ``tierkernel_config.py`` in its config directories, then ``argv``
+    (``--CLASS.NAME=VALUE`` options, as a kernel takes them), the steps ipykernel's application
+    takes before it sets the kernel up. For commands that act as a kernel would (``tierkernel
+    spares --make``) with no kernel running."""
+    app_class: Any = TierKernelApp  # IPython's application methods carry no annotations
+    app = app_class()
+    app.parse_command_line(list(argv))
+    from_command_line = copy.deepcopy(app.config)
+    app.init_profile_dir()
+    app.init_config_files()
+    app.load_config_file()
+    app.update_config(from_command_line)  # the command line wins, as in the kernel
+    config: Config = app.config
+    return config
 
 
 def main() -> None:

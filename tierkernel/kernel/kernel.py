@@ -19,9 +19,9 @@ from tierkernel.backends.base import (
     CellRequest,
     ExecError,
     ExecResult,
+    KernelHandle,
     ResourceUsage,
 )
-from tierkernel.backends.native import NativeBackend
 from tierkernel.errors import (
     CellTooLargeError,
     InputNotAllowed,
@@ -110,11 +110,9 @@ class TierKernel(IPythonKernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.router = TierRouter(self, self.default_tier)
-        for backend in self.router.backends.values():
-            if isinstance(backend, NativeBackend):
-                backend.host = self
         shell = self.shell
         assert shell is not None
+        self.router.attach(KernelHandle(shell, self.run_ipython_cell))
         shell.register_magics(TierMagics(shell, self.router))
         shell.input_transformers_cleanup.append(strip_native_line)
         self._tier_meta: dict[str, dict[str, Any]] = {}

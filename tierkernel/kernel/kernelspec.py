@@ -7,9 +7,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ipykernel.kernelspec import write_kernel_spec
-from jupyter_client.kernelspec import KernelSpecManager
-
 KERNEL_NAME = "tierkernel"
 DISPLAY_NAME = "Python (tierkernel)"
 
@@ -43,6 +40,11 @@ def install(
     }
     if default_tier:
         overrides["env"] = {"TIERKERNEL_DEFAULT_TIER": default_tier}
+    # Imported here, for the start-up time of the tierkernel command (which reads this module
+    # on every run, for the names above): ipykernel's and jupyter_client's take 60 ms.
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+
     staging = Path(tempfile.mkdtemp(prefix="tierkernel-spec-"))
     try:
         path = write_kernel_spec(staging / name, overrides=overrides)

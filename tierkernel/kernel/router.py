@@ -8,7 +8,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tierkernel.backends.base import Backend, format_limit
+from tierkernel.backends.base import Backend, KernelHandle, format_limit
+from tierkernel.backends.options import OptionSpec
 from tierkernel.backends.registry import BrokenTier, discover
 from tierkernel.errors import TierUnavailableError, TierUsageError
 from tierkernel.magics.parsing import CellDirective, parse_options, usage
@@ -94,6 +95,13 @@ class TierRouter:
                 continue
             backend.name = name
             self.backends[name] = backend
+        #: What each tier's line takes, by option name (read for every %%tier line).
+        self._options: dict[str, dict[str, OptionSpec]] = {
+            name: {spec.name: spec for spec in backend.magic_options}
+            for name, backend in self.backends.items()}
+        #: Every option some tier takes: one a tier lacks is told apart from a misspelt one.
+        self._known: dict[str, OptionSpec] = {
+            spec.name: spec for specs in self._options.values() for spec in specs.values()}
         #: Options set for the rest of the session with ``%tier NAME --opt value``.
         self.session_options: dict[str, dict[str, Any]] = {}
         self.notice = ""
@@ -104,6 +112,17 @@ class TierRouter:
             log.warning(self.notice)
             default_tier = "native"
         self.default = default_tier
+
+    def attach(self, kernel: KernelHandle) -> None:
+        """Attach every backend to ``kernel`` (``Backend.attach``); a backend whose hook fails
+        is taken out and shown as broken, the others keep working."""
+        for name, backend in list(self.backends.items()):
+            try:
+                backend.attach(kernel)
+            except Exception as exc:
+                log.exception("attaching tier %r failed", name)
+                del self.backends[name]
+                self.broken.append(BrokenTier(name, f"cannot attach to the kernel: {exc}"))
 
     @property
     def names(self) -> list[str]:
@@ -125,12 +144,12 @@ class TierRouter:
     def options_for(self, backend: Backend, args: list[str]) -> dict[str, Any]:
         """Configured defaults < session options (``%tier NAME --opt``) < the cell's own."""
         base = {**backend.defaults(), **self.session_options.get(backend.name, {})}
-        return parse_options(backend.name, args, backend.accepted_options, base)
+        return parse_options(backend.name, args, self._options[backend.name], base, self._known)
 
     def resolve(self, directive: CellDirective) -> Route:
         """Turn a parsed cell into a route; raise a usage or availability error otherwise."""
         if directive.has_magic and directive.tier is None:
-            raise TierUsageError(usage(self.names))
+            raise TierUsageError(usage(self.names, self._known.values()))
         name = directive.tier or self.default
         backend = self.backend(name)
         options = self.options_for(backend, directive.args)

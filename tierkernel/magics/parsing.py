@@ -1,21 +1,24 @@
 """Reading a cell's first line: which tier it asks for and with which options.
 
 These functions only parse; they never run a tier. The kernel calls :func:`split_cell` for every
-execute_request, so the common case (a cell with no magic) must cost next to nothing.
+execute_request, so the common case (a cell with no magic) must cost next to nothing. The options
+a line may carry are the named tier's own (``Backend.magic_options``), handed in by the caller.
 """
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierkernel.backends.options import STANDARD, OptionSpec, option_usage
 from tierkernel.errors import TierUsageError
-from tierkernel.magics.options import OPTIONS, option_usage
 
 CELL_MAGIC = "%%tier"
 LINE_MAGIC = "%tier"
+#: Words that make a tier line ask for help instead of choosing a tier.
+HELP_WORDS = frozenset({"--help", "-h"})
 
 
 @dataclass(frozen=True)
@@ -23,9 +26,10 @@ class CellDirective:
     """What a cell's ``%%tier`` line says, before validation against the registered tiers.
 
     ``body`` is the rest of the cell and ``first_line`` the cell line number it starts at.
-    ``control`` marks a cell that starts with the ``%tier`` line magic: such a cell always runs
-    in the kernel's own IPython, whatever the default tier, so ``%tier native`` can always get
-    back from a sandbox.
+    ``control`` marks a cell that starts with the ``%tier`` line magic, or a ``%%tier`` line
+    asking for help (``--help``, ``-h``): such a cell always runs in the kernel's own IPython,
+    whatever the default tier, so ``%tier native`` can always get back from a sandbox, and the
+    ``%tier`` magic answers the help.
     """
 
     tier: str | None
@@ -56,6 +60,8 @@ def split_cell(code: str) -> CellDirective:
             words = shlex.split(head[len(CELL_MAGIC) :], comments=True)
         except ValueError as exc:
             raise TierUsageError(f"cannot read the %%tier line: {exc}") from None
+        if HELP_WORDS.intersection(words):
+            return CellDirective(tier=None, body=code, control=True)
         tier = words[0] if words and not words[0].startswith("-") else None
         args = words[1:] if tier is not None else words
         return CellDirective(
@@ -70,39 +76,51 @@ def split_cell(code: str) -> CellDirective:
     return CellDirective(tier=None, body=code)
 
 
-def usage(tiers: Iterable[str], accepted: frozenset[str] | None = None) -> str:
-    """The one-line usage of ``%%tier``, naming the registered tiers."""
+def usage(tiers: Iterable[str], options: Iterable[OptionSpec] = STANDARD.values()) -> str:
+    """The one-line usage of ``%%tier``, naming the registered tiers and ``options`` (those
+    the tiers take)."""
     names = ", ".join(sorted(tiers))
-    opts = option_usage(accepted if accepted is not None else frozenset(OPTIONS))
-    return f"usage: %%tier NAME {opts} (first line of the cell); tiers: {names}"
+    return (f"usage: %%tier NAME {option_usage(options)} (first line of the cell); "
+            f"tiers: {names}")
 
 
 def parse_options(
     tier: str,
     args: list[str],
-    accepted: frozenset[str],
+    accepted: Mapping[str, OptionSpec] | Collection[str],
     defaults: Mapping[str, Any],
+    known: Collection[str] = STANDARD.keys(),
 ) -> dict[str, Any]:
     """Parse ``--name value`` / ``--name=value`` / ``--flag`` words for ``tier``.
 
-    Returns ``defaults`` updated with the given options. Raises :class:`TierUsageError` naming
-    the bad word and what the tier takes.
+    ``accepted`` is what the tier takes: its options by name, or just names of the shared
+    options (``tierkernel.backends.options.STANDARD``). ``known`` names every option some tier
+    takes, so that one the tier lacks is told apart from a misspelt one. Returns ``defaults``
+    updated with the given options. Raises :class:`TierUsageError` naming the bad word and
+    what the tier takes.
     """
     options = dict(defaults)
+    if not args:  # nearly every cell: nothing to parse
+        return options
+    specs: Mapping[str, OptionSpec] = (
+        accepted if isinstance(accepted, Mapping) else {name: STANDARD[name] for name in accepted})
     given: set[str] = set()
-    takes = f"tier {tier!r} takes: {option_usage(accepted)}"
+
+    def takes() -> str:
+        return f"tier {tier!r} takes: {option_usage(specs.values())}"
+
     i = 0
     while i < len(args):
         word = args[i]
         if not word.startswith("--") or len(word) == 2:
-            raise TierUsageError(f"unexpected {word!r} on the %%tier line; {takes}")
+            raise TierUsageError(f"unexpected {word!r} on the %%tier line; {takes()}")
         name, eq, inline = word[2:].partition("=")
-        spec = OPTIONS.get(name)
+        spec = specs.get(name)
         if spec is None:
-            raise TierUsageError(f"unknown option --{name}; {takes}")
-        if name not in accepted:
-            raise TierUsageError(f"tier {tier!r} does not take --{name}; it takes: "
-                                 f"{option_usage(accepted)}")
+            if name in known:
+                raise TierUsageError(f"tier {tier!r} does not take --{name}; it takes: "
+                                     f"{option_usage(specs.values())}")
+            raise TierUsageError(f"unknown option --{name}; {takes()}")
         if name in given:
             raise TierUsageError(f"--{name} is given twice on the %%tier line")
         given.add(name)

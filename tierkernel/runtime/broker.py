@@ -29,7 +29,6 @@ import httpx
 
 from tierkernel.backends.base import LogEntry
 from tierkernel.guest import protocol
-from tierkernel.magics.options import HELPERS
 from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
 from tierkernel.runtime import db as db_helper
@@ -40,6 +39,7 @@ from tierkernel.runtime.audit import (
     HelperCall,
     folded_start,
 )
+from tierkernel.runtime.grants import HELPERS
 from tierkernel.runtime.policy import CellPolicy, Runtime
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from traitlets import Bool, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from tierkernel.backends.config_traits import ByteSize
-from tierkernel.magics.options import HELPERS, is_domain_pattern
+from tierkernel.runtime.grants import HELPERS, is_domain_pattern
 
 
 def _env(name: str) -> str:

@@ -41,6 +41,7 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.options import HELPER_POLICY, TIMEOUT
 from tierkernel.backends.process.workspace import WORKSPACE_ENV, HostFolderSync
 from tierkernel.backends.usage import ProcessUsage
 from tierkernel.errors import (
@@ -293,7 +294,7 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
 
     isolation = "separate host process: crash isolation only, not a security boundary"
     #: --allow/--domains/--db-readonly set the runtime helpers' policy for the cell.
-    accepted_options = frozenset({"timeout", "allow", "domains", "db-readonly"})
+    magic_options = (TIMEOUT, *HELPER_POLICY)
 
     python = Unicode(
         sys.executable, help="The Python interpreter that runs the agent."

@@ -27,12 +27,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from traitlets import Bool, Float, Int, Unicode
+from traitlets.config import Config
 
 from tierkernel.backends.agent.notebook_folder import GUEST_PATH as NOTEBOOK
 from tierkernel.backends.agent.notebook_folder import NotebookFolder, Scan, guest_config
@@ -48,7 +49,10 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.hooks import Command, ConfigSources
+from tierkernel.backends.options import MIN_MEMORY
 from tierkernel.backends.sandbox import head_start, spares
+from tierkernel.backends.sandbox import options as sandbox_options
 from tierkernel.backends.sandbox.channel import (
     AGENT_EXIT_FILE,
     GUEST_DIR,
@@ -101,8 +105,8 @@ from tierkernel.guest.agent import (
     WATCH_ENV,
     agent_program,
 )
-from tierkernel.magics.options import MIN_MEMORY, format_size
 from tierkernel.runtime import packages
+from tierkernel.sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +189,7 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
 
     isolation = ("Docker container: no network, read-only root, no capabilities, uid 65534, "
                  "pids/memory/CPU limits; --runtime runsc = gVisor")
-    accepted_options: ClassVar[frozenset[str]] = frozenset(
-        {"timeout", "memory", "cpus", "runtime", "allow", "domains", "db-readonly"})
+    magic_options = sandbox_options.OPTIONS
 
     warm_start = Bool(
         True,
@@ -308,6 +311,21 @@ class SandboxBackend(AgentQueries, ChannelLimits, Backend):
         self._notebook_notice = ""
 
     # -- the contract ---------------------------------------------------------------------
+    @classmethod
+    def config_loaded(cls, config: Config, sources: ConfigSources) -> None:
+        """Begin the head start: a spare container made while the kernel starts
+        (head_start.py)."""
+        head_start.begin(config, sources)
+
+    @classmethod
+    def commands(cls) -> Sequence[Command]:
+        """``tierkernel image`` and ``tierkernel spares`` (cli.py)."""
+        # Loaded only when the tierkernel command asks: a kernel, which imports this module,
+        # never runs a command, and the commands use this module's reaper functions.
+        from tierkernel.backends.sandbox import cli
+
+        return cli.COMMANDS
+
     def availability(self) -> Availability:
         """Engine reachable, image built, default runtime registered (quick: cached probes)."""
         if self._is_up() or self._starting:

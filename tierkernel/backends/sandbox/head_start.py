@@ -8,21 +8,22 @@ that. Spares left by an earlier kernel hide it, but not for the first kernel aft
 after ``spare_ttl`` with no kernel running.
 
 So as soon as the kernel's configuration is final (before its sockets, shell and event loop
-exist), the app calls :func:`begin`: it forks a helper process that makes one spare container
-with that configuration (see sandbox_spares.py) and exits. The helper works on the other core
-while the kernel finishes starting, and the kernel's warm start then claims that spare like
-any other (:meth:`HeadStart.wait` first waits for it to be ready). It is a spare, keyed by its
-exact create arguments, so nothing is lost or wrong when the kernel ends up wanting another
-spec: it stays for the next kernel, or expires.
+exist), the tier's ``config_loaded`` hook calls :func:`begin`: it forks a helper process that
+makes one spare container with that configuration (see sandbox_spares.py) and exits. The helper
+works on the other core while the kernel finishes starting, and the kernel's warm start then
+claims that spare like any other (:meth:`HeadStart.wait` first waits for it to be ready). It is
+a spare, keyed by its exact create arguments, so nothing is lost or wrong when the kernel ends
+up wanting another spec: it stays for the next kernel, or expires.
 
 The configuration is final only once ipykernel is imported, 0.19 s into the process, and a
-helper forked then spends another 0.08 s importing the sandbox tier and the Docker SDK
-before it can create anything. So ``python -m tierkernel`` forks the helper first of all
-(:func:`fork_early`, 15 ms in): it imports on the other core while the kernel imports
-ipykernel and connects to the engine, then waits for :func:`begin` to hand it the
-configuration (pickled, over a pipe). Or it does not wait: when the settings an earlier kernel
-learned still hold (sandbox_learned.py), it makes the spare with them at once.
-A kernel started some other way (its app in a test, say) forks at :func:`begin` instead.
+helper forked then spends another 0.08 s importing the sandbox tier and the Docker SDK before
+it can create anything. So ``python -m tierkernel`` forks the helper first of all
+(:func:`fork_early`, 15 ms in, through ``tierkernel.backends.early``): it imports on the other
+core while the kernel imports ipykernel and connects to the engine, then waits for
+:func:`begin` to hand it the configuration (pickled, over a pipe). Or it does not wait: when
+the settings an earlier kernel learned still hold (sandbox_learned.py), it makes the spare with
+them at once. A kernel started some other way (its app in a test, say) forks at :func:`begin`
+instead.
 
 The helper is forked twice and in a session of its own, so it is never left a zombie and an
 interrupt sent to the kernel's process group does not cut a container creation short. It
@@ -44,6 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tierkernel.backends.hooks import ConfigSources
 from tierkernel.backends.sandbox.learned import learn, recall
 
 log = logging.getLogger(__name__)
@@ -147,11 +149,11 @@ def fork_early() -> None:
 _early: tuple[int, int] | None = None  # (the config pipe's write end, the report pipe's read end)
 
 
-def begin(config: Any, sources: Any = None) -> None:
+def begin(config: Any, sources: ConfigSources | None = None) -> None:
     """Start the helper that makes a spare with ``config`` (the kernel's final traitlets
     config): hand the config to the helper :func:`fork_early` made, or fork one now; return
-    at once. ``sources`` (a ``sandbox_learned.Sources``) says where the config came from: the
-    sandbox settings are then remembered for the next kernel's early helper.
+    at once. ``sources`` says where the config came from: the sandbox settings are then
+    remembered for the next kernel's early helper (learned.py).
 
     Does nothing when the config turns it off (``head_start``, ``warm_start``, a
     ``spare_ttl`` under MIN_TTL), where the process cannot fork safely (another thread

@@ -25,9 +25,10 @@ import os
 import stat
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tierkernel.backends.hooks import ConfigSources
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,13 @@ _KEPT = 8
 _CODE = str(Path(__file__).with_name("backend.py"))
 
 
-@dataclass(frozen=True)
-class Sources:
-    """Where a kernel's configuration came from: its command line (``sys.argv[1:]``), every
-    config file it looked for (found or not), and whether its working folder was one of the
-    places it looked in."""
-
-    argv: list[str]
-    files: list[str]
-    cwd_matters: bool
-
-
 def path() -> Path:
     """The cache file: ``$XDG_CACHE_HOME/tierkernel/head-start.json`` (``~/.cache``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "tierkernel" / "head-start.json"
 
 
-def learn(sources: Sources, values: dict[str, Any]) -> None:
+def learn(sources: ConfigSources, values: dict[str, Any]) -> None:
     """Remember ``values`` (the SandboxBackend's trait values) for kernels whose configuration
     comes from the same ``sources``. Never raises: the next head start only waits longer."""
     try:

