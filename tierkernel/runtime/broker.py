@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from tierkernel.backends.base import LogEntry
 from tierkernel.magics.options import HELPERS
+from tierkernel.results import LogEntry
 from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
 from tierkernel.runtime import db as db_helper

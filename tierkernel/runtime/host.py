@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from tierkernel.backends.base import ExecResult
 from tierkernel.fsx import FsxConfigError, current
 from tierkernel.guest.helpers import make_helpers
+from tierkernel.results import ExecResult
 from tierkernel.runtime.audit import AuditLog
 from tierkernel.runtime.broker import Broker, CallContext, note_dropped
 from tierkernel.runtime.policy import Runtime
