@@ -81,8 +81,8 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 def _cmd_spares(args: argparse.Namespace) -> int:
     from tierkernel.backends.sandbox import spares as sandbox_spares
-    from tierkernel.backends.sandbox.backend import remove_spares
     from tierkernel.backends.sandbox.engine import EngineError, connect
+    from tierkernel.backends.sandbox.reaper import remove_spares
 
     if args.make or args.keep:
         return _make_or_keep_spares(args)

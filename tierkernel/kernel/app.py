@@ -42,16 +42,17 @@ class TierKernelApp(IPKernelApp):
         begin the sandbox tier's head start here, before the sockets, the shell and the
         event loop exist (the fork it takes must happen while this is the only thread)."""
         from tierkernel.backends.sandbox import head_start as sandbox_head_start
+        from tierkernel.backends.sandbox.backend import SandboxBackend
         from tierkernel.backends.sandbox.learned import Sources
 
         # Every config file looked for, found or not: the next kernel's head start trusts
-        # what this one learned only while none of them has changed (sandbox_learned.py).
+        # what this one learned only while none of them has changed (learned.py).
         names = ["ipython_config", *(os.path.splitext(name)[0] for name in self.config_files)]
         paths = [os.path.abspath(folder) for folder in self.config_file_paths]
         files = [os.path.join(folder, name + ext)
                  for folder in paths for name in names for ext in (".py", ".json")]
         sources = Sources(argv=sys.argv[1:], files=files, cwd_matters=os.getcwd() in paths)
-        sandbox_head_start.begin(self.config, sources)
+        sandbox_head_start.begin(self.config, sources, SandboxBackend)
         super().init_pdb()  # type: ignore[no-untyped-call]
 
     @default("config_files")

@@ -7,10 +7,10 @@ Stopping is two-step: SIGINT first (the cell gets ``KeyboardInterrupt`` and the 
 its state), then, after a grace period, a hard kill (the state is lost and the user is told).
 
 Everything the agent sends is counted here, on the host, against limits the guest cannot
-raise (DESIGN.md, convention 9): the length of one message line (:data:`LineTooLong`), the
-messages of a cell (any type, forged ones included), the bytes of its output (streams, rich
-output, errors, console entries, input prompts), its helper calls (in all, and at once), and
-its input() requests (one at a time, the prompt and the answer each capped).
+raise: the length of one message line (:data:`LineTooLong`), the messages of a cell (any
+type, forged ones included), the bytes of its output (streams, rich output, errors, console
+entries, input prompts), its helper calls (in all, and at once), and its input() requests (one
+at a time, the prompt and the answer each capped).
 """
 
 from __future__ import annotations

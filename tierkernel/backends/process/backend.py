@@ -61,8 +61,8 @@ class ProcessTransport:
     the agent ends, is killed, or the kernel goes, the reaper stops and kills every process
     the agent's cells left (``setsid``, a double fork: all end up its children), then exits.
     The agent's pipes are the kernel's own, inherited through the reaper, which only watches:
-    nothing it does is on a cell's way. Elsewhere the agent is the kernel's child, as before,
-    and only its process group is killed with it.
+    nothing it does is on a cell's way. Elsewhere the agent is the kernel's own child, and
+    only its process group is killed with it.
     """
 
     def __init__(self, python: str, cwd: str | None = None, start_timeout: float = 30.0,
@@ -313,7 +313,7 @@ class ProcessBackend(WorkspaceCopyBackend):
         return self._files
 
     def _spawn(self) -> AgentSession:
-        # The agent works in the kernel's workspace folder (see process_workspace), which
+        # The agent works in the kernel's workspace folder (see workspace.py), which
         # holds the workspace before its first cell.
         files = self._folder()
         notice = files.before_cell()

