@@ -101,9 +101,9 @@ class WorkspaceCopyBackend(AgentBackend):
     stop button ends that copy too."""
 
     copy_back_bytes = ByteSize(
-        1536 * 2**20, help="Most bytes (tar archive) one copy of the tier's workspace copy "
-        "(the sandbox's /workspace, the process tier's workspace folder) back into the "
-        "workspace may bring; over it the cell fails and nothing is copied."
+        1536 * 2**20, help="Most bytes (tar archive) one copy back into the workspace (of the "
+        "sandbox's /workspace, or of the process tier's workspace folder) may bring; over it "
+        "the cell fails and nothing is copied."
     ).tag(config=True)
     copy_back_files = Int(
         150_000, help="Most files, folders and links one copy back into the workspace may "

@@ -125,8 +125,8 @@ def _count(n: int) -> str:
 class ChannelLimits(Configurable):
     """The limits of an agent tier's channel to the host, counted by the host per cell.
 
-    A tier backend mixes this in (``class ProcessBackend(ChannelLimits, Backend)``), so each
-    limit is ``c.<TierBackend>.<name>`` (e.g. ``c.SandboxBackend.message_limit``).
+    Every agent tier has them through its base class (``agent/base.py``'s ``AgentBackend``),
+    so each limit is ``c.<TierBackend>.<name>`` (e.g. ``c.SandboxBackend.message_limit``).
     """
 
     line_limit = ByteSize(

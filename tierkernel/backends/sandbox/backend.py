@@ -68,6 +68,7 @@ from tierkernel.backends.sandbox.settings import ContainerSettings, ContainerSpe
 from tierkernel.backends.sandbox.transport import DockerExecTransport
 from tierkernel.backends.sandbox.workspace import WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage
+from tierkernel.fsx import sync
 from tierkernel.magics.options import MIN_MEMORY
 from tierkernel.runtime import packages
 
@@ -442,7 +443,7 @@ class SandboxBackend(WorkspaceCopyBackend):
         """Bring the cell's changes in /workspace into fsx (see :meth:`copy_back`)."""
         api, session = self._engine.client().api, self._box.session_of(container)
 
-        def apply(budget: Any, stop: Callable[[], str | None]) -> Any:
+        def apply(budget: sync.Budget, stop: Callable[[], str | None]) -> sync.Applied | None:
             return self._workspace.after_cell(api, container.id, True, session, budget, stop)
 
         return self.copy_back(

