@@ -30,6 +30,8 @@ def connect(timeout: float = 60.0) -> Any:
     The client negotiates the API version with the engine, so an old engine (Debian's 20.10)
     and a new SDK work together.
     """
+    # The Docker SDK is imported when the engine is first needed, not with this module: it
+    # takes a while to import, and a kernel that runs no sandbox cell never needs it.
     import docker
     import docker.errors
 
