@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.latency import ensure_specs, round_trip
 from tierkernel.backends.sandbox import spares as sandbox_spares
-from tierkernel.backends.sandbox.backend import remove_spares
 from tierkernel.backends.sandbox.engine import connect
 from tierkernel.backends.sandbox.image import image_ref
+from tierkernel.backends.sandbox.reaper import remove_spares
 
 STREAM_CELL = "import time\nprint('first', flush=True)\ntime.sleep(0.5)\nprint('second')"
 HARDENING: dict[str, Any] = {

@@ -43,7 +43,7 @@ def no_sandbox_containers_left() -> Iterator[None]:
 
     if not sandbox_support.status()[0]:
         return
-    from tierkernel.backends.sandbox.backend import reap_orphans, remove_spares
+    from tierkernel.backends.sandbox.reaper import reap_orphans, remove_spares
 
     reap_orphans(sandbox_support.client())
     # Spares are made to outlive their kernel (for the next one); the run removes its own.

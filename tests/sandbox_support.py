@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tierkernel.backends.sandbox.engine import LABEL_KERNEL
+from tierkernel.backends.sandbox.labels import LABEL_KERNEL
 
 
 def required() -> bool:
@@ -65,7 +65,7 @@ def runtimes() -> list[str]:
 def containers_of(kernel_pid: int) -> list[str]:
     """Ids of the sandbox containers owned by the kernel process ``kernel_pid`` (the one it
     created or the spare it claimed; not the spares it made for later kernels)."""
-    from tierkernel.backends.sandbox.backend import kernel_containers
+    from tierkernel.backends.sandbox.reaper import kernel_containers
 
     return kernel_containers(client(), kernel_pid)
 

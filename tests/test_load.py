@@ -131,8 +131,8 @@ def test_eight_kernels_fifty_mixed_cells_each():
     assert sb.wait_for(lambda: not any(sb.containers_of(pid) for pid in pids.values()), 60), {
         pid: sb.containers_of(pid) for pid in pids.values()}
     from tierkernel.backends.sandbox import spares as sandbox_spares
-    from tierkernel.backends.sandbox.backend import remove_spares
-    from tierkernel.backends.sandbox.engine import LABEL_KERNEL, LABEL_OWNER_PID
+    from tierkernel.backends.sandbox.labels import LABEL_KERNEL, LABEL_OWNER_PID
+    from tierkernel.backends.sandbox.reaper import remove_spares
 
     for container in sb.client().containers.list(all=True, ignore_removed=True,
                                                  filters={"label": LABEL_KERNEL}):

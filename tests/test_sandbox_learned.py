@@ -80,7 +80,7 @@ def test_another_version_of_the_sandbox_code_voids_them(config_dir: Path, tmp_pa
                                                        monkeypatch: pytest.MonkeyPatch):
     code = tmp_path / "sandbox.py"
     code.write_text("# one version\n")
-    monkeypatch.setattr(sandbox_learned, "_CODE", str(code))
+    monkeypatch.setattr(sandbox_learned, "_CODE", (str(code),))
     learn(sources(config_dir), {"memory": 1 << 29})
     assert recall(ARGV) == {"memory": 1 << 29}
     code.write_text("# another version, with other defaults\n")

@@ -33,7 +33,7 @@ def runtime(request: pytest.FixtureRequest) -> Iterator[str]:
     sb.need_sandbox()
     if request.param not in sb.runtimes():
         pytest.skip(f"the engine has no {request.param} runtime (it has {sb.runtimes()})")
-    from tierkernel.backends.sandbox.backend import remove_spares
+    from tierkernel.backends.sandbox.reaper import remove_spares
 
     remove_spares(sb.client())
     yield str(request.param)
@@ -231,7 +231,7 @@ def learned_then_changed(runtime: str, cache_home: Path, options: list[str],
     assert entry["values"]["memory"] == 384 * 2**20  # what the kernel ended up with
     entry["values"].update(changes)
     cache.write_text(json.dumps([entry]))
-    from tierkernel.backends.sandbox.backend import remove_spares
+    from tierkernel.backends.sandbox.reaper import remove_spares
 
     remove_spares(sb.client())
     return env
@@ -343,14 +343,15 @@ def test_a_folder_label_outside_this_users_folders_is_not_trusted(tmp_path: Path
     from types import SimpleNamespace
 
     from tierkernel.backends.sandbox.channel import base_dir, new_folder, remove_folder
+    from tierkernel.backends.sandbox.labels import LABEL_FOLDER
 
     victim = tmp_path / "precious"
     victim.mkdir()
-    outside = SimpleNamespace(labels={sandbox_spares.LABEL_FOLDER: str(victim)})
+    outside = SimpleNamespace(labels={LABEL_FOLDER: str(victim)})
     assert not sandbox_spares.folder_of(outside).exists()  # never claimed in, never removed
     mine = new_folder("tierkernel-test-folder")
     try:
-        inside = SimpleNamespace(labels={sandbox_spares.LABEL_FOLDER: str(mine)})
+        inside = SimpleNamespace(labels={LABEL_FOLDER: str(mine)})
         assert sandbox_spares.folder_of(inside) == mine
         assert mine.parent == base_dir() and oct(mine.stat().st_mode & 0o777) == "0o711"
         assert oct(base_dir().stat().st_mode & 0o777) == "0o700"

@@ -301,7 +301,7 @@ def check_old_kernel_released(kernel_pid: int, tier_pids: dict[str, int]) -> Non
     import docker
 
     from tests.e2e.lab import wait_gone
-    from tierkernel.backends.sandbox.backend import kernel_containers
+    from tierkernel.backends.sandbox.reaper import kernel_containers
 
     left = wait_gone([kernel_pid, *tier_pids.values()], timeout=30)
     assert not left, (f"processes of the old kernel still run after the restart: {left} "

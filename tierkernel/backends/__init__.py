@@ -26,6 +26,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "AgentBackend",
     "Availability",
     "Backend",
     "CellRequest",
@@ -50,9 +51,11 @@ __all__ = [
 _HOMES = dict.fromkeys(__all__, "tierkernel.backends.base") | dict.fromkeys(
     ("InputCancelled", "InputNotAllowed"), "tierkernel.errors") | dict.fromkeys(
     ("Command", "CommandContext", "ConfigSources"), "tierkernel.backends.hooks") | {
-    "OptionSpec": "tierkernel.backends.options"}
+    "OptionSpec": "tierkernel.backends.options",
+    "AgentBackend": "tierkernel.backends.agent.base"}
 
 if TYPE_CHECKING:
+    from tierkernel.backends.agent.base import AgentBackend
     from tierkernel.backends.base import (
         Availability,
         Backend,

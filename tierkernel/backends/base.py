@@ -9,12 +9,15 @@ Output is published *as it happens* through an :class:`OutputSink` that the kern
 :meth:`Backend.execute`. Every output must be handed to the sink before ``execute`` returns: the
 kernel sends the execute_reply and then ``status: idle`` right after, and clients (nbclient,
 jupyter_kernel_test) drop output that arrives after idle.
+
+The plain data a cell produces (:class:`ExecResult`, :class:`ExecError`, :class:`LogEntry`,
+:class:`ResourceUsage`) is defined in ``tierkernel.results``, below the runtime that records it,
+and re-exported here as part of the contract.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
@@ -24,9 +27,12 @@ from traitlets.config import Config, LoggingConfigurable
 
 from tierkernel.backends.hooks import Command, ConfigSources
 from tierkernel.backends.options import TIMEOUT, OptionSpec
+from tierkernel.results import ExecError as ExecError
+from tierkernel.results import ExecResult as ExecResult
+from tierkernel.results import LogEntry as LogEntry
+from tierkernel.results import MimeBundle as MimeBundle
+from tierkernel.results import ResourceUsage as ResourceUsage
 from tierkernel.sizes import format_size
-
-MimeBundle = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -45,71 +51,6 @@ class Availability:
     def no(cls, reason: str) -> Availability:
         """An unavailable tier; ``reason`` says what is missing and how to get it."""
         return cls(False, reason)
-
-
-@dataclass(frozen=True)
-class ExecError:
-    """A failed cell, in the shape of a Jupyter ``error`` message."""
-
-    ename: str
-    evalue: str
-    traceback: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    """One entry of an execution's log (console helper calls, tier notices)."""
-
-    level: str
-    message: str
-    time: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class ResourceUsage:
-    """What one cell used, as measured on the host (never as the guest reports it).
-
-    ``cpu_seconds``: CPU time spent running the cell. ``peak_memory_bytes``: the highest
-    memory use while it ran. ``processes``: the most tasks (processes and threads) the cell's
-    container held, where the host can count them. Each is None when this host cannot
-    measure it; each tier's backend says what exactly it measures.
-    """
-
-    cpu_seconds: float | None = None
-    peak_memory_bytes: int | None = None
-    processes: int | None = None
-
-    def as_metadata(self) -> dict[str, Any]:
-        """The measured values, for the execute_reply's ``metadata.tierkernel``."""
-        out: dict[str, Any] = {}
-        if self.cpu_seconds is not None:
-            out["cpu_seconds"] = round(self.cpu_seconds, 4)
-        if self.peak_memory_bytes is not None:
-            out["peak_memory_bytes"] = self.peak_memory_bytes
-        if self.processes is not None:
-            out["processes"] = self.processes
-        return out
-
-
-@dataclass
-class ExecResult:
-    """What a backend returns for one cell (the execution-layer spec's shape).
-
-    ``output`` is the mime bundle of the cell's last expression, or ``None``. ``duration`` is in
-    seconds. ``payload`` and ``user_expressions`` carry the IPython-only parts of an
-    execute_reply; tiers that do not run IPython leave them empty. ``usage`` is what the cell
-    used, measured on the host (None when the tier does not measure it).
-    """
-
-    success: bool
-    tier: str
-    duration: float
-    output: MimeBundle | None = None
-    error: ExecError | None = None
-    logs: list[LogEntry] = field(default_factory=list)
-    payload: list[dict[str, Any]] = field(default_factory=list)
-    user_expressions: dict[str, Any] = field(default_factory=dict)
-    usage: ResourceUsage | None = None
 
 
 @dataclass(frozen=True)

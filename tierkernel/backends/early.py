@@ -12,10 +12,20 @@ while its process has one thread.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tierkernel.backends.sandbox import head_start
+
+
+def _sandbox_tier() -> Any:
+    """The sandbox tier's backend class, imported in the head start's helper only (this
+    process goes on importing ipykernel meanwhile)."""
+    from tierkernel.backends.sandbox.backend import SandboxBackend
+
+    return SandboxBackend
 
 
 def begin() -> None:
     """Begin each built-in tier's early work; called first thing by ``python -m tierkernel``,
     while the process has one thread. Returns at once and never raises."""
-    head_start.fork_early()
+    head_start.fork_early(_sandbox_tier)

@@ -13,7 +13,7 @@ Each tier reads what the host kernel already keeps about the guest's processes:
   and the most tasks it held (``pids.peak``, under runc only: under gVisor the host counts
   the sandbox's own threads, not the guest's processes).
 
-The ``wasm`` tier measures its turns itself (``wasm_transport``): the CPU time of the threads
+The ``wasm`` tier measures its turns itself (``wasm/transport.py``): the CPU time of the threads
 that ran the turn and the guest's linear memory. Every read is a few microseconds; a value
 the host cannot read here is None (a remote engine, another cgroup layout), never a guess.
 """

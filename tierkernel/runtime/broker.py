@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from tierkernel.backends.base import LogEntry
 from tierkernel.guest import protocol
+from tierkernel.results import LogEntry
 from tierkernel.runtime import ai as ai_helper
 from tierkernel.runtime import api as api_helper
 from tierkernel.runtime import db as db_helper

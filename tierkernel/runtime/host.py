@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from tierkernel.backends.base import ExecResult
 from tierkernel.errors import CellTooLargeError, FsxConfigError
 from tierkernel.fsx import current
 from tierkernel.guest.helpers import make_helpers
+from tierkernel.results import ExecResult
 from tierkernel.runtime.audit import AuditLog
 from tierkernel.runtime.broker import Broker, CallContext, note_dropped
 from tierkernel.runtime.policy import Runtime

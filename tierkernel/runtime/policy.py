@@ -21,8 +21,8 @@ from jupyter_core.paths import jupyter_data_dir
 from traitlets import Bool, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from tierkernel.backends.config_traits import ByteSize
 from tierkernel.runtime.grants import HELPERS, is_domain_pattern
+from tierkernel.sizes import ByteSize
 
 
 def _env(name: str) -> str:

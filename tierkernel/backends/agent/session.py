@@ -8,10 +8,10 @@ Stopping is two-step: SIGINT first (the cell gets ``KeyboardInterrupt`` and the 
 its state), then, after a grace period, a hard kill (the state is lost and the user is told).
 
 Everything the agent sends is counted here, on the host, against limits the guest cannot
-raise (DESIGN.md, convention 9): the length of one message line (:class:`LineTooLong`), the
-messages of a cell (any type, forged ones included), the bytes of its output (streams, rich
-output, errors, console entries, input prompts), its helper calls (in all, and at once), and
-its input() requests (one at a time, the prompt and the answer each capped).
+raise: the length of one message line (:class:`LineTooLong`), the messages of a cell (any
+type, forged ones included), the bytes of its output (streams, rich output, errors, console
+entries, input prompts), its helper calls (in all, and at once), and its input() requests (one
+at a time, the prompt and the answer each capped).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from tierkernel.backends.base import (
     MimeBundle,
     OutputSink,
 )
-from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.usage import UsageProbe
 from tierkernel.errors import (
     AgentStartError,
@@ -52,6 +51,7 @@ from tierkernel.errors import (
     TierSessionLost,
 )
 from tierkernel.guest import protocol
+from tierkernel.sizes import ByteSize
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def _count(n: int) -> str:
 class ChannelLimits(Configurable):
     """The limits of an agent tier's channel to the host, counted by the host per cell.
 
-    A tier backend mixes this in (``class ProcessBackend(ChannelLimits, Backend)``), so each
-    limit is ``c.<TierBackend>.<name>`` (e.g. ``c.SandboxBackend.message_limit``).
+    Every agent tier has them through its base class (``agent/base.py``'s ``AgentBackend``),
+    so each limit is ``c.<TierBackend>.<name>`` (e.g. ``c.SandboxBackend.message_limit``).
     """
 
     line_limit = ByteSize(

@@ -24,37 +24,25 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from traitlets import Float, Int, Unicode
+from traitlets import Unicode
 
+from tierkernel.backends.agent.base import AGENT_PATH, WorkspaceCopyBackend
 from tierkernel.backends.agent.notebook_folder import NotebookFolder, guest_config
-from tierkernel.backends.agent.queries import AgentQueries
-from tierkernel.backends.agent.session import AgentSession, ChannelLimits
+from tierkernel.backends.agent.session import AgentSession
 from tierkernel.backends.base import (
     Availability,
-    Backend,
     CellRequest,
     ExecError,
     ExecResult,
     OutputSink,
 )
-from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.options import HELPER_POLICY, TIMEOUT
 from tierkernel.backends.process.workspace import WORKSPACE_ENV, HostFolderSync
 from tierkernel.backends.usage import ProcessUsage
-from tierkernel.errors import (
-    AgentStartError,
-    CopyBudgetError,
-    CopyStopped,
-    FsxQuotaError,
-    LineTooLong,
-    WorkspaceCopyError,
-)
-from tierkernel.fsx import sync
+from tierkernel.errors import AgentStartError, LineTooLong
 
-AGENT_PATH = Path(__file__).resolve().parents[2] / "guest" / "agent.py"
 REAPER_PATH = AGENT_PATH.with_name("reaper.py")
 
 log = logging.getLogger(__name__)
@@ -75,8 +63,8 @@ class ProcessTransport:
     the agent ends, is killed, or the kernel goes, the reaper stops and kills every process
     the agent's cells left (``setsid``, a double fork: all end up its children), then exits.
     The agent's pipes are the kernel's own, inherited through the reaper, which only watches:
-    nothing it does is on a cell's way. Elsewhere the agent is the kernel's child, as before,
-    and only its process group is killed with it.
+    nothing it does is on a cell's way. Elsewhere the agent is the kernel's own child, and
+    only its process group is killed with it.
     """
 
     def __init__(self, python: str, cwd: str | None = None, start_timeout: float = 30.0,
@@ -289,7 +277,7 @@ class ProcessTransport:
         return f"{status}; stderr: {tail}" if tail else status
 
 
-class ProcessBackend(AgentQueries, ChannelLimits, Backend):
+class ProcessBackend(WorkspaceCopyBackend):
     """Runs cells in a persistent child Python process (the guest agent)."""
 
     isolation = "separate host process: crash isolation only, not a security boundary"
@@ -299,31 +287,8 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
     python = Unicode(
         sys.executable, help="The Python interpreter that runs the agent."
     ).tag(config=True)
-    interrupt_grace = Float(
-        3.0, help="Seconds a cell may take to honour an interrupt before its process is killed."
-    ).tag(config=True)
-    output_limit = ByteSize(
-        16 * 1024 * 1024, help="Output one cell may produce before it is stopped (16m, or bytes)."
-    ).tag(config=True)
-    start_timeout = Float(30.0, help="Seconds to wait for the agent to start.").tag(config=True)
-    copy_back_bytes = ByteSize(
-        1536 * 2**20, help="Most bytes (tar archive) one copy of the process tier's workspace "
-        "folder back into the workspace may bring; over it the cell fails and nothing is "
-        "copied.").tag(config=True)
-    copy_back_files = Int(
-        150_000, help="Most files, folders and links one copy of the process tier's "
-        "workspace folder back into the workspace may bring.").tag(config=True)
-    copy_back_seconds = Float(
-        300.0, help="Most seconds one copy of the process tier's workspace folder back into "
-        "the workspace may take.").tag(config=True)
-
     _session: AgentSession | None = None
     _files: HostFolderSync | None = None
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        #: Set by the stop button: ends a copy back of the workspace folder.
-        self._copy_stopped = threading.Event()
 
     def availability(self) -> Availability:
         """Available when the configured interpreter exists."""
@@ -350,7 +315,7 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         return self._files
 
     def _spawn(self) -> AgentSession:
-        # The agent works in the kernel's workspace folder (see process_workspace), which
+        # The agent works in the kernel's workspace folder (see workspace.py), which
         # holds the workspace before its first cell.
         files = self._folder()
         notice = files.before_cell()
@@ -359,15 +324,7 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         transport = ProcessTransport(self.python, cwd=str(files.folder),
                                      start_timeout=self.start_timeout,
                                      env_extra={WORKSPACE_ENV: str(files.folder)})
-        session = AgentSession(
-            transport,
-            tier=self.name,
-            grace=self.interrupt_grace,
-            output_limit=self.output_limit,
-            limit_hint=f"raise it with '%%tier {self.name} --timeout SECONDS' or "
-            "c.ProcessBackend.timeout",
-            **self.channel_limits(self.output_limit),
-        )
+        session = self.open_session(transport)
         session.wait_ready(self.start_timeout)
         session.install_helpers()
         # Not a boundary: the notebook's folder is read in place, whatever it holds.
@@ -384,15 +341,16 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         session = self._session
         if session is None:
             raise RuntimeError("the process tier was not started (the kernel calls start())")
-        started, option = time.monotonic(), request.options.get("timeout")
+        option = request.options.get("timeout")
+        started, timeout = time.monotonic(), float(option) if option else None
         files = self._folder()
         # The workspace folder and fsx in step (the common cell: both unchanged, no thread).
         if not files.idle():
-            await asyncio.to_thread(self._copy_in, sink, started, option)
+            await asyncio.to_thread(self._copy_in, sink, started, timeout)
         result = await session.run_async(request, sink, option, self.helper_gateway())
         error = None
         if not files.idle():
-            error = await asyncio.to_thread(self._copy_back, sink, started, option)
+            error = await asyncio.to_thread(self._copy_back, sink, started, timeout)
         if error is not None:
             if result.success:
                 sink.error(error.ename, error.evalue, error.traceback)
@@ -401,7 +359,7 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
                 sink.stream("stderr", f"tierkernel: {error.evalue}\n")
         return result
 
-    def _copy_in(self, sink: OutputSink, started: float, timeout: object) -> None:
+    def _copy_in(self, sink: OutputSink, started: float, timeout: float | None) -> None:
         files = self._folder()
         # Changed since the last cell (a process a cell left running): into fsx first, as
         # the copy in takes the folder as its new baseline.
@@ -413,53 +371,16 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         if notice:
             sink.stream("stderr", notice)
 
-    def _copy_back(self, sink: OutputSink, started: float, timeout: object
+    def _copy_back(self, sink: OutputSink, started: float, timeout: float | None
                    ) -> ExecError | None:
-        """Bring the cell's changes in the workspace folder into fsx, within the copy
-        budget and the cell's time; over it, the error for the cell (nothing was copied:
-        the folder keeps the files, copied with its next change)."""
+        """Bring the cell's changes in the workspace folder into fsx (see
+        :meth:`copy_back`); over its budget, the error for the cell (nothing was copied: the
+        folder keeps the files, copied with its next change)."""
         files = self._folder()
-        ends = None if not timeout else started + float(timeout)  # type: ignore[arg-type]
-
-        self._copy_stopped.clear()
-
-        def stop() -> str | None:
-            if self._copy_stopped.is_set():
-                return "the cell was interrupted"
-            if ends is not None and time.monotonic() > ends + self.interrupt_grace:
-                return (f"the cell ran longer than its {float(timeout):g} s limit "  # type: ignore[arg-type]
-                        f"(raise it with '%%tier {self.name} --timeout SECONDS')")
-            return None
-
-        budget = sync.Budget(self.copy_back_bytes, self.copy_back_files,
-                             self.copy_back_seconds,
-                             ("c.ProcessBackend.copy_back_bytes",
-                              "c.ProcessBackend.copy_back_files",
-                              "c.ProcessBackend.copy_back_seconds"))
-        try:
-            applied = files.after_cell(budget, stop)
-        except (CopyBudgetError, CopyStopped) as exc:
-            ename = (WorkspaceCopyError.__name__ if isinstance(exc, CopyBudgetError)
-                     else "TimeoutError" if "limit" in str(exc) else "KeyboardInterrupt")
-            evalue = (f"{exc.strerror}. Nothing of it was copied into the workspace: the "
-                      f"folder ({files.folder}) still has the files, and they are copied "
-                      "with its next change.")
-            return ExecError(ename, evalue, [f"{ename}: {evalue}"])
-        except Exception as exc:
-            quota = isinstance(exc, FsxQuotaError)
-            log.log(logging.INFO if quota else logging.WARNING,
-                    "copying the process tier's folder into fsx failed", exc_info=not quota)
-            sink.stream("stderr", f"tierkernel: the cell's changes in the workspace folder "
-                                  f"could not be copied into the workspace: {exc}\n")
-            return None
-        if applied is not None and applied.conflicts:
-            sink.stream("stderr", "tierkernel: changed in the workspace meanwhile, so the "
-                        "cell's version was saved beside it as NAME.sandbox-conflict: "
-                        + ", ".join(applied.conflicts) + "\n")
-        if applied is not None and applied.skipped:
-            sink.stream("stderr", "tierkernel: not copied into the workspace: "
-                        + "; ".join(f"{rel}: {why}" for rel, why in applied.skipped) + "\n")
-        return None
+        return self.copy_back(
+            files.after_cell, sink, started, timeout, source="the workspace folder",
+            kept=f"the folder ({files.folder}) still has the files, and they are copied with "
+            "its next change", version="cell's")
 
     def _query_session(self) -> AgentSession | None:
         """The running agent, for completion and inspection (None: none running)."""
@@ -469,7 +390,7 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
     def interrupt(self) -> None:
         """SIGINT to the agent; it is killed if the cell ignores it for ``interrupt_grace``.
         A copy of the workspace folder back into fsx in progress ends too."""
-        self._copy_stopped.set()
+        self.stop_copy()
         if self._session is not None:
             self._session.interrupt()
 
@@ -481,7 +402,3 @@ class ProcessBackend(AgentQueries, ChannelLimits, Backend):
         files, self._files = self._files, None
         if files is not None:
             files.close()
-
-    def describe_limits(self) -> str:
-        """Timeout and output cap, for ``%tier``."""
-        return f"{super().describe_limits()}, output={self.output_limit / 2**20:g}MiB"

@@ -15,7 +15,7 @@ Layout (``base_dir()``, mode 0700, so no other user of the host can reach a sock
                                       spare's agent sleeps on it (0606: uid 65534 reads; runc)
         exec-id                       the agent's docker exec, for exit codes and hard kills
                                       (MAIN_AGENT: the container's main command started it)
-        claim                         a spare container's claimer: "pid start" (sandbox_spares)
+        claim                         a spare container's claimer: "pid start" (spares.py)
 
 Needs a local engine (a remote one cannot mount this host's folders) and, under gVisor, runsc
 registered with ``--host-uds=open`` (scripts/engine.sh does that); otherwise the tier falls
@@ -41,7 +41,7 @@ GUEST_DIR = "/run/tierkernel"
 SOCKET_NAME = "agent.sock"
 EXEC_ID_NAME = "exec-id"
 #: The exec id recorded for an agent that is no exec: a gVisor spare's main command starts it
-#: (see sandbox.py's _AGENT_KEEPER), and AGENT_EXIT_FILE in the container holds its status.
+#: (see spares.AGENT_KEEPER), and AGENT_EXIT_FILE in the container holds its status.
 MAIN_AGENT = "main"
 AGENT_EXIT_FILE = "/tmp/.tierkernel-agent-exit"
 WAKE_NAME = "wake"

@@ -10,11 +10,11 @@ import sys
 from tierkernel.backends.hooks import Command, CommandContext
 from tierkernel.backends.sandbox import pool as sandbox_pool
 from tierkernel.backends.sandbox import spares as sandbox_spares
-from tierkernel.backends.sandbox.backend import remove_spares
 from tierkernel.backends.sandbox.engine import connect
 from tierkernel.backends.sandbox.extras import Extras
 from tierkernel.backends.sandbox.head_start import MIN_TTL
 from tierkernel.backends.sandbox.image import build_image, image_ref
+from tierkernel.backends.sandbox.reaper import remove_spares
 from tierkernel.errors import EngineError, ExtrasError, ImageBuildError
 
 

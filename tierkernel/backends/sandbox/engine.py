@@ -1,24 +1,19 @@
 """Talking to the Docker Engine: connecting, and turning its errors into advice.
 
-A user never sees a raw Docker traceback (DESIGN.md, convention 4): every engine call of the
-sandbox tier and of ``tierkernel image build`` goes through :func:`connect` and
+A user never sees a raw Docker traceback: every engine call of the sandbox tier and of
+``tierkernel image build`` goes through :func:`connect` (or an :class:`EngineLink`) and
 :func:`explain`, which say what went wrong and what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from tierkernel.errors import EngineError
 
 IMAGE_REPO = "tierkernel-sandbox"
-#: The label every tierkernel container carries; its value is the kernel's id.
-LABEL_KERNEL = "org.tierkernel.kernel"
-#: The pid of the kernel process that owns a container (for orphan reaping).
-LABEL_OWNER_PID = "org.tierkernel.owner-pid"
-#: The host that owner pid belongs to (pids mean nothing on another host).
-LABEL_OWNER_HOST = "org.tierkernel.owner-host"
 
 
 def engine_url() -> str:
@@ -32,6 +27,8 @@ def connect(timeout: float = 60.0) -> Any:
     The client negotiates the API version with the engine, so an old engine (Debian's 20.10)
     and a new SDK work together.
     """
+    # The Docker SDK is imported when the engine is first needed, not with this module: it
+    # takes a while to import, and a kernel that runs no sandbox cell never needs it.
     import docker
     import docker.errors
 
@@ -40,6 +37,83 @@ def connect(timeout: float = 60.0) -> Any:
     except docker.errors.DockerException as exc:
         raise EngineError(unreachable_message(exc)) from exc
     return client
+
+
+class EngineLink:
+    """One backend's connections to the engine, each made on first use: a client for its
+    work (requests wait up to ``timeout`` s), a quick one for availability probes, and the
+    engine's runtimes, asked once."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._client: Any = None
+        self._probe: Any = None
+        self._runtimes: dict[str, Any] | None = None
+
+    def client(self) -> Any:
+        """The client for the backend's work; EngineError when the engine cannot be reached."""
+        if self._client is None:
+            self._client = connect(self.timeout)
+        return self._client
+
+    def probe(self) -> Any:
+        """The client for quick questions (is the engine up, is the image there)."""
+        if self._probe is None:
+            self._probe = connect(timeout=5)
+        return self._probe
+
+    def forget_probe(self) -> None:
+        """The probe failed: the next :meth:`probe` connects again."""
+        self._probe = None
+
+    def runtimes(self, client: Any = None) -> dict[str, Any]:
+        """The engine's runtimes by name, each with its path and runtimeArgs, asked through
+        ``client`` (the work client by default) the first time."""
+        if self._runtimes is None:
+            try:
+                info = (client or self.client()).info()
+            except Exception as exc:
+                raise explain(exc, "asking the engine for its runtimes") from exc
+            self._runtimes = dict(info.get("Runtimes") or {"runc": {}})
+        return self._runtimes
+
+    def require_runtime(self, runtime: str, client: Any = None) -> None:
+        """EngineError, saying how to register it, unless ``runtime`` is registered."""
+        runtimes = self.runtimes(client)
+        if runtime not in runtimes:
+            raise EngineError(no_runtime_message(runtime, runtimes))
+
+    def warm(self) -> None:
+        """Connect and learn the runtimes now, for :meth:`adopt` (a head start's helper does
+        this while it waits for the kernel's configuration). An error is left for the calls
+        that need the engine to report."""
+        with contextlib.suppress(Exception):
+            self.runtimes(self.probe())
+            self.client()
+
+    def adopt(self, warm: EngineLink) -> None:
+        """Use what ``warm`` has already got: its probe and runtimes, and its client when it
+        was made with this link's timeout."""
+        self._probe = self._probe or warm._probe
+        self._runtimes = self._runtimes or warm._runtimes
+        if self._client is None and warm.timeout == self.timeout:
+            self._client = warm._client
+
+    def close(self) -> None:
+        """Close both clients; never raises."""
+        for client in (self._client, self._probe):
+            with contextlib.suppress(Exception):
+                if client is not None:
+                    client.close()
+        self._client = self._probe = None
+
+
+def no_runtime_message(runtime: str, runtimes: dict[str, Any]) -> str:
+    """The advice given when ``runtime`` is not among the engine's ``runtimes``."""
+    hint = (" (install runsc and register it: scripts/engine.sh does both)"
+            if runtime == "runsc" else "")
+    return (f"runtime {runtime!r} is not registered with the docker engine at "
+            f"{engine_url()} (it has: {', '.join(sorted(runtimes))}){hint}")
 
 
 def unreachable_message(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ after ``spare_ttl`` with no kernel running.
 
 So as soon as the kernel's configuration is final (before its sockets, shell and event loop
 exist), the tier's ``config_loaded`` hook calls :func:`begin`: it forks a helper process that
-makes one spare container with that configuration (see sandbox_spares.py) and exits. The helper
+makes one spare container with that configuration (see ``spares.py``) and exits. The helper
 works on the other core while the kernel finishes starting, and the kernel's warm start then
 claims that spare like any other (:meth:`HeadStart.wait` first waits for it to be ready). It is
 a spare, keyed by its exact create arguments, so nothing is lost or wrong when the kernel ends
@@ -21,9 +21,12 @@ it can create anything. So ``python -m tierkernel`` forks the helper first of al
 (:func:`fork_early`, 15 ms in, through ``tierkernel.backends.early``): it imports on the other
 core while the kernel imports ipykernel and connects to the engine, then waits for
 :func:`begin` to hand it the configuration (pickled, over a pipe). Or it does not wait: when
-the settings an earlier kernel learned still hold (sandbox_learned.py), it makes the spare with
+the settings an earlier kernel learned still hold (``learned.py``), it makes the spare with
 them at once. A kernel started some other way (its app in a test, say) forks at :func:`begin`
 instead.
+
+This module knows the tier's backend class only as its callers hand it over (:data:`TierClass`):
+the backend waits for the head start (:func:`pending`), so it is the one that imports this.
 
 The helper is forked twice and in a session of its own, so it is never left a zombie and an
 interrupt sent to the kernel's process group does not cut a container creation short. It
@@ -49,6 +52,11 @@ from tierkernel.backends.hooks import ConfigSources
 from tierkernel.backends.sandbox.learned import learn, recall
 
 log = logging.getLogger(__name__)
+
+#: The sandbox tier's backend class (``SandboxBackend``): called with ``config=`` a traitlets
+#: config, it makes a backend with those settings, whose ``make_head_start(report)`` makes the
+#: spare, and whose ``warm_engine()`` and ``adopt_engine(other)`` share an engine connection.
+TierClass = Callable[..., Any]
 
 _DONE = ("ready", "have", "off", "failed")
 
@@ -120,14 +128,15 @@ def pending() -> HeadStart | None:
 
 
 #: A spare must wait longer than this for a head start: a kernel does not claim one that
-#: is about to expire (sandbox_spares.candidates), so a shorter one would be made for nothing.
+#: is about to expire (spares.candidates), so a shorter one would be made for nothing.
 MIN_TTL = 15.0
 
 
-def fork_early() -> None:
+def fork_early(load_tier: Callable[[], TierClass]) -> None:
     """Fork the helper before the kernel imports anything else (``python -m tierkernel``
-    calls this first): it imports the sandbox tier meanwhile and waits for :func:`begin`.
-    Never raises; without it :func:`begin` forks a helper itself."""
+    calls this first): it imports the sandbox tier meanwhile (``load_tier()``, called in the
+    helper only) and waits for :func:`begin`. Never raises; without it :func:`begin` forks a
+    helper itself."""
     global _early
     if _early is not None or not hasattr(os, "fork") or threading.active_count() > 1:
         return
@@ -136,7 +145,7 @@ def fork_early() -> None:
     except OSError:  # out of descriptors: begin() forks a helper itself, if it can
         return
     try:
-        read_fd = _spawn(lambda report_fd: _early_helper(config_read, report_fd),
+        read_fd = _spawn(lambda report_fd: _early_helper(load_tier, config_read, report_fd),
                          keep_out=config_write)
     finally:
         os.close(config_read)
@@ -149,11 +158,12 @@ def fork_early() -> None:
 _early: tuple[int, int] | None = None  # (the config pipe's write end, the report pipe's read end)
 
 
-def begin(config: Any, sources: ConfigSources | None = None) -> None:
+def begin(config: Any, sources: ConfigSources | None, tier: TierClass) -> None:
     """Start the helper that makes a spare with ``config`` (the kernel's final traitlets
-    config): hand the config to the helper :func:`fork_early` made, or fork one now; return
-    at once. ``sources`` says where the config came from: the sandbox settings are then
-    remembered for the next kernel's early helper (learned.py).
+    config) and the backend class ``tier``: hand the config to the helper :func:`fork_early`
+    made, or fork one now; return at once. ``sources`` (or None) says
+    where the config came from: the sandbox settings are then remembered for the next
+    kernel's early helper.
 
     Does nothing when the config turns it off (``head_start``, ``warm_start``, a
     ``spare_ttl`` under MIN_TTL), where the process cannot fork safely (another thread
@@ -164,9 +174,7 @@ def begin(config: Any, sources: ConfigSources | None = None) -> None:
         return
     early, _early = _early, None
     try:
-        from tierkernel.backends.sandbox.backend import SandboxBackend
-
-        backend: Any = SandboxBackend(config=config)  # the config's values, typed and checked
+        backend: Any = tier(config=config)  # the config's values, typed and checked
         wanted = _wants(backend.head_start, backend.warm_start, backend.spare_ttl)
     except Exception as exc:  # a bad config value: the kernel reports it where it is used
         log.warning("no sandbox head start: %s", exc)
@@ -259,7 +267,7 @@ def _quiet() -> None:
         os.dup2(devnull, target)
 
 
-def _early_helper(config_fd: int, fd: int) -> None:
+def _early_helper(load_tier: Callable[[], TierClass], config_fd: int, fd: int) -> None:
     """The early grandchild: import while the kernel starts, then work as :func:`_helper`
     with the settings learned for this situation, or else with the config :func:`begin`
     hands over; end quietly when none comes."""
@@ -277,24 +285,25 @@ def _early_helper(config_fd: int, fd: int) -> None:
         # when it wants a head start).
         if learned_off and not config.wait():
             os._exit(0)
+        # Imported here, not at the top: the kernel imports this module before it forks the
+        # helper, and must not wait for traitlets then.
         from traitlets.config import Config
 
-        from tierkernel.backends.sandbox.backend import SandboxBackend
-
+        tier = load_tier()
         # Connected, and the engine's runtimes known, before the config comes. The engine's
         # address comes from the environment, not the config: the connection stays good.
-        warm = SandboxBackend()
+        warm = tier()
         warm.warm_engine()
         guess = None
         if values is not None and not config.done.is_set():
             with contextlib.suppress(Exception):  # values this version does not take
-                guess = SandboxBackend(config=Config({"SandboxBackend": values}))
+                guess = tier(config=Config({tier.__name__: values}))
         if guess is not None and _wants(guess.head_start, guess.warm_start, guess.spare_ttl):
             guess.adopt_engine(warm)
             _helper(guess, fd)  # does not return
         data = config.wait()
         if data:
-            backend = SandboxBackend(config=pickle.loads(data))
+            backend = tier(config=pickle.loads(data))
             backend.adopt_engine(warm)
             _helper(backend, fd)
     except BaseException:

@@ -6,8 +6,8 @@ a second build is a no-op: the tag already present in the engine means done.
 
 The guest agent is deliberately NOT baked into the image: the sandbox tier hands the kernel's
 own ``tierkernel/guest/agent.py`` to the interpreter it starts in the container (see
-``sandbox.py``). The agent inside a container therefore always matches the kernel that drives
-it, and editing the agent never costs a multi-minute image rebuild.
+``settings.agent_command``). The agent inside a container therefore always matches the kernel
+that drives it, and editing the agent never costs a multi-minute image rebuild.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def build_image(
 
     Needs root (debootstrap), the Debian mirror, and a Docker engine. Progress lines (stages and
     debootstrap's own progress) go to ``progress``. With ``extras``, a custom image: the
-    recipe plus those Debian packages and wheels (see ``sandbox_extras``).
+    recipe plus those Debian packages and wheels (see ``extras.py``).
     """
     ref = image_ref(extras)
     client = client or connect(timeout=900)

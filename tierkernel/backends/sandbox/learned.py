@@ -2,14 +2,14 @@
 
 A kernel's configuration is final only once ipykernel is imported and has read its command
 line and config files, 0.2 s into the process. The head start's early helper
-(sandbox_head_start.py) is ready 0.07 s before that. When everything the configuration came
+(``head_start.py``) is ready 0.07 s before that. When everything the configuration came
 from is as it was when a kernel last learned it (the same command line but for the connection
 file, the same environment variables that choose the config folders, every config file the
 kernel looked for unchanged, present or not), the helper makes its spare with the learned
 settings at once instead of waiting.
 
 A wrong guess costs only time: the spare is keyed by its create arguments, and a kernel claims
-a spare only for the key its own configuration gives (sandbox_spares.py), so one made with
+a spare only for the key its own configuration gives (``spares.py``), so one made with
 stale settings is left for a later kernel or expires. Only the values of the SandboxBackend's
 traits are kept, as JSON in the user's cache folder (no code is ever loaded from there), in a
 folder and file of the user's own (0700, 0600, never through a link: with XDG_CACHE_HOME in a
@@ -38,9 +38,10 @@ _ENV = ("HOME", "XDG_CONFIG_HOME", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_
         "CONDA_PREFIX", "VIRTUAL_ENV")
 #: Kernels of this many different set-ups (command lines, folders) are remembered.
 _KEPT = 8
-#: The code that turns the settings into a container (and holds their defaults): another
-#: version of it (an upgrade, an edited checkout) voids what an earlier one learned.
-_CODE = str(Path(__file__).with_name("backend.py"))
+#: The code that holds the settings' defaults (backend.py) and turns them into a container
+#: (settings.py): another version of it (an upgrade, an edited checkout) voids what an
+#: earlier one learned.
+_CODE = tuple(str(Path(__file__).with_name(name)) for name in ("backend.py", "settings.py"))
 
 
 def path() -> Path:
@@ -81,7 +82,7 @@ def _situation(argv: list[str], files: list[str], cwd_matters: bool) -> dict[str
         "env": {name: os.environ.get(name) for name in _ENV},
         "cwd": os.getcwd() if cwd_matters else None,
         "files": {name: _stat(name) for name in sorted(set(files))},
-        "code": [sys.executable, _CODE, _stat(_CODE)],
+        "code": [sys.executable, *[[name, _stat(name)] for name in _CODE]],
     }
 
 

@@ -7,7 +7,8 @@ bind-mounted: what :meth:`NotebookFolder.scan` takes (within its caps, see
 user (uid 65534) can read them but not change them (a teaching folder of a few MB: tens of
 milliseconds). After that the host hears the folder's changes through inotify
 (:class:`FolderWatch`, no walk) and copies it again before the next cell only when what the
-copy takes changed.
+copy takes changed. :class:`NotebookCopy` does all this for the kernel's container, and sets up
+each new agent's view of the files.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ import logging
 import os
 import tarfile
 import tempfile
+import threading
 from typing import Any
 
-from tierkernel.backends.agent.notebook_folder import GUEST_PATH, NotebookFolder, Scan, open_regular
+from tierkernel.backends.agent.notebook_folder import (
+    GUEST_PATH,
+    NotebookFolder,
+    Scan,
+    guest_config,
+    open_regular,
+)
+from tierkernel.backends.agent.session import AgentSession
+from tierkernel.backends.sandbox.workspace import GUEST_PATH as WORKSPACE
 from tierkernel.backends.sandbox.workspace import exec_with_stdin
 from tierkernel.guest.tree_watch import TreeWatch
 
@@ -144,3 +154,69 @@ def copy_in(api: Any, container_id: str, folder: NotebookFolder) -> tuple[Scan, 
     if code:
         raise OSError(f"tar exit {code}: {text.strip()[-300:]}")
     return scan, folder.summary(scan, f"the sandbox's {GUEST_PATH}")
+
+
+class NotebookCopy:
+    """The notebook's folder in the kernel's container, and each agent's view of the files.
+
+    Once per container the folder is copied into ``/notebook`` (and again before a cell when
+    what the copy takes changed); once per agent its files are set up (``fsx://``, the
+    read-only fall-back to ``/notebook``, the missing-file hint). Safe to call from the warm
+    start's thread and the cells' at once.
+    """
+
+    def __init__(self) -> None:
+        #: The agent whose files are set up, the container whose /notebook holds the copy,
+        #: and what that copy took.
+        self._agent: AgentSession | None = None
+        self._copied: str | None = None
+        self._scan: Scan | None = None
+        self._watch = FolderWatch()
+        self._lock = threading.Lock()
+
+    def due(self, agent: AgentSession) -> bool:
+        """Whether :meth:`set_up` has work to do before the next cell of ``agent`` (a new
+        agent, or the folder changed). Quick: no walk."""
+        return self._agent is not agent or self._watch.changed()
+
+    def set_up(self, api: Any, container_id: str, agent: AgentSession,
+               folder: NotebookFolder) -> str:
+        """Copy ``folder`` into the container when it has no copy yet or the copy is stale,
+        then set up ``agent``'s files; return a notice for the user ("" if none). Blocking."""
+        with self._lock:
+            again = self._watch.changed()
+            if self._agent is agent and not again:
+                return ""
+            refused, view, notice = folder.refusal(), GUEST_PATH, ""
+            if again and self._copied == container_id and self._scan:
+                self._watch.mark()  # before the look: a change meanwhile is heard
+                if folder.scan().stamps == self._scan.stamps:
+                    # Only what no copy takes changed (the notebook saved, a hidden file).
+                    again = False
+                    if self._agent is agent:
+                        return ""
+            if not refused and (self._copied != container_id or again):
+                self._watch.start(folder.folder())
+                self._watch.mark()
+                scan: Scan | None
+                try:
+                    scan, notice = copy_in(api, container_id, folder)
+                except Exception as exc:
+                    log.warning("copying the notebook's folder into %s failed",
+                                container_id[:12], exc_info=True)
+                    notice = (f"tierkernel: the notebook's folder could not be copied into "
+                              f"the sandbox's {GUEST_PATH} ({exc}); its cells read the "
+                              "workspace only.")
+                    view, scan = "", None
+                self._copied = container_id if view else None
+                self._scan = scan
+            agent.install_files(guest_config(
+                WORKSPACE, view if self._copied == container_id else "", refused,
+                self._scan, ""))
+            self._agent = agent
+            return notice
+
+    def close(self) -> None:
+        """Stop watching the folder."""
+        with self._lock:
+            self._watch.close()

