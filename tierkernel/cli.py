@@ -126,6 +126,9 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
 class _Context:
     """What a tier's command is given to run (``tierkernel.backends.hooks.CommandContext``)."""
 
+    def __init__(self, tier: type[Any]) -> None:
+        self.tier = tier
+
     def kernel_config(self, argv: Sequence[str]) -> Config:
         """The configuration a kernel of this user reads, then ``argv``."""
         # Imported when a command asks: the kernel's application (ipykernel's) is not needed
@@ -139,14 +142,14 @@ def _warn(text: str) -> None:
     print(f"tierkernel: {text}", file=sys.stderr)
 
 
-def tier_commands() -> list[tuple[str, Command]]:
-    """Every registered tier's commands, as ``(tier, command)``, by tier name. A tier that
+def tier_commands() -> list[tuple[str, type[Any], Command]]:
+    """Every registered tier's commands, as ``(tier, class, command)``, by tier name. A tier that
     cannot be loaded, or whose commands cannot be read or clash with another's, is left out
     with a warning on stderr: one broken tier must not take the command down."""
     classes, broken = discover()
     for tier in broken:
         _warn(f"tier {tier.name!r} is broken ({tier.reason}); its commands are left out")
-    found: list[tuple[str, Command]] = []
+    found: list[tuple[str, type[Any], Command]] = []
     taken = set(BUILT_IN)
     for name, cls in sorted(classes.items()):
         try:
@@ -161,13 +164,13 @@ def tier_commands() -> list[tuple[str, Command]]:
                 _warn(f"tier {name!r}: command {command.name!r} is taken already; left out")
                 continue
             taken.add(command.name)
-            found.append((name, command))
+            found.append((name, cls, command))
     return found
 
 
 def _add_tier_commands(sub: Any) -> None:
     """Add each tier's commands to ``sub``, the ``tierkernel`` parser's subcommands."""
-    for tier, command in tier_commands():
+    for tier, cls, command in tier_commands():
         try:  # on a parser of its own first: a failure must leave no half-made command behind
             command.configure(argparse.ArgumentParser(prog=f"tierkernel {command.name}"))
         except Exception as exc:
@@ -176,15 +179,16 @@ def _add_tier_commands(sub: Any) -> None:
         p = sub.add_parser(command.name, help=command.help,
                            description=command.description or None)
         command.configure(p)
-        p.set_defaults(func=_runner(tier, command))
+        p.set_defaults(func=_runner(tier, cls, command))
 
 
-def _runner(tier: str, command: Command) -> Callable[[argparse.Namespace], int]:
+def _runner(tier: str, cls: type[Any],
+            command: Command) -> Callable[[argparse.Namespace], int]:
     """What ``main`` calls for ``command``: its run function, given the context; a failure
     it did not handle itself is said in one line, with the tier it came from."""
     def run(args: argparse.Namespace) -> int:
         try:
-            return int(command.run(args, _Context()))
+            return int(command.run(args, _Context(cls)))
         except Exception as exc:
             print(f"tierkernel {command.name}: failed ({type(exc).__name__}: {exc}); the "
                   f"command comes from the {tier!r} tier", file=sys.stderr)

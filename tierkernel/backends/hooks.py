@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     # Annotations only: the sandbox tier's head start reads this module first thing in the
@@ -30,6 +30,11 @@ class ConfigSources:
 
 class CommandContext(Protocol):
     """What the ``tierkernel`` command gives a tier's subcommand when it runs it."""
+
+    #: The tier class whose ``commands()`` declared the running command: a command that
+    #: makes the tier's backends takes the class from here rather than importing it, so the
+    #: tier's backend module can import its commands module without a cycle.
+    tier: type[Any]
 
     def kernel_config(self, argv: Sequence[str]) -> Config:
         """The configuration a kernel of this user reads (``ipython_kernel_config.py`` and

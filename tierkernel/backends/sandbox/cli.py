@@ -133,7 +133,7 @@ def _make_or_keep_spares(args: argparse.Namespace, context: CommandContext) -> i
         options.append(f"--SandboxBackend.spare_ttl={args.ttl}")
     try:
         config = context.kernel_config(options)
-        backends = [sandbox_pool.backend_for(config, runtime)
+        backends = [sandbox_pool.backend_for(context.tier, config, runtime)
                     for runtime in (args.runtime or [None])]
     except Exception as exc:  # a bad option or config file: say which, not a traceback
         print(f"tierkernel spares: cannot use the kernel's configuration: {exc}",

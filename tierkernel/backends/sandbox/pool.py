@@ -24,18 +24,17 @@ from typing import Any
 
 from traitlets.config import Config
 
-from tierkernel.backends.sandbox.backend import SandboxBackend
 from tierkernel.backends.sandbox.reaper import reap_orphans
 from tierkernel.errors import EngineError
 
 
-def backend_for(config: Config, runtime: str | None = None) -> Any:
-    """A SandboxBackend with ``config`` (and ``runtime`` as its default, when given) that
-    makes spares only: it starts no container of its own."""
+def backend_for(tier: type[Any], config: Config, runtime: str | None = None) -> Any:
+    """A backend of the sandbox tier's class ``tier`` with ``config`` (and ``runtime`` as its
+    default, when given) that makes spares only: it starts no container of its own."""
     if runtime:
         config = copy.deepcopy(config)
-        config.SandboxBackend.runtime = runtime
-    return SandboxBackend(config=config)
+        config[tier.__name__].runtime = runtime
+    return tier(config=config)
 
 
 def make(backends: list[Any], count: int, fresh_for: float,
