@@ -17,7 +17,7 @@ refused or could not do. Each branch below it is one part of the kernel::
         └── HelperError               a call a cell makes to the host (ai, api, db, console,
                                       %pip, input()) was refused or failed
 
-Conventions (DESIGN.md, convention 4):
+Conventions:
 
 - A domain error also subclasses the builtin a caller would catch for that failure, so code
   written for the builtin keeps working: :class:`FsxQuotaError` is an ``OSError`` with its
@@ -147,8 +147,9 @@ class ImageBuildError(TierError, RuntimeError):
 # -- limits: a cell went over what the host allows it ----------------------------------------
 class CellLimitError(TierkernelError):
     """The base of the errors a cell ends with when it goes over a limit the host counts
-    (DESIGN.md, convention 9): that cell ends with the error's name, the kernel and the other
-    cells are unaffected. A tier reports these by name in the cell's error; they are not
+    (whatever a guest can make the host allocate, write, spawn or wait for is counted on the
+    host against a limit the guest cannot raise): that cell ends with the error's name, the
+    kernel and the other cells are unaffected. A tier reports these by name in the cell's error; they are not
     raised on the host."""
 
 
