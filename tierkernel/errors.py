@@ -149,8 +149,8 @@ class CellLimitError(TierkernelError):
     """The base of the errors a cell ends with when it goes over a limit the host counts
     (whatever a guest can make the host allocate, write, spawn or wait for is counted on the
     host against a limit the guest cannot raise): that cell ends with the error's name, the
-    kernel and the other cells are unaffected. A tier reports these by name in the cell's error; they are not
-    raised on the host."""
+    kernel and the other cells are unaffected. A tier reports these by name in the cell's
+    error; they are not raised on the host."""
 
 
 class OutputLimitError(CellLimitError):
