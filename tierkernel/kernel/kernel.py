@@ -350,6 +350,7 @@ class TierKernel(IPythonKernel):
         ``cpu_seconds``, ``peak_memory_bytes`` and (sandbox, runc) ``processes``."""
         # The pre-reply flush and sleep are behind us: end the mark do_execute set.
         mark_cell(False)
+        self.runtime.wait_recorded()  # the cell's audit record is in the file before its reply
         metadata = super().finish_metadata(parent, metadata, reply_content)
         info = self._tier_meta.pop(parent.get("header", {}).get("msg_id", ""), None)
         if info is None and parent.get("header", {}).get("msg_type") == "execute_request":

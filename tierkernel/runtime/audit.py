@@ -1,21 +1,37 @@
 """The execution audit log: every cell any tier ran (or refused), and every helper call it made.
 
 One SQLite file (``c.Runtime.audit_log``) shared by all kernels of a user, in WAL mode so that
-several kernels can write to it at once. A cell's row is written when it starts (status
-``running``) and completed when it ends, so a kernel that dies mid-cell still leaves a trace.
-Writing the log never breaks a cell: a failure is logged and the kernel carries on.
+several kernels can write to it at once. Writing the log never breaks a cell: a failure is
+logged and the kernel carries on.
+
+A cell's record is kept off the cell's own path: :meth:`AuditLog.start` and
+:meth:`AuditLog.finish` queue it, and a writer thread commits what is queued, one transaction
+per batch, while the kernel waits on other things (the cell itself, ipykernel's flush of the
+output streams and its pause before the reply). The kernel calls :meth:`AuditLog.flush` before
+it sends a cell's reply, so a client that has the reply finds the finished record in the file,
+and readers of this log (``%executions``) flush first. What that promises:
+
+- a finished cell's record is committed before its execute_reply goes out: a kernel that
+  crashes or is killed after a reply loses nothing of that cell;
+- a running cell's ``running`` row is committed by the writer within milliseconds of the
+  cell's start (as soon as the writer gets a turn), so a kernel that dies mid-cell still
+  leaves a trace; only a kernel that dies within those first milliseconds leaves none;
+- a cell that ends before its ``running`` row was written gets one row with its outcome
+  instead of two writes.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +83,20 @@ CREATE TABLE IF NOT EXISTS execution_usage (
 ) WITHOUT ROWID;                        -- one B-tree: the write costs less on the reply path
 """
 
+_START = ("INSERT INTO executions (id, kernel_session, cell_id, execution_count, tier, code, "
+          "started, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')")
+#: A cell whose start and end are committed together: one row with its outcome.
+_WHOLE = ("INSERT INTO executions (id, kernel_session, cell_id, execution_count, tier, code, "
+          "started, status, success, duration_ms, error, logs) "
+          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_FINISH = ("UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
+           "logs = ?, tier = COALESCE(?, tier) WHERE id = ?")
+_USAGE = ("INSERT OR REPLACE INTO execution_usage (execution_id, cpu_seconds, peak_memory, "
+          "processes) VALUES (?, ?, ?, ?)")
+#: Seconds :meth:`AuditLog.flush` waits for the writer before it writes what is left itself
+#: (the writer waits up to 10 s for another kernel's lock on the file, so this is longer).
+_FLUSH_WAIT = 30.0
+
 #: What :func:`_execution` reads, in its order: an execution and what it used.
 _SELECT = ("SELECT e.id, e.kernel_session, e.cell_id, e.execution_count, e.tier, e.code, "
            "e.started, e.duration_ms, e.status, e.success, e.error, e.logs, u.cpu_seconds, "
@@ -111,14 +141,47 @@ class Execution:
     processes: int | None = None
 
 
+class _Start(NamedTuple):
+    """A queued start of a cell: the values of :data:`_START`."""
+
+    execution_id: str
+    values: tuple[Any, ...]
+
+
+class _Finish(NamedTuple):
+    """A queued end of a cell: what :data:`_FINISH` sets, and what the cell used."""
+
+    execution_id: str
+    status: str
+    duration_ms: float
+    error: str | None
+    logs: str
+    tier: str | None
+    usage: tuple[float | None, int | None, int | None] | None
+
+
 class AuditLog:
-    """Writes and reads the audit log; safe to use from any thread."""
+    """Writes and reads the audit log; safe to use from any thread.
+
+    Cells' records are queued and committed by a writer thread (see the module); helper calls
+    are written at once, by the thread that made the call.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path).expanduser()
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._warned = False
+        #: Queued records, and how many were ever queued / committed (or given up on).
+        self._queue: list[_Start | _Finish] = []
+        self._queued = 0
+        self._done = 0
+        self._changed = threading.Condition(threading.Lock())
+        self._committing = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        #: The process whose writer thread this is: a forked child has none.
+        self._pid = os.getpid()
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -126,8 +189,8 @@ class AuditLog:
             conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            # Two commits per cell sit on every cell's reply path. With WAL, NORMAL does not
-            # fsync each commit (0.04 ms a cell instead of ~0.5 ms here) and still loses
+            # A commit comes with every cell (the reply waits for it). With WAL, NORMAL does
+            # not fsync each commit (0.04 ms a cell instead of ~0.5 ms here) and still loses
             # nothing when the kernel crashes or is killed; only an OS crash or a power cut
             # can drop the newest records.
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -135,53 +198,118 @@ class AuditLog:
             self._conn = conn
         return self._conn
 
-    def _write(self, sql: str, params: tuple[Any, ...],
-               *more: tuple[str, tuple[Any, ...]]) -> None:
-        """Run a write; with ``more`` statements, all of them in one transaction (one
-        commit on the cell's reply path, not one each)."""
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Run one write now, on the calling thread."""
+        self._run([(sql, params)])
+
+    def _run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run ``statements`` in one transaction (one commit for all of them); when that
+        fails, each on its own, so one bad record does not take the others with it."""
         try:
             with self._lock:
                 db = self._db()
-                if not more:
-                    db.execute(sql, params)
-                else:
+                if len(statements) == 1:
+                    db.execute(*statements[0])
+                    return
+                try:
                     db.execute("BEGIN")
+                    for statement, values in statements:
+                        db.execute(statement, values)
+                    db.execute("COMMIT")
+                    return
+                except (sqlite3.Error, ValueError):
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                for statement, values in statements:
                     try:
-                        for statement, values in ((sql, params), *more):
-                            db.execute(statement, values)
-                        db.execute("COMMIT")
-                    except BaseException:
-                        if db.in_transaction:
-                            db.execute("ROLLBACK")
-                        raise
+                        db.execute(statement, values)
+                    except (sqlite3.Error, ValueError) as exc:
+                        self._warn(exc)
         except (sqlite3.Error, OSError, ValueError) as exc:  # a record never fails the cell
-            if not self._warned:  # once: a broken log must not flood the kernel's log
-                log.warning("cannot write the audit log %s: %s", self.path, exc)
-                self._warned = True
+            self._warn(exc)
+
+    def _warn(self, exc: Exception) -> None:
+        if not self._warned:  # once: a broken log must not flood the kernel's log
+            log.warning("cannot write the audit log %s: %s", self.path, exc)
+            self._warned = True
+
+    # -- the writer thread ------------------------------------------------------------------
+    def _defer(self, record: _Start | _Finish) -> None:
+        """Queue ``record`` for the writer thread (started on the first record); write it
+        at once where there is no writer: after :meth:`close`, or in a forked child."""
+        if self._pid != os.getpid():
+            self._run(_statements([record]))
+            return
+        with self._changed:
+            if not self._closing:
+                self._queue.append(record)
+                self._queued += 1
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_queued, daemon=True,
+                                                    name="tierkernel-audit")
+                    self._writer.start()
+                    # An exit without close() still commits what is queued.
+                    atexit.register(self.flush)
+                self._changed.notify()
+                return
+        self._run(_statements([record]))
+
+    def _write_queued(self) -> None:
+        """The writer thread: commit what is queued, batch by batch, until the log closes."""
+        while True:
+            with self._changed:
+                while not self._queue and not self._closing:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+            self._commit_queued()
+
+    def _commit_queued(self) -> None:
+        """Commit every queued record in one transaction; wake those waiting in flush.
+        Batches are taken and committed under one lock, so they reach the file in order."""
+        with self._committing:
+            with self._changed:
+                batch, self._queue = self._queue, []
+                upto = self._queued
+            try:
+                if batch:
+                    self._run(_statements(batch))
+            finally:
+                with self._changed:
+                    self._done = upto
+                    self._changed.notify_all()
+
+    def flush(self, timeout: float = _FLUSH_WAIT) -> None:
+        """Return once every record queued so far is committed (or failed and logged).
+
+        Called by the kernel before it sends a cell's reply, by this log's readers, and at
+        exit. When the writer has not done it within ``timeout`` (or is gone), the calling
+        thread commits what is still queued itself."""
+        with self._changed:
+            target = self._queued
+            writer = self._writer
+            if writer is not None and writer.is_alive():
+                self._changed.wait_for(lambda: self._done >= target, timeout)
+            if self._done >= target:
+                return
+        self._commit_queued()
 
     # -- writing ----------------------------------------------------------------------------
     def start(self, execution_id: str, session: str, cell_id: str | None,
               execution_count: int | None, tier: str, code: str, started: float) -> None:
-        """Record a cell that is starting."""
-        self._write(
-            "INSERT INTO executions (id, kernel_session, cell_id, execution_count, tier, code,"
-            " started, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-            (execution_id, session, cell_id, execution_count, tier, _cut(code), started))
+        """Record a cell that is starting (queued: see the module)."""
+        self._defer(_Start(execution_id, (execution_id, session, cell_id, execution_count,
+                                          tier, _cut(code), started)))
 
     def finish(self, execution_id: str, status: str, duration_ms: float,
                error: str | None, logs: list[dict[str, Any]], tier: str | None = None,
                usage: tuple[float | None, int | None, int | None] | None = None) -> None:
-        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``;
-        ``usage`` is what the cell used as its tier measured it on the host: (CPU seconds,
-        peak memory bytes, processes), each None when not measured."""
-        self._write(
-            "UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
-            "logs = ?, tier = COALESCE(?, tier) WHERE id = ?",
-            (status, int(status == "ok"), duration_ms, _cut(error), _logs_json(logs), tier,
-             execution_id),
-            *([("INSERT OR REPLACE INTO execution_usage (execution_id, cpu_seconds, "
-                "peak_memory, processes) VALUES (?, ?, ?, ?)", (execution_id, *usage))]
-              if usage is not None and any(v is not None for v in usage) else []))
+        """Complete a cell's record (queued: see the module): ``status`` is ``ok``,
+        ``error`` or ``refused``; ``usage`` is what the cell used as its tier measured it on
+        the host: (CPU seconds, peak memory bytes, processes), each None when not
+        measured."""
+        self._defer(_Finish(execution_id, status, duration_ms, _cut(error), _logs_json(logs),
+                            tier, usage))
 
     def helper_call(self, execution_id: str | None, call: HelperCall) -> None:
         """Record one helper call."""
@@ -207,6 +335,7 @@ class AuditLog:
             where.append("e.status IN ('error', 'refused')")
         sql = (_SELECT + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY e.started DESC, e.rowid DESC LIMIT ?")
+        self.flush()
         with self._lock:
             rows = self._db().execute(sql, (*params, limit)).fetchall()
         return [_execution(row) for row in rows]
@@ -216,6 +345,7 @@ class AuditLog:
 
         Raises ``KeyError`` when no execution (or more than one) has that prefix.
         """
+        self.flush()
         with self._lock:
             db = self._db()
             rows = db.execute(_SELECT + " WHERE e.id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
@@ -231,11 +361,45 @@ class AuditLog:
                                                c[6], c[7]) for c in calls])
 
     def close(self) -> None:
-        """Close the file (the kernel shuts down)."""
+        """Write what is queued, stop the writer and close the file (the kernel shuts
+        down)."""
+        self.flush()
+        with self._changed:
+            self._closing = True
+            writer, self._writer = self._writer, None
+            self._changed.notify_all()
+        if writer is not None:
+            atexit.unregister(self.flush)
+            if writer is not threading.current_thread():
+                writer.join(_FLUSH_WAIT)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _statements(batch: list[_Start | _Finish]) -> list[tuple[str, tuple[Any, ...]]]:
+    """The writes of a batch of queued records, in order; a cell whose start is in the same
+    batch as its end becomes one INSERT of the whole row."""
+    statements: list[tuple[str, tuple[Any, ...]]] = []
+    starts: dict[str, int] = {}  # execution id -> index of its INSERT in statements
+    for record in batch:
+        if isinstance(record, _Start):
+            starts[record.execution_id] = len(statements)
+            statements.append((_START, record.values))
+            continue
+        eid, status, duration_ms, error, logs, tier, usage = record
+        at = starts.pop(eid, None)
+        if at is None:
+            statements.append((_FINISH, (status, int(status == "ok"), duration_ms, error, logs,
+                                         tier, eid)))
+        else:
+            values = statements[at][1]
+            statements[at] = (_WHOLE, (*values[:4], tier or values[4], *values[5:], status,
+                                       int(status == "ok"), duration_ms, error, logs))
+        if usage is not None and any(v is not None for v in usage):
+            statements.append((_USAGE, (eid, *usage)))
+    return statements
 
 
 def folded_start(text: str, length: int = 200) -> str:

@@ -1,7 +1,8 @@
 """What the kernel holds of the runtime: the config, the broker, the audit log, the current cell.
 
 ``TierKernel`` calls :meth:`RuntimeHost.begin` when a cell starts and :meth:`RuntimeHost.finish`
-when it ends (or :meth:`RuntimeHost.refuse` when it never runs), whatever its tier. Native
+when it ends (or :meth:`RuntimeHost.refuse` when it never runs), whatever its tier, and
+:meth:`RuntimeHost.wait_recorded` before the cell's reply goes out. Native
 cells reach the broker through :meth:`RuntimeHost.native_call`; other tiers get the cell's
 :class:`CallContext` from :attr:`RuntimeHost.current` and forward their guests' requests to
 ``host.broker.handle`` (or ``handle_json``) with it.
@@ -10,8 +11,8 @@ cells reach the broker through :meth:`RuntimeHost.native_call`; other tiers get 
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -112,6 +113,14 @@ class RuntimeHost:
         """``ai``, ``api``, ``db`` and ``console`` for the kernel's own namespace."""
         return make_helpers(self.native_call)
 
+    def wait_recorded(self) -> None:
+        """Return once the audit records of the cells so far are in the file.
+
+        Called by the kernel right before it sends a cell's reply: the records are written
+        by the audit log's writer thread while the kernel does other work, and a client that
+        has the reply finds its cell's record (see :mod:`tierkernel.runtime.audit`)."""
+        self.audit.flush()
+
     def close(self) -> None:
         """Release the HTTP client, the database and the audit log (kernel shutdown)."""
         self.broker.close()
@@ -133,4 +142,4 @@ def file_workspace() -> Path | None:
 
 def new_id() -> str:
     """A new execution id: 16 hex digits (64 random bits)."""
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()
