@@ -115,6 +115,7 @@ class TierKernel(IPythonKernel):
         self._tier_meta: dict[str, dict[str, Any]] = {}
         #: Tiers running a cell now: completion and inspection do not ask them.
         self._running_tiers: set[str] = set()
+        self._warm_begun = False
         # The runtime helpers (ai, api, db, console) and the audit log of every cell.
         self.runtime = RuntimeHost(self, str(getattr(self.session, "session", "") or self.ident))
         shell.register_magics(ExecutionMagics(shell, self.runtime))
@@ -131,10 +132,20 @@ class TierKernel(IPythonKernel):
         atexit.register(self.fsx.close)
 
     def start(self) -> None:
-        """Start ipykernel's dispatchers, then warm the tiers configured to start early."""
+        """Start ipykernel's dispatchers; the tiers configured to start early are warmed
+        once the kernel has answered its first request (see :meth:`post_handler_hook`)."""
         super().start()
         install_flush_skip()
-        self.io_loop.add_callback(self.router.warm)
+
+    def post_handler_hook(self) -> None:
+        """Called by ipykernel after each shell request's handler (its reply is sent). The
+        first one begins warming the tiers configured to start early: begun sooner, their
+        start (imports, the Docker engine, the wasm session) would hold the CPU and the GIL
+        while the kernel answers its first request."""
+        super().post_handler_hook()
+        if not self._warm_begun:
+            self._warm_begun = True
+            self.io_loop.add_callback(self.router.warm)
 
     # -- execution ------------------------------------------------------------------------
     @property

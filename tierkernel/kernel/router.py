@@ -191,21 +191,25 @@ class TierRouter:
     async def warm(self) -> None:
         """Start, in the background, every available tier whose ``warm_start`` is set.
 
-        Called once on the kernel's event loop after it starts. The tiers start side by side
-        (a wasm session opening must not hold back the sandbox's container), and their
-        availability checks, which may ask the Docker engine, run off the event loop. A failure
-        here is only logged: the first cell routed to that tier starts it again and reports the
-        error to the user.
+        Called once on the kernel's event loop, after the kernel has answered its first
+        request. The tiers start side by side (a wasm session opening must not hold back the
+        sandbox's container); whether each wants a warm start (the wasm tier looks for its
+        compiled runtime) and is available (which may ask the Docker engine) is found out off
+        the event loop. A failure here is only logged: the first cell routed to that tier
+        starts it again and reports the error to the user.
         """
+        def wanted(backend: Backend) -> bool:
+            return bool(backend.warm_start) and backend.availability().available
+
         async def warm_one(backend: Backend) -> None:
             try:
-                if (await asyncio.to_thread(backend.availability)).available:
+                if await asyncio.to_thread(wanted, backend):
                     await backend.start()
             except Exception:
                 log.warning("warm start of tier %r failed", backend.name, exc_info=True)
 
         await asyncio.gather(*(warm_one(backend) for backend in self.backends.values()
-                               if backend.warm_start and not backend.in_kernel))
+                               if not backend.in_kernel))
 
     def shutdown(self) -> None:
         """Shut every backend down; never raises (runs at kernel shutdown and atexit)."""
