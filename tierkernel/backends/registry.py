@@ -6,6 +6,7 @@ so adding a tier never means touching the kernel.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -23,11 +24,19 @@ class BrokenTier:
 
 
 def discover() -> tuple[dict[str, type[Backend]], list[BrokenTier]]:
-    """Load every registered tier class, keyed by tier name.
+    """Load every registered tier class, keyed by tier name (new containers each call).
 
     An entry point that fails to import, or does not name a :class:`Backend` subclass, is
-    reported as a :class:`BrokenTier` instead of breaking the kernel.
+    reported as a :class:`BrokenTier` instead of breaking the kernel. The kernel's app and
+    its router both ask while the kernel starts: the distributions installed are scanned
+    once per process (that scan reads every distribution's metadata).
     """
+    found, broken = _discovered()
+    return dict(found), list(broken)
+
+
+@functools.cache
+def _discovered() -> tuple[dict[str, type[Backend]], list[BrokenTier]]:
     found: dict[str, type[Backend]] = {}
     broken: list[BrokenTier] = []
     for ep in entry_points(group=GROUP):

@@ -90,6 +90,14 @@ class TierKernel(IPythonKernel):
         "empty. A tier that is not running, or is running a cell, answers empty at once.",
     ).tag(config=True)
 
+    warm_after_idle = Float(
+        0.5, min=0.0,
+        help="Seconds the kernel stays idle after answering a request before it starts the "
+        "tiers configured to start early (warm_start) in the background: cells sent sooner "
+        "do not share the CPU with a starting sandbox or wasm session. 0: right after the "
+        "first request.",
+    ).tag(config=True)
+
     @default("default_tier")
     def _default_tier_from_env(self) -> str:
         return os.environ.get("TIERKERNEL_DEFAULT_TIER", "").strip() or "native"
@@ -115,7 +123,6 @@ class TierKernel(IPythonKernel):
         self._tier_meta: dict[str, dict[str, Any]] = {}
         #: Tiers running a cell now: completion and inspection do not ask them.
         self._running_tiers: set[str] = set()
-        self._warm_begun = False
         # The runtime helpers (ai, api, db, console) and the audit log of every cell.
         self.runtime = RuntimeHost(self, str(getattr(self.session, "session", "") or self.ident))
         shell.register_magics(ExecutionMagics(shell, self.runtime))
@@ -133,19 +140,22 @@ class TierKernel(IPythonKernel):
 
     def start(self) -> None:
         """Start ipykernel's dispatchers; the tiers configured to start early are warmed
-        once the kernel has answered its first request (see :meth:`post_handler_hook`)."""
+        once the kernel is idle (see :meth:`post_handler_hook`)."""
         super().start()
         install_flush_skip()
 
+    def pre_handler_hook(self) -> None:
+        """Called by ipykernel before each shell request's handler: the kernel is busy (see
+        :meth:`TierRouter.request_started`)."""
+        super().pre_handler_hook()
+        self.router.request_started()
+
     def post_handler_hook(self) -> None:
-        """Called by ipykernel after each shell request's handler (its reply is sent). The
-        first one begins warming the tiers configured to start early: begun sooner, their
-        start (imports, the Docker engine, the wasm session) would hold the CPU and the GIL
-        while the kernel answers its first request."""
+        """Called by ipykernel after each shell request's handler (its reply is sent): the
+        tiers configured to start early are warmed once the kernel has stayed idle for
+        :attr:`warm_after_idle` (see :meth:`TierRouter.request_ended`)."""
         super().post_handler_hook()
-        if not self._warm_begun:
-            self._warm_begun = True
-            self.io_loop.add_callback(self.router.warm)
+        self.router.request_ended(self.warm_after_idle)
 
     # -- execution ------------------------------------------------------------------------
     @property

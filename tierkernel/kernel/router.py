@@ -16,6 +16,7 @@ from tierkernel.magics.parsing import CellDirective, parse_options, usage
 log = logging.getLogger(__name__)
 
 
+
 class TierUnavailableError(RuntimeError):
     """A cell asked for a tier that cannot run here; the message says why and what to do."""
 
@@ -98,6 +99,10 @@ class TierRouter:
                 continue
             backend.name = name
             self.backends[name] = backend
+        #: The warm start, while it waits for the kernel to be idle (see request_ended).
+        self._warm_timer: asyncio.TimerHandle | None = None
+        self._warm_begun = False
+        self._warm_task: asyncio.Future[None] | None = None
         #: Options set for the rest of the session with ``%tier NAME --opt value``.
         self.session_options: dict[str, dict[str, Any]] = {}
         self.notice = ""
@@ -188,15 +193,43 @@ class TierRouter:
                 f"{k}={format_limit(k, v)}" for k, v in extra.items()) + ")"
         return text
 
+    def request_started(self) -> None:
+        """Called by the kernel when it begins handling a shell request: a warm start still
+        waiting for the kernel to be idle waits again."""
+        timer, self._warm_timer = self._warm_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def request_ended(self, warm_after: float) -> None:
+        """Called by the kernel on its event loop when it has answered a shell request: once
+        no other request has come for ``warm_after`` seconds, :meth:`warm` begins.
+
+        Warming the tiers takes a second or more of CPU in this process and in the Docker
+        engine (imports, the wasm session, the container's agent); begun while cells arrive,
+        it slows each of them several times over on a machine with few cores. A client that
+        connects and then waits (a person typing) gives it that time at once; one that sends
+        cell after cell has them run at full speed, and a cell of a tier not warmed yet starts
+        that tier itself, as it would without a warm start."""
+        if self._warm_begun or self._warm_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._warm_timer = loop.call_later(warm_after, self._begin_warm)
+
+    def _begin_warm(self) -> None:
+        self._warm_timer = None
+        if not self._warm_begun:
+            self._warm_begun = True
+            self._warm_task = asyncio.ensure_future(self.warm())
+
     async def warm(self) -> None:
         """Start, in the background, every available tier whose ``warm_start`` is set.
 
-        Called once on the kernel's event loop, after the kernel has answered its first
-        request. The tiers start side by side (a wasm session opening must not hold back the
-        sandbox's container); whether each wants a warm start (the wasm tier looks for its
-        compiled runtime) and is available (which may ask the Docker engine) is found out off
-        the event loop. A failure here is only logged: the first cell routed to that tier
-        starts it again and reports the error to the user.
+        Called once on the kernel's event loop, once it is idle (see :meth:`request_ended`).
+        The tiers start side by side (a wasm session opening must not hold back the sandbox's
+        container); whether each wants a warm start (the wasm tier looks for its compiled
+        runtime) and is available (which may ask the Docker engine) is found out off the event
+        loop. A failure here is only logged: the first cell routed to that tier starts it
+        again and reports the error to the user.
         """
         def wanted(backend: Backend) -> bool:
             return bool(backend.warm_start) and backend.availability().available
@@ -213,6 +246,8 @@ class TierRouter:
 
     def shutdown(self) -> None:
         """Shut every backend down; never raises (runs at kernel shutdown and atexit)."""
+        self._warm_begun = True  # a warm start not begun yet never begins
+        self.request_started()
         for backend in self.backends.values():
             try:
                 backend.shutdown()
