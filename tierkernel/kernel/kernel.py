@@ -26,7 +26,12 @@ from tierkernel.backends.native import NativeBackend
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
 from tierkernel.kernel.iopub import IopubSink
-from tierkernel.kernel.quick_reply import cell_ran_outside, install_flush_skip, mark_cell
+from tierkernel.kernel.quick_reply import (
+    cell_ran_outside,
+    install_flush_skip,
+    mark_cell,
+    pause_before_reply,
+)
 from tierkernel.kernel.router import Route, TierRouter, TierUnavailableError
 from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
 from tierkernel.magics.executions import ExecutionMagics
@@ -160,8 +165,11 @@ class TierKernel(IPythonKernel):
     # -- execution ------------------------------------------------------------------------
     @property
     def _execute_sleep(self) -> float:
-        """ipykernel's pause before each reply; none for cells that ran outside IPython."""
-        return 0.0 if cell_ran_outside() else self._native_execute_sleep
+        """ipykernel's pause before each reply; none for cells that ran outside IPython. A
+        native cell's audit record is committed in it (it lasts what is left)."""
+        if cell_ran_outside():
+            return 0.0
+        return pause_before_reply(self._native_execute_sleep, self.runtime.commit_records)
 
     @_execute_sleep.setter
     def _execute_sleep(self, value: float) -> None:
@@ -371,7 +379,7 @@ class TierKernel(IPythonKernel):
         ``cpu_seconds``, ``peak_memory_bytes`` and (sandbox, runc) ``processes``."""
         # The pre-reply flush and sleep are behind us: end the mark do_execute set.
         mark_cell(False)
-        self.runtime.wait_recorded()  # the cell's audit record is in the file before its reply
+        self.runtime.commit_records()  # the cell's audit record is in the file before its reply
         metadata = super().finish_metadata(parent, metadata, reply_content)
         info = self._tier_meta.pop(parent.get("header", {}).get("msg_id", ""), None)
         if info is None and parent.get("header", {}).get("msg_type") == "execute_request":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,8 +100,12 @@ class TierRouter:
                 continue
             backend.name = name
             self.backends[name] = backend
-        #: The warm start, while it waits for the kernel to be idle (see request_ended).
+        #: The warm start, while it waits for the kernel to be idle (see request_ended): the
+        #: timer that looks, whether a request is being handled, when the last one ended.
         self._warm_timer: asyncio.TimerHandle | None = None
+        self._busy = False
+        self._idle_since = 0.0
+        self._warm_after = 0.0
         self._warm_begun = False
         self._warm_task: asyncio.Future[None] | None = None
         #: Options set for the rest of the session with ``%tier NAME --opt value``.
@@ -134,6 +139,8 @@ class TierRouter:
     def options_for(self, backend: Backend, args: list[str]) -> dict[str, Any]:
         """Configured defaults < session options (``%tier NAME --opt``) < the cell's own."""
         base = {**backend.defaults(), **self.session_options.get(backend.name, {})}
+        if not args:  # most cells: nothing to parse
+            return base
         return parse_options(backend.name, args, backend.accepted_options, base)
 
     def resolve(self, directive: CellDirective) -> Route:
@@ -195,10 +202,8 @@ class TierRouter:
 
     def request_started(self) -> None:
         """Called by the kernel when it begins handling a shell request: a warm start still
-        waiting for the kernel to be idle waits again."""
-        timer, self._warm_timer = self._warm_timer, None
-        if timer is not None:
-            timer.cancel()
+        waiting for the kernel to be idle waits on (see :meth:`request_ended`)."""
+        self._busy = True
 
     def request_ended(self, warm_after: float) -> None:
         """Called by the kernel on its event loop when it has answered a shell request: once
@@ -210,16 +215,27 @@ class TierRouter:
         connects and then waits (a person typing) gives it that time at once; one that sends
         cell after cell has them run at full speed, and a cell of a tier not warmed yet starts
         that tier itself, as it would without a warm start."""
-        if self._warm_begun or self._warm_timer is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._warm_timer = loop.call_later(warm_after, self._begin_warm)
+        self._busy = False
+        self._idle_since = time.monotonic()
+        self._warm_after = warm_after
+        if not self._warm_begun and self._warm_timer is None:
+            loop = asyncio.get_running_loop()
+            self._warm_timer = loop.call_later(warm_after, self._look_for_idle)
 
-    def _begin_warm(self) -> None:
+    def _look_for_idle(self) -> None:
+        """The warm start's timer: begin it if the kernel has been idle long enough, else
+        look again when it may have been (one timer, not one per request)."""
         self._warm_timer = None
-        if not self._warm_begun:
-            self._warm_begun = True
-            self._warm_task = asyncio.ensure_future(self.warm())
+        if self._warm_begun:
+            return
+        left = self._idle_since + self._warm_after - time.monotonic()
+        if self._busy or left > 0:  # a request being handled ends with request_ended
+            if not self._busy:
+                self._warm_timer = asyncio.get_running_loop().call_later(
+                    left, self._look_for_idle)
+            return
+        self._warm_begun = True
+        self._warm_task = asyncio.ensure_future(self.warm())
 
     async def warm(self) -> None:
         """Start, in the background, every available tier whose ``warm_start`` is set.
@@ -247,7 +263,9 @@ class TierRouter:
     def shutdown(self) -> None:
         """Shut every backend down; never raises (runs at kernel shutdown and atexit)."""
         self._warm_begun = True  # a warm start not begun yet never begins
-        self.request_started()
+        timer, self._warm_timer = self._warm_timer, None
+        if timer is not None:
+            timer.cancel()
         for backend in self.backends.values():
             try:
                 backend.shutdown()

@@ -4,20 +4,16 @@ One SQLite file (``c.Runtime.audit_log``) shared by all kernels of a user, in WA
 several kernels can write to it at once. Writing the log never breaks a cell: a failure is
 logged and the kernel carries on.
 
-A cell's record is kept off the cell's own path: :meth:`AuditLog.start` and
-:meth:`AuditLog.finish` queue it, and a writer thread commits what is queued, one transaction
-per batch, while the kernel waits on other things (the cell itself, ipykernel's flush of the
-output streams and its pause before the reply). The kernel calls :meth:`AuditLog.flush` before
-it sends a cell's reply, so a client that has the reply finds the finished record in the file,
-and readers of this log (``%executions``) flush first. What that promises:
-
-- a finished cell's record is committed before its execute_reply goes out: a kernel that
-  crashes or is killed after a reply loses nothing of that cell;
-- a running cell's ``running`` row is committed by the writer within milliseconds of the
-  cell's start (as soon as the writer gets a turn), so a kernel that dies mid-cell still
-  leaves a trace; only a kernel that dies within those first milliseconds leaves none;
-- a cell that ends before its ``running`` row was written gets one row with its outcome
-  instead of two writes.
+A cell costs one commit, made when it ends: its start is held in memory, and its end writes
+the whole row (with what the cell used) in one transaction, committed before the kernel sends
+the cell's reply. The end of a native cell is held too (``finish(..., defer=True)``), and the
+kernel commits it (:meth:`AuditLog.commit_ended`) during the pause ipykernel takes before
+every native cell's reply, so the commit costs that cell no time. A cell still running
+:data:`START_DELAY` after its start has its ``running`` row committed then, by a writer thread,
+so a kernel that dies mid-cell still leaves a trace of it (only one that dies within that time
+of the cell's start leaves none); readers of the log (``%executions``) commit what is held
+first. So a client that has a cell's reply finds its record in the file, and a kernel that
+crashes or is killed after a reply loses nothing of it.
 """
 
 from __future__ import annotations
@@ -93,9 +89,13 @@ _FINISH = ("UPDATE executions SET status = ?, success = ?, duration_ms = ?, erro
            "logs = ?, tier = COALESCE(?, tier) WHERE id = ?")
 _USAGE = ("INSERT OR REPLACE INTO execution_usage (execution_id, cpu_seconds, peak_memory, "
           "processes) VALUES (?, ?, ?, ?)")
-#: Seconds :meth:`AuditLog.flush` waits for the writer before it writes what is left itself
-#: (the writer waits up to 10 s for another kernel's lock on the file, so this is longer).
-_FLUSH_WAIT = 30.0
+#: A cell still running this many seconds after its start (at most twice as many) has its
+#: ``running`` row committed then.
+START_DELAY = 0.05
+#: Seconds after the last cell's start during which the writer looks for held starts every
+#: START_DELAY by itself (a start does not wake it: woken, it would take the GIL from the
+#: cell starting on the kernel's thread); past them it sleeps until the next start wakes it.
+_ACTIVE = 5.0
 
 #: What :func:`_execution` reads, in its order: an execution and what it used.
 _SELECT = ("SELECT e.id, e.kernel_session, e.cell_id, e.execution_count, e.tier, e.code, "
@@ -142,14 +142,14 @@ class Execution:
 
 
 class _Start(NamedTuple):
-    """A queued start of a cell: the values of :data:`_START`."""
+    """A cell's start, held until it ends or its ``running`` row is due."""
 
-    execution_id: str
-    values: tuple[Any, ...]
+    values: tuple[Any, ...]  # those of _START
+    held: float  # time.monotonic() when it began to be held
 
 
 class _Finish(NamedTuple):
-    """A queued end of a cell: what :data:`_FINISH` sets, and what the cell used."""
+    """A cell's end, as :meth:`AuditLog.finish` stores it."""
 
     execution_id: str
     status: str
@@ -163,8 +163,8 @@ class _Finish(NamedTuple):
 class AuditLog:
     """Writes and reads the audit log; safe to use from any thread.
 
-    Cells' records are queued and committed by a writer thread (see the module); helper calls
-    are written at once, by the thread that made the call.
+    A cell's start is held until the cell ends (see the module); helper calls are written
+    at once, by the thread that made the call.
     """
 
     def __init__(self, path: str) -> None:
@@ -172,15 +172,20 @@ class AuditLog:
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._warned = False
-        #: Queued records, and how many were ever queued / committed (or given up on).
-        self._queue: list[_Start | _Finish] = []
-        self._queued = 0
-        self._done = 0
+        #: Starts of cells not written yet, by execution id, oldest first.
+        self._held: dict[str, _Start] = {}
+        #: Taken while held starts are written, and by each cell's end: a cell's end is never
+        #: written before its ``running`` row that the writer is writing.
+        self._writing = threading.Lock()
         self._changed = threading.Condition(threading.Lock())
-        self._committing = threading.Lock()
         self._writer: threading.Thread | None = None
         self._closing = False
-        #: The process whose writer thread this is: a forked child has none.
+        self._asleep = False
+        self._last_start = 0.0
+        #: Ends of cells held until :meth:`commit_ended` (``finish(..., defer=True)``).
+        self._ended: list[_Finish] = []
+        #: The process whose writer thread this is: a forked child has none, and writes each
+        #: record at once.
         self._pid = os.getpid()
 
     def _db(self) -> sqlite3.Connection:
@@ -233,83 +238,113 @@ class AuditLog:
             log.warning("cannot write the audit log %s: %s", self.path, exc)
             self._warned = True
 
-    # -- the writer thread ------------------------------------------------------------------
-    def _defer(self, record: _Start | _Finish) -> None:
-        """Queue ``record`` for the writer thread (started on the first record); write it
-        at once where there is no writer: after :meth:`close`, or in a forked child."""
-        if self._pid != os.getpid():
-            self._run(_statements([record]))
-            return
-        with self._changed:
-            if not self._closing:
-                self._queue.append(record)
-                self._queued += 1
-                if self._writer is None:
-                    self._writer = threading.Thread(target=self._write_queued, daemon=True,
-                                                    name="tierkernel-audit")
-                    self._writer.start()
-                    # An exit without close() still commits what is queued.
-                    atexit.register(self.flush)
-                self._changed.notify()
-                return
-        self._run(_statements([record]))
-
-    def _write_queued(self) -> None:
-        """The writer thread: commit what is queued, batch by batch, until the log closes."""
-        while True:
-            with self._changed:
-                while not self._queue and not self._closing:
-                    self._changed.wait()
-                if not self._queue:
-                    return
-            self._commit_queued()
-
-    def _commit_queued(self) -> None:
-        """Commit every queued record in one transaction; wake those waiting in flush.
-        Batches are taken and committed under one lock, so they reach the file in order."""
-        with self._committing:
-            with self._changed:
-                batch, self._queue = self._queue, []
-                upto = self._queued
-            try:
-                if batch:
-                    self._run(_statements(batch))
-            finally:
-                with self._changed:
-                    self._done = upto
-                    self._changed.notify_all()
-
-    def flush(self, timeout: float = _FLUSH_WAIT) -> None:
-        """Return once every record queued so far is committed (or failed and logged).
-
-        Called by the kernel before it sends a cell's reply, by this log's readers, and at
-        exit. When the writer has not done it within ``timeout`` (or is gone), the calling
-        thread commits what is still queued itself."""
-        with self._changed:
-            target = self._queued
-            writer = self._writer
-            if writer is not None and writer.is_alive():
-                self._changed.wait_for(lambda: self._done >= target, timeout)
-            if self._done >= target:
-                return
-        self._commit_queued()
-
     # -- writing ----------------------------------------------------------------------------
     def start(self, execution_id: str, session: str, cell_id: str | None,
               execution_count: int | None, tier: str, code: str, started: float) -> None:
-        """Record a cell that is starting (queued: see the module)."""
-        self._defer(_Start(execution_id, (execution_id, session, cell_id, execution_count,
-                                          tier, _cut(code), started)))
+        """Record a cell that is starting (held: see the module)."""
+        record = _Start((execution_id, session, cell_id, execution_count, tier, _cut(code),
+                         started), time.monotonic())
+        if self._pid == os.getpid():
+            with self._changed:
+                if not self._closing:
+                    self._held[execution_id] = record
+                    self._last_start = record.held
+                    if self._writer is None:
+                        self._writer = threading.Thread(target=self._write_running,
+                                                        daemon=True, name="tierkernel-audit")
+                        self._writer.start()
+                        atexit.register(self.flush)  # an exit mid-cell still leaves its row
+                    elif self._asleep:
+                        self._changed.notify()
+                    return
+        self._write(_START, record.values)  # no writer here: closed, or a forked child
 
     def finish(self, execution_id: str, status: str, duration_ms: float,
                error: str | None, logs: list[dict[str, Any]], tier: str | None = None,
-               usage: tuple[float | None, int | None, int | None] | None = None) -> None:
-        """Complete a cell's record (queued: see the module): ``status`` is ``ok``,
-        ``error`` or ``refused``; ``usage`` is what the cell used as its tier measured it on
-        the host: (CPU seconds, peak memory bytes, processes), each None when not
-        measured."""
-        self._defer(_Finish(execution_id, status, duration_ms, _cut(error), _logs_json(logs),
-                            tier, usage))
+               usage: tuple[float | None, int | None, int | None] | None = None,
+               defer: bool = False) -> None:
+        """Complete a cell's record, in one transaction with its start when that is still
+        held: ``status`` is ``ok``, ``error`` or ``refused``; ``usage`` is what the cell used
+        as its tier measured it on the host: (CPU seconds, peak memory bytes, processes),
+        each None when not measured. ``defer``: hold it until :meth:`commit_ended`."""
+        record = _Finish(execution_id, status, duration_ms, _cut(error), _logs_json(logs),
+                         tier, usage)
+        if defer:
+            with self._changed:
+                self._ended.append(record)
+            return
+        with self._writing:
+            self._run(self._statements([record]))
+
+    def commit_ended(self) -> None:
+        """Commit the ends held by ``finish(..., defer=True)``, in one transaction. Called by
+        the kernel before it sends a cell's reply, and by :meth:`flush`."""
+        if not self._ended:
+            return
+        with self._writing:
+            with self._changed:
+                ends, self._ended = self._ended, []
+            if ends:
+                self._run(self._statements(ends))
+
+    def flush(self) -> None:
+        """Commit everything held: the ends, and the ``running`` rows of the cells whose
+        start is still held. Called by this log's readers, at close and at exit."""
+        if self._pid != os.getpid():
+            return  # a forked child: what is held is its parent's to write
+        self.commit_ended()
+        self._write_held(0.0)
+
+    def _statements(self, ends: list[_Finish]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The writes that complete ``ends`` (with ``_writing`` held): one INSERT of the
+        whole row for a cell whose start is still held, else an UPDATE of its row."""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        for eid, status, duration_ms, error, logs, tier, usage in ends:
+            with self._changed:
+                start = self._held.pop(eid, None)
+            success = int(status == "ok")
+            if start is None:
+                statements.append((_FINISH, (status, success, duration_ms, error, logs, tier,
+                                             eid)))
+            else:
+                values = start.values
+                statements.append((_WHOLE, (*values[:4], tier or values[4], *values[5:],
+                                            status, success, duration_ms, error, logs)))
+            if usage is not None and any(v is not None for v in usage):
+                statements.append((_USAGE, (eid, *usage)))
+        return statements
+
+    def _write_held(self, older_than: float) -> None:
+        """Write the held starts held for ``older_than`` seconds or more."""
+        with self._writing:
+            with self._changed:
+                due = time.monotonic() - older_than
+                ids = [eid for eid, start in self._held.items() if start.held <= due]
+                starts = [self._held.pop(eid) for eid in ids]
+            if starts:
+                self._run([(_START, start.values) for start in starts])
+
+    def _write_running(self) -> None:
+        """The writer thread: write the ``running`` row of each cell still running
+        :data:`START_DELAY` after its start, until the log closes."""
+        while True:
+            with self._changed:
+                while not self._closing:
+                    now = time.monotonic()
+                    if self._held:
+                        left = next(iter(self._held.values())).held + START_DELAY - now
+                        if left <= 0:
+                            break
+                        self._changed.wait(left)
+                    elif now - self._last_start < _ACTIVE:
+                        self._changed.wait(START_DELAY)
+                    else:
+                        self._asleep = True
+                        self._changed.wait()
+                        self._asleep = False
+                if self._closing:
+                    return
+            self._write_held(START_DELAY)
 
     def helper_call(self, execution_id: str | None, call: HelperCall) -> None:
         """Record one helper call."""
@@ -361,9 +396,8 @@ class AuditLog:
                                                c[6], c[7]) for c in calls])
 
     def close(self) -> None:
-        """Write what is queued, stop the writer and close the file (the kernel shuts
+        """Write the held starts, stop the writer and close the file (the kernel shuts
         down)."""
-        self.flush()
         with self._changed:
             self._closing = True
             writer, self._writer = self._writer, None
@@ -371,35 +405,12 @@ class AuditLog:
         if writer is not None:
             atexit.unregister(self.flush)
             if writer is not threading.current_thread():
-                writer.join(_FLUSH_WAIT)
+                writer.join()
+        self.flush()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-
-
-def _statements(batch: list[_Start | _Finish]) -> list[tuple[str, tuple[Any, ...]]]:
-    """The writes of a batch of queued records, in order; a cell whose start is in the same
-    batch as its end becomes one INSERT of the whole row."""
-    statements: list[tuple[str, tuple[Any, ...]]] = []
-    starts: dict[str, int] = {}  # execution id -> index of its INSERT in statements
-    for record in batch:
-        if isinstance(record, _Start):
-            starts[record.execution_id] = len(statements)
-            statements.append((_START, record.values))
-            continue
-        eid, status, duration_ms, error, logs, tier, usage = record
-        at = starts.pop(eid, None)
-        if at is None:
-            statements.append((_FINISH, (status, int(status == "ok"), duration_ms, error, logs,
-                                         tier, eid)))
-        else:
-            values = statements[at][1]
-            statements[at] = (_WHOLE, (*values[:4], tier or values[4], *values[5:], status,
-                                       int(status == "ok"), duration_ms, error, logs))
-        if usage is not None and any(v is not None for v in usage):
-            statements.append((_USAGE, (eid, *usage)))
-    return statements
 
 
 def folded_start(text: str, length: int = 200) -> str:
@@ -427,6 +438,8 @@ def _cut(text: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
 def _logs_json(logs: list[dict[str, Any]]) -> str:
     """``logs`` as JSON, the newest entries left out (with a note) past
     :data:`MAX_FIELD_CHARS`."""
+    if not logs:  # most cells log nothing
+        return "[]"
     text = json.dumps(logs)
     if len(text) <= MAX_FIELD_CHARS:
         return text

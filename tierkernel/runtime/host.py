@@ -2,7 +2,7 @@
 
 ``TierKernel`` calls :meth:`RuntimeHost.begin` when a cell starts and :meth:`RuntimeHost.finish`
 when it ends (or :meth:`RuntimeHost.refuse` when it never runs), whatever its tier, and
-:meth:`RuntimeHost.wait_recorded` before the cell's reply goes out. Native
+:meth:`RuntimeHost.commit_records` before the cell's reply goes out. Native
 cells reach the broker through :meth:`RuntimeHost.native_call`; other tiers get the cell's
 :class:`CallContext` from :attr:`RuntimeHost.current` and forward their guests' requests to
 ``host.broker.handle`` (or ``handle_json``) with it.
@@ -81,6 +81,9 @@ class RuntimeHost:
             [asdict(entry) for entry in result.logs],
             usage=None if usage is None else (usage.cpu_seconds, usage.peak_memory_bytes,
                                                usage.processes),
+            # A cell of the kernel's own IPython: committed in the pause ipykernel takes
+            # before such a cell's reply (see commit_records).
+            defer=context.policy.trusted,
         )
 
     def refuse(self, code: str, tier: str, cell_id: str | None, execution_count: int | None,
@@ -113,13 +116,11 @@ class RuntimeHost:
         """``ai``, ``api``, ``db`` and ``console`` for the kernel's own namespace."""
         return make_helpers(self.native_call)
 
-    def wait_recorded(self) -> None:
-        """Return once the audit records of the cells so far are in the file.
-
-        Called by the kernel right before it sends a cell's reply: the records are written
-        by the audit log's writer thread while the kernel does other work, and a client that
-        has the reply finds its cell's record (see :mod:`tierkernel.runtime.audit`)."""
-        self.audit.flush()
+    def commit_records(self) -> None:
+        """Commit the audit records of the cells that ended so far. Called by the kernel
+        before it sends a cell's reply: in ipykernel's pause before a native cell's reply,
+        and again (a no-op by then) when it adds the reply's metadata."""
+        self.audit.commit_ended()
 
     def close(self) -> None:
         """Release the HTTP client, the database and the audit log (kernel shutdown)."""
