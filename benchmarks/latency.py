@@ -1,14 +1,20 @@
-"""Round-trip latency of trivial cells: tierkernel against stock ipykernel, in one run.
+"""Latency of trivial cells and of a new kernel: tierkernel against stock ipykernel, in one run.
 
-Starts stock ipykernel (the ``python3`` kernelspec) and tierkernel side by side, sends the same
-trivial cells to each through jupyter_client, alternating kernel by kernel so that machine noise
-hits both alike, and prints medians and the ratio tierkernel / ipykernel. A round trip is
-execute_request sent -> execute_reply received and ``status: idle`` seen on iopub.
+Round trips: starts stock ipykernel (the ``python3`` kernelspec) and tierkernel side by side,
+sends the same trivial cells to each through jupyter_client, alternating kernel by kernel so that
+machine noise hits both alike, and prints medians and the ratio tierkernel / ipykernel. A round
+trip is execute_request sent -> execute_reply received and ``status: idle`` seen on iopub.
 
-    .venv/bin/python benchmarks/latency.py [--rounds 300] [--process]
+Start-up: starts a new kernel of each kind in turn (``--starts`` of each, alternating) and times
+it from the launch to the execute_reply of its first cell (``1+1``), sent as soon as the client's
+channels are open (the request waits in the socket until the kernel reads it), as a client
+that runs a notebook at once would. Each kernel is shut down before the next one starts.
+
+    .venv/bin/python benchmarks/latency.py [--rounds 300] [--starts 20] [--process]
 
 ``--process`` also measures ``%%tier process`` cells against native ones (the agent tier's
-per-cell overhead). Not part of CI: wall-clock numbers are for people, not assertions.
+per-cell overhead); ``--rounds 0`` or ``--starts 0`` leaves that part out. Not part of CI:
+wall-clock numbers are for people, not assertions.
 """
 
 from __future__ import annotations
@@ -44,6 +50,29 @@ def round_trip(kc: BlockingKernelClient, code: str) -> float:
     return time.perf_counter() - start
 
 
+def first_reply(kernel_name: str) -> float:
+    """Seconds from launching a new ``kernel_name`` kernel to the execute_reply of its first
+    cell; the kernel is shut down afterwards (not timed)."""
+    km = KernelManager(kernel_name=kernel_name)
+    begun = time.perf_counter()
+    km.start_kernel()
+    kc = km.client()
+    try:
+        kc.start_channels()
+        msg_id = kc.execute("1+1")
+        while True:
+            reply = kc.get_shell_msg(timeout=60)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        took = time.perf_counter() - begun
+        if reply["content"]["status"] != "ok":
+            raise SystemExit(f"the first cell of {kernel_name} failed: {reply['content']}")
+        return took
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
 def start(kernel_name: str) -> tuple[KernelManager, BlockingKernelClient]:
     km, kc = start_new_kernel(kernel_name=kernel_name)
     for code in CELLS * 5:  # warm up imports, caches, the zmq path
@@ -68,21 +97,30 @@ def ensure_specs() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=300, help="cells per kind per kernel")
+    parser.add_argument("--starts", type=int, default=20,
+                        help="new kernels of each kind timed to their first reply")
     parser.add_argument("--process", action="store_true", help="also time %%tier process cells")
     args = parser.parse_args()
     ensure_specs()
+    if args.rounds > 0:
+        round_trips(args.rounds, args.process)
+    if args.starts > 0:
+        start_up(args.starts)
 
+
+def round_trips(rounds: int, process: bool) -> None:
+    """Time trivial cells in one kernel of each kind and print the ratios."""
     kernels = {name: start(name) for name in ("python3", "tierkernel")}
     times: dict[tuple[str, str], list[float]] = {}
     try:
-        if args.process:
+        if process:
             for code in CELLS:
                 round_trip(kernels["tierkernel"][1], "%%tier process\n" + code)
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for code in CELLS:
                 for name, (_, kc) in kernels.items():
                     times.setdefault((name, code), []).append(round_trip(kc, code))
-                if args.process:
+                if process:
                     kc = kernels["tierkernel"][1]
                     times.setdefault(("process", code), []).append(
                         round_trip(kc, "%%tier process\n" + code))
@@ -94,9 +132,9 @@ def main() -> None:
     def median_ms(name: str, code: str) -> float:
         return statistics.median(times[(name, code)]) * 1000
 
-    print(f"round trip, median of {args.rounds} per cell (ms); alternating kernels")
+    print(f"round trip, median of {rounds} per cell (ms); alternating kernels")
     header = f"{'cell':<12}{'ipykernel':>11}{'tierkernel':>12}{'ratio':>8}"
-    if args.process:
+    if process:
         header += f"{'process':>10}{'proc/native':>13}"
     print(header)
     ratios = []
@@ -104,7 +142,7 @@ def main() -> None:
         stock, tier = median_ms("python3", code), median_ms("tierkernel", code)
         ratios.append(tier / stock)
         line = f"{code:<12}{stock:>11.3f}{tier:>12.3f}{tier / stock:>8.3f}"
-        if args.process:
+        if process:
             proc = median_ms("process", code)
             line += f"{proc:>10.3f}{proc / tier:>13.2f}"
         print(line)
@@ -112,6 +150,21 @@ def main() -> None:
     all_tier = statistics.median(t for c in CELLS for t in times[("tierkernel", c)])
     print(f"overall native ratio tierkernel/ipykernel: {all_tier / all_stock:.3f} "
           f"(target <= 1.05); per-cell ratios {', '.join(f'{r:.3f}' for r in ratios)}")
+
+
+def start_up(starts: int) -> None:
+    """Time new kernels of each kind to their first reply, alternating, and print the ratio."""
+    took: dict[str, list[float]] = {"python3": [], "tierkernel": []}
+    for _ in range(starts):
+        for name, times in took.items():
+            times.append(first_reply(name))
+    stock, tier = took["python3"], took["tierkernel"]
+    print(f"new kernel to its first execute_reply, {starts} starts of each (s); alternating")
+    print(f"{'':<8}{'ipykernel':>11}{'tierkernel':>12}{'ratio':>8}")
+    for label, pick in (("median", statistics.median), ("min", min)):
+        print(f"{label:<8}{pick(stock):>11.3f}{pick(tier):>12.3f}{pick(tier) / pick(stock):>8.3f}")
+    print(f"start-up ratio tierkernel/ipykernel: "
+          f"{statistics.median(tier) / statistics.median(stock):.3f} (target <= 1.1)")
 
 
 if __name__ == "__main__":

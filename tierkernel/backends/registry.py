@@ -25,7 +25,7 @@ class BrokenTier:
 
 
 def discover() -> tuple[dict[str, type[Backend]], list[BrokenTier]]:
-    """Load every registered tier class, keyed by tier name.
+    """Load every registered tier class, keyed by tier name (new containers each call).
 
     An entry point that fails to import, or does not name a :class:`Backend` subclass, is
     reported as a :class:`BrokenTier` instead of breaking the kernel. The entry points are

@@ -7,6 +7,7 @@ import os
 import site
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from jupyter_core.paths import (
@@ -21,14 +22,11 @@ from traitlets.config import Configurable
 
 from tierkernel.errors import FsxConfigError
 from tierkernel.fsx.facade import FsxFacade
-from tierkernel.fsx.filesystem import (
-    FsxFileSystem,
-    FsxLocalFileSystem,
-    FsxMemoryFileSystem,
-    FsxSqliteFileSystem,
-)
 from tierkernel.fsx.quota import Quota
 from tierkernel.sizes import ByteSize
+
+if TYPE_CHECKING:
+    from tierkernel.fsx.filesystem import FsxFileSystem
 
 URL_ENV = "TIERKERNEL_FSX_URL"
 
@@ -53,6 +51,14 @@ def open_url(url: str, quota: Quota | None = None) -> FsxFileSystem:
     directory must exist, except for the default workspace's, which is created);
     ``file:///abs/dir`` (an existing directory).
     """
+    # Deferred for kernel start-up time: the filesystems import fsspec, and a kernel opens its
+    # workspace only when a cell first uses it.
+    from tierkernel.fsx.filesystem import (
+        FsxLocalFileSystem,
+        FsxMemoryFileSystem,
+        FsxSqliteFileSystem,
+    )
+
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":

@@ -1,8 +1,9 @@
-"""The process's current workspace, and the ``fsx://`` fsspec protocol bound to it.
+"""The process's current workspace, which the ``fsx://`` fsspec protocol is bound to.
 
 The kernel sets the current workspace at start; ``fsspec.open("fsx://data.csv")`` and
 ``pandas.read_csv("fsx://data.csv")`` then use it. fsspec finds the protocol through the
-``fsspec.specs`` entry point (pyproject.toml) even before tierkernel is imported.
+``fsspec.specs`` entry point (pyproject.toml) even before tierkernel is imported; the class it
+names is in :mod:`tierkernel.fsx.protocol`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from fsspec.spec import _Cached
-
 from tierkernel.errors import FsxConfigError
 from tierkernel.fsx.facade import FsxFacade
-from tierkernel.fsx.filesystem import FsxFileSystem
 
 _lock = threading.Lock()
 _current: FsxFacade | None = None
@@ -40,17 +38,13 @@ def current() -> FsxFacade:
     return facade
 
 
-class _CurrentMeta(_Cached):  # type: ignore[misc]
-    """Constructing the ``fsx`` protocol class gives the current workspace's filesystem, so
-    fsspec's ``filesystem("fsx")`` (and every URL-taking API) lands on the kernel's workspace
-    rather than a new, empty one."""
+def __getattr__(name: str) -> Any:
+    """``CurrentFsxFileSystem``, the class the ``fsx`` entry point names (pyproject.toml),
+    from :mod:`tierkernel.fsx.protocol`, imported when fsspec asks for it: it subclasses
+    fsspec's AbstractFileSystem, and the kernel sets the current workspace without importing
+    fsspec (deferred for kernel start-up time until a cell opens the workspace)."""
+    if name == "CurrentFsxFileSystem":
+        from tierkernel.fsx.protocol import CurrentFsxFileSystem
 
-    def __call__(cls, *args: Any, **storage_options: Any) -> FsxFileSystem:
-        if args or storage_options:
-            raise TypeError("fsx:// takes no storage options: it is the current workspace "
-                            f"(got {sorted(storage_options) or list(args)})")
-        return current().fs
-
-
-class CurrentFsxFileSystem(FsxFileSystem, metaclass=_CurrentMeta):
-    """The class registered for ``fsx://``; never instantiated itself (see the metaclass)."""
+        return CurrentFsxFileSystem
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

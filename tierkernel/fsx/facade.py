@@ -8,13 +8,17 @@ and the path, as for host files.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
-from typing import IO, Any, BinaryIO, Literal, overload
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal, cast, overload
 
 from tierkernel.fsx.engine import PosixEngine, TimeValue
-from tierkernel.fsx.filesystem import FsxFileSystem
 from tierkernel.fsx.nodes import DirEntry, FsxStat
+
+if TYPE_CHECKING:
+    # At run time only once a workspace is opened: it imports fsspec (kernel start-up time).
+    from tierkernel.fsx.filesystem import FsxFileSystem
 
 Data = str | bytes | bytearray | memoryview | BinaryIO
 
@@ -29,8 +33,12 @@ class FsxFacade:
 
     def __init__(self, opener: FsxFileSystem | Callable[[], FsxFileSystem],
                  url: str = "") -> None:
-        self._opener = opener
-        self._fs: FsxFileSystem | None = opener if isinstance(opener, FsxFileSystem) else None
+        # An open filesystem can exist only once its module is loaded, so the test needs no
+        # import of it (which would import fsspec for a facade that is never used).
+        filesystem = sys.modules.get("tierkernel.fsx.filesystem")
+        opened = filesystem is not None and isinstance(opener, filesystem.FsxFileSystem)
+        self._fs: FsxFileSystem | None = cast("FsxFileSystem", opener) if opened else None
+        self._opener = None if opened else cast("Callable[[], FsxFileSystem]", opener)
         self._lock = threading.Lock()
         self.url = url or (self._fs.url if self._fs is not None else "")
 
@@ -40,7 +48,7 @@ class FsxFacade:
         if self._fs is None:
             with self._lock:
                 if self._fs is None:
-                    assert not isinstance(self._opener, FsxFileSystem)
+                    assert self._opener is not None
                     self._fs = self._opener()
         return self._fs
 

@@ -32,7 +32,12 @@ from tierkernel.errors import (
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
 from tierkernel.kernel.iopub import IopubSink
-from tierkernel.kernel.quick_reply import cell_ran_outside, install_flush_skip, mark_cell
+from tierkernel.kernel.quick_reply import (
+    cell_ran_outside,
+    install_flush_skip,
+    mark_cell,
+    pause_before_reply,
+)
 from tierkernel.kernel.router import Route, TierRouter
 from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
 from tierkernel.magics.executions import ExecutionMagics
@@ -95,6 +100,14 @@ class TierKernel(IPythonKernel):
         "empty. A tier that is not running, or is running a cell, answers empty at once.",
     ).tag(config=True)
 
+    warm_after_idle = Float(
+        0.5, min=0.0,
+        help="Seconds the kernel stays idle after answering a request before it starts the "
+        "tiers configured to start early (warm_start) in the background: cells sent sooner "
+        "do not share the CPU with a starting sandbox or wasm session. 0: right after the "
+        "first request.",
+    ).tag(config=True)
+
     @default("default_tier")
     def _default_tier_from_env(self) -> str:
         return os.environ.get("TIERKERNEL_DEFAULT_TIER", "").strip() or "native"
@@ -134,16 +147,32 @@ class TierKernel(IPythonKernel):
         atexit.register(self.fsx.close)
 
     def start(self) -> None:
-        """Start ipykernel's dispatchers, then warm the tiers configured to start early."""
+        """Start ipykernel's dispatchers; the tiers configured to start early are warmed
+        once the kernel is idle (see :meth:`post_handler_hook`)."""
         super().start()
         install_flush_skip()
-        self.io_loop.add_callback(self.router.warm)
+
+    def pre_handler_hook(self) -> None:
+        """Called by ipykernel before each shell request's handler: the kernel is busy (see
+        :meth:`TierRouter.request_started`)."""
+        super().pre_handler_hook()
+        self.router.request_started()
+
+    def post_handler_hook(self) -> None:
+        """Called by ipykernel after each shell request's handler (its reply is sent): the
+        tiers configured to start early are warmed once the kernel has stayed idle for
+        :attr:`warm_after_idle` (see :meth:`TierRouter.request_ended`)."""
+        super().post_handler_hook()
+        self.router.request_ended(self.warm_after_idle)
 
     # -- execution ------------------------------------------------------------------------
     @property
     def _execute_sleep(self) -> float:
-        """ipykernel's pause before each reply; none for cells that ran outside IPython."""
-        return 0.0 if cell_ran_outside() else self._native_execute_sleep
+        """ipykernel's pause before each reply; none for cells that ran outside IPython. A
+        native cell's audit record is committed in it (it lasts what is left)."""
+        if cell_ran_outside():
+            return 0.0
+        return pause_before_reply(self._native_execute_sleep, self.runtime.commit_records)
 
     @_execute_sleep.setter
     def _execute_sleep(self, value: float) -> None:
@@ -353,6 +382,7 @@ class TierKernel(IPythonKernel):
         ``cpu_seconds``, ``peak_memory_bytes`` and (sandbox, runc) ``processes``."""
         # The pre-reply flush and sleep are behind us: end the mark do_execute set.
         mark_cell(False)
+        self.runtime.commit_records()  # the cell's audit record is in the file before its reply
         metadata = super().finish_metadata(parent, metadata, reply_content)
         info = self._tier_meta.pop(parent.get("header", {}).get("msg_id", ""), None)
         if info is None and parent.get("header", {}).get("msg_type") == "execute_request":

@@ -13,17 +13,26 @@ The mark is a context variable, set by ``do_execute`` and cleared by ``finish_me
 called by ipykernel's ``execute_request``): it is seen only by the task that handles that one
 execute_request, and only between the two, never by other handlers or threads that flush the
 same streams.
+
+A native cell keeps the pause, and the kernel puts it to use (:func:`pause_before_reply`):
+work that must be done before the reply (committing the cell's audit record) is done at its
+start, and the pause lasts only what is left of it. The output still has the whole pause to
+reach the IOPub socket before the reply, and the cell's reply comes no later for that work.
 """
 
 from __future__ import annotations
 
 import contextvars
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 _OUTSIDE_IPYTHON: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "tierkernel_outside_ipython", default=False)
+#: What is left of the pause of the execute_request being answered, once its work is done.
+_PAUSE_LEFT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "tierkernel_pause_left", default=None)
 
 
 def mark_cell(outside_ipython: bool) -> None:
@@ -31,6 +40,21 @@ def mark_cell(outside_ipython: bool) -> None:
     ``finish_metadata``, which ipykernel calls after the flush and the sleep, before the
     reply: the mark never outlives its execute_request."""
     _OUTSIDE_IPYTHON.set(outside_ipython)
+    _PAUSE_LEFT.set(None)
+
+
+def pause_before_reply(pause: float, work: Callable[[], object]) -> float:
+    """ipykernel's pause before a native cell's reply (``pause`` seconds), with ``work``
+    done in it: the first call (ipykernel reads ``_execute_sleep`` right before it sleeps)
+    does ``work`` and returns what is left of the pause; later calls for the same
+    execute_request return the same."""
+    left = _PAUSE_LEFT.get()
+    if left is None:
+        started = time.perf_counter()
+        work()
+        left = max(0.0, pause - (time.perf_counter() - started))
+        _PAUSE_LEFT.set(left)
+    return left
 
 
 def cell_ran_outside() -> bool:

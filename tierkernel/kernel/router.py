@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,14 @@ class TierRouter:
         #: Every option some tier takes: one a tier lacks is told apart from a misspelt one.
         self._known: dict[str, OptionSpec] = {
             spec.name: spec for specs in self._options.values() for spec in specs.values()}
+        #: The warm start, while it waits for the kernel to be idle (see request_ended): the
+        #: timer that looks, whether a request is being handled, when the last one ended.
+        self._warm_timer: asyncio.TimerHandle | None = None
+        self._busy = False
+        self._idle_since = 0.0
+        self._warm_after = 0.0
+        self._warm_begun = False
+        self._warm_task: asyncio.Future[None] | None = None
         #: Options set for the rest of the session with ``%tier NAME --opt value``.
         self.session_options: dict[str, dict[str, Any]] = {}
         self.notice = ""
@@ -203,27 +212,72 @@ class TierRouter:
                 f"{k}={format_limit(k, v)}" for k, v in extra.items()) + ")"
         return text
 
+    def request_started(self) -> None:
+        """Called by the kernel when it begins handling a shell request: a warm start still
+        waiting for the kernel to be idle waits on (see :meth:`request_ended`)."""
+        self._busy = True
+
+    def request_ended(self, warm_after: float) -> None:
+        """Called by the kernel on its event loop when it has answered a shell request: once
+        no other request has come for ``warm_after`` seconds, :meth:`warm` begins.
+
+        Warming the tiers takes a second or more of CPU in this process and in the Docker
+        engine (imports, the wasm session, the container's agent); begun while cells arrive,
+        it slows each of them several times over on a machine with few cores. A client that
+        connects and then waits (a person typing) gives it that time at once; one that sends
+        cell after cell has them run at full speed, and a cell of a tier not warmed yet starts
+        that tier itself, as it would without a warm start."""
+        self._busy = False
+        self._idle_since = time.monotonic()
+        self._warm_after = warm_after
+        if not self._warm_begun and self._warm_timer is None:
+            loop = asyncio.get_running_loop()
+            self._warm_timer = loop.call_later(warm_after, self._look_for_idle)
+
+    def _look_for_idle(self) -> None:
+        """The warm start's timer: begin it if the kernel has been idle long enough, else
+        look again when it may have been (one timer, not one per request)."""
+        self._warm_timer = None
+        if self._warm_begun:
+            return
+        left = self._idle_since + self._warm_after - time.monotonic()
+        if self._busy or left > 0:  # a request being handled ends with request_ended
+            if not self._busy:
+                self._warm_timer = asyncio.get_running_loop().call_later(
+                    left, self._look_for_idle)
+            return
+        self._warm_begun = True
+        self._warm_task = asyncio.ensure_future(self.warm())
+
     async def warm(self) -> None:
         """Start, in the background, every available tier whose ``warm_start`` is set.
 
-        Called once on the kernel's event loop after it starts. The tiers start side by side
-        (a wasm session opening must not hold back the sandbox's container), and their
-        availability checks, which may ask the Docker engine, run off the event loop. A failure
-        here is only logged: the first cell routed to that tier starts it again and reports the
-        error to the user.
+        Called once on the kernel's event loop, once it is idle (see :meth:`request_ended`).
+        The tiers start side by side (a wasm session opening must not hold back the sandbox's
+        container); whether each wants a warm start (the wasm tier looks for its compiled
+        runtime) and is available (which may ask the Docker engine) is found out off the event
+        loop. A failure here is only logged: the first cell routed to that tier starts it
+        again and reports the error to the user.
         """
+        def wanted(backend: Backend) -> bool:
+            return bool(backend.warm_start) and backend.availability().available
+
         async def warm_one(backend: Backend) -> None:
             try:
-                if (await asyncio.to_thread(backend.availability)).available:
+                if await asyncio.to_thread(wanted, backend):
                     await backend.start()
             except Exception:
                 log.warning("warm start of tier %r failed", backend.name, exc_info=True)
 
         await asyncio.gather(*(warm_one(backend) for backend in self.backends.values()
-                               if backend.warm_start and not backend.in_kernel))
+                               if not backend.in_kernel))
 
     def shutdown(self) -> None:
         """Shut every backend down; never raises (runs at kernel shutdown and atexit)."""
+        self._warm_begun = True  # a warm start not begun yet never begins
+        timer, self._warm_timer = self._warm_timer, None
+        if timer is not None:
+            timer.cancel()
         for backend in self.backends.values():
             try:
                 backend.shutdown()

@@ -1,21 +1,33 @@
 """The execution audit log: every cell any tier ran (or refused), and every helper call it made.
 
 One SQLite file (``c.Runtime.audit_log``) shared by all kernels of a user, in WAL mode so that
-several kernels can write to it at once. A cell's row is written when it starts (status
-``running``) and completed when it ends, so a kernel that dies mid-cell still leaves a trace.
-Writing the log never breaks a cell: a failure is logged and the kernel carries on.
+several kernels can write to it at once. Writing the log never breaks a cell: a failure is
+logged and the kernel carries on.
+
+A cell costs one commit, made when it ends: its start is held in memory, and its end writes
+the whole row (with what the cell used) in one transaction, committed before the kernel sends
+the cell's reply. The end of a native cell is held too (``finish(..., defer=True)``), and the
+kernel commits it (:meth:`AuditLog.commit_ended`) during the pause ipykernel takes before
+every native cell's reply, so the commit costs that cell no time. A cell still running
+:data:`START_DELAY` after its start has its ``running`` row committed then, by a writer thread,
+so a kernel that dies mid-cell still leaves a trace of it (only one that dies within that time
+of the cell's start leaves none); readers of the log (``%executions``) commit what is held
+first. So a client that has a cell's reply finds its record in the file, and a kernel that
+crashes or is killed after a reply loses nothing of it.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +79,24 @@ CREATE TABLE IF NOT EXISTS execution_usage (
 ) WITHOUT ROWID;                        -- one B-tree: the write costs less on the reply path
 """
 
+_START = ("INSERT INTO executions (id, kernel_session, cell_id, execution_count, tier, code, "
+          "started, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')")
+#: A cell whose start and end are committed together: one row with its outcome.
+_WHOLE = ("INSERT INTO executions (id, kernel_session, cell_id, execution_count, tier, code, "
+          "started, status, success, duration_ms, error, logs) "
+          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_FINISH = ("UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
+           "logs = ?, tier = COALESCE(?, tier) WHERE id = ?")
+_USAGE = ("INSERT OR REPLACE INTO execution_usage (execution_id, cpu_seconds, peak_memory, "
+          "processes) VALUES (?, ?, ?, ?)")
+#: A cell still running this many seconds after its start (at most twice as many) has its
+#: ``running`` row committed then.
+START_DELAY = 0.05
+#: Seconds after the last cell's start during which the writer looks for held starts every
+#: START_DELAY by itself (a start does not wake it: woken, it would take the GIL from the
+#: cell starting on the kernel's thread); past them it sleeps until the next start wakes it.
+_ACTIVE = 5.0
+
 #: What :func:`_execution` reads, in its order: an execution and what it used.
 _SELECT = ("SELECT e.id, e.kernel_session, e.cell_id, e.execution_count, e.tier, e.code, "
            "e.started, e.duration_ms, e.status, e.success, e.error, e.logs, u.cpu_seconds, "
@@ -111,14 +141,52 @@ class Execution:
     processes: int | None = None
 
 
+class _Start(NamedTuple):
+    """A cell's start, held until it ends or its ``running`` row is due."""
+
+    values: tuple[Any, ...]  # those of _START
+    held: float  # time.monotonic() when it began to be held
+
+
+class _Finish(NamedTuple):
+    """A cell's end, as :meth:`AuditLog.finish` stores it."""
+
+    execution_id: str
+    status: str
+    duration_ms: float
+    error: str | None
+    logs: str
+    tier: str | None
+    usage: tuple[float | None, int | None, int | None] | None
+
+
 class AuditLog:
-    """Writes and reads the audit log; safe to use from any thread."""
+    """Writes and reads the audit log; safe to use from any thread.
+
+    A cell's start is held until the cell ends (see the module); helper calls are written
+    at once, by the thread that made the call.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path).expanduser()
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._warned = False
+        #: Starts of cells not written yet, by execution id, oldest first.
+        self._held: dict[str, _Start] = {}
+        #: Taken while held starts are written, and by each cell's end: a cell's end is never
+        #: written before its ``running`` row that the writer is writing.
+        self._writing = threading.Lock()
+        self._changed = threading.Condition(threading.Lock())
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._asleep = False
+        self._last_start = 0.0
+        #: Ends of cells held until :meth:`commit_ended` (``finish(..., defer=True)``).
+        self._ended: list[_Finish] = []
+        #: The process whose writer thread this is: a forked child has none, and writes each
+        #: record at once.
+        self._pid = os.getpid()
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -126,8 +194,8 @@ class AuditLog:
             conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            # Two commits per cell sit on every cell's reply path. With WAL, NORMAL does not
-            # fsync each commit (0.04 ms a cell instead of ~0.5 ms here) and still loses
+            # A commit comes with every cell (the reply waits for it). With WAL, NORMAL does
+            # not fsync each commit (0.04 ms a cell instead of ~0.5 ms here) and still loses
             # nothing when the kernel crashes or is killed; only an OS crash or a power cut
             # can drop the newest records.
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -135,53 +203,148 @@ class AuditLog:
             self._conn = conn
         return self._conn
 
-    def _write(self, sql: str, params: tuple[Any, ...],
-               *more: tuple[str, tuple[Any, ...]]) -> None:
-        """Run a write; with ``more`` statements, all of them in one transaction (one
-        commit on the cell's reply path, not one each)."""
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Run one write now, on the calling thread."""
+        self._run([(sql, params)])
+
+    def _run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run ``statements`` in one transaction (one commit for all of them); when that
+        fails, each on its own, so one bad record does not take the others with it."""
         try:
             with self._lock:
                 db = self._db()
-                if not more:
-                    db.execute(sql, params)
-                else:
+                if len(statements) == 1:
+                    db.execute(*statements[0])
+                    return
+                try:
                     db.execute("BEGIN")
+                    for statement, values in statements:
+                        db.execute(statement, values)
+                    db.execute("COMMIT")
+                    return
+                except (sqlite3.Error, ValueError):
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                for statement, values in statements:
                     try:
-                        for statement, values in ((sql, params), *more):
-                            db.execute(statement, values)
-                        db.execute("COMMIT")
-                    except BaseException:
-                        if db.in_transaction:
-                            db.execute("ROLLBACK")
-                        raise
+                        db.execute(statement, values)
+                    except (sqlite3.Error, ValueError) as exc:
+                        self._warn(exc)
         except (sqlite3.Error, OSError, ValueError) as exc:  # a record never fails the cell
-            if not self._warned:  # once: a broken log must not flood the kernel's log
-                log.warning("cannot write the audit log %s: %s", self.path, exc)
-                self._warned = True
+            self._warn(exc)
+
+    def _warn(self, exc: Exception) -> None:
+        if not self._warned:  # once: a broken log must not flood the kernel's log
+            log.warning("cannot write the audit log %s: %s", self.path, exc)
+            self._warned = True
 
     # -- writing ----------------------------------------------------------------------------
     def start(self, execution_id: str, session: str, cell_id: str | None,
               execution_count: int | None, tier: str, code: str, started: float) -> None:
-        """Record a cell that is starting."""
-        self._write(
-            "INSERT INTO executions (id, kernel_session, cell_id, execution_count, tier, code,"
-            " started, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-            (execution_id, session, cell_id, execution_count, tier, _cut(code), started))
+        """Record a cell that is starting (held: see the module)."""
+        record = _Start((execution_id, session, cell_id, execution_count, tier, _cut(code),
+                         started), time.monotonic())
+        if self._pid == os.getpid():
+            with self._changed:
+                if not self._closing:
+                    self._held[execution_id] = record
+                    self._last_start = record.held
+                    if self._writer is None:
+                        self._writer = threading.Thread(target=self._write_running,
+                                                        daemon=True, name="tierkernel-audit")
+                        self._writer.start()
+                        atexit.register(self.flush)  # an exit mid-cell still leaves its row
+                    elif self._asleep:
+                        self._changed.notify()
+                    return
+        self._write(_START, record.values)  # no writer here: closed, or a forked child
 
     def finish(self, execution_id: str, status: str, duration_ms: float,
                error: str | None, logs: list[dict[str, Any]], tier: str | None = None,
-               usage: tuple[float | None, int | None, int | None] | None = None) -> None:
-        """Complete a cell's record: ``status`` is ``ok``, ``error`` or ``refused``;
-        ``usage`` is what the cell used as its tier measured it on the host: (CPU seconds,
-        peak memory bytes, processes), each None when not measured."""
-        self._write(
-            "UPDATE executions SET status = ?, success = ?, duration_ms = ?, error = ?, "
-            "logs = ?, tier = COALESCE(?, tier) WHERE id = ?",
-            (status, int(status == "ok"), duration_ms, _cut(error), _logs_json(logs), tier,
-             execution_id),
-            *([("INSERT OR REPLACE INTO execution_usage (execution_id, cpu_seconds, "
-                "peak_memory, processes) VALUES (?, ?, ?, ?)", (execution_id, *usage))]
-              if usage is not None and any(v is not None for v in usage) else []))
+               usage: tuple[float | None, int | None, int | None] | None = None,
+               defer: bool = False) -> None:
+        """Complete a cell's record, in one transaction with its start when that is still
+        held: ``status`` is ``ok``, ``error`` or ``refused``; ``usage`` is what the cell used
+        as its tier measured it on the host: (CPU seconds, peak memory bytes, processes),
+        each None when not measured. ``defer``: hold it until :meth:`commit_ended`."""
+        record = _Finish(execution_id, status, duration_ms, _cut(error), _logs_json(logs),
+                         tier, usage)
+        if defer:
+            with self._changed:
+                self._ended.append(record)
+            return
+        with self._writing:
+            self._run(self._statements([record]))
+
+    def commit_ended(self) -> None:
+        """Commit the ends held by ``finish(..., defer=True)``, in one transaction. Called by
+        the kernel before it sends a cell's reply, and by :meth:`flush`."""
+        if not self._ended:
+            return
+        with self._writing:
+            with self._changed:
+                ends, self._ended = self._ended, []
+            if ends:
+                self._run(self._statements(ends))
+
+    def flush(self) -> None:
+        """Commit everything held: the ends, and the ``running`` rows of the cells whose
+        start is still held. Called by this log's readers, at close and at exit."""
+        if self._pid != os.getpid():
+            return  # a forked child: what is held is its parent's to write
+        self.commit_ended()
+        self._write_held(0.0)
+
+    def _statements(self, ends: list[_Finish]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The writes that complete ``ends`` (with ``_writing`` held): one INSERT of the
+        whole row for a cell whose start is still held, else an UPDATE of its row."""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        for eid, status, duration_ms, error, logs, tier, usage in ends:
+            with self._changed:
+                start = self._held.pop(eid, None)
+            success = int(status == "ok")
+            if start is None:
+                statements.append((_FINISH, (status, success, duration_ms, error, logs, tier,
+                                             eid)))
+            else:
+                values = start.values
+                statements.append((_WHOLE, (*values[:4], tier or values[4], *values[5:],
+                                            status, success, duration_ms, error, logs)))
+            if usage is not None and any(v is not None for v in usage):
+                statements.append((_USAGE, (eid, *usage)))
+        return statements
+
+    def _write_held(self, older_than: float) -> None:
+        """Write the held starts held for ``older_than`` seconds or more."""
+        with self._writing:
+            with self._changed:
+                due = time.monotonic() - older_than
+                ids = [eid for eid, start in self._held.items() if start.held <= due]
+                starts = [self._held.pop(eid) for eid in ids]
+            if starts:
+                self._run([(_START, start.values) for start in starts])
+
+    def _write_running(self) -> None:
+        """The writer thread: write the ``running`` row of each cell still running
+        :data:`START_DELAY` after its start, until the log closes."""
+        while True:
+            with self._changed:
+                while not self._closing:
+                    now = time.monotonic()
+                    if self._held:
+                        left = next(iter(self._held.values())).held + START_DELAY - now
+                        if left <= 0:
+                            break
+                        self._changed.wait(left)
+                    elif now - self._last_start < _ACTIVE:
+                        self._changed.wait(START_DELAY)
+                    else:
+                        self._asleep = True
+                        self._changed.wait()
+                        self._asleep = False
+                if self._closing:
+                    return
+            self._write_held(START_DELAY)
 
     def helper_call(self, execution_id: str | None, call: HelperCall) -> None:
         """Record one helper call."""
@@ -207,6 +370,7 @@ class AuditLog:
             where.append("e.status IN ('error', 'refused')")
         sql = (_SELECT + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY e.started DESC, e.rowid DESC LIMIT ?")
+        self.flush()
         with self._lock:
             rows = self._db().execute(sql, (*params, limit)).fetchall()
         return [_execution(row) for row in rows]
@@ -216,6 +380,7 @@ class AuditLog:
 
         Raises ``KeyError`` when no execution (or more than one) has that prefix.
         """
+        self.flush()
         with self._lock:
             db = self._db()
             rows = db.execute(_SELECT + " WHERE e.id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
@@ -255,7 +420,17 @@ class AuditLog:
                 for c in calls]
 
     def close(self) -> None:
-        """Close the file (the kernel shuts down)."""
+        """Write the held starts, stop the writer and close the file (the kernel shuts
+        down)."""
+        with self._changed:
+            self._closing = True
+            writer, self._writer = self._writer, None
+            self._changed.notify_all()
+        if writer is not None:
+            atexit.unregister(self.flush)
+            if writer is not threading.current_thread():
+                writer.join()
+        self.flush()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -287,6 +462,8 @@ def _cut(text: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
 def _logs_json(logs: list[dict[str, Any]]) -> str:
     """``logs`` as JSON, the newest entries left out (with a note) past
     :data:`MAX_FIELD_CHARS`."""
+    if not logs:  # most cells log nothing
+        return "[]"
     text = json.dumps(logs)
     if len(text) <= MAX_FIELD_CHARS:
         return text

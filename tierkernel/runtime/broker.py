@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from tierkernel.guest import protocol
 from tierkernel.results import LogEntry
-from tierkernel.runtime import ai as ai_helper
-from tierkernel.runtime import api as api_helper
-from tierkernel.runtime import db as db_helper
-from tierkernel.runtime import network
 from tierkernel.runtime.audit import (
     MAX_CALL_TARGET_CHARS,
     AuditLog,
@@ -41,6 +34,13 @@ from tierkernel.runtime.audit import (
 )
 from tierkernel.runtime.grants import HELPERS
 from tierkernel.runtime.policy import CellPolicy, Runtime
+
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
+
+    from tierkernel.runtime import db as db_helper
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,25 @@ _ARGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 @dataclass
 class CallContext:
     """The cell a helper call belongs to: its audit id, its policy, its log entries (with what
-    they weigh, and how many were dropped past the caps), and its cookie jar for api()."""
+    they weigh, and how many were dropped past the caps), and its cookie jar for api() (made
+    by the cell's first api() call: every cell gets a context, few call api())."""
 
     execution_id: str | None
     policy: CellPolicy
     logs: list[LogEntry] = field(default_factory=list)
     log_bytes: int = 0
     logs_dropped: int = 0
-    cookies: httpx.Cookies = field(default_factory=httpx.Cookies)
+    cookies: httpx.Cookies | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cookie_jar(self) -> httpx.Cookies:
+        """The cell's cookie jar, made on first use."""
+        with self.lock:
+            if self.cookies is None:
+                import httpx  # deferred for kernel start-up time (see Broker._run)
+
+                self.cookies = httpx.Cookies()
+            return self.cookies
 
 
 #: The setting that caps each helper's result, named in its refusal.
@@ -165,13 +175,20 @@ class Broker:
     def _run(self, helper: str, args: Mapping[str, Any],
              context: CallContext) -> tuple[Any, str]:
         rt = self.runtime
+        # Deferred for kernel start-up time: with httpx (and the click, rich and h11 it
+        # imports) these take longer to import than the rest of the kernel's own modules,
+        # and most kernels' first cells call no helper.
+        from tierkernel.runtime import ai as ai_helper
+        from tierkernel.runtime import api as api_helper
+        from tierkernel.runtime import db as db_helper
+
         if helper == "api":
             outcome = api_helper.request(
                 self.api_client(context.policy.trusted), context.policy,
                 api_helper.ApiLimits(rt.api_timeout, rt.api_max_response_bytes,
                                      rt.api_max_redirects),
                 args["url"], args.get("method", "GET"), args.get("headers"), args.get("json"),
-                args.get("data"), args.get("timeout"), context.cookies)
+                args.get("data"), args.get("timeout"), context.cookie_jar())
             return outcome.value, outcome.target
         if helper == "db":
             result = db_helper.execute(
@@ -228,6 +245,8 @@ class Broker:
         to addresses its networks setting allows (see :mod:`~tierkernel.runtime.network`);
         they share no connection and keep no cookies (each cell has its own jar)."""
         key = "native" if trusted else "isolated"
+        from tierkernel.runtime import network  # deferred for kernel start-up time (httpx)
+
         with self._lock:
             client = self._clients.get(key)
             if client is None:
@@ -245,6 +264,8 @@ class Broker:
         """The HTTP client of ai(): it reaches only c.Runtime.ai_base_url, which the
         configuration names (a cell cannot), so its address is not checked: a local model
         server (Ollama on localhost) is the usual case."""
+        import httpx  # deferred for kernel start-up time (see Broker._run)
+
         with self._lock:
             client = self._clients.get("ai")
             if client is None:
@@ -258,6 +279,8 @@ class Broker:
         SQLite file is opened afresh by every call anyway. A SQLite file inside the kernel's
         ``file://`` workspace is refused (and asked again at the next call).
         """
+        from tierkernel.runtime import db as db_helper  # deferred for kernel start-up time
+
         with self._lock:
             database = self._databases.get(trusted)
             if database is None:

@@ -1,7 +1,8 @@
 """What the kernel holds of the runtime: the config, the broker, the audit log, the current cell.
 
 ``TierKernel`` calls :meth:`RuntimeHost.begin` when a cell starts and :meth:`RuntimeHost.finish`
-when it ends (or :meth:`RuntimeHost.refuse` when it never runs), whatever its tier. Native
+when it ends (or :meth:`RuntimeHost.refuse` when it never runs), whatever its tier, and
+:meth:`RuntimeHost.commit_records` before the cell's reply goes out. Native
 cells reach the broker through :meth:`RuntimeHost.native_call`; other tiers get the cell's
 :class:`CallContext` from :attr:`RuntimeHost.current` and forward their guests' requests to
 ``host.broker.handle`` (or ``handle_json``) with it.
@@ -10,8 +11,8 @@ cells reach the broker through :meth:`RuntimeHost.native_call`; other tiers get 
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -77,6 +78,9 @@ class RuntimeHost:
             [asdict(entry) for entry in result.logs],
             usage=None if usage is None else (usage.cpu_seconds, usage.peak_memory_bytes,
                                                usage.processes),
+            # A cell of the kernel's own IPython: committed in the pause ipykernel takes
+            # before such a cell's reply (see commit_records).
+            defer=context.policy.trusted,
         )
 
     def refuse(self, code: str, tier: str, cell_id: str | None, execution_count: int | None,
@@ -109,6 +113,12 @@ class RuntimeHost:
         """``ai``, ``api``, ``db`` and ``console`` for the kernel's own namespace."""
         return make_helpers(self.native_call)
 
+    def commit_records(self) -> None:
+        """Commit the audit records of the cells that ended so far. Called by the kernel
+        before it sends a cell's reply: in ipykernel's pause before a native cell's reply,
+        and again (a no-op by then) when it adds the reply's metadata."""
+        self.audit.commit_ended()
+
     def close(self) -> None:
         """Release the HTTP client, the database and the audit log (kernel shutdown)."""
         self.broker.close()
@@ -130,4 +140,4 @@ def file_workspace() -> Path | None:
 
 def new_id() -> str:
     """A new execution id: 16 hex digits (64 random bits)."""
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()

@@ -53,13 +53,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import httpx
 from traitlets import Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from tierkernel.errors import PackageError
 from tierkernel.guest import protocol
-from tierkernel.runtime import network
 from tierkernel.runtime.audit import AuditLog, HelperCall, folded_start
 from tierkernel.sizes import ByteSize
 
@@ -455,6 +453,11 @@ class PackageStore:
     def _native_only(self, name: str) -> str | None:
         """A wheel of ``name`` on the index with native code, if it has only such wheels."""
         url = f"{self.config.index_url.rstrip('/')}/{normalize(name)}/"
+        # Deferred for kernel start-up time: httpx takes ~50 ms to import, only %pip needs it.
+        import httpx
+
+        from tierkernel.runtime import network
+
         try:
             with httpx.Client(timeout=30, follow_redirects=True,
                               verify=network.tls_context()) as client, \
@@ -481,6 +484,10 @@ class PackageStore:
         wheels: list[tuple[dict[str, Any], Path]] = []
         folder = work / "wheels"
         folder.mkdir()
+        import httpx  # deferred for kernel start-up time (see _native_only)
+
+        from tierkernel.runtime import network
+
         with httpx.Client(follow_redirects=True, timeout=30,
                           verify=network.tls_context()) as client:
             for item in plan:
