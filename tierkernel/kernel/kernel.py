@@ -235,7 +235,7 @@ class TierKernel(IPythonKernel):
                 result = await route.backend.execute(request, _NoSink())
             else:
                 result = await self._run_isolated(route.backend, request, parent)
-        except BaseException as exc:  # recorded, then handled as before
+        except BaseException as exc:  # recorded, then raised on for ipykernel to handle
             self._running_tiers.discard(route.backend.name)
             self.runtime.finish(context, ExecResult(
                 False, route.backend.name, 0.0,

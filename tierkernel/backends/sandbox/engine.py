@@ -117,7 +117,10 @@ def no_runtime_message(runtime: str, runtimes: dict[str, Any]) -> str:
 
 
 def unreachable_message(exc: BaseException) -> str:
-    """The advice given when the engine does not answer."""
+    """The advice given when the engine does not answer (``exc`` already an EngineError: its
+    message, which says it)."""
+    if isinstance(exc, EngineError):
+        return str(exc)
     detail = _short(exc)
     return (
         f"docker engine not reachable at {engine_url()}: {detail}. Start it (as root on Debian: "
