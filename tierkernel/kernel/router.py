@@ -17,7 +17,6 @@ from tierkernel.magics.parsing import CellDirective, parse_options, usage
 log = logging.getLogger(__name__)
 
 
-
 class TierUnavailableError(RuntimeError):
     """A cell asked for a tier that cannot run here; the message says why and what to do."""
 
@@ -100,8 +99,8 @@ class TierRouter:
                 continue
             backend.name = name
             self.backends[name] = backend
-        #: The warm start, while it waits for the kernel to be idle (see request_ended): the
-        #: timer that looks, whether a request is being handled, when the last one ended.
+        #: What the warm start waits on (see request_ended): its timer, whether a request is
+        #: being handled, since when none has been, and for how long it waits.
         self._warm_timer: asyncio.TimerHandle | None = None
         self._busy = False
         self._idle_since = 0.0
