@@ -28,6 +28,7 @@ _FILESYSTEMS = frozenset({"FsxFileSystem", "FsxLocalFileSystem", "FsxMemoryFileS
 
 
 def __getattr__(name: str) -> Any:
+    """The fsspec filesystem classes, imported when first asked for (see _FILESYSTEMS)."""
     if name in _FILESYSTEMS:
         from tierkernel.fsx import filesystem
 

@@ -103,8 +103,8 @@ class TierRouter:
         #: Every option some tier takes: one a tier lacks is told apart from a misspelt one.
         self._known: dict[str, OptionSpec] = {
             spec.name: spec for specs in self._options.values() for spec in specs.values()}
-        #: The warm start, while it waits for the kernel to be idle (see request_ended): the
-        #: timer that looks, whether a request is being handled, when the last one ended.
+        #: What the warm start waits on (see request_ended): its timer, whether a request is
+        #: being handled, since when none has been, and for how long it waits.
         self._warm_timer: asyncio.TimerHandle | None = None
         self._busy = False
         self._idle_since = 0.0
