@@ -101,11 +101,13 @@ class TierKernel(IPythonKernel):
     ).tag(config=True)
 
     warm_after_idle = Float(
-        0.5, min=0.0,
-        help="Seconds the kernel stays idle after answering a request before it starts the "
-        "tiers configured to start early (warm_start) in the background: cells sent sooner "
-        "do not share the CPU with a starting sandbox or wasm session. 0: right after the "
-        "first request.",
+        0.0, min=0.0,
+        help="0 (the default): the tiers configured to start early (warm_start) start in the "
+        "background as the kernel starts, so a first sandbox or wasm cell sent the moment the "
+        "kernel answers finds its tier ready. More: seconds the kernel stays idle after "
+        "answering a request before it starts them, so that cells sent sooner (a script's "
+        "native cells) do not share the CPU with a starting sandbox or wasm session; a first "
+        "cell of those tiers sent sooner then starts its tier itself.",
     ).tag(config=True)
 
     @default("default_tier")
@@ -147,10 +149,13 @@ class TierKernel(IPythonKernel):
         atexit.register(self.fsx.close)
 
     def start(self) -> None:
-        """Start ipykernel's dispatchers; the tiers configured to start early are warmed
-        once the kernel is idle (see :meth:`post_handler_hook`)."""
+        """Start ipykernel's dispatchers and, unless :attr:`warm_after_idle` asks to wait for
+        the kernel to be idle (see :meth:`post_handler_hook`), warm the tiers configured to
+        start early."""
         super().start()
         install_flush_skip()
+        if not self.warm_after_idle:
+            self.io_loop.add_callback(self.router.warm_now)
 
     def pre_handler_hook(self) -> None:
         """Called by ipykernel before each shell request's handler: the kernel is busy (see

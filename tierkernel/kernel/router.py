@@ -234,6 +234,14 @@ class TierRouter:
             loop = asyncio.get_running_loop()
             self._warm_timer = loop.call_later(warm_after, self._look_for_idle)
 
+    def warm_now(self) -> None:
+        """Begin :meth:`warm` at once (the kernel calls this as it starts unless the warm
+        start waits for the kernel to be idle); later calls and request_ended do nothing."""
+        if self._warm_begun:
+            return
+        self._warm_begun = True
+        self._warm_task = asyncio.ensure_future(self.warm())
+
     def _look_for_idle(self) -> None:
         """The warm start's timer: begin it if the kernel has been idle long enough, else
         look again when it may have been (one timer, not one per request)."""
@@ -252,7 +260,8 @@ class TierRouter:
     async def warm(self) -> None:
         """Start, in the background, every available tier whose ``warm_start`` is set.
 
-        Called once on the kernel's event loop, once it is idle (see :meth:`request_ended`).
+        Called once on the kernel's event loop: as the kernel starts (:meth:`warm_now`), or
+        once it is idle (see :meth:`request_ended`).
         The tiers start side by side (a wasm session opening must not hold back the sandbox's
         container); whether each wants a warm start (the wasm tier looks for its compiled
         runtime) and is available (which may ask the Docker engine) is found out off the event
