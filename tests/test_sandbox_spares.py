@@ -220,12 +220,20 @@ def test_an_agent_that_ends_in_a_spare_is_told_and_replaced_in_the_same_containe
 
 
 def learned_then_changed(runtime: str, cache_home: Path, options: list[str],
-                         **changes: Any) -> dict[str, str]:
+                         config_dir: Path | None = None, **changes: Any) -> dict[str, str]:
     """Start and stop a kernel with ``options`` (its settings are learned in ``cache_home``),
     then change what it learned, as if learned before a change it cannot see; remove every
-    spare. The environment for the next kernel, which recalls the changed settings."""
+    spare once its head start is done. The environment for the next kernel (with
+    ``config_dir`` as its config folder when given), which recalls the changed settings."""
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
-    KernelSession(extra_arguments=options, env=env).close()
+    if config_dir is not None:
+        env["JUPYTER_CONFIG_DIR"] = str(config_dir)
+    first = KernelSession(extra_arguments=options, env=env)
+    try:
+        # Its head start's spare may still be in the making: removed below only once made.
+        assert sb.wait_for(lambda: helpers_of(first) == [], 60), "a helper stayed behind"
+    finally:
+        first.close()
     cache = cache_home / "tierkernel" / "head-start.json"
     [entry] = json.loads(cache.read_text())
     assert entry["values"]["memory"] == 384 * 2**20  # what the kernel ended up with
@@ -244,7 +252,14 @@ def test_a_head_start_made_with_stale_learned_settings_is_not_claimed(
     # spare must not become the kernel's container: its limits would not be the user's.
     options = [f"--SandboxBackend.runtime={runtime}", "--SandboxBackend.spares=0",
                f"--SandboxBackend.memory={384 * 2**20}"]
-    env = learned_then_changed(runtime, tmp_path, options, memory=320 * 2**20)
+    # The early helper guesses only when it is ready before the kernel's configuration is
+    # final (or it has no reason to): a config file that takes seconds to read makes sure the
+    # guess is made, however slowly this machine imports.
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "tierkernel_config.py").write_text("import time\ntime.sleep(3)\n")
+    env = learned_then_changed(runtime, tmp_path, options, memory=320 * 2**20,
+                               config_dir=config)
     session = KernelSession(extra_arguments=options, env=env)
     try:
         pid = kernel_pid(session)
@@ -253,7 +268,9 @@ def test_a_head_start_made_with_stale_learned_settings_is_not_claimed(
         memory = sb.client().containers.get(mine).attrs["HostConfig"]["Memory"]
         assert memory == 384 * 2**20
         # The guess was made, and is left for a later kernel of those settings.
-        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 30)
+        assert sb.wait_for(lambda: len(waiting_spares(runtime)) == 1, 60), \
+            [(c.short_id, c.status, c.attrs["HostConfig"]["Memory"])
+             for c in sandbox_spares.list_spares(sb.client())]
         [guess] = waiting_spares(runtime)
         assert sb.client().containers.get(guess).attrs["HostConfig"]["Memory"] == 320 * 2**20
     finally:
