@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from jupyter_client.manager import KernelManager, start_new_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CELLS = ["pass", "1+1", "print('x')"]
+#: Every kernel's working folder: empty, so that tierkernel's warm start copies no notebook
+#: folder into its sandbox container (whatever folder the benchmark is run from).
+KERNEL_CWD = tempfile.mkdtemp(prefix="tierkernel-bench-")
 
 
 def round_trip(kc: BlockingKernelClient, code: str) -> float:
@@ -58,7 +62,7 @@ def first_reply(kernel_name: str, wait_for_ready: bool) -> float:
     afterwards (not timed)."""
     km = KernelManager(kernel_name=kernel_name)
     begun = time.perf_counter()
-    km.start_kernel()
+    km.start_kernel(cwd=KERNEL_CWD)
     kc = km.client()
     try:
         kc.start_channels()
@@ -79,7 +83,7 @@ def first_reply(kernel_name: str, wait_for_ready: bool) -> float:
 
 
 def start(kernel_name: str) -> tuple[KernelManager, BlockingKernelClient]:
-    km, kc = start_new_kernel(kernel_name=kernel_name)
+    km, kc = start_new_kernel(kernel_name=kernel_name, cwd=KERNEL_CWD)
     for code in CELLS * 5:  # warm up imports, caches, the zmq path
         round_trip(kc, code)
     return km, kc

@@ -14,6 +14,14 @@ For each runtime (runc, and runsc where the engine has it):
   docker exec ran just before (its aftermath in the engine slows whatever comes next);
 - first streamed line of ``print(); sleep(0.5); print()`` against the same via ``docker exec``.
 
+A first cell "sent at once" is timed from the moment the client sends it, after the kernel
+answered; the head start's container is made from the kernel's launch on, so a kernel that
+answers sooner leaves more of it to that cell. The launch-to-reply lines time the whole (the
+wait a client that starts a kernel to run one sandbox cell sees), and are the ones to compare
+across versions. Every kernel runs in an empty folder of its own: the sandbox copies the
+notebook's folder (the kernel's working folder) into the container, and would otherwise copy
+whatever the folder the benchmark runs in holds, again whenever it changes.
+
 ``docker exec``/``docker run`` are timed through the Docker SDK (what a per-cell implementation
 in the kernel would do) and through the docker CLI (what a person would type). Targets from
 issue 4: warm cell <= 0.1 x docker exec; first cell <= 0.3 x docker run.
@@ -30,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +56,8 @@ from tierkernel.backends.sandbox.image import image_ref
 from tierkernel.backends.sandbox.reaper import remove_spares
 
 STREAM_CELL = "import time\nprint('first', flush=True)\ntime.sleep(0.5)\nprint('second')"
+#: The kernels' working folder (the notebook folder the sandbox copies): empty and quiet.
+KERNEL_CWD = tempfile.mkdtemp(prefix="tierkernel-bench-")
 HARDENING: dict[str, Any] = {
     "network_mode": "none", "read_only": True, "tmpfs": {"/tmp": "size=64m"},
     "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"], "user": "65534:65534",
@@ -73,8 +84,9 @@ def first_stream(kc: BlockingKernelClient, code: str) -> float:
 
 
 def new_kernel_first_cell(runtime: str, pause: float, spare: bool, client: Any,
-                          head_start: bool = True) -> float:
-    """A new kernel whose default sandbox runtime is ``runtime``: its first sandbox cell.
+                          head_start: bool = True) -> tuple[float, float]:
+    """A new kernel whose default sandbox runtime is ``runtime``: its first sandbox cell,
+    timed from the moment it is sent and from the kernel's launch.
 
     ``spare``: an earlier kernel left a spare container for it, and this kernel leaves one for
     the next measurement before it shuts down (after its usual spare_delay, so making it does
@@ -88,10 +100,12 @@ def new_kernel_first_cell(runtime: str, pause: float, spare: bool, client: Any,
         args.append("--SandboxBackend.spares=0")
     if not head_start:
         args.append("--SandboxBackend.head_start=False")
-    km, kc = start_new_kernel(kernel_name="tierkernel", extra_arguments=args)
+    launched = time.perf_counter()
+    km, kc = start_new_kernel(kernel_name="tierkernel", extra_arguments=args, cwd=KERNEL_CWD)
     try:
         time.sleep(pause)
-        return round_trip(kc, "%%tier sandbox\n1+1")
+        cell = round_trip(kc, "%%tier sandbox\n1+1")
+        return cell, time.perf_counter() - launched
     finally:
         if spare:
             wait_for_spare(client, runtime)
@@ -127,16 +141,18 @@ def bench_runtime(runtime: str, rounds: int, client: Any, image: str,
     cli = shutil.which("docker")
     res: dict[str, float] = {}
     # First cells of new kernels (3 each), then docker run per cell.
-    res["first_cell_now"] = median_ms(
-        [new_kernel_first_cell(runtime, 0.0, False, client) for _ in range(3)])
+    now = [new_kernel_first_cell(runtime, 0.0, False, client) for _ in range(5)]
+    res["first_cell_now"] = median_ms([cell for cell, _ in now])
+    res["launch_now"] = median_ms([launch for _, launch in now])
     res["first_cell_no_head"] = median_ms(
-        [new_kernel_first_cell(runtime, 0.0, False, client, head_start=False)
+        [new_kernel_first_cell(runtime, 0.0, False, client, head_start=False)[0]
          for _ in range(3)])
     res["first_cell_2s"] = median_ms(
-        [new_kernel_first_cell(runtime, 2.0, False, client) for _ in range(3)])
+        [new_kernel_first_cell(runtime, 2.0, False, client)[0] for _ in range(3)])
     new_kernel_first_cell(runtime, 0.0, True, client)  # leaves the first spare
-    res["first_cell_spare"] = median_ms(
-        [new_kernel_first_cell(runtime, 0.0, True, client) for _ in range(3)])
+    spare = [new_kernel_first_cell(runtime, 0.0, True, client) for _ in range(5)]
+    res["first_cell_spare"] = median_ms([cell for cell, _ in spare])
+    res["launch_spare"] = median_ms([launch for _, launch in spare])
     remove_spares(client)
     runs = []
     for _ in range(5):
@@ -157,7 +173,7 @@ def bench_runtime(runtime: str, rounds: int, client: Any, image: str,
         res["docker_run_cli"] = median_ms(runs)
 
     # Warm cells through one kernel, alternating with the docker exec peers.
-    km, kc = start_new_kernel(kernel_name="tierkernel",
+    km, kc = start_new_kernel(kernel_name="tierkernel", cwd=KERNEL_CWD,
                               extra_arguments=[f"--SandboxBackend.runtime={runtime}"])
     peer = client.containers.run(image, ["sleep", "infinity"], detach=True, runtime=runtime,
                                  labels={"org.tierkernel.benchmark": "1"}, **HARDENING)
@@ -231,6 +247,8 @@ def report(runtime: str, r: dict[str, float]) -> None:
     print(f"first sandbox cell, no spare, sent at once           {r['first_cell_now']:9.1f}")
     print(f"first sandbox cell, no spare, no head start, at once {r['first_cell_no_head']:9.1f}")
     print(f"first sandbox cell, no spare, after 2 s              {r['first_cell_2s']:9.1f}")
+    print(f"kernel launch to first sandbox reply, spare left     {r['launch_spare']:9.1f}")
+    print(f"kernel launch to first sandbox reply, no spare       {r['launch_now']:9.1f}")
     print(f"docker run --rm IMAGE python3 -c (SDK)               {r['docker_run_sdk']:9.1f}")
     if "docker_run_cli" in r:
         print(f"docker run --rm IMAGE python3 -c (CLI)               {r['docker_run_cli']:9.1f}")
@@ -256,6 +274,8 @@ def report(runtime: str, r: dict[str, float]) -> None:
     print(f"  first cell (no spare) / docker run  {r['first_cell_now'] / run:.3f}")
     print(f"  same, head start off / docker run   {r['first_cell_no_head'] / run:.3f}")
     print(f"  first cell (no spare, 2 s) / run    {r['first_cell_2s'] / run:.3f}")
+    print(f"  launch to reply (spare) / docker run  {r['launch_spare'] / run:.2f}")
+    print(f"  launch to reply (no spare) / run      {r['launch_now'] / run:.2f}")
     print(f"  first line / docker exec first line {r['stream_sandbox'] / r['stream_exec']:.3f}")
 
 
