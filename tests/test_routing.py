@@ -290,3 +290,21 @@ def test_default_tier_and_limits_from_a_jupyter_config_file(tmp_path):
         assert "* process" in table and "timeout=0.5s" in table
     finally:
         session.close()
+
+
+def test_a_kernel_limited_to_some_tiers_refuses_the_others_and_their_lines():
+    # What tierkernel serve starts its sessions with: a cell's own %%tier line, or a %tier
+    # line (which runs in the kernel's own IPython), cannot reach a tier left out.
+    kernel = KernelSession(extra_arguments=["--TierKernel.allowed_tiers=process",
+                                            "--TierKernel.default_tier=process"])
+    try:
+        assert kernel.run("import os\nos.getpid()").metadata["tierkernel"]["tier"] == "process"
+        for code in ("%%tier native\n1", "%tier native", "%tier\nimport os",
+                     "%%tier sandbox\n1"):
+            out = kernel.run(code)
+            assert out.status == "error", code
+            assert out.error["ename"] == "TierUnavailableError", out.error
+            assert "is not allowed in this kernel" in out.error["evalue"]
+        assert kernel.run("21 * 2").result["text/plain"] == "42"  # still in process
+    finally:
+        kernel.close()

@@ -119,6 +119,21 @@ def test_tier_defaults_and_cell_narrowing():
     assert capped.domains == ("a.example.org",)
 
 
+def test_the_helper_ceiling_caps_every_cell_whatever_it_allows():
+    rt = Runtime(helper_ceiling=["console"])
+    assert rt.policy_for("native", True, {}).helpers == {"console"}
+    asked = rt.policy_for("wasm", False, {"allow": frozenset({"api", "console"})})
+    assert asked.helpers == {"console"}
+    with pytest.raises(PermissionError, match=r"api\(\) is not allowed in this kernel.*"
+                       "c.Runtime.helper_ceiling"):
+        asked.check_helper("api")
+    # Without the ceiling, the refusal says which --allow would grant it.
+    with pytest.raises(PermissionError, match="--allow"):
+        Runtime().policy_for("wasm", False, {}).check_helper("api")
+    with pytest.raises(ValueError, match="unknown helper"):
+        Runtime(helper_ceiling=["shell"])
+
+
 # -- api -----------------------------------------------------------------------------------
 def test_api_json_and_text_responses(make, port):
     g = make(options={"allow": frozenset({"api"}), "domains": ("127.0.0.1",)})

@@ -11,7 +11,7 @@ from types import FrameType
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
-from traitlets import Float, Unicode, default
+from traitlets import Float, List, Unicode, default
 
 from tierkernel import __version__
 from tierkernel.backends.base import (
@@ -73,6 +73,15 @@ class _NoSink:
         raise InputNotAllowed(NO_STDIN)
 
 
+def _not_run(tier: str, sink: Any, took: float) -> ExecResult:
+    """The result of a cell stopped before its tier began it: a KeyboardInterrupt error."""
+    error = ExecError("KeyboardInterrupt", f"interrupted while the {tier!r} tier was starting; "
+                      "the cell did not run")
+    error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
+    sink.error(error.ename, error.evalue, error.traceback)
+    return ExecResult(False, tier, took, error=error)
+
+
 class TierKernel(IPythonKernel):
     """An IPython kernel in which each cell chooses its tier with ``%%tier NAME``.
 
@@ -110,6 +119,14 @@ class TierKernel(IPythonKernel):
         "cell of those tiers sent sooner then starts its tier itself.",
     ).tag(config=True)
 
+    allowed_tiers = List(
+        Unicode(), None, allow_none=True,
+        help="When set, the only tiers this kernel runs cells in; a cell for another tier, "
+        "and a %tier line (which runs in the kernel's own IPython) unless 'native' is listed, "
+        "is refused. For kernels that run code on behalf of others (tierkernel serve): a "
+        "cell's own %%tier line cannot reach a tier left out here.",
+    ).tag(config=True)
+
     @default("default_tier")
     def _default_tier_from_env(self) -> str:
         return os.environ.get("TIERKERNEL_DEFAULT_TIER", "").strip() or "native"
@@ -124,7 +141,7 @@ class TierKernel(IPythonKernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.router = TierRouter(self, self.default_tier)
+        self.router = TierRouter(self, self.default_tier, self.allowed_tiers)
         shell = self.shell
         assert shell is not None
         self.router.attach(KernelHandle(shell, self.run_ipython_cell))
@@ -283,10 +300,16 @@ class TierKernel(IPythonKernel):
             sink.stream("stderr", self.router.notice + "\n")
             self.router.notice = ""
         started = time.perf_counter()
-        previous = self._route_sigint(backend)
+        stopped = threading.Event()
+        previous = self._route_sigint(backend, stopped)
         try:
             await backend.start()
-            result = await backend.execute(request, sink)
+            if stopped.is_set():
+                # Stopped while the tier was starting: the tier had no cell to stop, so the
+                # cell must not run now.
+                result = _not_run(backend.name, sink, time.perf_counter() - started)
+            else:
+                result = await backend.execute(request, sink)
         except Exception as exc:  # a tier failure, not a failure of the user's code
             self.log.exception("tier %r failed", backend.name)
             error = ExecError(
@@ -304,12 +327,14 @@ class TierKernel(IPythonKernel):
             sink.close()
         return result
 
-    def _route_sigint(self, backend: Backend) -> Any:
-        """While an outside tier runs, the stop button (SIGINT) interrupts that tier."""
+    def _route_sigint(self, backend: Backend, stopped: threading.Event) -> Any:
+        """While an outside tier runs, the stop button (SIGINT) interrupts that tier (and
+        sets ``stopped``)."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def on_sigint(signum: int, frame: FrameType | None) -> None:
+            stopped.set()
             backend.interrupt()
 
         return signal.signal(signal.SIGINT, on_sigint)

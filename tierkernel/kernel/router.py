@@ -85,10 +85,19 @@ class TierRouter:
     Backends are created at kernel start (cheap: nothing is started until a tier's first cell).
     """
 
-    def __init__(self, parent: Any, default_tier: str) -> None:
+    def __init__(self, parent: Any, default_tier: str,
+                 allowed: list[str] | None = None) -> None:
         classes, self.broken = discover()
         self.backends: dict[str, Backend] = {}
+        #: Tiers this kernel was told not to run (``allowed``), with the reason a cell gets:
+        #: no backend is made for them, so nothing of theirs starts.
+        self.refused: dict[str, str] = {}
         for name, cls in classes.items():
+            if allowed is not None and name not in allowed:
+                self.refused[name] = (
+                    f"tier {name!r} is not allowed in this kernel (it runs "
+                    f"{', '.join(allowed) or 'no tier'}: c.TierKernel.allowed_tiers)")
+                continue
             try:
                 backend = cls(parent=parent)
             except Exception as exc:
@@ -115,11 +124,13 @@ class TierRouter:
         self.session_options: dict[str, dict[str, Any]] = {}
         self.notice = ""
         if default_tier not in self.backends:
-            self.notice = (f"tierkernel: the configured default tier {default_tier!r} is not "
-                           f"registered (tiers: {', '.join(sorted(self.backends))}); using "
-                           "'native'.")
+            fallback = "native" if "native" in self.backends else min(self.backends, default="")
+            why = ("is not allowed" if default_tier in self.refused else "is not registered")
+            self.notice = (f"tierkernel: the configured default tier {default_tier!r} {why} "
+                           f"(tiers: {', '.join(sorted(self.backends))}); using "
+                           f"{fallback!r}.")
             log.warning(self.notice)
-            default_tier = "native"
+            default_tier = fallback
         self.default = default_tier
 
     def attach(self, kernel: KernelHandle) -> None:
@@ -142,6 +153,8 @@ class TierRouter:
         """The backend called ``name``; :class:`TierUsageError` naming the valid tiers if none."""
         backend = self.backends.get(name)
         if backend is None:
+            if name in self.refused:
+                raise TierUnavailableError(self.refused[name])
             broken = next((b for b in self.broken if b.name == name), None)
             if broken is not None:
                 raise TierUnavailableError(f"tier {name!r} is installed but broken: "

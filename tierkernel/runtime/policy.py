@@ -59,11 +59,18 @@ class CellPolicy:
     domains: tuple[str, ...]
     db_readonly: bool = False
     trusted: bool = False
+    #: The kernel's helper ceiling (``c.Runtime.helper_ceiling``), if it has one.
+    ceiling: frozenset[str] | None = None
 
     def check_helper(self, helper: str) -> None:
         """Raise :class:`PermissionError` unless this cell may call ``helper``."""
         if helper in self.helpers:
             return
+        if self.ceiling is not None and helper not in self.ceiling:
+            raise PermissionError(
+                f"{helper}() is not allowed in this kernel, whatever a cell's --allow says "
+                f"(its helpers: {', '.join(sorted(self.ceiling)) or 'none'}; set by "
+                "c.Runtime.helper_ceiling)")
         allowed = ",".join(sorted({*self.helpers, helper}))
         raise PermissionError(
             f"{helper}() is not allowed in this {self.tier} cell (allowed here: "
@@ -100,6 +107,11 @@ class Runtime(LoggingConfigurable):
         Unicode(), ["console", "db"],
         help="Helpers a cell in any other tier (process, wasm, sandbox) may call without "
         "--allow; ai and api must be allowed explicitly.",
+    ).tag(config=True)
+    helper_ceiling = List(
+        Unicode(), None, allow_none=True,
+        help="When set, the only helpers any cell may call, whatever its --allow says (an "
+        "administrator's limit, as domain_ceiling is for domains).",
     ).tag(config=True)
     native_domains = List(
         Unicode(), ["*"],
@@ -237,8 +249,10 @@ class Runtime(LoggingConfigurable):
             return explicit
         return str(Path(jupyter_data_dir()) / "tierkernel" / "executions.sqlite3")
 
-    @validate("native_helpers", "isolated_helpers")
-    def _check_helpers(self, proposal: Any) -> list[str]:
+    @validate("native_helpers", "isolated_helpers", "helper_ceiling")
+    def _check_helpers(self, proposal: Any) -> list[str] | None:
+        if proposal["value"] is None:
+            return None
         names = list(proposal["value"])
         bad = [n for n in names if n not in HELPERS]
         if bad:
@@ -281,23 +295,28 @@ class Runtime(LoggingConfigurable):
 
         Without options a cell gets its tier's defaults; ``--allow`` and ``--domains`` replace
         them for that cell (so ``--allow api`` on a native cell narrows it to api, and on a
-        wasm cell grants api); :attr:`domain_ceiling` caps the domains whatever the cell says.
+        wasm cell grants api); :attr:`helper_ceiling` and :attr:`domain_ceiling` cap the
+        helpers and domains whatever the cell says.
         """
         allow = options.get("allow")
         helpers = frozenset(allow if allow is not None else
                             self.native_helpers if trusted else self.isolated_helpers)
+        if self.helper_ceiling is not None:
+            helpers = helpers.intersection(self.helper_ceiling)
         given = options.get("domains")
         domains: Iterable[str] = (given if given is not None else
                                   self.native_domains if trusted else self.allowed_domains)
         if self.domain_ceiling is not None:
             ceiling = self.domain_ceiling
-            domains = [d for d in domains if _within(d, ceiling)]
+            domains = [d for d in domains if within_ceiling(d, ceiling)]
         return CellPolicy(
             tier=tier,
             helpers=helpers,
             domains=tuple(domains),
             db_readonly=bool(self.db_readonly or options.get("db-readonly")),
             trusted=trusted,
+            ceiling=(frozenset(self.helper_ceiling) if self.helper_ceiling is not None
+                     else None),
         )
 
     def allowed_networks(self, trusted: bool,
@@ -339,7 +358,7 @@ def default_db_path(folder: Path) -> Path:
     return Path(jupyter_data_dir()) / "tierkernel" / "db" / f"{name or 'root'}-{digest}.sqlite3"
 
 
-def _within(pattern: str, ceiling: list[str]) -> bool:
+def within_ceiling(pattern: str, ceiling: list[str]) -> bool:
     """Whether every host ``pattern`` matches is also matched by some ceiling pattern."""
     if "*" in ceiling:
         return True
