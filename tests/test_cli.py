@@ -175,7 +175,7 @@ def tierkernel_configurables() -> list[type[Configurable]]:
     (but the code that runs in guests, the contract suites and ``__main__``, which forks)."""
     for module in pkgutil.walk_packages(tierkernel.__path__, "tierkernel."):
         if not module.name.startswith(("tierkernel.guest", "tierkernel.testing",
-                                       "tierkernel.__main__")):
+                                       "tierkernel.__main__", "tierkernel.serve")):
             importlib.import_module(module.name)
 
     def subclasses(cls: type) -> Iterator[type]:
@@ -273,3 +273,13 @@ def test_run_says_what_is_wrong_without_a_traceback(tmp_path):
     assert slow.returncode == 1 and "stopped at an unexpected error" in slow.stderr
     for done in (junk, no_kernel, slow):
         assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_serve_help_lists_every_server_setting():
+    # The server's settings are not the kernel's: `tierkernel serve --help` lists them.
+    from tierkernel.serve.settings import Serve
+
+    done = run([*TIERKERNEL, "serve", "--help"])
+    assert done.returncode == 0, done.stderr
+    for name in Serve.class_traits(config=True):
+        assert f"c.Serve.{name} = " in done.stdout, name

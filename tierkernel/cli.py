@@ -17,12 +17,13 @@ from tierkernel import __version__
 from tierkernel.backends.hooks import Command
 from tierkernel.backends.registry import discover
 from tierkernel.kernel.kernelspec import DISPLAY_NAME, KERNEL_NAME, install
+from tierkernel.serve import command as serve_command
 
 if TYPE_CHECKING:
     from tierkernel.kernel.router import TierRow
 
 #: The commands of tierkernel itself; a tier's command of the same name is left out.
-BUILT_IN = frozenset({"install", "run", "tiers", "kernel"})
+BUILT_IN = frozenset({"install", "run", "tiers", "kernel", "serve"})
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
@@ -237,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiers", help="show every installed tier, available or not, and why")
     p.set_defaults(func=_cmd_tiers)
+
+    p = sub.add_parser("serve", help=serve_command.HELP, description=serve_command.DESCRIPTION)
+    serve_command.configure(p)
+    p.set_defaults(func=serve_command.run)
 
     _add_tier_commands(sub)
 

@@ -25,6 +25,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -357,22 +358,29 @@ class AuditLog:
 
     # -- reading ----------------------------------------------------------------------------
     def executions(self, session: str | None = None, tier: str | None = None,
-                   failed: bool = False, limit: int = 20) -> list[Execution]:
-        """The newest executions first, filtered by kernel session, tier and failure."""
-        where, params = [], []
+                   failed: bool = False, limit: int = 20, offset: int = 0,
+                   sessions: Collection[str] | None = None) -> list[Execution]:
+        """The newest executions first (``offset`` of them skipped), filtered by kernel
+        session (one, or any of ``sessions``), tier and failure."""
+        where: list[str] = []
+        params: list[Any] = []
         if session is not None:
             where.append("e.kernel_session = ?")
             params.append(session)
+        if sessions is not None:
+            chosen = list(sessions)[:1000]  # within SQLite's limit on bound parameters
+            where.append(f"e.kernel_session IN ({', '.join('?' * len(chosen)) or 'NULL'})")
+            params.extend(chosen)
         if tier is not None:
             where.append("e.tier = ?")
             params.append(tier)
         if failed:
             where.append("e.status IN ('error', 'refused')")
         sql = (_SELECT + (" WHERE " + " AND ".join(where) if where else "")
-               + " ORDER BY e.started DESC, e.rowid DESC LIMIT ?")
+               + " ORDER BY e.started DESC, e.rowid DESC LIMIT ? OFFSET ?")
         self.flush()
         with self._lock:
-            rows = self._db().execute(sql, (*params, limit)).fetchall()
+            rows = self._db().execute(sql, (*params, limit, offset)).fetchall()
         return [_execution(row) for row in rows]
 
     def execution(self, id_prefix: str) -> Execution:

@@ -1,0 +1,372 @@
+"""``tierkernel serve``: the HTTP execution API, as a client program sees it.
+
+A real server (the ``tierkernel serve`` command, uvicorn) on 127.0.0.1, spoken to with httpx;
+each session a real tierkernel kernel, cells in the wasm tier and in real Docker containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import sandbox_support as sb
+
+CLI = os.path.join(os.path.dirname(sys.executable), "tierkernel")
+MAIN = "main-token-0123456789abcdef"  # $TIERKERNEL_TOKEN: the default ceiling
+ADMIN = "admin-token-0123456789abcdef"  # may run native and process cells
+NARROW = "narrow-token-0123456789abcdef"  # wasm only, console only, api.github.com only
+CONFIG = f"""
+c.Serve.tokens = {{
+    {ADMIN!r}: {{"name": "admin", "tiers": ["native", "process", "wasm", "sandbox"]}},
+    {NARROW!r}: {{"name": "narrow", "tiers": ["wasm"], "helpers": ["console"],
+                 "domains": ["api.github.com"]}},
+}}
+c.Serve.max_sessions = 3
+c.Serve.max_code_bytes = 2000
+c.Serve.max_body_bytes = 64 * 1024
+c.Serve.max_output_bytes = 64 * 1024
+c.SandboxBackend.spares = 0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Server:
+    """A ``tierkernel serve`` process and a client for it."""
+
+    def __init__(self, tmp: Path) -> None:
+        config = tmp / "config"
+        config.mkdir()
+        (config / "tierkernel_config.py").write_text(CONFIG)
+        self.port = free_port()
+        self.env = {**os.environ, "TIERKERNEL_TOKEN": MAIN, "JUPYTER_CONFIG_DIR": str(config)}
+        self.log = tmp / "serve.log"
+        self.proc = subprocess.Popen([CLI, "serve", "--port", str(self.port)], env=self.env,
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     cwd=tmp)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+
+    def client(self, token: str | None = MAIN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(tmp_path_factory.mktemp("serve"))
+    try:
+        yield running
+    finally:
+        if running.proc.poll() is None:
+            running.stop()
+
+
+@pytest.fixture
+def api(server: Server) -> Iterator[httpx.Client]:
+    """A client with the main token; every session of every token is ended afterwards."""
+    with server.client() as client:
+        yield client
+    for token in (MAIN, ADMIN, NARROW):
+        with server.client(token) as other:
+            for session in other.get("/sessions").json():
+                other.delete(f"/sessions/{session['id']}")
+
+
+def execute(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = client.post("/execute", json=body)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def test_a_request_without_an_accepted_token_is_refused(server: Server):
+    for token in (None, "not-a-token-of-this-server"):
+        with server.client(token) as client:
+            response = client.post("/execute", json={"code": "1", "tier": "wasm"})
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["error"] == "unauthorized"
+    # The schema and its documentation need none.
+    assert httpx.get(server.url + "/openapi.json").json()["info"]["title"]
+    assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_without_tokens_it_refuses_a_public_address_and_says_why(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k != "TIERKERNEL_TOKEN"}
+    env["JUPYTER_CONFIG_DIR"] = str(tmp_path)  # no config file: no tokens
+    done = subprocess.run([CLI, "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "refusing to listen on 0.0.0.0: no token is configured" in done.stderr
+
+
+def test_a_one_shot_wasm_execution_answers_with_its_outputs(api: httpx.Client):
+    result = execute(api, code="print('hello')\nimport sys\nprint('oops', file=sys.stderr)\n"
+                     "6 * 7", tier="wasm")
+    assert result["success"] is True and result["tier"] == "wasm"
+    assert result["stdout"] == "hello\n" and result["stderr"] == "oops\n"
+    assert result["output"][-1] == {"output_type": "execute_result",
+                                    "data": {"text/plain": "42"}, "metadata": {},
+                                    "execution_count": 1}
+    assert result["execution_id"] and result["error"] is None
+    # One-shot: the session is gone.
+    assert api.get(f"/sessions/{result['session']}").status_code == 404
+    # Its record, for this token only.
+    record = api.get(f"/executions/{result['execution_id']}").json()
+    assert record["tier"] == "wasm" and record["status"] == "ok"
+    assert "6 * 7" in record["code"]
+
+
+def test_an_error_in_the_cell_is_the_result_not_an_http_error(api: httpx.Client):
+    result = execute(api, code="1 / 0", tier="wasm")
+    assert result["success"] is False
+    assert result["error"]["ename"] == "ZeroDivisionError"
+    assert result["output"][-1]["output_type"] == "error"
+
+
+def test_a_session_keeps_state_and_streams_output_as_it_happens(api: httpx.Client):
+    session = api.post("/sessions", json={"tier": "sandbox"})
+    assert session.status_code == 201, session.text
+    sid = session.json()["id"]
+    assert execute(api, code="x = context['n'] * 2", session=sid,
+                   context={"n": 21})["success"]
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    started = time.monotonic()
+    body = {"code": "import time\nprint('first', flush=True)\ntime.sleep(1.5)\n"
+                    "print('second')\nx", "session": sid}
+    with api.stream("POST", "/execute/stream", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                seen.append((time.monotonic() - started, kind, json.loads(line[6:])))
+    kinds = [kind for _, kind, _ in seen]
+    assert kinds == ["stream", "stream", "result", "done"], seen
+    assert seen[0][2] == {"name": "stdout", "text": "first\n"}
+    # The first line came while the cell still slept.
+    assert seen[1][0] - seen[0][0] > 1.0
+    done = seen[-1][2]
+    assert done["success"] and done["tier"] == "sandbox"
+    assert done["output"][-1]["data"] == {"text/plain": "42"}
+    listed = [s["id"] for s in api.get("/sessions").json()]
+    assert listed == [sid]
+    assert api.delete(f"/sessions/{sid}").status_code == 204
+    assert api.get(f"/sessions/{sid}").status_code == 404
+
+
+def test_a_plot_comes_back_as_a_png_mime_bundle(api: httpx.Client):
+    result = execute(api, tier="sandbox", code="import matplotlib\nmatplotlib.use('agg')\n"
+                     "import matplotlib.pyplot as plt\nfrom IPython.display import display\n"
+                     "fig = plt.figure()\nplt.plot([1, 3, 2])\ndisplay(fig)")
+    assert result["success"], result
+    images = [o for o in result["output"] if "image/png" in o.get("data", {})]
+    assert images and images[0]["output_type"] == "display_data"
+
+
+def test_the_token_ceiling_holds_whatever_the_request_or_the_code_says(server: Server,
+                                                                         api: httpx.Client):
+    for body in ({"code": "1", "tier": "native"}, {"code": "%%tier native\n1"},
+                 {"code": "%%tier process\n1"}):
+        response = api.post("/execute", json=body)
+        assert response.status_code == 403, response.text
+        assert response.json()["error"] == "tier_not_allowed"
+    # A %tier line would run in the kernel's own IPython.
+    response = api.post("/execute", json={"code": "%tier native\nimport os", "tier": "wasm"})
+    assert response.status_code == 400
+    # The kernel itself refuses other tiers: a %%tier line inside the body is the guest's.
+    result = execute(api, code="%%tier wasm\n%%tier native\nimport os", tier="wasm")
+    assert result["success"] is False
+    with server.client(NARROW) as narrow:
+        for config, error in (({"allowedAPIs": ["api"]}, "helper_not_allowed"),
+                              ({"allowedDomains": ["example.org"]}, "domain_not_allowed")):
+            response = narrow.post("/execute", json={"code": "1", "tier": "wasm",
+                                                     "config": config})
+            assert response.status_code == 403 and response.json()["error"] == error
+        response = narrow.post("/execute", json={"code": "%%tier wasm --allow ai\n1"})
+        assert response.status_code == 403
+        # Its kernel is given the ceiling too: console is all a cell may call.
+        result = execute(narrow, code="api('https://api.github.com/')", tier="wasm")
+        assert result["success"] is False
+        assert "not allowed in this kernel" in result["error"]["evalue"], result["error"]
+    with server.client(ADMIN) as admin:
+        assert execute(admin, code="import os\nos.getpid() > 0", tier="native")["success"]
+
+
+def test_bad_requests_get_a_json_error_that_says_what_to_fix(api: httpx.Client):
+    cases = [
+        (api.post("/execute", content=b"{not json", headers={"content-type":
+                                                             "application/json"}), 422),
+        (api.post("/execute", json={"code": 1}), 422),
+        (api.post("/execute", json={"code": "1", "tier": "wasm", "colour": "red"}), 422),
+        (api.post("/execute", json={"code": "1", "tier": "nowhere"}), 400),
+        (api.post("/execute", json={"code": "x" * 3000, "tier": "wasm"}), 413),
+        (api.post("/execute", content=b"{" + b" " * (70 * 1024) + b"}",
+                  headers={"content-type": "application/json"}), 413),
+        (api.post("/execute", json={"code": "1", "tier": "wasm", "language": "cobol"}), 422),
+        (api.post("/execute", json={"code": "1", "session": "0123456789abcdef"}), 404),
+        (api.post("/execute", json={"code": "%%tier wasm --colour red\n1"}), 400),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, (status, response.text)
+        body = response.json()
+        assert set(body) == {"error", "message"} and body["message"], body
+    assert "colour" in cases[2][0].json()["message"]
+    assert "nowhere" in cases[3][0].json()["message"]
+    # The server carries on.
+    assert execute(api, code="1 + 1", tier="wasm")["success"]
+
+
+def test_validate_checks_without_running(api: httpx.Client):
+    code = "%%tier sandbox --timeout 5\nprint(1)"
+    ok = api.post("/validate", json={"code": code}).json()
+    assert ok == {"valid": True, "tier": "sandbox", "errors": [], "size": len(code),
+                  "limit": 2000}
+    bad = api.post("/validate", json={"code": "1", "tier": "native"}).json()
+    assert bad["valid"] is False and "may not run cells in 'native'" in bad["errors"][0]
+    assert api.get("/sessions").json() == []  # nothing started
+
+
+def test_sessions_are_capped_with_a_clear_429(api: httpx.Client):
+    made = []
+    for _ in range(3):
+        response = api.post("/sessions", json={"tier": "wasm"})
+        assert response.status_code == 201, response.text
+        made.append(response.json()["id"])
+    over = api.post("/sessions", json={"tier": "wasm"})
+    assert over.status_code == 429 and "at most 3 sessions" in over.json()["message"]
+    assert api.post("/execute", json={"code": "1", "tier": "wasm"}).status_code == 429
+    api.delete(f"/sessions/{made[0]}")
+    assert api.post("/sessions", json={"tier": "wasm"}).status_code == 201
+
+
+def test_a_busy_session_says_so_and_can_be_interrupted(api: httpx.Client):
+    sid = api.post("/sessions", json={"tier": "wasm"}).json()["id"]
+    running = threading.Event()
+    events: list[tuple[str, str]] = []
+
+    def stream() -> None:
+        body = {"code": "import time\nprint('looping', flush=True)\nwhile True:\n"
+                        "    time.sleep(0.05)", "session": sid}
+        with api.stream("POST", "/execute/stream", json=body) as response:
+            kind = ""
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    events.append((kind, line[6:]))
+                    running.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    assert running.wait(60), "the cell did not start"
+    assert api.get(f"/sessions/{sid}").json()["busy"] is True
+    second = api.post("/execute", json={"code": "1", "session": sid})
+    assert second.status_code == 409 and second.json()["error"] == "session_busy"
+    assert api.post(f"/sessions/{sid}/interrupt").status_code == 204
+    worker.join(60)
+    assert events[-1][0] == "done", events
+    result = json.loads(events[-1][1])
+    assert result["success"] is False and result["error"]["ename"] == "KeyboardInterrupt"
+    assert execute(api, code="2 + 2", session=sid)["output"][-1]["data"]["text/plain"] == "4"
+
+
+def test_output_past_the_limit_is_dropped_and_said(api: httpx.Client):
+    result = execute(api, tier="wasm", code="for i in range(2000):\n    print('x' * 100)")
+    assert result["truncated"] is True
+    assert len(result["stdout"]) <= 64 * 1024
+
+
+def test_a_token_sees_only_its_own_sessions_and_executions(server: Server,
+                                                           api: httpx.Client):
+    sid = api.post("/sessions", json={"tier": "wasm"}).json()["id"]
+    mine = execute(api, code="'secret'", session=sid)["execution_id"]
+    with server.client(ADMIN) as other:
+        assert other.get("/sessions").json() == []
+        assert other.get(f"/sessions/{sid}").status_code == 404
+        assert other.post("/execute", json={"code": "1", "session": sid}).status_code == 404
+        assert other.get(f"/executions/{mine}").status_code == 404
+        assert mine not in [e["id"] for e in other.get("/executions").json()["executions"]]
+    page = api.get("/executions", params={"limit": 5}).json()
+    assert mine in [e["id"] for e in page["executions"]]
+
+
+def test_stopping_the_server_ends_every_session_and_its_container(tmp_path: Path):
+    server = Server(tmp_path)
+    with server.client() as api:
+        sids = [api.post("/sessions", json={"tier": "sandbox"}).json()["id"] for _ in range(2)]
+        for sid in sids:
+            assert execute(api, code="1", session=sid)["success"]
+    assert server.stop() == 0
+
+    def only_waiting_spares() -> bool:
+        from tierkernel.backends.sandbox import spares
+
+        waiting = {c.id for c in spares.list_spares(sb.client())
+                   if spares.claimer(spares.folder_of(c)) is None}
+        return set(sb.all_sandbox_containers()) <= waiting
+
+    assert sb.wait_for(only_waiting_spares, 30), sb.all_sandbox_containers()
+
+
+def test_workspace_files_go_up_and_down_and_each_session_has_its_own(server: Server,
+                                                                      api: httpx.Client):
+    first = api.post("/sessions", json={"tier": "wasm"}).json()["id"]
+    second = api.post("/sessions", json={"tier": "sandbox"}).json()["id"]
+    put = api.put(f"/sessions/{first}/files/data/in.csv", content=b"a,b\n1,2\n")
+    assert put.status_code == 204, put.text
+    assert api.put(f"/sessions/{first}/files/data/in.csv", params={"append": "true"},
+                   content=b"3,4\n").status_code == 204
+    result = execute(api, session=first, code="import pandas as pd\n"
+                     "df = pd.read_csv('/workspace/data/in.csv')\n"
+                     "df.b.sum()\n"
+                     "open('/workspace/out.txt', 'w').write(str(len(df)))")
+    assert result["success"], result
+    assert api.get(f"/sessions/{first}/files/out.txt").content == b"2"
+    listing = api.get(f"/sessions/{first}/files", params={"path": "/data"}).json()
+    assert listing == [{"name": "in.csv", "kind": "file", "size": 12}]
+    # Another session of the same token: a workspace of its own.
+    assert api.get(f"/sessions/{second}/files/out.txt").status_code == 404
+    elsewhere = execute(api, session=second,
+                        code="import os\nos.path.exists('/workspace/out.txt')")
+    assert elsewhere["output"][-1]["data"]["text/plain"] == "False"
+    missing = api.get(f"/sessions/{first}/files/nothing/here")
+    assert missing.status_code == 404 and "no file or folder" in missing.json()["message"]
+    assert api.get(f"/sessions/{first}/files/data").status_code == 400  # a folder
+    too_big = api.put(f"/sessions/{first}/files/big.bin", content=b"x" * (70 * 1024))
+    assert too_big.status_code == 413
+    with server.client(ADMIN) as other:
+        assert other.get(f"/sessions/{first}/files/out.txt").status_code == 404
+        assert other.put(f"/sessions/{first}/files/x", content=b"1").status_code == 404

@@ -1,0 +1,449 @@
+"""The HTTP execution API (FastAPI on uvicorn): its routes, authentication and limits.
+
+Every route but the documentation needs ``Authorization: Bearer TOKEN``; a token sees and uses
+only its own sessions and executions. Errors are JSON ``{"error": KIND, "message": TEXT}``
+saying what to fix. Streaming (``POST /execute/stream``) is Server-Sent Events: ``stream``,
+``display``, ``result``, ``error`` and ``clear`` events as the cell runs, then ``done`` with the
+ExecResult (or ``failed`` with an error body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tierkernel import __version__
+from tierkernel.fsx.facade import FsxFacade
+from tierkernel.fsx.quota import Quota
+from tierkernel.kernel.router import TierRouter
+from tierkernel.runtime.audit import AuditLog, Execution
+from tierkernel.serve import cells, files
+from tierkernel.serve.models import (
+    ErrorBody,
+    ExecError,
+    ExecResult,
+    ExecuteRequest,
+    ExecutionPage,
+    ExecutionRecord,
+    FileEntry,
+    LogEntry,
+    SessionCreate,
+    SessionInfo,
+    TierInfo,
+    ValidateRequest,
+    ValidateResult,
+)
+from tierkernel.serve.sessions import ApiError, Outcome, Session, SessionPool, keep
+from tierkernel.serve.settings import Ceiling, Serve, Token, find_token, within
+
+log = logging.getLogger("tierkernel.serve")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 429, 503)}
+
+
+class Server:
+    """What the routes share: settings, tokens, sessions, the audit log."""
+
+    def __init__(self, settings: Serve, tokens: list[Token], kernel_ceiling: Ceiling | None,
+                 audit_path: str, quota: Quota) -> None:
+        self.settings = settings
+        self.quota = quota
+        self.tokens = tokens
+        self.kernel_ceiling = kernel_ceiling
+        self.pool = SessionPool(settings)
+        self.audit = AuditLog(audit_path)
+        self._tiers: tuple[float, list[Any]] | None = None
+
+    def ceiling(self, token: Token) -> Ceiling:
+        """What ``token`` may reach, within the kernels' own configuration."""
+        return within(token.ceiling, self.kernel_ceiling)
+
+    async def tier_rows(self) -> list[Any]:
+        """The ``%tier`` table's rows (availability probes the engine: cached 5 s)."""
+        if self._tiers is None or time.monotonic() - self._tiers[0] > 5.0:
+            rows = (await asyncio.to_thread(lambda: TierRouter(None, "native").table())).rows
+            self._tiers = (time.monotonic(), rows)
+        return self._tiers[1]
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is read whole
+    (by its Content-Length, or as it arrives when it has none)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_error(send, 413, "body_too_large", self._message())
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, "body_too_large", self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return (f"the request body is larger than {self.limit} bytes (c.Serve.max_body_bytes);"
+                " send large files in parts")
+
+
+async def _send_error(send: Send, status: int, kind: str, message: str) -> None:
+    body = json.dumps({"error": kind, "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def authorized(request: Request) -> Token:
+    """The token of the request's ``Authorization: Bearer`` header; ApiError 401 otherwise."""
+    server: Server = request.app.state.server
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(401, "unauthorized", "send 'Authorization: Bearer TOKEN' (tokens come "
+                       "from c.Serve.tokens or $TIERKERNEL_TOKEN)")
+    token = find_token(server.tokens, secret.strip())
+    if token is None:
+        raise ApiError(401, "unauthorized", "that token is not accepted by this server")
+    request.state.token = token
+    return token
+
+
+#: A route parameter that is the request's token (401 without an accepted one).
+Auth = Annotated[Token, Depends(authorized)]
+
+
+def create_app(server: Server) -> FastAPI:
+    """The API's ASGI application for ``server``."""
+    app = FastAPI(
+        title="tierkernel execution API", version=__version__,
+        description="Run Python cells in tierkernel's tiers over HTTP: each session is a "
+        "tierkernel kernel (same tiers, fsx, helpers, policy and audit as a notebook). "
+        "Authenticate with 'Authorization: Bearer TOKEN'.",
+        responses=_ERRORS, lifespan=lambda _: lifespan(server))
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.kind, "message": str(exc)}, status_code=exc.status,
+                            headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors()[:20]:
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+            problems.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"error": "invalid_request", "message": "; ".join(problems)},
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": kind, "message": str(exc.detail)},
+                            status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def audit(request: Request,
+                    call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        started = time.monotonic()
+        try:
+            response = await call_next(request)
+        except ApiError as exc:  # raised by the body limit while the body was read
+            response = JSONResponse({"error": exc.kind, "message": str(exc)},
+                                    status_code=exc.status)
+        token = getattr(request.state, "token", None)
+        log.info("%s %s -> %s (%s, %.0f ms)", request.method, request.url.path,
+                 response.status_code, token.name if token else "no token",
+                 (time.monotonic() - started) * 1000)
+        return response
+
+    app.add_middleware(BodyLimit, limit=server.settings.max_body_bytes)
+
+    @app.get("/tiers", response_model=list[TierInfo])
+    async def tiers(token: Auth) -> list[TierInfo]:
+        """Every tier: available or not (and why), and whether this token may use it."""
+        ceiling = server.ceiling(token)
+        return [TierInfo(name=row.name, available=row.available,
+                         allowed=row.name in ceiling.tiers, isolation=row.isolation,
+                         detail=row.detail, languages=["python"])
+                for row in await server.tier_rows()]
+
+    @app.get("/languages", response_model=list[str])
+    async def languages(token: Auth) -> list[str]:
+        """The languages cells may be written in."""
+        return ["python"]
+
+    @app.post("/validate", response_model=ValidateResult)
+    async def validate(body: ValidateRequest, token: Auth) -> ValidateResult:
+        """What POST /execute would check (the tier line, options, size and the token's
+        ceiling), with nothing run."""
+        size = len(body.code.encode("utf-8", "surrogatepass"))
+        limit = server.settings.max_code_bytes
+        try:
+            cell = cells.plan(body.code, body.tier, body.config, server.ceiling(token),
+                              server.settings.default_tier, limit,
+                              server.settings.max_timeout)
+        except ApiError as exc:
+            return ValidateResult(valid=False, tier=body.tier, errors=[str(exc)], size=size,
+                                  limit=limit)
+        return ValidateResult(valid=True, tier=cell.tier, errors=[], size=size, limit=limit)
+
+    async def prepare(body: ExecuteRequest, token: Token) -> tuple[Session, cells.Cell]:
+        session = (server.pool.get(body.session, token.owner) if body.session else None)
+        cell = cells.plan(body.code, body.tier or (session.tier if session else None),
+                          body.config, server.ceiling(token), server.settings.default_tier,
+                          server.settings.max_code_bytes, server.settings.max_timeout)
+        if session is None:
+            session = await server.pool.create(token.owner, cell.tier, server.ceiling(token),
+                                               one_shot=True)
+        elif session.busy:
+            raise ApiError(409, "session_busy", f"session {session.id} is running another "
+                           "execution; wait for it or interrupt it")
+        return session, cell
+
+    async def run(session: Session, cell: cells.Cell, body: ExecuteRequest,
+                  events: Any = None) -> ExecResult:
+        try:
+            if body.context is not None:
+                ready = await session.run(cells.context_cell(cell.tier, body.context),
+                                          cell.timeout, server.settings, silent=True)
+                if not ready.success:
+                    return _result(ready, session)
+            outcome = await session.run(cell.text, cell.timeout, server.settings, events)
+            return _result(outcome, session)
+        finally:
+            if session.one_shot:
+                await server.pool.end(session)
+            else:
+                server.pool.remember(session)
+
+    @app.post("/execute", response_model=ExecResult)
+    async def execute(body: ExecuteRequest, token: Auth) -> ExecResult:
+        """Run one cell and answer when it ends. With 'session', in that session (state
+        persists); without, in a one-shot session ended afterwards."""
+        session, cell = await prepare(body, token)
+        return await run(session, cell, body)
+
+    @app.post("/execute/stream", response_class=StreamingResponse,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "Server-Sent Events: stream, display, result, "
+                               "error, clear as they happen; then done (an ExecResult) or "
+                               "failed (an error body)."}})
+    async def execute_stream(body: ExecuteRequest, token: Auth) -> StreamingResponse:
+        """Run one cell as POST /execute does, sending its output as it happens."""
+        session, cell = await prepare(body, token)
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=256)
+        listening = True
+
+        async def event(kind: str, data: dict[str, Any]) -> None:
+            if listening:
+                await queue.put((kind, data))
+
+        async def work() -> None:
+            try:
+                result = await run(session, cell, body, event)
+                final: tuple[str, Any] = ("done", result.model_dump())
+            except ApiError as exc:
+                final = ("failed", {"error": exc.kind, "message": str(exc)})
+            except Exception as exc:  # reported to the client, logged here
+                log.exception("execution failed")
+                final = ("failed", {"error": "internal", "message": str(exc)})
+            if listening:
+                await queue.put(final)
+
+        task = asyncio.ensure_future(work())
+
+        async def events() -> AsyncIterator[bytes]:
+            nonlocal listening
+            try:
+                while True:
+                    kind, data = await queue.get()
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+                    if kind in ("done", "failed"):
+                        return
+            finally:
+                listening = False  # the client left: the execution ends on its own
+                while not queue.empty():
+                    queue.get_nowait()
+                keep(task)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/sessions", response_model=SessionInfo, status_code=201)
+    async def create_session(body: SessionCreate, token: Auth) -> SessionInfo:
+        """Start a session: a kernel whose state lasts until it is deleted or idle too long."""
+        tier = body.tier or server.settings.default_tier
+        ceiling = server.ceiling(token)
+        if tier not in cells.tier_names():
+            raise ApiError(400, "unknown_tier", f"unknown tier {tier!r}; tiers: "
+                           f"{', '.join(cells.tier_names())}")
+        if tier not in ceiling.tiers:
+            raise ApiError(403, "tier_not_allowed", f"this token may not run cells in "
+                           f"{tier!r}; it may in: {', '.join(ceiling.tiers) or 'none'}")
+        return _info(await server.pool.create(token.owner, tier, ceiling))
+
+    @app.get("/sessions", response_model=list[SessionInfo])
+    async def list_sessions(token: Auth) -> list[SessionInfo]:
+        """This token's live sessions."""
+        return [_info(s) for s in server.pool.sessions_of(token.owner) if not s.one_shot]
+
+    @app.get("/sessions/{session_id}", response_model=SessionInfo)
+    async def get_session(session_id: str, token: Auth) -> SessionInfo:
+        """One of this token's sessions."""
+        return _info(server.pool.get(session_id, token.owner))
+
+    @app.delete("/sessions/{session_id}", status_code=204)
+    async def delete_session(session_id: str, token: Auth) -> None:
+        """End a session (its kernel, containers and sandboxes)."""
+        await server.pool.end(server.pool.get(session_id, token.owner))
+
+    @app.post("/sessions/{session_id}/interrupt", status_code=204)
+    async def interrupt_session(session_id: str, token: Auth) -> None:
+        """Interrupt the session's running execution (which then ends with
+        KeyboardInterrupt)."""
+        await server.pool.get(session_id, token.owner).interrupt()
+
+    def workspace_of(session_id: str, token: Token) -> FsxFacade:
+        session = server.pool.get(session_id, token.owner)
+        if session.files is None:
+            session.files = files.workspace(session.kernel.workspace_url, server.quota)
+        workspace: FsxFacade = session.files
+        return workspace
+
+    @app.get("/sessions/{session_id}/files", response_model=list[FileEntry])
+    async def list_files(session_id: str, token: Auth,
+                         path: Annotated[str, Query(max_length=1024)] = "/") -> list[FileEntry]:
+        """The entries of a folder of the session's workspace (what its cells see as
+        /workspace, fsx)."""
+        ws = workspace_of(session_id, token)
+        return [FileEntry(**e) for e in await asyncio.to_thread(files.listing, ws, path)]
+
+    @app.get("/sessions/{session_id}/files/{path:path}", response_class=StreamingResponse,
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    async def download(session_id: str, path: str, token: Auth) -> StreamingResponse:
+        """A file of the session's workspace, as it is now."""
+        ws = workspace_of(session_id, token)
+        size = await asyncio.to_thread(files.size_of, ws, "/" + path)
+        parts = files.chunks(ws, "/" + path)
+
+        async def body() -> AsyncIterator[bytes]:
+            while chunk := await asyncio.to_thread(next, parts, b""):
+                yield chunk
+
+        return StreamingResponse(body(), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(size)})
+
+    @app.put("/sessions/{session_id}/files/{path:path}", status_code=204,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}, "required": True}})
+    async def upload(session_id: str, path: str, request: Request, token: Auth,
+                     append: bool = False) -> None:
+        """Write a file of the session's workspace from the request body (its folders are
+        made); with append=true, add the body to its end (for files larger than one request
+        may be)."""
+        ws = workspace_of(session_id, token)
+        data = await request.body()
+        await asyncio.to_thread(files.write, ws, "/" + path, data, append)
+
+    def own_sessions(token: Token) -> dict[str, str]:
+        known = dict(server.pool.history.get(token.owner, {}))
+        for session in server.pool.sessions_of(token.owner):
+            if session.kernel_session:
+                known[session.kernel_session] = session.id
+        return known
+
+    @app.get("/executions", response_model=ExecutionPage)
+    async def list_executions(
+            token: Auth, limit: Annotated[int, Query(ge=1, le=500)] = 20,
+            offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+            tier: Annotated[str | None, Query(max_length=64)] = None,
+            failed: bool = False) -> ExecutionPage:
+        """This token's executions from the audit log, newest first."""
+        known = own_sessions(token)
+        rows = await asyncio.to_thread(server.audit.executions, tier=tier, failed=failed,
+                                       limit=limit, offset=offset, sessions=list(known))
+        return ExecutionPage(executions=[_record(r, known) for r in rows], limit=limit,
+                             offset=offset)
+
+    @app.get("/executions/{execution_id}", response_model=ExecutionRecord)
+    async def get_execution(execution_id: str, token: Auth) -> ExecutionRecord:
+        """One of this token's executions, by id."""
+        known = own_sessions(token)
+        missing = ApiError(404, "no_such_execution", f"no execution {execution_id!r} of this "
+                           "token (GET /executions lists them)")
+        if len(execution_id) < 8:
+            raise missing
+        try:
+            record = await asyncio.to_thread(server.audit.execution, execution_id)
+        except KeyError:
+            raise missing from None
+        if record.kernel_session not in known:
+            raise missing
+        return _record(record, known)
+
+    return app
+
+
+def _result(outcome: Outcome, session: Session) -> ExecResult:
+    return ExecResult(
+        success=outcome.success, tier=outcome.tier, session=session.id,
+        duration=outcome.duration_ms, output=outcome.outputs,
+        stdout="".join(e["text"] for e in outcome.logs if e["name"] == "stdout"),
+        stderr="".join(e["text"] for e in outcome.logs if e["name"] == "stderr"),
+        error=ExecError(**outcome.error) if outcome.error else None,
+        logs=[LogEntry(name=e["name"], text=e["text"]) for e in outcome.logs],  # type: ignore[arg-type]
+        execution_id=outcome.execution_id, execution_count=outcome.execution_count,
+        truncated=outcome.truncated)
+
+
+def _info(session: Session) -> SessionInfo:
+    return SessionInfo(id=session.id, tier=session.tier, created=session.created,
+                       last_used=session.last_used, executions=session.executions,
+                       busy=session.busy)
+
+
+def _record(row: Execution, known: dict[str, str]) -> ExecutionRecord:
+    return ExecutionRecord(
+        id=row.id, session=known.get(row.kernel_session), tier=row.tier, code=row.code,
+        started=row.started, duration=row.duration_ms, status=row.status, success=row.success,
+        error=row.error, execution_count=row.execution_count)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(server: Server) -> AsyncIterator[None]:
+    """Sessions are culled while the server runs and all ended when it stops."""
+    server.pool.start_culling()
+    try:
+        yield
+    finally:
+        await server.pool.close_all()
+        server.audit.close()

@@ -1,0 +1,126 @@
+"""From an API request to the cell a session's kernel runs: the tier, checked against the
+token's ceiling, and the ``%%tier`` line that carries the request's limits and grants.
+
+The line is built here from checked values only (a tier name, numbers, helper names, host
+patterns), never copied from the request, so nothing a client sends can add an option or a
+second line to it; a ``%%tier`` line the code starts with is read as a notebook's would be and
+its options checked against the tier's.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from tierkernel.backends.options import STANDARD
+from tierkernel.backends.registry import discover
+from tierkernel.errors import TierUsageError
+from tierkernel.magics.parsing import parse_options, split_cell
+from tierkernel.runtime.policy import within_ceiling
+from tierkernel.serve.models import ExecuteConfig
+from tierkernel.serve.sessions import ApiError
+from tierkernel.serve.settings import Ceiling
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A checked execution: its tier, the cell to send, its timeout."""
+
+    tier: str
+    text: str
+    timeout: float | None
+
+
+def tier_names() -> list[str]:
+    """Every registered tier."""
+    return sorted(discover()[0])
+
+
+def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Ceiling,
+         default_tier: str, max_code_bytes: int, max_timeout: float) -> Cell:
+    """The cell for ``code`` in ``tier`` (or the one its ``%%tier`` line names, or
+    ``default_tier``) with ``config``'s limits; ApiError 400/403/413 saying what is wrong."""
+    size = len(code.encode("utf-8", "surrogatepass"))
+    if size > max_code_bytes:
+        raise ApiError(413, "code_too_large", f"the code is {size} bytes; the server runs at "
+                       f"most {max_code_bytes} (c.Serve.max_code_bytes)")
+    try:
+        directive = split_cell(code)
+    except TierUsageError as exc:
+        raise ApiError(400, "invalid_tier_line", str(exc)) from None
+    if directive.control:
+        raise ApiError(400, "invalid_tier_line",
+                       "a %tier line (or %%tier --help) runs in the kernel's own IPython, "
+                       "which the API does not offer; name the tier in the request's 'tier' "
+                       "field, or start the code with '%%tier NAME'")
+    body, args = code, []
+    if directive.has_magic:
+        if directive.tier is None:
+            raise ApiError(400, "invalid_tier_line", "the %%tier line names no tier")
+        if tier is not None and directive.tier != tier:
+            raise ApiError(400, "invalid_tier_line",
+                           f"the code's %%tier line says {directive.tier!r} but the request's "
+                           f"tier is {tier!r}; give one of them")
+        tier, body, args = directive.tier, directive.body, directive.args
+    tier = tier or default_tier
+    classes = discover()[0]
+    if tier not in classes:
+        raise ApiError(400, "unknown_tier", f"unknown tier {tier!r}; tiers: "
+                       f"{', '.join(sorted(classes))} (GET /tiers)")
+    if tier not in ceiling.tiers:
+        raise ApiError(403, "tier_not_allowed", f"this token may not run cells in {tier!r}; "
+                       f"it may in: {', '.join(ceiling.tiers) or 'none'}")
+    specs = {spec.name: spec for spec in classes[tier].magic_options}
+    extra = _config_words(config) if config is not None else []
+    twice = _option_names(args) & _option_names(extra)
+    if twice:
+        raise ApiError(400, "invalid_option",
+                       f"{', '.join(sorted(twice))} given both on the code's %%tier line and "
+                       "in the request's config; give each once")
+    words = [*args, *extra]
+    try:
+        options = parse_options(tier, words, specs, {}, {**STANDARD, **specs})
+    except TierUsageError as exc:
+        raise ApiError(400, "invalid_option", str(exc)) from None
+    allowed = options.get("allow")
+    if ceiling.helpers is not None and allowed is not None and (
+            over := set(allowed) - set(ceiling.helpers)):
+        raise ApiError(403, "helper_not_allowed",
+                       f"this token may not allow {', '.join(sorted(over))}; it may allow: "
+                       f"{', '.join(ceiling.helpers) or 'none'}")
+    domains = options.get("domains")
+    if ceiling.domains is not None and domains is not None and (
+            outside := [d for d in domains if not within_ceiling(d, list(ceiling.domains))]):
+        raise ApiError(403, "domain_not_allowed",
+                       f"this token may not reach {', '.join(outside)}; it may reach: "
+                       f"{', '.join(ceiling.domains) or 'none'}")
+    timeout = options.get("timeout")
+    if timeout is not None and float(timeout) > max_timeout:
+        raise ApiError(400, "invalid_option", f"a timeout of {float(timeout):g} s is over the "
+                       f"server's longest, {max_timeout:g} s (c.Serve.max_timeout)")
+    line = " ".join(["%%tier", shlex.quote(tier), *(shlex.quote(w) for w in words)])
+    return Cell(tier, f"{line}\n{body}", float(timeout) if timeout else None)
+
+
+def _config_words(config: ExecuteConfig) -> list[str]:
+    """The %%tier line options for ``config`` (its values are checked by the model)."""
+    words: list[str] = []
+    if config.timeout is not None:
+        words += ["--timeout", repr(float(config.timeout))]
+    if config.allowedAPIs is not None:
+        words += ["--allow", ",".join(config.allowedAPIs) or "none"]
+    if config.allowedDomains is not None:
+        words += ["--domains", ",".join(config.allowedDomains)]
+    return words
+
+
+def _option_names(words: list[str]) -> set[str]:
+    return {word[2:].partition("=")[0] for word in words if word.startswith("--")}
+
+
+def context_cell(tier: str, context: dict[str, Any]) -> str:
+    """A cell that sets the variable ``context`` in ``tier`` (decoded there as JSON)."""
+    return (f"%%tier {shlex.quote(tier)}\nimport json as _tk_json\n"
+            f"context = _tk_json.loads({json.dumps(json.dumps(context))})\ndel _tk_json")

@@ -1,0 +1,105 @@
+"""``tierkernel serve``: start the HTTP execution API on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from typing import Any
+
+from tierkernel.serve.settings import (
+    TOKEN_ENV,
+    Ceiling,
+    Serve,
+    generated_token,
+    is_loopback,
+)
+
+HELP = "serve the HTTP execution API (sessions are tierkernel kernels)"
+DESCRIPTION = (
+    "Serve tierkernel's execution API over HTTP: POST /execute runs a cell in a tier, "
+    "sessions keep state, GET /docs documents it all. Settings come from c.Serve.* in "
+    "tierkernel_config.py (the kernel's config folders), then these options. Tokens: "
+    f"c.Serve.tokens or ${TOKEN_ENV}; with none, the server makes one, prints it, and "
+    "listens on a loopback address only.")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The command's arguments; its help ends with every ``c.Serve`` setting."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = settings_help()
+    parser.add_argument("--host", help="address to listen on (default c.Serve.host, "
+                        "127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default c.Serve.port, 8765; 0: any)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server; returns when it stops (Ctrl-C)."""
+    try:
+        import uvicorn
+        from fastapi import FastAPI  # noqa: F401 - to say what is missing before starting
+    except ImportError as exc:
+        print(f"tierkernel serve needs FastAPI and uvicorn ({exc}); install them with "
+              "pip install 'tierkernel[serve]'", file=sys.stderr)
+        return 2
+    from tierkernel.fsx import Fsx
+    from tierkernel.kernel.app import kernel_config
+    from tierkernel.runtime.policy import Runtime
+    from tierkernel.serve.app import Server, create_app
+
+    try:
+        config = kernel_config([])
+        settings = Serve(config=config)
+        if args.host is not None:
+            settings.host = args.host
+        if args.port is not None:
+            settings.port = args.port
+        tokens = settings.accepted_tokens()
+    except Exception as exc:  # a bad config file or value: say which, do not start
+        print(f"tierkernel serve: {exc}", file=sys.stderr)
+        return 2
+    if not tokens:
+        if not is_loopback(settings.host):
+            print(f"tierkernel serve: refusing to listen on {settings.host}: no token is "
+                  f"configured, and anyone who can reach that address could run code. Set "
+                  f"c.Serve.tokens or ${TOKEN_ENV}, or listen on 127.0.0.1.", file=sys.stderr)
+            return 2
+        secret, token = generated_token()
+        tokens = [token]
+        print(f"tierkernel serve: no token configured; this run's token is {secret}\n"
+              f"  curl -H 'Authorization: Bearer {secret}' "
+              f"http://{settings.host}:{settings.port}/tiers", flush=True)
+    server = Server(settings, tokens, _kernel_ceiling(config),
+                    Runtime(config=config).audit_log, Fsx(config=config).quota())
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
+    uvicorn.run(create_app(server), host=settings.host, port=settings.port,
+                log_level=args.log_level)
+    return 0
+
+
+def settings_help() -> str:
+    """Every ``c.Serve`` setting with its default and help, for ``tierkernel serve --help``
+    (the kernel's ``--help-all`` lists the kernel's own)."""
+    lines = ["settings (c.Serve.NAME = VALUE in tierkernel_config.py):"]
+    for name, trait in sorted(Serve.class_traits(config=True).items()):
+        lines.append(f"  c.Serve.{name} = {trait.default_value_repr()}")
+        lines.extend(textwrap.wrap(str(trait.help), 86, initial_indent="      ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _kernel_ceiling(config: Any) -> Ceiling | None:
+    """What the kernels' own configuration allows (allowed_tiers, helper and domain
+    ceilings), which no token widens; None when it sets none of them."""
+    tiers = config.TierKernel.get("allowed_tiers") if "TierKernel" in config else None
+    runtime = config.Runtime if "Runtime" in config else {}
+    helpers, domains = runtime.get("helper_ceiling"), runtime.get("domain_ceiling")
+    if tiers is None and helpers is None and domains is None:
+        return None
+    return Ceiling(tiers=tuple(tiers or ()),
+                   helpers=tuple(helpers) if helpers is not None else None,
+                   domains=tuple(domains) if domains is not None else None)
+
