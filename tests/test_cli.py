@@ -175,7 +175,7 @@ def tierkernel_configurables() -> list[type[Configurable]]:
     (but the code that runs in guests, the contract suites and ``__main__``, which forks)."""
     for module in pkgutil.walk_packages(tierkernel.__path__, "tierkernel."):
         if not module.name.startswith(("tierkernel.guest", "tierkernel.testing",
-                                       "tierkernel.__main__", "tierkernel.serve")):
+                                       "tierkernel.__main__")):
             importlib.import_module(module.name)
 
     def subclasses(cls: type) -> Iterator[type]:
@@ -183,8 +183,10 @@ def tierkernel_configurables() -> list[type[Configurable]]:
             yield sub
             yield from subclasses(sub)
 
+    # The server's settings are not the kernel's (test_serve_help_lists_every_server_setting).
     return sorted({cls for cls in subclasses(Configurable)
                    if cls.__module__.startswith("tierkernel.")
+                   and not cls.__module__.startswith("tierkernel.serve.")
                    and cls.class_own_traits(config=True)}, key=lambda cls: cls.__name__)
 
 

@@ -370,3 +370,77 @@ def test_workspace_files_go_up_and_down_and_each_session_has_its_own(server: Ser
     with server.client(ADMIN) as other:
         assert other.get(f"/sessions/{first}/files/out.txt").status_code == 404
         assert other.put(f"/sessions/{first}/files/x", content=b"1").status_code == 404
+
+
+def mcp_calls(connect: Any) -> dict[str, Any]:
+    """Run the tools through the MCP SDK's own client over ``connect()`` (a transport's
+    context manager); what each call gave."""
+    import anyio
+    from mcp import ClientSession
+
+    seen: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        async with connect() as streams, ClientSession(streams[0], streams[1]) as client:
+            await client.initialize()
+            seen["tools"] = sorted(t.name for t in (await client.list_tools()).tools)
+            first = await client.call_tool("run_code", {"code": "x = 41\nprint('hi')",
+                                                        "tier": "wasm", "session": "s"})
+            seen["first"] = first.structuredContent
+            seen["second"] = (await client.call_tool(
+                "run_code", {"code": "x + 1", "session": "s"})).structuredContent
+            await client.call_tool("write_file", {"session": "s", "path": "/in.txt",
+                                                  "content": "from mcp"})
+            seen["read_back"] = (await client.call_tool(
+                "run_code", {"code": "open('/workspace/in.txt').read()",
+                             "session": "s"})).structuredContent
+            await client.call_tool("run_code", {"code": "open('/workspace/out.txt', 'w')"
+                                                ".write('from a cell')", "session": "s"})
+            seen["file"] = (await client.call_tool(
+                "read_file", {"session": "s", "path": "/out.txt"})).structuredContent
+            seen["listing"] = (await client.call_tool(
+                "list_files", {"session": "s"})).structuredContent
+            native = await client.call_tool("run_code", {"code": "1", "tier": "native"})
+            seen["native"] = (native.isError, native.content[0].text)
+            seen["tiers"] = (await client.call_tool("list_tiers", {})).structuredContent
+            seen["executions"] = (await client.call_tool(
+                "list_executions", {"limit": 3})).structuredContent
+
+    anyio.run(scenario)
+    return seen
+
+
+def check_mcp(seen: dict[str, Any]) -> None:
+    assert {"run_code", "list_tiers", "list_files", "read_file", "write_file",
+            "list_executions"} <= set(seen["tools"])
+    assert seen["first"]["success"] and seen["first"]["stdout"] == "hi\n"
+    assert seen["second"]["output"][-1]["data"] == {"text/plain": "42"}  # the same session
+    assert seen["read_back"]["output"][-1]["data"] == {"text/plain": "'from mcp'"}
+    assert seen["file"]["text"] == "from a cell"
+    assert {e["name"] for e in seen["listing"]["result"]} == {"in.txt", "out.txt"}
+    assert seen["native"][0] is True and "may not run cells in 'native'" in seen["native"][1]
+    allowed = {t["name"] for t in seen["tiers"]["result"] if t["allowed"]}
+    assert allowed == {"wasm", "sandbox"}
+    assert len(seen["executions"]["executions"]) == 3
+
+
+def test_the_mcp_tools_over_stdio_with_the_sdk_client(tmp_path: Path):
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    env = {k: v for k, v in os.environ.items() if k != "TIERKERNEL_TOKEN"}
+    env["JUPYTER_CONFIG_DIR"] = str(tmp_path)
+    params = StdioServerParameters(command=CLI, args=["mcp"], env=env, cwd=str(tmp_path))
+    check_mcp(mcp_calls(lambda: stdio_client(params)))
+
+
+def test_the_mcp_tools_over_streamable_http_with_the_sdk_client(server: Server,
+                                                                 api: httpx.Client):
+    from mcp.client.streamable_http import streamable_http_client
+
+    assert httpx.post(server.url + "/mcp", json={}).status_code == 401
+
+    def connect() -> Any:
+        client = httpx.AsyncClient(headers={"Authorization": f"Bearer {MAIN}"}, timeout=120)
+        return streamable_http_client(server.url + "/mcp", http_client=client)
+
+    check_mcp(mcp_calls(connect))

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tierkernel.kernel.router import TierRow
 
 #: The commands of tierkernel itself; a tier's command of the same name is left out.
-BUILT_IN = frozenset({"install", "run", "tiers", "kernel", "serve"})
+BUILT_IN = frozenset({"install", "run", "tiers", "kernel", "serve", "mcp"})
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help=serve_command.HELP, description=serve_command.DESCRIPTION)
     serve_command.configure(p)
     p.set_defaults(func=serve_command.run)
+    p = sub.add_parser("mcp", help=serve_command.MCP_HELP,
+                       description=serve_command.MCP_DESCRIPTION)
+    serve_command.configure_mcp(p)
+    p.set_defaults(func=serve_command.run_mcp)
 
     _add_tier_commands(sub)
 

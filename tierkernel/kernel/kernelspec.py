@@ -31,6 +31,26 @@ def install(
     stderr, which the kernel publishes as a ``stream`` message that can come before the
     ``iopub_welcome`` (JEP 65) a client waits for.
     """
+    # Imported here, for the start-up time of the tierkernel command (which reads this module
+    # on every run, for the names above): jupyter_client's takes 30 ms.
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    staging = Path(tempfile.mkdtemp(prefix="tierkernel-spec-"))
+    try:
+        path = write_spec(staging / name, display_name, default_tier, python)
+        return str(
+            KernelSpecManager().install_kernel_spec(
+                path, kernel_name=name, user=user, prefix=prefix
+            )
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_spec(folder: Path, display_name: str = DISPLAY_NAME,
+               default_tier: str | None = None, python: str | None = None) -> str:
+    """Write the kernelspec into ``folder`` (made if missing), without installing it (see
+    :func:`install`); return the folder."""
     overrides: dict[str, object] = {
         "argv": kernel_argv(python),
         "display_name": display_name,
@@ -40,21 +60,9 @@ def install(
     }
     if default_tier:
         overrides["env"] = {"TIERKERNEL_DEFAULT_TIER": default_tier}
-    # Imported here, for the start-up time of the tierkernel command (which reads this module
-    # on every run, for the names above): ipykernel's and jupyter_client's take 60 ms.
     from ipykernel.kernelspec import write_kernel_spec
-    from jupyter_client.kernelspec import KernelSpecManager
 
-    staging = Path(tempfile.mkdtemp(prefix="tierkernel-spec-"))
-    try:
-        path = write_kernel_spec(staging / name, overrides=overrides)
-        return str(
-            KernelSpecManager().install_kernel_spec(
-                path, kernel_name=name, user=user, prefix=prefix
-            )
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return str(write_kernel_spec(str(folder), overrides=overrides))
 
 
 def kernel_argv(python: str | None = None) -> list[str]:

@@ -24,58 +24,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tierkernel import __version__
-from tierkernel.fsx.facade import FsxFacade
-from tierkernel.fsx.quota import Quota
-from tierkernel.kernel.router import TierRouter
-from tierkernel.runtime.audit import AuditLog, Execution
-from tierkernel.serve import cells, files
+from tierkernel.serve import cells, files, mcp_server
 from tierkernel.serve.models import (
     ErrorBody,
-    ExecError,
     ExecResult,
     ExecuteRequest,
     ExecutionPage,
     ExecutionRecord,
     FileEntry,
-    LogEntry,
     SessionCreate,
     SessionInfo,
     TierInfo,
     ValidateRequest,
     ValidateResult,
 )
-from tierkernel.serve.sessions import ApiError, Outcome, Session, SessionPool, keep
-from tierkernel.serve.settings import Ceiling, Serve, Token, find_token, within
+from tierkernel.serve.server import Server, session_info
+from tierkernel.serve.sessions import ApiError, keep
+from tierkernel.serve.settings import Token, find_token
 
 log = logging.getLogger("tierkernel.serve")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 429, 503)}
-
-
-class Server:
-    """What the routes share: settings, tokens, sessions, the audit log."""
-
-    def __init__(self, settings: Serve, tokens: list[Token], kernel_ceiling: Ceiling | None,
-                 audit_path: str, quota: Quota) -> None:
-        self.settings = settings
-        self.quota = quota
-        self.tokens = tokens
-        self.kernel_ceiling = kernel_ceiling
-        self.pool = SessionPool(settings)
-        self.audit = AuditLog(audit_path)
-        self._tiers: tuple[float, list[Any]] | None = None
-
-    def ceiling(self, token: Token) -> Ceiling:
-        """What ``token`` may reach, within the kernels' own configuration."""
-        return within(token.ceiling, self.kernel_ceiling)
-
-    async def tier_rows(self) -> list[Any]:
-        """The ``%tier`` table's rows (availability probes the engine: cached 5 s)."""
-        if self._tiers is None or time.monotonic() - self._tiers[0] > 5.0:
-            rows = (await asyncio.to_thread(lambda: TierRouter(None, "native").table())).rows
-            self._tiers = (time.monotonic(), rows)
-        return self._tiers[1]
 
 
 class BodyLimit:
@@ -187,14 +157,29 @@ def create_app(server: Server) -> FastAPI:
 
     app.add_middleware(BodyLimit, limit=server.settings.max_body_bytes)
 
+    # MCP over streamable HTTP at /mcp: the same tokens, checked here before the SDK sees the
+    # request; its tools read the token from the request's state.
+    mcp = mcp_server.build(server)
+    for route in mcp.streamable_http_app().routes:
+        app.router.routes.append(route)
+    server.mcp = mcp
+
+    @app.middleware("http")
+    async def mcp_auth(request: Request,
+                       call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        if request.url.path.rstrip("/") == "/mcp":
+            try:
+                await authorized(request)
+            except ApiError as exc:
+                return JSONResponse({"error": exc.kind, "message": str(exc)},
+                                    status_code=exc.status,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
     @app.get("/tiers", response_model=list[TierInfo])
     async def tiers(token: Auth) -> list[TierInfo]:
         """Every tier: available or not (and why), and whether this token may use it."""
-        ceiling = server.ceiling(token)
-        return [TierInfo(name=row.name, available=row.available,
-                         allowed=row.name in ceiling.tiers, isolation=row.isolation,
-                         detail=row.detail, languages=["python"])
-                for row in await server.tier_rows()]
+        return await server.tiers(token)
 
     @app.get("/languages", response_model=list[str])
     async def languages(token: Auth) -> list[str]:
@@ -216,41 +201,11 @@ def create_app(server: Server) -> FastAPI:
                                   limit=limit)
         return ValidateResult(valid=True, tier=cell.tier, errors=[], size=size, limit=limit)
 
-    async def prepare(body: ExecuteRequest, token: Token) -> tuple[Session, cells.Cell]:
-        session = (server.pool.get(body.session, token.owner) if body.session else None)
-        cell = cells.plan(body.code, body.tier or (session.tier if session else None),
-                          body.config, server.ceiling(token), server.settings.default_tier,
-                          server.settings.max_code_bytes, server.settings.max_timeout)
-        if session is None:
-            session = await server.pool.create(token.owner, cell.tier, server.ceiling(token),
-                                               one_shot=True)
-        elif session.busy:
-            raise ApiError(409, "session_busy", f"session {session.id} is running another "
-                           "execution; wait for it or interrupt it")
-        return session, cell
-
-    async def run(session: Session, cell: cells.Cell, body: ExecuteRequest,
-                  events: Any = None) -> ExecResult:
-        try:
-            if body.context is not None:
-                ready = await session.run(cells.context_cell(cell.tier, body.context),
-                                          cell.timeout, server.settings, silent=True)
-                if not ready.success:
-                    return _result(ready, session)
-            outcome = await session.run(cell.text, cell.timeout, server.settings, events)
-            return _result(outcome, session)
-        finally:
-            if session.one_shot:
-                await server.pool.end(session)
-            else:
-                server.pool.remember(session)
-
     @app.post("/execute", response_model=ExecResult)
     async def execute(body: ExecuteRequest, token: Auth) -> ExecResult:
         """Run one cell and answer when it ends. With 'session', in that session (state
         persists); without, in a one-shot session ended afterwards."""
-        session, cell = await prepare(body, token)
-        return await run(session, cell, body)
+        return await server.execute(body, token)
 
     @app.post("/execute/stream", response_class=StreamingResponse,
               responses={200: {"content": {"text/event-stream": {}},
@@ -259,7 +214,7 @@ def create_app(server: Server) -> FastAPI:
                                "failed (an error body)."}})
     async def execute_stream(body: ExecuteRequest, token: Auth) -> StreamingResponse:
         """Run one cell as POST /execute does, sending its output as it happens."""
-        session, cell = await prepare(body, token)
+        session, cell = await server.prepare(body, token)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=256)
         listening = True
 
@@ -269,7 +224,7 @@ def create_app(server: Server) -> FastAPI:
 
         async def work() -> None:
             try:
-                result = await run(session, cell, body, event)
+                result = await server.run(session, cell, body, event)
                 final: tuple[str, Any] = ("done", result.model_dump())
             except ApiError as exc:
                 final = ("failed", {"error": exc.kind, "message": str(exc)})
@@ -309,17 +264,17 @@ def create_app(server: Server) -> FastAPI:
         if tier not in ceiling.tiers:
             raise ApiError(403, "tier_not_allowed", f"this token may not run cells in "
                            f"{tier!r}; it may in: {', '.join(ceiling.tiers) or 'none'}")
-        return _info(await server.pool.create(token.owner, tier, ceiling))
+        return session_info(await server.pool.create(token.owner, tier, ceiling))
 
     @app.get("/sessions", response_model=list[SessionInfo])
     async def list_sessions(token: Auth) -> list[SessionInfo]:
         """This token's live sessions."""
-        return [_info(s) for s in server.pool.sessions_of(token.owner) if not s.one_shot]
+        return [session_info(s) for s in server.pool.sessions_of(token.owner) if not s.one_shot]
 
     @app.get("/sessions/{session_id}", response_model=SessionInfo)
     async def get_session(session_id: str, token: Auth) -> SessionInfo:
         """One of this token's sessions."""
-        return _info(server.pool.get(session_id, token.owner))
+        return session_info(server.pool.get(session_id, token.owner))
 
     @app.delete("/sessions/{session_id}", status_code=204)
     async def delete_session(session_id: str, token: Auth) -> None:
@@ -332,26 +287,19 @@ def create_app(server: Server) -> FastAPI:
         KeyboardInterrupt)."""
         await server.pool.get(session_id, token.owner).interrupt()
 
-    def workspace_of(session_id: str, token: Token) -> FsxFacade:
-        session = server.pool.get(session_id, token.owner)
-        if session.files is None:
-            session.files = files.workspace(session.kernel.workspace_url, server.quota)
-        workspace: FsxFacade = session.files
-        return workspace
-
     @app.get("/sessions/{session_id}/files", response_model=list[FileEntry])
     async def list_files(session_id: str, token: Auth,
                          path: Annotated[str, Query(max_length=1024)] = "/") -> list[FileEntry]:
         """The entries of a folder of the session's workspace (what its cells see as
         /workspace, fsx)."""
-        ws = workspace_of(session_id, token)
+        ws = server.workspace(session_id, token)
         return [FileEntry(**e) for e in await asyncio.to_thread(files.listing, ws, path)]
 
     @app.get("/sessions/{session_id}/files/{path:path}", response_class=StreamingResponse,
              responses={200: {"content": {"application/octet-stream": {}}}})
     async def download(session_id: str, path: str, token: Auth) -> StreamingResponse:
         """A file of the session's workspace, as it is now."""
-        ws = workspace_of(session_id, token)
+        ws = server.workspace(session_id, token)
         size = await asyncio.to_thread(files.size_of, ws, "/" + path)
         parts = files.chunks(ws, "/" + path)
 
@@ -370,16 +318,9 @@ def create_app(server: Server) -> FastAPI:
         """Write a file of the session's workspace from the request body (its folders are
         made); with append=true, add the body to its end (for files larger than one request
         may be)."""
-        ws = workspace_of(session_id, token)
+        ws = server.workspace(session_id, token)
         data = await request.body()
         await asyncio.to_thread(files.write, ws, "/" + path, data, append)
-
-    def own_sessions(token: Token) -> dict[str, str]:
-        known = dict(server.pool.history.get(token.owner, {}))
-        for session in server.pool.sessions_of(token.owner):
-            if session.kernel_session:
-                known[session.kernel_session] = session.id
-        return known
 
     @app.get("/executions", response_model=ExecutionPage)
     async def list_executions(
@@ -388,54 +329,14 @@ def create_app(server: Server) -> FastAPI:
             tier: Annotated[str | None, Query(max_length=64)] = None,
             failed: bool = False) -> ExecutionPage:
         """This token's executions from the audit log, newest first."""
-        known = own_sessions(token)
-        rows = await asyncio.to_thread(server.audit.executions, tier=tier, failed=failed,
-                                       limit=limit, offset=offset, sessions=list(known))
-        return ExecutionPage(executions=[_record(r, known) for r in rows], limit=limit,
-                             offset=offset)
+        return await server.executions(token, limit, offset, tier, failed)
 
     @app.get("/executions/{execution_id}", response_model=ExecutionRecord)
     async def get_execution(execution_id: str, token: Auth) -> ExecutionRecord:
         """One of this token's executions, by id."""
-        known = own_sessions(token)
-        missing = ApiError(404, "no_such_execution", f"no execution {execution_id!r} of this "
-                           "token (GET /executions lists them)")
-        if len(execution_id) < 8:
-            raise missing
-        try:
-            record = await asyncio.to_thread(server.audit.execution, execution_id)
-        except KeyError:
-            raise missing from None
-        if record.kernel_session not in known:
-            raise missing
-        return _record(record, known)
+        return await server.execution(execution_id, token)
 
     return app
-
-
-def _result(outcome: Outcome, session: Session) -> ExecResult:
-    return ExecResult(
-        success=outcome.success, tier=outcome.tier, session=session.id,
-        duration=outcome.duration_ms, output=outcome.outputs,
-        stdout="".join(e["text"] for e in outcome.logs if e["name"] == "stdout"),
-        stderr="".join(e["text"] for e in outcome.logs if e["name"] == "stderr"),
-        error=ExecError(**outcome.error) if outcome.error else None,
-        logs=[LogEntry(name=e["name"], text=e["text"]) for e in outcome.logs],  # type: ignore[arg-type]
-        execution_id=outcome.execution_id, execution_count=outcome.execution_count,
-        truncated=outcome.truncated)
-
-
-def _info(session: Session) -> SessionInfo:
-    return SessionInfo(id=session.id, tier=session.tier, created=session.created,
-                       last_used=session.last_used, executions=session.executions,
-                       busy=session.busy)
-
-
-def _record(row: Execution, known: dict[str, str]) -> ExecutionRecord:
-    return ExecutionRecord(
-        id=row.id, session=known.get(row.kernel_session), tier=row.tier, code=row.code,
-        started=row.started, duration=row.duration_ms, status=row.status, success=row.success,
-        error=row.error, execution_count=row.execution_count)
 
 
 @contextlib.asynccontextmanager
@@ -443,7 +344,14 @@ async def lifespan(server: Server) -> AsyncIterator[None]:
     """Sessions are culled while the server runs and all ended when it stops."""
     server.pool.start_culling()
     try:
-        yield
+        async with mcp_session_manager(server):
+            yield
     finally:
         await server.pool.close_all()
         server.audit.close()
+
+
+def mcp_session_manager(server: Server) -> contextlib.AbstractAsyncContextManager[Any]:
+    """The MCP SDK's session manager of the mounted /mcp (it must run while the app does)."""
+    mcp = getattr(server, "mcp", None)
+    return mcp.session_manager.run() if mcp is not None else contextlib.nullcontext()

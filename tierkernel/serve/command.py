@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 from typing import Any
@@ -12,6 +13,7 @@ from tierkernel.serve.settings import (
     TOKEN_ENV,
     Ceiling,
     Serve,
+    Token,
     generated_token,
     is_loopback,
 )
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from tierkernel.fsx import Fsx
     from tierkernel.kernel.app import kernel_config
     from tierkernel.runtime.policy import Runtime
-    from tierkernel.serve.app import Server, create_app
+    from tierkernel.serve.app import create_app
+    from tierkernel.serve.server import Server
 
     try:
         config = kernel_config([])
@@ -77,6 +80,55 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
     uvicorn.run(create_app(server), host=settings.host, port=settings.port,
                 log_level=args.log_level)
+    return 0
+
+
+MCP_HELP = "serve the execution API as MCP tools over stdio (for an MCP client to launch)"
+MCP_DESCRIPTION = (
+    "An MCP server on stdin/stdout (the official mcp SDK): tools to run code in a tier in a "
+    "named session, list tiers, list, read and write a session's files, and list "
+    "executions. The ceiling is that of the token in $TIERKERNEL_TOKEN when c.Serve.tokens "
+    "knows it, else the default (wasm and sandbox). Over HTTP, `tierkernel serve` serves the "
+    "same tools at /mcp (streamable HTTP, bearer tokens).")
+
+
+def configure_mcp(parser: argparse.ArgumentParser) -> None:
+    """``tierkernel mcp`` takes no arguments but --log-level (logs go to stderr)."""
+    parser.add_argument("--log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run_mcp(args: argparse.Namespace) -> int:
+    """Serve the MCP tools on stdio until the client closes them."""
+    try:
+        from tierkernel.serve.mcp_server import build
+    except ImportError as exc:
+        print(f"tierkernel mcp needs the mcp SDK ({exc}); install it with "
+              "pip install 'tierkernel[serve]'", file=sys.stderr)
+        return 2
+    from tierkernel.fsx import Fsx
+    from tierkernel.kernel.app import kernel_config
+    from tierkernel.runtime.policy import Runtime
+    from tierkernel.serve.server import Server
+    from tierkernel.serve.settings import find_token, parse_ceiling
+
+    # stdout is the protocol: everything else goes to stderr.
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(message)s")
+    try:
+        config = kernel_config([])
+        settings = Serve(config=config)
+        tokens = settings.accepted_tokens()
+    except Exception as exc:
+        print(f"tierkernel mcp: {exc}", file=sys.stderr)
+        return 2
+    secret = os.environ.get(TOKEN_ENV, "").strip()
+    caller = find_token([t for t in tokens if t.name != "env"], secret) if secret else None
+    if caller is None:
+        caller = Token("stdio", parse_ceiling("stdio", None), b"stdio")
+    server = Server(settings, tokens, _kernel_ceiling(config),
+                    Runtime(config=config).audit_log, Fsx(config=config).quota())
+    build(server, stdio_token=caller).run("stdio")
     return 0
 
 

@@ -81,6 +81,16 @@ def chunks(ws: FsxFacade, path: str) -> Iterator[bytes]:
             yield chunk
 
 
+def head(ws: FsxFacade, path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes from the start of file ``path``."""
+    try:
+        with ws.open(path, "rb") as handle:
+            data: bytes = handle.read(limit)
+    except OSError as exc:
+        raise _mapped(path, exc) from None
+    return data
+
+
 def write(ws: FsxFacade, path: str, data: bytes, append: bool) -> None:
     """Write (or append) ``data`` to file ``path``, making its folders."""
     parent = path.rsplit("/", 1)[0]

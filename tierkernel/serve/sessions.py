@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
 from collections import OrderedDict
@@ -30,7 +31,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from tierkernel.backends.registry import discover
-from tierkernel.kernel.kernelspec import install
+from tierkernel.kernel.kernelspec import write_spec
 from tierkernel.serve.settings import Ceiling, Serve
 
 log = logging.getLogger(__name__)
@@ -289,9 +290,8 @@ class SessionPool:
         self.history: dict[str, dict[str, str]] = {}
         #: The server's own folder (0700): the kernelspec, and each kernel's folder.
         self._state = Path(tempfile.mkdtemp(prefix="tierkernel-serve-"))
-        install(prefix=str(self._state))
-        self._specs = KernelSpecManager(
-            kernel_dirs=[str(self._state / "share" / "jupyter" / "kernels")])
+        write_spec(self._state / "kernels" / "tierkernel")
+        self._specs = KernelSpecManager(kernel_dirs=[str(self._state / "kernels")])
         self._culler: asyncio.Task[None] | None = None
         #: Kernels started ahead, by the (tier, ceiling) of the sessions they are for.
         self._ahead: OrderedDict[tuple[str, Ceiling], asyncio.Future[Kernel]] = OrderedDict()
@@ -346,14 +346,16 @@ class SessionPool:
         # Each kernel has a folder of its own, ended with it: its workspace and db() file,
         # and its working folder (the notebook folder the sandbox tier copies in), empty, so
         # that no session sees another's files or the server's.
-        folder = self._state / "kernels" / secrets.token_hex(8)
+        folder = self._state / "sessions" / secrets.token_hex(8)
         (folder / "notebook").mkdir(parents=True, mode=0o700)
         config = folder / "config.json"
         config.write_text(json.dumps(_kernel_config(tier, ceiling, folder)))
         km = AsyncKernelManager(kernel_name="tierkernel", kernel_spec_manager=self._specs)
         try:
+            # stdout to nowhere: under `tierkernel mcp` this process's stdout is the
+            # protocol, and a kernel's own prints are no use to a client.
             await km.start_kernel(extra_arguments=[f"--config={config}"],
-                                  cwd=str(folder / "notebook"))
+                                  cwd=str(folder / "notebook"), stdout=subprocess.DEVNULL)
             client = km.client()
             client.start_channels()
             await client.wait_for_ready(timeout=self.settings.start_timeout)
