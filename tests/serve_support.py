@@ -39,10 +39,10 @@ def free_port() -> int:
 class Server:
     """A ``tierkernel serve`` process and a client for it."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: str = "") -> None:
         config = tmp / "config"
         config.mkdir()
-        (config / "tierkernel_config.py").write_text(CONFIG)
+        (config / "tierkernel_config.py").write_text(CONFIG + extra)
         self.port = free_port()
         self.env = {**os.environ, "TIERKERNEL_TOKEN": MAIN, "JUPYTER_CONFIG_DIR": str(config)}
         self.log = tmp / "serve.log"
