@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from tests import sandbox_support as sb
+from tests.kernel_session import KernelSession
 from tests.serve_support import ADMIN, CLI, MAIN, NARROW, Server, free_port
 
 
@@ -385,3 +387,57 @@ def test_the_mcp_tools_over_streamable_http_with_the_sdk_client(server: Server,
         return streamable_http_client(server.url + "/mcp", http_client=client)
 
     check_mcp(mcp_calls(connect))
+
+
+def shape(outputs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """What a reader sees of a cell's outputs, with digits (pids, timings) masked."""
+    def mask(text: str) -> str:
+        return re.sub(r"\d+", "#", text)
+
+    seen: list[tuple[str, ...]] = []
+    for output in outputs:
+        kind = output["output_type"]
+        if kind == "stream":
+            # Consecutive chunks of one stream are one output, as a notebook keeps them.
+            if seen and seen[-1][:2] == (kind, output["name"]):
+                seen[-1] = (kind, output["name"], seen[-1][2] + mask(output["text"]))
+            else:
+                seen.append((kind, output["name"], mask(output["text"])))
+        elif kind == "error":
+            seen.append((kind, output["ename"]))
+        else:
+            data = output["data"]
+            seen.append((kind, *sorted(data), mask(str(data.get("text/plain", "")))))
+    return seen
+
+
+def test_the_tours_cells_give_over_http_what_they_give_in_the_notebook(server: Server,
+                                                                       tmp_path: Path):
+    tour = json.loads((Path(__file__).parent.parent / "notebooks" / "tour.ipynb").read_text())
+    cells = ["".join(c["source"]) for c in tour["cells"] if c["cell_type"] == "code"]
+    # A %tier line runs in the kernel's own IPython, which the API does not offer.
+    cells = [c for c in cells if not c.startswith("%tier")]
+    kernel = KernelSession(env={**os.environ, "TIERKERNEL_FSX_URL": "sqlite://"
+                                + str(tmp_path / "ws.db")})
+    try:
+        in_notebook = []
+        for code in cells:
+            out = kernel.run(code, timeout=120)
+            in_notebook.append(shape([{"output_type": o.msg_type, **o.content}
+                                      for o in out.outputs if o.msg_type in (
+                                          "stream", "display_data", "execute_result",
+                                          "error")]))
+    finally:
+        kernel.close()
+    with server.client(ADMIN) as admin:
+        sid = admin.post("/sessions", json={"tier": "native"}).json()["id"]
+        over_http = []
+        for code in cells:
+            answer = admin.post("/execute", json={"code": code, "session": sid})
+            if answer.status_code == 400:  # refused before running: an unknown tier
+                over_http.append([("error", "TierUsageError")])
+                continue
+            over_http.append(shape(answer.json()["output"]))
+        admin.delete(f"/sessions/{sid}")
+    for code, there, here in zip(cells, in_notebook, over_http, strict=True):
+        assert here == there, code

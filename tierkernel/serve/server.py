@@ -50,8 +50,9 @@ class Server:
         """The session and the checked cell for ``body`` (a one-shot session is started);
         ApiError when the request cannot run."""
         session = self.pool.get(body.session, token.owner) if body.session else None
-        cell = cells.plan(body.code, body.tier or (session.tier if session else None),
-                          body.config, self.ceiling(token), self.settings.default_tier,
+        # The session's tier is the default; a %%tier line in the code may name another.
+        cell = cells.plan(body.code, body.tier, body.config, self.ceiling(token),
+                          session.tier if session else self.settings.default_tier,
                           self.settings.max_code_bytes, self.settings.max_timeout)
         if session is None:
             session = await self.pool.create(token.owner, cell.tier, self.ceiling(token),
