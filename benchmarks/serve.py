@@ -97,7 +97,8 @@ def main() -> None:
                 kc.stop_channels()
                 km.shutdown_kernel(now=False)
 
-        # A spare is left by the sessions above (each kernel keeps one for the next).
+        # The server keeps a kernel started ahead for the next session (c.Serve.spare_sessions),
+        # whose sandbox tier starts with it.
         firsts: list[float] = []
         for _ in range(5):
             time.sleep(4)  # the last session's spare is made after its spare_delay
@@ -115,7 +116,7 @@ def main() -> None:
                                   network_mode="none")
             runs.append(time.perf_counter() - started)
         first, run = median_ms(firsts), median_ms(runs)
-        print(f"\ncreate session + first sandbox cell (spare waiting)  {first:8.1f} ms")
+        print(f"\ncreate session + first sandbox cell (kernel ahead)   {first:8.1f} ms")
         print(f"docker run --rm IMAGE python3 -c                      {run:8.1f} ms")
         print("E2B's published sandbox start                         ~150 ms")
         print(f"ratio to docker run {first / run:.2f}; target under 150 ms: "

@@ -20,6 +20,7 @@ import nbformat
 import pytest
 
 from tests.e2e.conftest import CHROMIUM_ARGS
+from tests.serve_support import MAIN, Server
 
 if TYPE_CHECKING:  # playwright is imported lazily: without it the tests skip or fail cleanly
     from playwright.sync_api import Browser, Page
@@ -78,12 +79,23 @@ def lab(tmp_path_factory: pytest.TempPathFactory, chromium: Path) -> Iterator[La
         "%%tier sandbox\nimport socket\nprint('sandbox container', socket.gethostname())",
         "print('defined before the restart:', 'before_restart' in globals())",
     ])
+    _notebook(root / "remote.ipynb", [
+        "%%tier remote\nimport sys\nprint('ran on the server in', sys.platform)\n"
+        "answer = 41",
+        "%%tier remote\nanswer + 1",
+    ])
+    # The remote tier's server: a real tierkernel serve, named in the kernels' config.
+    remote = Server(tmp_path_factory.mktemp("lab-remote-server"))
     server = LabServer(root, state, dict(os.environ))
+    (state / "config" / "tierkernel_config.py").write_text(
+        f"c.RemoteBackend.servers = {{'box': {{'url': {remote.url!r}, 'token': {MAIN!r}}}}}\n"
+        "c.RemoteBackend.tier = 'wasm'\n")
     try:
         server.start()
         yield server
     finally:
         server.stop()
+        remote.stop()
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +374,22 @@ def test_restart_from_kernel_menu(page: Page, lab: LabServer, artifacts: Path) -
     new_kernel = _pid_in("kernel pid", state.cells[0])
     assert new_kernel != old_kernel
     nb.screenshot("after-restart")
+
+
+def test_a_remote_cell_runs_on_a_tierkernel_server(page: Page, lab: LabServer,
+                                                   artifacts: Path) -> None:
+    """%%tier remote cells run on a tierkernel serve and show their output on the page; the
+    second sees the first's variable (one remote session for the kernel)."""
+    from tests.e2e.lab import once_more
+
+    nb = _open(page, lab, "remote.ipynb", artifacts, "jupyterlab-remote")
+    once_more("Run > Run All Cells", lambda: nb.menu("Run", "Run All Cells"))
+    state = nb.wait_for(
+        "both remote cells running to the end",
+        lambda s: s.kernel_status == "idle" and all(c.count is not None for c in s.code_cells)
+        and all("*" not in nb.prompt(c.index) for c in s.code_cells), OPEN_TIMEOUT)
+    assert not any(c.of_type("error") for c in state.code_cells), \
+        [c.outputs for c in state.code_cells]
+    assert "ran on the server in wasi" in nb.cell_locator(0).inner_text()
+    assert "42" in nb.cell_locator(1).locator(".jp-OutputArea").inner_text()
+    nb.screenshot("remote")
