@@ -42,7 +42,9 @@ class Server:
     def __init__(self, tmp: Path, extra: str = "") -> None:
         config = tmp / "config"
         config.mkdir()
-        (config / "tierkernel_config.py").write_text(CONFIG + extra)
+        self.requests = tmp / "requests.jsonl"
+        (config / "tierkernel_config.py").write_text(
+            CONFIG + f"c.Serve.request_log = {str(self.requests)!r}\n" + extra)
         self.port = free_port()
         self.env = {**os.environ, "TIERKERNEL_TOKEN": MAIN, "JUPYTER_CONFIG_DIR": str(config)}
         self.log = tmp / "serve.log"

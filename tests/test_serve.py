@@ -441,3 +441,37 @@ def test_the_tours_cells_give_over_http_what_they_give_in_the_notebook(server: S
         admin.delete(f"/sessions/{sid}")
     for code, there, here in zip(cells, in_notebook, over_http, strict=True):
         assert here == there, code
+
+
+def test_every_request_is_recorded_with_its_token_and_status(server: Server,
+                                                            api: httpx.Client):
+    assert api.get("/languages").status_code == 200
+    with server.client("wrong-token-00000000000000") as stranger:
+        assert stranger.get("/tiers").status_code == 401
+    lines = [json.loads(line) for line in server.requests.read_text().splitlines()]
+    assert {"method": "GET", "path": "/languages", "status": 200, "token": "env"}.items() \
+        <= lines[-2].items()
+    assert lines[-1]["path"] == "/tiers" and lines[-1]["status"] == 401
+    assert lines[-1]["token"] is None and lines[-1]["client"] == "127.0.0.1"
+
+
+def test_a_kernel_that_dies_ends_its_session_with_a_clear_error(server: Server):
+    with server.client(ADMIN) as admin:
+        sid = admin.post("/sessions", json={"tier": "native"}).json()["id"]
+        answer = admin.post("/execute", json={"code": "import os\nos._exit(3)",
+                                               "session": sid})
+        assert answer.status_code == 502, answer.text
+        assert answer.json()["error"] == "kernel_died"
+        assert admin.get(f"/sessions/{sid}").status_code == 404
+        assert execute(admin, code="1 + 1", tier="native")["success"]  # the server goes on
+
+
+def test_an_idle_session_is_ended(tmp_path: Path):
+    server = Server(tmp_path, extra="c.Serve.idle_timeout = 2\n")
+    try:
+        with server.client() as api:
+            sid = api.post("/sessions", json={"tier": "wasm"}).json()["id"]
+            assert execute(api, code="1", session=sid)["success"]
+            assert sb.wait_for(lambda: api.get(f"/sessions/{sid}").status_code == 404, 30)
+    finally:
+        server.stop()

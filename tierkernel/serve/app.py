@@ -150,9 +150,11 @@ def create_app(server: Server) -> FastAPI:
             response = JSONResponse({"error": exc.kind, "message": str(exc)},
                                     status_code=exc.status)
         token = getattr(request.state, "token", None)
-        log.info("%s %s -> %s (%s, %.0f ms)", request.method, request.url.path,
-                 response.status_code, token.name if token else "no token",
-                 (time.monotonic() - started) * 1000)
+        server.requests.record(
+            method=request.method, path=request.url.path[:300], status=response.status_code,
+            token=token.name if token else None,
+            client=request.client.host if request.client else None,
+            ms=round((time.monotonic() - started) * 1000, 1))
         return response
 
     app.add_middleware(BodyLimit, limit=server.settings.max_body_bytes)
@@ -349,6 +351,7 @@ async def lifespan(server: Server) -> AsyncIterator[None]:
     finally:
         await server.pool.close_all()
         server.audit.close()
+        server.requests.close()
 
 
 def mcp_session_manager(server: Server) -> contextlib.AbstractAsyncContextManager[Any]:

@@ -5,7 +5,11 @@ executions), each checked against the calling token's ceiling."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import logging.handlers
 import time
+from pathlib import Path
 from typing import Any
 
 from tierkernel.fsx.facade import FsxFacade
@@ -38,6 +42,7 @@ class Server:
         self.kernel_ceiling = kernel_ceiling
         self.pool = SessionPool(settings)
         self.audit = AuditLog(audit_path)
+        self.requests = RequestLog(settings.request_log)
         self._tiers: tuple[float, list[Any]] | None = None
         #: The MCP server mounted at /mcp (FastMCP), when the HTTP app has one.
         self.mcp: Any = None
@@ -163,3 +168,30 @@ def _record(row: Execution, known: dict[str, str]) -> ExecutionRecord:
         id=row.id, session=known.get(row.kernel_session), tier=row.tier, code=row.code,
         started=row.started, duration=row.duration_ms, status=row.status, success=row.success,
         error=row.error, execution_count=row.execution_count)
+
+
+class RequestLog:
+    """Every request the server answered, one JSON line each (time, method, path, status,
+    token name, client address, milliseconds), in ``path`` (rotated at 16 MiB, one older
+    file kept: a client cannot fill the disk with requests); also logged at INFO."""
+
+    def __init__(self, path: str) -> None:
+        self._log = logging.getLogger("tierkernel.serve.requests")
+        self._file: logging.Handler | None = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = logging.handlers.RotatingFileHandler(
+                path, maxBytes=16 << 20, backupCount=1, encoding="utf-8")
+            self._file.setFormatter(logging.Formatter("%(message)s"))
+
+    def record(self, **fields: Any) -> None:
+        """Write one request's line."""
+        line = json.dumps({"time": round(time.time(), 3), **fields})
+        self._log.info("%s", line)
+        if self._file is not None:
+            self._file.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()

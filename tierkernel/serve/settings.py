@@ -16,9 +16,11 @@ import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from traitlets import Dict, Float, Int, Unicode, validate
+from jupyter_core.paths import jupyter_data_dir
+from traitlets import Dict, Float, Int, Unicode, default, validate
 from traitlets.config import Configurable
 
 from tierkernel.runtime.grants import HELPERS, is_domain_pattern
@@ -158,11 +160,19 @@ class Serve(Configurable):
         16 * 1024 * 1024, minimum=1024,
         help="Most output one execution's answer holds; past it the rest is dropped and the "
         "answer says truncated.").tag(config=True)
+    request_log = Unicode(
+        help="File every request is recorded in, one JSON line each (rotated at 16 MiB); "
+        "'' for none. Default: serve-requests.jsonl in tierkernel's folder of Jupyter's "
+        "data dir.").tag(config=True)
     start_timeout = Float(60.0, min=1.0, help="Seconds a session's kernel may take to "
                           "start.").tag(config=True)
     grace = Float(
         30.0, min=1.0, help="Seconds past an execution's own timeout before the server "
         "interrupts it, and as long again before it ends the session.").tag(config=True)
+
+    @default("request_log")
+    def _default_request_log(self) -> str:
+        return str(Path(jupyter_data_dir()) / "tierkernel" / "serve-requests.jsonl")
 
     @validate("tokens")
     def _check_tokens(self, proposal: Any) -> dict[str, Any]:
