@@ -47,23 +47,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"tierkernel serve needs FastAPI and uvicorn ({exc}); install them with "
               "pip install 'tierkernel[serve]'", file=sys.stderr)
         return 2
-    from tierkernel.fsx import Fsx
-    from tierkernel.kernel.app import kernel_config
-    from tierkernel.runtime.policy import Runtime
     from tierkernel.serve.app import create_app
-    from tierkernel.serve.server import Server
 
-    try:
-        config = kernel_config([])
-        settings = Serve(config=config)
-        if args.host is not None:
-            settings.host = args.host
-        if args.port is not None:
-            settings.port = args.port
-        tokens = settings.accepted_tokens()
-    except Exception as exc:  # a bad config file or value: say which, do not start
-        print(f"tierkernel serve: {exc}", file=sys.stderr)
+    loaded = _load("serve", args.host, args.port)
+    if loaded is None:
         return 2
+    config, settings, tokens = loaded
     if not tokens:
         if not is_loopback(settings.host):
             print(f"tierkernel serve: refusing to listen on {settings.host}: no token is "
@@ -75,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tierkernel serve: no token configured; this run's token is {secret}\n"
               f"  curl -H 'Authorization: Bearer {secret}' "
               f"http://{settings.host}:{settings.port}/tiers", flush=True)
-    server = Server(settings, tokens, _kernel_ceiling(config),
-                    Runtime(config=config).audit_log, Fsx(config=config).quota())
+    server = _server(config, settings, tokens)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
     uvicorn.run(create_app(server), host=settings.host, port=settings.port,
                 log_level=args.log_level)
@@ -106,30 +94,51 @@ def run_mcp(args: argparse.Namespace) -> int:
         print(f"tierkernel mcp needs the mcp SDK ({exc}); install it with "
               "pip install 'tierkernel[serve]'", file=sys.stderr)
         return 2
-    from tierkernel.fsx import Fsx
-    from tierkernel.kernel.app import kernel_config
-    from tierkernel.runtime.policy import Runtime
-    from tierkernel.serve.server import Server
     from tierkernel.serve.settings import find_token, parse_ceiling
 
     # stdout is the protocol: everything else goes to stderr.
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(message)s")
-    try:
-        config = kernel_config([])
-        settings = Serve(config=config)
-        tokens = settings.accepted_tokens()
-    except Exception as exc:
-        print(f"tierkernel mcp: {exc}", file=sys.stderr)
+    loaded = _load("mcp")
+    if loaded is None:
         return 2
+    config, settings, tokens = loaded
     secret = os.environ.get(TOKEN_ENV, "").strip()
     caller = find_token([t for t in tokens if t.name != "env"], secret) if secret else None
     if caller is None:
         caller = Token("stdio", parse_ceiling("stdio", None), b"stdio")
-    server = Server(settings, tokens, _kernel_ceiling(config),
-                    Runtime(config=config).audit_log, Fsx(config=config).quota())
-    build(server, stdio_token=caller).run("stdio")
+    build(_server(config, settings, tokens), stdio_token=caller).run("stdio")
     return 0
+
+
+def _load(command: str, host: str | None = None,
+          port: int | None = None) -> tuple[Any, Serve, list[Token]] | None:
+    """The user's configuration (the kernel's config files), the server's settings with
+    ``host`` and ``port`` on top, and the accepted tokens; None, said on stderr, when a
+    config file or value is bad."""
+    from tierkernel.kernel.app import kernel_config
+
+    try:
+        config = kernel_config([])
+        settings = Serve(config=config)
+        if host is not None:
+            settings.host = host
+        if port is not None:
+            settings.port = port
+        return config, settings, settings.accepted_tokens()
+    except Exception as exc:  # a bad config file or value: say which, do not start
+        print(f"tierkernel {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _server(config: Any, settings: Serve, tokens: list[Token]) -> Any:
+    """The service (``server.Server``) for ``settings`` and ``tokens``."""
+    from tierkernel.fsx import Fsx
+    from tierkernel.runtime.policy import Runtime
+    from tierkernel.serve.server import Server
+
+    return Server(settings, tokens, _kernel_ceiling(config),
+                  Runtime(config=config).audit_log, Fsx(config=config).quota())
 
 
 def settings_help() -> str:
