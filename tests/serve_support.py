@@ -27,6 +27,7 @@ c.Serve.max_code_bytes = 2000
 c.Serve.max_body_bytes = 64 * 1024
 c.Serve.max_output_bytes = 64 * 1024
 c.SandboxBackend.spares = 0
+c.WasmBackend.timeout = 45
 """
 
 

@@ -308,3 +308,24 @@ def test_a_kernel_limited_to_some_tiers_refuses_the_others_and_their_lines():
         assert kernel.run("21 * 2").result["text/plain"] == "42"  # still in process
     finally:
         kernel.close()
+
+
+def test_fixed_options_cannot_be_set_by_a_cell_or_a_tier_line():
+    kernel = KernelSession(extra_arguments=["--TierKernel.fixed_options=memory",
+                                            "--TierKernel.fixed_options=cpus"])
+    try:
+        for code in ("%%tier wasm --memory 4g\n1", "%%tier sandbox --cpus 8 --memory 1g\n1"):
+            out = kernel.run(code)
+            assert out.status == "error", code
+            assert out.error["ename"] == "TierUsageError", out.error
+            assert "cannot be set in this kernel" in out.error["evalue"], out.error
+        assert "--cpus, --memory cannot" in kernel.run(
+            "%%tier sandbox --cpus 8 --memory 1g\n1").error["evalue"]
+        # The %tier line magic says so as IPython's magics say a usage error.
+        line = kernel.run("%tier wasm --memory 4g")
+        assert line.reply["status"] == "error" and line.reply["ename"] == "UsageError"
+        assert "--memory cannot be set in this kernel" in line.stderr
+        # Refused: the default tier did not change.
+        assert kernel.run("1").metadata["tierkernel"]["tier"] == "native"
+    finally:
+        kernel.close()

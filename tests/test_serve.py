@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -267,6 +268,7 @@ def test_a_token_sees_only_its_own_sessions_and_executions(server: Server,
 
 
 def test_stopping_the_server_ends_every_session_and_its_container(tmp_path: Path):
+    before = sorted(Path(tempfile.gettempdir()).glob("tierkernel-serve-*"))
     server = Server(tmp_path)
     with server.client() as api:
         sids = [api.post("/sessions", json={"tier": "sandbox"}).json()["id"] for _ in range(2)]
@@ -282,6 +284,8 @@ def test_stopping_the_server_ends_every_session_and_its_container(tmp_path: Path
         return set(sb.all_sandbox_containers()) <= waiting
 
     assert sb.wait_for(only_waiting_spares, 30), sb.all_sandbox_containers()
+    # Nor its own folder (the kernelspec, the sessions' workspaces).
+    assert sorted(Path(tempfile.gettempdir()).glob("tierkernel-serve-*")) == before
 
 
 def test_workspace_files_go_up_and_down_and_each_session_has_its_own(server: Server,
@@ -475,3 +479,51 @@ def test_an_idle_session_is_ended(tmp_path: Path):
             assert sb.wait_for(lambda: api.get(f"/sessions/{sid}").status_code == 404, 30)
     finally:
         server.stop()
+
+
+def test_resource_options_keep_their_configured_values(api: httpx.Client):
+    # --runtime, --memory, --cpus: only a token whose ceiling lists them may set them (a
+    # default token could otherwise leave gVisor for runc, or lift the memory limit).
+    for code in ("%%tier sandbox --runtime runc\n1", "%%tier sandbox --memory 64g\n1",
+                 "%%tier wasm --memory 4g\n1", "%%tier sandbox --cpus 64\n1"):
+        answer = api.post("/execute", json={"code": code})
+        assert answer.status_code == 403, (code, answer.text)
+        assert answer.json()["error"] == "option_not_allowed"
+        checked = api.post("/validate", json={"code": code}).json()
+        assert checked["valid"] is False and "may not set --" in checked["errors"][0]
+    # A default token's cells call console and db only, and api() reaches no host.
+    for config in ({"allowedAPIs": ["ai"]}, {"allowedDomains": ["example.org"]}):
+        answer = api.post("/execute", json={"code": "1", "tier": "wasm", "config": config})
+        assert answer.status_code == 403, answer.text
+    # GET /tiers shows the limits the sessions' kernels are configured with.
+    wasm = next(t for t in api.get("/tiers").json() if t["name"] == "wasm")
+    assert "timeout=45s" in wasm["detail"], wasm
+
+
+def test_a_chunked_body_over_the_limit_gets_413(api: httpx.Client):
+    sid = api.post("/sessions", json={"tier": "wasm"}).json()["id"]
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 4096
+
+    for method, path in (("PUT", f"/sessions/{sid}/files/big.bin"), ("POST", "/execute")):
+        answer = api.request(method, path, content=chunks(),
+                             headers={"content-type": "application/octet-stream"})
+        assert answer.status_code == 413, (path, answer.text)
+        assert answer.json()["error"] == "body_too_large"
+    assert execute(api, code="1 + 1", session=sid)["success"]  # the server goes on
+
+
+def test_a_clients_code_is_not_kept_in_the_servers_ipython_history(api: httpx.Client):
+    import sqlite3
+
+    marker = "history-marker-7f3a9c"
+    assert execute(api, code=f"'{marker}'", tier="wasm")["success"]
+    history = Path(os.environ.get("IPYTHONDIR", Path.home() / ".ipython")) / \
+        "profile_default" / "history.sqlite"
+    if history.exists():
+        with sqlite3.connect(history) as db:
+            rows = db.execute("SELECT count(*) FROM history WHERE source LIKE ?",
+                              (f"%{marker}%",)).fetchone()
+        assert rows == (0,)

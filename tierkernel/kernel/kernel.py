@@ -127,6 +127,13 @@ class TierKernel(IPythonKernel):
         "cell's own %%tier line cannot reach a tier left out here.",
     ).tag(config=True)
 
+    fixed_options = List(
+        Unicode(), [],
+        help="%%tier options (without --) no cell or %tier line may set in this kernel, so the "
+        "configured value holds: e.g. ['runtime', 'memory', 'cpus'] keeps every sandbox cell "
+        "in the configured runtime and limits. tierkernel serve sets it for its sessions.",
+    ).tag(config=True)
+
     @default("default_tier")
     def _default_tier_from_env(self) -> str:
         return os.environ.get("TIERKERNEL_DEFAULT_TIER", "").strip() or "native"
@@ -141,7 +148,8 @@ class TierKernel(IPythonKernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.router = TierRouter(self, self.default_tier, self.allowed_tiers)
+        self.router = TierRouter(self, self.default_tier, self.allowed_tiers,
+                                 self.fixed_options)
         shell = self.shell
         assert shell is not None
         self.router.attach(KernelHandle(shell, self.run_ipython_cell))

@@ -86,9 +86,11 @@ class TierRouter:
     """
 
     def __init__(self, parent: Any, default_tier: str,
-                 allowed: list[str] | None = None) -> None:
+                 allowed: list[str] | None = None, fixed: list[str] | None = None) -> None:
         classes, self.broken = discover()
         self.backends: dict[str, Backend] = {}
+        #: Options no cell or %tier line may set here (their configured values hold).
+        self.fixed = frozenset(fixed or ())
         #: Tiers this kernel was told not to run (``allowed``), with the reason a cell gets:
         #: no backend is made for them, so nothing of theirs starts.
         self.refused: dict[str, str] = {}
@@ -166,6 +168,10 @@ class TierRouter:
     def options_for(self, backend: Backend, args: list[str]) -> dict[str, Any]:
         """Configured defaults < session options (``%tier NAME --opt``) < the cell's own."""
         base = {**backend.defaults(), **self.session_options.get(backend.name, {})}
+        if self.fixed and (fixed := sorted(self.fixed & _given_names(args))):
+            raise TierUsageError(
+                f"{', '.join('--' + name for name in fixed)} cannot be set in this kernel: "
+                "its configured value holds (c.TierKernel.fixed_options)")
         return parse_options(backend.name, args, self._options[backend.name], base, self._known)
 
     def resolve(self, directive: CellDirective) -> Route:

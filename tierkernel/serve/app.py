@@ -49,8 +49,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is read whole
-    (by its Content-Length, or as it arrives when it has none)."""
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is read whole,
+    by its Content-Length, or as it arrives when it has none (chunked): then this answers 413
+    itself, the app is told the client left, and whatever it sends after is dropped."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -65,21 +66,34 @@ class BodyLimit:
             await _send_error(send, 413, "body_too_large", self._message())
             return
         seen = 0
+        answered = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise ApiError(413, "body_too_large", self._message())
+                    answered = True
+                    await _send_error(send, 413, "body_too_large", self._message())
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited, send)
+        async def guarded(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not answered:  # the app's own failure; after a 413 only the client's leaving
+                raise
 
     def _message(self) -> str:
         return (f"the request body is larger than {self.limit} bytes (c.Serve.max_body_bytes);"
-                " send large files in parts")
+                " send large files in parts (PUT .../files/PATH?append=true)")
 
 
 async def _send_error(send: Send, status: int, kind: str, message: str) -> None:
@@ -144,11 +158,7 @@ def create_app(server: Server) -> FastAPI:
     async def audit(request: Request,
                     call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         started = time.monotonic()
-        try:
-            response = await call_next(request)
-        except ApiError as exc:  # raised by the body limit while the body was read
-            response = JSONResponse({"error": exc.kind, "message": str(exc)},
-                                    status_code=exc.status)
+        response = await call_next(request)
         token = getattr(request.state, "token", None)
         server.requests.record(
             method=request.method, path=request.url.path[:300], status=response.status_code,
@@ -220,9 +230,12 @@ def create_app(server: Server) -> FastAPI:
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=256)
         listening = True
 
+        # The execution never waits for the client: events that find the queue full (a
+        # client that reads slowly or not at all) are dropped; the final event has them all.
         async def event(kind: str, data: dict[str, Any]) -> None:
             if listening:
-                await queue.put((kind, data))
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait((kind, data))
 
         async def work() -> None:
             try:
@@ -234,7 +247,9 @@ def create_app(server: Server) -> FastAPI:
                 log.exception("execution failed")
                 final = ("failed", {"error": "internal", "message": str(exc)})
             if listening:
-                await queue.put(final)
+                if queue.full():
+                    queue.get_nowait()  # room for the final event, whatever else is lost
+                queue.put_nowait(final)
 
         task = asyncio.ensure_future(work())
 
@@ -263,9 +278,9 @@ def create_app(server: Server) -> FastAPI:
         if tier not in cells.tier_names():
             raise ApiError(400, "unknown_tier", f"unknown tier {tier!r}; tiers: "
                            f"{', '.join(cells.tier_names())}")
-        if tier not in ceiling.tiers:
+        if tier not in ceiling.tier_names:
             raise ApiError(403, "tier_not_allowed", f"this token may not run cells in "
-                           f"{tier!r}; it may in: {', '.join(ceiling.tiers) or 'none'}")
+                           f"{tier!r}; it may in: {', '.join(ceiling.tier_names) or 'none'}")
         return session_info(await server.pool.create(token.owner, tier, ceiling))
 
     @app.get("/sessions", response_model=list[SessionInfo])

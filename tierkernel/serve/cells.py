@@ -21,7 +21,7 @@ from tierkernel.magics.parsing import parse_options, split_cell
 from tierkernel.runtime.policy import within_ceiling
 from tierkernel.serve.models import ExecuteConfig
 from tierkernel.serve.sessions import ApiError
-from tierkernel.serve.settings import Ceiling
+from tierkernel.serve.settings import FREE_OPTIONS, Ceiling
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Cei
     if tier not in classes:
         raise ApiError(400, "unknown_tier", f"unknown tier {tier!r}; tiers: "
                        f"{', '.join(sorted(classes))} (GET /tiers)")
-    if tier not in ceiling.tiers:
+    if tier not in ceiling.tier_names:
         raise ApiError(403, "tier_not_allowed", f"this token may not run cells in {tier!r}; "
-                       f"it may in: {', '.join(ceiling.tiers) or 'none'}")
+                       f"it may in: {', '.join(ceiling.tier_names) or 'none'}")
     specs = {spec.name: spec for spec in classes[tier].magic_options}
     extra = _config_words(config) if config is not None else []
     twice = _option_names(args) & _option_names(extra)
@@ -84,6 +84,11 @@ def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Cei
         options = parse_options(tier, words, specs, {}, {**STANDARD, **specs})
     except TierUsageError as exc:
         raise ApiError(400, "invalid_option", str(exc)) from None
+    if extra_given := sorted(_option_names(words) - FREE_OPTIONS - set(ceiling.options)):
+        raise ApiError(403, "option_not_allowed",
+                       f"this token may not set {', '.join('--' + o for o in extra_given)} "
+                       "(the configured values hold); it may set: "
+                       f"{', '.join(sorted(FREE_OPTIONS | set(ceiling.options)))}")
     allowed = options.get("allow")
     if ceiling.helpers is not None and allowed is not None and (
             over := set(allowed) - set(ceiling.helpers)):

@@ -66,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
               f"http://{settings.host}:{settings.port}/tiers", flush=True)
     server = _server(config, settings, tokens)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
+    # Connections are bounded too: past the limit uvicorn answers 503 at once.
     uvicorn.run(create_app(server), host=settings.host, port=settings.port,
-                log_level=args.log_level)
+                log_level=args.log_level, limit_concurrency=settings.max_connections)
     return 0
 
 
@@ -138,7 +139,7 @@ def _server(config: Any, settings: Serve, tokens: list[Token]) -> Any:
     from tierkernel.serve.server import Server
 
     return Server(settings, tokens, _kernel_ceiling(config),
-                  Runtime(config=config).audit_log, Fsx(config=config).quota())
+                  Runtime(config=config).audit_log, Fsx(config=config).quota(), config)
 
 
 def settings_help() -> str:
@@ -155,12 +156,14 @@ def settings_help() -> str:
 def _kernel_ceiling(config: Any) -> Ceiling | None:
     """What the kernels' own configuration allows (allowed_tiers, helper and domain
     ceilings), which no token widens; None when it sets none of them."""
-    tiers = config.TierKernel.get("allowed_tiers") if "TierKernel" in config else None
+    kernel = config.TierKernel if "TierKernel" in config else {}
+    tiers, fixed = kernel.get("allowed_tiers"), kernel.get("fixed_options")
     runtime = config.Runtime if "Runtime" in config else {}
     helpers, domains = runtime.get("helper_ceiling"), runtime.get("domain_ceiling")
-    if tiers is None and helpers is None and domains is None:
+    if tiers is None and helpers is None and domains is None and not fixed:
         return None
-    return Ceiling(tiers=tuple(tiers or ()),
+    return Ceiling(tiers=tuple(tiers) if tiers is not None else None,
                    helpers=tuple(helpers) if helpers is not None else None,
-                   domains=tuple(domains) if domains is not None else None)
+                   domains=tuple(domains) if domains is not None else None,
+                   fixed=tuple(fixed or ()))
 

@@ -81,13 +81,15 @@ def build(server: Server, stdio_token: Token | None = None) -> FastMCP:
             raise ToolError("a session name has at most 64 characters")
         ceiling = server.ceiling(token)
         chosen = tier or server.settings.default_tier
-        if chosen not in ceiling.tiers:
+        if chosen not in ceiling.tier_names:
             raise ToolError(f"this token may not run cells in {chosen!r}; it may in: "
-                            f"{', '.join(ceiling.tiers)}")
+                            f"{', '.join(ceiling.tier_names)}")
         session = await server.pool.create(token.owner, chosen, ceiling)
         named[key] = session.id
-        while len(named) > 10_000:  # bounded: the oldest names go first
-            del named[next(iter(named))]
+        # Bounded per token (one token's names never push out another's): its oldest go.
+        mine = [k for k in named if k[0] == token.owner]
+        for old in mine[:max(0, len(mine) - 1000)]:
+            del named[old]
         return session
 
     def failed(exc: ApiError) -> ToolError:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from traitlets.config import Configurable
+
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.quota import Quota
 from tierkernel.kernel.router import TierRouter
@@ -35,8 +37,10 @@ class Server:
     """What the routes share: settings, tokens, sessions, the audit log."""
 
     def __init__(self, settings: Serve, tokens: list[Token], kernel_ceiling: Ceiling | None,
-                 audit_path: str, quota: Quota) -> None:
+                 audit_path: str, quota: Quota, config: Any = None) -> None:
         self.settings = settings
+        #: The kernels' configuration (their config files): GET /tiers shows their limits.
+        self._tier_parent = Configurable(config=config) if config is not None else None
         self.quota = quota
         self.tokens = tokens
         self.kernel_ceiling = kernel_ceiling
@@ -93,7 +97,7 @@ class Server:
         """Every tier: available or not (and why), and whether ``token`` may use it."""
         ceiling = self.ceiling(token)
         return [TierInfo(name=row.name, available=row.available,
-                         allowed=row.name in ceiling.tiers, isolation=row.isolation,
+                         allowed=row.name in ceiling.tier_names, isolation=row.isolation,
                          detail=row.detail, languages=["python"])
                 for row in await self.tier_rows()]
 
@@ -140,7 +144,8 @@ class Server:
     async def tier_rows(self) -> list[Any]:
         """The ``%tier`` table's rows (availability probes the engine: cached 5 s)."""
         if self._tiers is None or time.monotonic() - self._tiers[0] > 5.0:
-            rows = (await asyncio.to_thread(lambda: TierRouter(None, "native").table())).rows
+            rows = (await asyncio.to_thread(
+                lambda: TierRouter(self._tier_parent, "native").table())).rows
             self._tiers = (time.monotonic(), rows)
         return self._tiers[1]
 

@@ -12,6 +12,7 @@ again). Idle sessions are ended after ``idle_timeout``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -32,7 +33,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from tierkernel.backends.registry import discover
 from tierkernel.kernel.kernelspec import write_spec
-from tierkernel.serve.settings import Ceiling, Serve
+from tierkernel.serve.settings import FREE_OPTIONS, Ceiling, Serve
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ class _Collector:
         """Record one iopub message; the event to stream for it (None: nothing to show)."""
         if msg_type == "stream":
             name, text = str(content.get("name")), str(content.get("text", ""))
-            if name not in ("stdout", "stderr") or not self._fits(len(text.encode())):
+            # An answer holds a stream's text three times (its output, stdout or stderr,
+            # and logs): each copy counts.
+            if name not in ("stdout", "stderr") or not self._fits(3 * len(text.encode())):
                 return None
             self.logs.append({"name": name, "text": text})
             last = self.outputs[-1] if self.outputs else None
@@ -116,6 +119,8 @@ class _Collector:
                 self.outputs.append({"output_type": "error", **error})
             return "error", error
         if msg_type == "clear_output":
+            if not self._fits(64):  # each clear is an event a stream carries
+                return None
             self.outputs.clear()
             return "clear", {"wait": bool(content.get("wait"))}
         return None
@@ -290,6 +295,8 @@ class SessionPool:
         self.history: dict[str, dict[str, str]] = {}
         #: The server's own folder (0700): the kernelspec, and each kernel's folder.
         self._state = Path(tempfile.mkdtemp(prefix="tierkernel-serve-"))
+        # Removed by close_all; this for a server that ends otherwise (an exception).
+        atexit.register(shutil.rmtree, self._state, ignore_errors=True)
         write_spec(self._state / "kernels" / "tierkernel")
         self._specs = KernelSpecManager(kernel_dirs=[str(self._state / "kernels")])
         self._culler: asyncio.Task[None] | None = None
@@ -418,6 +425,7 @@ class SessionPool:
         self._ahead.clear()
         await asyncio.gather(*(self.end(s) for s in list(self._sessions.values())),
                              *(_discard(task) for task in ahead), return_exceptions=True)
+        shutil.rmtree(self._state, ignore_errors=True)
 
     async def _cull_loop(self) -> None:
         while True:
@@ -442,14 +450,20 @@ def _kernel_config(tier: str, ceiling: Ceiling, folder: Path) -> dict[str, Any]:
         runtime["helper_ceiling"] = list(ceiling.helpers)
     if ceiling.domains is not None:
         runtime["domain_ceiling"] = list(ceiling.domains)
+    classes = discover()[0]
+    every = {spec.name for cls in classes.values() for spec in cls.magic_options}
+    fixed = sorted((every - FREE_OPTIONS - set(ceiling.options)) | set(ceiling.fixed))
     config: dict[str, Any] = {
-        "TierKernel": {"default_tier": tier, "allowed_tiers": list(ceiling.tiers)},
+        "TierKernel": {"default_tier": tier, "allowed_tiers": list(ceiling.tier_names),
+                       "fixed_options": fixed},
+        # A client's code is not kept in the server user's IPython history.
+        "HistoryManager": {"enabled": False},
         "Runtime": runtime,
         "Fsx": {"url": workspace_url(folder)}}
     # Only the session's own tier starts as the kernel starts: a wasm session need not make
     # a container, nor a sandbox session open a wasm runtime, for cells that may never come.
-    for name, cls in discover()[0].items():
-        if name in ceiling.tiers and name != tier:
+    for name, cls in classes.items():
+        if name in ceiling.tier_names and name != tier:
             config.setdefault(cls.__name__, {})["warm_start"] = False
     return config
 

@@ -33,14 +33,33 @@ SANDBOXED_TIERS = ("wasm", "sandbox")
 TOKEN_ENV = "TIERKERNEL_TOKEN"
 
 
+#: Options every request may give (within the ceiling's helpers and domains); any other
+#: (--memory, --cpus, --runtime, ...) only when the token's ceiling lists it.
+FREE_OPTIONS = frozenset({"timeout", "allow", "domains", "db-readonly"})
+#: Helpers a token reaches when its ceiling names none: those a sandboxed cell has without
+#: --allow (ai and api spend the operator's credentials and reach the network).
+DEFAULT_HELPERS = ("console", "db")
+
+
 @dataclass(frozen=True)
 class Ceiling:
     """What a token's requests may reach at most."""
 
-    tiers: tuple[str, ...]
+    #: None (a kernel's ceiling only): any tier.
+    tiers: tuple[str, ...] | None
     #: None: whatever the kernel's configuration allows.
     helpers: tuple[str, ...] | None = None
     domains: tuple[str, ...] | None = None
+    #: Options beyond FREE_OPTIONS that requests may give (e.g. memory, cpus, runtime).
+    options: tuple[str, ...] = ()
+    #: Options no cell may give at all (the kernel configuration's fixed_options).
+    fixed: tuple[str, ...] = ()
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        """The tiers requests may reach (none when unset: a token's ceiling always sets
+        them)."""
+        return self.tiers or ()
 
 
 def within(token: Ceiling, kernel: Ceiling | None) -> Ceiling:
@@ -49,7 +68,9 @@ def within(token: Ceiling, kernel: Ceiling | None) -> Ceiling:
     that the token cannot widen an administrator's limits."""
     if kernel is None:
         return token
-    tiers = tuple(t for t in token.tiers if t in kernel.tiers) if kernel.tiers else token.tiers
+    tiers = token.tiers or ()
+    if kernel.tiers is not None:
+        tiers = tuple(t for t in tiers if t in kernel.tiers)
     helpers = token.helpers
     if kernel.helpers is not None:
         helpers = tuple(h for h in (helpers if helpers is not None else kernel.helpers)
@@ -60,7 +81,9 @@ def within(token: Ceiling, kernel: Ceiling | None) -> Ceiling:
         domains = tuple(dict.fromkeys(
             [d for d in mine if within_ceiling(d, list(kernel.domains))]
             + [d for d in kernel.domains if within_ceiling(d, mine)]))
-    return Ceiling(tiers=tiers, helpers=helpers, domains=domains)
+    return Ceiling(tiers=tiers, helpers=helpers, domains=domains,
+                   options=tuple(o for o in token.options if o not in kernel.fixed),
+                   fixed=kernel.fixed)
 
 
 @dataclass(frozen=True)
@@ -90,10 +113,10 @@ def parse_ceiling(where: str, spec: Any) -> Ceiling:
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: a token's value must be a dict with 'tiers', 'helpers', "
                          f"'domains' (lists) and 'name', got {type(spec).__name__}")
-    unknown = set(spec) - {"tiers", "helpers", "domains", "name"}
+    unknown = set(spec) - {"tiers", "helpers", "domains", "options", "name"}
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a token takes 'tiers', "
-                         "'helpers', 'domains' and 'name'")
+                         "'helpers', 'domains', 'options' and 'name'")
 
     def names(key: str) -> tuple[str, ...] | None:
         value = spec.get(key)
@@ -111,8 +134,10 @@ def parse_ceiling(where: str, spec: Any) -> Ceiling:
     if domains is not None and (bad := [d for d in domains if not is_domain_pattern(d)]):
         raise ValueError(f"{where}: not host patterns: {bad} (use api.github.com, "
                          "*.example.org or *)")
-    return Ceiling(tiers=tiers if tiers is not None else SANDBOXED_TIERS, helpers=helpers,
-                   domains=domains)
+    return Ceiling(tiers=tiers if tiers is not None else SANDBOXED_TIERS,
+                   helpers=helpers if helpers is not None else DEFAULT_HELPERS,
+                   domains=domains if domains is not None else (),
+                   options=names("options") or ())
 
 
 class Serve(Configurable):
@@ -124,10 +149,13 @@ class Serve(Configurable):
         config=True)
     tokens = Dict(
         help="Accepted bearer tokens: {'SECRET': {'name': 'ci', 'tiers': ['wasm', 'sandbox'], "
-        "'helpers': ['console', 'db'], 'domains': ['api.github.com']}}. Each key is a secret; "
-        "its value the ceiling no request with it can exceed (tiers: default wasm and sandbox, "
-        "native and process only when listed; helpers and domains: default what the kernel's "
-        "configuration allows). $TIERKERNEL_TOKEN adds one token with the default ceiling.",
+        "'helpers': ['console', 'db', 'api'], 'domains': ['api.github.com'], 'options': "
+        "['memory']}}. Each key is a secret; its value the ceiling no request with it can "
+        "exceed: tiers (default wasm and sandbox; native and process only when listed), "
+        "helpers (default console and db), domains api() may reach (default none), and the "
+        "%%tier options beyond timeout, allow, domains and db-readonly that requests may give "
+        "(default none: --memory, --cpus, --runtime keep their configured values). "
+        "$TIERKERNEL_TOKEN adds one token with the default ceiling.",
     ).tag(config=True)
     default_tier = Unicode("wasm", help="Tier of executions and sessions that name none.").tag(
         config=True)
@@ -148,6 +176,9 @@ class Serve(Configurable):
     idle_timeout = Float(
         600.0, min=1.0, help="Seconds a session may stay unused before it is ended.").tag(
         config=True)
+    max_connections = Int(
+        256, min=8, help="Connections (and requests in progress) the server serves at once; "
+        "more get 503 at once.").tag(config=True)
     max_body_bytes = ByteSize(
         4 * 1024 * 1024, minimum=1024,
         help="Largest request body, in bytes (or a size: 4m); larger ones get 413.").tag(
