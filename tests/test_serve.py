@@ -527,3 +527,20 @@ def test_a_clients_code_is_not_kept_in_the_servers_ipython_history(api: httpx.Cl
             rows = db.execute("SELECT count(*) FROM history WHERE source LIKE ?",
                               (f"%{marker}%",)).fetchone()
         assert rows == (0,)
+
+
+def test_a_sessions_limits_hold_for_each_of_its_executions(api: httpx.Client):
+    refused = api.post("/sessions", json={"tier": "wasm", "config": {"allowedAPIs": ["ai"]}})
+    assert refused.status_code == 403 and refused.json()["error"] == "helper_not_allowed"
+    made = api.post("/sessions", json={"tier": "wasm", "config": {"timeout": 2}})
+    assert made.status_code == 201 and made.json()["config"]["timeout"] == 2
+    sid = made.json()["id"]
+    started = time.monotonic()
+    looped = execute(api, code="while True:\n    pass", session=sid)
+    assert looped["error"]["ename"] == "TimeoutError", looped["error"]
+    assert "2 s limit" in looped["error"]["evalue"]
+    # An execution's own config overrides the session's, field by field.
+    slept = execute(api, code="import time\ntime.sleep(3)\n'slept'", session=sid,
+                    config={"timeout": 10})
+    assert slept["success"], slept["error"]
+    assert time.monotonic() - started < 60

@@ -281,7 +281,12 @@ def create_app(server: Server) -> FastAPI:
         if tier not in ceiling.tier_names:
             raise ApiError(403, "tier_not_allowed", f"this token may not run cells in "
                            f"{tier!r}; it may in: {', '.join(ceiling.tier_names) or 'none'}")
-        return session_info(await server.pool.create(token.owner, tier, ceiling))
+        if body.config is not None:  # checked as any execution's config is, before a kernel
+            cells.plan("pass", tier, body.config, ceiling, tier,
+                       server.settings.max_code_bytes, server.settings.max_timeout)
+        session = await server.pool.create(token.owner, tier, ceiling)
+        session.defaults = body.config
+        return session_info(session)
 
     @app.get("/sessions", response_model=list[SessionInfo])
     async def list_sessions(token: Auth) -> list[SessionInfo]:

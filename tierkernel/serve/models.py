@@ -117,6 +117,9 @@ class SessionCreate(_Strict):
 
     tier: str | None = Field(None, max_length=64,
                              description="Its default tier (the server's when left out).")
+    config: ExecuteConfig | None = Field(
+        None, description="Limits and grants of every execution in it; an execution's own "
+        "config overrides them field by field. Within the token's ceiling.")
 
 
 class SessionInfo(BaseModel):
@@ -128,6 +131,7 @@ class SessionInfo(BaseModel):
     last_used: float = Field(description="Unix time of its last execution's end.")
     executions: int
     busy: bool
+    config: ExecuteConfig | None = None
 
 
 class FileEntry(BaseModel):

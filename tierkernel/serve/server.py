@@ -59,8 +59,12 @@ class Server:
         """The session and the checked cell for ``body`` (a one-shot session is started);
         ApiError when the request cannot run."""
         session = self.pool.get(body.session, token.owner) if body.session else None
+        config = body.config
+        if session is not None and session.defaults is not None:
+            given = config.model_dump(exclude_unset=True) if config is not None else {}
+            config = session.defaults.model_copy(update=given)
         # The session's tier is the default; a %%tier line in the code may name another.
-        cell = cells.plan(body.code, body.tier, body.config, self.ceiling(token),
+        cell = cells.plan(body.code, body.tier, config, self.ceiling(token),
                           session.tier if session else self.settings.default_tier,
                           self.settings.max_code_bytes, self.settings.max_timeout)
         if session is None:
@@ -165,7 +169,7 @@ def _result(outcome: Outcome, session: Session) -> ExecResult:
 def session_info(session: Session) -> SessionInfo:
     return SessionInfo(id=session.id, tier=session.tier, created=session.created,
                        last_used=session.last_used, executions=session.executions,
-                       busy=session.busy)
+                       busy=session.busy, config=session.defaults)
 
 
 def _record(row: Execution, known: dict[str, str]) -> ExecutionRecord:

@@ -165,6 +165,8 @@ class Session:
         self.created = time.time()
         self.last_used = self.created
         self.executions = 0
+        #: Limits and grants of its executions (an ExecuteConfig), set when it is made.
+        self.defaults: Any = None
         #: The kernel's own Jupyter session id: its executions' key in the audit log.
         self.kernel_session: str | None = None
         self.kernel = kernel
