@@ -289,10 +289,12 @@ def test_a_process_that_keeps_forking_does_not_outlive_an_agent_restart(tk):
     # Named for this run only: a leftover of another run on the machine is not this one's.
     tag = f"tk-churn-{uuid.uuid4().hex}"
     # Eight of them, and sleepers for the host's listing to go through before it reaches them.
+    # The sleepers first: once the churners run, exited ones waiting to be reaped can fill
+    # the pids limit for a moment, and a sleeper's fork would be refused (seen in CI).
     started = session.run(f"{head}import subprocess, sys, time\n"
+                          "sleepers = [subprocess.Popen(['sleep', '1000']) for _ in range(120)]\n"
                           "for _ in range(8):\n"
                           f"    subprocess.Popen([sys.executable, '-c', {churn!r}, {tag!r}])\n"
-                          "sleepers = [subprocess.Popen(['sleep', '1000']) for _ in range(120)]\n"
                           "time.sleep(0.5)")
     assert started.status == "ok", started.outputs
     lost = session.run(f"{head}import os\nos._exit(1)")

@@ -14,8 +14,9 @@ refused or could not do. Each branch below it is one part of the kernel::
         │                             with the error's name, the kernel and the tier stay usable
         ├── FsxError                  the virtual filesystem: its configuration, its quotas,
         │                             the copies between a tier and the workspace
-        └── HelperError               a call a cell makes to the host (ai, api, db, console,
-                                      %pip, input()) was refused or failed
+        ├── HelperError               a call a cell makes to the host (ai, api, db, console,
+        │                             %pip, input()) was refused or failed
+        └── ApiError                  a request tierkernel serve refuses (an HTTP status)
 
 Conventions:
 
@@ -113,6 +114,16 @@ class TierSessionLost(TierError):
     """A tier's session ended under its cell (the agent died) or could not be opened; the
     cell ends with this name. The session's variables are gone, and the next cell of that
     tier starts a new session."""
+
+
+class RemoteStreamError(TierError):
+    """A ``tierkernel serve``'s answer to a remote cell broke the rules: more than the cell
+    may send (``c.RemoteBackend.max_response_bytes``), or an event that is not JSON."""
+
+
+class RemoteSessionGone(TierError):
+    """The server no longer has the kernel's remote session (idle too long, or restarted):
+    the remote tier starts a new one."""
 
 
 class TierStartInterrupted(TierError):
@@ -231,3 +242,14 @@ class InputNotAllowed(HelperError):
 
 class InputCancelled(HelperError):
     """An input wait ended because the cell was stopped."""
+
+
+# -- serve: the execution API ------------------------------------------------------------------
+class ApiError(TierkernelError):
+    """A request the execution API (``tierkernel serve``) refuses: ``status`` is the HTTP
+    status, ``kind`` the short error name in the JSON answer, the message says what to do."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind

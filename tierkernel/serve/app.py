@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tierkernel import __version__
+from tierkernel.errors import ApiError
 from tierkernel.serve import cells, files, mcp_server
 from tierkernel.serve.models import (
     ErrorBody,
@@ -39,7 +40,7 @@ from tierkernel.serve.models import (
     ValidateResult,
 )
 from tierkernel.serve.server import Server, session_info
-from tierkernel.serve.sessions import ApiError, keep
+from tierkernel.serve.sessions import keep
 from tierkernel.serve.settings import Token, find_token
 
 log = logging.getLogger("tierkernel.serve")

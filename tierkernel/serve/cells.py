@@ -16,11 +16,10 @@ from typing import Any
 
 from tierkernel.backends.options import STANDARD
 from tierkernel.backends.registry import discover
-from tierkernel.errors import TierUsageError
+from tierkernel.errors import ApiError, TierUsageError
 from tierkernel.magics.parsing import parse_options, split_cell
 from tierkernel.runtime.policy import within_ceiling
 from tierkernel.serve.models import ExecuteConfig
-from tierkernel.serve.sessions import ApiError
 from tierkernel.serve.settings import FREE_OPTIONS, Ceiling
 
 

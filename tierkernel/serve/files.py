@@ -9,11 +9,10 @@ import stat
 from collections.abc import Iterator
 from typing import Any
 
-from tierkernel.errors import FsxQuotaError
+from tierkernel.errors import ApiError, FsxQuotaError
 from tierkernel.fsx.config import open_url
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.quota import Quota
-from tierkernel.serve.sessions import ApiError
 
 #: Bytes read from the workspace at a time while a download is sent.
 CHUNK = 1 << 20

@@ -20,10 +20,11 @@ from mcp.server.fastmcp.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import ValidationError
 
+from tierkernel.errors import ApiError
 from tierkernel.serve import files
 from tierkernel.serve.models import ExecuteRequest
 from tierkernel.serve.server import Server
-from tierkernel.serve.sessions import ApiError, Session
+from tierkernel.serve.sessions import Session
 from tierkernel.serve.settings import Token
 
 #: Most bytes ``read_file`` returns (a larger file is cut, and the answer says so).

@@ -14,6 +14,7 @@ from typing import Any
 
 from traitlets.config import Configurable
 
+from tierkernel.errors import ApiError
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.quota import Quota
 from tierkernel.kernel.router import TierRouter
@@ -29,7 +30,7 @@ from tierkernel.serve.models import (
     SessionInfo,
     TierInfo,
 )
-from tierkernel.serve.sessions import ApiError, EventSink, Outcome, Session, SessionPool
+from tierkernel.serve.sessions import EventSink, Outcome, Session, SessionPool
 from tierkernel.serve.settings import Ceiling, Serve, Token, within
 
 

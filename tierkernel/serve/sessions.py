@@ -32,6 +32,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from tierkernel.backends.registry import discover
+from tierkernel.errors import ApiError
 from tierkernel.kernel.kernelspec import write_spec
 from tierkernel.serve.settings import FREE_OPTIONS, Ceiling, Serve
 
@@ -40,16 +41,6 @@ log = logging.getLogger(__name__)
 #: Called with each output event of a running execution: ("stream", {name, text}),
 #: ("display", {data, metadata}), ("result", {...}), ("error", {...}), ("clear", {}).
 EventSink = Callable[[str, dict[str, Any]], Awaitable[None]]
-
-
-class ApiError(Exception):
-    """A request the API refuses: ``status`` is the HTTP status, ``kind`` the short error
-    name in the JSON answer, the message says what to do."""
-
-    def __init__(self, status: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
 
 
 @dataclass

@@ -32,8 +32,13 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.options import TIMEOUT, OptionSpec
-from tierkernel.backends.remote.stream import RemoteStreamError, events
-from tierkernel.errors import TierUnavailableError, TierUsageError
+from tierkernel.backends.remote.stream import events
+from tierkernel.errors import (
+    RemoteSessionGone,
+    RemoteStreamError,
+    TierUnavailableError,
+    TierUsageError,
+)
 from tierkernel.sizes import ByteSize
 
 
@@ -179,7 +184,7 @@ class RemoteBackend(Backend):
                 self._running = (name, session)
                 try:
                     outcome = await self._stream(client, base, body, sink, started)
-                except _SessionGone:
+                except RemoteSessionGone:
                     with self._lock:
                         self._sessions.pop(name, None)
                     if attempt == 0:
@@ -227,7 +232,7 @@ class RemoteBackend(Backend):
                       started: float) -> ExecResult:
         async with client.stream("POST", f"{base}/execute/stream", json=body) as answer:
             if answer.status_code == 404:
-                raise _SessionGone
+                raise RemoteSessionGone
             if answer.status_code != 200:
                 await answer.aread()
                 raise _refusal(str(body.get("session")), answer)
@@ -255,10 +260,6 @@ class RemoteBackend(Backend):
         sink.error(ename, evalue, [f"{ename}: {evalue}"])
         return ExecResult(False, self.name, time.perf_counter() - started,
                           error=ExecError(ename, evalue, [f"{ename}: {evalue}"]))
-
-
-class _SessionGone(Exception):
-    """The server no longer has this kernel's session."""
 
 
 def _refusal(name: str, answer: Any) -> Exception:

@@ -12,11 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tierkernel.errors import TierError
-
-
-class RemoteStreamError(TierError):
-    """The server's event stream broke the rules: too large, or not JSON."""
+from tierkernel.errors import RemoteStreamError
 
 
 async def events(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[tuple[str,
