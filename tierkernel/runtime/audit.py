@@ -368,7 +368,8 @@ class AuditLog:
             where.append("e.kernel_session = ?")
             params.append(session)
         if sessions is not None:
-            chosen = list(sessions)[:1000]  # within SQLite's limit on bound parameters
+            # Within SQLite's limit on bound parameters: the newest (last given) are kept.
+            chosen = list(sessions)[-1000:]
             where.append(f"e.kernel_session IN ({', '.join('?' * len(chosen)) or 'NULL'})")
             params.extend(chosen)
         if tier is not None:

@@ -276,15 +276,9 @@ def create_app(server: Server) -> FastAPI:
         """Start a session: a kernel whose state lasts until it is deleted or idle too long."""
         tier = body.tier or server.settings.default_tier
         ceiling = server.ceiling(token)
-        if tier not in cells.tier_names():
-            raise ApiError(400, "unknown_tier", f"unknown tier {tier!r}; tiers: "
-                           f"{', '.join(cells.tier_names())}")
-        if tier not in ceiling.tier_names:
-            raise ApiError(403, "tier_not_allowed", f"this token may not run cells in "
-                           f"{tier!r}; it may in: {', '.join(ceiling.tier_names) or 'none'}")
-        if body.config is not None:  # checked as any execution's config is, before a kernel
-            cells.plan("pass", tier, body.config, ceiling, tier,
-                       server.settings.max_code_bytes, server.settings.max_timeout)
+        # The tier and config checked as any execution's are, before a kernel starts.
+        cells.plan("pass", tier, body.config, ceiling, tier,
+                   server.settings.max_code_bytes, server.settings.max_timeout)
         session = await server.pool.create(token.owner, tier, ceiling)
         session.defaults = body.config
         return session_info(session)

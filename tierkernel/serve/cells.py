@@ -32,9 +32,17 @@ class Cell:
     timeout: float | None
 
 
-def tier_names() -> list[str]:
-    """Every registered tier."""
-    return sorted(discover()[0])
+def check_tier(tier: str, ceiling: Ceiling) -> type[Any]:
+    """The backend class of ``tier``; ApiError 400 when no such tier is registered, 403 when
+    ``ceiling`` does not reach it."""
+    classes = discover()[0]
+    if tier not in classes:
+        raise ApiError(400, "unknown_tier", f"unknown tier {tier!r}; tiers: "
+                       f"{', '.join(sorted(classes))} (GET /tiers)")
+    if tier not in ceiling.tier_names:
+        raise ApiError(403, "tier_not_allowed", f"this token may not run cells in {tier!r}; "
+                       f"it may in: {', '.join(ceiling.tier_names) or 'none'}")
+    return classes[tier]
 
 
 def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Ceiling,
@@ -64,14 +72,7 @@ def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Cei
                            f"tier is {tier!r}; give one of them")
         tier, body, args = directive.tier, directive.body, directive.args
     tier = tier or default_tier
-    classes = discover()[0]
-    if tier not in classes:
-        raise ApiError(400, "unknown_tier", f"unknown tier {tier!r}; tiers: "
-                       f"{', '.join(sorted(classes))} (GET /tiers)")
-    if tier not in ceiling.tier_names:
-        raise ApiError(403, "tier_not_allowed", f"this token may not run cells in {tier!r}; "
-                       f"it may in: {', '.join(ceiling.tier_names) or 'none'}")
-    specs = {spec.name: spec for spec in classes[tier].magic_options}
+    specs = {spec.name: spec for spec in check_tier(tier, ceiling).magic_options}
     extra = _config_words(config) if config is not None else []
     twice = _option_names(args) & _option_names(extra)
     if twice:

@@ -21,7 +21,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import ValidationError
 
 from tierkernel.errors import ApiError
-from tierkernel.serve import files
+from tierkernel.serve import cells, files
 from tierkernel.serve.models import ExecuteRequest
 from tierkernel.serve.server import Server
 from tierkernel.serve.sessions import Session
@@ -82,9 +82,7 @@ def build(server: Server, stdio_token: Token | None = None) -> FastMCP:
             raise ToolError("a session name has at most 64 characters")
         ceiling = server.ceiling(token)
         chosen = tier or server.settings.default_tier
-        if chosen not in ceiling.tier_names:
-            raise ToolError(f"this token may not run cells in {chosen!r}; it may in: "
-                            f"{', '.join(ceiling.tier_names)}")
+        cells.check_tier(chosen, ceiling)
         session = await server.pool.create(token.owner, chosen, ceiling)
         named[key] = session.id
         # Bounded per token (one token's names never push out another's): its oldest go.
