@@ -20,6 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
+# Imported while the tests are collected, not mid-test: pytest rewrites the asserts of anyio
+# (a package with a pytest plugin) as its modules load, and anyio loads its asyncio backend
+# lazily; an ast.parse mid-test can trip a CPython 3.11 bug ("AST constructor recursion depth
+# mismatch") when a garbage collection runs finalizers meanwhile (seen in CI).
+import anyio._backends._asyncio  # noqa: F401  # isort: skip
+
 from tests import sandbox_support as sb
 from tests.kernel_session import KernelSession
 from tests.serve_support import ADMIN, CLI, MAIN, NARROW, Server, free_port

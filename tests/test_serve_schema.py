@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 import schemathesis
+
+# Loaded while the tests are collected (see the same import in tests/test_serve.py).
+import schemathesis.specs.openapi.schemas  # isort: skip
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import (
     content_type_conformance,
