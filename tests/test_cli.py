@@ -78,6 +78,33 @@ def test_kernel_start_publishes_nothing_before_the_first_cell():
         km.shutdown_kernel(now=True)
 
 
+def test_the_kernel_offers_no_debugger_and_leaves_debugpy_to_cells():
+    """The kernelspec declares no debugger; kernel_info must agree (JupyterLab offers its
+    debugger on what kernel_info lists), debugpy must not be loaded by the start, and a native
+    cell can still import it."""
+    km = KernelManager(kernel_name="tierkernel")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kc.kernel_info()
+        info = kc.get_shell_msg(timeout=30)["content"]
+        assert "debugger" not in info.get("supported_features", []), info
+        assert info.get("debugger") is not True, info
+        seen: list[dict] = []
+        reply = kc.execute_interactive(
+            "%%tier native\nimport sys\nloaded_at_start = 'debugpy' in sys.modules\n"
+            "import debugpy\nprint(loaded_at_start, debugpy.__name__)", timeout=60,
+            output_hook=lambda msg: seen.append(msg))
+        assert reply["content"]["status"] == "ok", reply["content"]
+        text = "".join(m["content"].get("text", "") for m in seen if m["msg_type"] == "stream")
+        assert text == "False debugpy\n", text
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def test_install_user_and_default_tier(tmp_path):
     done = run([*TIERKERNEL, "install", "--user", "--default-tier", "process"],
                env={"HOME": str(tmp_path), "JUPYTER_DATA_DIR": str(tmp_path / "data")})

@@ -37,9 +37,14 @@ class TierKernelApp(IPKernelApp):
     name = Unicode("tierkernel")
     description = "tierkernel: a Jupyter kernel for Python in which each cell picks its tier."
     kernel_class = Type(TierKernel)
+    # The tiers' classes are not listed: traitlets makes an argparse option of every trait of
+    # every class listed here each time a kernel parses its command line, and a
+    # ``--SandboxBackend.memory=...`` option works without that (traitlets converts it with
+    # the trait's own parser once the tier is made). The help and the generated config file
+    # list them (``_with_tiers``).
     classes = [  # type: ignore[assignment]  # noqa: RUF012 - traitlets reads it as is
-        TierKernel, *discover()[0].values(), Fsx, NotebookFolder, Runtime, Packages,
-        ZMQInteractiveShell, ProfileDir, Session,
+        TierKernel, Fsx, NotebookFolder, Runtime, Packages, ZMQInteractiveShell, ProfileDir,
+        Session,
     ]
     # ipykernel's command-line flags and aliases, less those that make no sense here:
     # --pylab star-imports numpy and matplotlib into the native tier's namespace only, so a
@@ -71,6 +76,26 @@ class TierKernelApp(IPKernelApp):
             except Exception:  # one tier's hook must not keep the kernel from starting
                 self.log.exception("tier %r failed to take the configuration", name)
         super().init_pdb()  # type: ignore[no-untyped-call]
+
+    def _with_tiers(self) -> None:
+        """List every registered tier's class in :attr:`classes`, after the kernel's own."""
+        tiers = [cls for cls in discover()[0].values() if cls not in self.classes]
+        self.classes = [*self.classes[:1], *tiers, *self.classes[1:]]
+
+    def emit_help(self, classes: bool = False) -> Any:
+        """ipykernel's ``--help`` / ``--help-all``, with every tier's settings."""
+        self._with_tiers()
+        return super().emit_help(classes)
+
+    def generate_config_file(self, classes: Any = None) -> str:
+        """A config file template naming every setting, the tiers' included."""
+        self._with_tiers()
+        return str(super().generate_config_file(classes))
+
+    def document_config_options(self) -> str:
+        """Every setting in reStructuredText, the tiers' included."""
+        self._with_tiers()
+        return str(super().document_config_options())
 
     @default("config_files")
     def _tierkernel_config_files(self) -> list[str]:

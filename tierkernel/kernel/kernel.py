@@ -11,7 +11,7 @@ from types import FrameType
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
-from traitlets import Float, List, Unicode, default
+from traitlets import Float, List, Type, Unicode, default
 
 from tierkernel import __version__
 from tierkernel.backends.base import (
@@ -32,6 +32,7 @@ from tierkernel.errors import (
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
 from tierkernel.kernel.iopub import IopubSink
+from tierkernel.kernel.no_debugger import without_debugpy
 from tierkernel.kernel.quick_reply import (
     cell_ran_outside,
     install_flush_skip,
@@ -95,6 +96,10 @@ class TierKernel(IPythonKernel):
 
     implementation = "tierkernel"
     implementation_version = __version__
+    #: Never used: the kernel has no debugger (see ``no_debugger.py``). ipykernel's default
+    #: names its ``Debugger`` as a string, which traitlets would import (and debugpy with it)
+    #: as the kernel is made.
+    debugger_class = Type(object)
     #: ipykernel's ``_execute_sleep`` for native cells (its default); see ``_execute_sleep``.
     _native_execute_sleep = 0.0005
 
@@ -147,7 +152,8 @@ class TierKernel(IPythonKernel):
                 "'%%tier NAME' on a cell's first line picks another, '%tier' lists them.\n")
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        with without_debugpy():
+            super().__init__(**kwargs)
         self.router = TierRouter(self, self.default_tier, self.allowed_tiers,
                                  self.fixed_options)
         shell = self.shell
