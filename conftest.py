@@ -39,6 +39,13 @@ def pytest_configure(config: object) -> None:
     # Likewise the audit log and db()'s SQLite file (tests that look at them set their own).
     os.environ.setdefault("TIERKERNEL_AUDIT_LOG", str(_SPEC_PREFIX / "executions.sqlite3"))
     os.environ.setdefault("TIERKERNEL_DB_PATH", str(_SPEC_PREFIX / "db.sqlite3"))
+    # Test kernels warm their tiers as configured whatever earlier kernels of the run used
+    # (tier_use.py); tests of that memory turn it back on with --Backend.warm_start_unused.
+    config = _SPEC_PREFIX / "config"
+    config.mkdir(exist_ok=True)
+    (config / "tierkernel_config.py").write_text("c.Backend.warm_start_unused = 0\n")
+    os.environ["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
+        p for p in (str(config), os.environ.get("JUPYTER_CONFIG_PATH", "")) if p)
 
 
 def pytest_unconfigure(config: object) -> None:

@@ -311,6 +311,40 @@ def test_no_head_start_when_turned_off(runtime: str):
         session.close()
 
 
+def test_no_head_start_nor_warm_container_once_a_set_up_ran_no_sandbox_cell(
+        runtime: str, tmp_path: Path):
+    # tier_use.py: the kernels started this way (same command line and folder) ran no
+    # sandbox cell lately, so the next one makes no container as it starts; its first
+    # sandbox cell still runs, in a container of its own.
+    def begin() -> KernelSession:
+        return KernelSession(cwd=str(tmp_path), extra_arguments=[
+            f"--SandboxBackend.runtime={runtime}", "--SandboxBackend.spare_delay=0",
+            "--SandboxBackend.spares=0", "--Backend.warm_start_unused=1"])
+
+    first = begin()
+    try:  # a set-up seen for the first time: warmed as configured
+        pid = kernel_pid(first)
+        assert sb.wait_for(lambda: len(sb.containers_of(pid)) == 1, 60), "no warm container"
+    finally:
+        first.close()
+    second = begin()
+    try:
+        assert sb.wait_for(lambda: helpers_of(second) == [], 10), helpers_of(second)
+        deadline = time.monotonic() + 60
+        while second.run("k = get_ipython().kernel\nk.router._warm_task.done()"
+                         ).result["text/plain"] != "True":
+            assert time.monotonic() < deadline, "the warm start did not end"
+            time.sleep(0.1)
+        pid = kernel_pid(second)
+        assert sb.containers_of(pid) == []
+        assert spares_of(runtime) == []
+        assert second.run(S + "print(6 * 7)").stdout == "42\n"
+        [mine] = sb.containers_of(pid)
+        assert not made_as_spare(mine)
+    finally:
+        second.close()
+
+
 def test_a_waiting_spare_is_claimed_and_no_second_one_made(runtime: str):
     spare = spare_left_by_a_kernel(runtime)
     session = start(runtime, "--SandboxBackend.spares=0")

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
-from traitlets import Bool, Float
+from traitlets import Bool, Float, Int
 from traitlets.config import Config, LoggingConfigurable
 
 from tierkernel.backends.hooks import Command, ConfigSources
@@ -233,6 +233,15 @@ class Backend(LoggingConfigurable):
         False,
         help="Start this tier in the background when the kernel starts (if it is available), "
         "so the first cell routed to it does not wait for its start.",
+    ).tag(config=True)
+
+    warm_start_unused = Int(
+        3,
+        min=0,
+        help="Skip the warm start in a kernel whose last this-many predecessors of the same "
+        "set-up (command line, working folder, config folders) ran no cell in this tier; "
+        "its next cell starts it, and the kernel after that warms it again. 0: always warm "
+        "start as warm_start says.",
     ).tag(config=True)
 
     @classmethod

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 from tierkernel.backends.base import Backend, KernelHandle, format_limit
 from tierkernel.backends.options import OptionSpec
 from tierkernel.backends.registry import BrokenTier, discover
+from tierkernel.backends.tier_use import TierUse
 from tierkernel.errors import TierUnavailableError, TierUsageError
 from tierkernel.magics.parsing import CellDirective, parse_options, usage
 
@@ -134,6 +137,13 @@ class TierRouter:
             log.warning(self.notice)
             default_tier = fallback
         self.default = default_tier
+        #: Which tiers the kernels of this set-up used (tier_use.py): read only when some tier
+        #: would skip its warm start after unused kernels.
+        self.tier_use: TierUse | None = None
+        if any(b.warm_start and b.warm_start_unused > 0 for b in self.backends.values()
+               if not b.in_kernel):
+            self.tier_use = TierUse(sys.argv[1:], os.getcwd())
+            self.tier_use.kernel_started()
 
     def attach(self, kernel: KernelHandle) -> None:
         """Attach every backend to ``kernel`` (``Backend.attach``); a backend whose hook fails
@@ -182,6 +192,8 @@ class TierRouter:
         backend = self.backend(name)
         options = self.options_for(backend, directive.args)
         self.check_available(backend)
+        if self.tier_use is not None and not backend.in_kernel:
+            self.tier_use.used(name)
         return Route(backend, options, directive.body, directive.first_line)
 
     def check_available(self, backend: Backend) -> None:
@@ -288,7 +300,15 @@ class TierRouter:
         again and reports the error to the user.
         """
         def wanted(backend: Backend) -> bool:
-            return bool(backend.warm_start) and backend.availability().available
+            if not backend.warm_start:
+                return False
+            use = self.tier_use
+            if use is not None and not use.wants_warm(backend.name, backend.warm_start_unused):
+                log.info("tier %r: no warm start, the last %d kernels started this way ran "
+                         "no cell in it (c.%s.warm_start_unused)", backend.name,
+                         use.unused_for(backend.name), type(backend).__name__)
+                return False
+            return backend.availability().available
 
         async def warm_one(backend: Backend) -> None:
             try:

@@ -50,6 +50,7 @@ from typing import Any
 
 from tierkernel.backends.hooks import ConfigSources
 from tierkernel.backends.sandbox.learned import learn, recall
+from tierkernel.backends.tier_use import TierUse
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ def pending() -> HeadStart | None:
     return _pending
 
 
+#: The name the sandbox tier is registered under: what ``tier_use.py`` records its cells by.
+TIER = "sandbox"
+
 #: A spare must wait longer than this for a head start: a kernel does not claim one that
 #: is about to expire (spares.candidates), so a shorter one would be made for nothing.
 MIN_TTL = 15.0
@@ -166,7 +170,8 @@ def begin(config: Any, sources: ConfigSources | None, tier: TierClass) -> None:
     kernel's early helper.
 
     Does nothing when the config turns it off (``head_start``, ``warm_start``, a
-    ``spare_ttl`` under MIN_TTL), where the process cannot fork safely (another thread
+    ``spare_ttl`` under MIN_TTL), when the last ``warm_start_unused`` kernels started this
+    way ran no sandbox cell (``tier_use.py``), where the process cannot fork safely (another thread
     already runs: a fork would copy its locks mid-use), or when it has begun one already.
     Never raises: the kernel starts without a head start instead."""
     global _early
@@ -175,7 +180,9 @@ def begin(config: Any, sources: ConfigSources | None, tier: TierClass) -> None:
     early, _early = _early, None
     try:
         backend: Any = tier(config=config)  # the config's values, typed and checked
-        wanted = _wants(backend.head_start, backend.warm_start, backend.spare_ttl)
+        wanted = (_wants(backend.head_start, backend.warm_start, backend.spare_ttl)
+                  and _in_use(backend.warm_start_unused,
+                              sources.argv if sources is not None else sys.argv[1:]))
     except Exception as exc:  # a bad config value: the kernel reports it where it is used
         log.warning("no sandbox head start: %s", exc)
         backend, wanted = None, False
@@ -208,6 +215,15 @@ def _start_helper(early: tuple[int, int] | None, config: Any, backend: Any) -> N
 def _wants(head_start: Any, warm_start: Any, spare_ttl: Any) -> bool:
     """Whether these settings ask for a head start (from a backend, or learned ones)."""
     return bool(head_start and warm_start and float(spare_ttl or 0) > MIN_TTL)
+
+
+def _in_use(unused_limit: Any, argv: list[str]) -> bool:
+    """Whether kernels started this way ran sandbox cells lately enough to warm the tier
+    (``Backend.warm_start_unused``, see ``tier_use.py``); True when that cannot be told."""
+    try:
+        return TierUse(argv, os.getcwd()).wants_warm(TIER, int(unused_limit))
+    except Exception:
+        return True
 
 
 def _hand_over(fd: int, config: Any) -> bool:
@@ -278,8 +294,9 @@ def _early_helper(load_tier: Callable[[], TierClass], config_fd: int, fd: int) -
         # wait for this process, whatever the engine makes it wait for below.
         config = _ConfigReader(config_fd)
         values = recall(sys.argv[1:])
-        learned_off = values is not None and not _wants(
-            values.get("head_start"), values.get("warm_start"), values.get("spare_ttl"))
+        learned_off = values is not None and not (
+            _wants(values.get("head_start"), values.get("warm_start"), values.get("spare_ttl"))
+            and _in_use(values.get("warm_start_unused", 3), sys.argv[1:]))
         # Learned: no head start for such a kernel. None of the imports below on the kernel's
         # other core, then, unless the kernel hands a config over after all (it does only
         # when it wants a head start).

@@ -11,9 +11,7 @@ settings at once instead of waiting.
 A wrong guess costs only time: the spare is keyed by its create arguments, and a kernel claims
 a spare only for the key its own configuration gives (``spares.py``), so one made with
 stale settings is left for a later kernel or expires. Only the values of the SandboxBackend's
-traits are kept, as JSON in the user's cache folder (no code is ever loaded from there), in a
-folder and file of the user's own (0700, 0600, never through a link: with XDG_CACHE_HOME in a
-shared folder, another user could otherwise plant settings or redirect the write).
+traits are kept, as JSON in the user's cache folder (``cache_files.py``).
 """
 
 from __future__ import annotations
@@ -22,20 +20,21 @@ import contextlib
 import json
 import logging
 import os
-import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tierkernel.backends.cache_files import (
+    CONFIG_ENV,
+    folder,
+    read_json,
+    without_connection_file,
+    write_json,
+)
 from tierkernel.backends.hooks import ConfigSources
 
 log = logging.getLogger(__name__)
 
-#: Environment variables that decide where the kernel looks for its configuration.
-_ENV = ("HOME", "XDG_CONFIG_HOME", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_CONFIG_PATH",
-        "JUPYTER_PREFER_ENV_PATH", "JUPYTER_PLATFORM_DIRS", "JUPYTER_NO_CONFIG",
-        "CONDA_PREFIX", "VIRTUAL_ENV")
 #: Kernels of this many different set-ups (command lines, folders) are remembered.
 _KEPT = 8
 #: The code that holds the settings' defaults (backend.py) and turns them into a container
@@ -46,8 +45,7 @@ _CODE = tuple(str(Path(__file__).with_name(name)) for name in ("backend.py", "se
 
 def path() -> Path:
     """The cache file: ``$XDG_CACHE_HOME/tierkernel/head-start.json`` (``~/.cache``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tierkernel" / "head-start.json"
+    return folder() / "head-start.json"
 
 
 def learn(sources: ConfigSources, values: dict[str, Any]) -> None:
@@ -78,25 +76,12 @@ def recall(argv: list[str]) -> dict[str, Any] | None:
 
 def _situation(argv: list[str], files: list[str], cwd_matters: bool) -> dict[str, Any]:
     return {
-        "argv": _without_connection_file(argv),
-        "env": {name: os.environ.get(name) for name in _ENV},
+        "argv": without_connection_file(argv),
+        "env": {name: os.environ.get(name) for name in CONFIG_ENV},
         "cwd": os.getcwd() if cwd_matters else None,
         "files": {name: _stat(name) for name in sorted(set(files))},
         "code": [sys.executable, *[[name, _stat(name)] for name in _CODE]],
     }
-
-
-def _without_connection_file(argv: list[str]) -> list[str]:
-    """``argv`` without the connection file, which differs for every kernel."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("-f", "--f", "--IPKernelApp.connection_file"):
-            skip = True
-        elif not arg.startswith(("--f=", "--IPKernelApp.connection_file=")):
-            out.append(arg)
-    return out
 
 
 def _stat(name: str) -> list[int] | None:
@@ -107,36 +92,10 @@ def _stat(name: str) -> list[int] | None:
     return [info.st_mtime_ns, info.st_size]
 
 
-def _own(info: os.stat_result, kind: int) -> bool:
-    return stat.S_IFMT(info.st_mode) == kind and info.st_uid == os.getuid()
-
-
 def _entries() -> list[dict[str, Any]]:
-    try:
-        if not _own(os.lstat(path().parent), stat.S_IFDIR):
-            return []
-        fd = os.open(path(), os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as file:
-            if not _own(os.fstat(file.fileno()), stat.S_IFREG):
-                return []
-            entries = json.loads(file.read(1 << 20))
-    except (OSError, ValueError):
-        return []
+    entries = read_json(path())
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 def _write(entries: list[dict[str, Any]]) -> None:
-    target = path()
-    with contextlib.suppress(FileExistsError):
-        target.parent.mkdir(mode=0o700, parents=True)
-    if not _own(os.lstat(target.parent), stat.S_IFDIR):
-        raise OSError(f"{target.parent} is not a folder of this user's")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # 0600
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(json.dumps(entries))
-        os.replace(tmp, target)  # whole or not at all: another kernel may read it meanwhile
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_json(path(), entries)
