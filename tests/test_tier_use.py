@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from tests.kernel_session import KernelSession
-from tierkernel.backends import tier_use
 from tierkernel.backends.tier_use import TierUse
 
 
