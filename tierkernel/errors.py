@@ -16,6 +16,8 @@ refused or could not do. Each branch below it is one part of the kernel::
         │                             the copies between a tier and the workspace
         ├── HelperError               a call a cell makes to the host (ai, api, db, console,
         │                             %pip, input()) was refused or failed
+        ├── ValueTransferError        a variable could not move between tiers (--in, --out,
+        │                             %get, %put): its type, its size, or a malformed value
         └── ApiError                  a request tierkernel serve refuses (an HTTP status)
 
 Conventions:
@@ -242,6 +244,13 @@ class InputNotAllowed(HelperError):
 
 class InputCancelled(HelperError):
     """An input wait ended because the cell was stopped."""
+
+
+# -- values between tiers ----------------------------------------------------------------------
+class ValueTransferError(TierkernelError, ValueError):
+    """A variable could not move between a tier and the kernel (``--in``, ``--out``, ``%get``,
+    ``%put``): a type that does not move, a value over ``c.TierKernel.value_limit``, a name
+    no tier holds, or values a tier sent that are not well-formed data."""
 
 
 # -- serve: the execution API ------------------------------------------------------------------

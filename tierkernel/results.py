@@ -77,3 +77,7 @@ class ExecResult:
     payload: list[dict[str, Any]] = field(default_factory=list)
     user_expressions: dict[str, Any] = field(default_factory=dict)
     usage: ResourceUsage | None = None
+    #: The values blob of the request's ``outputs`` (still to be decoded, with limits: it comes
+    #: from the tier), or why the tier could not send them.
+    values: bytes | None = None
+    values_error: str | None = None

@@ -75,6 +75,13 @@ class CellRequest:
     allow_stdin: bool = False
     cell_id: str | None = None
     cell_meta: dict[str, Any] | None = None
+    #: Variables to set in the tier before the body runs, as a values blob
+    #: (``tierkernel.guest.values``), and the names whose values the tier sends back after it
+    #: ran (``ExecResult.values``), at most ``values_limit`` bytes of them. An agent tier's
+    #: concern only: the native tier's variables are the kernel's own.
+    inputs: bytes | None = None
+    outputs: tuple[str, ...] = ()
+    values_limit: int = 0
 
     @property
     def filename(self) -> str:

@@ -25,7 +25,7 @@ from tierkernel.backends.base import (
     KernelHandle,
     OutputSink,
 )
-from tierkernel.backends.options import HELPER_POLICY, TIMEOUT
+from tierkernel.backends.options import HELPER_POLICY, IN, TIMEOUT
 from tierkernel.backends.usage import SelfUsage
 from tierkernel.errors import CellTimeoutError
 
@@ -99,7 +99,7 @@ class NativeBackend(Backend):
     isolation = "none: the kernel's own IPython process (trusted code only)"
     in_kernel = True
     #: --allow/--domains/--db-readonly set the runtime helpers' policy for the cell.
-    magic_options = (TIMEOUT, *HELPER_POLICY)
+    magic_options = (TIMEOUT, *HELPER_POLICY, IN)
 
     timeout = Float(
         None,

@@ -132,6 +132,16 @@ def parse_domains(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(domains))
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """Parse ``--in df,model``: names of variables (Python identifiers), comma-separated."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    bad = [name for name in names if not name.isidentifier()]
+    if bad or not names:
+        raise TierUsageError(f"--in and --out expect variable names separated by commas "
+                             f"(e.g. df,model), got {text!r}")
+    return names
+
+
 def _given(text: str) -> bool:
     return True
 
@@ -148,14 +158,21 @@ DOMAINS = OptionSpec("domains", "HOSTS",
                      "hosts api() may reach from this cell (e.g. api.github.com,*.example.org)",
                      parse_domains)
 DB_READONLY = OptionSpec("db-readonly", "", "db() may only read in this cell", _given, flag=True)
+IN = OptionSpec("in", "NAMES", "variables of the kernel (or of the tier holding them) given to "
+                "this cell's tier before it runs (e.g. df,model)", parse_names)
+OUT = OptionSpec("out", "NAMES", "variables this cell's tier sends back to the kernel's own "
+                 "namespace after it ran (e.g. result)", parse_names)
 
 #: The options defined here, by name. A tier takes those it lists in its ``magic_options``.
 STANDARD: Mapping[str, OptionSpec] = {
-    spec.name: spec for spec in (TIMEOUT, MEMORY, CPUS, ALLOW, DOMAINS, DB_READONLY)
+    spec.name: spec for spec in (TIMEOUT, MEMORY, CPUS, ALLOW, DOMAINS, DB_READONLY, IN, OUT)
 }
 #: The options through which a cell narrows what the runtime helpers may do (every tier
 #: whose cells can call them takes these).
 HELPER_POLICY = (ALLOW, DOMAINS, DB_READONLY)
+#: The options that move variables between a tier and the kernel (``kernel/values.py``): every
+#: agent tier takes both; the native tier, whose variables are the kernel's, takes ``--in``.
+VALUE_OPTIONS = (IN, OUT)
 
 
 def option_usage(specs: Iterable[OptionSpec]) -> str:

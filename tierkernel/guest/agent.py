@@ -522,8 +522,14 @@ class Agent:
 
     def _load_module(self, name: str, source: str) -> Any:
         module = types.ModuleType(f"tierkernel_{name}")
-        exec(compile(source, f"<tierkernel {name}>", "exec"), module.__dict__)
+        # In sys.modules while it runs, as an import would have it: dataclasses look their
+        # module up there.
         sys.modules[module.__name__] = module
+        try:
+            exec(compile(source, f"<tierkernel {name}>", "exec"), module.__dict__)
+        except BaseException:
+            del sys.modules[module.__name__]
+            raise
         return module
 
     def _load_ishell(self, source: str) -> None:
@@ -916,7 +922,14 @@ class Agent:
         before = self.tree_mark(maps=False)
         self.restore_streams()
         try:
-            success = self._run(code, filename, first_line)
+            inputs, outputs = msg.get("inputs"), msg.get("outputs")
+            if inputs and not self._take_values(str(inputs), filename):
+                success = False
+            else:
+                success = self._run(code, filename, first_line)
+                if success and isinstance(outputs, list) and outputs:
+                    self._send_values([str(name) for name in outputs],
+                                      int(msg.get("values_limit") or 0))
         finally:
             if self.channel.forked:
                 # A fork that ran to the end of the cell must not become a second agent
@@ -946,6 +959,46 @@ class Agent:
                 done["workspace_changed"] = after != before or before != self._last_tree
                 self._last_tree = after
             self.channel.send(done)
+
+    def _take_values(self, data: str, filename: str) -> bool:
+        """Set the variables a cell's ``--in`` gave (a values blob from the host, trusted as
+        the host is); False, with the error shown as the cell's, when they cannot be."""
+        codec = sys.modules.get("tierkernel_values")
+        try:
+            if codec is None:
+                raise RuntimeError("this tier has no values module (tierkernel_values)")
+            values = codec.decode(base64.b64decode(data), codec.Limits(
+                max_bytes=1 << 40, max_depth=10_000, max_nodes=1 << 40))
+        except Exception as exc:
+            error = ValueError(f"the variables given with --in could not be set here: {exc}")
+            self._report(ValueError, error, None, filename)
+            return False
+        self.namespace.update(values)
+        return True
+
+    def _send_values(self, names: list[str], limit: int) -> None:
+        """Send the host the variables a cell's ``--out`` named, as a values blob of at most
+        ``limit`` bytes, in VALUES messages of under 1 MiB each (the wasm tier's calls to the
+        host carry no more); or why they cannot go."""
+        codec = sys.modules.get("tierkernel_values")
+        try:
+            if codec is None:
+                raise RuntimeError("this tier has no values module (tierkernel_values)")
+            missing = [name for name in names if name not in self.namespace]
+            if missing:
+                raise NameError(f"--out names {', '.join(missing)}, not defined in this tier")
+            blob = codec.encode({name: self.namespace[name] for name in names},
+                                codec.Limits(max_bytes=limit))
+        except Exception as exc:
+            self.channel.send({"type": protocol.VALUES, "id": self.cell_id,
+                               "error": f"{type(exc).__name__}: {exc}"})
+            return
+        encoded = base64.b64encode(blob).decode("ascii")
+        step = 768 << 10  # a multiple of 4: each part decodes on its own
+        for at in range(0, len(encoded), step):
+            self.channel.send({"type": protocol.VALUES, "id": self.cell_id,
+                               "data": encoded[at:at + step],
+                               "more": at + step < len(encoded)})
 
     def _run(self, code: str, filename: str, first_line: int) -> bool:
         ready = self._ishell_ready

@@ -17,7 +17,9 @@ Messages are JSON objects with a ``"type"``, one per line on the agent's channel
 stdout, or the sandbox's socket); in the wasm tier one per call of the host tools (see
 ``tierkernel.guest.wasm_agent``)::
 
-    host -> agent: EXECUTE {"id", "code", "filename", "first_line", "execution_count"}
+    host -> agent: EXECUTE {"id", "code", "filename", "first_line", "execution_count"
+                            [, "inputs" (base64 values blob, set before the code runs),
+                            "outputs" (names sent back after it ran), "values_limit"]}
                    INSTALL_HELPERS {"source"[, "packages_source", "packages_site"]}
                    INSTALL_MODULE {"name", "source"} (a guest module, e.g. ishell.py)
                    WATCH_RESET {}
@@ -37,6 +39,8 @@ stdout, or the sandbox's socket); in the wasm tier one per call of the host tool
                    CLEAR_OUTPUT {"id", "wait"}
                    ERROR {"id", "ename", "evalue", "traceback"}
                    DONE {"id", "success"[, "workspace_changed", "procs", "last_pid"]}
+                   VALUES {"id", "data" (base64 values blob) | "error"} (an EXECUTE's
+                   "outputs", before its DONE; see ``tierkernel.guest.values``)
                    PROCS {"count", "last_pid"}
                    UNPACKED {"seq"[, "error"]}
                    PACKED {"seq", "data" | "too_big"[, "error"]}
@@ -85,6 +89,7 @@ INSPECTED = "inspected"
 HELPER = "helper"
 INPUT_REQUEST = "input_request"
 PROTOCOL_ERROR = "protocol_error"
+VALUES = "values"
 
 #: The answer's type of each request that is answered by ``seq``.
 ANSWERS = {UNPACK: UNPACKED, PACK: PACKED, TREE_STATE: TREE_STATED, COMPLETE: COMPLETED,

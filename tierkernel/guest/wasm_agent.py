@@ -34,12 +34,16 @@ if TYPE_CHECKING:
     from tierkernel.guest import ishell as _ishell
     from tierkernel.guest import pip_magic as _pip_magic
     from tierkernel.guest import protocol
+    from tierkernel.guest import values as _values
 else:  # in the guest this folder is on sys.path as itself (GUEST_DIR in backends/wasm/transport.py)
     import agent as _agent
     import helpers as _helpers
     import ishell as _ishell
     import pip_magic as _pip_magic
     import tierkernel_protocol as protocol  # loaded by the agent as it was imported
+    import values as _values
+# The codec of --in and --out, where the agent looks for it (the other tiers send it as source).
+sys.modules.setdefault("tierkernel_values", _values)
 
 #: Set by :func:`boot`; the turn code of each cell reaches the agent through this module.
 AGENT: WasmAgent | None = None

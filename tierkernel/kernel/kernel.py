@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import dataclasses
 import os
 import signal
 import threading
@@ -28,6 +30,7 @@ from tierkernel.errors import (
     TierError,
     TierUnavailableError,
     TierUsageError,
+    ValueTransferError,
 )
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
@@ -41,11 +44,14 @@ from tierkernel.kernel.quick_reply import (
 )
 from tierkernel.kernel.router import Route, TierRouter
 from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
+from tierkernel.kernel.values import ValueExchange, commands, run_command
 from tierkernel.magics.executions import ExecutionMagics
 from tierkernel.magics.fsx import FsxMagics
 from tierkernel.magics.parsing import split_cell
 from tierkernel.magics.tier import TierMagics, strip_native_line
+from tierkernel.magics.values import ValueMagics
 from tierkernel.runtime.host import RuntimeHost
+from tierkernel.sizes import ByteSize
 
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
@@ -78,6 +84,14 @@ def _not_run(tier: str, sink: Any, took: float) -> ExecResult:
     """The result of a cell stopped before its tier began it: a KeyboardInterrupt error."""
     error = ExecError("KeyboardInterrupt", f"interrupted while the {tier!r} tier was starting; "
                       "the cell did not run")
+    error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
+    sink.error(error.ename, error.evalue, error.traceback)
+    return ExecResult(False, tier, took, error=error)
+
+
+def _refused(tier: str, sink: Any, exc: Exception, took: float) -> ExecResult:
+    """The result of a cell whose variables could not be given to its tier: not run."""
+    error = ExecError(type(exc).__name__, str(exc))
     error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
     sink.error(error.ename, error.evalue, error.traceback)
     return ExecResult(False, tier, took, error=error)
@@ -124,6 +138,14 @@ class TierKernel(IPythonKernel):
         "cell of those tiers sent sooner then starts its tier itself.",
     ).tag(config=True)
 
+    value_limit = ByteSize(
+        256 << 20,
+        help="Most bytes of variables one --in, --out, %get or %put moves between the kernel "
+        "and a tier (e.g. 1g); a bigger move fails with what it would take. What a tier sends "
+        "is also held to 64 levels of nesting and a million elements (put more in a numpy "
+        "array or a DataFrame).",
+    ).tag(config=True)
+
     allowed_tiers = List(
         Unicode(), None, allow_none=True,
         help="When set, the only tiers this kernel runs cells in; a cell for another tier, "
@@ -167,6 +189,11 @@ class TierKernel(IPythonKernel):
         # The runtime helpers (ai, api, db, console) and the audit log of every cell.
         self.runtime = RuntimeHost(self, str(getattr(self.session, "session", "") or self.ident))
         shell.register_magics(ExecutionMagics(shell, self.runtime))
+        # --in, --out, %get, %put: variables between this namespace and the tiers.
+        self.values = ValueExchange(shell.user_ns, self.router.backend,
+                                    lambda backend: self.router.options_for(backend, []),
+                                    self.runtime.audit, self.value_limit)
+        shell.register_magics(ValueMagics(shell, self.values.table))
         helpers = self.runtime.native_helpers()
         shell.user_ns.update(helpers)
         shell.user_ns_hidden.update(helpers)  # kept out of %who and %reset, like In/Out
@@ -230,6 +257,10 @@ class TierKernel(IPythonKernel):
         parent = self.get_parent("shell")
         msg_id = parent.get("header", {}).get("msg_id", "")
         tier = self.router.default
+        value_commands = commands(code)
+        if value_commands is not None:
+            return await self._run_value_commands(code, value_commands, silent, store_history,
+                                                  parent, cell_id, started, msg_id)
         try:
             directive = split_cell(code)
             tier = directive.tier or tier
@@ -265,12 +296,25 @@ class TierKernel(IPythonKernel):
         )
         context = self.runtime.begin(code, route.backend.name, route.backend.in_kernel,
                                      route.options, cell_id, request.execution_count)
+        if route.backend.in_kernel and route.options.get("in"):
+            try:  # what the cell reads from other tiers, before IPython runs it
+                await self.values.fetch_missing(tuple(route.options["in"]), "native",
+                                                context.execution_id)
+            except (ValueTransferError, TierUsageError, TierUnavailableError) as exc:
+                mark_cell(True)
+                reply = self._refuse(code, silent, store_history, parent, exc)
+                self.runtime.finish(context, ExecResult(
+                    False, "native", 0.0, error=ExecError(type(exc).__name__, str(exc))),
+                    time.perf_counter() - started)
+                self._record(msg_id, "native", started, False, context.execution_id)
+                return reply
         self._running_tiers.add(route.backend.name)
         try:
             if route.backend.in_kernel:
                 result = await route.backend.execute(request, _NoSink())
             else:
-                result = await self._run_isolated(route.backend, request, parent)
+                result = await self._run_isolated(route.backend, request, parent,
+                                                  context.execution_id)
         except BaseException as exc:  # recorded, then raised on for ipykernel to handle
             self._running_tiers.discard(route.backend.name)
             self.runtime.finish(context, ExecResult(
@@ -298,7 +342,8 @@ class TierKernel(IPythonKernel):
         )
 
     async def _run_isolated(
-        self, backend: Backend, request: CellRequest, parent: dict[str, Any]
+        self, backend: Backend, request: CellRequest, parent: dict[str, Any],
+        execution_id: str | None = None,
     ) -> ExecResult:
         """Run a cell in a tier outside IPython, owing what IPython's run_cell would do."""
         shell = self.shell
@@ -317,13 +362,32 @@ class TierKernel(IPythonKernel):
         stopped = threading.Event()
         previous = self._route_sigint(backend, stopped)
         try:
-            await backend.start()
-            if stopped.is_set():
-                # Stopped while the tier was starting: the tier had no cell to stop, so the
-                # cell must not run now.
-                result = _not_run(backend.name, sink, time.perf_counter() - started)
+            names_in = tuple(request.options.get("in") or ())
+            names_out = tuple(request.options.get("out") or ())
+            moved = None
+            if names_in or names_out:
+                try:
+                    inputs = (await self.values.gather(names_in, backend.name, execution_id)
+                              if names_in else None)
+                except (ValueTransferError, TierUsageError, TierUnavailableError) as exc:
+                    moved = _refused(backend.name, sink, exc, time.perf_counter() - started)
+                else:
+                    request = dataclasses.replace(request, inputs=inputs, outputs=names_out,
+                                                  values_limit=self.value_limit)
+            if moved is not None:
+                result = moved
             else:
-                result = await backend.execute(request, sink)
+                await backend.start()
+                if stopped.is_set():
+                    # Stopped while the tier was starting: the tier had no cell to stop, so
+                    # the cell must not run now.
+                    result = _not_run(backend.name, sink, time.perf_counter() - started)
+                else:
+                    result = await backend.execute(request, sink)
+                    if names_out:
+                        result = await asyncio.to_thread(
+                            self.values.take, backend.name, names_out, result, sink,
+                            execution_id)
         except Exception as exc:  # a tier failure, not a failure of the user's code
             self.log.exception("tier %r failed", backend.name)
             error = ExecError(
@@ -340,6 +404,37 @@ class TierKernel(IPythonKernel):
                 signal.signal(signal.SIGINT, previous)
             sink.close()
         return result
+
+    async def _run_value_commands(
+        self, code: str, lines: list[tuple[str, list[str]]], silent: bool,
+        store_history: bool, parent: dict[str, Any], cell_id: str | None, started: float,
+        msg_id: str,
+    ) -> dict[str, Any]:
+        """A cell of ``%get`` / ``%put`` / ``%tiervars`` lines (``kernel/values.py``): run by
+        the kernel, since each may wait for a tier; audited as a native cell."""
+        shell = self.shell
+        assert shell is not None
+        mark_cell(True)  # its output goes through a sink, not sys.stdout
+        count = shell.execution_count
+        self._count_cell(code, store_history)
+        context = self.runtime.begin(code, "native", True, {}, cell_id, count)
+        sink = IopubSink(self.session, self.iopub_socket, self._topic, parent, count, silent)
+        error = None
+        try:
+            for command, words in lines:
+                text = await run_command(self.values, command, words, self.router.names,
+                                         context.execution_id)
+                sink.stream("stdout", text + "\n")
+        except (ValueTransferError, TierUsageError, TierUnavailableError) as exc:
+            error = ExecError(type(exc).__name__, str(exc))
+            error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
+            sink.error(error.ename, error.evalue, error.traceback)
+        finally:
+            sink.close()
+        result = ExecResult(error is None, "native", time.perf_counter() - started, error=error)
+        self.runtime.finish(context, result, time.perf_counter() - started)
+        self._record(msg_id, "native", started, result.success, context.execution_id)
+        return self._reply(result)
 
     def _route_sigint(self, backend: Backend, stopped: threading.Event) -> Any:
         """While an outside tier runs, the stop button (SIGINT) interrupts that tier (and

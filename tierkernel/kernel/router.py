@@ -209,6 +209,9 @@ class TierRouter:
         options = self.options_for(backend, args)
         self.check_available(backend)
         given = {k: v for k, v in options.items() if k in _given_names(args)}
+        if {"in", "out"} & set(given):
+            raise TierUsageError("--in and --out move variables for one cell: put them on "
+                                 "that cell's %%tier line, not on %tier")
         if given:
             self.session_options.setdefault(name, {}).update(given)
         self.default = name

@@ -17,6 +17,8 @@ at a time, the prompt and the answer each capped).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -60,7 +62,7 @@ HELPERS_SOURCE = Path(__file__).resolve().parents[2] / "guest" / "helpers.py"
 #: The guest's inotify watch of its workspace, sent as source by install_watch().
 TREE_WATCH_SOURCE = HELPERS_SOURCE.with_name("tree_watch.py")
 #: Guest modules sent as source with the helpers (``install_module``): IPython's glue.
-GUEST_MODULES = ("ishell",)
+GUEST_MODULES = ("ishell", "values")
 #: The guest's ``%pip`` magic, sent as source with the helpers to a sandbox agent.
 PIP_MAGIC_SOURCE = HELPERS_SOURCE.with_name("pip_magic.py")
 #: fsx:// URLs, the notebook folder's fall-back and the missing-file hint (install_files()).
@@ -225,6 +227,13 @@ class _Cell:
     input_cancel: threading.Event | None = None
     input_since: float | None = None
     input_waited: float = 0.0
+    #: The bytes of values the request asked back (0: none asked), and what came (a blob,
+    #: or why none): one VALUES message per cell.
+    values_limit: int = 0
+    values: bytes | None = None
+    values_error: str | None = None
+    values_parts: list[bytes] = field(default_factory=list)
+    values_received: int = 0
 
     def input_time(self, now: float) -> float:
         """Seconds this cell has spent waiting for the user's input so far."""
@@ -557,6 +566,12 @@ class AgentSession:
             "first_line": request.first_line,
             "execution_count": request.execution_count,
         }
+        if request.inputs:
+            msg["inputs"] = base64.b64encode(request.inputs).decode("ascii")
+        if request.outputs:
+            cell.values_limit = max(0, request.values_limit)
+            msg["outputs"] = list(request.outputs)
+            msg["values_limit"] = cell.values_limit
         if self.usage_probe is not None:
             try:
                 self.usage_probe.begin()
@@ -605,6 +620,8 @@ class AgentSession:
             output=cell.output,
             error=cell.error,
             usage=usage,
+            values=cell.values,
+            values_error=cell.values_error,
         )
 
     def interrupt(self) -> None:
@@ -804,6 +821,9 @@ class AgentSession:
             return  # output of a cell that was already given up on
         if cell.flooded and kind not in (protocol.DONE, protocol.ERROR):
             return
+        if kind == protocol.VALUES and cell.values_limit:
+            self._on_values(cell, msg, size)
+            return
         if kind == protocol.DONE:
             cell.success = bool(msg.get("success"))
             if cell.stop_reason in ("output", "channel"):
@@ -826,6 +846,35 @@ class AgentSession:
             # it); anything else by the whole line the host received, metadata included.
             if self._charge(cell, len(text) if isinstance(text, str) else size):
                 self._forward(cell, kind, msg)
+
+    def _on_values(self, cell: _Cell, msg: dict[str, Any], size: int) -> None:
+        """The values the cell's request asked back: kept undecoded (the kernel decodes them,
+        with limits); a second message, or one past the limit, is refused and counted as
+        output."""
+        if cell.values is not None or cell.values_error is not None:
+            self._charge(cell, size)
+            return
+        data, error = msg.get("data"), msg.get("error")
+        if isinstance(error, str):
+            cell.values_error = error[:4000]
+        elif not isinstance(data, str):
+            cell.values_error = f"the {self.tier} tier sent malformed values"
+        else:
+            cell.values_received += len(data)
+            if cell.values_received > cell.values_limit * 4 // 3 + 4:
+                cell.values_error = (f"the values are over their limit of "
+                                     f"{cell.values_limit / 2**20:.1f} MiB "
+                                     "(c.TierKernel.value_limit)")
+            else:
+                try:
+                    cell.values_parts.append(base64.b64decode(data, validate=True))
+                except (ValueError, binascii.Error):
+                    cell.values_error = f"the {self.tier} tier sent malformed values"
+                else:
+                    if not msg.get("more"):
+                        cell.values = b"".join(cell.values_parts)
+        if cell.values is not None or cell.values_error is not None:
+            cell.values_parts = []
 
     def _on_query_answer(self, msg: dict[str, Any], kind: str, size: int) -> None:
         """A completion or inspection answer: handed to the query waiting for it; a late one

