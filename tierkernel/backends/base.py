@@ -369,6 +369,14 @@ class Backend(LoggingConfigurable):
             return None
         return HelperRoute(runtime.broker, context)
 
+    def can_run(self, code: str) -> str | None:
+        """Whether this tier can run ``code``, from a static look only (``cell_look.py``: its
+        imports, its shell lines): None when it can, else why not in a few words ("no
+        network", "shell commands need a container"). ``%tier auto`` asks it of each tier
+        from the fastest up. Must be cheap (it is asked for every such cell) and must not
+        start the tier. The default: any cell."""
+        return None
+
     def describe_limits(self) -> str:
         """Human-readable current limits for the ``%tier`` table."""
         parts = []

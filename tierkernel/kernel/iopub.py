@@ -136,3 +136,59 @@ class IopubSink:
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+
+
+class HeldErrors:
+    """A cell's sink that forwards its output at once but holds its errors until :meth:`release`
+    (or :meth:`close`); :meth:`drop` forgets them. For a ``%tier auto`` cell that may run
+    again one tier up: a capability error before any output is not shown, the run again
+    is. ``produced`` says whether the cell showed anything."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.produced = False
+        self._errors: list[tuple[str, str, list[str]]] = []
+
+    def stream(self, name: str, text: str) -> None:
+        """Forwarded; the cell has shown something."""
+        self.produced = self.produced or bool(text)
+        self.inner.stream(name, text)
+
+    def display(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        """Forwarded; the cell has shown something."""
+        self.produced = True
+        self.inner.display(data, metadata)
+
+    def result(self, data: MimeBundle, metadata: dict[str, Any] | None = None) -> None:
+        """Forwarded; the cell has shown something."""
+        self.produced = True
+        self.inner.result(data, metadata)
+
+    def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        """Held."""
+        self._errors.append((ename, evalue, traceback))
+
+    def clear_output(self, wait: bool = False) -> None:
+        """Forwarded."""
+        self.produced = True
+        self.inner.clear_output(wait)
+
+    def input(self, prompt: str, password: bool, cancel: threading.Event) -> str:
+        """Forwarded; asking the user is showing something."""
+        self.produced = True
+        return str(self.inner.input(prompt, password, cancel))
+
+    def drop(self) -> None:
+        """Forget the held errors."""
+        self._errors.clear()
+
+    def release(self) -> None:
+        """Publish the held errors."""
+        errors, self._errors = self._errors, []
+        for ename, evalue, traceback in errors:
+            self.inner.error(ename, evalue, traceback)
+
+    def close(self) -> None:
+        """Publish what is held, then close the cell's sink."""
+        self.release()
+        self.inner.close()

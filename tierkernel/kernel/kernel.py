@@ -9,11 +9,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
-from traitlets import Float, List, Type, Unicode, default
+from traitlets import Enum, Float, List, Type, Unicode, default
 
 from tierkernel import __version__
 from tierkernel.backends.base import (
@@ -22,6 +23,7 @@ from tierkernel.backends.base import (
     ExecError,
     ExecResult,
     KernelHandle,
+    LogEntry,
     ResourceUsage,
 )
 from tierkernel.errors import (
@@ -34,7 +36,8 @@ from tierkernel.errors import (
 )
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
-from tierkernel.kernel.iopub import IopubSink
+from tierkernel.kernel.auto import AutoTier, Choice, assigned, reads_to_send, split_floor
+from tierkernel.kernel.iopub import HeldErrors, IopubSink
 from tierkernel.kernel.no_debugger import without_debugpy
 from tierkernel.kernel.quick_reply import (
     cell_ran_outside,
@@ -47,7 +50,7 @@ from tierkernel.kernel.stdin import NO_STDIN, StdinRequester
 from tierkernel.kernel.values import ValueExchange, commands, run_command
 from tierkernel.magics.executions import ExecutionMagics
 from tierkernel.magics.fsx import FsxMagics
-from tierkernel.magics.parsing import split_cell
+from tierkernel.magics.parsing import CellDirective, split_cell
 from tierkernel.magics.tier import TierMagics, strip_native_line
 from tierkernel.magics.values import ValueMagics
 from tierkernel.runtime.host import RuntimeHost
@@ -146,6 +149,13 @@ class TierKernel(IPythonKernel):
         "array or a DataFrame).",
     ).tag(config=True)
 
+    auto_notice = Enum(
+        ["changes", "always", "never"], "changes",
+        help="When a %tier auto cell shows a line naming the tier it chose and why: when the "
+        "tier differs from the previous auto cell's (and always when a cell runs again one "
+        "tier up), always, or never (the reply's metadata and %executions have it anyway).",
+    ).tag(config=True)
+
     allowed_tiers = List(
         Unicode(), None, allow_none=True,
         help="When set, the only tiers this kernel runs cells in; a cell for another tier, "
@@ -194,6 +204,7 @@ class TierKernel(IPythonKernel):
                                     lambda backend: self.router.options_for(backend, []),
                                     self.runtime.audit, self.value_limit)
         shell.register_magics(ValueMagics(shell, self.values.table))
+        self.auto = AutoTier(self.router.backends)
         helpers = self.runtime.native_helpers()
         shell.user_ns.update(helpers)
         shell.user_ns_hidden.update(helpers)  # kept out of %who and %reset, like In/Out
@@ -261,12 +272,17 @@ class TierKernel(IPythonKernel):
         if value_commands is not None:
             return await self._run_value_commands(code, value_commands, silent, store_history,
                                                   parent, cell_id, started, msg_id)
+        choice: Choice | None = None
         try:
             directive = split_cell(code)
             tier = directive.tier or tier
             self.runtime.check_size(code)
             if directive.control:
                 route = Route(self.router.backend("native"), {}, code, 1)
+            elif directive.tier == "auto" or (directive.tier is None
+                                              and self.router.default == "auto"):
+                route, choice = self._route_auto(directive)
+                tier = choice.tier
             else:
                 route = self.router.resolve(directive)
         except (TierUsageError, TierUnavailableError, CellTooLargeError) as exc:
@@ -312,6 +328,9 @@ class TierKernel(IPythonKernel):
         try:
             if route.backend.in_kernel:
                 result = await route.backend.execute(request, _NoSink())
+            elif choice is not None:
+                result, choice = await self._run_auto(route, request, parent,
+                                                      context.execution_id, choice)
             else:
                 result = await self._run_isolated(route.backend, request, parent,
                                                   context.execution_id)
@@ -323,11 +342,71 @@ class TierKernel(IPythonKernel):
             mark_cell(False)
             raise
         self._running_tiers.discard(route.backend.name)
+        if choice is not None:
+            result.logs.append(LogEntry("info", f"%tier auto ran it in {choice.tier}: "
+                                                f"{choice.reason}"))
+        if result.success and (choice is not None or self.values.holdings):
+            sent_back = set(route.options.get("out") or ())  # the kernel has their values too
+            self.values.assigned_in(result.tier, assigned(route.body) - sent_back)
         self.runtime.finish(context, result, time.perf_counter() - started)
         reply = self._reply(result)
-        self._record(msg_id, route.backend.name, started, result.success,
+        self._record(msg_id, result.tier, started, result.success,
                      context.execution_id, result.usage)
+        if choice is not None:
+            self._tier_meta[msg_id]["auto"] = choice.metadata()
         return reply
+
+    def _route_auto(self, directive: CellDirective) -> tuple[Route, Choice]:
+        """The route of an auto cell (``kernel/auto.py``): the chosen tier, the line's other
+        options for it, and the variables the cell reads as ``--in``."""
+        args = directive.args if directive.tier == "auto" else self.router.auto_args
+        floor, rest = split_floor(args)
+        choice = self.auto.choose(directive.body, floor)
+        return self._auto_route(directive, rest, choice), choice
+
+    def _auto_route(self, directive: CellDirective, rest: list[str], choice: Choice) -> Route:
+        shell = self.shell
+        assert shell is not None
+        route = self.router.resolve(dataclasses.replace(directive, tier=choice.tier, args=rest,
+                                                        has_magic=True))
+        sent = reads_to_send(route.body, shell.user_ns, set(shell.user_ns_hidden),
+                             self.values.holdings, choice.tier)
+        if sent:
+            given = tuple(route.options.get("in") or ())
+            route = dataclasses.replace(route, options={
+                **route.options, "in": tuple(dict.fromkeys(given + sent))})
+        return route
+
+    async def _run_auto(self, route: Route, request: CellRequest, parent: dict[str, Any],
+                        execution_id: str | None, choice: Choice,
+                        ) -> tuple[ExecResult, Choice]:
+        """Run an auto cell in its chosen tier; when it fails there for a capability before
+        any output, run it once more one tier up (``AutoTier.escalation``)."""
+        note = self.auto.note(choice, self.auto_notice)
+        backend, counted = route.backend, True
+        while True:
+            following: list[Choice] = []
+
+            def escalate(result: ExecResult, current: Choice = choice,
+                         found: list[Choice] = following) -> bool:
+                error = result.error
+                up = self.auto.escalation(current, error.ename) if error else None
+                if up is not None:
+                    found.append(up)
+                return up is not None
+
+            result = await self._run_isolated(backend, request, parent, execution_id,
+                                              escalate=escalate, note=note, count=counted)
+            if not following:
+                return result, choice
+            choice, counted = following[0], False
+            note = self.auto.note(choice, self.auto_notice)
+            directive = split_cell(request.code)
+            rest = split_floor(directive.args)[1] if directive.tier == "auto" else \
+                split_floor(self.router.auto_args)[1]
+            route = self._auto_route(directive, rest, choice)
+            backend = route.backend
+            request = dataclasses.replace(request, tier=backend.name, options=route.options)
 
     async def run_ipython_cell(self, request: CellRequest) -> dict[str, Any]:
         """Run a cell through IPython exactly as ipykernel would (the native tier's engine)."""
@@ -344,17 +423,30 @@ class TierKernel(IPythonKernel):
     async def _run_isolated(
         self, backend: Backend, request: CellRequest, parent: dict[str, Any],
         execution_id: str | None = None,
+        escalate: Callable[[ExecResult], bool] | None = None,
+        note: str | None = None, count: bool = True,
     ) -> ExecResult:
-        """Run a cell in a tier outside IPython, owing what IPython's run_cell would do."""
+        """Run a cell in a tier outside IPython, owing what IPython's run_cell would do.
+
+        With ``escalate`` (an auto cell that may run again one tier up), the cell's errors are
+        held until it ends: when it printed nothing and ``escalate(result)`` says it runs
+        again, they are dropped. ``note`` is a line shown first; ``count`` False for the run
+        again, whose cell was counted already."""
         shell = self.shell
         assert shell is not None
-        self._count_cell(request.code, request.store_history)
+        if count:
+            self._count_cell(request.code, request.store_history)
         # The stdin channel's reply goes to the client of this execute_request (its routing
         # identity, kept by ipykernel in a context variable of the request's task).
         ident = self._get_shell_context_var(self._shell_parent_ident)
         stdin = StdinRequester(self, parent, ident, request.allow_stdin)
-        sink = IopubSink(self.session, self.iopub_socket, self._topic, parent,
-                         request.execution_count, request.silent, stdin)
+        sink: Any = IopubSink(self.session, self.iopub_socket, self._topic, parent,
+                              request.execution_count, request.silent, stdin)
+        if note:
+            sink.stream("stderr", note + "\n")
+        held = HeldErrors(sink) if escalate is not None else None
+        if held is not None:
+            sink = held
         if self.router.notice:
             sink.stream("stderr", self.router.notice + "\n")
             self.router.notice = ""
@@ -388,6 +480,10 @@ class TierKernel(IPythonKernel):
                         result = await asyncio.to_thread(
                             self.values.take, backend.name, names_out, result, sink,
                             execution_id)
+                    if held is not None and escalate is not None:
+                        if not result.success and not held.produced and escalate(result):
+                            held.drop()
+                        held.release()
         except Exception as exc:  # a tier failure, not a failure of the user's code
             self.log.exception("tier %r failed", backend.name)
             error = ExecError(

@@ -16,6 +16,7 @@ from tierkernel.backends.options import OptionSpec
 from tierkernel.backends.registry import BrokenTier, discover
 from tierkernel.backends.tier_use import TierUse
 from tierkernel.errors import TierUnavailableError, TierUsageError
+from tierkernel.kernel.auto import split_floor
 from tierkernel.magics.parsing import CellDirective, parse_options, usage
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ class TierRow:
 class TierTable:
     """The ``%tier`` table; IPython displays it as HTML in notebooks and text in consoles."""
 
-    def __init__(self, rows: list[TierRow]) -> None:
+    def __init__(self, rows: list[TierRow], note: str = "") -> None:
         self.rows = rows
+        #: A line under the table (how ``%tier auto`` chooses, when it is the default).
+        self.note = note
 
     def __repr__(self) -> str:
         header = ("tier", "available", "isolation", "limits / reason")
@@ -64,7 +67,8 @@ class TierTable:
         lines = ["  ".join(cell.ljust(widths[i]) if i < 3 else cell
                            for i, cell in enumerate(row))
                  for row in [("  " + header[0], *header[1:]), *body]]
-        lines.append("(* = default tier for cells without %%tier; change it with %tier NAME)")
+        lines.append(self.note or
+                     "(* = default tier for cells without %%tier; change it with %tier NAME)")
         return "\n".join(line.rstrip() for line in lines)
 
     def _repr_html_(self) -> str:
@@ -79,6 +83,7 @@ class TierTable:
         return (
             "<table><thead><tr><th>tier</th><th>available</th><th>isolation</th>"
             "<th>limits / reason</th></tr></thead><tbody>" + "".join(cells) + "</tbody></table>"
+            + (f"<p>{html.escape(self.note)}</p>" if self.note else "")
         )
 
 
@@ -127,6 +132,8 @@ class TierRouter:
         self._warm_task: asyncio.Future[None] | None = None
         #: Options set for the rest of the session with ``%tier NAME --opt value``.
         self.session_options: dict[str, dict[str, Any]] = {}
+        #: The words of ``%tier auto [--floor TIER] [--opt value]`` while auto is the default.
+        self.auto_args: list[str] = []
         self.notice = ""
         if default_tier not in self.backends:
             fallback = "native" if "native" in self.backends else min(self.backends, default="")
@@ -205,6 +212,14 @@ class TierRouter:
 
     def set_default(self, name: str, args: list[str]) -> str:
         """``%tier NAME [--opt value]``: make ``name`` the default; return the confirmation."""
+        if name == "auto":
+            floor, _ = split_floor(args)
+            if {"in", "out"} & _given_names(args):
+                raise TierUsageError("--in and --out move variables for one cell: put them on "
+                                     "that cell's %%tier line, not on %tier")
+            self.default, self.auto_args = "auto", list(args)
+            return (f"Default tier is now 'auto': each cell without %%tier runs in the fastest "
+                    f"tier at or above {floor!r} that can run it.")
         backend = self.backend(name)
         options = self.options_for(backend, args)
         self.check_available(backend)
@@ -236,7 +251,12 @@ class TierRouter:
             rows.append(TierRow(name, name == self.default, status_ok, backend.isolation, detail))
         for broken in self.broken:
             rows.append(TierRow(broken.name, False, False, "?", broken.reason))
-        return TierTable(rows)
+        note = ""
+        if self.default == "auto":
+            floor, _ = split_floor(self.auto_args)
+            note = (f"(default: auto: each cell without %%tier runs in the fastest tier at or "
+                    f"above {floor!r} that can run it; change it with %tier NAME)")
+        return TierTable(rows, note)
 
     def _limits(self, backend: Backend) -> str:
         text = backend.describe_limits()

@@ -94,6 +94,9 @@ class ValueExchange:
         """The values blob of ``names`` for a cell of ``tier``: from the kernel's namespace,
         or first from the tier that has the latest value of a name the kernel lacks."""
         await self.fetch_missing(names, tier, execution_id)
+        names = tuple(name for name in names if not self._lives_only_in(name, tier))
+        if not names:
+            return b""
         try:
             blob = codec.encode({name: self.namespace[name] for name in names}, self.limits)
         except codec.ValueCodecError as exc:
@@ -109,9 +112,10 @@ class ValueExchange:
         it; :class:`ValueTransferError` naming what to do when none is known to."""
         by_tier: dict[str, list[str]] = {}
         for name in names:
-            if name in self.namespace:
-                continue
             held = self.holdings.get(name)
+            elsewhere = held is not None and "native" not in held.tiers
+            if (name in self.namespace and not elsewhere) or self._lives_only_in(name, tier):
+                continue
             source = next((t for t in sorted(held.tiers) if t not in ("native", tier)), None) \
                 if held else None
             if source is None:
@@ -122,6 +126,24 @@ class ValueExchange:
             by_tier.setdefault(source, []).append(name)
         for source, wanted in by_tier.items():
             await self.get(source, tuple(wanted), execution_id)
+
+    def assigned_in(self, tier: str, names: frozenset[str]) -> None:
+        """A cell of ``tier`` assigned ``names`` (``%tier auto`` reads them statically): their
+        latest values now live there. A native cell's assignments make the kernel's copy the
+        latest of a name that had moved."""
+        for name in names:
+            if tier == "native":
+                held = self.holdings.get(name)
+                if held is not None:
+                    held.tiers = {"native"}
+            else:
+                held = self.holdings.setdefault(name, Holding())
+                held.tiers = {tier}
+                held.type, held.size = "(not moved yet)", 0
+
+    def _lives_only_in(self, name: str, tier: str) -> bool:
+        held = self.holdings.get(name)
+        return held is not None and "native" not in held.tiers and tier in held.tiers
 
     def take(self, tier: str, names: tuple[str, ...], result: ExecResult, sink: OutputSink,
              execution_id: str | None) -> ExecResult:

@@ -24,7 +24,7 @@ from tierkernel.backends.registry import BrokenTier
 from tierkernel.errors import TierUnavailableError, TierUsageError
 from tierkernel.magics.parsing import HELP_WORDS
 
-_NATIVE_LINE = re.compile(r"^\s*%%tier\s+native(\s|$)")
+_NATIVE_LINE = re.compile(r"^\s*%%tier\s+(native|auto)(\s|$)")
 
 
 class Tiers(Protocol):
@@ -61,7 +61,8 @@ class Tiers(Protocol):
 
 
 def strip_native_line(lines: list[str]) -> list[str]:
-    """IPython cleanup transformer: drop a leading ``%%tier native ...`` line.
+    """IPython cleanup transformer: drop a leading ``%%tier native ...`` line (or ``%%tier auto
+    ...``, when auto chose the native tier).
 
     The line is replaced by an empty one so IPython's tracebacks keep the cell's line numbers,
     unless another cell magic follows (``%%tier native`` then ``%%time``), which IPython only

