@@ -155,6 +155,10 @@ def test_the_limits_hold_on_both_sides():
         decode(small, Limits(max_bytes=4000))
     with pytest.raises(ValueCodecError, match="deeper than 3"):
         encode({"x": [[[[[1]]]]]}, Limits(max_depth=3))
+    with pytest.raises(ValueCodecError, match=r"structure takes .* over the limit of 100 bytes"):
+        encode({"x": list(range(100))}, Limits(max_header=100))
+    with pytest.raises(ValueCodecError, match=r"structure takes .* over the limit of 100 bytes"):
+        decode(encode({"x": list(range(100))}), Limits(max_header=100))
     with pytest.raises(ValueCodecError, match="more than 10 elements"):
         decode(encode({"x": list(range(20))}), Limits(max_nodes=10))
     nested: list[Any] = []

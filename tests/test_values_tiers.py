@@ -149,7 +149,7 @@ FORGED = {
     "a pickle": ("send(pickle.dumps({'x': Planted()}))", "not a tierkernel values blob"),
     "a huge nested list": (
         "send(blob({'x': {'t': 'list', 'items': [{'t': 'none'}] * 1_200_000}}))",
-        "more than 1000000 elements"),
+        "structure takes 17.2 MiB, over the limit of 8.0 MiB"),
     "a deep structure": (
         "send(b'TKV1' + struct.pack('>I', 400_000) + b'[' * 400_000)", "nested deeper"),
     "a false size": (

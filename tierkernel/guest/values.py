@@ -47,15 +47,26 @@ _NULLABLE = {"Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UI
              "Float32", "Float64", "boolean"}
 
 
+_HEADER = ("the values' structure takes {}, over the limit of {}: lists, dicts and object "
+           "columns of that many elements move as numpy arrays or typed DataFrame columns")
+
+
 class ValueCodecError(ValueError):
     """A value that cannot move between tiers, or a blob that is not a well-formed one."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds of one blob: its bytes, how deep values nest, how many nodes it holds."""
+    """Bounds of one blob: its bytes, its header's bytes, how deep values nest, how many nodes
+    it holds.
+
+    The header is bounded on its own because JSON grows as it is read (each small node of a
+    list becomes a dict of its own, some 20 times its bytes): the bulk of real data is in the
+    buffers (arrays, typed and string columns), and a plain list of more than some 200,000
+    numbers belongs in a numpy array."""
 
     max_bytes: int = 256 << 20
+    max_header: int = 8 << 20
     max_depth: int = 64
     max_nodes: int = 1_000_000
 
@@ -74,6 +85,8 @@ def encode(values: dict[str, Any], limits: Limits = Limits()) -> bytes:
             raise ValueCodecError(f"{name!r}: {exc}") from None
     header = json.dumps({"values": nodes, "buffers": encoder.sizes},
                         separators=(",", ":")).encode()
+    if len(header) > limits.max_header:
+        raise ValueCodecError(_HEADER.format(_size(len(header)), _size(limits.max_header)))
     total = len(MAGIC) + 4 + len(header) + encoder.total
     if total > limits.max_bytes:
         raise ValueCodecError(f"the values take {_size(total)}, over the limit of "
@@ -282,6 +295,8 @@ def decode(blob: bytes, limits: Limits = Limits()) -> dict[str, Any]:
     if blob[:4] != MAGIC or len(blob) < 8:
         raise ValueCodecError("not a tierkernel values blob")
     (length,) = struct.unpack(">I", blob[4:8])
+    if length > limits.max_header:
+        raise ValueCodecError(_HEADER.format(_size(length), _size(limits.max_header)))
     if 8 + length > len(blob):
         raise ValueCodecError("the header claims more bytes than the blob holds")
     try:
