@@ -103,3 +103,39 @@ def test_the_note_shows_only_when_the_tier_changes(kernel: KernelSession):
     again = kernel.run("%%tier auto\nx = 2")
     assert "[tier auto] wasm" in first.stderr
     assert again.stderr == ""
+
+
+def test_a_cell_goes_where_its_variables_live(kernel: KernelSession):
+    # A value that cannot move (a function) made in the sandbox: a later cell that reads it,
+    # which wasm could run, runs in the sandbox, where it is.
+    made = kernel.run("%%tier auto\nimport subprocess\nscale = lambda v: v * 3")
+    assert auto(made)["tier"] == "sandbox"
+    used = kernel.run("%%tier auto\nprint(scale(2))")
+    assert auto(used)["tier"] == "sandbox" and auto(used)["reason"] == "scale live there"
+    assert used.stdout == "6\n"
+
+
+def test_a_cell_that_changed_the_workspace_is_not_run_again(kernel: KernelSession):
+    wrote = kernel.run("%%tier auto --floor process\nopen('auto-wrote.txt', 'w').write('x')\n"
+                       "import importlib\nimportlib.import_module('no_' + 'such')")
+    assert auto(wrote)["tier"] == "process" and "escalated_from" not in auto(wrote)
+    assert wrote.error["ename"] == "ModuleNotFoundError"
+    clean = kernel.run("%%tier auto --floor process\nimport importlib\n"
+                       "importlib.import_module('no_' + 'such')")
+    assert auto(clean)["tier"] == "wasm" and auto(clean)["escalated_from"] == "process"
+
+
+def test_only_names_the_cell_reads_from_the_kernel_go_with_it(kernel: KernelSession):
+    assert kernel.run("token = 'kernel-secret'").status == "ok"
+    out = kernel.run("%%tier auto\ndef echo(token):\n    return token\n"
+                     "print(echo('x'), 'token' in globals())")
+    assert auto(out)["tier"] == "wasm" and out.stdout == "x False\n", out.outputs
+
+
+def test_a_kernel_value_assigned_unseen_is_not_overwritten_by_a_tier(kernel: KernelSession):
+    assert auto(kernel.run("%%tier auto\nlevel = 1"))["tier"] == "wasm"
+    # Assigned where no static look sees it: the kernel's object is newer than wasm's.
+    assert kernel.run("globals()['level'] = 2").status == "ok"
+    out = kernel.run("%%tier auto\nimport subprocess\nprint(level)")
+    assert auto(out)["tier"] == "sandbox" and out.stdout == "2\n", out.outputs
+    assert kernel.run("print(level)").stdout == "2\n"

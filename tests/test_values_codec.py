@@ -69,6 +69,9 @@ VALUES = {
     "multiindex": pd.DataFrame({"v": [1, 2]}, index=pd.MultiIndex.from_tuples(
         [("a", 1), ("b", 2)], names=["k", "n"])),
     "int columns": pd.DataFrame(np.eye(2)),
+    "object strings": pd.Series(["a", None], dtype=object),
+    "lists in a column": pd.DataFrame({"pair": [[1, 2], [3, 4]]}),
+    "object index": pd.DataFrame({"v": [1, 2]}, index=pd.Index(["x", "y"], dtype=object)),
     "empty frame": pd.DataFrame(),
 }
 
@@ -134,6 +137,32 @@ HOSTILE = {
                 "a": {"t": "ndarray", "dtype": "<M8[ns]", "shape": [1], "b": 0}}}},
         b"\0" * 8, [8]),
     "an unknown kind": blob({"x": {"t": "__import__('os')"}}),
+    "one buffer named many times": blob({"x": {"t": "list", "items": [
+        {"t": "bytes", "b": 0}] * 1000}}, b"\0" * 4096, [4096]),
+    "a buffer no value uses": blob({"x": {"t": "none"}}, b"\0" * 8, [8]),
+    "a pair of three": blob({"x": {"t": "dict", "items": [[{"t": "none"}] * 3]}}),
+    "a zero-width string dtype": blob({"x": {"t": "ndarray", "dtype": "<U0", "shape": [5],
+                                             "b": 0}}),
+    "an empty array of huge dimensions": blob({"x": {"t": "ndarray", "dtype": "<f8",
+                                                     "shape": [0, 2**62, 2**62], "b": 0}},
+                                              b"", [0]),
+    "a datetime unit with a multiplier": blob({"x": {"t": "ndarray", "dtype": "<M8[3Y]",
+                                                     "shape": [1], "b": 0}}, b"\0" * 8, [8]),
+    "keys of one hash": blob({"x": {"t": "dict", "items": [
+        [{"t": "int", "v": str(n * (2**61 - 1))}, {"t": "none"}] for n in range(1, 200)]}}),
+    "a range past int64": blob({"x": {"t": "frame", "cols": [], "index": {
+        "k": "range", "start": 0, "stop": 10**30, "step": 1, "name": {"t": "none"}},
+        "columns": {"k": "range", "start": 0, "stop": 0, "step": 1, "name": {"t": "none"}}}}),
+    "string lengths that wrap": blob({"x": {"t": "series", "name": {"t": "none"},
+        "index": {"k": "range", "start": 0, "stop": 5, "step": 1, "name": {"t": "none"}},
+        "col": {"k": "str", "dtype": None, "b": 1,
+                "lengths": {"t": "ndarray", "dtype": "<i8", "shape": [5], "b": 0}}}},
+        struct.pack("<5q", 2**62, 2**62, 2**62, 2**62, 2) + b"ab", [40, 2]),
+    "bytes that are not UTF-8": blob({"x": {"t": "series", "name": {"t": "none"},
+        "index": {"k": "range", "start": 0, "stop": 1, "step": 1, "name": {"t": "none"}},
+        "col": {"k": "str", "dtype": None, "b": 1,
+                "lengths": {"t": "ndarray", "dtype": "<i8", "shape": [1], "b": 0}}}},
+        struct.pack("<q", 2) + b"\xff\xfe", [8, 2]),
     "not JSON": b"TKV1" + struct.pack(">I", 3) + b"{x}",
 }
 
@@ -145,6 +174,17 @@ def test_a_hostile_blob_is_refused_as_data(name: str):
     with pytest.raises(ValueCodecError):
         decode(HOSTILE[name])
     assert not marker.exists()
+
+
+def test_strings_kept_by_pyarrow_elsewhere_arrive_here_without_it():
+    text = blob({"x": {"t": "series", "name": {"t": "none"},
+                       "index": {"k": "range", "start": 0, "stop": 2, "step": 1,
+                                 "name": {"t": "none"}},
+                       "col": {"k": "str", "dtype": {"storage": "pyarrow", "na": "NA"}, "b": 1,
+                               "lengths": {"t": "ndarray", "dtype": "<i8", "shape": [2],
+                                           "b": 0}}}},
+                struct.pack("<2q", 2, -1) + b"ab", [16, 2])
+    assert decode(text)["x"].tolist()[0] == "ab"
 
 
 def test_the_limits_hold_on_both_sides():

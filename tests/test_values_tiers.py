@@ -118,6 +118,9 @@ def test_unsupported_and_unknown_names_say_what_to_do(kernel: KernelSession):
     assert out.error["ename"] == "TierUsageError" and "variable names" in out.error["evalue"]
     out = kernel.run("%tier sandbox --in V")  # IPython shows a magic's UsageError on stderr
     assert out.status == "error" and "that cell's %%tier line" in out.stderr
+    out = kernel.run("%put remote V")
+    assert out.error["ename"] == "ValueTransferError" and "does not take or send variables" \
+        in out.error["evalue"]
     out = kernel.run("x = 1\n%get sandbox kept")
     assert out.status == "error" and "cell of its own" in out.stderr
 

@@ -81,3 +81,8 @@ class ExecResult:
     #: from the tier), or why the tier could not send them.
     values: bytes | None = None
     values_error: str | None = None
+    #: Whether the cell changed the workspace, where the tier can tell (an agent tier that
+    #: watches its working folder); False where it cannot.
+    workspace_changed: bool = False
+    #: Runtime helper calls (ai, api, db, console) the cell made, where the tier counts them.
+    helper_calls: int = 0

@@ -228,6 +228,9 @@ class Backend(LoggingConfigurable):
     #: True only for the kernel's own IPython: such a tier runs through IPython's machinery
     #: (which publishes output itself) rather than through the sink.
     in_kernel: ClassVar[bool] = False
+    #: Whether the tier takes a request's ``inputs`` and sends back its ``outputs`` (variables
+    #: between tiers): the agent tiers do.
+    moves_values: ClassVar[bool] = False
 
     timeout = Float(
         30.0,

@@ -10,6 +10,7 @@ import ast
 import builtins
 import functools
 import re
+import symtable
 
 _IMPORT = re.compile(r"^\s*(?:from\s+([A-Za-z_][\w.]*)\s+import\b"
                      r"|import\s+([\w.,\s]+?)\s*(?:#.*)?$)")
@@ -56,15 +57,33 @@ def names(code: str) -> tuple[frozenset[str], frozenset[str]]:
     empty when the cell is not plain Python."""
     try:
         tree = ast.parse(code)
+        table = symtable.symtable(code, "<cell>", "exec")
     except (SyntaxError, ValueError):
         return frozenset(), frozenset()
+    # Only names looked up in the cell's global scope: a function's parameters, a lambda's
+    # or a comprehension's variables are their own scope's, never the kernel's.
+    global_reads = _global_reads(table)
+    module_stores = {symbol.get_name() for symbol in table.get_symbols()
+                     if symbol.is_assigned() or symbol.is_imported()}
     assigned: set[str] = set()
     read: set[str] = set()
     for statement in tree.body:
         loads, stores = _names_in(statement)
-        read |= loads - assigned
-        assigned |= stores
+        if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
+            global_reads.add(statement.target.id)  # x += 1 reads x first
+        read |= (loads & global_reads) - assigned
+        assigned |= stores & module_stores
     return frozenset(read - _BUILTINS), frozenset(assigned)
+
+
+def _global_reads(table: symtable.SymbolTable) -> set[str]:
+    """The names ``table`` and the scopes inside it read from the module's global scope."""
+    module = table.get_type() == "module"
+    out = {symbol.get_name() for symbol in table.get_symbols()
+           if symbol.is_referenced() and (module or symbol.is_global())}
+    for child in table.get_children():
+        out |= _global_reads(child)
+    return out
 
 
 def _names_in(statement: ast.stmt) -> tuple[set[str], set[str]]:
@@ -73,6 +92,8 @@ def _names_in(statement: ast.stmt) -> tuple[set[str], set[str]]:
     for node in ast.walk(statement):
         if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Del):
             (loads if isinstance(node.ctx, ast.Load) else stores).add(node.id)
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            loads.add(node.target.id)  # x += 1 reads x first
     if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         stores = {statement.name}  # what the body binds is its own
     elif isinstance(statement, (ast.Import, ast.ImportFrom)):

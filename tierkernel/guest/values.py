@@ -26,6 +26,8 @@ claimed size is checked against the bytes actually there.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
 import re
@@ -39,7 +41,11 @@ SUPPORTED = ("None, bool, int, float, complex, str, bytes; lists, tuples and dic
              "strings; pandas DataFrames and Series")
 
 #: numpy dtypes a blob may name: byte order, kind and size (and a datetime unit).
-_DTYPE = re.compile(r"^[<>|=](b1|[iuf]\d{1,2}|c\d{1,2}|[mM]8(\[\d*[a-zA-Z]{1,2}\])?|[US]\d{1,9})$")
+_DTYPE = re.compile(r"^[<>|=](b1|[iuf]\d{1,2}|c\d{1,2}|[mM]8\[(Y|M|W|D|h|m|s|ms|us|ns)\]"
+                    r"|[US][1-9]\d{0,8})$")
+#: Keys of one dict that may share a hash: more make building it quadratic (ints equal modulo
+#: 2**61 - 1 all hash alike), a way to spend the host's CPU.
+_SAME_HASH = 64
 _FREQ = re.compile(r"^-?\d{0,9}[A-Za-z]{1,8}(-[A-Za-z]{1,8})?$")
 _INT = re.compile(r"^-?\d{1,4300}$")
 _TZ = re.compile(r"^[A-Za-z0-9_+\-]{1,32}(/[A-Za-z0-9_+\-]{1,32}){0,3}$")
@@ -248,12 +254,19 @@ class _Encoder:
 
     def strings(self, values: Any, dtype: dict[str, str] | None) -> dict[str, Any]:
         import numpy as np
+        import pandas as pd
 
         encoded = [None if not isinstance(v, str) else v.encode("utf-8", "surrogatepass")
                    for v in values]
         lengths = np.array([-1 if e is None else len(e) for e in encoded], dtype="<i8")
-        return {"k": "str", "dtype": dtype, "lengths": self.array(lengths),
-                "b": self.buffer(b"".join(e for e in encoded if e is not None))}
+        out = {"k": "str", "dtype": dtype, "lengths": self.array(lengths),
+               "b": self.buffer(b"".join(e for e in encoded if e is not None))}
+        if dtype is None:
+            # Strings in an object column: chosen so where pandas has a string dtype (3 and
+            # later), and kept as objects; pandas' only way before it, and then left for the
+            # receiving pandas to make its default of.
+            out["objects"] = int(pd.__version__.split(".")[0]) >= 3
+        return out
 
 
 def _pd_na() -> Any:
@@ -324,9 +337,13 @@ def decode(blob: bytes, limits: Limits = Limits()) -> dict[str, Any]:
             out[name] = decoder.node(node, 0)
         except ValueCodecError as exc:
             raise ValueCodecError(f"{name!r}: {exc}") from None
-        except (KeyError, TypeError, IndexError, AttributeError, OverflowError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # whatever numpy or pandas make of a malformed value
             raise ValueCodecError(f"{name!r}: a malformed value ({type(exc).__name__}: "
-                                  f"{exc})") from None
+                                  f"{str(exc)[:200]})") from None
+    if len(decoder.used) != len(buffers):
+        raise ValueCodecError("buffers that no value uses")
     return out
 
 
@@ -335,6 +352,9 @@ class _Decoder:
         self.limits = limits
         self.buffers = buffers
         self.nodes = 0
+        #: Each buffer is read once: many nodes naming one buffer would each make a copy of
+        #: it, and memory would grow past any limit on the blob.
+        self.used: set[int] = set()
 
     def count(self, depth: int, n: int = 1) -> None:
         if depth > self.limits.max_depth:
@@ -346,6 +366,9 @@ class _Decoder:
     def buffer(self, index: Any) -> memoryview:
         if type(index) is not int or not 0 <= index < len(self.buffers):
             raise ValueCodecError("a reference to a buffer that is not there")
+        if index in self.used:
+            raise ValueCodecError("a buffer used twice")
+        self.used.add(index)
         return self.buffers[index]
 
     def node(self, node: Any, depth: int) -> Any:
@@ -382,13 +405,17 @@ class _Decoder:
             return items if t == "list" else tuple(items)
         if t == "dict":
             out = {}
+            hashes: dict[int, int] = {}
             for pair in _typed(node["items"], list):
                 key, value = _typed(pair, list)
                 k = self.node(key, depth + 1)
                 try:
-                    hash(k)
+                    h = hash(k)
                 except TypeError:
                     raise ValueCodecError("a dict key that is not hashable") from None
+                hashes[h] = hashes.get(h, 0) + 1
+                if hashes[h] > _SAME_HASH:
+                    raise ValueCodecError(f"a dict with more than {_SAME_HASH} keys of one hash")
                 out[k] = self.node(value, depth + 1)
             return out
         if t == "ndarray":
@@ -406,7 +433,7 @@ class _Decoder:
             if len(values) != len(index):
                 raise ValueCodecError("a Series whose index and values differ in length")
             return pd.Series(values, index=index, name=self.node(node["name"], depth + 1),
-                             copy=False)
+                             dtype=_object_or_none(values), copy=False)
         if t == "frame":
             import pandas as pd
 
@@ -415,7 +442,9 @@ class _Decoder:
             data = [self.column(c, depth + 1) for c in _typed(node["cols"], list)]
             if len(columns) != len(data) or any(len(v) != len(index) for v in data):
                 raise ValueCodecError("a DataFrame whose columns do not fit its index")
-            frame = pd.DataFrame(dict(enumerate(data)), index=index, copy=False)
+            frame = pd.DataFrame({i: pd.Series(v, index=index, dtype=_object_or_none(v),
+                                               copy=False) for i, v in enumerate(data)},
+                                 index=index, copy=False)
             frame.columns = columns
             return frame
         raise ValueCodecError(f"an unknown kind of value {str(t)[:40]!r}")
@@ -430,7 +459,8 @@ class _Decoder:
             raise ValueCodecError(f"an array of a dtype that does not move ({dtype_text[:40]!r})")
         dtype = np.dtype(dtype_text)
         shape = _typed(node["shape"], list)
-        if len(shape) > 32 or not all(type(n) is int and n >= 0 for n in shape):
+        if len(shape) > 32 or not all(type(n) is int and 0 <= n <= 1 << 40 for n in shape) \
+                or math.prod(shape) > 1 << 40:
             raise ValueCodecError("a malformed array shape")
         data = self.buffer(node["b"])
         count = math.prod(shape)
@@ -482,7 +512,8 @@ class _Decoder:
             data = bytes(self.buffer(node["b"]))
             if lengths.dtype != np.dtype("<i8") or lengths.ndim != 1:
                 raise ValueCodecError("a malformed string column")
-            if int(lengths[lengths > 0].sum()) != len(data) or (lengths < -1).any():
+            sizes = lengths.tolist()
+            if any(n < -1 for n in sizes) or sum(n for n in sizes if n > 0) != len(data):
                 raise ValueCodecError("a string column whose lengths do not match its bytes")
             self.count(depth, len(lengths))
             out: list[Any] = []
@@ -495,13 +526,15 @@ class _Decoder:
                     at += n
             spec = node.get("dtype")
             dtype = _string_dtype(_typed(spec, dict)) if spec is not None else None
+            if spec is None and not node.get("objects"):
+                return out  # a list: this pandas makes of it what it makes of strings
             if dtype is None:  # an object column (what pandas before 3 makes of strings)
                 missing = np.nan if spec is not None else None
-                return np.array([missing if v is None else v for v in out], dtype=object)
+                return _objects([missing if v is None else v for v in out])
             return pd.array(out, dtype=dtype)
         if kind == "obj":
             items = _typed(node["items"], list)
-            return np.array([self.node(x, depth + 1) for x in items] or [], dtype=object)
+            return _objects([self.node(x, depth + 1) for x in items])
         raise ValueCodecError(f"an unknown kind of column {str(kind)[:40]!r}")
 
     def index(self, node: Any, depth: int) -> Any:
@@ -511,8 +544,9 @@ class _Decoder:
         kind = _typed(node, dict).get("k")
         if kind == "range":
             start, stop, step = (_typed(node[k], int) for k in ("start", "stop", "step"))
-            if step == 0:
-                raise ValueCodecError("a range index with a step of 0")
+            if step == 0 or not all(-(1 << 63) <= n < 1 << 63 for n in (start, stop, step)) \
+                    or len(range(start, stop, step)) > 1 << 40:
+                raise ValueCodecError("a range index out of bounds")
             return pd.RangeIndex(start, stop, step, name=self.node(node["name"], depth + 1))
         if kind == "multi":
             names = [self.node(n, depth + 1) for n in _typed(node["names"], list)]
@@ -521,17 +555,17 @@ class _Decoder:
                 raise ValueCodecError("a malformed MultiIndex")
             return pd.MultiIndex.from_arrays(levels, names=names)
         if kind == "index":
-            index = pd.Index(self.column(node["col"], depth + 1),
-                             name=self.node(node["name"], depth + 1))
+            values = self.column(node["col"], depth + 1)
+            index = pd.Index(values, name=self.node(node["name"], depth + 1),
+                             dtype=_object_or_none(values))
             freq = node.get("freq")
             if freq is not None:
                 if type(freq) is not str or not _FREQ.match(freq) or not hasattr(index, "freq"):
                     raise ValueCodecError("a malformed index frequency")
-                try:
+                # pandas renamed frequencies between versions ('M' and 'ME', 'H' and 'h'):
+                # one this pandas does not know leaves the index without it, as data.
+                with contextlib.suppress(ValueError, TypeError):
                     index = type(index)(index, freq=freq)
-                except ValueError as exc:
-                    raise ValueCodecError(f"an index frequency that does not fit ({exc})") \
-                        from None
             return index
         raise ValueCodecError(f"an unknown kind of index {str(kind)[:40]!r}")
 
@@ -545,12 +579,33 @@ def _string_dtype(spec: dict[str, Any]) -> Any:
     storage = spec.get("storage")
     if storage not in ("python", "pyarrow"):
         raise ValueCodecError("a string column of an unknown storage")
+    if storage == "pyarrow" and importlib.util.find_spec("pyarrow") is None:
+        storage = "python"  # the same strings, kept by Python here
     if spec.get("na") == "nan":
         try:
             return pd.StringDtype(storage, na_value=np.nan)
         except TypeError:  # a pandas before 2.3, whose strings are objects with NaN missing
             return None
     return pd.StringDtype(storage)
+
+
+def _objects(items: list[Any]) -> Any:
+    """A one-dimensional object array of ``items`` (numpy would make lists of equal length
+    a second dimension)."""
+    import numpy as np
+
+    out = np.empty(len(items), dtype=object)
+    for position, item in enumerate(items):
+        out[position] = item
+    return out
+
+
+def _object_or_none(values: Any) -> Any:
+    """``object`` for a numpy object array (so that pandas 3 keeps it, not inferring
+    strings)."""
+    import numpy as np
+
+    return object if isinstance(values, np.ndarray) and values.dtype == object else None
 
 
 def _typed(value: Any, kind: type) -> Any:

@@ -10,8 +10,9 @@ chosen tier differs from the previous auto cell's.
 The variables the cell reads that the kernel has (or a tier sent last) go with it, as ``--in``
 would send them; what it assigns is recorded as living in that tier, so a later cell elsewhere
 that reads it gets it from there. A cell that fails for a capability (a module the tier lacks,
-an operating-system call it cannot make) before it printed anything runs again one tier up,
-once, with a note.
+an operating-system call it cannot make) before it printed anything or changed the workspace
+(where its tier can tell: process and sandbox watch their working folder, wasm writes straight
+to the workspace) runs again one tier up, once, with a note.
 """
 
 from __future__ import annotations
@@ -81,11 +82,17 @@ class AutoTier:
         return [name for name in ORDER[lowest:] if name in self._backends
                 and (name != "native" or floor == "native")]
 
-    def choose(self, code: str, floor: str) -> Choice:
-        """The fastest tier at or above ``floor`` that can run ``code``;
-        :class:`TierUnavailableError` with each tier's reason when none can."""
+    def choose(self, code: str, floor: str,
+               living: dict[str, set[str]] | None = None) -> Choice:
+        """The fastest tier at or above ``floor`` that can run ``code``, or a slower one that
+        can where every variable the cell reads that lives outside the kernel already is
+        (``living``: name -> the tiers holding its latest value): its data does not move, and
+        a value that cannot move is where the cell needs it.
+        :class:`TierUnavailableError` with each tier's reason when no tier can."""
         skipped: list[str] = []
         tiers = self.candidates(floor)
+        homes = set.intersection(*living.values()) if living else set()
+        first: Choice | None = None
         for position, name in enumerate(tiers):
             backend = self._backends[name]
             why = backend.can_run(code)
@@ -98,7 +105,15 @@ class AutoTier:
                 continue
             reason = ("; ".join(skipped) if skipped
                       else f"the fastest tier at or above the floor ({floor})")
-            return Choice(name, reason, floor, tiers[position + 1:])
+            if first is None:
+                first = Choice(name, reason, floor, tiers[position + 1:])
+            if not homes or name in homes:
+                if first.tier != name and living:
+                    return Choice(name, f"{', '.join(sorted(living))} live there", floor,
+                                  tiers[position + 1:])
+                return first
+        if first is not None:
+            return first
         raise TierUnavailableError(
             f"%tier auto: no tier at or above the floor {floor!r} can run this cell ("
             + "; ".join(skipped or ["no tier at or above it is registered"]) + ")")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
+import logging
 import os
 import signal
 import threading
@@ -17,6 +18,7 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Enum, Float, List, Type, Unicode, default
 
 from tierkernel import __version__
+from tierkernel.backends import cell_look
 from tierkernel.backends.base import (
     Backend,
     CellRequest,
@@ -32,7 +34,6 @@ from tierkernel.errors import (
     TierError,
     TierUnavailableError,
     TierUsageError,
-    ValueTransferError,
 )
 from tierkernel.fsx import Fsx, set_current
 from tierkernel.kernel import completion
@@ -55,6 +56,8 @@ from tierkernel.magics.tier import TierMagics, strip_native_line
 from tierkernel.magics.values import ValueMagics
 from tierkernel.runtime.host import RuntimeHost
 from tierkernel.sizes import ByteSize
+
+log = logging.getLogger(__name__)
 
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
@@ -142,7 +145,7 @@ class TierKernel(IPythonKernel):
     ).tag(config=True)
 
     value_limit = ByteSize(
-        256 << 20,
+        256 << 20, minimum=1 << 10,
         help="Most bytes of variables one --in, --out, %get or %put moves between the kernel "
         "and a tier (e.g. 1g); a bigger move fails with what it would take. What a tier sends "
         "is also held to 64 levels of nesting and a million elements (put more in a numpy "
@@ -316,7 +319,7 @@ class TierKernel(IPythonKernel):
             try:  # what the cell reads from other tiers, before IPython runs it
                 await self.values.fetch_missing(tuple(route.options["in"]), "native",
                                                 context.execution_id)
-            except (ValueTransferError, TierUsageError, TierUnavailableError) as exc:
+            except Exception as exc:  # every cell gets a reply, whatever a tier sent
                 mark_cell(True)
                 reply = self._refuse(code, silent, store_history, parent, exc)
                 self.runtime.finish(context, ExecResult(
@@ -361,7 +364,8 @@ class TierKernel(IPythonKernel):
         options for it, and the variables the cell reads as ``--in``."""
         args = directive.args if directive.tier == "auto" else self.router.auto_args
         floor, rest = split_floor(args)
-        choice = self.auto.choose(directive.body, floor)
+        choice = self.auto.choose(directive.body, floor,
+                                  self.values.living(cell_look.names(directive.body)[0]))
         return self._auto_route(directive, rest, choice), choice
 
     def _auto_route(self, directive: CellDirective, rest: list[str], choice: Choice) -> Route:
@@ -384,27 +388,34 @@ class TierKernel(IPythonKernel):
         any output, run it once more one tier up (``AutoTier.escalation``)."""
         note = self.auto.note(choice, self.auto_notice)
         backend, counted = route.backend, True
+        directive = split_cell(request.code)
+        rest = split_floor(directive.args if directive.tier == "auto"
+                           else self.router.auto_args)[1]
         while True:
-            following: list[Choice] = []
+            following: list[tuple[Choice, Route]] = []
 
             def escalate(result: ExecResult, current: Choice = choice,
-                         found: list[Choice] = following) -> bool:
+                         found: list[tuple[Choice, Route]] = following) -> bool:
                 error = result.error
                 up = self.auto.escalation(current, error.ename) if error else None
-                if up is not None:
-                    found.append(up)
-                return up is not None
+                if up is None:
+                    return False
+                try:  # the tier up must be there and take the cell, or the error stands
+                    target = self.router.backends[up.tier]
+                    if target.can_run(directive.body) is not None:
+                        return False
+                    found.append((up, self._auto_route(directive, rest, up)))
+                except Exception:
+                    log.info("no run again in tier %r", up.tier, exc_info=True)
+                    return False
+                return True
 
             result = await self._run_isolated(backend, request, parent, execution_id,
                                               escalate=escalate, note=note, count=counted)
             if not following:
                 return result, choice
-            choice, counted = following[0], False
+            (choice, route), counted = following[0], False
             note = self.auto.note(choice, self.auto_notice)
-            directive = split_cell(request.code)
-            rest = split_floor(directive.args)[1] if directive.tier == "auto" else \
-                split_floor(self.router.auto_args)[1]
-            route = self._auto_route(directive, rest, choice)
             backend = route.backend
             request = dataclasses.replace(request, tier=backend.name, options=route.options)
 
@@ -442,14 +453,15 @@ class TierKernel(IPythonKernel):
         stdin = StdinRequester(self, parent, ident, request.allow_stdin)
         sink: Any = IopubSink(self.session, self.iopub_socket, self._topic, parent,
                               request.execution_count, request.silent, stdin)
+        if self.router.notice:
+            sink.stream("stderr", self.router.notice + "\n")
+            self.router.notice = ""
         if note:
             sink.stream("stderr", note + "\n")
         held = HeldErrors(sink) if escalate is not None else None
         if held is not None:
             sink = held
-        if self.router.notice:
-            sink.stream("stderr", self.router.notice + "\n")
-            self.router.notice = ""
+            workspace_before = self._workspace_token()
         started = time.perf_counter()
         stopped = threading.Event()
         previous = self._route_sigint(backend, stopped)
@@ -461,7 +473,7 @@ class TierKernel(IPythonKernel):
                 try:
                     inputs = (await self.values.gather(names_in, backend.name, execution_id)
                               if names_in else None)
-                except (ValueTransferError, TierUsageError, TierUnavailableError) as exc:
+                except Exception as exc:  # the cell is not run; the kernel says why
                     moved = _refused(backend.name, sink, exc, time.perf_counter() - started)
                 else:
                     request = dataclasses.replace(request, inputs=inputs, outputs=names_out,
@@ -481,7 +493,11 @@ class TierKernel(IPythonKernel):
                             self.values.take, backend.name, names_out, result, sink,
                             execution_id)
                     if held is not None and escalate is not None:
-                        if not result.success and not held.produced and escalate(result):
+                        wrote = result.workspace_changed or (
+                            workspace_before is None
+                            or self._workspace_token() != workspace_before)
+                        if (not result.success and not held.produced and not wrote
+                                and not result.helper_calls and escalate(result)):
                             held.drop()
                         held.release()
         except Exception as exc:  # a tier failure, not a failure of the user's code
@@ -521,7 +537,7 @@ class TierKernel(IPythonKernel):
                 text = await run_command(self.values, command, words, self.router.names,
                                          context.execution_id)
                 sink.stream("stdout", text + "\n")
-        except (ValueTransferError, TierUsageError, TierUnavailableError) as exc:
+        except Exception as exc:  # every cell gets a reply, whatever a tier sent
             error = ExecError(type(exc).__name__, str(exc))
             error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
             sink.error(error.ename, error.evalue, error.traceback)
@@ -531,6 +547,14 @@ class TierKernel(IPythonKernel):
         self.runtime.finish(context, result, time.perf_counter() - started)
         self._record(msg_id, "native", started, result.success, context.execution_id)
         return self._reply(result)
+
+    def _workspace_token(self) -> object | None:
+        """The fsx workspace's change token (every tier's writes reach fsx by the end of
+        its cell), or None when the workspace cannot tell or be opened."""
+        try:
+            return self.fsx.engine.change_token()
+        except Exception:
+            return None
 
     def _route_sigint(self, backend: Backend, stopped: threading.Event) -> Any:
         """While an outside tier runs, the stop button (SIGINT) interrupts that tier (and

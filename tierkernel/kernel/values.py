@@ -15,6 +15,7 @@ less trusted tier into a more trusted one, ``down in trust``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -42,6 +43,10 @@ class Holding:
     tiers: set[str] = field(default_factory=set)
     type: str = ""
     size: int = 0
+    #: The kernel's object of that name when a tier's cell last assigned it: if the kernel's
+    #: name holds another object now, a native cell assigned it since, and the kernel's is the
+    #: latest after all.
+    kernel_id: int | None = None
 
 
 class _Collect:
@@ -113,7 +118,7 @@ class ValueExchange:
         by_tier: dict[str, list[str]] = {}
         for name in names:
             held = self.holdings.get(name)
-            elsewhere = held is not None and "native" not in held.tiers
+            elsewhere = self._elsewhere(name)
             if (name in self.namespace and not elsewhere) or self._lives_only_in(name, tier):
                 continue
             source = next((t for t in sorted(held.tiers) if t not in ("native", tier)), None) \
@@ -140,10 +145,25 @@ class ValueExchange:
                 held = self.holdings.setdefault(name, Holding())
                 held.tiers = {tier}
                 held.type, held.size = "(not moved yet)", 0
+                held.kernel_id = id(self.namespace[name]) if name in self.namespace else None
+
+    def living(self, names: frozenset[str]) -> dict[str, set[str]]:
+        """Of ``names``, those whose latest value is not the kernel's, with the tiers that
+        hold it."""
+        return {name: set(self.holdings[name].tiers) for name in names if self._elsewhere(name)}
+
+    def _elsewhere(self, name: str) -> bool:
+        """Whether the latest value of ``name`` is a tier's, not the kernel's."""
+        held = self.holdings.get(name)
+        if held is None or "native" in held.tiers:
+            return False
+        if name in self.namespace and id(self.namespace[name]) != held.kernel_id:
+            held.tiers = {"native"}  # assigned in the kernel since (a way no cell told)
+            return False
+        return True
 
     def _lives_only_in(self, name: str, tier: str) -> bool:
-        held = self.holdings.get(name)
-        return held is not None and "native" not in held.tiers and tier in held.tiers
+        return self._elsewhere(name) and tier in self.holdings[name].tiers
 
     def take(self, tier: str, names: tuple[str, ...], result: ExecResult, sink: OutputSink,
              execution_id: str | None) -> ExecResult:
@@ -167,7 +187,8 @@ class ValueExchange:
         result = await self._run(tier, CellRequest(
             code="", body="", tier=tier, options={}, execution_count=0, silent=True,
             store_history=False, outputs=names, values_limit=self.limits.max_bytes))
-        self._store(tier, names, result, execution_id)
+        # Decoded off the event loop: the kernel keeps answering while it takes its time.
+        await asyncio.to_thread(self._store, tier, names, result, execution_id)
 
     async def put(self, tier: str, names: tuple[str, ...], execution_id: str | None) -> None:
         """``%put TIER names``: the kernel's values of ``names`` into the tier."""
@@ -199,10 +220,16 @@ class ValueExchange:
         if backend.in_kernel:
             raise ValueTransferError(f"the {tier} tier's variables are the kernel's own: "
                                      "nothing to move")
+        if not backend.moves_values:
+            raise ValueTransferError(f"the {tier} tier does not take or send variables")
         request = dataclasses.replace(request, options=self._options(backend))
         sink = _Collect()
-        await backend.start()
-        result = await backend.execute(request, sink)
+        try:
+            await backend.start()
+            result = await backend.execute(request, sink)
+        except Exception as exc:  # the tier could not start or run: said as the move's error
+            raise ValueTransferError(f"the {tier} tier could not run the move: "
+                                     f"{type(exc).__name__}: {exc}") from None
         if not result.success and sink.errors and result.error is None:
             result.error = ExecError("Error", "; ".join(sink.errors))
         return result
@@ -291,8 +318,10 @@ async def run_command(exchange: ValueExchange, command: str, words: list[str],
 def _why(result: ExecResult) -> str:
     if result.values_error:
         return result.values_error
-    if result.error is not None:
-        return f"{result.error.ename}: {result.error.evalue}"
+    if result.error is not None:  # the guest's words: one line, no control characters
+        text = f"{result.error.ename}: {result.error.evalue}"
+        clean = "".join(ch if ch.isprintable() else " " for ch in text[:1200])
+        return f"the tier said: {clean[:300]}"
     return "the tier did not say why"
 
 

@@ -41,10 +41,14 @@ AGENT_PATH = Path(tierkernel.guest.__file__).resolve().parent / "agent.py"
 class AgentBackend(AgentQueries, ChannelLimits, Backend):
     """A tier whose cells run in the guest agent (see the module docstring).
 
+    Its agent takes and sends variables (``CellRequest.inputs``, ``outputs``).
+
     A subclass starts its agent over some :class:`AgentTransport` and wraps it with
     :meth:`open_session`; it provides ``_query_session`` (its live session, for completion
     and inspection) and the contract methods of :class:`Backend`.
     """
+
+    moves_values = True
 
     interrupt_grace = Float(
         3.0, help="Seconds a cell may take to honour an interrupt before its interpreter is "

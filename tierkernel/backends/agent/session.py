@@ -193,6 +193,13 @@ class ChannelLimits(Configurable):
         }
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """Guest text for a message of the kernel's own: one line, no control characters
+    (a terminal escape or a new line would let it pass for the kernel's words)."""
+    clean = "".join(ch if ch.isprintable() else " " for ch in text[:limit * 4])
+    return clean[:limit] + ("..." if len(clean) > limit else "")
+
+
 @dataclass
 class _Cell:
     id: str
@@ -622,6 +629,8 @@ class AgentSession:
             usage=usage,
             values=cell.values,
             values_error=cell.values_error,
+            workspace_changed=self.workspace_changed,
+            helper_calls=cell.helper_calls,
         )
 
     def interrupt(self) -> None:
@@ -856,7 +865,7 @@ class AgentSession:
             return
         data, error = msg.get("data"), msg.get("error")
         if isinstance(error, str):
-            cell.values_error = error[:4000]
+            cell.values_error = f"the {self.tier} tier said: {_one_line(error)}"
         elif not isinstance(data, str):
             cell.values_error = f"the {self.tier} tier sent malformed values"
         else:
