@@ -84,6 +84,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory, chromium: Path) -> Iterator[La
         "answer = 41",
         "%%tier remote\nanswer + 1",
     ])
+    _notebook(root / "javascript.ipynb", [
+        "%%tier wasm\nopen('from-python.txt', 'w').write('written by Python')",
+        "%%tier wasm --lang ts\nconst note: string = fs.readFile('from-python.txt');\n"
+        "console.log('js read:', note);\n[{lang: 'ts', length: note.length}]",
+    ])
     # The remote tier's server: a real tierkernel serve, named in the kernels' config.
     remote = Server(tmp_path_factory.mktemp("lab-remote-server"))
     server = LabServer(root, state, dict(os.environ))
@@ -393,3 +398,23 @@ def test_a_remote_cell_runs_on_a_tierkernel_server(page: Page, lab: LabServer,
     assert "ran on the server in wasi" in nb.cell_locator(0).inner_text()
     assert "42" in nb.cell_locator(1).locator(".jp-OutputArea").inner_text()
     nb.screenshot("remote")
+
+
+def test_a_javascript_cell_runs_in_the_browser(page: Page, lab: LabServer,
+                                               artifacts: Path) -> None:
+    """A TypeScript cell reads what a Python cell wrote, prints as it runs, and shows its
+    value (an array of records) as a table."""
+    from tests.e2e.lab import once_more
+
+    nb = _open(page, lab, "javascript.ipynb", artifacts, "jupyterlab-javascript")
+    once_more("Run > Run All Cells", lambda: nb.menu("Run", "Run All Cells"))
+    state = nb.wait_for(
+        "both cells running to the end",
+        lambda s: s.kernel_status == "idle" and all(c.count is not None for c in s.code_cells)
+        and all("*" not in nb.prompt(c.index) for c in s.code_cells), OPEN_TIMEOUT)
+    assert not any(c.of_type("error") for c in state.code_cells), \
+        [c.outputs for c in state.code_cells]
+    shown = nb.cell_locator(1).locator(".jp-OutputArea")
+    assert "js read: written by Python" in shown.inner_text()
+    assert shown.locator("table td").first.inner_text() == "ts"
+    nb.screenshot("javascript")

@@ -142,6 +142,15 @@ def parse_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_lang(text: str) -> str:
+    """Parse ``--lang js``: the cell's language (``python``, ``js`` or ``ts``; ``javascript``
+    and ``typescript`` too)."""
+    name = {"javascript": "js", "typescript": "ts", "py": "python"}.get(text.lower(), text.lower())
+    if name not in ("python", "js", "ts"):
+        raise TierUsageError(f"--lang expects python, js or ts, got {text!r}")
+    return name
+
+
 def _given(text: str) -> bool:
     return True
 
@@ -170,6 +179,10 @@ STANDARD: Mapping[str, OptionSpec] = {
 #: The options through which a cell narrows what the runtime helpers may do (every tier
 #: whose cells can call them takes these).
 HELPER_POLICY = (ALLOW, DOMAINS, DB_READONLY)
+STRICT = OptionSpec("strict", "", "a JavaScript cell may not use eval, Function, import(), "
+                    "require or process", _given, flag=True)
+LANG = OptionSpec("lang", "LANG", "the cell's language: python (the default), js or ts "
+                  "(TypeScript, its types stripped)", parse_lang)
 #: The options that move variables between a tier and the kernel (``kernel/values.py``): every
 #: agent tier takes both; the native tier, whose variables are the kernel's, takes ``--in``.
 VALUE_OPTIONS = (IN, OUT)

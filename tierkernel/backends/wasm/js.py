@@ -1,0 +1,378 @@
+"""JavaScript and TypeScript cells in the wasm tier (``%%tier wasm --lang js`` / ``--lang ts``).
+
+The cells run in QuickJS compiled to WebAssembly (``quickjs-rs``, pinned exactly) on the same
+wasmtime as the Python guest: no network, no host files, nothing of the host but what the
+functions below hand in. One context per kernel, so ``let``, ``const``, functions and classes
+of one cell are there in the next; a cell may ``await`` at its top level; its last expression's
+value comes back as the cell's result (pretty JSON, with a table for an array of records).
+
+What a cell reaches, each through one host function taking and returning JSON text (a call
+costs some 0.3 ms; a structured value, ten times that):
+
+- ``console.log/info/warn/error``: printed as the cell runs (warn and error on stderr), and
+  recorded in the cell's log through the ``console`` helper, as in Python;
+- ``await ai(model, input)``, ``await api(url, {method, headers, json, data, timeout})``,
+  ``await db(query, params)``: the runtime helpers, under the cell's policy and audited;
+- ``fs.readFile``, ``writeFile``, ``readdir``, ``stat``, ``mkdir``, ``rm``: the fsx workspace,
+  the files a Python cell of any tier sees;
+- ``display(value)``: a value shown as a cell's output.
+
+Limits, each with its own error: the tier's ``timeout`` (the context is kept); the stop
+button (kept too); memory, capped by wasmtime on the context's store at the tier's memory
+limit (QuickJS's own cap does not hold on WASI), after which the context is made anew; and a
+trap (stack overflow) makes it anew as well, said plainly. quickjs-rs offers no hook for the
+two caps, so they are set on its objects directly (``_harden``), which is why the version is
+pinned: a change there fails the first JS cell with a clear error, never unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tierkernel.backends.base import ExecError, ExecResult, OutputSink
+
+LANGS = ("python", "js", "ts")
+
+#: The constructs a JS cell may be refused (``--strict``, ``c.WasmBackend.js_refuse``): what
+#: runs code made at run time, or reaches for Node's host objects. Read line by line, so a
+#: use inside a string or a comment is refused too: the rule errs on the side of refusing.
+REFUSABLE = {
+    "eval": re.compile(r"\beval\s*\("),
+    "Function": re.compile(r"\bFunction\s*\("),
+    "import": re.compile(r"\bimport\s*\("),
+    "require": re.compile(r"\brequire\s*\("),
+    "process": re.compile(r"\bprocess\b"),
+}
+
+
+def refused(code: str, rules: list[str] | tuple[str, ...]) -> str | None:
+    """The first use in ``code`` of a construct ``rules`` name, as "NAME on line N", or
+    None."""
+    for number, line in enumerate(code.splitlines(), 1):
+        for rule in rules:
+            if REFUSABLE[rule].search(line):
+                shown = "import()" if rule == "import" else rule
+                return f"{shown} on line {number}"
+    return None
+
+#: Installed once in each new context.
+_SHIM = r"""
+(() => {
+  const fmt = (args) => args.map((v) => {
+    if (typeof v === "string") return v;
+    try { const s = JSON.stringify(v); return s === undefined ? String(v) : s; }
+    catch (e) { return String(v); }
+  }).join(" ");
+  const call = (helper, args) => {
+    const answer = JSON.parse(__tk_helper(JSON.stringify({ helper, args })));
+    if (answer.ok) return answer.value;
+    const error = new Error(answer.error.message);
+    error.name = answer.error.type;
+    throw error;
+  };
+  const level = (name, stream) => (...args) => {
+    const text = fmt(args);
+    __tk_emit(stream, text + "\n");
+    call("console", { level: name, message: text });
+  };
+  globalThis.console = { log: level("log", "stdout"), info: level("info", "stdout"),
+                         warn: level("warn", "stderr"), error: level("error", "stderr") };
+  globalThis.display = (value) => { __tk_display(JSON.stringify(value ?? null)); };
+  globalThis.ai = async (model, input) => call("ai", { model, input });
+  globalThis.api = async (url, options = {}) => call("api", { url, ...options });
+  globalThis.db = async (query, params = null) => call("db", { query, params });
+  const files = (op, args) => {
+    const answer = JSON.parse(__tk_fs(JSON.stringify({ op, ...args })));
+    if (answer.ok) return answer.value;
+    const error = new Error(answer.error.message);
+    error.code = answer.error.code;
+    throw error;
+  };
+  globalThis.fs = {
+    readFile: (path, encoding = "utf8") => files("read", { path, encoding }),
+    writeFile: (path, data) => files("write", { path, data: String(data) }),
+    readdir: (path = ".") => files("list", { path }),
+    stat: (path) => files("stat", { path }),
+    mkdir: (path, options = {}) => files("mkdir", { path, recursive: !!options.recursive }),
+    rm: (path, options = {}) => files("rm", { path, recursive: !!options.recursive }),
+  };
+})();
+undefined
+"""
+
+
+class JsSession:
+    """The kernel's JavaScript context in the wasm tier, on a thread of its own (quickjs-rs
+    wants every call of a context on one thread)."""
+
+    def __init__(self, memory: int, output_limit: int) -> None:
+        self.memory = memory
+        #: Bytes of output (prints, displays, results) one cell may send; past it the cell
+        #: is stopped, as in the tier's Python cells.
+        self.output_limit = output_limit
+        self._output = 0
+        self._over = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wasm-js")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runtime: Any = None
+        self._context: Any = None
+        self._stop = threading.Event()
+        #: The running cell's outputs, helpers and files (set on the JS thread per cell).
+        self._sink: OutputSink | None = None
+        self._helpers: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self._files: Any = None
+
+    async def run(self, code: str, lang: str, sink: OutputSink, timeout: float | None,
+                  helpers: Callable[[dict[str, Any]], dict[str, Any]] | None,
+                  files: Any, memory: int | None = None) -> ExecResult:
+        """Run one cell; its output goes to ``sink`` as it comes. ``memory`` other than the
+        context's makes the context anew with it (said on stderr)."""
+        self._stop.clear()
+        self._output, self._over = 0, False
+        future = self._pool.submit(self._run, code, lang, sink, timeout, helpers, files,
+                                   memory)
+        return await asyncio.wrap_future(future)
+
+    def interrupt(self) -> None:
+        """The stop button: the running cell ends with KeyboardInterrupt at its next poll."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Drop the context and the thread. Never raises."""
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._pool.submit(self._drop).result(timeout=5)
+        self._pool.shutdown(wait=False)
+
+    # -- on the JS thread ---------------------------------------------------------------
+    def _open(self) -> None:
+        import quickjs_rs
+
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        runtime = quickjs_rs.Runtime(memory_limit=self.memory, stack_limit=1 << 20)
+        context = runtime.new_context()
+        _harden(runtime, context, self.memory, self._stop)
+        context.register("__tk_emit", self._emit)
+        context.register("__tk_display", self._display)
+        context.register("__tk_helper", self._helper)
+        context.register("__tk_fs", self._fs)
+        context.eval(_SHIM)
+        self._runtime, self._context = runtime, context
+
+    def _drop(self) -> None:
+        context, runtime, self._context, self._runtime = self._context, self._runtime, None, None
+        for thing in (context, runtime):
+            if thing is not None:
+                with contextlib.suppress(Exception):
+                    thing.close()
+
+    def _run(self, code: str, lang: str, sink: OutputSink, timeout: float | None,
+             helpers: Callable[[dict[str, Any]], dict[str, Any]] | None,
+             files: Any, memory: int | None) -> ExecResult:
+        import quickjs_rs
+
+        started = time.perf_counter()
+        self._sink, self._helpers, self._files = sink, helpers, files
+        try:
+            if memory is not None and memory != self.memory:
+                if self._context is not None:
+                    sink.stream("stderr", f"tierkernel: the JavaScript context starts anew "
+                                          f"with --memory {memory >> 20}m (it had "
+                                          f"{self.memory >> 20}m); its variables are gone.\n")
+                    self._drop()
+                self.memory = memory
+            if self._context is None:
+                try:
+                    self._open()
+                except Exception as exc:
+                    return _failed(sink, started, "TierError",
+                                   f"the JavaScript engine could not start: {exc}")
+            flags = (quickjs_rs.SourceTransform.SOURCE_TS
+                     | quickjs_rs.SourceTransform.STRIP_TYPESCRIPT) if lang == "ts" else None
+            assert self._loop is not None
+            try:
+                value = self._loop.run_until_complete(self._context.eval_async(
+                    code, timeout=timeout, transform_flags=flags))
+            except quickjs_rs.JSError as exc:
+                name = getattr(exc, "name", None) or "Error"
+                message = str(exc).removeprefix(f"{name}: ")
+                stack = (getattr(exc, "stack", None) or "").replace("eval_script", "<cell>")
+                return _failed(sink, started, name, message, stack)
+            except (quickjs_rs.TimeoutError, quickjs_rs.InterruptError,
+                    quickjs_rs.DeadlockError) as exc:
+                if self._over:
+                    return _failed(sink, started, "OutputLimitError",
+                                   f"the cell's output passed the {self.output_limit >> 20} MiB "
+                                   "output limit and the cell was stopped; the JavaScript "
+                                   "context is kept (c.WasmBackend.output_limit)")
+                if self._stop.is_set():
+                    return _failed(sink, started, "KeyboardInterrupt",
+                                   "interrupted; the JavaScript context is kept")
+                if isinstance(exc, quickjs_rs.DeadlockError) and not _late(started, timeout):
+                    return _failed(sink, started, "DeadlockError",
+                                   "the cell awaits a promise that nothing will settle")
+                return _failed(sink, started, "TimeoutError",
+                               f"the cell ran longer than its {timeout:g} s limit; the "
+                               "JavaScript context is kept (raise it with --timeout)")
+            except quickjs_rs.MemoryLimitError:
+                self._drop()
+                return _failed(sink, started, "MemoryError",
+                               f"the cell went over the wasm tier's memory limit of "
+                               f"{self.memory >> 20} MiB (--memory); the JavaScript context "
+                               "was made anew: its variables are gone")
+            except Exception as exc:  # a trap (stack overflow) leaves the context unusable
+                self._drop()
+                first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+                return _failed(sink, started, "RangeError",
+                               f"the JavaScript engine stopped ({type(exc).__name__}: {first}),"
+                               " as recursion too deep makes it; the context was made anew: "
+                               "its variables are gone")
+            if value is not None:
+                bundle = _bundle(value)
+                if self._counted(len(bundle["text/plain"])):
+                    sink.result(bundle, {})
+            if self._over:
+                return _failed(sink, started, "OutputLimitError",
+                               f"the cell's output passed the {self.output_limit >> 20} MiB "
+                               "output limit; the rest was dropped (c.WasmBackend.output_limit)")
+            return ExecResult(True, "wasm", time.perf_counter() - started)
+        finally:
+            self._sink = self._helpers = self._files = None
+
+    def _counted(self, size: int) -> bool:
+        """Count ``size`` bytes of the cell's output; False (and the cell stopped) past the
+        limit."""
+        self._output += size
+        if self._output > self.output_limit:
+            self._over = True
+            self._stop.set()  # the interrupt poll ends the cell
+            return False
+        return not self._over
+
+    def _emit(self, stream: str, text: str) -> None:
+        text = str(text)
+        if self._sink is not None and self._counted(len(text)):
+            self._sink.stream("stderr" if stream == "stderr" else "stdout", text)
+
+    def _display(self, text: str) -> None:
+        if self._sink is not None and self._counted(len(text)):
+            self._sink.display(_bundle(json.loads(text)), {})
+
+    def _helper(self, text: str) -> str:
+        request = json.loads(text)
+        if self._helpers is None:
+            answer: dict[str, Any] = {"ok": False, "error": {
+                "type": "RuntimeError", "message": "the runtime helpers are not available"}}
+        else:
+            answer = self._helpers(request)
+        return json.dumps(answer, default=str)
+
+    def _fs(self, text: str) -> str:
+        request = json.loads(text)
+        try:
+            value = _file_op(self._files, request)
+        except FileNotFoundError as exc:
+            return json.dumps({"ok": False, "error": {"code": "ENOENT", "message": str(exc)}})
+        except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError,
+                OSError, ValueError) as exc:
+            codes: dict[type, str] = {IsADirectoryError: "EISDIR", NotADirectoryError: "ENOTDIR",
+                                      FileExistsError: "EEXIST", PermissionError: "EACCES"}
+            code = codes.get(type(exc), "EIO")
+            return json.dumps({"ok": False, "error": {"code": code,
+                                                      "message": f"{type(exc).__name__}: {exc}"}})
+        return json.dumps({"ok": True, "value": value})
+
+
+def _file_op(files: Any, request: dict[str, Any]) -> Any:
+    """One ``fs`` call on the fsx workspace (``files``: the kernel's facade)."""
+    if files is None:
+        raise PermissionError("this tier has no workspace")
+    op, path = request.get("op"), str(request.get("path", "."))
+    if op == "read":
+        data = files.cat_file(path)
+        return data.decode("utf-8", "replace") if request.get("encoding") else list(data)
+    if op == "write":
+        files.pipe_file(path, str(request.get("data", "")).encode())
+        return None
+    if op == "list":
+        return sorted(str(entry).rstrip("/").rsplit("/", 1)[-1]
+                      for entry in files.ls(path, detail=False))
+    if op == "stat":
+        info = files.info(path)
+        return {"size": info.get("size"), "isDirectory": info.get("type") == "directory",
+                "mtime": info.get("mtime")}
+    if op == "mkdir":
+        files.makedirs(path, exist_ok=bool(request.get("recursive"))) \
+            if request.get("recursive") else files.mkdir(path)
+        return None
+    if op == "rm":
+        files.rm(path, recursive=bool(request.get("recursive")))
+        return None
+    raise ValueError(f"unknown fs operation {op!r}")
+
+
+def _harden(runtime: Any, context: Any, memory: int, stop: threading.Event) -> None:
+    """The caps quickjs-rs has no hook for: wasmtime's limit on the context's memory, and an
+    interrupt poll that also answers the stop button. Raises when quickjs-rs changed."""
+    try:
+        store = context._engine_ctx._inst.store
+        engine_runtime = runtime._engine_rt
+    except AttributeError as exc:
+        raise RuntimeError(f"quickjs-rs is not the version tierkernel knows ({exc})") from None
+    store.set_limits(memory_size=memory)
+
+    def interrupt() -> bool:
+        deadline = runtime._deadline
+        return stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
+    engine_runtime.set_interrupt_handler(interrupt)
+
+
+def _late(started: float, timeout: float | None) -> bool:
+    return timeout is not None and time.perf_counter() - started >= timeout
+
+
+def _failed(sink: OutputSink, started: float, name: str, message: str,
+            stack: str = "") -> ExecResult:
+    traceback = [f"\x1b[0;31m{name}\x1b[0m: {message}"]
+    if stack.strip():
+        traceback += [line for line in stack.rstrip().splitlines()]
+    sink.error(name, message, traceback)
+    return ExecResult(False, "wasm", time.perf_counter() - started,
+                      error=ExecError(name, message, traceback))
+
+
+def _bundle(value: Any) -> dict[str, Any]:
+    """A JS value as a mime bundle: pretty JSON text, the JSON itself, and an HTML table for
+    an array of records."""
+    if isinstance(value, str):
+        return {"text/plain": json.dumps(value, ensure_ascii=False)}
+    try:
+        text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return {"text/plain": str(value)}
+    bundle: dict[str, Any] = {"text/plain": text}
+    if isinstance(value, (dict, list)):
+        bundle["application/json"] = value
+    if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+        columns = list(dict.fromkeys(key for row in value for key in row))
+        head = "".join(f"<th>{_escape(column)}</th>" for column in columns)
+        rows = "".join("<tr>" + "".join(f"<td>{_escape(row.get(column, ''))}</td>"
+                                        for column in columns) + "</tr>" for row in value)
+        bundle["text/html"] = f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    return bundle
+
+
+def _escape(value: Any) -> str:
+    import html
+
+    return html.escape(value if isinstance(value, str) else json.dumps(value, default=str))
