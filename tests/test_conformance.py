@@ -104,3 +104,44 @@ class Welcome(jkt.IopubWelcomeTests):
 
     kernel_name = "tierkernel"
     support_iopub_welcome = True
+
+
+class _ScriptCells(jkt.KernelTests):
+    """JavaScript or TypeScript cells of the wasm tier (``--lang``) give the messages a Jupyter
+    client expects. The kernel's language stays Python: a cell picks its own."""
+
+    __test__ = False
+    kernel_name = "tierkernel"
+    language_name = "python"
+    line = ""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        from unittest import SkipTest
+
+        from tierkernel.backends.wasm import runtime
+
+        if runtime.runtime_problem() is not None or not runtime.is_compiled():
+            raise SkipTest("the wasm runtime is not installed or not compiled")
+        cls.code_hello_world = cls.line + "console.log('hello, world')"
+        cls.code_stderr = cls.line + "console.error('to stderr')"
+        cls.code_display_data = [{"code": cls.line + "display({shown: 1})",
+                                  "mime": "application/json"}]
+        super().setUpClass()
+
+
+class JavaScriptCellConformance(_ScriptCells):
+    """``%%tier wasm --lang js`` cells."""
+
+    __test__ = True
+    line = "%%tier wasm --lang js\n"
+    code_execute_result = [{"code": line + "6 * 7", "result": "42"},
+                           {"code": line + "'tier'.repeat(2)", "result": '"tiertier"'}]
+
+
+class TypeScriptCellConformance(_ScriptCells):
+    """``%%tier wasm --lang ts`` cells: their types stripped, never checked."""
+
+    __test__ = True
+    line = "%%tier wasm --lang ts\n"
+    code_execute_result = [{"code": line + "const n: number = 6;\nn * 7", "result": "42"}]

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import subprocess
@@ -296,6 +297,8 @@ class SessionPool:
         #: Kernels started ahead, by the (tier, ceiling) of the sessions they are for.
         self._ahead: OrderedDict[tuple[str, Ceiling], asyncio.Future[Kernel]] = OrderedDict()
         self._closing = False
+        #: Turns to start a kernel (made on the server's loop, at the first start).
+        self._start_turns: asyncio.Semaphore | None = None
 
     def start_culling(self) -> None:
         """End idle sessions from now on (on the running event loop)."""
@@ -351,14 +354,18 @@ class SessionPool:
         config = folder / "config.json"
         config.write_text(json.dumps(_kernel_config(tier, ceiling, folder)))
         km = AsyncKernelManager(kernel_name="tierkernel", kernel_spec_manager=self._specs)
+        if self._start_turns is None:
+            turns = self.settings.concurrent_starts or max(2, os.cpu_count() or 2)
+            self._start_turns = asyncio.Semaphore(turns)
         try:
-            # stdout to nowhere: under `tierkernel mcp` this process's stdout is the
-            # protocol, and a kernel's own prints are no use to a client.
-            await km.start_kernel(extra_arguments=[f"--config={config}"],
-                                  cwd=str(folder / "notebook"), stdout=subprocess.DEVNULL)
-            client = km.client()
-            client.start_channels()
-            await client.wait_for_ready(timeout=self.settings.start_timeout)
+            async with self._start_turns:
+                # stdout to nowhere: under `tierkernel mcp` this process's stdout is the
+                # protocol, and a kernel's own prints are no use to a client.
+                await km.start_kernel(extra_arguments=[f"--config={config}"],
+                                      cwd=str(folder / "notebook"), stdout=subprocess.DEVNULL)
+                client = km.client()
+                client.start_channels()
+                await client.wait_for_ready(timeout=self.settings.start_timeout)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await km.shutdown_kernel(now=True)

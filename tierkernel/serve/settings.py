@@ -196,7 +196,12 @@ class Serve(Configurable):
         "'' for none. Default: serve-requests.jsonl in tierkernel's folder of Jupyter's "
         "data dir.").tag(config=True)
     start_timeout = Float(60.0, min=1.0, help="Seconds a session's kernel may take to "
-                          "start.").tag(config=True)
+                          "start (once its turn to start came: see concurrent_starts)."
+                          ).tag(config=True)
+    concurrent_starts = Int(
+        0, min=0, help="Kernels started at once (0: one per CPU core, at least 2); further "
+        "session requests wait their turn, so that a burst of them does not slow every start "
+        "past start_timeout.").tag(config=True)
     grace = Float(
         30.0, min=1.0, help="Seconds past an execution's own timeout before the server "
         "interrupts it, and as long again before it ends the session.").tag(config=True)

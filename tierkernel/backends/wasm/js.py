@@ -352,8 +352,8 @@ def _failed(sink: OutputSink, started: float, name: str, message: str,
 
 
 def _bundle(value: Any) -> dict[str, Any]:
-    """A JS value as a mime bundle: pretty JSON text, the JSON itself, and an HTML table for
-    an array of records."""
+    """A JS value as a mime bundle: pretty JSON text, and the JSON itself, or an HTML table
+    for an array of records."""
     if isinstance(value, str):
         return {"text/plain": json.dumps(value, ensure_ascii=False)}
     try:
@@ -361,14 +361,15 @@ def _bundle(value: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {"text/plain": str(value)}
     bundle: dict[str, Any] = {"text/plain": text}
-    if isinstance(value, (dict, list)):
-        bundle["application/json"] = value
     if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+        # A table, and no JSON beside it: JupyterLab would pick its JSON viewer over HTML.
         columns = list(dict.fromkeys(key for row in value for key in row))
         head = "".join(f"<th>{_escape(column)}</th>" for column in columns)
         rows = "".join("<tr>" + "".join(f"<td>{_escape(row.get(column, ''))}</td>"
                                         for column in columns) + "</tr>" for row in value)
         bundle["text/html"] = f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    elif isinstance(value, (dict, list)):
+        bundle["application/json"] = value
     return bundle
 
 
