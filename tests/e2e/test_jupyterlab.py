@@ -381,20 +381,27 @@ def test_restart_from_kernel_menu(page: Page, lab: LabServer, artifacts: Path) -
     nb.screenshot("after-restart")
 
 
-def test_a_remote_cell_runs_on_a_tierkernel_server(page: Page, lab: LabServer,
-                                                   artifacts: Path) -> None:
-    """%%tier remote cells run on a tierkernel serve and show their output on the page; the
-    second sees the first's variable (one remote session for the kernel)."""
+def _run_all(page: Page, lab: LabServer, name: str, artifacts: Path, label: str) -> Any:
+    """Open notebook ``name``, run all its cells, wait until every one ran to the end, and
+    check that none shows an error; the open notebook."""
     from tests.e2e.lab import once_more
 
-    nb = _open(page, lab, "remote.ipynb", artifacts, "jupyterlab-remote")
+    nb = _open(page, lab, name, artifacts, label)
     once_more("Run > Run All Cells", lambda: nb.menu("Run", "Run All Cells"))
     state = nb.wait_for(
-        "both remote cells running to the end",
+        "every cell running to the end",
         lambda s: s.kernel_status == "idle" and all(c.count is not None for c in s.code_cells)
         and all("*" not in nb.prompt(c.index) for c in s.code_cells), OPEN_TIMEOUT)
     assert not any(c.of_type("error") for c in state.code_cells), \
         [c.outputs for c in state.code_cells]
+    return nb
+
+
+def test_a_remote_cell_runs_on_a_tierkernel_server(page: Page, lab: LabServer,
+                                                   artifacts: Path) -> None:
+    """%%tier remote cells run on a tierkernel serve and show their output on the page; the
+    second sees the first's variable (one remote session for the kernel)."""
+    nb = _run_all(page, lab, "remote.ipynb", artifacts, "jupyterlab-remote")
     assert "ran on the server in wasi" in nb.cell_locator(0).inner_text()
     assert "42" in nb.cell_locator(1).locator(".jp-OutputArea").inner_text()
     nb.screenshot("remote")
@@ -404,16 +411,7 @@ def test_a_javascript_cell_runs_in_the_browser(page: Page, lab: LabServer,
                                                artifacts: Path) -> None:
     """A TypeScript cell reads what a Python cell wrote, prints as it runs, and shows its
     value (an array of records) as a table."""
-    from tests.e2e.lab import once_more
-
-    nb = _open(page, lab, "javascript.ipynb", artifacts, "jupyterlab-javascript")
-    once_more("Run > Run All Cells", lambda: nb.menu("Run", "Run All Cells"))
-    state = nb.wait_for(
-        "both cells running to the end",
-        lambda s: s.kernel_status == "idle" and all(c.count is not None for c in s.code_cells)
-        and all("*" not in nb.prompt(c.index) for c in s.code_cells), OPEN_TIMEOUT)
-    assert not any(c.of_type("error") for c in state.code_cells), \
-        [c.outputs for c in state.code_cells]
+    nb = _run_all(page, lab, "javascript.ipynb", artifacts, "jupyterlab-javascript")
     shown = nb.cell_locator(1).locator(".jp-OutputArea")
     assert "js read: written by Python" in shown.inner_text()
     assert shown.locator("table td").first.inner_text() == "ts"

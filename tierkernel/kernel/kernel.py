@@ -86,19 +86,10 @@ class _NoSink:
         raise InputNotAllowed(NO_STDIN)
 
 
-def _not_run(tier: str, sink: Any, took: float) -> ExecResult:
-    """The result of a cell stopped before its tier began it: a KeyboardInterrupt error."""
-    error = ExecError("KeyboardInterrupt", f"interrupted while the {tier!r} tier was starting; "
-                      "the cell did not run")
-    error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
-    sink.error(error.ename, error.evalue, error.traceback)
-    return ExecResult(False, tier, took, error=error)
-
-
-def _refused(tier: str, sink: Any, exc: Exception, took: float) -> ExecResult:
-    """The result of a cell whose variables could not be given to its tier: not run."""
-    error = ExecError(type(exc).__name__, str(exc))
-    error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
+def _failed(tier: str, sink: Any, ename: str, evalue: str, took: float) -> ExecResult:
+    """A cell's error said by the kernel itself (one line, no traceback of the kernel's own
+    code), published through ``sink``, as the cell's result."""
+    error = ExecError(ename, evalue, [f"{_RED}{ename}{_RESET}: {evalue}"])
     sink.error(error.ename, error.evalue, error.traceback)
     return ExecResult(False, tier, took, error=error)
 
@@ -362,11 +353,14 @@ class TierKernel(IPythonKernel):
     def _route_auto(self, directive: CellDirective) -> tuple[Route, Choice]:
         """The route of an auto cell (``kernel/auto.py``): the chosen tier, the line's other
         options for it, and the variables the cell reads as ``--in``."""
-        args = directive.args if directive.tier == "auto" else self.router.auto_args
-        floor, rest = split_floor(args)
+        floor, rest = split_floor(self._auto_args(directive))
         choice = self.auto.choose(directive.body, floor,
                                   self.values.living(cell_look.names(directive.body)[0]))
         return self._auto_route(directive, rest, choice), choice
+
+    def _auto_args(self, directive: CellDirective) -> list[str]:
+        """The words of the auto line that applies: the cell's own, or ``%tier auto``'s."""
+        return directive.args if directive.tier == "auto" else self.router.auto_args
 
     def _auto_route(self, directive: CellDirective, rest: list[str], choice: Choice) -> Route:
         shell = self.shell
@@ -389,8 +383,7 @@ class TierKernel(IPythonKernel):
         note = self.auto.note(choice, self.auto_notice)
         backend, counted = route.backend, True
         directive = split_cell(request.code)
-        rest = split_floor(directive.args if directive.tier == "auto"
-                           else self.router.auto_args)[1]
+        rest = split_floor(self._auto_args(directive))[1]
         while True:
             following: list[tuple[Choice, Route]] = []
 
@@ -474,7 +467,8 @@ class TierKernel(IPythonKernel):
                     inputs = (await self.values.gather(names_in, backend.name, execution_id)
                               if names_in else None)
                 except Exception as exc:  # the cell is not run; the kernel says why
-                    moved = _refused(backend.name, sink, exc, time.perf_counter() - started)
+                    moved = _failed(backend.name, sink, type(exc).__name__, str(exc),
+                                    time.perf_counter() - started)
                 else:
                     request = dataclasses.replace(request, inputs=inputs, outputs=names_out,
                                                   values_limit=self.value_limit)
@@ -485,7 +479,10 @@ class TierKernel(IPythonKernel):
                 if stopped.is_set():
                     # Stopped while the tier was starting: the tier had no cell to stop, so
                     # the cell must not run now.
-                    result = _not_run(backend.name, sink, time.perf_counter() - started)
+                    result = _failed(backend.name, sink, "KeyboardInterrupt",
+                                     f"interrupted while the {backend.name!r} tier was "
+                                     "starting; the cell did not run",
+                                     time.perf_counter() - started)
                 else:
                     result = await backend.execute(request, sink)
                     if names_out:
@@ -502,15 +499,10 @@ class TierKernel(IPythonKernel):
                         held.release()
         except Exception as exc:  # a tier failure, not a failure of the user's code
             self.log.exception("tier %r failed", backend.name)
-            error = ExecError(
-                TierError.__name__,
-                f"the {backend.name!r} tier failed: {exc}. The kernel is fine; other tiers keep "
-                f"working. Run %tier to check the tier's status.",
-                [],
-            )
-            error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
-            sink.error(error.ename, error.evalue, error.traceback)
-            result = ExecResult(False, backend.name, time.perf_counter() - started, error=error)
+            result = _failed(backend.name, sink, TierError.__name__,
+                             f"the {backend.name!r} tier failed: {exc}. The kernel is fine; "
+                             "other tiers keep working. Run %tier to check the tier's status.",
+                             time.perf_counter() - started)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -531,19 +523,17 @@ class TierKernel(IPythonKernel):
         self._count_cell(code, store_history)
         context = self.runtime.begin(code, "native", True, {}, cell_id, count)
         sink = IopubSink(self.session, self.iopub_socket, self._topic, parent, count, silent)
-        error = None
+        result = ExecResult(True, "native", 0.0)
         try:
             for command, words in lines:
                 text = await run_command(self.values, command, words, self.router.names,
                                          context.execution_id)
                 sink.stream("stdout", text + "\n")
         except Exception as exc:  # every cell gets a reply, whatever a tier sent
-            error = ExecError(type(exc).__name__, str(exc))
-            error.traceback.append(f"{_RED}{error.ename}{_RESET}: {error.evalue}")
-            sink.error(error.ename, error.evalue, error.traceback)
+            result = _failed("native", sink, type(exc).__name__, str(exc), 0.0)
         finally:
             sink.close()
-        result = ExecResult(error is None, "native", time.perf_counter() - started, error=error)
+        result.duration = time.perf_counter() - started
         self.runtime.finish(context, result, time.perf_counter() - started)
         self._record(msg_id, "native", started, result.success, context.execution_id)
         return self._reply(result)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierkernel.backends.agent.session import one_line
 from tierkernel.backends.base import Backend, CellRequest, ExecError, ExecResult, OutputSink
 from tierkernel.errors import ValueTransferError
 from tierkernel.guest import values as codec
@@ -319,9 +320,7 @@ def _why(result: ExecResult) -> str:
     if result.values_error:
         return result.values_error
     if result.error is not None:  # the guest's words: one line, no control characters
-        text = f"{result.error.ename}: {result.error.evalue}"
-        clean = "".join(ch if ch.isprintable() else " " for ch in text[:1200])
-        return f"the tier said: {clean[:300]}"
+        return f"the tier said: {one_line(f'{result.error.ename}: {result.error.evalue}')}"
     return "the tier did not say why"
 
 

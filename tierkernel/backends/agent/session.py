@@ -193,7 +193,7 @@ class ChannelLimits(Configurable):
         }
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
     """Guest text for a message of the kernel's own: one line, no control characters
     (a terminal escape or a new line would let it pass for the kernel's words)."""
     clean = "".join(ch if ch.isprintable() else " " for ch in text[:limit * 4])
@@ -865,7 +865,7 @@ class AgentSession:
             return
         data, error = msg.get("data"), msg.get("error")
         if isinstance(error, str):
-            cell.values_error = f"the {self.tier} tier said: {_one_line(error)}"
+            cell.values_error = f"the {self.tier} tier said: {one_line(error)}"
         elif not isinstance(data, str):
             cell.values_error = f"the {self.tier} tier sent malformed values"
         else:
