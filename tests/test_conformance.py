@@ -107,8 +107,9 @@ class Welcome(jkt.IopubWelcomeTests):
 
 
 class _ScriptCells(jkt.KernelTests):
-    """JavaScript or TypeScript cells of the wasm tier (``--lang``) give the messages a Jupyter
-    client expects. The kernel's language stays Python: a cell picks its own."""
+    """JavaScript or TypeScript cells of the wasm or sandbox tier (``--lang``) give the
+    messages a Jupyter client expects. The kernel's language stays Python: a cell picks its
+    own."""
 
     __test__ = False
     kernel_name = "tierkernel"
@@ -116,13 +117,17 @@ class _ScriptCells(jkt.KernelTests):
     line = ""
 
     @classmethod
-    def setUpClass(cls) -> None:
+    def require_available(cls) -> None:
         from unittest import SkipTest
 
         from tierkernel.backends.wasm import runtime
 
         if runtime.runtime_problem() is not None or not runtime.is_compiled():
             raise SkipTest("the wasm runtime is not installed or not compiled")
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.require_available()
         cls.code_hello_world = cls.line + "console.log('hello, world')"
         cls.code_stderr = cls.line + "console.error('to stderr')"
         cls.code_display_data = [{"code": cls.line + "display({shown: 1})",
@@ -144,4 +149,29 @@ class TypeScriptCellConformance(_ScriptCells):
 
     __test__ = True
     line = "%%tier wasm --lang ts\n"
+    code_execute_result = [{"code": line + "const n: number = 6;\nn * 7", "result": "42"}]
+
+
+class _SandboxScriptCells(_ScriptCells):
+    __test__ = False
+
+    @classmethod
+    def require_available(cls) -> None:
+        need_sandbox()
+
+
+class SandboxJavaScriptCellConformance(_SandboxScriptCells):
+    """``%%tier sandbox --lang js`` cells (Node.js in the container)."""
+
+    __test__ = True
+    line = "%%tier sandbox --lang js\n"
+    code_execute_result = [{"code": line + "6 * 7", "result": "42"},
+                           {"code": line + "'tier'.repeat(2)", "result": '"tiertier"'}]
+
+
+class SandboxTypeScriptCellConformance(_SandboxScriptCells):
+    """``%%tier sandbox --lang ts`` cells: their types stripped by TypeScript, never checked."""
+
+    __test__ = True
+    line = "%%tier sandbox --lang ts\n"
     code_execute_result = [{"code": line + "const n: number = 6;\nn * 7", "result": "42"}]

@@ -97,6 +97,33 @@ def test_a_one_shot_wasm_execution_answers_with_its_outputs(api: httpx.Client):
     assert "6 * 7" in record["code"]
 
 
+@pytest.mark.parametrize("tier", ["wasm", "sandbox"])
+def test_javascript_and_typescript_with_a_context_as_the_origin_document_sends_them(
+        api: httpx.Client, tier: str):
+    """The code-exec origin's request: a function body in JavaScript or TypeScript, with the
+    ``context`` it reads and the helpers it awaits."""
+    if tier == "sandbox":
+        sb.need_sandbox()
+    result = execute(api, code="const who: string = context.user;\nconsole.log('for', who);\n"
+                     "const r = await db('SELECT 6 * 7 AS n');\nreturn `${who}: ${r.rows[0].n}`",
+                     language="typescript", tier=tier, context={"user": "john"})
+    assert result["success"] is True, result["error"]
+    assert result["stdout"] == "for john\n"
+    assert result["output"][-1]["data"]["text/plain"] == '"john: 42"'
+    session = api.post("/sessions", json={"tier": tier}).json()["id"]
+    execute(api, code="let total = 40;", language="javascript", session=session)
+    later = execute(api, code="total + 2", language="javascript", session=session)
+    assert later["output"][-1]["data"]["text/plain"] == "42"
+    python = execute(api, code="1 + 1", session=session)  # the same session runs Python too
+    assert python["output"][-1]["data"]["text/plain"] == "2"
+    refused = api.post("/execute", json={"code": "1", "tier": "process",
+                                         "language": "javascript"})
+    assert refused.status_code in (400, 403)
+    tiers = {row["name"]: row["languages"] for row in api.get("/tiers").json()}
+    assert "typescript" in tiers[tier] and tiers["native"] == ["python"]
+    assert api.get("/languages").json() == ["python", "javascript", "typescript"]
+
+
 def test_an_error_in_the_cell_is_the_result_not_an_http_error(api: httpx.Client):
     result = execute(api, code="1 / 0", tier="wasm")
     assert result["success"] is False

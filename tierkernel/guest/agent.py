@@ -923,7 +923,10 @@ class Agent:
         self.restore_streams()
         try:
             inputs, outputs = msg.get("inputs"), msg.get("outputs")
-            if inputs and not self._take_values(str(inputs), filename):
+            lang = msg.get("lang")
+            if lang in ("js", "ts"):
+                success = self._run_js(code, str(lang), filename)
+            elif inputs and not self._take_values(str(inputs), filename):
                 success = False
             else:
                 success = self._run(code, filename, first_line)
@@ -959,6 +962,16 @@ class Agent:
                 done["workspace_changed"] = after != before or before != self._last_tree
                 self._last_tree = after
             self.channel.send(done)
+
+    def _run_js(self, code: str, lang: str, filename: str) -> bool:
+        """A ``--lang js|ts`` cell, run by the JavaScript runner the host sent
+        (``guest/js_node.py``: Node.js in the sandbox)."""
+        runner = sys.modules.get("tierkernel_js_node")
+        if runner is None:
+            error = RuntimeError("this tier was not given its JavaScript runner")
+            self._report(RuntimeError, error, None, filename)
+            return False
+        return bool(runner.run_cell(self, code, lang))
 
     def _take_values(self, data: str, filename: str) -> bool:
         """Set the variables a cell's ``--in`` gave (a values blob from the host, trusted as

@@ -196,8 +196,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/languages", response_model=list[str])
     async def languages(token: Auth) -> list[str]:
-        """The languages cells may be written in."""
-        return ["python"]
+        """The languages cells may be written in (JavaScript and TypeScript in the tiers
+        whose GET /tiers entry lists them)."""
+        return ["python", *cells.LANG_OPTION]
 
     @app.post("/validate", response_model=ValidateResult)
     async def validate(body: ValidateRequest, token: Auth) -> ValidateResult:
@@ -208,7 +209,7 @@ def create_app(server: Server) -> FastAPI:
         try:
             cell = cells.plan(body.code, body.tier, body.config, server.ceiling(token),
                               server.settings.default_tier, limit,
-                              server.settings.max_timeout)
+                              server.settings.max_timeout, body.language)
         except ApiError as exc:
             return ValidateResult(valid=False, tier=body.tier, errors=[str(exc)], size=size,
                                   limit=limit)

@@ -45,10 +45,23 @@ def check_tier(tier: str, ceiling: Ceiling) -> type[Any]:
     return classes[tier]
 
 
+#: The API's language names, as ``--lang`` says them.
+LANG_OPTION = {"javascript": "js", "typescript": "ts"}
+
+
+def languages(backend: type[Any]) -> list[str]:
+    """The languages cells of a tier (its backend class) may be written in."""
+    if any(spec.name == "lang" for spec in backend.magic_options):
+        return ["python", *LANG_OPTION]
+    return ["python"]
+
+
 def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Ceiling,
-         default_tier: str, max_code_bytes: int, max_timeout: float) -> Cell:
+         default_tier: str, max_code_bytes: int, max_timeout: float,
+         language: str = "python") -> Cell:
     """The cell for ``code`` in ``tier`` (or the one its ``%%tier`` line names, or
-    ``default_tier``) with ``config``'s limits; ApiError 400/403/413 saying what is wrong."""
+    ``default_tier``) with ``config``'s limits, written in ``language``; ApiError
+    400/403/413 saying what is wrong."""
     size = len(code.encode("utf-8", "surrogatepass"))
     if size > max_code_bytes:
         raise ApiError(413, "code_too_large", f"the code is {size} bytes; the server runs at "
@@ -72,8 +85,15 @@ def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Cei
                            f"tier is {tier!r}; give one of them")
         tier, body, args = directive.tier, directive.body, directive.args
     tier = tier or default_tier
-    specs = {spec.name: spec for spec in check_tier(tier, ceiling).magic_options}
+    backend = check_tier(tier, ceiling)
+    specs = {spec.name: spec for spec in backend.magic_options}
     extra = _config_words(config) if config is not None else []
+    if language != "python":
+        if language not in languages(backend):
+            raise ApiError(400, "unsupported_language",
+                           f"the {tier} tier runs Python only; {language} runs in the tiers "
+                           "whose GET /tiers entry lists it (wasm, sandbox)")
+        extra += ["--lang", LANG_OPTION[language]]
     twice = _option_names(args) & _option_names(extra)
     if twice:
         raise ApiError(400, "invalid_option",
@@ -125,7 +145,12 @@ def _option_names(words: list[str]) -> set[str]:
     return {word[2:].partition("=")[0] for word in words if word.startswith("--")}
 
 
-def context_cell(tier: str, context: dict[str, Any]) -> str:
-    """A cell that sets the variable ``context`` in ``tier`` (decoded there as JSON)."""
+def context_cell(tier: str, context: dict[str, Any], language: str = "python") -> str:
+    """A cell that sets the variable ``context`` in ``tier``, for cells in ``language``
+    (decoded there as JSON; in JavaScript, ``globalThis.context``)."""
+    text = json.dumps(json.dumps(context))
+    if language != "python":
+        return (f"%%tier {shlex.quote(tier)} --lang js\n"
+                f"globalThis.context = JSON.parse({text});\nundefined")
     return (f"%%tier {shlex.quote(tier)}\nimport json as _tk_json\n"
-            f"context = _tk_json.loads({json.dumps(json.dumps(context))})\ndel _tk_json")
+            f"context = _tk_json.loads({text})\ndel _tk_json")

@@ -96,20 +96,21 @@ def build(server: Server, stdio_token: Token | None = None) -> FastMCP:
 
     @mcp.tool()
     async def run_code(code: str, ctx: Context[Any, Any, Any], tier: str | None = None,
-                       session: str | None = None,
-                       timeout: float | None = None) -> dict[str, Any]:
-        """Run Python code in a tier and return what it did: success, stdout, stderr, the
-        error (ename, evalue, traceback) and every output as a Jupyter mime bundle.
+                       session: str | None = None, timeout: float | None = None,
+                       language: str = "python") -> dict[str, Any]:
+        """Run code in a tier and return what it did: success, stdout, stderr, the error
+        (ename, evalue, traceback) and every output as a Jupyter mime bundle.
 
         tier: wasm, sandbox (or native, process where allowed); default: the session's, else
         the server's. session: a name of your choosing; calls with the same name share
         variables and workspace files (made on first use). Without it, a fresh session is
-        used once. timeout: seconds (the tier's default when left out)."""
+        used once. timeout: seconds (the tier's default when left out). language: python,
+        javascript or typescript (these two in the wasm and sandbox tiers)."""
         token = caller(ctx)
         try:
             sid = (await session_named(token, session, tier)).id if session else None
             body = ExecuteRequest.model_validate(
-                {"code": code, "tier": tier, "session": sid,
+                {"code": code, "tier": tier, "session": sid, "language": language,
                  "config": {"timeout": timeout} if timeout else None})
             result = await server.execute(body, token)
         except ApiError as exc:

@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: The runtime helpers a request may ask for (``tierkernel.runtime.grants.HELPERS``).
 Helper = Literal["ai", "api", "db", "console"]
-#: The languages the API runs (JavaScript and TypeScript come with their tiers).
-Language = Literal["python"]
+#: The languages the API runs: JavaScript and TypeScript in the tiers that run them (the
+#: wasm and sandbox tiers: ``GET /tiers`` lists each tier's).
+Language = Literal["python", "javascript", "typescript"]
 
 
 class _Strict(BaseModel):
@@ -54,7 +55,8 @@ class ExecuteRequest(_Strict):
         description="A session id from POST /sessions: state persists between its "
         "executions. Left out: a one-shot session, ended after this execution.")
     context: dict[str, Any] | None = Field(
-        None, description="A JSON object the cell sees as the variable 'context'.")
+        None, description="A JSON object the cell sees as the variable 'context' (in "
+        "JavaScript and TypeScript: globalThis.context).")
     config: ExecuteConfig | None = None
 
 

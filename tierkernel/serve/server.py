@@ -14,6 +14,7 @@ from typing import Any
 
 from traitlets.config import Configurable
 
+from tierkernel.backends.registry import discover
 from tierkernel.errors import ApiError
 from tierkernel.fsx.facade import FsxFacade
 from tierkernel.fsx.quota import Quota
@@ -67,7 +68,8 @@ class Server:
         # The session's tier is the default; a %%tier line in the code may name another.
         cell = cells.plan(body.code, body.tier, config, self.ceiling(token),
                           session.tier if session else self.settings.default_tier,
-                          self.settings.max_code_bytes, self.settings.max_timeout)
+                          self.settings.max_code_bytes, self.settings.max_timeout,
+                          body.language)
         if session is None:
             session = await self.pool.create(token.owner, cell.tier, self.ceiling(token),
                                              one_shot=True)
@@ -81,7 +83,8 @@ class Server:
         """Run a prepared cell (``context`` set first); a one-shot session ends after."""
         try:
             if body.context is not None:
-                ready = await session.run(cells.context_cell(cell.tier, body.context),
+                ready = await session.run(cells.context_cell(cell.tier, body.context,
+                                                             body.language),
                                           cell.timeout, self.settings, silent=True)
                 if not ready.success:
                     return _result(ready, session)
@@ -101,9 +104,12 @@ class Server:
     async def tiers(self, token: Token) -> list[TierInfo]:
         """Every tier: available or not (and why), and whether ``token`` may use it."""
         ceiling = self.ceiling(token)
+        classes = discover()[0]
         return [TierInfo(name=row.name, available=row.available,
                          allowed=row.name in ceiling.tier_names, isolation=row.isolation,
-                         detail=row.detail, languages=["python"])
+                         detail=row.detail,
+                         languages=cells.languages(classes[row.name]) if row.name in classes
+                         else ["python"])
                 for row in await self.tier_rows()]
 
     def workspace(self, session_id: str, token: Token) -> FsxFacade:

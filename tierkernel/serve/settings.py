@@ -35,7 +35,7 @@ TOKEN_ENV = "TIERKERNEL_TOKEN"
 
 #: Options every request may give (within the ceiling's helpers and domains); any other
 #: (--memory, --cpus, --runtime, ...) only when the token's ceiling lists it.
-FREE_OPTIONS = frozenset({"timeout", "allow", "domains", "db-readonly"})
+FREE_OPTIONS = frozenset({"timeout", "allow", "domains", "db-readonly", "lang", "strict"})
 #: Helpers a token reaches when its ceiling names none: those a sandboxed cell has without
 #: --allow (ai and api spend the operator's credentials and reach the network).
 DEFAULT_HELPERS = ("console", "db")

@@ -321,6 +321,8 @@ class AgentSession:
         #: asked), and the highest pid the agent has seen, when the agent counts them (agent.py's
         #: COUNT_PROCS_ENV); None otherwise.
         self.procs: int | None = None
+        #: The guest modules this session's agent was sent (see install_module).
+        self.modules: set[str] = set()
         self.last_pid: int | None = None
         #: Measures each cell's CPU time and memory on the host (set by the tier), so the
         #: result carries them; None: not measured.
@@ -379,10 +381,13 @@ class AgentSession:
         for name in GUEST_MODULES:
             self.install_module(name)
 
-    def install_module(self, name: str) -> None:
-        """Send the agent the stdlib-only guest module ``tierkernel/guest/NAME.py`` as source
-        (the process and sandbox agents have no folder of tierkernel's to import from)."""
-        source = HELPERS_SOURCE.with_name(f"{name}.py").read_text(encoding="utf-8")
+    def install_module(self, name: str, source: str | None = None) -> None:
+        """Send the agent the stdlib-only guest module ``tierkernel/guest/NAME.py`` (or
+        ``source``) as source (the process and sandbox agents have no folder of tierkernel's
+        to import from)."""
+        if source is None:
+            source = HELPERS_SOURCE.with_name(f"{name}.py").read_text(encoding="utf-8")
+        self.modules.add(name)
         self.transport.send((json.dumps({"type": protocol.INSTALL_MODULE, "name": name,
                                          "source": source}) + "\n").encode())
 
@@ -573,6 +578,9 @@ class AgentSession:
             "first_line": request.first_line,
             "execution_count": request.execution_count,
         }
+        lang = request.options.get("lang")
+        if lang and lang != "python":
+            msg["lang"] = lang
         if request.inputs:
             msg["inputs"] = base64.b64encode(request.inputs).decode("ascii")
         if request.outputs:
@@ -1205,9 +1213,12 @@ class AgentSession:
         tb = [str(line) for line in msg.get("traceback", [])]
         if ename == "KeyboardInterrupt" and cell.stop_reason in ("timeout", "output",
                                                                  "channel"):
-            # The agent saw our SIGINT; tell the user which limit stopped the cell instead.
+            # The agent saw our SIGINT; tell the user which limit stopped the cell instead,
+            # with what the guest added (a JS cell: whether its context was kept).
             if cell.stop_reason == "timeout":
-                self._fail(cell, *self._limit_error(cell), tb[:-1])
+                ename, limit = self._limit_error(cell)
+                note = evalue.removeprefix("interrupted; ")
+                self._fail(cell, ename, f"{limit}; {note}" if note else limit, tb[:-1])
             else:
                 self._tell_limit(cell, tb[:-1])
             return

@@ -53,6 +53,7 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.hooks import Command, ConfigSources
+from tierkernel.backends.js_cells import js_cell_problem, js_refuse_trait
 from tierkernel.backends.options import MIN_MEMORY
 from tierkernel.backends.sandbox import head_start, pids, reaper, spares
 from tierkernel.backends.sandbox import options as sandbox_options
@@ -72,7 +73,7 @@ from tierkernel.backends.sandbox.workspace import WorkspaceSync
 from tierkernel.backends.usage import ContainerUsage
 from tierkernel.errors import EngineError
 from tierkernel.fsx import sync
-from tierkernel.guest import protocol
+from tierkernel.guest import js_node, protocol
 from tierkernel.runtime import packages
 from tierkernel.sizes import ByteSize
 
@@ -156,6 +157,8 @@ class SandboxBackend(WorkspaceCopyBackend):
         3.0, help="Seconds after this kernel's own container is up before it makes spares, so "
         "that making them does not slow its first cells."
     ).tag(config=True)
+
+    js_refuse = js_refuse_trait()
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -247,6 +250,14 @@ class SandboxBackend(WorkspaceCopyBackend):
         """Run the cell in the container's agent; a changed runtime/memory/cpus is applied
         first (in place when the engine allows, else by a new container, which the user is
         told about). Called by the kernel, one cell at a time."""
+        lang = request.options.get("lang") or "python"
+        if lang != "python":
+            problem = js_cell_problem(request, list(self.js_refuse),
+                                      "c.SandboxBackend.js_refuse")
+            if problem is not None:
+                sink.error("TierUsageError", problem, [f"TierUsageError: {problem}"])
+                return ExecResult(False, self.name, 0.0, error=ExecError(
+                    "TierUsageError", problem, [f"TierUsageError: {problem}"]))
         spec = ContainerSpec(
             runtime=str(request.options.get("runtime") or self.runtime),
             memory=int(request.options.get("memory") or self.memory),
@@ -299,6 +310,10 @@ class SandboxBackend(WorkspaceCopyBackend):
         if self._packages_notice:
             sink.stream("stderr", self._packages_notice)
             self._packages_notice = ""
+        if lang != "python" and "js_node" not in session.modules:
+            # At the first JS cell of an agent: Node.js is started by this module, which has
+            # the Node program in it.
+            session.install_module("js_node", js_node.module_source())
         result = await session.run_async(request, held, option, gateway)
         if session.alive and not session.watching:
             # After the first cell, not before: setting the watch up takes the agent 10-25 ms
@@ -348,8 +363,9 @@ class SandboxBackend(WorkspaceCopyBackend):
             self._packages.close()
 
     def limit_notes(self) -> list[str]:
-        """The process limit a cell meets, for ``%tier``."""
-        return [f"pids={self.pids_limit if self.runtime != 'runsc' else self.runsc_nproc}"]
+        """The process limit a cell meets and the languages it may be in, for ``%tier``."""
+        return [f"pids={self.pids_limit if self.runtime != 'runsc' else self.runsc_nproc}",
+                "languages=python,js,ts (--lang)"]
 
     # -- for the head start and the spares' pool --------------------------------------------
     def container_settings(self) -> ContainerSettings:

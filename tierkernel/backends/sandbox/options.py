@@ -1,4 +1,5 @@
-"""The magic-line options of the sandbox tier: the shared ones, and ``--runtime``, its own."""
+"""The magic-line options of the sandbox tier: the shared ones (``--lang``/``--strict`` as in
+the wasm tier), and ``--runtime``, its own."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 from tierkernel.backends.options import (
     CPUS,
     HELPER_POLICY,
+    LANG,
     MEMORY,
+    STRICT,
     TIMEOUT,
     VALUE_OPTIONS,
     OptionSpec,
@@ -36,4 +39,4 @@ RUNTIME = OptionSpec("runtime", "NAME",
                      parse_runtime)
 
 #: What ``%%tier sandbox`` takes (``SandboxBackend.magic_options``).
-OPTIONS = (TIMEOUT, MEMORY, CPUS, RUNTIME, *HELPER_POLICY, *VALUE_OPTIONS)
+OPTIONS = (TIMEOUT, MEMORY, CPUS, RUNTIME, *HELPER_POLICY, *VALUE_OPTIONS, LANG, STRICT)

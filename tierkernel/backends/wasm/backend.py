@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Enum, Float, List, Unicode, default
+from traitlets import Bool, Float, List, Unicode, default
 
 import tierkernel.guest
 from tierkernel.backends.agent.base import AgentBackend
@@ -40,6 +40,7 @@ from tierkernel.backends.base import (
     OutputSink,
 )
 from tierkernel.backends.hooks import Command
+from tierkernel.backends.js_cells import js_cell_problem, js_refuse_trait
 from tierkernel.backends.options import (
     HELPER_POLICY,
     LANG,
@@ -54,7 +55,7 @@ from tierkernel.backends.wasm import capabilities
 from tierkernel.backends.wasm import cli as wasm_cli
 from tierkernel.backends.wasm import runtime as wasm_runtime
 from tierkernel.backends.wasm import site as wasm_site
-from tierkernel.backends.wasm.js import REFUSABLE, JsSession, refused
+from tierkernel.backends.wasm.js import JsSession
 from tierkernel.backends.wasm.mount import FsxMountProvider, workspace_mount
 from tierkernel.backends.wasm.transport import GUEST_DIR, WasmTransport, session_args
 from tierkernel.errors import TierSessionLost, TierStartInterrupted
@@ -95,12 +96,7 @@ class WasmBackend(AgentBackend):
         "(an object whose __dir__ or __getattr__ never returns), and the next wasm cell says "
         "so.",
     ).tag(config=True)
-    js_refuse = List(
-        Enum(["eval", "Function", "import", "require", "process"]), [],
-        help="Constructs every JavaScript or TypeScript cell of this tier is refused for (a "
-        "static check naming the construct and its line): eval, Function, import (dynamic "
-        "import()), require, process. A cell's --strict refuses them all.",
-    ).tag(config=True)
+    js_refuse = js_refuse_trait()
 
     warm_start = Bool(
         help="Open the wasm session in the background when the kernel starts. Defaults to "
@@ -235,19 +231,12 @@ class WasmBackend(AgentBackend):
 
     async def _run_js(self, request: CellRequest, sink: OutputSink, lang: str,
                       started: float) -> ExecResult:
-        if request.inputs or request.outputs:
-            return self._fail(sink, started, "TierUsageError",
-                              "--in and --out move Python variables; a JavaScript cell shares "
-                              "data through the workspace (fs.readFile, fs.writeFile)")
-        strict = bool(request.options.get("strict"))
-        found = refused(request.body, tuple(REFUSABLE) if strict else tuple(self.js_refuse))
-        if found is not None:
-            rule = "--strict" if strict else "c.WasmBackend.js_refuse"
-            return self._fail(sink, started, "TierUsageError",
-                              f"this cell uses {found}, which is not allowed here ({rule})")
+        problem = js_cell_problem(request, list(self.js_refuse), "c.WasmBackend.js_refuse")
+        if problem is not None:
+            return self._fail(sink, started, "TierUsageError", problem)
         if self._js is None:
             self._js = JsSession(int(request.options.get("memory") or self.memory),
-                                 self.output_limit)
+                                 self.output_limit, self.helper_limit)
         try:
             files = current_workspace().fs
         except FsxConfigError:

@@ -31,37 +31,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
-import re
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tierkernel.backends.base import ExecError, ExecResult, OutputSink
-
-LANGS = ("python", "js", "ts")
-
-#: The constructs a JS cell may be refused (``--strict``, ``c.WasmBackend.js_refuse``): what
-#: runs code made at run time, or reaches for Node's host objects. Read line by line, so a
-#: use inside a string or a comment is refused too: the rule errs on the side of refusing.
-REFUSABLE = {
-    "eval": re.compile(r"\beval\s*\("),
-    "Function": re.compile(r"\bFunction\s*\("),
-    "import": re.compile(r"\bimport\s*\("),
-    "require": re.compile(r"\brequire\s*\("),
-    "process": re.compile(r"\bprocess\b"),
-}
-
-
-def refused(code: str, rules: list[str] | tuple[str, ...]) -> str | None:
-    """The first use in ``code`` of a construct ``rules`` name, as "NAME on line N", or
-    None."""
-    for number, line in enumerate(code.splitlines(), 1):
-        for rule in rules:
-            if REFUSABLE[rule].search(line):
-                shown = "import()" if rule == "import" else rule
-                return f"{shown} on line {number}"
-    return None
+from tierkernel.backends.wasm import js_cache
+from tierkernel.guest.js_node import bundle
 
 #: Installed once in each new context.
 _SHIM = r"""
@@ -113,8 +90,12 @@ class JsSession:
     """The kernel's JavaScript context in the wasm tier, on a thread of its own (quickjs-rs
     wants every call of a context on one thread)."""
 
-    def __init__(self, memory: int, output_limit: int) -> None:
+    def __init__(self, memory: int, output_limit: int, helper_limit: int = 10_000) -> None:
         self.memory = memory
+        #: ai/api/db/console calls one cell may make (``c.WasmBackend.helper_limit``), as
+        #: for the tier's Python cells; past it each call is refused.
+        self.helper_limit = helper_limit
+        self._helper_calls = 0
         #: Bytes of output (prints, displays, results) one cell may send; past it the cell
         #: is stopped, as in the tier's Python cells.
         self.output_limit = output_limit
@@ -136,7 +117,7 @@ class JsSession:
         """Run one cell; its output goes to ``sink`` as it comes. ``memory`` other than the
         context's makes the context anew with it (said on stderr)."""
         self._stop.clear()
-        self._output, self._over = 0, False
+        self._output, self._over, self._helper_calls = 0, False, 0
         future = self._pool.submit(self._run, code, lang, sink, timeout, helpers, files,
                                    memory)
         return await asyncio.wrap_future(future)
@@ -158,6 +139,7 @@ class JsSession:
 
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
+        js_cache.prime((js_cache.ENGINE,))
         runtime = quickjs_rs.Runtime(memory_limit=self.memory, stack_limit=1 << 20)
         context = runtime.new_context()
         _harden(runtime, context, self.memory, self._stop)
@@ -196,12 +178,24 @@ class JsSession:
                 except Exception as exc:
                     return _failed(sink, started, "TierError",
                                    f"the JavaScript engine could not start: {exc}")
+            if lang == "ts":
+                js_cache.prime((js_cache.TRANSFORM,))
             flags = (quickjs_rs.SourceTransform.SOURCE_TS
                      | quickjs_rs.SourceTransform.STRIP_TYPESCRIPT) if lang == "ts" else None
             assert self._loop is not None
             try:
-                value = self._loop.run_until_complete(self._context.eval_async(
-                    code, timeout=timeout, transform_flags=flags))
+                try:
+                    value = self._loop.run_until_complete(self._context.eval_async(
+                        code, timeout=timeout, transform_flags=flags))
+                except quickjs_rs.JSError as exc:
+                    if not any(words in str(exc) for words in _RETURN_OUTSIDE):
+                        raise
+                    # Code written as a function's body (``return 1 + 1``, as the HTTP API's
+                    # origin takes it) runs as one; a syntax error means none of it ran.
+                    # Its declarations are then its own, not the context's.
+                    value = self._loop.run_until_complete(self._context.eval_async(
+                        f"await (async () => {{{code}\n}})()", timeout=timeout,
+                        transform_flags=flags))
             except quickjs_rs.JSError as exc:
                 name = getattr(exc, "name", None) or "Error"
                 message = str(exc).removeprefix(f"{name}: ")
@@ -237,14 +231,15 @@ class JsSession:
                                " as recursion too deep makes it; the context was made anew: "
                                "its variables are gone")
             if value is not None:
-                bundle = _bundle(value)
-                if self._counted(len(bundle["text/plain"])):
-                    sink.result(bundle, {})
+                shown = bundle(value)
+                if self._counted(len(shown["text/plain"])):
+                    sink.result(shown, {})
             if self._over:
                 return _failed(sink, started, "OutputLimitError",
                                f"the cell's output passed the {self.output_limit >> 20} MiB "
                                "output limit; the rest was dropped (c.WasmBackend.output_limit)")
-            return ExecResult(True, "wasm", time.perf_counter() - started)
+            return ExecResult(True, "wasm", time.perf_counter() - started,
+                              helper_calls=self._helper_calls)
         finally:
             self._sink = self._helpers = self._files = None
 
@@ -265,12 +260,19 @@ class JsSession:
 
     def _display(self, text: str) -> None:
         if self._sink is not None and self._counted(len(text)):
-            self._sink.display(_bundle(json.loads(text)), {})
+            self._sink.display(bundle(json.loads(text)), {})
 
     def _helper(self, text: str) -> str:
         request = json.loads(text)
-        if self._helpers is None:
+        self._helper_calls += 1
+        if self._helper_calls > self.helper_limit:
             answer: dict[str, Any] = {"ok": False, "error": {
+                "type": "PermissionError",
+                "message": f"this cell made more than {self.helper_limit:,} ai/api/db/console "
+                           "calls, the limit of the wasm tier; raise it with "
+                           "c.WasmBackend.helper_limit"}}
+        elif self._helpers is None:
+            answer = {"ok": False, "error": {
                 "type": "RuntimeError", "message": "the runtime helpers are not available"}}
         else:
             answer = self._helpers(request)
@@ -337,6 +339,10 @@ def _harden(runtime: Any, context: Any, memory: int, stop: threading.Event) -> N
     engine_runtime.set_interrupt_handler(interrupt)
 
 
+#: How QuickJS and OXC (a TS cell) refuse a ``return`` outside a function.
+_RETURN_OUTSIDE = ("return not in a function", "'return' statement can only be used")
+
+
 def _late(started: float, timeout: float | None) -> bool:
     return timeout is not None and time.perf_counter() - started >= timeout
 
@@ -349,31 +355,3 @@ def _failed(sink: OutputSink, started: float, name: str, message: str,
     sink.error(name, message, traceback)
     return ExecResult(False, "wasm", time.perf_counter() - started,
                       error=ExecError(name, message, traceback))
-
-
-def _bundle(value: Any) -> dict[str, Any]:
-    """A JS value as a mime bundle: pretty JSON text, and the JSON itself, or an HTML table
-    for an array of records."""
-    if isinstance(value, str):
-        return {"text/plain": json.dumps(value, ensure_ascii=False)}
-    try:
-        text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return {"text/plain": str(value)}
-    bundle: dict[str, Any] = {"text/plain": text}
-    if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
-        # A table, and no JSON beside it: JupyterLab would pick its JSON viewer over HTML.
-        columns = list(dict.fromkeys(key for row in value for key in row))
-        head = "".join(f"<th>{_escape(column)}</th>" for column in columns)
-        rows = "".join("<tr>" + "".join(f"<td>{_escape(row.get(column, ''))}</td>"
-                                        for column in columns) + "</tr>" for row in value)
-        bundle["text/html"] = f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-    elif isinstance(value, (dict, list)):
-        bundle["application/json"] = value
-    return bundle
-
-
-def _escape(value: Any) -> str:
-    import html
-
-    return html.escape(value if isinstance(value, str) else json.dumps(value, default=str))
