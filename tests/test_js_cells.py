@@ -67,8 +67,20 @@ def test_a_cell_runs_again_as_it_did(js: Js):
     again = js.run(cell)
     if js.tier == "sandbox":
         assert result(again)["text/plain"] == "2"
+        # Declarations without a value, several at once, typed, destructured; a function the
+        # cell replaces is what the next cell sees.
+        assert result(js.run("let a, b = 2;\nlet {c, d: [e]} = {c: 3, d: [4]};\n[a, b, c, e]"))[
+            "application/json"] == [None, 2, 3, 4]
+        assert result(js.run("let t: number;\nt = 5;\nt", "ts"))["text/plain"] == "5"
+        js.run("function greet() { return 'hi'; }\nconst plain = greet;\n"
+               "greet = () => plain() + '!';")
+        assert result(js.run("greet()"))["text/plain"] == '"hi!"'
+        assert result(js.run("return 6 * 7"))["text/plain"] == "42"  # a function's body
     else:
         assert again.error["ename"] == "SyntaxError"
+        out = js.run("console.log('once');\neval('return 1')")  # ran: never run again
+        assert out.stdout == "once\n" and out.error["ename"] == "SyntaxError"
+        assert result(js.run("const v = 6;\nreturn v * 7"))["text/plain"] == "42"
 
 
 def test_console_streams_while_the_cell_runs(js: Js):
@@ -103,6 +115,9 @@ def test_helpers_go_through_the_policy_and_the_audit(js: Js):
     assert result(rows)["text/plain"] == "42"
     denied = js.run("await api('http://127.0.0.1:9/')")
     assert denied.error["ename"] == "PermissionError" and "--allow api" in denied.error["evalue"]
+    many = js.run("(await Promise.all(Array.from({length: 2000}, (_, i) => "
+                  "db('SELECT ? AS n', [i])))).length", timeout=120)
+    assert result(many)["text/plain"] == "2000"  # all at once: nothing waits on another
     logged = js.run("console.info('recorded');")
     record = js.kernel.run(f"%executions {logged.reply['execution_count']}")
     shown = "".join(o.content["data"]["text/plain"] for o in record.of_type("display_data"))
@@ -135,10 +150,21 @@ def test_timeout_and_interrupt_keep_the_context(js: Js):
 
 
 def test_an_output_flood_is_stopped(js: Js):
+    python = f"%%tier {js.tier}\n"
+    assert js.kernel.run(python + "before_the_flood = 1").status == "ok"
     out = js.run("while (true) console.log('x'.repeat(1000));", timeout=120)
     assert out.error["ename"] == "OutputLimitError" and "1 MiB" in out.error["evalue"]
     assert len(out.stdout) <= (1 << 20) + 1000
     assert result(js.run("1 + 1"))["text/plain"] == "2"
+    # The tier's interpreter stopped the cell itself: its Python variables are there.
+    assert js.kernel.run(python + "print(before_the_flood)").stdout == "1\n"
+    # A table costs rows times columns: past 1000 rows (or 50 columns) there is none, and
+    # what is shown is counted whole.
+    wide = js.run("Array.from({length: 3000}, (_, i) => ({['k' + i]: i}))", timeout=120)
+    assert wide.status == "ok" and "text/html" not in result(wide)
+    big = js.run("Array.from({length: 200000}, (_, i) => ({n: i, s: 'x'.repeat(10)}))",
+                 timeout=120)
+    assert big.error["ename"] == "OutputLimitError"
 
 
 def test_refused_constructs_and_options_say_what_is_wrong(js: Js):
@@ -146,6 +172,9 @@ def test_refused_constructs_and_options_say_what_is_wrong(js: Js):
     assert out.error["ename"] == "TierUsageError" and "eval on line 2" in out.error["evalue"]
     out = js.run("const m = await import('x');", options="--strict")
     assert "import() on line 1" in out.error["evalue"]
+    out = js.run("import { execSync } from 'child_process';\nexecSync('id')", "ts",
+                 options="--strict")
+    assert "static import" in out.error["evalue"] and "line 1" in out.error["evalue"]
     out = js.run("1", options="--out y")
     assert out.error["ename"] == "TierUsageError" and "fs.readFile" in out.error["evalue"]
     out = js.kernel.run(f"%%tier {js.tier} --lang ruby\n1")
@@ -189,6 +218,15 @@ def test_sandbox_node_ends_alone_and_says_so(js: Js):
         "evalue"]
     out = js.run("process.exit(3)", options="--memory 512m")
     assert out.error["ename"] == "TierError" and "status 3" in out.error["evalue"]
+    out = js.run("throw new Proxy({}, {get() { throw 1; }})", options="--memory 512m")
+    assert out.error["ename"] == "Error" and "unreadable" in out.error["evalue"]
+    assert result(js.run("'next'", options="--memory 512m"))["text/plain"] == '"next"'
+    # Work an earlier cell left behind gets no helper access under a later cell's --allow.
+    js.run("setTimeout(() => api('http://127.0.0.1:9/').catch((e) => console.log('late:', "
+           "e.name)), 300);", options="--memory 512m")
+    later = js.run("await new Promise((done) => setTimeout(done, 1000));",
+                   options="--memory 512m --allow api")
+    assert "late: PermissionError" in later.stdout
     assert js.kernel.run(python + "print(survivor)").stdout == "python\n"
 
 

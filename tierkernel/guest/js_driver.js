@@ -27,14 +27,19 @@ const path = require("path");
 const util = require("util");
 const vm = require("vm");
 
+const { AsyncLocalStorage } = require("async_hooks");
 const [REQUESTS, MESSAGES] = (process.env.TIERKERNEL_JS_FDS || "3,4").split(",").map(Number);
 delete process.env.TIERKERNEL_JS_FDS;
 const WORKSPACE = process.cwd();
 const CELL = "<cell>";
 
 let running = null; // {cell, interrupt: reject function} while a cell runs
+// The cell whose code started the work that is running: a timer or promise an earlier cell
+// left carries that cell's number, and its helper calls are refused as an earlier cell's.
+const origin = new AsyncLocalStorage();
 let seq = 0;
 const answers = new Map(); // helper seq -> resolve
+const ENDED = new WeakSet(); // the errors of helper calls a cell left waiting when it ended
 
 function send(msg) {
   const data = Buffer.from(JSON.stringify(msg) + "\n");
@@ -69,18 +74,19 @@ function helper(name, args, wait = true) {
     return wait ? Promise.reject(error) : undefined;
   }
   seq += 1;
-  const request = { type: "helper", cell: running.cell, seq, request: { helper: name, args },
-                    wait };
+  const request = { type: "helper", cell: running.cell, origin: origin.getStore() ?? null, seq,
+                    request: { helper: name, args }, wait };
   if (!wait) {
     send(request);
     return undefined;
   }
   return new Promise((resolve, reject) => {
-    answers.set(seq, (response) => {
+    answers.set(seq, (response, ended = false) => {
       if (response && response.ok) return resolve(response.value);
       const failure = (response && response.error) || {};
       const error = new Error(String(failure.message || `${name}() failed`));
       error.name = String(failure.type || "Error");
+      if (ended) ENDED.add(error);
       reject(error);
     });
     send(request);
@@ -247,6 +253,9 @@ function sourceLines(mappings) {
   return lines;
 }
 
+// The wrapper's own name for what keeps a cell's functions (no cell's name, in practice).
+const KEEP = "__tierkernel_keep_functions";
+
 function names(pattern, into) {
   if (!pattern) return;
   switch (pattern.type) {
@@ -303,21 +312,34 @@ function rewrite(code) {
       edits.push([node.end, 0, ";"]);
     }
   }
+  // Function declarations are hoisted in the wrapper, so they are usable before their line
+  // there; they become the context's when the cell starts (for what it calls meanwhile) and
+  // again when it ends (`f = memo(f)` in the cell is what the next cell sees).
+  const keep = functions.map((name) => `globalThis[${JSON.stringify(name)}] = ${name};`)
+    .join(" ");
   const last = tree.body[tree.body.length - 1];
-  if (last && last.type === "ExpressionStatement" && !last.directive) {
-    edits.push([last.start, 0, "return ("]);
-    edits.push([last.expression.end, 0, ")"]);
+  if (keep) {
+    const first = tree.body.find((node) => !node.directive); // after "use strict"
+    edits.push([first.start, 0,
+                `const ${KEEP} = (value) => { ${keep} return value; }; ${keep} `]);
   }
-  edits.sort((a, b) => b[0] - a[0]);
+  if (last && last.type === "ExpressionStatement") {
+    edits.push([last.start, 0, keep ? `return ${KEEP}(` : "return ("]);
+    edits.push([last.expression.end, 0, ")"]);
+  } else if (keep) {
+    edits.push([code.length, 0, `\n;${KEEP}();`]);
+  }
+  if (code.startsWith("#!")) edits.push([0, 2, "//"]);
+  // From the end; at one place the replacement first, then the insertions, the last pushed
+  // first: what is inserted there reads in the order it was pushed, before the replacement.
+  const ordered = edits.map((edit, order) => [...edit, order])
+    .sort((a, b) => b[0] - a[0] || (b[1] > 0) - (a[1] > 0) || b[3] - a[3]);
   let body = code;
-  for (const [at, remove, insert] of edits) {
+  for (const [at, remove, insert] of ordered) {
     body = body.slice(0, at) + insert + body.slice(at + remove);
   }
-  // Function declarations are hoisted in the wrapper, so they are usable before their line
-  // there; they become the context's when the cell starts.
-  const exported = functions.map((name) => `globalThis[${JSON.stringify(name)}] = ${name};`);
   const head = declared.size ? `var ${[...declared].join(", ")}; ` : "";
-  return `${head}(async () => {${exported.join(" ")}${body}\n})()`;
+  return `${head}(async () => {${body}\n})()`;
 }
 
 // -- errors --------------------------------------------------------------------------------
@@ -371,22 +393,31 @@ async function run(request) {
     code = String(request.code);
     if (request.lang === "ts") ({ js: code, lines } = stripTypes(code));
     const script = new vm.Script(rewrite(code), { filename: CELL });
-    const value = await Promise.race([script.runInThisContext({ breakOnSigint: true }),
-                                      interrupted]);
+    const work = origin.run(cell, () => script.runInThisContext({ breakOnSigint: true }));
+    // Stopped, its own end (usually those ended calls) is of no one's interest.
+    if (work && typeof work.catch === "function") {
+      work.catch((error) => { if (error && typeof error === "object") ENDED.add(error); });
+    }
+    const value = await Promise.race([work, interrupted]);
     if (value !== undefined && value !== null) send({ type: "result", cell, ...shown(value) });
     ok = true;
   } catch (error) {
-    if (error && error.code === "ERR_SCRIPT_EXECUTION_INTERRUPTED") {
-      failure(cell, Object.assign(new Error("interrupted; the JavaScript context is kept"),
-                                  { name: "KeyboardInterrupt", stack: "" }), lines);
-    } else {
-      failure(cell, error, lines, String(request.code), code.split("\n").length);
+    try {
+      if (error && error.code === "ERR_SCRIPT_EXECUTION_INTERRUPTED") {
+        failure(cell, Object.assign(new Error("interrupted; the JavaScript context is kept"),
+                                    { name: "KeyboardInterrupt", stack: "" }), lines);
+      } else {
+        failure(cell, error, lines, String(request.code), code.split("\n").length);
+      }
+    } catch (unreadable) { // a thrown value whose name, message or stack throw when read
+      send({ type: "error", cell, name: "Error", message: "uncaught value (unreadable)",
+             stack: [] });
     }
   } finally {
     running = null;
     for (const [number, answer] of answers) {
       answers.delete(number);
-      answer({ ok: false, error: { type: "RuntimeError", message: "the cell ended" } });
+      answer({ ok: false, error: { type: "RuntimeError", message: "the cell ended" } }, true);
     }
   }
   send({ type: "done", cell, ok });
@@ -395,7 +426,9 @@ async function run(request) {
 process.on("SIGINT", () => { if (running !== null) running.interrupt(); });
 // A promise rejected or an exception thrown by work a cell left behind (a timer) is printed,
 // as Node's REPL does, and the context lives on.
+// Not the calls a stopped cell left waiting: they end with it, and say nothing more.
 process.on("unhandledRejection", (reason) => {
+  if (ENDED.has(reason)) return;
   process.stderr.write(`Uncaught (in promise) ${util.inspect(reason)}\n`);
 });
 process.on("uncaughtException", (error) => {
@@ -407,8 +440,18 @@ let busy = false;
 async function next() {
   if (busy) return;
   busy = true;
-  while (queue.length) await run(queue.shift());
-  busy = false;
+  try {
+    while (queue.length) {
+      const request = queue.shift();
+      try {
+        await run(request);
+      } catch (error) { // run() reports its own errors; this is the last guard: a done
+        send({ type: "done", cell: request.cell, ok: false });
+      }
+    }
+  } finally {
+    busy = false;
+  }
 }
 
 require("readline").createInterface({ input: fs.createReadStream(null, { fd: REQUESTS }) })

@@ -57,20 +57,28 @@ START_TIMEOUT = 30.0
 LINE_LIMIT = 64 << 20
 
 
-def refused(code: str, rules: list[str] | tuple[str, ...]) -> str | None:
-    """The first use in ``code`` of a construct ``rules`` name, as "NAME on line N", or
-    None."""
+#: A static ``import``/``export ... from`` of a TS cell: TypeScript makes it a ``require``,
+#: so it is refused where ``require`` is.
+STATIC_IMPORT = re.compile(r"^\s*(import\b(?!\s*\()|export\b.*\bfrom\b)")
+
+
+def refused(code: str, rules: list[str] | tuple[str, ...], lang: str = "js") -> str | None:
+    """The first use in ``code`` (a ``lang`` cell) of a construct ``rules`` name, as "NAME
+    on line N", or None."""
     for number, line in enumerate(code.splitlines(), 1):
         for rule in rules:
             if REFUSABLE[rule].search(line):
                 shown = "import()" if rule == "import" else rule
                 return f"{shown} on line {number}"
+        if lang == "ts" and "require" in rules and STATIC_IMPORT.search(line):
+            return f"a static import (a require once its types are stripped) on line {number}"
     return None
 
 
 def bundle(value: Any) -> dict[str, Any]:
     """A JS value (as JSON gives it) as a mime bundle: pretty JSON text, and the JSON itself,
-    or an HTML table for an array of records."""
+    or an HTML table for an array of records (at most TABLE_ROWS by TABLE_COLUMNS: a table
+    costs rows times columns, whatever the value's size)."""
     if isinstance(value, str):
         return {"text/plain": json.dumps(value, ensure_ascii=False)}
     try:
@@ -78,9 +86,11 @@ def bundle(value: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {"text/plain": str(value)}
     shown: dict[str, Any] = {"text/plain": text}
-    if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+    columns = list(dict.fromkeys(key for row in value for key in row)) if (
+        isinstance(value, list) and 0 < len(value) <= TABLE_ROWS
+        and all(isinstance(row, dict) for row in value)) else []
+    if 0 < len(columns) <= TABLE_COLUMNS:
         # A table, and no JSON beside it: JupyterLab would pick its JSON viewer over HTML.
-        columns = list(dict.fromkeys(key for row in value for key in row))
         head = "".join(f"<th>{_escape(column)}</th>" for column in columns)
         rows = "".join("<tr>" + "".join(f"<td>{_escape(row.get(column, ''))}</td>"
                                         for column in columns) + "</tr>" for row in value)
@@ -110,29 +120,49 @@ def module_source() -> str:
 # -- in the sandbox agent ---------------------------------------------------------------------
 DRIVER = ""  # set by module_source()
 
+#: Bytes of a result's or display's JSON past which it is shown as compact text only (no
+#: pretty copy, no JSON view, no table): what a Python cell's large value costs, not 3x that.
+RICH_LIMIT = 1 << 20
+#: Rows and columns of a table shown for an array of records; past them, no table.
+TABLE_ROWS = 1000
+TABLE_COLUMNS = 50
+
 
 class NodeContext:
-    """The ``node`` process of the agent's JS cells, and the pipes to it."""
+    """The ``node`` process of the agent's JS cells, and the pipes to it.
+
+    Requests to ``node`` are written by a thread of their own, never by the relay: ``node``
+    reads them only when its event loop is free, and a cell that sends many helper calls at
+    once would otherwise have both sides blocked writing to each other."""
 
     def __init__(self) -> None:
         self.process: Any = None
         self._requests = -1
         self._messages = -1
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._outbox: Any = None
         self.cells = 0
         #: V8's heap limit in MiB (0: node's own).
         self.heap = 0
-        #: Whether ``node`` closed its end of the messages' pipe (it ended).
-        self.gone = False
+        #: Why ``node`` is gone, once it is: it closed its end of the messages' pipe, or sent
+        #: a line over LINE_LIMIT.
+        self.gone = ""
+        #: The agent's cell id of each of node's recent cell numbers (helper calls of work an
+        #: earlier cell left behind are refused under that cell, as a Python thread's are).
+        self.cell_ids: dict[int, Any] = {}
 
     @property
     def alive(self) -> bool:
         """Whether the context is there to run a cell."""
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and self.process.poll() is None and not self.gone
 
-    def start(self) -> None:
-        """Start ``node`` with the driver and wait for it to say it is ready."""
+    def start(self, wake: int = -1) -> None:
+        """Start ``node`` with the driver and wait for it to say it is ready (or for
+        ``wake``: a stop, which ends the start)."""
+        import queue
         import subprocess
+        import threading
 
         requests_read, self._requests = os.pipe()
         self._messages, messages_write = os.pipe()
@@ -152,28 +182,48 @@ class NodeContext:
         finally:
             os.close(requests_read)
             os.close(messages_write)
+        # Out of memory, the kernel's killer takes node first, not the agent beside it.
+        with contextlib.suppress(OSError), open(f"/proc/{self.process.pid}/oom_score_adj",
+                                                "w") as f:
+            f.write("1000")
         self.heap = heap
-        msg = self.read(START_TIMEOUT)
+        self._outbox = queue.SimpleQueue()
+        threading.Thread(target=self._write_requests, args=(self._outbox, self._requests),
+                         daemon=True, name="js-requests").start()
+        msg = self.read(START_TIMEOUT, wake)
         if msg is None or msg.get("type") != "ready":
-            detail = self.ended() if self.gone else "it did not answer"
+            detail = self.gone or ("it was stopped" if wake >= 0 and _readable(wake)
+                                   else "it did not answer")
             self.close()
             raise RuntimeError(f"node did not start: {detail}")
 
     def send(self, msg: dict[str, Any]) -> None:
-        """One request to ``node`` (a broken pipe: it is gone, which the next read says)."""
-        data = (json.dumps(msg) + "\n").encode("utf-8", "replace")
-        with contextlib.suppress(OSError):
-            while data:
-                data = data[os.write(self._requests, data):]
+        """Queue one request to ``node`` (never blocks)."""
+        if self._outbox is not None:
+            self._outbox.put((json.dumps(msg) + "\n").encode("utf-8", "replace"))
 
-    def read(self, timeout: float | None) -> dict[str, Any] | None:
-        """The next message, or None when ``timeout`` passed or ``node`` is gone (then
-        :attr:`gone` is set). A SIGINT meanwhile raises KeyboardInterrupt."""
+    @staticmethod
+    def _write_requests(outbox: Any, fd: int) -> None:
+        while True:
+            data = outbox.get()
+            if data is None:
+                return
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:  # node is gone: the relay sees its messages' pipe end
+                return
+
+    def read(self, timeout: float | None, wake: int = -1) -> dict[str, Any] | None:
+        """The next message, or None when ``timeout`` passed, ``wake`` became readable, or
+        ``node`` is gone (then :attr:`gone` says why)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", self._scanned)
             if end >= 0:
-                line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+                line = bytes(self._buffer[:end])
+                del self._buffer[:end + 1]
+                self._scanned = 0
                 try:
                     msg = json.loads(line)
                 except ValueError:
@@ -181,16 +231,23 @@ class NodeContext:
                 if isinstance(msg, dict):
                     return msg
                 continue
+            self._scanned = len(self._buffer)
             if len(self._buffer) > LINE_LIMIT:
+                self.gone = (f"the JavaScript context sent a message over {LINE_LIMIT >> 20} "
+                             "MiB and was ended")
                 self.kill()
                 return None
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self._messages], [], [], wait)
-            if not ready:
+            watched = [self._messages] if wake < 0 else [self._messages, wake]
+            try:
+                ready, _, _ = select.select(watched, [], [], wait)
+            except InterruptedError:
+                continue
+            if not ready or (wake >= 0 and wake in ready):
                 return None
             chunk = os.read(self._messages, 1 << 16)
             if not chunk:
-                self.gone = True
+                self.gone = self.ended()
                 return None
             self._buffer += chunk
 
@@ -212,22 +269,27 @@ class NodeContext:
         return f"the JavaScript context ended (its process exited with status {code})"
 
     def kill(self) -> None:
-        """End ``node`` at once (the context is gone)."""
+        """End ``node`` at once (the context is gone); not waited for long."""
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(Exception):
                 self.process.kill()
-                self.process.wait(timeout=5)
+                self.process.wait(timeout=0.5)
 
     def close(self) -> None:
         """Kill ``node`` and close the pipes. Idempotent."""
         self.kill()
+        if self._outbox is not None:
+            self._outbox.put(None)
+            self._outbox = None
         for fd in (self._requests, self._messages):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._requests = self._messages = -1
-        self._buffer = b""
-        self.gone = False
+        self._buffer = bytearray()
+        self._scanned = 0
+        self.gone = ""
+        self.cell_ids = {}
 
 
 def _heap_limit() -> int:
@@ -252,94 +314,178 @@ def _heap_limit() -> int:
 _context = NodeContext()
 
 
+class _Stop:
+    """The relay's SIGINT handling while a JS cell runs: the signal is noted and wakes the
+    relay (a byte on a pipe it watches), wherever the relay is; it raises KeyboardInterrupt
+    only inside a helper call, which waits for the host and must end when the cell does."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.at: float | None = None
+        self.in_helper = False
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+        os.set_blocking(self.wake_read, False)
+        self.previous: Any = None
+
+    def __enter__(self) -> _Stop:
+        self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+        with contextlib.suppress(OSError):
+            os.write(self.wake_write, b"\0")
+        if self.in_helper:
+            channel = self.agent.channel
+            if getattr(channel, "deferring", False):  # half a message out: raised after
+                channel.pending = True
+                return
+            raise KeyboardInterrupt
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self.wake_read, 64)
+
+
 def run_cell(agent: Any, code: str, lang: str) -> bool:
     """Run one JS or TS cell of ``agent`` (its ``cell_id`` is set); True when it succeeded.
     Its output, result and error go to the host as a Python cell's do."""
     protocol = sys.modules.get("tierkernel_protocol") or _package_protocol()
     context = _context
-    if not context.alive:
-        if context.cells:
-            agent.emit_stream("stderr", "tierkernel: the JavaScript context starts anew; "
-                                        "its variables are gone.\n")
-        context.close()
-        context.cells = 0
-        try:
-            context.start()
-        except RuntimeError as exc:
-            _error(agent, protocol, "TierError", str(exc), [])
-            return False
-    context.cells += 1
-    cell = context.cells
-    context.send({"type": "run", "cell": cell, "code": code, "lang": lang})
-    stopped_at: float | None = None
-    while True:
-        agent.in_cell = True
-        try:
-            timeout = None if stopped_at is None else max(
-                0.0, stopped_at + STOP_GRACE - time.monotonic())
-            msg = context.read(timeout)
-        except KeyboardInterrupt:
-            if stopped_at is None:
-                stopped_at = time.monotonic()
-            if context.process is not None:
+    with _Stop(agent) as stop:
+        if not context.alive:
+            if context.cells:
+                agent.emit_stream("stderr", "tierkernel: the JavaScript context starts anew; "
+                                            "its variables are gone.\n")
+            context.close()
+            context.cells = 0
+            try:
+                context.start(stop.wake_read)
+            except RuntimeError as exc:
+                if stop.at is not None:
+                    _error(agent, protocol, "KeyboardInterrupt", "interrupted", [])
+                    return False
+                _error(agent, protocol, "TierError", str(exc), [])
+                return False
+            if stop.at is not None:
+                _error(agent, protocol, "KeyboardInterrupt", "interrupted", [])
+                return False
+        context.cells += 1
+        cell = context.cells
+        context.cell_ids[cell] = agent.cell_id
+        for old in [number for number in context.cell_ids if number < cell - 64]:
+            del context.cell_ids[old]
+        context.send({"type": "run", "cell": cell, "code": code, "lang": lang})
+        signalled = False
+        while True:
+            if stop.at is not None and not signalled:
+                signalled = True
                 with contextlib.suppress(OSError):
                     context.process.send_signal(signal.SIGINT)
-            continue
-        finally:
-            agent.in_cell = False
-        if msg is None:
-            if not context.gone:  # the grace after a stop passed
+            if stop.at is not None and time.monotonic() > stop.at + STOP_GRACE:
                 context.kill()
+                context.close()
                 _error(agent, protocol, "KeyboardInterrupt",
                        f"the cell did not stop within {STOP_GRACE:g} s, so the JavaScript "
                        "context was ended; its variables are gone", [])
                 return False
-            detail = context.ended()
-            _error(agent, protocol, "MemoryError" if "memory" in detail else "TierError",
-                   f"{detail}; its variables are gone, and the next JS cell starts a new "
-                   "context", [])
-            context.close()
-            return False
-        if msg.get("cell") != cell:
-            continue
-        kind = msg.get("type")
-        if kind == "stream":
-            agent.emit_stream("stderr" if msg.get("name") == "stderr" else "stdout",
-                              str(msg.get("text", "")))
-        elif kind in ("display", "result"):
-            value = _json(msg) if "json" in msg else _BAD
-            data = bundle(value) if value is not _BAD else {"text/plain": str(msg.get("text"))}
-            if kind == "display":
-                agent.send_display(data, {})
-            else:
-                agent._flush_text()
-                agent.channel.send({"type": protocol.RESULT, "id": agent.cell_id,
-                                    "data": data, "metadata": {}})
-        elif kind == "helper":
-            try:
-                response = agent.call_host(msg.get("request") or {})
-            except Exception as exc:
-                response = {"ok": False, "error": {"type": type(exc).__name__,
-                                                   "message": str(exc)}}
-            if msg.get("wait"):
-                context.send({"type": "answer", "seq": msg.get("seq"), "response": response})
-        elif kind == "error":
-            name = str(msg.get("name") or "Error")
-            message = str(msg.get("message") or "")
-            stack = [str(line) for line in msg.get("stack") or []]
-            _error(agent, protocol, name, message, stack)
-        elif kind == "done":
-            return bool(msg.get("ok"))
+            timeout = None if stop.at is None else max(
+                0.0, stop.at + STOP_GRACE - time.monotonic())
+            msg = context.read(timeout, stop.wake_read)
+            if msg is None:
+                stop.drain()
+                if not context.gone:
+                    continue  # a stop came (handled above), or the grace is being counted
+                detail = context.gone
+                _error(agent, protocol, "MemoryError" if "memory" in detail else "TierError",
+                       f"{detail}; its variables are gone, and the next JS cell starts a new "
+                       "context", [])
+                context.close()
+                return False
+            kind = msg.get("type")
+            if kind == "helper":
+                _relay_helper(agent, protocol, context, stop, cell, msg)
+                continue
+            if msg.get("cell") != cell:
+                continue
+            if kind == "stream":
+                agent.emit_stream("stderr" if msg.get("name") == "stderr" else "stdout",
+                                  str(msg.get("text", "")))
+            elif kind in ("display", "result"):
+                data = shown(msg)
+                if kind == "display":
+                    agent.send_display(data, {})
+                else:
+                    agent._flush_text()
+                    agent.channel.send({"type": protocol.RESULT, "id": agent.cell_id,
+                                        "data": data, "metadata": {}})
+            elif kind == "error":
+                name = str(msg.get("name") or "Error")
+                message = str(msg.get("message") or "")
+                stack = [str(line) for line in msg.get("stack") or []]
+                _error(agent, protocol, name, message, stack)
+            elif kind == "done":
+                return bool(msg.get("ok"))
 
 
-_BAD = object()
+def _relay_helper(agent: Any, protocol: Any, context: NodeContext, stop: _Stop, cell: int,
+                  msg: dict[str, Any]) -> None:
+    """One helper call of node: through the agent to the host when the running cell made
+    it; refused (and recorded under its own cell) when work an earlier cell left made it."""
+    request = msg.get("request") if isinstance(msg.get("request"), dict) else {}
+    origin = msg.get("origin")
+    if origin != cell:
+        origin_id = context.cell_ids.get(origin) if isinstance(origin, int) else None
+        agent.channel.send({"type": protocol.HELPER, "id": origin_id, "seq": None,
+                            "request": request})
+        response: dict[str, Any] = {"ok": False, "error": {
+            "type": "PermissionError",
+            "message": "background work of an earlier cell gets no helper access: this call "
+                       "was made by a timer or promise an earlier cell left, after that cell "
+                       "ended; call ai/api/db/console from the cell that needs them"}}
+    elif stop.at is not None:
+        response = {"ok": False, "error": {"type": "KeyboardInterrupt",
+                                           "message": "the cell was stopped"}}
+    else:
+        stop.in_helper = True
+        try:
+            response = agent.call_host(request)
+        except KeyboardInterrupt:
+            response = {"ok": False, "error": {"type": "KeyboardInterrupt",
+                                               "message": "the cell was stopped"}}
+        except Exception as exc:
+            response = {"ok": False, "error": {"type": type(exc).__name__,
+                                               "message": str(exc)}}
+        finally:
+            stop.in_helper = False
+    if msg.get("wait"):
+        context.send({"type": "answer", "seq": msg.get("seq"), "response": response})
 
 
-def _json(msg: dict[str, Any]) -> Any:
+def shown(msg: dict[str, Any]) -> dict[str, Any]:
+    """The mime bundle of a result or display message: rich for what JSON gives within
+    RICH_LIMIT, compact text past it, node's inspection for the rest."""
+    if "json" not in msg:
+        return {"text/plain": str(msg.get("text"))}
+    text = str(msg["json"])
+    if len(text) > RICH_LIMIT:
+        return {"text/plain": text}
     try:
-        return json.loads(msg["json"])
-    except (TypeError, ValueError):
-        return _BAD
+        value = json.loads(text)
+    except ValueError:
+        return {"text/plain": text}
+    return bundle(value)
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _package_protocol() -> Any:

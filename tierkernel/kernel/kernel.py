@@ -42,6 +42,7 @@ from tierkernel.kernel.iopub import HeldErrors, IopubSink
 from tierkernel.kernel.no_debugger import without_debugpy
 from tierkernel.kernel.quick_reply import (
     cell_ran_outside,
+    flush_skipped,
     install_flush_skip,
     mark_cell,
     pause_before_reply,
@@ -629,7 +630,9 @@ class TierKernel(IPythonKernel):
         execute_reply (no execution_id for a cell aborted after an earlier error: it never
         ran), with what the cell used where its tier measures it on the host:
         ``cpu_seconds``, ``peak_memory_bytes`` and (sandbox, runc) ``processes``."""
-        # The pre-reply flush and sleep are behind us: end the mark do_execute set.
+        # The pre-reply flush and sleep are behind us: what a skipped flush found empty and
+        # has text now goes first; then the mark do_execute set ends.
+        flush_skipped()
         mark_cell(False)
         self.runtime.commit_records()  # the cell's audit record is in the file before its reply
         metadata = super().finish_metadata(parent, metadata, reply_content)

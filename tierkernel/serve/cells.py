@@ -25,11 +25,15 @@ from tierkernel.serve.settings import FREE_OPTIONS, Ceiling
 
 @dataclass(frozen=True)
 class Cell:
-    """A checked execution: its tier, the cell to send, its timeout."""
+    """A checked execution: its tier, the cell to send, its timeout, its language and the
+    %%tier line for the cell that sets its ``context`` (the same tier, language and
+    resources, so that cell runs in the same interpreter)."""
 
     tier: str
     text: str
     timeout: float | None
+    lang: str = "python"
+    context_line: str = ""
 
 
 def check_tier(tier: str, ceiling: Ceiling) -> type[Any]:
@@ -126,7 +130,28 @@ def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Cei
         raise ApiError(400, "invalid_option", f"a timeout of {float(timeout):g} s is over the "
                        f"server's longest, {max_timeout:g} s (c.Serve.max_timeout)")
     line = " ".join(["%%tier", shlex.quote(tier), *(shlex.quote(w) for w in words)])
-    return Cell(tier, f"{line}\n{body}", float(timeout) if timeout else None)
+    kept = " ".join(["%%tier", shlex.quote(tier),
+                     *(shlex.quote(w) for w in _kept(words, _CONTEXT_OPTIONS))])
+    return Cell(tier, f"{line}\n{body}", float(timeout) if timeout else None,
+                str(options.get("lang") or "python"), kept)
+
+
+#: The options a cell's context cell takes from it: those that choose its interpreter.
+_CONTEXT_OPTIONS = frozenset({"lang", "memory", "cpus", "runtime"})
+
+
+def _kept(words: list[str], names: frozenset[str]) -> list[str]:
+    """The ``--name value`` / ``--name=value`` words of ``words`` whose name is in ``names``."""
+    kept: list[str] = []
+    at = 0
+    while at < len(words):
+        word = words[at]
+        name, equals, _ = word[2:].partition("=") if word.startswith("--") else ("", "", "")
+        takes_value = not equals and at + 1 < len(words) and not words[at + 1].startswith("--")
+        if name in names:
+            kept += [word, words[at + 1]] if takes_value else [word]
+        at += 2 if takes_value else 1
+    return kept
 
 
 def _config_words(config: ExecuteConfig) -> list[str]:
@@ -145,12 +170,11 @@ def _option_names(words: list[str]) -> set[str]:
     return {word[2:].partition("=")[0] for word in words if word.startswith("--")}
 
 
-def context_cell(tier: str, context: dict[str, Any], language: str = "python") -> str:
-    """A cell that sets the variable ``context`` in ``tier``, for cells in ``language``
-    (decoded there as JSON; in JavaScript, ``globalThis.context``)."""
+def context_cell(cell: Cell, context: dict[str, Any]) -> str:
+    """A cell that sets the variable ``context`` where ``cell`` runs (decoded there as JSON;
+    in JavaScript, ``globalThis.context``)."""
     text = json.dumps(json.dumps(context))
-    if language != "python":
-        return (f"%%tier {shlex.quote(tier)} --lang js\n"
-                f"globalThis.context = JSON.parse({text});\nundefined")
-    return (f"%%tier {shlex.quote(tier)}\nimport json as _tk_json\n"
+    if cell.lang != "python":
+        return f"{cell.context_line}\nglobalThis.context = JSON.parse({text});\nundefined"
+    return (f"{cell.context_line}\nimport json as _tk_json\n"
             f"context = _tk_json.loads({text})\ndel _tk_json")

@@ -83,8 +83,7 @@ class Server:
         """Run a prepared cell (``context`` set first); a one-shot session ends after."""
         try:
             if body.context is not None:
-                ready = await session.run(cells.context_cell(cell.tier, body.context,
-                                                             body.language),
+                ready = await session.run(cells.context_cell(cell, body.context),
                                           cell.timeout, self.settings, silent=True)
                 if not ready.success:
                     return _result(ready, session)

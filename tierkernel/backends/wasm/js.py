@@ -31,6 +31,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,22 @@ _SHIM = r"""
   globalThis.console = { log: level("log", "stdout"), info: level("info", "stdout"),
                          warn: level("warn", "stderr"), error: level("error", "stderr") };
   globalThis.display = (value) => { __tk_display(JSON.stringify(value ?? null)); };
+  // A cell's value as one string, made here: quickjs-rs turns a structured value into
+  // Python objects one host call at a time (1.5 ms an object), JSON in one.
+  globalThis.__tk_shown = (value) => {
+    if (value === undefined || value === null) return null;
+    try {
+      const plain = ["string", "number", "boolean"].includes(typeof value)
+        || Array.isArray(value) || Object.getPrototypeOf(value) === Object.prototype;
+      if (plain) {
+        const json = JSON.stringify(value);
+        if (json !== undefined) return "j" + json;
+      }
+      return "t" + String(value);
+    } catch (error) {
+      return "t[a value that cannot be shown]";
+    }
+  };
   globalThis.ai = async (model, input) => call("ai", { model, input });
   globalThis.api = async (url, options = {}) => call("api", { url, ...options });
   globalThis.db = async (query, params = null) => call("db", { query, params });
@@ -96,6 +113,7 @@ class JsSession:
         #: for the tier's Python cells; past it each call is refused.
         self.helper_limit = helper_limit
         self._helper_calls = 0
+        self._file_calls = 0
         #: Bytes of output (prints, displays, results) one cell may send; past it the cell
         #: is stopped, as in the tier's Python cells.
         self.output_limit = output_limit
@@ -117,7 +135,7 @@ class JsSession:
         """Run one cell; its output goes to ``sink`` as it comes. ``memory`` other than the
         context's makes the context anew with it (said on stderr)."""
         self._stop.clear()
-        self._output, self._over, self._helper_calls = 0, False, 0
+        self._output, self._over, self._helper_calls, self._file_calls = 0, False, 0, 0
         future = self._pool.submit(self._run, code, lang, sink, timeout, helpers, files,
                                    memory)
         return await asyncio.wrap_future(future)
@@ -185,16 +203,18 @@ class JsSession:
             assert self._loop is not None
             try:
                 try:
-                    value = self._loop.run_until_complete(self._context.eval_async(
+                    value = self._loop.run_until_complete(self._context.eval_handle_async(
                         code, timeout=timeout, transform_flags=flags))
                 except quickjs_rs.JSError as exc:
-                    if not any(words in str(exc) for words in _RETURN_OUTSIDE):
+                    if not self._unparsed_return(exc):
                         raise
                     # Code written as a function's body (``return 1 + 1``, as the HTTP API's
-                    # origin takes it) runs as one; a syntax error means none of it ran.
+                    # origin takes it) runs as one: the cell did not parse, so none of it ran.
                     # Its declarations are then its own, not the context's.
-                    value = self._loop.run_until_complete(self._context.eval_async(
-                        f"await (async () => {{{code}\n}})()", timeout=timeout,
+                    left = None if timeout is None else max(
+                        0.001, timeout - (time.perf_counter() - started))
+                    value = self._loop.run_until_complete(self._context.eval_handle_async(
+                        f"await (async () => {{{code}\n}})()", timeout=left,
                         transform_flags=flags))
             except quickjs_rs.JSError as exc:
                 name = getattr(exc, "name", None) or "Error"
@@ -230,9 +250,10 @@ class JsSession:
                                f"the JavaScript engine stopped ({type(exc).__name__}: {first}),"
                                " as recursion too deep makes it; the context was made anew: "
                                "its variables are gone")
-            if value is not None:
-                shown = bundle(value)
-                if self._counted(len(shown["text/plain"])):
+            text = self._text_of(value)
+            if text is not None:
+                shown = self._shown(text)
+                if shown is not None:
                     sink.result(shown, {})
             if self._over:
                 return _failed(sink, started, "OutputLimitError",
@@ -242,6 +263,21 @@ class JsSession:
                               helper_calls=self._helper_calls)
         finally:
             self._sink = self._helpers = self._files = None
+
+    def _unparsed_return(self, exc: Exception) -> bool:
+        """Whether ``exc`` is the parser refusing a top-level ``return`` of a cell that ran
+        nothing: QuickJS's SyntaxError at the script's own line (a SyntaxError thrown while
+        the cell runs, by eval or by hand, has a frame of the code that threw it), or OXC's
+        refusal of a TS cell, and not a call, a print or a file touched."""
+        if getattr(exc, "name", None) != "SyntaxError" and "source parse error" not in str(exc):
+            return False
+        if not any(words in str(exc) for words in _RETURN_OUTSIDE):
+            return False
+        stack = [line.strip() for line in str(getattr(exc, "stack", None) or "").splitlines()
+                 if line.strip()]
+        parsed = all(re.fullmatch(r"at eval_script:\d+:\d+", line) for line in stack)
+        return parsed and len(stack) <= 1 and not (self._output or self._helper_calls
+                                                   or self._file_calls)
 
     def _counted(self, size: int) -> bool:
         """Count ``size`` bytes of the cell's output; False (and the cell stopped) past the
@@ -259,8 +295,50 @@ class JsSession:
             self._sink.stream("stderr" if stream == "stderr" else "stdout", text)
 
     def _display(self, text: str) -> None:
-        if self._sink is not None and self._counted(len(text)):
-            self._sink.display(bundle(json.loads(text)), {})
+        if self._sink is not None and len(text) + self._output <= self.output_limit:
+            shown = self._bundle(json.loads(text), len(text))
+            if shown is not None:
+                self._sink.display(shown, {})
+        else:
+            self._counted(len(text))
+
+    def _text_of(self, handle: Any) -> str | None:
+        """The cell's value (a handle) as ``__tk_shown`` gives it; the handle is let go."""
+        try:
+            with handle:
+                shown = self._context.eval_handle("globalThis.__tk_shown")
+                with shown, shown.call(handle) as text:
+                    value = text.to_python()
+        except Exception:
+            return "t[a value that cannot be shown]"
+        return value if isinstance(value, str) else None
+
+    def _shown(self, text: str) -> dict[str, Any] | None:
+        """The bundle of a value ``__tk_shown`` gave (``j`` JSON or ``t`` text), counted;
+        None past the output limit."""
+        if text.startswith("j"):
+            if self._output + len(text) > self.output_limit:
+                self._counted(len(text))
+                return None
+            return self._bundle(json.loads(text[1:]), len(text))
+        plain = text[1:]
+        return {"text/plain": plain} if self._counted(len(plain)) else None
+
+    def _bundle(self, value: Any, size: int | None = None) -> dict[str, Any] | None:
+        """``value`` as the notebook shows it, counted whole against the output limit; None
+        (and the cell stopped) past it. Its compact JSON is measured first: the pretty text
+        and the table are made only for a value within the limit."""
+        if size is None:
+            try:
+                size = len(json.dumps(value, ensure_ascii=False, default=str))
+            except (TypeError, ValueError):
+                size = len(str(value))
+        if self._output + size > self.output_limit:
+            self._counted(size)
+            return None
+        shown = bundle(value)
+        total = sum(len(part) if isinstance(part, str) else size for part in shown.values())
+        return shown if self._counted(total) else None
 
     def _helper(self, text: str) -> str:
         request = json.loads(text)
@@ -280,6 +358,7 @@ class JsSession:
 
     def _fs(self, text: str) -> str:
         request = json.loads(text)
+        self._file_calls += 1
         try:
             value = _file_op(self._files, request)
         except FileNotFoundError as exc:
@@ -300,8 +379,12 @@ def _file_op(files: Any, request: dict[str, Any]) -> Any:
         raise PermissionError("this tier has no workspace")
     op, path = request.get("op"), str(request.get("path", "."))
     if op == "read":
+        encoding = request.get("encoding")
+        if not encoding and files.info(path).get("size", 0) > BINARY_READ_LIMIT:
+            raise ValueError(f"{path} is over {BINARY_READ_LIMIT >> 20} MiB: read it as text "
+                             "(fs.readFile(path)), or from a Python cell")
         data = files.cat_file(path)
-        return data.decode("utf-8", "replace") if request.get("encoding") else list(data)
+        return data.decode("utf-8", "replace") if encoding else list(data)
     if op == "write":
         files.pipe_file(path, str(request.get("data", "")).encode())
         return None
@@ -339,6 +422,9 @@ def _harden(runtime: Any, context: Any, memory: int, stop: threading.Event) -> N
     engine_runtime.set_interrupt_handler(interrupt)
 
 
+#: The largest file ``fs.readFile(path, null)`` gives as bytes (each byte is a number there:
+#: some 40 bytes of the host's memory on the way).
+BINARY_READ_LIMIT = 8 << 20
 #: How QuickJS and OXC (a TS cell) refuse a ``return`` outside a function.
 _RETURN_OUTSIDE = ("return not in a function", "'return' statement can only be used")
 

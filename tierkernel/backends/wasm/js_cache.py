@@ -9,11 +9,13 @@ millisecond; ``tierkernel warm`` fills it. quickjs-rs keeps its compiled modules
 process-wide table with no public hook, so they are put there directly, which is why the
 version is pinned (``js.py``'s ``_harden`` says the same of its limits).
 
-A serialized module is native code that wasmtime runs as it is: it is loaded only from a
-folder and file this user owns that nobody else may write, is written whole under a new name
-and then renamed, and is named by the hash of the WebAssembly it came from and the wasmtime
-version, so a changed engine or a changed wasmtime never loads a stale one. A file that fails
-to load is compiled again and replaced.
+A serialized module is native code that wasmtime runs as it is: it is read through folders
+opened one by one from the cache base, none a link and none that another user may write, from a
+file this user owns that nobody else may write; it is written whole under a new name and then
+renamed, and named by the hash of the WebAssembly it came from and the wasmtime version, so a
+changed engine or a changed wasmtime never loads a stale one. A file that fails to load is
+compiled again and replaced. A ``file://`` fsx workspace may not hold this folder (see
+``fsx.config.host_state``): cells write there.
 """
 
 from __future__ import annotations
@@ -83,32 +85,70 @@ def _load(engine: Any, path: Path) -> Any:
     """The module serialized at ``path``, or None when there is none this user may trust."""
     import wasmtime
 
+    fd = _open_trusted(path)
+    if fd is None:
+        return None
     try:
-        info = path.lstat()
-        parent = path.parent.lstat()
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
     except OSError:
         return None
-    for entry in (info, parent):
-        if entry.st_uid != os.getuid() or entry.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return None
-    if not stat.S_ISREG(info.st_mode):
-        return None
     try:
-        return wasmtime.Module.deserialize_file(engine, str(path))
+        return wasmtime.Module.deserialize(engine, data)
     except Exception:  # damaged, or of another build: compiled again
         with contextlib.suppress(OSError):
             path.unlink()
         return None
 
 
+def _open_trusted(path: Path) -> int | None:
+    """``path`` opened for reading, each folder from the cache base down and the file itself
+    opened without following a link and checked as opened (owned by this user or root, no
+    one else may write it): nothing can be swapped in between the check and the read. None
+    when any of them fails that."""
+    base = path.parent.parent.parent  # .../<base>/tierkernel/quickjs/<file>
+    parts = [path.parent.parent.name, path.parent.name, path.name]
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for index, name in enumerate(parts):
+            if not _trusted(os.fstat(fd)):
+                return None
+            last = index == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if last else os.O_DIRECTORY)
+            child = os.open(name, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or not _trusted(info) or info.st_uid != os.getuid():
+            return None
+        opened, fd = fd, -1
+        return opened
+    except OSError:
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _trusted(info: os.stat_result) -> bool:
+    return info.st_uid in (os.getuid(), 0) and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 def _compile(engine: Any, data: bytes, path: Path) -> Any:
-    """Compile ``data`` and store it at ``path`` (best effort: a full disk still runs)."""
+    """Compile ``data`` and store it at ``path`` when its folder is this user's own (best
+    effort: a full disk or a shared folder still runs, uncached)."""
     import wasmtime
 
     module = wasmtime.Module(engine, data)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.parent.chmod(0o700)
+        info = path.parent.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return module  # a link or another user's folder: not written
+        os.chmod(path.parent, 0o700, follow_symlinks=False)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".compiling-")
         try:
             with os.fdopen(fd, "wb") as f:
