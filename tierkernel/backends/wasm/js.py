@@ -303,9 +303,16 @@ class JsSession:
             self._counted(len(text))
 
     def _text_of(self, handle: Any) -> str | None:
-        """The cell's value (a handle) as ``__tk_shown`` gives it; the handle is let go."""
+        """The cell's value (a handle) as ``__tk_shown`` gives it; the handle is let go. A
+        number, boolean or string (most results) is read as it is, one host call less."""
         try:
             with handle:
+                kind = handle.type_of
+                if kind in ("undefined", "null"):
+                    return None
+                if kind in ("number", "boolean", "string"):
+                    value = handle.to_python()
+                    return "j" + json.dumps(value, ensure_ascii=False)
                 shown = self._context.eval_handle("globalThis.__tk_shown")
                 with shown, shown.call(handle) as text:
                     value = text.to_python()
