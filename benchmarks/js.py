@@ -28,22 +28,7 @@ from jupyter_client.manager import start_new_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.latency import KERNEL_CWD, ensure_specs, round_trip
-
-
-def first_cell(code: str) -> float:
-    """Seconds from asking for a new kernel to the reply of its first cell ``code``."""
-    begun = time.perf_counter()
-    km, kc = start_new_kernel(kernel_name="tierkernel", cwd=KERNEL_CWD)
-    try:
-        reply = kc.execute_interactive(code, timeout=120, output_hook=lambda msg: None)
-        took = time.perf_counter() - begun
-        if reply["content"]["status"] != "ok":
-            raise SystemExit(f"the first cell failed: {reply['content'].get('evalue')}")
-        return took
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+from benchmarks.latency import KERNEL_CWD, ensure_specs, first_reply, round_trip
 
 
 def fresh_node(tier: str, rounds: int) -> float | None:
@@ -104,9 +89,10 @@ def main() -> None:
             print(f"{tier}: a fresh {how} per cell (ms): {fresh * 1000:.1f}; the kernel's JS "
                   f"cell takes {j / (fresh * 1000):.3f} of it")
         if args.starts:
-            first_js = statistics.median(first_cell(line + "1 + 1")
+            first_js = statistics.median(first_reply("tierkernel", True, line + "1 + 1")
                                          for _ in range(args.starts))
-            first_py = statistics.median(first_cell("1 + 1") for _ in range(args.starts))
+            first_py = statistics.median(first_reply("tierkernel", True, "1 + 1")
+                                         for _ in range(args.starts))
             print(f"{tier}: new kernel to its first cell's reply, median of {args.starts} (s):"
                   f" js {first_js:.3f}, native python {first_py:.3f}")
 

@@ -56,10 +56,10 @@ def round_trip(kc: BlockingKernelClient, code: str) -> float:
     return time.perf_counter() - start
 
 
-def first_reply(kernel_name: str, wait_for_ready: bool) -> float:
+def first_reply(kernel_name: str, wait_for_ready: bool, code: str = "1+1") -> float:
     """Seconds from launching a new ``kernel_name`` kernel to the execute_reply of its first
-    cell, sent once the kernel answered ``kernel_info`` or at once; the kernel is shut down
-    afterwards (not timed)."""
+    cell (``code``), sent once the kernel answered ``kernel_info`` or at once; the kernel is
+    shut down afterwards (not timed)."""
     km = KernelManager(kernel_name=kernel_name)
     begun = time.perf_counter()
     km.start_kernel(cwd=KERNEL_CWD)
@@ -68,7 +68,7 @@ def first_reply(kernel_name: str, wait_for_ready: bool) -> float:
         kc.start_channels()
         if wait_for_ready:
             kc.wait_for_ready(timeout=60)
-        msg_id = kc.execute("1+1")
+        msg_id = kc.execute(code)
         while True:
             reply = kc.get_shell_msg(timeout=60)
             if reply["parent_header"].get("msg_id") == msg_id:

@@ -109,12 +109,15 @@ class Welcome(jkt.IopubWelcomeTests):
 class _ScriptCells(jkt.KernelTests):
     """JavaScript or TypeScript cells of the wasm or sandbox tier (``--lang``) give the
     messages a Jupyter client expects. The kernel's language stays Python: a cell picks its
-    own."""
+    own. A subclass names its tier and language; the samples are the same for each."""
 
     __test__ = False
     kernel_name = "tierkernel"
     language_name = "python"
-    line = ""
+    tier = "wasm"
+    lang = "js"
+    #: (cell body, the result's text/plain)
+    results: list[tuple[str, str]] = []
 
     @classmethod
     def require_available(cls) -> None:
@@ -128,32 +131,38 @@ class _ScriptCells(jkt.KernelTests):
     @classmethod
     def setUpClass(cls) -> None:
         cls.require_available()
-        cls.code_hello_world = cls.line + "console.log('hello, world')"
-        cls.code_stderr = cls.line + "console.error('to stderr')"
-        cls.code_display_data = [{"code": cls.line + "display({shown: 1})",
+        line = f"%%tier {cls.tier} --lang {cls.lang}\n"
+        cls.code_hello_world = line + "console.log('hello, world')"
+        cls.code_stderr = line + "console.error('to stderr')"
+        cls.code_display_data = [{"code": line + "display({shown: 1})",
                                   "mime": "application/json"}]
+        cls.code_execute_result = [{"code": line + body, "result": shown}
+                                   for body, shown in cls.results]
         super().setUpClass()
+
+
+_JS_RESULTS = [("6 * 7", "42"), ("'tier'.repeat(2)", '"tiertier"')]
+_TS_RESULTS = [("const n: number = 6;\nn * 7", "42")]
 
 
 class JavaScriptCellConformance(_ScriptCells):
     """``%%tier wasm --lang js`` cells."""
 
     __test__ = True
-    line = "%%tier wasm --lang js\n"
-    code_execute_result = [{"code": line + "6 * 7", "result": "42"},
-                           {"code": line + "'tier'.repeat(2)", "result": '"tiertier"'}]
+    results = _JS_RESULTS
 
 
 class TypeScriptCellConformance(_ScriptCells):
     """``%%tier wasm --lang ts`` cells: their types stripped, never checked."""
 
     __test__ = True
-    line = "%%tier wasm --lang ts\n"
-    code_execute_result = [{"code": line + "const n: number = 6;\nn * 7", "result": "42"}]
+    lang = "ts"
+    results = _TS_RESULTS
 
 
 class _SandboxScriptCells(_ScriptCells):
     __test__ = False
+    tier = "sandbox"
 
     @classmethod
     def require_available(cls) -> None:
@@ -164,14 +173,12 @@ class SandboxJavaScriptCellConformance(_SandboxScriptCells):
     """``%%tier sandbox --lang js`` cells (Node.js in the container)."""
 
     __test__ = True
-    line = "%%tier sandbox --lang js\n"
-    code_execute_result = [{"code": line + "6 * 7", "result": "42"},
-                           {"code": line + "'tier'.repeat(2)", "result": '"tiertier"'}]
+    results = _JS_RESULTS
 
 
 class SandboxTypeScriptCellConformance(_SandboxScriptCells):
     """``%%tier sandbox --lang ts`` cells: their types stripped by TypeScript, never checked."""
 
     __test__ = True
-    line = "%%tier sandbox --lang ts\n"
-    code_execute_result = [{"code": line + "const n: number = 6;\nn * 7", "result": "42"}]
+    lang = "ts"
+    results = _TS_RESULTS

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 from traitlets import Enum, List
 
-from tierkernel.backends.base import CellRequest
-from tierkernel.guest.js_node import REFUSABLE, refused
+from tierkernel.backends.base import Backend, CellRequest
+from tierkernel.guest.js_node import LANGS, REFUSABLE, refused
+
+
+def runs_js(backend: type[Backend] | Backend) -> bool:
+    """Whether a tier runs JS and TS cells: it takes the ``--lang`` option."""
+    return any(spec.name == "lang" for spec in backend.magic_options)
+
+
+#: What ``%tier`` says of a tier that runs JS cells.
+LANGUAGES_NOTE = f"languages={','.join(LANGS)} (--lang)"
 
 
 def js_refuse_trait() -> List:  # type: ignore[type-arg]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tierkernel.errors import TierUsageError
+from tierkernel.guest.js_node import LANGS
 from tierkernel.runtime.grants import HELPERS, is_domain_pattern
 from tierkernel.sizes import size_in_bytes
 
@@ -146,7 +147,7 @@ def parse_lang(text: str) -> str:
     """Parse ``--lang js``: the cell's language (``python``, ``js`` or ``ts``; ``javascript``
     and ``typescript`` too)."""
     name = {"javascript": "js", "typescript": "ts", "py": "python"}.get(text.lower(), text.lower())
-    if name not in ("python", "js", "ts"):
+    if name not in LANGS:
         raise TierUsageError(f"--lang expects python, js or ts, got {text!r}")
     return name
 

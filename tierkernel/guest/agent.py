@@ -705,17 +705,17 @@ class Agent:
         origin = self.cell_of_caller()
         with self._host_lock:
             if self.cell_id is None:
-                raise PermissionError(f"{BACKGROUND_REFUSED}: ai/api/db/console can only be "
-                                      "called while a cell runs")
+                raise PermissionError(f"{protocol.BACKGROUND_REFUSED}: ai/api/db/console can "
+                                      "only be called while a cell runs")
             if origin != self.cell_id:
                 # Told to the host, which records the refusal under the cell that started the
                 # thread, but never waited for: no answer is read outside the caller's cell.
                 self.channel.send({"type": protocol.HELPER, "id": origin, "seq": None,
                                    "request": request})
-                raise PermissionError(f"{BACKGROUND_REFUSED}: this thread was started by an "
-                                      "earlier cell; call ai/api/db/console from the cell that "
-                                      "needs them (threads and thread pools it starts may call "
-                                      "them while it runs)")
+                raise PermissionError(f"{protocol.BACKGROUND_REFUSED}: this thread was started "
+                                      "by an earlier cell; call ai/api/db/console from the cell "
+                                      "that needs them (threads and thread pools it starts may "
+                                      "call them while it runs)")
             self._host_seq += 1
             seq = self._host_seq
             self._flush_text()  # output printed before the call shows before its effects
@@ -1668,8 +1668,6 @@ def tree_signature(root: str) -> int:
             entries.append((path, st.st_mode, st.st_size, st.st_mtime_ns))
     return hash(tuple(sorted(entries)))
 
-
-BACKGROUND_REFUSED = "background work of an earlier cell gets no helper access"
 
 
 def _tag_threads(agent: Agent) -> None:

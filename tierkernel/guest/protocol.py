@@ -96,6 +96,9 @@ ANSWERS = {UNPACK: UNPACKED, PACK: PACKED, TREE_STATE: TREE_STATED, COMPLETE: CO
            INSPECT: INSPECTED}
 
 # -- helper calls (a HELPER message's "request", and the broker's answer) ----------------------
+#: How every refusal of a helper call made by work an earlier cell left running begins (the
+#: agent's, the host's, the JavaScript relay's).
+BACKGROUND_REFUSED = "background work of an earlier cell gets no helper access"
 #: The helper of ``%pip``, beside ai, api, db and console; its request's ``args["op"]`` is one
 #: of the PIP_ operations.
 PIP = "pip"

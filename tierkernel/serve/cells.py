@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from tierkernel.backends.js_cells import runs_js
 from tierkernel.backends.options import STANDARD
 from tierkernel.backends.registry import discover
 from tierkernel.errors import ApiError, TierUsageError
@@ -55,9 +56,7 @@ LANG_OPTION = {"javascript": "js", "typescript": "ts"}
 
 def languages(backend: type[Any]) -> list[str]:
     """The languages cells of a tier (its backend class) may be written in."""
-    if any(spec.name == "lang" for spec in backend.magic_options):
-        return ["python", *LANG_OPTION]
-    return ["python"]
+    return ["python", *LANG_OPTION] if runs_js(backend) else ["python"]
 
 
 def plan(code: str, tier: str | None, config: ExecuteConfig | None, ceiling: Ceiling,

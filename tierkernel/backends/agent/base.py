@@ -26,7 +26,8 @@ from traitlets import Float, Int
 import tierkernel.guest
 from tierkernel.backends.agent.queries import AgentQueries
 from tierkernel.backends.agent.session import AgentSession, AgentTransport, ChannelLimits
-from tierkernel.backends.base import Backend, ExecError, OutputSink
+from tierkernel.backends.base import Backend, ExecError, ExecResult, OutputSink
+from tierkernel.backends.js_cells import LANGUAGES_NOTE, runs_js
 from tierkernel.errors import CopyBudgetError, CopyStopped, FsxQuotaError, WorkspaceCopyError
 from tierkernel.fsx import sync
 from tierkernel.sizes import ByteSize
@@ -87,9 +88,18 @@ class AgentBackend(AgentQueries, ChannelLimits, Backend):
         magic-line options' defaults and the output limit; none by default."""
         return []
 
+    def _fail(self, sink: OutputSink, started: float, ename: str, evalue: str) -> ExecResult:
+        """End a cell, before its interpreter ran it, with ``ename: evalue`` (the tier's own
+        error: a usage error, a session that could not start)."""
+        error = ExecError(ename, evalue, [f"{ename}: {evalue}"])
+        sink.error(error.ename, error.evalue, error.traceback)
+        return ExecResult(False, self.name, time.perf_counter() - started, error=error)
+
     def describe_limits(self) -> str:
-        """The options' defaults, the tier's own limits and the output cap, for ``%tier``."""
-        return ", ".join([super().describe_limits(), *self.limit_notes(),
+        """The options' defaults, the tier's own limits, the languages its cells may be in
+        (a tier that takes ``--lang``) and the output cap, for ``%tier``."""
+        languages = [LANGUAGES_NOTE] if runs_js(self) else []
+        return ", ".join([super().describe_limits(), *self.limit_notes(), *languages,
                           f"output={self.output_limit / 2**20:g}MiB"])
 
 

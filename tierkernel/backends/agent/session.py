@@ -980,7 +980,7 @@ class AgentSession:
         is allowed to do).
         """
         if not isinstance(origin, str) or cell is None or origin != cell.id or cell.done.is_set():
-            message = ("background work of an earlier cell gets no helper access: this call "
+            message = (f"{protocol.BACKGROUND_REFUSED}: this call "
                        "was made by a thread that an earlier cell started, after that cell "
                        "ended; call ai/api/db/console from the cell that needs them (threads "
                        "and thread pools started in it may call them while it runs)")

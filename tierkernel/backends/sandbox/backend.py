@@ -255,9 +255,7 @@ class SandboxBackend(WorkspaceCopyBackend):
             problem = js_cell_problem(request, list(self.js_refuse),
                                       "c.SandboxBackend.js_refuse")
             if problem is not None:
-                sink.error("TierUsageError", problem, [f"TierUsageError: {problem}"])
-                return ExecResult(False, self.name, 0.0, error=ExecError(
-                    "TierUsageError", problem, [f"TierUsageError: {problem}"]))
+                return self._fail(sink, time.perf_counter(), "TierUsageError", problem)
         spec = ContainerSpec(
             runtime=str(request.options.get("runtime") or self.runtime),
             memory=int(request.options.get("memory") or self.memory),
@@ -363,9 +361,8 @@ class SandboxBackend(WorkspaceCopyBackend):
             self._packages.close()
 
     def limit_notes(self) -> list[str]:
-        """The process limit a cell meets and the languages it may be in, for ``%tier``."""
-        return [f"pids={self.pids_limit if self.runtime != 'runsc' else self.runsc_nproc}",
-                "languages=python,js,ts (--lang)"]
+        """The process limit a cell meets, for ``%tier``."""
+        return [f"pids={self.pids_limit if self.runtime != 'runsc' else self.runsc_nproc}"]
 
     # -- for the head start and the spares' pool --------------------------------------------
     def container_settings(self) -> ContainerSettings:

@@ -137,10 +137,6 @@ class WasmBackend(AgentBackend):
         """``tierkernel warm`` (cli.py)."""
         return wasm_cli.COMMANDS
 
-    def limit_notes(self) -> list[str]:
-        """What ``%tier`` adds for this tier: the languages its cells may be in."""
-        return [*super().limit_notes(), "languages=python,js,ts (--lang)"]
-
     def can_run(self, code: str) -> str | None:
         """No shell lines, no process starts, no network or native-library modules, no package
         the runtime lacks (``capabilities.py``)."""
@@ -425,7 +421,3 @@ class WasmBackend(AgentBackend):
                 self._dirs[kind] = path
             return path
 
-    def _fail(self, sink: OutputSink, started: float, ename: str, evalue: str) -> ExecResult:
-        error = ExecError(ename, evalue, [f"{ename}: {evalue}"])
-        sink.error(error.ename, error.evalue, error.traceback)
-        return ExecResult(False, self.name, time.perf_counter() - started, error=error)
