@@ -75,6 +75,11 @@ def refused(code: str, rules: list[str] | tuple[str, ...], lang: str = "js") -> 
     return None
 
 
+#: Rows and columns of a table shown for an array of records; past them, no table.
+TABLE_ROWS = 1000
+TABLE_COLUMNS = 50
+
+
 def bundle(value: Any) -> dict[str, Any]:
     """A JS value (as JSON gives it) as a mime bundle: pretty JSON text, and the JSON itself,
     or an HTML table for an array of records (at most TABLE_ROWS by TABLE_COLUMNS: a table
@@ -123,9 +128,6 @@ DRIVER = ""  # set by module_source()
 #: Bytes of a result's or display's JSON past which it is shown as compact text only (no
 #: pretty copy, no JSON view, no table): what a Python cell's large value costs, not 3x that.
 RICH_LIMIT = 1 << 20
-#: Rows and columns of a table shown for an array of records; past them, no table.
-TABLE_ROWS = 1000
-TABLE_COLUMNS = 50
 
 
 class NodeContext:
@@ -204,15 +206,19 @@ class NodeContext:
 
     @staticmethod
     def _write_requests(outbox: Any, fd: int) -> None:
-        while True:
-            data = outbox.get()
-            if data is None:
-                return
-            try:
+        """The writer thread; it owns ``fd`` and closes it when it ends (closed by another
+        thread, its number could be a new pipe's by the time a write here comes)."""
+        try:
+            while True:
+                data = outbox.get()
+                if data is None:
+                    return
                 while data:
                     data = data[os.write(fd, data):]
-            except OSError:  # node is gone: the relay sees its messages' pipe end
-                return
+        except OSError:  # node is gone: the relay sees its messages' pipe end
+            return
+        finally:
+            os.close(fd)
 
     def read(self, timeout: float | None, wake: int = -1) -> dict[str, Any] | None:
         """The next message, or None when ``timeout`` passed, ``wake`` became readable, or
@@ -279,12 +285,14 @@ class NodeContext:
         """Kill ``node`` and close the pipes. Idempotent."""
         self.kill()
         if self._outbox is not None:
-            self._outbox.put(None)
+            self._outbox.put(None)  # the writer thread closes the requests' pipe
             self._outbox = None
-        for fd in (self._requests, self._messages):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        elif self._requests >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._requests)
+        if self._messages >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._messages)
         self._requests = self._messages = -1
         self._buffer = bytearray()
         self._scanned = 0
@@ -369,11 +377,9 @@ def run_cell(agent: Any, code: str, lang: str) -> bool:
             try:
                 context.start(stop.wake_read)
             except RuntimeError as exc:
-                if stop.at is not None:
-                    _error(agent, protocol, "KeyboardInterrupt", "interrupted", [])
+                if stop.at is None:
+                    _error(agent, protocol, "TierError", str(exc), [])
                     return False
-                _error(agent, protocol, "TierError", str(exc), [])
-                return False
             if stop.at is not None:
                 _error(agent, protocol, "KeyboardInterrupt", "interrupted", [])
                 return False
@@ -390,7 +396,6 @@ def run_cell(agent: Any, code: str, lang: str) -> bool:
                 with contextlib.suppress(OSError):
                     context.process.send_signal(signal.SIGINT)
             if stop.at is not None and time.monotonic() > stop.at + STOP_GRACE:
-                context.kill()
                 context.close()
                 _error(agent, protocol, "KeyboardInterrupt",
                        f"the cell did not stop within {STOP_GRACE:g} s, so the JavaScript "
@@ -447,7 +452,7 @@ def _relay_helper(agent: Any, protocol: Any, context: NodeContext, stop: _Stop, 
                             "request": request})
         response: dict[str, Any] = {"ok": False, "error": {
             "type": "PermissionError",
-            "message": "background work of an earlier cell gets no helper access: this call "
+            "message": f"{protocol.BACKGROUND_REFUSED}: this call "
                        "was made by a timer or promise an earlier cell left, after that cell "
                        "ended; call ai/api/db/console from the cell that needs them"}}
     elif stop.at is not None:
@@ -495,8 +500,13 @@ def _package_protocol() -> Any:
     return protocol
 
 
+def error_lines(name: str, message: str, stack: list[str]) -> list[str]:
+    """A JS error as the notebook shows it: its name and message, then the stack's lines (as
+    Node and QuickJS print them)."""
+    return [f"\x1b[0;31m{name}\x1b[0m: {message}", *stack]
+
+
 def _error(agent: Any, protocol: Any, name: str, message: str, stack: list[str]) -> None:
     agent._flush_text()
     agent.channel.send({"type": protocol.ERROR, "id": agent.cell_id, "ename": name,
-                        "evalue": message,
-                        "traceback": [f"\x1b[0;31m{name}\x1b[0m: {message}", *stack]})
+                        "evalue": message, "traceback": error_lines(name, message, stack)})

@@ -39,7 +39,7 @@ from typing import Any
 
 from tierkernel.backends.base import ExecError, ExecResult, OutputSink
 from tierkernel.backends.wasm import js_cache
-from tierkernel.guest.js_node import bundle
+from tierkernel.guest.js_node import bundle, error_lines
 
 #: Installed once in each new context.
 _SHIM = r"""
@@ -295,12 +295,10 @@ class JsSession:
             self._sink.stream("stderr" if stream == "stderr" else "stdout", text)
 
     def _display(self, text: str) -> None:
-        if self._sink is not None and len(text) + self._output <= self.output_limit:
-            shown = self._bundle(json.loads(text), len(text))
+        if self._sink is not None:
+            shown = self._bundle(text)
             if shown is not None:
                 self._sink.display(shown, {})
-        else:
-            self._counted(len(text))
 
     def _text_of(self, handle: Any) -> str | None:
         """The cell's value (a handle) as ``__tk_shown`` gives it; the handle is let go. A
@@ -324,27 +322,20 @@ class JsSession:
         """The bundle of a value ``__tk_shown`` gave (``j`` JSON or ``t`` text), counted;
         None past the output limit."""
         if text.startswith("j"):
-            if self._output + len(text) > self.output_limit:
-                self._counted(len(text))
-                return None
-            return self._bundle(json.loads(text[1:]), len(text))
+            return self._bundle(text[1:])
         plain = text[1:]
         return {"text/plain": plain} if self._counted(len(plain)) else None
 
-    def _bundle(self, value: Any, size: int | None = None) -> dict[str, Any] | None:
-        """``value`` as the notebook shows it, counted whole against the output limit; None
-        (and the cell stopped) past it. Its compact JSON is measured first: the pretty text
-        and the table are made only for a value within the limit."""
-        if size is None:
-            try:
-                size = len(json.dumps(value, ensure_ascii=False, default=str))
-            except (TypeError, ValueError):
-                size = len(str(value))
-        if self._output + size > self.output_limit:
-            self._counted(size)
+    def _bundle(self, text: str) -> dict[str, Any] | None:
+        """The value whose JSON is ``text`` as the notebook shows it, counted whole against
+        the output limit; None (and the cell stopped) past it. The JSON is measured first:
+        the value, its pretty text and its table are made only within the limit."""
+        if self._output + len(text) > self.output_limit:
+            self._counted(len(text))
             return None
-        shown = bundle(value)
-        total = sum(len(part) if isinstance(part, str) else size for part in shown.values())
+        shown = bundle(json.loads(text))
+        total = sum(len(part) if isinstance(part, str) else len(text)
+                    for part in shown.values())
         return shown if self._counted(total) else None
 
     def _helper(self, text: str) -> str:
@@ -442,9 +433,7 @@ def _late(started: float, timeout: float | None) -> bool:
 
 def _failed(sink: OutputSink, started: float, name: str, message: str,
             stack: str = "") -> ExecResult:
-    traceback = [f"\x1b[0;31m{name}\x1b[0m: {message}"]
-    if stack.strip():
-        traceback += [line for line in stack.rstrip().splitlines()]
+    traceback = error_lines(name, message, stack.rstrip().splitlines() if stack.strip() else [])
     sink.error(name, message, traceback)
     return ExecResult(False, "wasm", time.perf_counter() - started,
                       error=ExecError(name, message, traceback))
