@@ -108,7 +108,10 @@ def _skipping(flush: Callable[[], Any], stream: Any) -> Callable[[], Any]:
         if _OUTSIDE_IPYTHON.get():
             return None
         if _nothing_to_flush(stream):
-            _SKIPPED.set((*_SKIPPED.get(), (stream, flush)))
+            skipped = _SKIPPED.get()
+            # Once per stream: a cell may call flush() in a loop, each one skipped.
+            if all(entry[0] is not stream for entry in skipped):
+                _SKIPPED.set((*skipped, (stream, flush)))
             return None
         return flush()
 
@@ -133,10 +136,10 @@ def _nothing_to_flush(stream: Any) -> bool:
     a 4 ms native cell, spent on streams most cells never wrote to."""
     try:
         fid = stream._fid
-        watcher = stream.watch_fd_thread if fid is not None else None
         if fid is not None:
             waiting = fcntl.ioctl(fid, termios.FIONREAD, b"\0\0\0\0")
-            if int.from_bytes(waiting, sys.byteorder) or not _reading(watcher, fid):
+            if (int.from_bytes(waiting, sys.byteorder)
+                    or not _reading(stream.watch_fd_thread, fid)):
                 return False
         return not (stream._buffers or stream.echo is not None or stream._flush_pending)
     except (AttributeError, OSError, ValueError):
