@@ -117,6 +117,9 @@ def fit_tier_table(rows: Sequence[TierRow], width: int) -> str:
 
 
 def _cmd_kernel(args: argparse.Namespace) -> int:
+    from tierkernel.kernel import early_sockets
+
+    early_sockets.bind(args.kernel_args)  # before the kernel's imports, as python -m tierkernel
     from tierkernel.kernel.app import main as kernel_main
 
     sys.argv = [sys.argv[0], *args.kernel_args]

@@ -260,11 +260,14 @@ class Backend(LoggingConfigurable):
         came from (command line, config files looked for).
 
         Called by the kernel's application once per registered tier class, as soon as the
-        configuration is read and before the kernel's sockets, shell, threads and event loop
-        exist, and before any backend is created: the place for work that should begin as
-        early as possible, or that forks (the process has one thread here; so a hook must not
-        start one, since the tiers after it may fork). Must return at once and must not raise
-        (an exception is logged and the kernel starts anyway). The default does nothing.
+        configuration is read and before the kernel's shell, threads and event loop exist,
+        and before any backend is created: the place for work that should begin as early as
+        possible, or that forks (the process has one Python thread here; so a hook must not
+        start one, since the tiers after it may fork). A kernel launched by ``python -m
+        tierkernel`` has bound its shell and iopub sockets already (``early_sockets.py``), so
+        a process forked here that may outlive the kernel closes the descriptors it inherited
+        and leaves ZeroMQ alone. Must return at once and must not raise (an exception is
+        logged and the kernel starts anyway). The default does nothing.
         """
 
     @classmethod

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import zmq
+from ipykernel.iostream import IOPubThread
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases, kernel_flags
 from ipykernel.zmqshell import ZMQInteractiveShell
 from IPython.core.profiledir import ProfileDir
@@ -20,6 +23,7 @@ from tierkernel.backends.agent.notebook_folder import NotebookFolder
 from tierkernel.backends.hooks import ConfigSources
 from tierkernel.backends.registry import discover
 from tierkernel.fsx import Fsx
+from tierkernel.kernel import early_sockets
 from tierkernel.kernel.kernel import TierKernel
 from tierkernel.runtime.packages import Packages
 from tierkernel.runtime.policy import Runtime
@@ -60,8 +64,9 @@ class TierKernelApp(IPKernelApp):
 
     def init_pdb(self) -> None:
         """The first step of ``IPKernelApp.initialize`` once the configuration is final:
-        hand it to every tier (``Backend.config_loaded``) here, before the sockets, the shell
-        and the event loop exist, so a tier may fork while this is the only thread."""
+        hand it to every tier (``Backend.config_loaded``) here, before ipykernel's threads,
+        the shell and the event loop exist, so a tier may fork while this is the only Python
+        thread."""
         # Every config file looked for, found or not: a tier that remembers settings for the
         # next kernel can tell whether they still hold.
         names = ["ipython_config", *(os.path.splitext(name)[0] for name in self.config_files)]
@@ -76,6 +81,41 @@ class TierKernelApp(IPKernelApp):
             except Exception:  # one tier's hook must not keep the kernel from starting
                 self.log.exception("tier %r failed to take the configuration", name)
         super().init_pdb()  # type: ignore[no-untyped-call]
+
+    def init_sockets(self) -> None:
+        """ipykernel's sockets, with the shell and iopub sockets ``python -m tierkernel``
+        bound as it started (``early_sockets.py``) when they are bound for these settings.
+        The rest is ``IPKernelApp.init_sockets`` (ipykernel 7) as it is."""
+        early = early_sockets.claim(self)
+        if early is None:
+            super().init_sockets()  # type: ignore[no-untyped-call]
+            return
+        self.log.info("Starting the kernel at pid: %i", os.getpid())
+        self.context = context = early.context
+        atexit.register(self.close)
+        if self.curve_secretkey is not None:
+            self.log.info("Detected CurveZMQ secret key; using transport encryption")
+        elif self.transport == "tcp":
+            self.log.warning(
+                "Kernel is running over TCP without encryption. All communication (including "
+                "code and outputs) is sent in plain text and is susceptible to eavesdropping. "
+                "Use IPC transport or launch with kernel manager-provisioned CurveZMQ keys to "
+                "enable transport encryption.")
+        self.shell_socket = early.shell
+        self.stdin_socket = context.socket(zmq.ROUTER)
+        self.stdin_socket.linger = 1000
+        self._apply_curve_server_options(self.stdin_socket)
+        self.stdin_port = self._bind_socket(  # type: ignore[no-untyped-call]
+            self.stdin_socket, self.stdin_port)
+        # ipykernel's work-around for zeromq reconnect problems (ipython/ipykernel#270)
+        self.shell_socket.router_handover = self.stdin_socket.router_handover = 1
+        self.init_control(context)  # type: ignore[no-untyped-call]
+        # IPKernelApp.init_iopub, with the socket bound already
+        self.iopub_socket = early.iopub
+        self.configure_tornado_logger()  # type: ignore[no-untyped-call]
+        self.iopub_thread = IOPubThread(self.iopub_socket, pipe=True, session=self.session)
+        self.iopub_thread.start()
+        self.iopub_socket = self.iopub_thread.background_socket
 
     def _with_tiers(self) -> None:
         """List every registered tier's class in :attr:`classes`, after the kernel's own."""

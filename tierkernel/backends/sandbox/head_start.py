@@ -150,7 +150,7 @@ def fork_early(load_tier: Callable[[], TierClass]) -> None:
         return
     try:
         read_fd = _spawn(lambda report_fd: _early_helper(load_tier, config_read, report_fd),
-                         keep_out=config_write)
+                         keep_out=config_write, keep=(config_read,))
     finally:
         os.close(config_read)
     if read_fd is None:
@@ -241,10 +241,13 @@ def _hand_over(fd: int, config: Any) -> bool:
         os.close(fd)
 
 
-def _spawn(work: Callable[[int], None], keep_out: int = -1) -> int | None:
+def _spawn(work: Callable[[int], None], keep_out: int = -1,
+           keep: tuple[int, ...] = ()) -> int | None:
     """Run ``work(report_fd)`` in a grandchild in a session of its own; return the read end
-    of its report pipe (None when the process cannot fork). ``keep_out`` is a descriptor the
-    grandchild must not hold (the config pipe's write end: its read would never end)."""
+    of its report pipe (None when the process cannot fork). The grandchild holds only its
+    stdio, that pipe and the descriptors in ``keep`` (see :func:`_close_inherited`);
+    ``keep_out`` is one the first child must close before it forks (the config pipe's write
+    end: the grandchild's read of that pipe would never end)."""
     try:
         read_fd, write_fd = os.pipe()
     except OSError:
@@ -265,6 +268,7 @@ def _spawn(work: Callable[[int], None], keep_out: int = -1) -> int | None:
                 os.close(keep_out)
             os.setsid()
             if os.fork() == 0:
+                _close_inherited(keep=(write_fd, *keep))
                 work(write_fd)
         except BaseException:
             code = 1
@@ -273,6 +277,18 @@ def _spawn(work: Callable[[int], None], keep_out: int = -1) -> int | None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)  # the first child ends right after its fork: no zombie
     return read_fd
+
+
+def _close_inherited(keep: tuple[int, ...]) -> None:
+    """Close every descriptor above stdio but ``keep``: the helper may outlive the kernel,
+    and must not hold what the kernel had open when it forked (its sockets, once bound: a
+    kernel restarted on the same ports could not bind them while the helper lives)."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
 
 
 def _quiet() -> None:
