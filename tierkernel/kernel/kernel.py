@@ -63,6 +63,11 @@ log = logging.getLogger(__name__)
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
 
+#: Seconds a new kernel waits for a request before it warms its tiers: a request sent as the
+#: client's channels opened is waiting in the socket by the time the event loop runs, and is
+#: dispatched within a few milliseconds (the warm start then begins once it is answered).
+WARM_GRACE = 0.02
+
 
 class _NoSink:
     """The sink given to in-kernel tiers, whose output IPython publishes itself."""
@@ -215,11 +220,11 @@ class TierKernel(IPythonKernel):
     def start(self) -> None:
         """Start ipykernel's dispatchers and, unless :attr:`warm_after_idle` asks to wait for
         the kernel to be idle (see :meth:`post_handler_hook`), warm the tiers configured to
-        start early."""
+        start early as soon as the requests already waiting are answered."""
         super().start()
         install_flush_skip()
         if not self.warm_after_idle:
-            self.io_loop.add_callback(self.router.warm_now)
+            self.io_loop.add_callback(self.router.warm_soon, WARM_GRACE)
 
     def pre_handler_hook(self) -> None:
         """Called by ipykernel before each shell request's handler: the kernel is busy (see

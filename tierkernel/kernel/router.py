@@ -288,13 +288,17 @@ class TierRouter:
             loop = asyncio.get_running_loop()
             self._warm_timer = loop.call_later(warm_after, self._look_for_idle)
 
-    def warm_now(self) -> None:
-        """Begin :meth:`warm` at once (the kernel calls this as it starts unless the warm
-        start waits for the kernel to be idle); later calls and request_ended do nothing."""
-        if self._warm_begun:
-            return
-        self._warm_begun = True
-        self._warm_task = asyncio.ensure_future(self.warm())
+    def warm_soon(self, grace: float) -> None:
+        """Begin :meth:`warm` once the kernel has been idle for ``grace`` seconds from now
+        (the kernel calls this as it starts unless the warm start waits longer for the kernel
+        to be idle). A request already waiting when the kernel starts (a first cell sent with
+        the channels' opening) is thus answered first, and the warm start begins as soon as
+        its reply is sent: begun before it, the tiers' start-up would share the CPU with it.
+        Does nothing once the warm start began or is timed."""
+        self._idle_since = time.monotonic()
+        self._warm_after = grace
+        if not self._warm_begun and self._warm_timer is None:
+            self._warm_timer = asyncio.get_running_loop().call_later(grace, self._look_for_idle)
 
     def _look_for_idle(self) -> None:
         """The warm start's timer: begin it if the kernel has been idle long enough, else

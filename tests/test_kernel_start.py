@@ -1,7 +1,11 @@
-"""A kernel's shell and iopub sockets are bound the moment ``python -m tierkernel`` starts
+"""How a new kernel starts, as a client sees it.
+
+Its shell and iopub sockets are bound the moment ``python -m tierkernel`` starts
 (``tierkernel/kernel/early_sockets.py``): a client that connects while the kernel is still
-starting has its requests queued and answered, instead of waiting for ZeroMQ's next
-reconnect attempt."""
+starting has its requests queued and answered, instead of waiting for ZeroMQ's next reconnect
+attempt. And a request already waiting when the kernel's event loop starts is answered before
+the tiers' warm start begins (``TierRouter.warm_soon``).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import pytest
 import zmq
 from jupyter_client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
+from jupyter_client.manager import KernelManager
 
 from tierkernel.backends.sandbox import head_start
 from tierkernel.kernel import early_sockets
@@ -217,3 +222,48 @@ def test_the_head_start_helper_holds_none_of_the_kernels_descriptors() -> None:
     assert listening.fileno() not in held
     # Beside stdio: its report pipe and the descriptor listdir reads /proc/self/fd with.
     assert len([fd for fd in held if fd > 2]) <= 2, held
+
+
+#: Counts the kernel's child processes (the process tier's agent, once that tier started).
+CHILDREN = """
+import os, time
+def children():
+    return sum(len(open(f"/proc/self/task/{tid}/children").read().split())
+               for tid in os.listdir("/proc/self/task"))
+"""
+
+
+def test_a_first_cell_sent_at_once_is_answered_before_the_tiers_warm(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "tierkernel_config.py").write_text(
+        "c.Backend.warm_start = False\nc.ProcessBackend.warm_start = True\n"
+        "c.SandboxBackend.head_start = False\nc.Backend.warm_start_unused = 0\n")
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": f"{config}{os.pathsep}"
+           f"{os.environ.get('JUPYTER_CONFIG_PATH', '')}",
+           "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    km = KernelManager(kernel_name="tierkernel")
+    km.start_kernel(cwd=str(tmp_path), env=env)
+    client = km.client()
+    printed: list[str] = []
+
+    def run(code: str) -> None:
+        reply = client.execute_interactive(
+            CHILDREN + code, timeout=120,
+            output_hook=lambda msg: printed.append(msg["content"].get("text", "")))
+        assert reply["content"]["status"] == "ok", reply["content"]
+
+    try:
+        client.start_channels()
+        # Sent before the kernel answered anything, so it waits in the socket for the kernel.
+        # A warm start begun meanwhile would have the process tier's agent running within
+        # this cell's 1.5 s.
+        run("time.sleep(1.5); print(children())")
+        # Once that cell is answered, the warm start begins: the agent comes.
+        run("deadline = time.monotonic() + 60\n"
+            "while not children() and time.monotonic() < deadline: time.sleep(0.05)\n"
+            "print(children())")
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert "".join(printed).split() == ["0", "1"]
