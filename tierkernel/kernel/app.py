@@ -85,33 +85,39 @@ class TierKernelApp(IPKernelApp):
     def init_sockets(self) -> None:
         """ipykernel's sockets, with the shell and iopub sockets ``python -m tierkernel``
         bound as it started (``early_sockets.py``) when they are bound for these settings.
-        The rest is ``IPKernelApp.init_sockets`` (ipykernel 7) as it is."""
+        The rest is ``IPKernelApp.init_sockets`` and ``init_iopub`` of ipykernel 7.4 as they
+        are (``tests/test_kernel_start.py`` holds their source: a new ipykernel fails it until
+        this is checked against it)."""
         early = early_sockets.claim(self)
         if early is None:
             super().init_sockets()  # type: ignore[no-untyped-call]
             return
         self.log.info("Starting the kernel at pid: %i", os.getpid())
+        assert self.context is None, "init_sockets cannot be called twice!"
         self.context = context = early.context
         atexit.register(self.close)
         if self.curve_secretkey is not None:
             self.log.info("Detected CurveZMQ secret key; using transport encryption")
-        elif self.transport == "tcp":
+        else:  # early sockets are TCP ones
             self.log.warning(
                 "Kernel is running over TCP without encryption. All communication (including "
                 "code and outputs) is sent in plain text and is susceptible to eavesdropping. "
                 "Use IPC transport or launch with kernel manager-provisioned CurveZMQ keys to "
                 "enable transport encryption.")
-        self.shell_socket = early.shell
+        self.shell_socket = early.shell  # its router_handover is set (early_sockets._bind)
+        self.log.debug("shell ROUTER Channel on port: %i", self.shell_port)
         self.stdin_socket = context.socket(zmq.ROUTER)
         self.stdin_socket.linger = 1000
         self._apply_curve_server_options(self.stdin_socket)
         self.stdin_port = self._bind_socket(  # type: ignore[no-untyped-call]
             self.stdin_socket, self.stdin_port)
-        # ipykernel's work-around for zeromq reconnect problems (ipython/ipykernel#270)
-        self.shell_socket.router_handover = self.stdin_socket.router_handover = 1
+        self.log.debug("stdin ROUTER Channel on port: %i", self.stdin_port)
+        if hasattr(zmq, "ROUTER_HANDOVER"):  # ipykernel's zeromq work-around (ipykernel#270)
+            self.stdin_socket.router_handover = 1
         self.init_control(context)  # type: ignore[no-untyped-call]
         # IPKernelApp.init_iopub, with the socket bound already
         self.iopub_socket = early.iopub
+        self.log.debug("iopub PUB Channel on port: %i", self.iopub_port)
         self.configure_tornado_logger()  # type: ignore[no-untyped-call]
         self.iopub_thread = IOPubThread(self.iopub_socket, pipe=True, session=self.session)
         self.iopub_thread.start()

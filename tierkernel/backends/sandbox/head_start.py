@@ -42,6 +42,7 @@ import logging
 import os
 import pickle
 import select
+import stat
 import sys
 import threading
 import time
@@ -255,7 +256,7 @@ def _spawn(work: Callable[[int], None], keep_out: int = -1,
         return None
     try:
         pid = os.fork()
-    except OSError:
+    except Exception:  # OSError; a fork warning made an error (-W error, Python 3.12+)
         os.close(read_fd)
         os.close(write_fd)
         log.info("sandbox head start: cannot fork", exc_info=True)
@@ -280,15 +281,20 @@ def _spawn(work: Callable[[int], None], keep_out: int = -1,
 
 
 def _close_inherited(keep: tuple[int, ...]) -> None:
-    """Close every descriptor above stdio but ``keep``: the helper may outlive the kernel,
-    and must not hold what the kernel had open when it forked (its sockets, once bound: a
-    kernel restarted on the same ports could not bind them while the helper lives)."""
-    low = 3
-    for fd in sorted(set(keep)):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+    """Close every socket the helper inherited but ``keep``: it may outlive the kernel, and
+    must not hold the kernel's listening sockets once they are bound (a kernel restarted on
+    the same ports could not bind them while the helper works). Other descriptors stay:
+    objects of the kernel still own them, and one closing its number later would close
+    whatever this process opened under that number meanwhile."""
+    try:
+        numbers = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: nothing to look through
+        return
+    for fd in numbers:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):  # listdir's own descriptor, closed already
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.close(fd)
 
 
 def _quiet() -> None:
