@@ -48,6 +48,17 @@ while not os.path.exists(gate) and time.monotonic() < deadline:
 """
 
 
+def kernel_env(tmp_path: Path, config: str) -> dict[str, str]:
+    """The environment of a kernel that reads ``config`` as a tierkernel_config.py (before
+    the test run's own) and finds no Docker engine."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "tierkernel_config.py").write_text(config)
+    return {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock",
+            "JUPYTER_CONFIG_PATH": f"{folder}{os.pathsep}"
+                                   f"{os.environ.get('JUPYTER_CONFIG_PATH', '')}"}
+
+
 def accepts(port: int) -> bool:
     """Whether something listens on 127.0.0.1:port."""
     with socket.socket() as probe:
@@ -74,13 +85,8 @@ def nothing_left_bound() -> Iterator[None]:
 def test_a_client_is_answered_that_connected_while_the_kernel_was_starting(
         tmp_path: Path, connection_file: str) -> None:
     gate = tmp_path / "gate"
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "tierkernel_config.py").write_text(GATED_CONFIG.format(gate=str(gate)))
+    env = kernel_env(tmp_path, GATED_CONFIG.format(gate=str(gate)))
     info = json.loads(Path(connection_file).read_text())
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": f"{config}{os.pathsep}"
-           f"{os.environ.get('JUPYTER_CONFIG_PATH', '')}",
-           "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     log = (tmp_path / "kernel.log").open("wb")
     kernel = subprocess.Popen([sys.executable, "-m", "tierkernel", "-f", connection_file],
                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -306,14 +312,8 @@ def children():
 
 
 def test_a_first_cell_sent_at_once_is_answered_before_the_tiers_warm(tmp_path: Path) -> None:
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "tierkernel_config.py").write_text(
-        "c.Backend.warm_start = False\nc.ProcessBackend.warm_start = True\n"
-        "c.SandboxBackend.head_start = False\nc.Backend.warm_start_unused = 0\n")
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": f"{config}{os.pathsep}"
-           f"{os.environ.get('JUPYTER_CONFIG_PATH', '')}",
-           "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    env = kernel_env(tmp_path, "c.Backend.warm_start = False\nc.ProcessBackend.warm_start = True\n"
+                     "c.SandboxBackend.head_start = False\nc.Backend.warm_start_unused = 0\n")
     km = KernelManager(kernel_name="tierkernel")
     km.start_kernel(cwd=str(tmp_path), env=env)
     client = km.client()

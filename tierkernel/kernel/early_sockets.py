@@ -49,6 +49,10 @@ _SOCKET_OPTIONS = frozenset({"ip", "transport", "shell", "iopub", "shell_port", 
                              "curve_publickey", "curve_secretkey", "connection_file"})
 
 
+#: What :func:`claim` compares, in its order: the app's settings against the early sockets'.
+_FIELDS = ("connection_file", "transport", "ip", "shell_port", "iopub_port", "curve_secretkey")
+
+
 @dataclass
 class EarlySockets:
     """The sockets :func:`bind` bound, with what they were bound for."""
@@ -130,9 +134,8 @@ def bind(argv: Sequence[str]) -> None:
     try:
         path = connection_file(argv)
         info = _read(path) if path else None
-        if path is None or info is None:
-            return
-        _bound = _bind(os.path.abspath(path), info)
+        if path and info:
+            _bound = _bind(os.path.abspath(path), info)
     except Exception:  # whatever it was, ipykernel meets it again and says what is wrong
         return
 
@@ -189,5 +192,3 @@ def claim(app: Any) -> EarlySockets | None:
               early.shell_port, early.iopub_port)
     return early
 
-
-_FIELDS = ("connection_file", "transport", "ip", "shell_port", "iopub_port", "curve_secretkey")

@@ -282,19 +282,16 @@ class TierRouter:
         cell after cell has them run at full speed, and a cell of a tier not warmed yet starts
         that tier itself, as it would without a warm start."""
         self._busy = False
-        self._idle_since = time.monotonic()
-        self._warm_after = warm_after
-        if not self._warm_begun and self._warm_timer is None:
-            loop = asyncio.get_running_loop()
-            self._warm_timer = loop.call_later(warm_after, self._look_for_idle)
+        self.warm_soon(warm_after)
 
     def warm_soon(self, grace: float) -> None:
-        """Begin :meth:`warm` once the kernel has been idle for ``grace`` seconds from now
-        (the kernel calls this as it starts unless the warm start waits longer for the kernel
-        to be idle). A request already waiting when the kernel starts (a first cell sent with
-        the channels' opening) is thus answered first, and the warm start begins as soon as
-        its reply is sent: begun before it, the tiers' start-up would share the CPU with it.
-        Does nothing once the warm start began or is timed."""
+        """Begin :meth:`warm` once the kernel has been idle for ``grace`` seconds from now;
+        called by :meth:`request_ended`, and by the kernel as it starts (unless the warm start
+        waits longer for the kernel to be idle). A request already waiting when the kernel
+        starts (a first cell sent with the channels' opening) is thus answered first, and the
+        warm start begins once its reply is sent: begun before it, the tiers' start-up would
+        share the CPU with it. A timer already set is kept (it looks again when it fires);
+        nothing is done once the warm start began."""
         self._idle_since = time.monotonic()
         self._warm_after = grace
         if not self._warm_begun and self._warm_timer is None:
